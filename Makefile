@@ -1,0 +1,39 @@
+# Entry points. `make demo` and `make test` are the README's quick start.
+SHELL := bash
+.SHELLFLAGS := -euo pipefail -c
+PY := .venvs/tests/bin/python
+DEMO_DIR := runs/demo
+PYTEST_ARGS ?=
+
+.PHONY: help envs system-deps demo test lint bench clean
+
+help:
+	@echo "make demo   - build .venvs/pytorch and run a 2-process torchrun recipe on this machine"
+	@echo "make test   - build every environment, install system tools, run the whole test suite"
+	@echo "make envs   - build (or refresh) one virtualenv per framework folder under .venvs/"
+	@echo "make lint   - ruff + shellcheck + the sbatch linter"
+	@echo "make bench  - benchmarks: scaling, overhead vs raw DDP, time to first step"
+	@echo "make clean  - remove .venvs/, runs/ and caches"
+
+envs:
+	tools/envs.sh
+
+system-deps:
+	tools/system_deps.sh
+
+demo:
+	tools/envs.sh pytorch
+	rm -rf $(DEMO_DIR)
+	OMP_NUM_THREADS=1 .venvs/pytorch/bin/python -m torch.distributed.run --standalone --nproc_per_node 2 \
+	    pytorch/multigpu_torchrun.py --epochs 3 --checkpoint-dir $(DEMO_DIR)
+	@echo "checkpoint written:"; ls -l $(DEMO_DIR)
+
+test: envs system-deps
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+lint: envs system-deps
+	$(PY) -m pytest -m lint $(PYTEST_ARGS)
+
+clean:
+	rm -rf .venvs runs .pytest_cache .ruff_cache
+	find . -name __pycache__ -type d -prune -exec rm -rf {} +

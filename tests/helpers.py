@@ -1,0 +1,100 @@
+"""Shared test machinery: per-folder interpreters, launching recipes as real processes, free ports.
+
+Every recipe runs with its own folder's environment (.venvs/<folder>), exactly as a user who copied that
+folder would run it. The tests themselves run in .venvs/tests.
+"""
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+VENVS = ROOT / ".venvs"
+SHIM_DIR = Path(__file__).resolve().parent / "shim"
+IN_CI = os.environ.get("CI", "").lower() == "true"
+
+
+def unavailable(reason: str):
+    """Skip locally, fail in CI: in CI a missing framework or environment is a defect, never a skip."""
+    if IN_CI:
+        pytest.fail(f"required in CI: {reason}", pytrace=False)
+    pytest.skip(reason)
+
+
+def env_python(folder: str) -> Path:
+    """The interpreter of <folder>'s environment, built by tools/envs.sh."""
+    python = VENVS / folder / "bin" / "python"
+    if not python.exists():
+        unavailable(f"{python} missing: run `tools/envs.sh {folder}` (or `make envs`)")
+    return python
+
+
+def torchrun(folder: str) -> list[str]:
+    """torchrun from <folder>'s environment (as a module, so no PATH lookup can pick another torch)."""
+    return [str(env_python(folder)), "-m", "torch.distributed.run"]
+
+
+_handed_out: set[int] = set()
+
+
+def free_port() -> int:
+    """A port nobody listens on now and that this test session has not handed out before."""
+    while True:
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        if port not in _handed_out:
+            _handed_out.add(port)
+            return port
+
+
+def clean_env(**overrides) -> dict:
+    """The test process's environment minus any launcher variables, plus overrides.
+
+    Recipes read RANK/WORLD_SIZE/SLURM_* from the environment, so a stray variable (from a developer's
+    shell or from an enclosing Slurm job) must not leak into a test's launch.
+    """
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(("SLURM_", "TORCHELASTIC_", "PMI_", "OMPI_"))
+        and k not in {"RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
+                      "GROUP_RANK", "NODE_RANK", "PYTHONPATH"}
+    }
+    env.update(OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", PYTHONDONTWRITEBYTECODE="1")
+    env.update({k: str(v) for k, v in overrides.items()})
+    return env
+
+
+def with_torchvision_shim(env: dict) -> dict:
+    """Let a recipe import the CUDA-only torchvision wheel next to CPU torch (see tests/shim/README.md)."""
+    env = dict(env)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in [str(SHIM_DIR), env.get("PYTHONPATH", "")] if p)
+    return env
+
+
+def run(cmd, *, timeout: float = 240, env: dict | None = None, cwd=ROOT, check: bool = True,
+        expect_fail: bool = False) -> subprocess.CompletedProcess:
+    """Run a command to completion (or kill it at `timeout`) and return its combined output.
+
+    A hang is a test failure with the output so far, never a stuck suite.
+    """
+    cmd = [str(c) for c in cmd]
+    env = clean_env() if env is None else env
+    try:
+        proc = subprocess.run(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                              text=True, timeout=timeout, start_new_session=True)
+    except subprocess.TimeoutExpired as e:
+        out = e.stdout.decode() if isinstance(e.stdout, bytes) else (e.stdout or "")
+        pytest.fail(f"timed out after {timeout}s: {' '.join(cmd)}\n--- output ---\n{out[-6000:]}", pytrace=False)
+    if expect_fail:
+        assert proc.returncode != 0, f"expected a failure, got exit 0: {' '.join(cmd)}\n{proc.stdout[-6000:]}"
+    elif check and proc.returncode != 0:
+        pytest.fail(f"exit {proc.returncode}: {' '.join(cmd)}\n--- output ---\n{proc.stdout[-6000:]}",
+                    pytrace=False)
+    sys.stdout.write(proc.stdout[-3000:])  # shown by pytest on failure / with -rP
+    return proc

@@ -1,0 +1,63 @@
+#!/usr/bin/env bash
+# Build one virtual environment per folder that has a requirements.txt:
+#   requirements.txt            -> .venvs/tests      (the test runner)
+#   <folder>/requirements.txt   -> .venvs/<folder>   (that folder's recipes)
+# Frameworks pin conflicting versions, so they never share an environment.
+# torch is installed first and pinned with constraints.txt for every install: an unpinned
+# "torch" requirement would otherwise pull a CUDA build of a newer torch (several GB).
+# An environment is rebuilt only when its requirements (or constraints.txt) change.
+#
+# usage: tools/envs.sh [name ...]     (default: every environment; "tests" is the runner)
+set -euo pipefail
+
+root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+cd "$root"
+python=${PYTHON:-python3}
+
+req_file() {
+  if [ "$1" = tests ]; then echo requirements.txt; else echo "$1/requirements.txt"; fi
+}
+
+all_names() {
+  echo tests
+  for req in */requirements.txt; do
+    [ -e "$req" ] && dirname "$req"
+  done
+}
+
+build() {
+  local name=$1 req venv stamp want start
+  req=$(req_file "$name")
+  [ -f "$req" ] || { echo "envs: no $req for environment '$name'" >&2; return 1; }
+  venv=.venvs/$name
+  stamp=$venv/.requirements.sha256
+  want=$(cat "$req" constraints.txt | sha256sum | cut -d' ' -f1)
+  if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ] && [ -x "$venv/bin/python" ]; then
+    echo "envs: $venv is up to date"
+    return 0
+  fi
+  start=$SECONDS
+  echo "envs: building $venv from $req"
+  rm -rf "$venv"
+  "$python" -m venv "$venv"
+  "$venv/bin/python" -m pip install --quiet --disable-pip-version-check -c constraints.txt torch
+  "$venv/bin/python" -m pip install --quiet --disable-pip-version-check -c constraints.txt -r "$req"
+  # Fail now, not in the middle of a test run, if the pin did not hold.
+  "$venv/bin/python" - <<'PY'
+import importlib.metadata as md
+want = [l.split("==")[1] for l in open("constraints.txt") if l.startswith("torch==")][0]
+have = md.version("torch").split("+")[0]
+assert have == want, f"torch {have} installed, constraints.txt pins {want}"
+PY
+  echo "$want" >"$stamp"
+  echo "envs: built $venv in $((SECONDS - start)) s"
+}
+
+if [ $# -eq 0 ]; then
+  mapfile -t names < <(all_names)
+else
+  names=("$@")
+fi
+for name in "${names[@]}"; do
+  build "$name"
+done
