@@ -1,0 +1,77 @@
+#!/usr/bin/env bash
+# Shared settings and helpers for start.sh, stop.sh and run.sh (sourced, never run on its own).
+# Everything the local cluster creates lives under $SLURM_LOCAL_DIR and in network namespaces named
+# $SLURM_LOCAL_PREFIX-*; stop.sh removes exactly those.
+
+# shellcheck disable=SC2034  # variables are used by the scripts that source this file
+LC_DIR=${SLURM_LOCAL_DIR:-/var/tmp/slurm-local}
+LC_PREFIX=${SLURM_LOCAL_PREFIX:-slurmlc}
+LC_NODES=${SLURM_LOCAL_NODES:-2}
+LC_GPUS=${SLURM_LOCAL_GPUS:-8}
+LC_CPUS=${SLURM_LOCAL_CPUS:-64}            # declared, not real: SlurmdParameters=config_overrides
+LC_MEM_MB=${SLURM_LOCAL_MEM_MB:-512000}
+# A /24 that exists only inside the namespaces start.sh creates (hub = .1, node nK = .(10+K)).
+LC_NET=${SLURM_LOCAL_NET:-10.77.0}
+LC_HUB=$LC_PREFIX-hub
+LC_CONF=$LC_DIR/etc/slurm.conf
+LC_HOSTS=$LC_DIR/etc/hosts
+LC_CLIENT_TIMEOUT=${SLURM_LOCAL_CLIENT_TIMEOUT:-20}
+
+lc_die() { echo "local_cluster: $*" >&2; exit 1; }
+lc_log() { echo "local_cluster: $*" >&2; }
+
+# Run a command inside namespace $1 with the cluster's /etc/hosts (and /etc/slurm) bound in a private
+# mount namespace. nsenter+unshare, not `ip netns exec`: that remounts /sys, which breaks slurmd.
+# usage: lc_in_ns NETNS HOSTNAME|- CMD...
+lc_in_ns() {
+  local ns=$1 host=$2
+  shift 2
+  local uts=()
+  [ "$host" != - ] && uts=(--uts)
+  # shellcheck disable=SC2016  # the inner script expands its own positional arguments
+  exec nsenter --net="/run/netns/$ns" unshare "${uts[@]}" --mount -- bash -c '
+    set -euo pipefail
+    host=$1 hosts=$2 etc=$3; shift 3
+    [ "$host" != - ] && hostname "$host"
+    mount --bind "$hosts" /etc/hosts
+    [ -d /etc/slurm ] && mount --bind "$etc" /etc/slurm
+    exec "$@"' lc_in_ns "$host" "$LC_HOSTS" "$LC_DIR/etc" "$@"
+}
+
+# A client command (sinfo, sbatch, ...) in the hub namespace, never blocking longer than the timeout.
+lc_client() {
+  SLURM_CONF=$LC_CONF timeout "$LC_CLIENT_TIMEOUT" nsenter --net="/run/netns/$LC_HUB" -- "$@"
+}
+
+# PID files: $LC_DIR/run/NAME.pid holds "PID COMM"; a process counts as ours only if /proc/PID/comm matches.
+lc_pid_alive() {
+  local file=$1 pid comm
+  [ -f "$file" ] || return 1
+  read -r pid comm <"$file" || return 1
+  [ -n "$pid" ] && [ -r "/proc/$pid/comm" ] && [ "$(cat "/proc/$pid/comm" 2>/dev/null)" = "$comm" ]
+}
+
+# lc_stop_pids PIDFILE...: SIGTERM every live one at once, wait up to 10 s, SIGKILL what is left.
+lc_stop_pids() {
+  local file pid comm left
+  for file in "$@"; do
+    if lc_pid_alive "$file"; then
+      read -r pid comm <"$file"
+      kill -TERM "$pid" 2>/dev/null || true
+    fi
+  done
+  for _ in $(seq 100); do
+    left=0
+    for file in "$@"; do lc_pid_alive "$file" && left=1; done
+    [ "$left" = 0 ] && break
+    sleep 0.1
+  done
+  for file in "$@"; do
+    if lc_pid_alive "$file"; then
+      read -r pid comm <"$file"
+      lc_log "$comm ($pid) ignored SIGTERM for 10 s, sending SIGKILL"
+      kill -KILL "$pid" 2>/dev/null || true
+    fi
+    rm -f "$file"
+  done
+}

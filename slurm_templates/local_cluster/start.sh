@@ -1,0 +1,186 @@
+#!/usr/bin/env bash
+# Start a local Slurm cluster on this machine: one controller and N compute nodes (n1..nN), each node
+# a slurmd in its own network + UTS namespace with its own hostname and address, 8 fake GPUs per node.
+# Production sbatch templates run on it unmodified. Needs root on Linux (Debian/Ubuntu: installs
+# slurmctld, slurmd and slurm-client with apt-get if they are missing).
+#
+# usage: slurm_templates/local_cluster/start.sh          (idempotent: a running cluster is left alone)
+# env:   SLURM_LOCAL_NODES=2 SLURM_LOCAL_GPUS=8 SLURM_LOCAL_DIR=/var/tmp/slurm-local SLURM_LOCAL_NET=10.77.0
+# then:  slurm_templates/local_cluster/run.sh sbatch ...   (runs any Slurm command inside the cluster)
+set -euo pipefail
+
+here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+# shellcheck source=common.sh
+. "$here/common.sh"
+
+[ "$(uname -s)" = Linux ] || lc_die "needs Linux (network namespaces)"
+[ "$(id -u)" -eq 0 ] || lc_die "needs root (network namespaces, mknod, daemons); try: sudo $0"
+for tool in ip nsenter unshare setpriv mknod timeout; do
+  command -v "$tool" >/dev/null || lc_die "missing '$tool' (Debian/Ubuntu: apt-get install iproute2 util-linux coreutils)"
+done
+
+if ! command -v slurmctld >/dev/null || ! command -v slurmd >/dev/null || ! command -v sbatch >/dev/null ||
+  ! command -v munged >/dev/null; then
+  command -v apt-get >/dev/null || lc_die "Slurm is not installed and apt-get is not available"
+  lc_log "installing slurmctld slurmd slurm-client (apt-get)"
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get install -y -q --no-install-recommends slurmctld slurmd slurm-client munge >/dev/null 2>&1 ||
+    { apt-get update -q >/dev/null && apt-get install -y -q --no-install-recommends slurmctld slurmd slurm-client munge >/dev/null; }
+fi
+
+usage() {
+  local run=$here/run.sh
+  cat <<USAGE
+local_cluster: $LC_NODES nodes up (n1..n$LC_NODES, $LC_GPUS fake GPUs each), state in $LC_DIR
+  $run sinfo -N                      # any Slurm command, run inside the cluster's namespace
+  $run sbatch --parsable slurm_templates/local_cluster/selftest.sbatch
+  $run squeue; $run scontrol show job <id>
+  $run bash                          # a shell with the cluster's commands (SLURM_CONF set)
+  $here/stop.sh                      # stop everything this script started
+USAGE
+}
+
+all_idle() {
+  local states
+  states=$(lc_client sinfo -h -N -o '%N %T' 2>/dev/null) || return 1
+  [ "$(grep -c ' idle$' <<<"$states")" -eq "$LC_NODES" ]
+}
+
+running() {
+  local i
+  lc_pid_alive "$LC_DIR/run/munged.pid" && lc_pid_alive "$LC_DIR/run/slurmctld.pid" || return 1
+  for i in $(seq "$LC_NODES"); do lc_pid_alive "$LC_DIR/run/slurmd-n$i.pid" || return 1; done
+  [ -f "$LC_DIR/nodes" ] && [ "$(cat "$LC_DIR/nodes")" = "$LC_NODES" ]
+}
+
+if running && all_idle; then
+  lc_log "already running"
+  usage
+  exit 0
+fi
+
+start_ns=$(date +%s%N)
+# Leftovers of an earlier run (crashed daemon, other node count): stop them, then start from nothing.
+# The state directory is wiped so that e.g. a DRAIN reason from an earlier run cannot survive.
+"$here/stop.sh" --quiet
+rm -rf "$LC_DIR"
+mkdir -p "$LC_DIR"/{etc,run,log,state,spool,dev,munge}
+chmod 0755 "$LC_DIR" "$LC_DIR/munge"
+echo "$LC_NODES" >"$LC_DIR/nodes"
+
+# --- network: a bridge in the hub namespace, one veth per node namespace ------------------------------
+: >"$LC_DIR/netns"
+add_ns() { ip netns add "$1"; echo "$1" >>"$LC_DIR/netns"; ip -n "$1" link set lo up; }
+add_ns "$LC_HUB"
+ip -n "$LC_HUB" link add br0 type bridge
+ip -n "$LC_HUB" addr add "$LC_NET.1/24" dev br0
+ip -n "$LC_HUB" link set br0 up
+{
+  echo "127.0.0.1 localhost"
+  echo "$LC_NET.1 hub"
+} >"$LC_HOSTS"
+for i in $(seq "$LC_NODES"); do
+  ns=$LC_PREFIX-n$i
+  add_ns "$ns"
+  ip -n "$LC_HUB" link add "veth-n$i" type veth peer name eth0 netns "$ns"
+  ip -n "$LC_HUB" link set "veth-n$i" master br0 up
+  ip -n "$ns" addr add "$LC_NET.$((10 + i))/24" dev eth0
+  ip -n "$ns" link set eth0 up
+  echo "$LC_NET.$((10 + i)) n$i" >>"$LC_HOSTS"
+done
+
+# --- fake GPUs: character devices with /dev/null's numbers, declared in gres.conf ----------------------
+for g in $(seq 0 $((LC_GPUS - 1))); do mknod "$LC_DIR/dev/nvidia$g" c 1 3; done
+
+# --- configuration -------------------------------------------------------------------------------------
+: >"$LC_DIR/etc/plugstack.conf"
+cat >"$LC_DIR/etc/gres.conf" <<CONF
+AutoDetect=off
+NodeName=n[1-$LC_NODES] Name=gpu File=$LC_DIR/dev/nvidia[0-$((LC_GPUS - 1))]
+CONF
+cat >"$LC_DIR/etc/slurm.conf" <<CONF
+# Written by slurm_templates/local_cluster/start.sh -- a single-host emulation, see README.md.
+ClusterName=local
+SlurmctldHost=hub($LC_NET.1)
+SlurmUser=root
+SlurmdUser=root
+AuthType=auth/munge
+AuthInfo=socket=$LC_DIR/munge/munge.socket
+CredType=cred/munge
+SlurmctldPort=6817
+SlurmdPort=6818
+StateSaveLocation=$LC_DIR/state
+SlurmdSpoolDir=$LC_DIR/spool/%n
+SlurmctldPidFile=$LC_DIR/run/slurmctld.self.pid
+SlurmdPidFile=$LC_DIR/run/slurmd-%n.self.pid
+SlurmctldLogFile=$LC_DIR/log/slurmctld.log
+SlurmdLogFile=$LC_DIR/log/slurmd-%n.log
+PlugStackConfig=$LC_DIR/etc/plugstack.conf
+# No cgroups here: track processes through /proc, no task binding.
+ProctrackType=proctrack/linuxproc
+TaskPlugin=task/none
+JobAcctGatherType=jobacct_gather/none
+AccountingStorageType=accounting_storage/none
+# A permanent record of every job's final state and exit code without slurmdbd.
+JobCompType=jobcomp/filetxt
+JobCompLoc=$LC_DIR/log/jobcomp.log
+SelectType=select/cons_tres
+SelectTypeParameters=CR_CPU
+GresTypes=gpu
+# Nodes declare more CPUs/memory than this machine has, so production directives fit.
+SlurmdParameters=config_overrides
+# Reject impossible jobs at submission instead of letting them pend forever.
+EnforcePartLimits=ALL
+MailProg=/bin/true
+MinJobAge=86400
+ReturnToService=2
+SchedulerType=sched/backfill
+KillWait=5
+MessageTimeout=10
+SlurmctldTimeout=30
+SlurmdTimeout=60
+InactiveLimit=0
+MpiDefault=none
+NodeName=DEFAULT CPUs=$LC_CPUS RealMemory=$LC_MEM_MB Gres=gpu:$LC_GPUS State=UNKNOWN
+CONF
+for i in $(seq "$LC_NODES"); do
+  echo "NodeName=n$i NodeAddr=$LC_NET.$((10 + i)) NodeHostname=n$i" >>"$LC_DIR/etc/slurm.conf"
+done
+echo "PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP" >>"$LC_DIR/etc/slurm.conf"
+
+# --- munge: a private daemon with its own key and socket -------------------------------------------------
+dd if=/dev/urandom of="$LC_DIR/munge/munge.key" bs=1024 count=1 status=none
+chown -R munge:munge "$LC_DIR/munge"
+chmod 0400 "$LC_DIR/munge/munge.key"
+
+# daemon NAME COMM NETNS HOSTNAME CMD...: start in the background, record "PID COMM" for stop.sh.
+daemon() {
+  local name=$1 comm=$2 ns=$3 host=$4
+  shift 4
+  lc_in_ns "$ns" "$host" "$@" </dev/null >>"$LC_DIR/log/$name.out" 2>&1 &
+  echo "$! $comm" >"$LC_DIR/run/$name.pid"
+}
+daemon munged munged "$LC_HUB" - setpriv --reuid=munge --regid=munge --init-groups munged --foreground \
+  --socket="$LC_DIR/munge/munge.socket" --key-file="$LC_DIR/munge/munge.key" \
+  --pid-file="$LC_DIR/munge/munged.pid" --log-file="$LC_DIR/munge/munged.log" \
+  --seed-file="$LC_DIR/munge/munged.seed"
+for _ in $(seq 100); do [ -S "$LC_DIR/munge/munge.socket" ] && break; sleep 0.05; done
+[ -S "$LC_DIR/munge/munge.socket" ] || { tail "$LC_DIR/log/munged.out" "$LC_DIR/munge/munged.log" >&2 || true; lc_die "munged did not start"; }
+
+daemon slurmctld slurmctld "$LC_HUB" hub slurmctld -D -f "$LC_CONF"
+for i in $(seq "$LC_NODES"); do
+  daemon "slurmd-n$i" slurmd "$LC_PREFIX-n$i" "n$i" slurmd -D -N "n$i" -f "$LC_CONF"
+done
+
+for _ in $(seq 150); do
+  all_idle && break
+  sleep 0.2
+done
+if ! all_idle; then
+  lc_log "nodes did not become idle within 30 s; sinfo says:"
+  lc_client sinfo -N -o '%N %T %E' >&2 || true
+  for f in "$LC_DIR"/log/*; do echo "--- $f" >&2; tail -n 15 "$f" >&2; done
+  exit 1
+fi
+lc_log "started in $((($(date +%s%N) - start_ns) / 1000000)) ms"
+usage
