@@ -2,6 +2,8 @@ import pytest
 
 from helpers import IN_CI
 
+pytest_plugins = ["slurm_fixtures"]  # local Slurm cluster fixtures (tests/slurm_fixtures.py)
+
 
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_makereport(item, call):

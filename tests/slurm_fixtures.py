@@ -1,0 +1,148 @@
+"""The local Slurm cluster as a pytest fixture, and a helper that submits a job and waits for its end.
+
+Registered from conftest.py (`pytest_plugins`). The cluster (slurm_templates/local_cluster) is started once
+per session, only when a test asks for it, and stopped at the end, unless it was already running before
+the session. Where it cannot start (not root, not Linux) the Slurm tests skip locally and fail in CI.
+
+Jobs run on emulated nodes n1..n2 that share this filesystem, so they use the per-folder virtualenvs.
+"""
+
+import os
+import platform
+import re
+import shlex
+import subprocess
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+from helpers import ROOT, clean_env, env_python, unavailable
+
+LOCAL_CLUSTER = ROOT / "slurm_templates" / "local_cluster"
+TERMINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "PREEMPTED", "OUT_OF_MEMORY",
+            "BOOT_FAIL", "DEADLINE"}
+CLIENT_TIMEOUT = 30  # every client call: a dead controller must not hang the suite
+
+_job_times: list[tuple[str, str, str, float]] = []  # (test, job id, final state, seconds) for the summary
+
+
+@dataclass
+class Job:
+    job_id: str
+    state: str
+    exit_code: int
+    signal: int
+    log: str
+    seconds: float
+    info: dict = field(repr=False)
+
+    def describe(self) -> str:
+        return (f"job {self.job_id}: JobState={self.state} ExitCode={self.exit_code}:{self.signal} "
+                f"Reason={self.info.get('Reason')} Restarts={self.info.get('Restarts')} after {self.seconds:.1f} s"
+                f"\n--- job log ---\n{self.log[-6000:]}")
+
+    def assert_ok(self) -> "Job":
+        """JobState=COMPLETED and exit code 0 -- never trust the exit code alone (a cancelled job can be 0)."""
+        assert self.state == "COMPLETED" and self.exit_code == 0 and self.signal == 0, self.describe()
+        return self
+
+
+def parse_scontrol(text: str) -> dict:
+    """`scontrol show job -o` output (one line of Key=Value) as a dict."""
+    return dict(re.findall(r"(\S+?)=(\S*)", text))
+
+
+class SlurmCluster:
+    def __init__(self, started_here: bool):
+        self.started_here = started_here
+
+    def client(self, *args, timeout: float = CLIENT_TIMEOUT, env: dict | None = None, cwd=ROOT,
+               check: bool = True) -> subprocess.CompletedProcess:
+        """A Slurm client command inside the cluster's namespace (local_cluster/run.sh), with a timeout."""
+        cmd = [str(LOCAL_CLUSTER / "run.sh"), *map(str, args)]
+        try:
+            proc = subprocess.run(cmd, cwd=cwd, env=env or clean_env(), stdout=subprocess.PIPE,
+                                  stderr=subprocess.STDOUT, text=True, timeout=timeout)
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"Slurm client timed out after {timeout}s: {shlex.join(cmd)}", pytrace=False)
+        if check and proc.returncode != 0:
+            pytest.fail(f"exit {proc.returncode}: {shlex.join(cmd)}\n{proc.stdout}", pytrace=False)
+        return proc
+
+    def job_info(self, job_id: str) -> dict:
+        return parse_scontrol(self.client("scontrol", "show", "job", "-o", job_id).stdout)
+
+    def submit(self, script, *args, sbatch_args=(), cwd=ROOT, output: Path, env: dict | None = None) -> str:
+        """sbatch --parsable with our own --output file; `env` is added to the job's environment."""
+        output.parent.mkdir(parents=True, exist_ok=True)
+        cmd = ["sbatch", "--parsable", f"--output={output}", "--export=ALL", *sbatch_args, script, *args]
+        proc = self.client(*cmd, cwd=cwd, env=clean_env(**(env or {})))
+        return proc.stdout.strip().splitlines()[-1].split(";")[0]
+
+    def wait(self, job_id: str, output: Path, timeout: float = 120, on_poll=None, name: str = "") -> Job:
+        """Poll `scontrol show job` until a final state (faster than `sbatch --wait`, and it never hangs).
+
+        on_poll(info, log) is called on every poll while the job is not finished (e.g. to signal it).
+        """
+        start = time.monotonic()
+        while True:
+            info = self.job_info(job_id)
+            state = info.get("JobState", "?")
+            log = output.read_text(errors="replace") if output.exists() else ""
+            if state in TERMINAL:
+                break
+            if time.monotonic() - start > timeout:
+                self.client("scancel", job_id, check=False)
+                pytest.fail(f"job {job_id} not finished after {timeout}s (JobState={state}, "
+                            f"Reason={info.get('Reason')}); cancelled\n--- job log ---\n{log[-6000:]}", pytrace=False)
+            if on_poll is not None:
+                on_poll(info, log)
+            time.sleep(0.2)
+        seconds = time.monotonic() - start
+        code, _, sig = info.get("ExitCode", "-1:0").partition(":")
+        time.sleep(0.1)  # the last lines of the log may land just after the state changes
+        log = output.read_text(errors="replace") if output.exists() else ""
+        _job_times.append((name or os.environ.get("PYTEST_CURRENT_TEST", "?").split(" ")[0], job_id, state, seconds))
+        return Job(job_id, state, int(code), int(sig or 0), log, seconds, info)
+
+    def run(self, script, *args, sbatch_args=(), cwd=ROOT, output: Path, env: dict | None = None,
+            timeout: float = 120, on_poll=None) -> Job:
+        """Submit, wait, return the finished job (state, exit code, log)."""
+        job_id = self.submit(script, *args, sbatch_args=sbatch_args, cwd=cwd, output=output, env=env)
+        return self.wait(job_id, output, timeout=timeout, on_poll=on_poll)
+
+
+@pytest.fixture(scope="session")
+def slurm_cluster():
+    """The local cluster (2 nodes n1, n2 with 8 fake GPUs each), started once for the session."""
+    if platform.system() != "Linux":
+        unavailable("the local Slurm cluster needs Linux (network namespaces)")
+    if os.geteuid() != 0:
+        unavailable("the local Slurm cluster needs root: run the Slurm tests as root (CI does)")
+    try:
+        proc = subprocess.run([str(LOCAL_CLUSTER / "start.sh")], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                              text=True, timeout=300, env=clean_env())
+    except subprocess.TimeoutExpired:
+        unavailable("slurm_templates/local_cluster/start.sh did not finish in 300 s")
+    if proc.returncode != 0:
+        unavailable(f"slurm_templates/local_cluster/start.sh failed (exit {proc.returncode}):\n{proc.stdout[-4000:]}")
+    cluster = SlurmCluster(started_here="already running" not in proc.stdout)
+    yield cluster
+    if cluster.started_here:
+        subprocess.run([str(LOCAL_CLUSTER / "stop.sh")], timeout=120, check=False, env=clean_env())
+
+
+@pytest.fixture(scope="session")
+def slurm_python():
+    """The interpreter jobs use for slurm_templates/ tools (.venvs/slurm_templates)."""
+    return env_python("slurm_templates")
+
+
+def pytest_terminal_summary(terminalreporter):
+    if not _job_times:
+        return
+    terminalreporter.section("Slurm jobs (submit to final state)")
+    for test, job_id, state, seconds in _job_times:
+        terminalreporter.write_line(f"{seconds:7.1f} s  job {job_id:>5}  {state:<10} {test}")
+    terminalreporter.write_line(f"{sum(t[3] for t in _job_times):7.1f} s  total over {len(_job_times)} jobs")

@@ -1,0 +1,107 @@
+"""slurm_templates/ submitted for real to the local two-node cluster (n1, n2 with 8 fake GPUs each).
+
+Templates run unmodified; the tests only shrink the shape on the sbatch command line (2 ranks per node instead
+of 8: this machine has 2 cores) and pass the interpreter as PYTHON.
+"""
+
+import json
+import re
+
+import pytest
+from helpers import ROOT
+
+pytestmark = pytest.mark.slurm
+
+TEMPLATES = ROOT / "slurm_templates"
+TOOLS = TEMPLATES / "tools"
+SMALL = ["--nodes=2", "--ntasks-per-node=2", "--gpus-per-node=2", "--cpus-per-task=1", "--time=00:05:00"]
+
+
+def ranks_and_hosts(log: str) -> dict[int, str]:
+    """rank -> host from the doctor's per-rank lines."""
+    return {int(r): h for r, h in re.findall(r"\[doctor\] rank (\d+)/\d+ .*? host (\S+)", log)}
+
+
+def test_selftest(slurm_cluster, tmp_path):
+    job = slurm_cluster.run(TEMPLATES / "local_cluster" / "selftest.sbatch", output=tmp_path / "job.out",
+                            env={"OUT_DIR": tmp_path / "files"}, timeout=60).assert_ok()
+    assert "selftest OK" in job.log, job.describe()
+    assert re.search(r"^0: selftest rank=0 node=0 host=n1 gpus=0,1,2,3,4,5,6,7$", job.log, re.M), job.describe()
+    assert re.search(r"^1: selftest rank=1 node=1 host=n2 gpus=0,1,2,3,4,5,6,7$", job.log, re.M), job.describe()
+    files = sorted(p.name for p in (tmp_path / "files").iterdir())
+    assert files == [f"selftest-{job.job_id}-rank0.txt", f"selftest-{job.job_id}-rank1.txt"]
+    assert "master=n1(10.77.0.11)" in (tmp_path / "files" / files[1]).read_text()
+
+
+def test_doctor_job(slurm_cluster, slurm_python, tmp_path):
+    job = slurm_cluster.run(TOOLS / "doctor.sbatch", "--report-dir", tmp_path / "report", "--timeout", 60,
+                            sbatch_args=SMALL, cwd=TOOLS, output=tmp_path / "job.out",
+                            env={"PYTHON": slurm_python}).assert_ok()
+    assert ranks_and_hosts(job.log) == {0: "n1", 1: "n1", 2: "n2", 3: "n2"}, job.describe()
+    assert "[doctor] OK: 4 ranks on 2 host(s), all-reduce verified" in job.log, job.describe()
+    assert "rank0=n1 rank1=n1 rank2=n2 rank3=n2" in job.log
+    reports = [json.loads((tmp_path / "report" / f"doctor-rank{r}.json").read_text()) for r in range(4)]
+    assert [r["host"] for r in reports] == ["n1", "n1", "n2", "n2"]
+    assert all(r["cuda_visible_devices"] == "0,1" for r in reports)
+
+
+BROKEN_JOB = """#!/usr/bin/env bash
+#SBATCH --nodes=2
+#SBATCH --ntasks-per-node=1
+#SBATCH --gpus-per-node=1
+#SBATCH --time=00:02:00
+set -euo pipefail
+export MASTER_ADDR=@MASTER@ MASTER_PORT=$((15000 + SLURM_JOB_ID % 15000))
+srun --kill-on-bad-exit=1 --label bash -c 'RANK=$SLURM_PROCID WORLD_SIZE=@WORLD@ exec "$PYTHON" "$0" "$@"' "$@"
+"""
+
+
+@pytest.mark.parametrize("master, world, expect", [
+    ("localhost", "$SLURM_NTASKS", "[doctor] FAIL: rank 0 on n1: MASTER_ADDR=localhost with 2 nodes"),
+    ("n1", "3", "[doctor] FAIL: rank 0: no all-reduce after 8 s. Likely: fewer processes started than WORLD_SIZE=3"),
+], ids=["localhost-master", "world-size-too-big"])
+def test_doctor_reports_broken_launch(slurm_cluster, slurm_python, tmp_path, master, world, expect):
+    """Classic launch bugs end in a clear FAIL line and a non-zero exit, not a 30-minute hang."""
+    script = tmp_path / "broken.sbatch"
+    script.write_text(BROKEN_JOB.replace("@MASTER@", master).replace("@WORLD@", world))
+    job = slurm_cluster.run(script, TOOLS / "doctor.py", "--timeout", 8, output=tmp_path / "job.out",
+                            env={"PYTHON": slurm_python}, timeout=90)
+    assert job.state == "FAILED" and job.exit_code != 0, job.describe()
+    assert expect in job.log, job.describe()
+
+
+def test_allreduce_bench_job(slurm_cluster, slurm_python, tmp_path):
+    out = tmp_path / "bench.json"
+    job = slurm_cluster.run(TOOLS / "allreduce_bench.sbatch", "--min-bytes", "4K", "--max-bytes", "256K",
+                            "--iters", 5, "--json", out, sbatch_args=SMALL, cwd=TOOLS,
+                            output=tmp_path / "job.out", env={"PYTHON": slurm_python}).assert_ok()
+    result = json.loads(out.read_text())
+    assert result["world_size"] == 4 and result["backend"] == "gloo" and result["hosts"] == ["n1", "n1", "n2", "n2"]
+    assert [r["bytes"] for r in result["rows"]] == [4096, 16384, 65536, 262144]
+    for row in result["rows"]:
+        assert row["wrong"] == 0
+        assert row["busbw_GBps"] == pytest.approx(row["algbw_GBps"] * 2 * 3 / 4)  # nccl-tests: 2(n-1)/n
+    assert "busbw(GB/s)" in job.log and "# peak busbw" in job.log
+
+
+def test_torchrun_per_node(slurm_cluster, slurm_python, tmp_path):
+    """One torchrun per node, c10d rendezvous on n1; torchrun starts SLURM_GPUS_ON_NODE=2 ranks per node."""
+    job = slurm_cluster.run(TEMPLATES / "torchrun_per_node.sbatch", TOOLS / "doctor.py",
+                            "--report-dir", tmp_path / "report", sbatch_args=[*SMALL, "--ntasks-per-node=1"],
+                            output=tmp_path / "job.out", env={"PYTHON": slurm_python}).assert_ok()
+    assert "torchrun_per_node: 2 nodes x 2 processes, rendezvous n1:" in job.log
+    hosts = ranks_and_hosts(job.log)
+    assert sorted(hosts) == [0, 1, 2, 3] and sorted(hosts.values()) == ["n1", "n1", "n2", "n2"], job.describe()
+    assert "launcher torchrun" in job.log
+    assert "[doctor] OK: 4 ranks on 2 host(s)" in job.log
+    assert len(list((tmp_path / "report").glob("doctor-rank*.json"))) == 4
+
+
+def test_srun_per_gpu(slurm_cluster, slurm_python, tmp_path):
+    job = slurm_cluster.run(TEMPLATES / "srun_per_gpu.sbatch", TOOLS / "doctor.py",
+                            "--report-dir", tmp_path / "report", sbatch_args=SMALL,
+                            output=tmp_path / "job.out", env={"PYTHON": slurm_python}).assert_ok()
+    assert ranks_and_hosts(job.log) == {0: "n1", 1: "n1", 2: "n2", 3: "n2"}, job.describe()
+    reports = {r: json.loads((tmp_path / "report" / f"doctor-rank{r}.json").read_text()) for r in range(4)}
+    assert [reports[r]["local_rank"] for r in range(4)] == [0, 1, 0, 1]
+    assert "[doctor] OK: 4 ranks on 2 host(s)" in job.log
