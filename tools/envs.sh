@@ -25,6 +25,14 @@ all_names() {
   done
 }
 
+# pip, quiet, always under the torch pin; drops the noise of index locations that don't exist on this box.
+pip_install() {
+  local venv=$1
+  shift
+  "$venv/bin/python" -m pip install --quiet --disable-pip-version-check -c constraints.txt "$@" 2>&1 |
+    { grep -v "is ignored: it is neither a file nor a directory" || true; }
+}
+
 build() {
   local name=$1 req venv stamp want start
   req=$(req_file "$name")
@@ -40,12 +48,12 @@ build() {
   echo "envs: building $venv from $req"
   rm -rf "$venv"
   "$python" -m venv "$venv"
-  "$venv/bin/python" -m pip install --quiet --disable-pip-version-check -c constraints.txt torch
-  "$venv/bin/python" -m pip install --quiet --disable-pip-version-check -c constraints.txt -r "$req"
+  pip_install "$venv" torch
+  pip_install "$venv" -r "$req"
   # Fail now, not in the middle of a test run, if the pin did not hold.
   "$venv/bin/python" - <<'PY'
 import importlib.metadata as md
-want = [l.split("==")[1] for l in open("constraints.txt") if l.startswith("torch==")][0]
+want = [line.split("==")[1].strip() for line in open("constraints.txt") if line.startswith("torch==")][0]
 have = md.version("torch").split("+")[0]
 assert have == want, f"torch {have} installed, constraints.txt pins {want}"
 PY
