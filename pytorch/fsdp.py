@@ -34,7 +34,6 @@ from common import (
     log,
     parse_args,
     pick_backend,
-    restore_rng,
     run,
 )
 

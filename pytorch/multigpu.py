@@ -205,7 +205,8 @@ def main():
     try:
         mp.spawn(worker, args=(world_size, store.port, args), nprocs=world_size, join=True)
     except mp.ProcessExitedException as e:  # the worker printed its own error; mp.spawn stopped the others
-        raise RecipeError(f"worker {e.error_index} exited with code {e.exit_code}; the other workers were stopped")
+        raise RecipeError(f"worker {e.error_index} exited with code {e.exit_code}; "
+                          "the other workers were stopped") from None
 
 
 if __name__ == "__main__":
