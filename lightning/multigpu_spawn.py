@@ -1,0 +1,31 @@
+"""One process per node that spawns one worker per device (Lightning's ddp_spawn, its mp.spawn).
+
+    python multigpu_spawn.py --devices 2      # on CPU: 2 worker processes, gloo
+"""
+
+import time
+
+START_TIME = time.time()  # before the heavy imports: the benchmarks count them in the time to first step
+
+import common  # noqa: E402
+import lightning.pytorch as pl  # noqa: E402
+import torch  # noqa: E402
+from lightning.pytorch.plugins.environments import LightningEnvironment  # noqa: E402
+
+
+def main():
+    args = common.parse_args(__doc__, devices=True, default_devices=torch.cuda.device_count() or 2)
+    trainer = pl.Trainer(
+        accelerator="auto",  # CUDA -> nccl, else CPU -> gloo
+        devices=args.devices,
+        strategy="ddp_spawn",
+        # This script starts its own workers: without this, inside a Slurm job Lightning would pick
+        # SLURMEnvironment and expect srun to have started one task per device.
+        plugins=[LightningEnvironment()],
+        **common.trainer_options(args, START_TIME),
+    )
+    common.fit(trainer, args)
+
+
+if __name__ == "__main__":  # required: the spawned workers re-import this file
+    main()

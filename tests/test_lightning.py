@@ -1,0 +1,148 @@
+"""lightning/ recipes on CPU (gloo), every one launched as a real process with .venvs/lightning.
+
+Tiny data (a few steps per epoch) keeps the whole file to well under a minute of training on two cores.
+"""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from helpers import ROOT, clean_env, env_python, free_port, run, torchrun
+
+pytestmark = [pytest.mark.lightning, pytest.mark.timeout(300)]
+
+FOLDER = ROOT / "lightning"
+# 256 samples, 2 ranks x batch 32: 4 steps per epoch
+SMALL = ["--epochs", "2", "--dataset-size", "256", "--batch-size", "32", "--log-every", "2"]
+
+
+def script(name):
+    return FOLDER / name
+
+
+def weights(checkpoint_dir):
+    ckpt = torch.load(checkpoint_dir / "last.ckpt", map_location="cpu", weights_only=True)
+    return ckpt["state_dict"], ckpt
+
+
+def assert_same_weights(a, b, atol):
+    assert a.keys() == b.keys()
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], atol=atol, rtol=0, msg=lambda m, n=name: f"{n}: {m}")
+
+
+def epoch_lines(output):
+    return [line for line in output.splitlines() if line.startswith("[rank 0] epoch") and "samples/s" in line]
+
+
+def run_slurm_tasks(args, *, ntasks, ntasks_per_node=None, timeout=120, **extra_env):
+    """Start `ntasks` processes of multinode.py on this host with the SLURM_* variables srun would give them.
+
+    Returns (exit codes, outputs) per task. A hang is a failure with every task's output.
+    """
+    port = free_port()
+    procs = []
+    for rank in range(ntasks):
+        env = clean_env(
+            SLURM_JOB_ID="4242", SLURM_JOB_NAME="lightning-test", SLURM_NTASKS=ntasks,
+            SLURM_NTASKS_PER_NODE=ntasks_per_node or ntasks, SLURM_NNODES=1, SLURM_NODEID=0,
+            SLURM_PROCID=rank, SLURM_LOCALID=rank, SLURM_NODELIST="localhost",
+            MASTER_ADDR="127.0.0.1", MASTER_PORT=port, **extra_env)
+        procs.append(subprocess.Popen([str(env_python("lightning")), str(script("multinode.py")), *args],
+                                      cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                      text=True, start_new_session=True))
+    outputs, codes = [], []
+    for rank, proc in enumerate(procs):
+        try:
+            out, _ = proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            for p in procs:
+                p.kill()
+            rest = "\n".join(f"--- task {r} ---\n{p.communicate()[0][-3000:]}" for r, p in enumerate(procs))
+            pytest.fail(f"task {rank} of multinode.py still running after {timeout}s\n{rest}", pytrace=False)
+        outputs.append(out)
+        codes.append(proc.returncode)
+    sys.stdout.write("\n".join(f"--- task {r} ---\n{o[-2000:]}" for r, o in enumerate(outputs)))
+    return codes, outputs
+
+
+def test_ddp_two_ranks_equals_one_rank(tmp_path):
+    """single_gpu.py with batch 64 and multigpu_torchrun.py with 2 ranks x batch 32: the same weights.
+
+    Also the smoke test of both scripts, and of the per-epoch report (synced metrics, samples/s)."""
+    one, two = tmp_path / "one", tmp_path / "two"
+    common = ["--epochs", "2", "--dataset-size", "256", "--log-every", "2"]
+    out1 = run([env_python("lightning"), script("single_gpu.py"), *common, "--batch-size", "64",
+                "--checkpoint-dir", one]).stdout
+    out2 = run([*torchrun("lightning"), "--nnodes", "1", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+                "--master_port", free_port(), script("multigpu_torchrun.py"), *common, "--batch-size", "32",
+                "--checkpoint-dir", two]).stdout
+    assert len(epoch_lines(out1)) == 2 and "world_size 1" in epoch_lines(out1)[-1]
+    assert len(epoch_lines(out2)) == 2 and "world_size 2" in epoch_lines(out2)[-1]
+    w1, ckpt1 = weights(one)
+    w2, ckpt2 = weights(two)
+    assert ckpt1["global_step"] == ckpt2["global_step"] == 8  # 2 epochs x 256 / 64
+    assert_same_weights(w1, w2, atol=1e-5)
+
+
+def test_multigpu_spawn_two_ranks_writes_timings(tmp_path):
+    timings = tmp_path / "timings.json"
+    out = run([env_python("lightning"), script("multigpu_spawn.py"), *SMALL, "--devices", "2",
+               "--checkpoint-dir", tmp_path / "ckpt", "--timings-file", timings],
+              env=clean_env(MASTER_PORT=free_port())).stdout
+    assert "world_size 2" in epoch_lines(out)[-1]
+    assert (tmp_path / "ckpt" / "last.ckpt").exists()
+    t = json.loads(timings.read_text())
+    assert t["world_size"] == 2 and t["batch_size"] == 32
+    assert len(t["step_end_times"]) == 8  # 2 epochs x 256 / (2 x 32)
+    assert t["start_time"] < t["step_end_times"][0] <= t["step_end_times"][-1]
+
+
+def test_multinode_emulated_slurm_two_tasks(tmp_path):
+    """Two tasks on one node, started the way srun starts them: Lightning takes the ranks from SLURM_*."""
+    codes, outputs = run_slurm_tasks([*SMALL, "--checkpoint-dir", tmp_path], ntasks=2)
+    assert codes == [0, 0]
+    assert "SLURM auto-requeueing enabled" in outputs[0]
+    assert "world_size 2" in epoch_lines(outputs[0])[-1]
+    assert not epoch_lines(outputs[1])  # reporting is rank 0's job
+    assert weights(tmp_path)[1]["global_step"] == 8
+
+
+def test_multinode_devices_mismatch_is_a_clear_error(tmp_path):
+    """--devices 1 with --ntasks-per-node=2: one clear line and exit 2 on every task, not a hang."""
+    codes, outputs = run_slurm_tasks([*SMALL, "--devices", "1", "--checkpoint-dir", tmp_path], ntasks=2, timeout=60)
+    assert codes == [2, 2]
+    assert "--devices 1 but the job has --ntasks-per-node=2" in outputs[0]
+    assert "Traceback" not in outputs[0] + outputs[1]
+    assert "error:" not in outputs[1]  # printed once, by task 0
+
+
+def test_resume_from_last_ckpt_matches_uninterrupted_run(tmp_path):
+    """2 epochs straight == 1 epoch, stop, then resume from last.ckpt for the second (same weights)."""
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    base = [env_python("lightning"), script("single_gpu.py"), "--dataset-size", "256", "--batch-size", "32",
+            "--log-every", "0"]
+    run([*base, "--epochs", "2", "--checkpoint-dir", straight])
+    run([*base, "--epochs", "2", "--max-steps", "8", "--checkpoint-dir", resumed])  # stops after epoch 1
+    assert weights(resumed)[1]["epoch"] == 1
+    out = run([*base, "--epochs", "2", "--checkpoint-dir", resumed]).stdout
+    assert "Restored all states from the checkpoint" in out
+    assert weights(resumed)[1]["global_step"] == 16
+    assert_same_weights(weights(straight)[0], weights(resumed)[0], atol=0)
+
+
+@pytest.mark.parametrize("cmd, message", [
+    (["single_gpu.py", "--data", "mnist"], "needs torchvision"),
+    (["multigpu_torchrun.py"], "start this script with torchrun"),
+    (["multinode.py"], "submit multinode.sbatch"),
+    (["single_gpu.py", "--dataset-size", "16"], "too small for one step"),
+])
+def test_bad_input_is_a_clear_error(tmp_path, cmd, message):
+    proc = run([env_python("lightning"), script(cmd[0]), *cmd[1:], "--checkpoint-dir", tmp_path],
+               expect_fail=True, timeout=60)
+    assert message in proc.stdout
+    assert "Traceback" not in proc.stdout
+    assert os.listdir(tmp_path) == []
