@@ -10,9 +10,10 @@ START_TIME = time.time()  # before the heavy imports: the benchmarks count them 
 import os  # noqa: E402
 import sys  # noqa: E402
 
-import common  # noqa: E402
 import lightning.pytorch as pl  # noqa: E402
 from lightning.pytorch.plugins.environments import TorchElasticEnvironment  # noqa: E402
+
+import common  # noqa: E402
 
 
 def torchrun_layout() -> tuple[int, int]:

@@ -15,9 +15,10 @@ import os  # noqa: E402
 import signal  # noqa: E402
 import sys  # noqa: E402
 
-import common  # noqa: E402
 import lightning.pytorch as pl  # noqa: E402
 from lightning.pytorch.plugins.environments import SLURMEnvironment  # noqa: E402
+
+import common  # noqa: E402
 
 
 def slurm_layout(args) -> tuple[int, int]:

@@ -7,8 +7,9 @@ import time
 
 START_TIME = time.time()  # before the heavy imports: the benchmarks count them in the time to first step
 
-import common  # noqa: E402
 import lightning.pytorch as pl  # noqa: E402
+
+import common  # noqa: E402
 
 
 def main():
