@@ -135,6 +135,9 @@ class Report(Callback):
     def __init__(self, batch_size: int, log_every: int):
         self.batch_size, self.log_every = batch_size, log_every
 
+    def on_train_start(self, trainer, pl_module):
+        self.on_train_epoch_start(trainer, pl_module)  # a run resumed mid-epoch starts without that hook
+
     def on_train_epoch_start(self, trainer, pl_module):
         self.epoch_start, self.epoch_first_step = time.perf_counter(), trainer.global_step
 
@@ -176,8 +179,9 @@ class StepTimings(Callback):
 def trainer_options(args: argparse.Namespace, start_time: float) -> dict:
     """Everything about the Trainer that does not depend on how the run is distributed."""
     callbacks = [
-        # save_top_k=0: keep no numbered copies, only last.ckpt (written every --save-every epochs)
-        ModelCheckpoint(dirpath=args.checkpoint_dir, save_last=True, save_top_k=0, every_n_epochs=args.save_every),
+        # Keeps the newest epoch=E-step=S.ckpt and last.ckpt, a link to it. (With save_top_k=0 Lightning
+        # writes last.ckpt only when training ends, which is no use to a job that gets killed.)
+        ModelCheckpoint(dirpath=args.checkpoint_dir, save_last="link", save_top_k=1, every_n_epochs=args.save_every),
         Report(args.batch_size, args.log_every),
     ]
     if args.timings_file:

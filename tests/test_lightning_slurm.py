@@ -1,0 +1,101 @@
+"""lightning/ sbatch templates submitted for real to the local two-node Slurm cluster (tests/slurm_fixtures.py).
+
+Templates run unmodified from lightning/; the tests only shrink the shape on the sbatch command line (this
+machine has 2 cores), pass the interpreter as PYTHON, and point --checkpoint-dir at a temporary folder (the
+last --checkpoint-dir on the command line wins over the template's).
+"""
+
+import re
+
+import pytest
+import torch
+from helpers import ROOT, env_python
+
+pytestmark = [pytest.mark.lightning, pytest.mark.slurm, pytest.mark.timeout(400)]
+
+FOLDER = ROOT / "lightning"
+TINY = ["--epochs", 2, "--dataset-size", 256, "--batch-size", 32, "--log-every", 4]
+# Preemption: 2 ranks x 32 = 64 samples per step, 4096 samples -> 64 steps per epoch, 192 in all.
+LONG = ["--epochs", 3, "--dataset-size", 4096, "--batch-size", 32, "--log-every", 16]
+LONG_STEPS = 192
+
+
+def shape(nodes, tasks_per_node, gpus_per_node=None):
+    return [f"--nodes={nodes}", f"--ntasks-per-node={tasks_per_node}",
+            f"--gpus-per-node={gpus_per_node or tasks_per_node}", "--cpus-per-task=1", "--time=00:05:00"]
+
+
+def checkpoint(directory):
+    path = directory / "last.ckpt"
+    assert path.exists(), f"no last.ckpt in {directory}: {sorted(p.name for p in directory.iterdir())}"
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def submit(cluster, tmp_path, template, sbatch_args, args=TINY, **kwargs):
+    ckpt = tmp_path / "ckpt"
+    job = cluster.run(FOLDER / template, *args, "--checkpoint-dir", ckpt, sbatch_args=sbatch_args, cwd=FOLDER,
+                      output=tmp_path / "job.out", env={"PYTHON": env_python("lightning")}, **kwargs)
+    return job, ckpt
+
+
+def epoch_lines(log):
+    return re.findall(r"^0: \[rank 0\] epoch \d+ loss .* world_size (\d+)$", log, re.M)
+
+
+@pytest.mark.parametrize("template, sbatch_args, world_size", [
+    ("single_gpu.sbatch", shape(1, 1), 1),
+    ("multigpu_spawn.sbatch", shape(1, 1, gpus_per_node=2), 2),  # the fake GPUs are not CUDA: 2 CPU workers
+    ("multigpu_torchrun.sbatch", shape(1, 1, gpus_per_node=2), 2),  # --nproc_per_node = SLURM_GPUS_ON_NODE
+    ("multinode.sbatch", shape(1, 2), 2),
+    ("multinode.sbatch", shape(2, 1), 2),
+], ids=["single_gpu", "spawn", "torchrun", "multinode-1x2", "multinode-2x1"])
+def test_template_runs(slurm_cluster, tmp_path, template, sbatch_args, world_size):
+    job, ckpt = submit(slurm_cluster, tmp_path, template, sbatch_args, timeout=150)
+    job.assert_ok()
+    assert epoch_lines(job.log) == [str(world_size)] * 2, job.describe()
+    assert checkpoint(ckpt)["global_step"] == 2 * 256 // (32 * world_size)
+    if template == "multinode.sbatch":
+        assert "SLURM auto-requeueing enabled" in job.log, job.describe()
+        nodes = "2 nodes (n[1-2])" if "--nodes=2" in sbatch_args else "1 nodes (n1)"
+        assert nodes in job.log, job.describe()
+
+
+def test_devices_mismatch_fails_fast_with_a_clear_error(slurm_cluster, tmp_path):
+    """--devices 1 under --ntasks-per-node=2: the job fails at once with one clear line, it does not hang."""
+    job, _ = submit(slurm_cluster, tmp_path, "multinode.sbatch", shape(1, 2), args=[*TINY, "--devices", 1],
+                    timeout=90)
+    assert job.state == "FAILED", job.describe()
+    assert "error: --devices 1 but the job has --ntasks-per-node=2" in job.log, job.describe()
+    assert "Traceback" not in job.log, job.describe()
+
+
+def test_preemption_requeue_resume(slurm_cluster, tmp_path):
+    """USR1 mid-training -> Lightning saves hpc_ckpt_1.ckpt and runs `scontrol requeue` -> the requeued job
+    (same id, same checkpoint directory) resumes from that checkpoint -> COMPLETED after all the steps."""
+    events = {"signalled": False, "released": False}
+
+    def on_poll(info, log):
+        if not events["signalled"] and "[rank 0] epoch 1 step 96 " in log:
+            # What `#SBATCH --signal=SIGUSR1@90` does before the time limit (to the tasks, not the batch
+            # shell), but at a known point: mid-epoch 1, after epoch 0's checkpoint.
+            slurm_cluster.client("scancel", "--signal=USR1", info["JobId"])
+            events["signalled"] = True
+        if (events["signalled"] and not events["released"] and info.get("JobState") == "PENDING"
+                and int(info.get("Restarts", 0)) >= 1):
+            # A requeued job waits ~2 min for its BeginTime; start it now.
+            slurm_cluster.client("scontrol", "update", f"jobid={info['JobId']}", "StartTime=now")
+            events["released"] = True
+
+    job, ckpt = submit(slurm_cluster, tmp_path, "multinode.sbatch", shape(1, 2), args=LONG, timeout=240,
+                       on_poll=on_poll)
+    job.assert_ok()
+    assert events["signalled"], f"training never reached step 96\n{job.describe()}"
+    assert job.info["Restarts"] == "1", job.describe()
+    first, _, second = job.log.partition("(restart 1)")
+    assert second, f"the requeued run never started\n{job.describe()}"
+    for needle in ("Handling auto-requeue signal", f"Requeued SLURM job: {job.job_id}"):
+        assert needle in first, f"{needle!r} missing before the requeue\n{job.describe()}"
+    assert re.search(r"Restored all states from the checkpoint at \S+/hpc_ckpt_1\.ckpt", second), job.describe()
+    hpc = torch.load(ckpt / "hpc_ckpt_1.ckpt", map_location="cpu", weights_only=True)
+    assert 96 <= hpc["global_step"] < LONG_STEPS
+    assert checkpoint(ckpt)["global_step"] == LONG_STEPS
