@@ -9,6 +9,7 @@ import contextlib
 import json
 import os
 import sys
+import threading
 import time
 
 import torch
@@ -82,6 +83,26 @@ def run(main, *args, rank=None):
             rank = os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0"))
         log(rank, f"error: {e}", file=sys.stderr)
         sys.exit(2)
+
+
+@contextlib.contextmanager
+def deadline(seconds, rank, what):
+    """Exit with a clear message if the block has not finished after `seconds`.
+
+    Some failures block inside C++ where no timeout reaches, e.g. a rank that connected to a MASTER_PORT that
+    another program is listening on waits for an answer forever. A dead or missing rank must never hang a job.
+    """
+    def give_up():
+        log(rank, f"error: {what} did not finish within {seconds} s", file=sys.stderr)
+        os._exit(2)
+
+    timer = threading.Timer(seconds, give_up)
+    timer.daemon = True
+    timer.start()
+    try:
+        yield
+    finally:
+        timer.cancel()
 
 
 def pick_backend(choice):

@@ -1,0 +1,344 @@
+"""pytorch/ recipes, launched for real on CPU with gloo: every launch mode, equivalence, data, resume, bad input."""
+
+import json
+import re
+import signal
+import socket
+import subprocess
+import time
+
+import pytest
+import torch
+from data_files import cifar_md5_env, write_cifar10, write_mnist
+from helpers import ROOT, clean_env, env_python, free_port, run, torchrun, with_torchvision_shim
+
+pytestmark = [pytest.mark.pytorch, pytest.mark.timeout(300)]
+
+PT = ROOT / "pytorch"
+# 512 samples: 16 steps per epoch for 2 ranks x batch 16 (or 1 rank x batch 32).
+SMALL = ["--epochs", "2", "--dataset-size", "512", "--log-every", "1000"]
+TOL = dict(rtol=1e-5, atol=1e-6)  # float32 reduction order (DDP's bucketed all-reduce) is the only difference
+
+
+def python(*args, **kw):
+    return run([env_python("pytorch"), *args], **kw)
+
+
+def torchrun_standalone(script, nproc, *args, **kw):
+    return run([*torchrun("pytorch"), "--standalone", "--nproc_per_node", str(nproc), PT / script, *args], **kw)
+
+
+def model_of(ckpt_dir):
+    return torch.load(ckpt_dir / "snapshot.pt", map_location="cpu", weights_only=True)["model"]
+
+
+def assert_same_weights(a, b, **tol):
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], **(tol or TOL), msg=lambda m, k=k: f"{k}: {m}")
+
+
+def epoch_lines(out):
+    return [ln for ln in out.splitlines() if re.match(r"\[rank0\] epoch \d+/\d+ \|", ln)]
+
+
+def losses(out):
+    return [float(re.search(r"loss ([\d.]+)", ln).group(1)) for ln in epoch_lines(out)]
+
+
+def srun_style(script_args, nproc, port, extra_env=None, **kw):
+    """Start `nproc` processes the way `srun python multinode.py` does: only SLURM_* variables, no RANK."""
+    procs = []
+    for rank in range(nproc):
+        env = clean_env(SLURM_PROCID=rank, SLURM_LOCALID=rank, SLURM_NTASKS=nproc, SLURM_NNODES=1,
+                        SLURM_JOB_ID=4242, MASTER_ADDR="127.0.0.1", MASTER_PORT=port, **(extra_env or {}))
+        procs.append(subprocess.Popen([str(env_python("pytorch")), str(PT / "multinode.py"), *script_args],
+                                      env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                      text=True, start_new_session=True))
+    return procs
+
+
+def wait_all(procs, timeout=180):
+    deadline = time.monotonic() + timeout
+    outs = []
+    try:
+        for p in procs:
+            out, _ = p.communicate(timeout=max(1, deadline - time.monotonic()))
+            outs.append(out)
+    except subprocess.TimeoutExpired:
+        for p in procs:
+            p.kill()
+        pytest.fail(f"processes still running after {timeout}s: {[p.args for p in procs]}")
+    return [p.returncode for p in procs], outs
+
+
+# ------------------------------------------------------------------------------------------ reference runs
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """One process, batch 32: what every 2-rank run with batch 16 per rank must reproduce."""
+    ckpt = tmp_path_factory.mktemp("single")
+    out = python(PT / "single_gpu.py", *SMALL, "--batch-size", "32", "--checkpoint-dir", ckpt).stdout
+    return model_of(ckpt), out
+
+
+@pytest.fixture(scope="module")
+def ddp_run(tmp_path_factory):
+    ckpt = tmp_path_factory.mktemp("ddp")
+    out = torchrun_standalone("multigpu_torchrun.py", 2, *SMALL, "--batch-size", "16", "--checkpoint-dir", ckpt).stdout
+    return ckpt, out
+
+
+def test_single_gpu_learns_and_writes_a_complete_snapshot(tmp_path):
+    out = python(PT / "single_gpu.py", "--epochs", "3", "--dataset-size", "512", "--batch-size", "16",
+                 "--lr", "0.1", "--checkpoint-dir", tmp_path).stdout
+    lines = epoch_lines(out)
+    assert len(lines) == 3 and all("samples/s" in ln for ln in lines), out
+    first, *_, last = losses(out)
+    assert last < first * 0.9, f"loss did not decrease: {losses(out)}"
+    snap = torch.load(tmp_path / "snapshot.pt", weights_only=True)
+    assert {"model", "optimizer", "scheduler", "epoch", "step", "rng"} <= snap.keys()
+    assert (snap["epoch"], snap["step"]) == (3, 96)
+    assert (tmp_path / "snapshot.prev.pt").exists() and not (tmp_path / "snapshot.pt.tmp").exists()
+
+
+def test_torchrun_ddp_equals_one_process_with_the_global_batch(reference, ddp_run):
+    ckpt, out = ddp_run
+    assert "[rank0] world size 2 | backend gloo" in out
+    assert len(epoch_lines(out)) == 2 and "[rank1] epoch" not in out  # metrics are printed by rank 0 only
+    assert_same_weights(model_of(ckpt), reference[0])
+    # all_reduced epoch metrics equal the single process's metrics over the same samples
+    assert losses(out) == pytest.approx(losses(reference[1]), abs=2e-4)
+
+
+def test_mp_spawn_equals_one_process(reference, tmp_path):
+    out = python(PT / "multigpu.py", "--nprocs", "2", *SMALL, "--batch-size", "16",
+                 "--checkpoint-dir", tmp_path).stdout
+    assert "[rank0] world size 2" in out
+    assert_same_weights(model_of(tmp_path), reference[0])
+
+
+def test_multinode_as_two_torchrun_nodes_on_one_host(reference, tmp_path):
+    """Two launchers, --nnodes 2, c10d rendezvous on 127.0.0.1: what `srun torchrun` does on two nodes."""
+    port = free_port()
+    cmds = [[*torchrun("pytorch"), "--nnodes", "2", "--nproc_per_node", "1", "--node_rank", str(node),
+             "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", "test-2nodes",
+             PT / "multinode.py", *SMALL, "--batch-size", "16", "--checkpoint-dir", tmp_path] for node in (0, 1)]
+    procs = [subprocess.Popen([str(c) for c in cmd], env=clean_env(), cwd=ROOT, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True, start_new_session=True) for cmd in cmds]
+    codes, outs = wait_all(procs)
+    assert codes == [0, 0], "\n".join(outs)
+    text = "\n".join(outs)
+    assert "[rank0] world size 2" in text and "[rank1] host" in text
+    assert_same_weights(model_of(tmp_path), reference[0])
+
+
+def test_multinode_srun_style_maps_slurm_variables(reference, tmp_path):
+    procs = srun_style([*SMALL, "--batch-size", "16", "--checkpoint-dir", str(tmp_path)], 2, free_port())
+    codes, outs = wait_all(procs)
+    assert codes == [0, 0], "\n".join(outs)
+    assert "[rank0] host" in outs[0] and "[rank1] host" in outs[1]  # ranks came from SLURM_PROCID
+    assert_same_weights(model_of(tmp_path), reference[0])
+
+
+def test_fsdp_equals_ddp(ddp_run, tmp_path):
+    out = torchrun_standalone("fsdp.py", 2, *SMALL, "--batch-size", "16", "--checkpoint-dir", tmp_path).stdout
+    assert "sharded checkpoint saved" in out
+    latest = (tmp_path / "latest").read_text().strip()
+    assert latest == "step-00000032" and sorted(p.name for p in tmp_path.glob("step-*")) == [
+        "step-00000016", "step-00000032"]
+    # One plain file from the shards, with the tool the fsdp.py docstring tells users about.
+    python("-m", "torch.distributed.checkpoint.format_utils", "dcp_to_torch", tmp_path / latest, tmp_path / "full.pt")
+    full = torch.load(tmp_path / "full.pt", weights_only=False)["model"]
+    assert_same_weights(full, model_of(ddp_run[0]))
+
+
+def test_fsdp_resume_matches_uninterrupted(tmp_path):
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    torchrun_standalone("fsdp.py", 2, *SMALL, "--batch-size", "16", "--checkpoint-dir", straight)
+    torchrun_standalone("fsdp.py", 2, *SMALL, "--batch-size", "16", "--checkpoint-dir", resumed, "--max-steps", "20")
+    out = torchrun_standalone("fsdp.py", 2, *SMALL, "--batch-size", "16", "--checkpoint-dir", resumed).stdout
+    assert "resumed from" in out and "step 20" in out
+    for d in (straight, resumed):
+        python("-m", "torch.distributed.checkpoint.format_utils", "dcp_to_torch", d / "step-00000032", d / "full.pt")
+    a, b = (torch.load(d / "full.pt", weights_only=False)["model"] for d in (straight, resumed))
+    assert_same_weights(a, b, rtol=0, atol=0)
+
+
+# ------------------------------------------------------------------------------------------ data
+
+
+RECORDER = """
+import json, os, runpy, sys
+from torch.utils.data.distributed import DistributedSampler
+_iter = DistributedSampler.__iter__
+def recording_iter(self):
+    indices = list(_iter(self))
+    with open(os.path.join(os.environ["RECORD_DIR"], f"rank{self.rank}.jsonl"), "a") as f:
+        f.write(json.dumps({"epoch": self.epoch, "indices": indices}) + "\\n")
+    return iter(indices)
+DistributedSampler.__iter__ = recording_iter
+script = sys.argv[1]
+sys.argv = sys.argv[1:]
+sys.path.insert(0, os.path.dirname(script))
+runpy.run_path(script, run_name="__main__")
+"""
+
+
+def test_ranks_see_disjoint_shards_reshuffled_every_epoch(tmp_path):
+    """Records what DistributedSampler hands each rank inside the real training loop of the recipe."""
+    recorder = tmp_path / "record.py"
+    recorder.write_text(RECORDER)
+    run([*torchrun("pytorch"), "--standalone", "--nproc_per_node", "2", recorder, PT / "multigpu_torchrun.py",
+         "--epochs", "3", "--dataset-size", "512", "--batch-size", "16"], env=clean_env(RECORD_DIR=tmp_path))
+    seen = {r: [json.loads(ln) for ln in (tmp_path / f"rank{r}.jsonl").read_text().splitlines()] for r in (0, 1)}
+    assert [e["epoch"] for e in seen[0]] == [0, 1, 2], "set_epoch() must be called every epoch"
+    for epoch in range(3):
+        a, b = set(seen[0][epoch]["indices"]), set(seen[1][epoch]["indices"])
+        assert not a & b, "ranks overlap"
+        assert a | b == set(range(512)), "shards do not cover the dataset"
+    assert seen[0][0]["indices"] != seen[0][1]["indices"] != seen[0][2]["indices"], "same shuffle every epoch"
+
+
+def test_mnist_through_torchvision_on_two_ranks(tmp_path):
+    """Rank 0 'downloads' (finds the files), the other waits at the barrier and then reads them."""
+    write_mnist(tmp_path)
+    env = with_torchvision_shim(clean_env())
+    out = run([*torchrun("pytorch"), "--standalone", "--nproc_per_node", "2", PT / "multigpu_torchrun.py",
+               "--data", "mnist", "--data-dir", tmp_path, "--epochs", "1", "--batch-size", "32",
+               "--num-workers", "1"], env=env).stdout
+    assert "256 samples" in out and "samples/s" in out
+
+
+def test_cifar10_through_torchvision(tmp_path):
+    _, md5 = write_cifar10(tmp_path)
+    env = with_torchvision_shim(clean_env(**cifar_md5_env(md5)))
+    out = python(PT / "single_gpu.py", "--data", "cifar10", "--data-dir", tmp_path, "--epochs", "1",
+                 "--batch-size", "32", "--checkpoint-dir", tmp_path / "ckpt", env=env).stdout
+    assert "320 samples" in out  # 5 training batches of 64
+    first_conv = model_of(tmp_path / "ckpt")["features.0.weight"]
+    assert first_conv.shape[1] == 3  # the model was built for RGB input
+
+
+# ------------------------------------------------------------------------------------------ resume
+
+
+def test_stop_and_resume_equals_uninterrupted(ddp_run, tmp_path):
+    # stop mid-epoch 2 (step 20 of 32), then resume: skipped batches, LR schedule, momentum all line up
+    torchrun_standalone("multigpu_torchrun.py", 2, *SMALL, "--batch-size", "16", "--checkpoint-dir", tmp_path,
+                        "--max-steps", "20")
+    out = torchrun_standalone("multigpu_torchrun.py", 2, *SMALL, "--batch-size", "16",
+                              "--checkpoint-dir", tmp_path).stdout
+    assert "resumed from" in out and "epoch 2, step 20" in out
+    assert_same_weights(model_of(tmp_path), model_of(ddp_run[0]), rtol=0, atol=0)
+
+
+def test_preempted_run_saves_exits_75_and_resumes_exactly(tmp_path):
+    """SIGUSR1 (Slurm's warning signal) mid-training: every rank stops at the same step, rank 0 saves."""
+    args = ["--epochs", "2", "--dataset-size", "4096", "--batch-size", "16", "--log-every", "10"]
+    straight = tmp_path / "straight"
+    codes, outs = wait_all(srun_style([*args, "--checkpoint-dir", str(straight)], 2, free_port()))
+    assert codes == [0, 0], "\n".join(outs)
+
+    interrupted = tmp_path / "interrupted"
+    procs = srun_style([*args, "--checkpoint-dir", str(interrupted)], 2, free_port())
+    head = []
+    for line in procs[0].stdout:  # wait until training is under way
+        head.append(line)
+        if "| step 20/" in line:
+            break
+    for p in procs:
+        p.send_signal(signal.SIGUSR1)
+    codes, outs = wait_all(procs)
+    outs[0] = "".join(head) + outs[0]
+    assert codes == [75, 75], "\n".join(outs)
+    assert "preempted at step" in outs[0]
+    stopped_at = int(re.search(r"preempted at step (\d+)", outs[0]).group(1))
+    assert 0 < stopped_at < 256
+
+    codes, outs = wait_all(srun_style([*args, "--checkpoint-dir", str(interrupted)], 2, free_port()))
+    assert codes == [0, 0], "\n".join(outs)
+    assert f"step {stopped_at}" in outs[0]
+    assert_same_weights(model_of(interrupted), model_of(straight), rtol=0, atol=0)
+
+
+@pytest.fixture
+def two_snapshots(tmp_path):
+    python(PT / "single_gpu.py", *SMALL, "--batch-size", "32", "--checkpoint-dir", tmp_path)
+    return tmp_path
+
+
+def truncate(path):
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+
+
+def test_truncated_snapshot_falls_back_to_the_previous_one(two_snapshots):
+    truncate(two_snapshots / "snapshot.pt")
+    out = python(PT / "single_gpu.py", *SMALL, "--batch-size", "32", "--checkpoint-dir", two_snapshots).stdout
+    assert f"{two_snapshots / 'snapshot.pt'} is unreadable" in out
+    assert "resumed from" in out and "snapshot.prev.pt" in out and "epoch 2, step 16" in out
+
+
+def test_truncated_snapshot_without_fallback_is_a_clear_error(two_snapshots):
+    (two_snapshots / "snapshot.prev.pt").unlink()
+    truncate(two_snapshots / "snapshot.pt")
+    proc = python(PT / "single_gpu.py", *SMALL, "--checkpoint-dir", two_snapshots, expect_fail=True, timeout=60)
+    assert proc.returncode == 2
+    assert "error: no usable snapshot" in proc.stdout and str(two_snapshots / "snapshot.pt") in proc.stdout
+    assert "Traceback" not in proc.stdout
+
+
+# ------------------------------------------------------------------------------------------ bad input
+
+
+def test_amp_bf16_runs_on_cpu(tmp_path):
+    out = python(PT / "single_gpu.py", "--amp", "--epochs", "1", "--dataset-size", "256", "--batch-size", "32").stdout
+    assert all(loss == loss and loss < 10 for loss in losses(out))  # finite
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--data", "mnist"], "--data mnist needs --data-dir"),
+    (["--batch-size", "0"], "must be a positive integer"),
+])
+def test_bad_arguments_are_rejected_up_front(argv, message):
+    proc = python(PT / "multigpu_torchrun.py", *argv, expect_fail=True, timeout=60)
+    assert proc.returncode == 2 and message in proc.stdout
+
+
+def test_world_size_larger_than_the_dataset():
+    proc = torchrun_standalone("multigpu_torchrun.py", 2, "--dataset-size", "1", "--batch-size", "1",
+                               expect_fail=True, timeout=120)
+    assert "the dataset has 1 samples but the world size is 2" in proc.stdout
+
+
+def test_world_size_without_rank():
+    proc = python(PT / "multigpu_torchrun.py", env=clean_env(WORLD_SIZE=2), expect_fail=True, timeout=60)
+    assert proc.returncode == 2
+    assert "RANK, LOCAL_RANK not set: launch with `torchrun" in proc.stdout and "Traceback" not in proc.stdout
+
+
+def test_master_port_in_use_is_a_clear_error_not_a_hang():
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        start = time.monotonic()
+        codes, outs = wait_all(srun_style(["--timeout", "15", *SMALL], 2, port), timeout=120)
+    assert codes[0] == 2 and codes[1] != 0, outs
+    assert "another process already listens on that port: choose another MASTER_PORT" in outs[0], outs[0]
+    assert time.monotonic() - start < 90
+
+
+def test_srun_style_without_master_addr():
+    env = {"SLURM_PROCID": 0, "SLURM_LOCALID": 0, "SLURM_NTASKS": 1}
+    proc = python(PT / "multinode.py", env=clean_env(**env), expect_fail=True, timeout=60)
+    assert "MASTER_ADDR and MASTER_PORT not set" in proc.stdout and "scontrol show hostnames" in proc.stdout
+
+
+def test_every_recipe_script_is_exercised():
+    """Guard: a new script in pytorch/ must get a test here."""
+    scripts = {p.name for p in PT.glob("*.py")} - {"common.py"}
+    text = open(__file__).read()
+    assert {s for s in scripts if s not in text} == set()
