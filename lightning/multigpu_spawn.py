@@ -20,8 +20,8 @@ def main():
         accelerator="auto",  # CUDA -> nccl, else CPU -> gloo
         devices=args.devices,
         strategy="ddp_spawn",
-        # This script starts its own workers: without this, inside a Slurm job Lightning would pick
-        # SLURMEnvironment and expect srun to have started one task per device.
+        # This script starts its own workers. Without this, inside a Slurm job Lightning picks SLURMEnvironment
+        # (ranks from srun's one task) and the spawned workers collide on one port (EADDRINUSE).
         plugins=[LightningEnvironment()],
         **common.trainer_options(args, START_TIME),
     )

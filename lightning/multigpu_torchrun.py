@@ -32,10 +32,7 @@ def main():
         accelerator="auto",  # CUDA -> nccl, else CPU -> gloo
         devices=devices,
         num_nodes=num_nodes,
-        strategy="ddp",
-        # Explicit: inside a Slurm job Lightning would otherwise pick SLURMEnvironment, whose task count
-        # (one torchrun per node) is not the number of processes.
-        plugins=[TorchElasticEnvironment()],
+        strategy="ddp",  # Lightning sees torchrun's variables and takes the ranks from them
         **common.trainer_options(args, START_TIME),
     )
     common.fit(trainer, args)
