@@ -73,7 +73,8 @@ def train_epoch(model, loader, optimizer, scheduler, state, args, device, timer,
         correct += (logits.argmax(1) == y).sum()
         seen += len(y)
         if state["step"] % args.log_every == 0:
-            log(0, f"epoch {state['epoch'] + 1} | step {i + 1}/{len(loader)} | loss {loss.item():.4f}")
+            log(0, f"epoch {state['epoch'] + 1} | batch {i + 1}/{len(loader)} | step {state['step']} | "
+                   f"loss {loss.item():.4f}")
         if args.max_steps and state["step"] >= args.max_steps:
             break
     return loss_sum, correct, seen

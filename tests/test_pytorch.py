@@ -246,7 +246,7 @@ def test_preempted_run_saves_exits_75_and_resumes_exactly(tmp_path):
     head = []
     for line in procs[0].stdout:  # wait until training is under way
         head.append(line)
-        if "| step 20/" in line:
+        if "| step 20 |" in line:
             break
     for p in procs:
         p.send_signal(signal.SIGUSR1)
