@@ -1,8 +1,10 @@
 """The local Slurm cluster as a pytest fixture, and a helper that submits a job and waits for its end.
 
 Registered from conftest.py (`pytest_plugins`). The cluster (slurm_templates/local_cluster) is started once
-per session, only when a test asks for it, and stopped at the end, unless it was already running before
-the session. Where it cannot start (not root, not Linux) the Slurm tests skip locally and fail in CI.
+per session, only when a test asks for it. Each session holds a lease (start.sh --lease PID) and gives it back
+at the end (stop.sh --release PID): the cluster stops when the last session using it ends, and a cluster
+started by hand is left running. Where it cannot start (not root, not Linux) the Slurm tests skip locally and
+fail in CI.
 
 Jobs run on emulated nodes n1..n2 that share this filesystem, so they use the per-folder virtualenvs.
 """
@@ -54,9 +56,6 @@ def parse_scontrol(text: str) -> dict:
 
 
 class SlurmCluster:
-    def __init__(self, started_here: bool):
-        self.started_here = started_here
-
     def client(self, *args, timeout: float = CLIENT_TIMEOUT, env: dict | None = None, cwd=ROOT,
                check: bool = True) -> subprocess.CompletedProcess:
         """A Slurm client command inside the cluster's namespace (local_cluster/run.sh), with a timeout."""
@@ -106,6 +105,31 @@ class SlurmCluster:
         _job_times.append((name or os.environ.get("PYTEST_CURRENT_TEST", "?").split(" ")[0], job_id, state, seconds))
         return Job(job_id, state, int(code), int(sig or 0), log, seconds, info)
 
+    def wait_array(self, job_id: str, output_of, tasks: int, timeout: float = 180) -> list[Job]:
+        """Wait for every task of job array `job_id`; output_of(index) is that task's log file."""
+        start = time.monotonic()
+        while True:
+            lines = self.client("scontrol", "show", "job", "-o", job_id).stdout.strip().splitlines()
+            infos = {int(i["ArrayTaskId"]): i for i in map(parse_scontrol, lines)
+                     if i.get("ArrayTaskId", "").isdigit()}
+            if len(infos) == tasks and all(i.get("JobState") in TERMINAL for i in infos.values()):
+                break
+            if time.monotonic() - start > timeout:
+                self.client("scancel", job_id, check=False)
+                states = {k: (i.get("JobState"), i.get("Reason")) for k, i in sorted(infos.items())}
+                pytest.fail(f"array job {job_id} not finished after {timeout}s: {states}; cancelled", pytrace=False)
+            time.sleep(0.3)
+        seconds = time.monotonic() - start
+        jobs = []
+        for index, info in sorted(infos.items()):
+            code, _, sig = info.get("ExitCode", "-1:0").partition(":")
+            out = Path(output_of(index))
+            log = out.read_text(errors="replace") if out.exists() else ""
+            jobs.append(Job(info["JobId"], info["JobState"], int(code), int(sig or 0), log, seconds, info))
+        name = os.environ.get("PYTEST_CURRENT_TEST", "?").split(" ")[0]
+        _job_times.append((f"{name} ({tasks} array tasks)", job_id, ",".join(sorted({j.state for j in jobs})), seconds))
+        return jobs
+
     def run(self, script, *args, sbatch_args=(), cwd=ROOT, output: Path, env: dict | None = None,
             timeout: float = 120, on_poll=None) -> Job:
         """Submit, wait, return the finished job (state, exit code, log)."""
@@ -121,16 +145,15 @@ def slurm_cluster():
     if os.geteuid() != 0:
         unavailable("the local Slurm cluster needs root: run the Slurm tests as root (CI does)")
     try:
-        proc = subprocess.run([str(LOCAL_CLUSTER / "start.sh")], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                              text=True, timeout=300, env=clean_env())
+        proc = subprocess.run([str(LOCAL_CLUSTER / "start.sh"), "--lease", str(os.getpid())],
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=600, env=clean_env())
     except subprocess.TimeoutExpired:
-        unavailable("slurm_templates/local_cluster/start.sh did not finish in 300 s")
+        unavailable("slurm_templates/local_cluster/start.sh did not finish in 600 s")
     if proc.returncode != 0:
         unavailable(f"slurm_templates/local_cluster/start.sh failed (exit {proc.returncode}):\n{proc.stdout[-4000:]}")
-    cluster = SlurmCluster(started_here="already running" not in proc.stdout)
-    yield cluster
-    if cluster.started_here:
-        subprocess.run([str(LOCAL_CLUSTER / "stop.sh")], timeout=120, check=False, env=clean_env())
+    yield SlurmCluster()
+    subprocess.run([str(LOCAL_CLUSTER / "stop.sh"), "--release", str(os.getpid())], timeout=360, check=False,
+                   env=clean_env())
 
 
 @pytest.fixture(scope="session")

@@ -16,6 +16,28 @@ LC_HUB=$LC_PREFIX-hub
 LC_CONF=$LC_DIR/etc/slurm.conf
 LC_HOSTS=$LC_DIR/etc/hosts
 LC_CLIENT_TIMEOUT=${SLURM_LOCAL_CLIENT_TIMEOUT:-20}
+LC_LOCK=$LC_DIR.lock                       # outside LC_DIR: start.sh wipes LC_DIR
+
+# One start/stop at a time (several test sessions may share the cluster). start.sh calls stop.sh while
+# holding the lock and sets LC_LOCKED so that stop.sh does not wait for itself.
+lc_lock() {
+  [ "${LC_LOCKED:-0}" = 1 ] && return 0
+  exec 9>"$LC_LOCK"
+  flock -w 300 9 || lc_die "another start.sh/stop.sh held $LC_LOCK for 300 s"
+  export LC_LOCKED=1
+}
+
+# Leases: a process using the cluster (a test session) registers its PID with `start.sh --lease PID` and
+# gives it back with `stop.sh --release PID`; a cluster started with a lease stops when the last one is
+# given back. A cluster started without one (by hand) is never stopped by a release.
+lc_live_leases() {
+  local f pid
+  for f in "$LC_DIR"/leases/*; do
+    [ -e "$f" ] || continue
+    pid=${f##*/}
+    if [ -d "/proc/$pid" ]; then echo "$pid"; else rm -f "$f"; fi
+  done
+}
 
 lc_die() { echo "local_cluster: $*" >&2; exit 1; }
 lc_log() { echo "local_cluster: $*" >&2; }

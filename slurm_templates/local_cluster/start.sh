@@ -4,7 +4,8 @@
 # Production sbatch templates run on it unmodified. Needs root on Linux (Debian/Ubuntu: installs
 # slurmctld, slurmd and slurm-client with apt-get if they are missing).
 #
-# usage: slurm_templates/local_cluster/start.sh          (idempotent: a running cluster is left alone)
+# usage: slurm_templates/local_cluster/start.sh [--lease PID]   (idempotent: a running cluster is left alone)
+#        --lease PID: PID uses the cluster; `stop.sh --release PID` gives it back (see common.sh)
 # env:   SLURM_LOCAL_NODES=2 SLURM_LOCAL_GPUS=8 SLURM_LOCAL_DIR=/var/tmp/slurm-local SLURM_LOCAL_NET=10.77.0
 # then:  slurm_templates/local_cluster/run.sh sbatch ...   (runs any Slurm command inside the cluster)
 set -euo pipefail
@@ -13,9 +14,15 @@ here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 # shellcheck source=SCRIPTDIR/common.sh
 . "$here/common.sh"
 
+lease=
+case ${1:-} in
+  --lease) lease=${2:?--lease needs a PID} ;;
+  "") ;;
+  *) lc_die "usage: start.sh [--lease PID]" ;;
+esac
 [ "$(uname -s)" = Linux ] || lc_die "needs Linux (network namespaces)"
 [ "$(id -u)" -eq 0 ] || lc_die "needs root (network namespaces, mknod, daemons); try: sudo $0"
-for tool in ip nsenter unshare setpriv mknod timeout; do
+for tool in ip nsenter unshare setpriv mknod timeout flock; do
   command -v "$tool" >/dev/null || lc_die "missing '$tool' (Debian/Ubuntu: apt-get install iproute2 util-linux coreutils)"
 done
 
@@ -40,11 +47,15 @@ local_cluster: $LC_NODES nodes up (n1..n$LC_NODES, $LC_GPUS fake GPUs each), sta
 USAGE
 }
 
-all_idle() {
+# count_nodes REGEX: how many nodes sinfo reports in a state matching REGEX (fails if sinfo does).
+count_nodes() {
   local states
   states=$(lc_client sinfo -h -N -o '%N %T' 2>/dev/null) || return 1
-  [ "$(grep -c ' idle$' <<<"$states")" -eq "$LC_NODES" ]
+  grep -cE " ($1)\$" <<<"$states" || true
 }
+all_idle() { [ "$(count_nodes idle)" = "$LC_NODES" ]; }
+# Up = responding and usable; running jobs are fine (another session may be using the cluster).
+all_up() { [ "$(count_nodes 'idle|mixed|allocated|completing')" = "$LC_NODES" ]; }
 
 running() {
   local i
@@ -53,7 +64,9 @@ running() {
   [ -f "$LC_DIR/nodes" ] && [ "$(cat "$LC_DIR/nodes")" = "$LC_NODES" ]
 }
 
-if running && all_idle; then
+lc_lock
+if running && all_up; then
+  if [ -n "$lease" ]; then mkdir -p "$LC_DIR/leases" && : >"$LC_DIR/leases/$lease"; fi
   lc_log "already running"
   usage
   exit 0
@@ -64,7 +77,7 @@ start_ns=$(date +%s%N)
 # The state directory is wiped so that e.g. a DRAIN reason from an earlier run cannot survive.
 "$here/stop.sh" --quiet
 rm -rf "$LC_DIR"
-mkdir -p "$LC_DIR"/{etc,run,log,state,spool,dev,munge}
+mkdir -p "$LC_DIR"/{etc,run,log,state,spool,dev,munge,leases}
 chmod 0755 "$LC_DIR" "$LC_DIR/munge"
 echo "$LC_NODES" >"$LC_DIR/nodes"
 
@@ -157,7 +170,8 @@ chmod 0400 "$LC_DIR/munge/munge.key"
 daemon() {
   local name=$1 comm=$2 ns=$3 host=$4
   shift 4
-  lc_in_ns "$ns" "$host" "$@" </dev/null >>"$LC_DIR/log/$name.out" 2>&1 &
+  # 9>&-: the daemons must not inherit the start/stop lock (see lc_lock in common.sh)
+  lc_in_ns "$ns" "$host" "$@" </dev/null >>"$LC_DIR/log/$name.out" 2>&1 9>&- &
   echo "$! $comm" >"$LC_DIR/run/$name.pid"
 }
 daemon munged munged "$LC_HUB" - setpriv --reuid=munge --regid=munge --init-groups munged --foreground \
@@ -182,5 +196,6 @@ if ! all_idle; then
   for f in "$LC_DIR"/log/*; do echo "--- $f" >&2; tail -n 15 "$f" >&2; done
   exit 1
 fi
+if [ -n "$lease" ]; then : >"$LC_DIR/leased" && : >"$LC_DIR/leases/$lease"; fi
 lc_log "started in $((($(date +%s%N) - start_ns) / 1000000)) ms"
 usage

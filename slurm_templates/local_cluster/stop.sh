@@ -4,25 +4,37 @@
 # slurmctld, munged; then any process left inside the cluster's namespaces; then the namespaces.
 # Processes are found by PID file and checked against /proc/PID/comm, never by name.
 #
-# usage: slurm_templates/local_cluster/stop.sh [--quiet] [--purge]   (--purge also deletes $SLURM_LOCAL_DIR)
+# usage: slurm_templates/local_cluster/stop.sh [--quiet] [--purge] [--release PID]
+#   --purge: also delete $SLURM_LOCAL_DIR
+#   --release PID: give back PID's lease (start.sh --lease); stop only if the cluster was started with a
+#                  lease and no other live lease remains
 set -euo pipefail
 
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 # shellcheck source=SCRIPTDIR/common.sh
 . "$here/common.sh"
 
-quiet=0 purge=0
-for arg in "$@"; do
-  case $arg in
+quiet=0 purge=0 release=
+while [ $# -gt 0 ]; do
+  case $1 in
     --quiet) quiet=1 ;;
     --purge) purge=1 ;;
-    *) lc_die "unknown argument: $arg (usage: stop.sh [--quiet] [--purge])" ;;
+    --release) release=${2:?--release needs a PID}; shift ;;
+    *) lc_die "unknown argument: $1 (usage: stop.sh [--quiet] [--purge] [--release PID])" ;;
   esac
+  shift
 done
 say() { [ "$quiet" = 1 ] || lc_log "$@"; }
 
 [ "$(id -u)" -eq 0 ] || lc_die "needs root"
 [ -d "$LC_DIR" ] || { say "nothing to stop ($LC_DIR does not exist)"; exit 0; }
+lc_lock
+if [ -n "$release" ]; then
+  rm -f "$LC_DIR/leases/$release"
+  [ -f "$LC_DIR/leased" ] || { say "started by hand, left running"; exit 0; }
+  others=$(lc_live_leases | tr '\n' ' ')
+  [ -z "$others" ] || { say "still used by PID(s) $others, left running"; exit 0; }
+fi
 
 if lc_pid_alive "$LC_DIR/run/slurmctld.pid" && [ -e "/run/netns/$LC_HUB" ]; then
   jobs=$(LC_CLIENT_TIMEOUT=5 lc_client squeue -h -o %A 2>/dev/null || true)
