@@ -28,6 +28,12 @@ def slurm_layout(args) -> tuple[int, int]:
     if "SLURM_NTASKS" not in env:
         sys.exit("error: multinode.py runs one task per device started by srun: submit multinode.sbatch, "
                  "or run `srun python multinode.py` inside an allocation")
+    if "SLURM_STEP_ID" not in env and int(env["SLURM_NTASKS"]) > 1:
+        # The batch script itself has the job's SLURM_NTASKS but no step: Lightning would wait forever for
+        # the other SLURM_NTASKS - 1 processes.
+        sys.exit(f"error: multinode.py was started without srun, as 1 process of a {env['SLURM_NTASKS']}-task "
+                 "job: it would wait forever for the others. Start it with `srun python multinode.py` "
+                 "(see multinode.sbatch)")
     if "SLURM_NTASKS_PER_NODE" not in env:
         sys.exit("error: set `#SBATCH --ntasks-per-node` (= devices per node); Lightning needs it "
                  "(--ntasks alone is not enough)")

@@ -49,7 +49,7 @@ def run_slurm_tasks(args, *, ntasks, ntasks_per_node=None, timeout=120, **extra_
         env = clean_env(
             SLURM_JOB_ID="4242", SLURM_JOB_NAME="lightning-test", SLURM_NTASKS=ntasks,
             SLURM_NTASKS_PER_NODE=ntasks_per_node or ntasks, SLURM_NNODES=1, SLURM_NODEID=0,
-            SLURM_PROCID=rank, SLURM_LOCALID=rank, SLURM_NODELIST="localhost",
+            SLURM_PROCID=rank, SLURM_LOCALID=rank, SLURM_STEP_ID=0, SLURM_NODELIST="localhost",
             MASTER_ADDR="127.0.0.1", MASTER_PORT=port, **extra_env)
         procs.append(subprocess.Popen([str(env_python("lightning")), str(script("multinode.py")), *args],
                                       cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
@@ -134,15 +134,21 @@ def test_resume_from_last_ckpt_matches_uninterrupted_run(tmp_path):
     assert_same_weights(weights(straight)[0], weights(resumed)[0], atol=0)
 
 
-@pytest.mark.parametrize("cmd, message", [
-    (["single_gpu.py", "--data", "mnist"], "needs torchvision"),
-    (["multigpu_torchrun.py"], "start this script with torchrun"),
-    (["multinode.py"], "submit multinode.sbatch"),
-    (["single_gpu.py", "--dataset-size", "16"], "too small for one step"),
-])
-def test_bad_input_is_a_clear_error(tmp_path, cmd, message):
+# sbatch's batch shell: the job's SLURM_NTASKS but no SLURM_STEP_ID, because srun was forgotten
+BATCH_SHELL = {"SLURM_JOB_ID": 4242, "SLURM_NTASKS": 2, "SLURM_NTASKS_PER_NODE": 2, "SLURM_NNODES": 1,
+               "SLURM_PROCID": 0}
+
+
+@pytest.mark.parametrize("cmd, env, message", [
+    (["single_gpu.py", "--data", "mnist"], {}, "needs torchvision"),
+    (["multigpu_torchrun.py"], {}, "start this script with torchrun"),
+    (["multinode.py"], {}, "submit multinode.sbatch"),
+    (["multinode.py"], BATCH_SHELL, "started without srun"),
+    (["single_gpu.py", "--dataset-size", "16"], {}, "too small for one step"),
+], ids=["mnist", "no-torchrun", "no-slurm", "no-srun", "tiny-dataset"])
+def test_bad_input_is_a_clear_error(tmp_path, cmd, env, message):
     proc = run([env_python("lightning"), script(cmd[0]), *cmd[1:], "--checkpoint-dir", tmp_path],
-               expect_fail=True, timeout=60)
+               env=clean_env(**env), expect_fail=True, timeout=60)
     assert message in proc.stdout
     assert "Traceback" not in proc.stdout
     assert os.listdir(tmp_path) == []

@@ -69,6 +69,28 @@ def test_devices_mismatch_fails_fast_with_a_clear_error(slurm_cluster, tmp_path)
     assert "Traceback" not in job.log, job.describe()
 
 
+NO_SRUN_JOB = """#!/bin/bash
+#SBATCH --nodes=1
+#SBATCH --ntasks-per-node=2
+#SBATCH --cpus-per-task=1
+#SBATCH --time=00:02:00
+set -euo pipefail
+"$PYTHON" multinode.py "$@"
+"""
+
+
+def test_missing_srun_fails_fast_with_a_clear_error(slurm_cluster, tmp_path):
+    """The classic Lightning hang: python in the batch shell of a 2-task job, without srun. Lightning alone
+    would wait for the second process until its 30-minute timeout; multinode.py stops at once."""
+    job_script = tmp_path / "no_srun.sbatch"
+    job_script.write_text(NO_SRUN_JOB)
+    job = slurm_cluster.run(job_script, *TINY, "--checkpoint-dir", tmp_path / "ckpt", cwd=FOLDER,
+                            output=tmp_path / "job.out", env={"PYTHON": env_python("lightning")}, timeout=90)
+    assert job.state == "FAILED", job.describe()
+    assert "error: multinode.py was started without srun, as 1 process of a 2-task job" in job.log, job.describe()
+    assert "Traceback" not in job.log, job.describe()
+
+
 def test_preemption_requeue_resume(slurm_cluster, tmp_path):
     """USR1 mid-training -> Lightning saves hpc_ckpt_1.ckpt and runs `scontrol requeue` -> the requeued job
     (same id, same checkpoint directory) resumes from that checkpoint -> COMPLETED after all the steps."""
