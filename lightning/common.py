@@ -166,6 +166,8 @@ class StepTimings(Callback):
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         if trainer.is_global_zero:
+            if pl_module.device.type == "cuda":
+                torch.cuda.synchronize(pl_module.device)  # the step's kernels, not just their launch (as pytorch/)
             self.step_end_times.append(time.time())
 
     def on_train_end(self, trainer, pl_module):

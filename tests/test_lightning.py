@@ -85,7 +85,7 @@ def test_ddp_two_ranks_equals_one_rank(tmp_path):
     w1, ckpt1 = weights(one)
     w2, ckpt2 = weights(two)
     assert ckpt1["global_step"] == ckpt2["global_step"] == 8  # 2 epochs x 256 / 64
-    assert_same_weights(w1, w2, atol=1e-5)
+    assert_same_weights(w1, w2, atol=1e-6)  # measured: 3e-8 (float32 summation order)
 
 
 def test_multigpu_spawn_two_ranks_writes_timings(tmp_path):
