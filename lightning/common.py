@@ -194,7 +194,6 @@ def trainer_options(args: argparse.Namespace, start_time: float) -> dict:
         precision="bf16-mixed" if args.amp else "32-true",
         callbacks=callbacks,
         default_root_dir=args.checkpoint_dir,  # where Lightning writes hpc_ckpt_N.ckpt on a Slurm requeue
-        log_every_n_steps=args.log_every or 50,
         logger=False,  # the Report callback prints on rank 0; no log directories to clean up
         enable_progress_bar=False,
         enable_model_summary=False,

@@ -5,12 +5,13 @@ Tiny data (a few steps per epoch) keeps the whole file to well under a minute of
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
 import pytest
 import torch
-from helpers import ROOT, clean_env, env_python, free_port, run, torchrun
+from helpers import ROOT, clean_env, env_python, free_port, run, torchrun, unavailable
 
 pytestmark = [pytest.mark.lightning, pytest.mark.timeout(300)]
 
@@ -152,3 +153,25 @@ def test_bad_input_is_a_clear_error(tmp_path, cmd, env, message):
     assert message in proc.stdout
     assert "Traceback" not in proc.stdout
     assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.lint
+def test_sbatch_templates_lint_clean_and_paired_with_lightning():
+    """shellcheck and the strict sbatch linter; the pairing Lightning needs: one task per device where its
+    SLURMEnvironment runs (with the requeue signal), exactly one task where Lightning or torchrun spawn."""
+    templates = sorted(FOLDER.glob("*.sbatch"))
+    assert [t.stem for t in templates] == ["multigpu_spawn", "multigpu_torchrun", "multinode", "single_gpu"]
+    run([sys.executable, ROOT / "slurm_templates" / "tools" / "sbatch_lint.py", "--strict", *templates])
+    if shutil.which("shellcheck") is None:
+        unavailable("shellcheck not installed (tools/system_deps.sh installs it)")
+    run(["shellcheck", *templates])
+    for path in templates:
+        text = path.read_text()
+        for needle in ("set -euo pipefail", "# EDIT", "PYTHON=${PYTHON:-python3}", "srun --kill-on-bad-exit=1",
+                       f'{path.stem}.py --checkpoint-dir "checkpoints/$SLURM_JOB_ID" "$@"'):
+            assert needle in text, f"{path.name} lacks {needle!r}"
+        requeues = path.stem in ("single_gpu", "multinode")
+        assert ("#SBATCH --signal=SIGUSR1@90" in text) == requeues, path.name
+        assert ("#SBATCH --requeue" in text) == requeues, path.name
+        if path.stem != "multinode":
+            assert "#SBATCH --ntasks-per-node=1 " in text, path.name
