@@ -29,7 +29,7 @@ def parse_args(description: str, *, devices: bool = False, default_devices: int 
     p.add_argument("--batch-size", type=int, default=64, help="per process")
     p.add_argument("--lr", type=float, default=0.05)
     p.add_argument("--data", choices=["synthetic", "mnist", "cifar10"], default="synthetic")
-    p.add_argument("--data-dir", default="data")
+    p.add_argument("--data-dir", default=None, help="unused: only synthetic data in this folder")
     p.add_argument("--dataset-size", type=int, default=4096, help="number of synthetic samples")
     p.add_argument("--checkpoint-dir", default="checkpoints")
     p.add_argument("--save-every", type=int, default=1, help="epochs between checkpoints")
