@@ -1,0 +1,88 @@
+"""The baseline the framework recipes are measured against: the smallest correct DDP training loop.
+
+    PYTHONPATH=pytorch torchrun --standalone --nproc_per_node 2 benchmarks/raw_ddp.py --max-steps 60
+
+Same model (pytorch/common.py's ConvNet), same synthetic data, same optimizer (SGD, momentum 0.9), same
+per-rank batch and the same DistributedSampler + DataLoader as the recipes. Nothing else: no LR schedule, no
+metrics, no logging, no checkpoints. It accepts the recipes' command line (the options it has no use for,
+such as --checkpoint-dir, are accepted and ignored) and writes the same --timings-file, so the runner
+launches it exactly like a recipe. The model and data are imported from pytorch/common.py (the runner sets
+PYTHONPATH=pytorch), not copied, so they cannot drift apart.
+"""
+
+import time
+
+START_TIME = time.time()  # before the heavy imports, as in lightning/: only the runner's launch time is used
+
+import argparse  # noqa: E402
+import json  # noqa: E402
+import os  # noqa: E402
+
+import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from torch.nn.parallel import DistributedDataParallel as DDP  # noqa: E402
+from torch.utils.data import DataLoader  # noqa: E402
+from torch.utils.data.distributed import DistributedSampler  # noqa: E402
+
+from common import ConvNet, synthetic_dataset  # noqa: E402  (pytorch/common.py, via PYTHONPATH)
+
+
+def parse_args():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--epochs", type=int, default=1)
+    p.add_argument("--max-steps", type=int, default=None)
+    p.add_argument("--batch-size", type=int, default=64, help="per process")
+    p.add_argument("--lr", type=float, default=0.05)
+    p.add_argument("--dataset-size", type=int, default=4096)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--timings-file", default=None)
+    # accepted so that every entry of the runner gets one command line; unused here
+    p.add_argument("--log-every", type=int, default=0)
+    p.add_argument("--checkpoint-dir", default=None)
+    return p.parse_args()
+
+
+def main():
+    args = parse_args()
+    rank, local_rank, world_size = (int(os.environ[n]) for n in ("RANK", "LOCAL_RANK", "WORLD_SIZE"))
+    if torch.cuda.is_available():
+        device = torch.device("cuda", local_rank % torch.cuda.device_count())
+        torch.cuda.set_device(device)
+        dist.init_process_group("nccl", device_id=device)
+    else:
+        device = torch.device("cpu")
+        dist.init_process_group("gloo")
+    torch.manual_seed(args.seed)
+    dataset = synthetic_dataset(args.dataset_size)
+    sampler = DistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=True, seed=args.seed)
+    loader = DataLoader(dataset, batch_size=args.batch_size, sampler=sampler, drop_last=True)
+    model = DDP(ConvNet().to(device))
+    optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9)
+
+    times, step = [], 0
+    for epoch in range(args.epochs):
+        sampler.set_epoch(epoch)
+        for x, y in loader:
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            loss = F.cross_entropy(model(x), y)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)  # as the recipes do when timing: the step has really ended
+            times.append(time.time())
+            step += 1
+            if args.max_steps and step >= args.max_steps:
+                break
+        if args.max_steps and step >= args.max_steps:
+            break
+    if rank == 0 and args.timings_file:
+        with open(args.timings_file, "w") as f:
+            json.dump({"start_time": START_TIME, "step_end_times": times, "world_size": world_size,
+                       "batch_size": args.batch_size}, f)
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

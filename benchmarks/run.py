@@ -1,0 +1,409 @@
+"""Benchmark every framework folder's torchrun recipe against a raw PyTorch DDP loop, on the same model and data.
+
+    make bench                                          # = tools/envs.sh ... && this script --publish
+    .venvs/benchmarks/bin/python benchmarks/run.py --out runs/bench [--world-sizes 1,2] [--repeats 5]
+
+For each entry of RECIPES (plus the raw DDP baseline, benchmarks/raw_ddp.py) and each world size, the recipe is
+launched the way users launch it (`python -m torch.distributed.run ... SCRIPT --timings-file F ...` with that
+folder's .venvs/<env> interpreter); rank 0 writes the wall-clock time after every optimizer step. From that:
+
+  step time         median interval between consecutive optimizer steps, the first --warmup steps excluded;
+                    a run's value is that median, the reported value the median over --repeats runs
+  samples/s         world size x per-rank batch / step time (the whole job)
+  scaling eff.      thr(W) / (W x thr(1)) = step time(1) / step time(W): the per-rank batch is fixed
+  overhead          recipe step time / raw DDP step time at the same world size, paired within a repeat
+                    (launched back to back), median over repeats
+  time to 1st step  the runner's clock just before it starts the launcher -> rank 0's first optimizer step
+                    (interpreter start, imports, rendezvous, data, model and the first step itself)
+
+Every repeat launches everything once, in an order rotated per repeat, so a change of machine load hits every
+entry alike. On CPU every rank gets one thread (OMP_NUM_THREADS=1): W ranks use W cores. On GPUs (nccl) each
+rank gets one GPU; on Slurm (--launcher srun, see bench.sbatch) world sizes above --gpus-per-node span nodes.
+
+Outputs in --out: results.json (every run and the summary), results.md (the table), results.png (the chart);
+with --publish the table also goes to benchmarks/RESULTS.md. A framework folder plugs in with one line in
+RECIPES.
+"""
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import resource
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+HERE = Path(__file__).resolve().parent
+
+
+@dataclass(frozen=True)
+class Recipe:
+    name: str  # label in the table
+    env: str  # interpreter: .venvs/<env>/bin/python (tools/envs.sh <env> builds it)
+    script: str  # relative to the repository root; takes the common command line and --timings-file
+    pythonpath: str = ""  # relative to the root, for a script that imports from another folder
+
+
+BASELINE = Recipe("raw DDP", "pytorch", "benchmarks/raw_ddp.py", pythonpath="pytorch")
+# One line per framework folder: its multi-process recipe started by torchrun.
+RECIPES = [
+    Recipe("pytorch", "pytorch", "pytorch/multigpu_torchrun.py"),
+    Recipe("lightning", "lightning", "lightning/multigpu_torchrun.py"),
+]
+TARGET_SCALING = 0.90  # at every world size > 1
+TARGET_OVERHEAD = 1.10  # recipe step time / raw DDP step time
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", default=str(ROOT / "runs" / "bench"), help="output directory")
+    p.add_argument("--world-sizes", default="1,2", help="comma-separated; must include 1 (the scaling reference)")
+    p.add_argument("--repeats", type=int, default=5, help="launches of every entry at every world size")
+    p.add_argument("--steps", type=int, default=60, help="optimizer steps per launch, warm-up included")
+    p.add_argument("--warmup", type=int, default=10, help="first steps left out of the step time")
+    p.add_argument("--batch-size", type=int, default=128, help="per rank")
+    p.add_argument("--threads", type=int, default=1, help="OMP_NUM_THREADS per rank")
+    p.add_argument("--recipes", default=",".join(r.name for r in RECIPES),
+                   help=f"comma-separated subset of {', '.join(r.name for r in RECIPES)}")
+    p.add_argument("--launcher", choices=["local", "srun"], default="local",
+                   help="local: torchrun --standalone on this machine; srun: one torchrun per node in a Slurm "
+                        "job, c10d rendezvous at MASTER_ADDR:MASTER_PORT (bench.sbatch sets both)")
+    p.add_argument("--gpus-per-node", type=int, default=0,
+                   help="ranks per node with --launcher srun (world sizes above it span nodes)")
+    p.add_argument("--launch-timeout", type=float, default=600, help="seconds before a launch counts as hung")
+    p.add_argument("--publish", action="store_true", help="also write the table to benchmarks/RESULTS.md")
+    args = p.parse_args(argv)
+    args.world_sizes = sorted({int(w) for w in args.world_sizes.split(",")})
+    if args.world_sizes[0] != 1:
+        p.error("--world-sizes must include 1: scaling efficiency is relative to one rank")
+    known = {r.name: r for r in RECIPES}
+    unknown = [n for n in args.recipes.split(",") if n not in known]
+    if unknown:
+        p.error(f"unknown recipe(s) {unknown}; known: {list(known)}")
+    args.recipes = [known[n] for n in args.recipes.split(",")]
+    if args.steps < args.warmup + 3:
+        p.error("--steps must exceed --warmup by at least 3 (step times need intervals after the warm-up)")
+    if args.launcher == "srun" and args.gpus_per_node < 1:
+        p.error("--launcher srun needs --gpus-per-node")
+    return args
+
+
+# ------------------------------------------------------------------------------------------------- machine
+
+
+def python_of(env: str) -> Path:
+    python = ROOT / ".venvs" / env / "bin" / "python"
+    if not python.exists():
+        sys.exit(f"error: {python} missing: run `tools/envs.sh {env}` (make bench does)")
+    return python
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def versions(env: str, devices: bool) -> dict:
+    """Package versions (and, with devices, torch's view of the GPUs) as that environment's interpreter sees them.
+
+    Only the metadata unless devices: importing torch costs seconds on a small machine.
+    """
+    code = ("import importlib.metadata as m, json\n"
+            "v = {}\n"
+            "for p in ('torch', 'lightning'):\n"
+            "    try: v[p] = m.version(p)\n"
+            "    except m.PackageNotFoundError: pass\n"
+            "if DEVICES:\n"
+            "    import torch\n"
+            "    v.update(cuda=torch.cuda.is_available(),\n"
+            "             gpus=[torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())])\n"
+            "print(json.dumps(v))\n").replace("DEVICES", str(devices))
+    out = subprocess.run([str(python_of(env)), "-c", code], capture_output=True, text=True)
+    if out.returncode != 0:
+        sys.exit(f"error: cannot query {python_of(env)}:\n{out.stderr[-3000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def cpu_busy_seconds() -> float | None:
+    """CPU seconds all processes of the machine have used since boot (None where /proc/stat is missing)."""
+    try:
+        fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    except OSError:
+        return None
+    busy = sum(fields[:3]) + sum(fields[5:8])  # user nice system (idle iowait) irq softirq steal
+    return busy / os.sysconf("SC_CLK_TCK")
+
+
+def children_cpu_seconds() -> float:
+    r = resource.getrusage(resource.RUSAGE_CHILDREN)  # every waited-for descendant: launchers and their ranks
+    return r.ru_utime + r.ru_stime
+
+
+# ------------------------------------------------------------------------------------------------- launches
+
+
+def child_env(args, recipe: Recipe) -> dict:
+    """This environment minus launcher variables, one thread per rank, unbuffered output."""
+    drop = {"RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "GROUP_RANK", "NODE_RANK", "PYTHONPATH"}
+    if args.launcher == "local":
+        drop |= {"MASTER_ADDR", "MASTER_PORT"}
+    env = {k: v for k, v in os.environ.items()
+           if k not in drop and not k.startswith(("TORCHELASTIC_", "PMI_", "OMPI_"))
+           and not (args.launcher == "local" and k.startswith("SLURM_"))}
+    env.update(OMP_NUM_THREADS=str(args.threads), PYTHONUNBUFFERED="1")
+    if recipe.pythonpath:
+        env["PYTHONPATH"] = str(ROOT / recipe.pythonpath)
+    return env
+
+
+def launch_command(args, recipe: Recipe, world_size: int, launch_id: int, timings: Path, ckpt: Path) -> list[str]:
+    python = str(python_of(recipe.env))
+    if args.launcher == "local":
+        launcher = [python, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={world_size}"]
+    else:
+        per_node = min(world_size, args.gpus_per_node)
+        if world_size % per_node:
+            sys.exit(f"error: world size {world_size} is not a multiple of --gpus-per-node {per_node}")
+        nodes = world_size // per_node
+        # A fresh port per launch: a rendezvous port of the previous launch may still be in TIME_WAIT.
+        port = int(os.environ["MASTER_PORT"]) + launch_id % 1000
+        launcher = ["srun", "--kill-on-bad-exit=1", f"--nodes={nodes}", f"--ntasks={nodes}", "--ntasks-per-node=1",
+                    python, "-m", "torch.distributed.run", f"--nnodes={nodes}", f"--nproc-per-node={per_node}",
+                    "--rdzv-backend=c10d", f"--rdzv-endpoint={os.environ['MASTER_ADDR']}:{port}",
+                    f"--rdzv-id={os.environ.get('SLURM_JOB_ID', 'bench')}-{launch_id}"]
+    # One epoch that is exactly --steps long: no epoch boundary (metrics, checkpoints) among the timed steps.
+    return [*launcher, str(ROOT / recipe.script),
+            "--epochs", "1", "--max-steps", str(args.steps), "--batch-size", str(args.batch_size),
+            "--dataset-size", str(args.steps * world_size * args.batch_size), "--log-every", "1000000",
+            "--timings-file", str(timings), "--checkpoint-dir", str(ckpt)]
+
+
+def launch(args, recipe: Recipe, world_size: int, repeat: int, launch_id: int, scratch: Path) -> dict:
+    """One launch; returns its record (step times, time to first step), or exits with its output on failure."""
+    work = Path(tempfile.mkdtemp(prefix=f"{recipe.env}-w{world_size}-", dir=scratch))
+    timings = work / "timings.json"
+    cmd = launch_command(args, recipe, world_size, launch_id, timings, work / "checkpoints")
+    launch_time = time.time()
+    proc = subprocess.Popen(cmd, cwd=work, env=child_env(args, recipe), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        output, _ = proc.communicate(timeout=args.launch_timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        output, _ = proc.communicate()
+        sys.exit(f"error: {recipe.name} with {world_size} rank(s) did not finish within {args.launch_timeout} s:\n"
+                 f"{' '.join(cmd)}\n{output[-4000:]}")
+    wall = time.time() - launch_time
+    if proc.returncode != 0 or not timings.exists():
+        sys.exit(f"error: {recipe.name} with {world_size} rank(s) failed (exit {proc.returncode}"
+                 f"{'' if timings.exists() else ', no timings file'}):\n{' '.join(cmd)}\n{output[-4000:]}")
+    data = json.loads(timings.read_text())
+    shutil.rmtree(work, ignore_errors=True)  # checkpoints of a benchmark run are of no use
+    ends = data["step_end_times"]
+    if data["world_size"] != world_size or data["batch_size"] != args.batch_size or len(ends) != args.steps:
+        sys.exit(f"error: {recipe.name} wrote {data['world_size']} ranks x batch {data['batch_size']}, "
+                 f"{len(ends)} steps; asked for {world_size} x {args.batch_size}, {args.steps}")
+    intervals = [b - a for a, b in zip(ends[args.warmup:], ends[args.warmup + 1:])]
+    step = statistics.median(intervals)
+    return {"recipe": recipe.name, "world_size": world_size, "repeat": repeat, "launch_time": launch_time,
+            "wall_s": wall, "time_to_first_step_s": ends[0] - launch_time, "step_time_s": step,
+            "step_time_mean_s": statistics.fmean(intervals), "samples_per_s": world_size * args.batch_size / step,
+            "timed_steps": len(intervals)}
+
+
+# ------------------------------------------------------------------------------------------------- summary
+
+
+def median_of(values):
+    return statistics.median(values) if values else None
+
+
+def summarize(runs: list[dict], names: list[str], world_sizes: list[int]) -> list[dict]:
+    by = {(r["recipe"], r["world_size"], r["repeat"]): r for r in runs}
+    repeats = sorted({r["repeat"] for r in runs})
+    rows = []
+    for name in names:
+        for w in world_sizes:
+            mine = [by[name, w, k] for k in repeats]
+            row = {"recipe": name, "world_size": w,
+                   "step_time_s": median_of([r["step_time_s"] for r in mine]),
+                   "samples_per_s": median_of([r["samples_per_s"] for r in mine]),
+                   "time_to_first_step_s": median_of([r["time_to_first_step_s"] for r in mine]),
+                   "scaling_efficiency": None, "overhead": None}
+            if w > 1:  # paired within each repeat: step(1) / step(W) = thr(W) / (W thr(1))
+                row["scaling_efficiency"] = median_of([by[name, 1, k]["step_time_s"] / by[name, w, k]["step_time_s"]
+                                                       for k in repeats])
+            row["overhead"] = median_of([by[name, w, k]["step_time_s"] / by[BASELINE.name, w, k]["step_time_s"]
+                                         for k in repeats])
+            rows.append(row)
+    return rows
+
+
+def verdicts(rows: list[dict]) -> list[str]:
+    lines = []
+    for row in rows:
+        if row["recipe"] == BASELINE.name:
+            continue
+        who = f"{row['recipe']} at {row['world_size']} rank(s)"
+        if row["scaling_efficiency"] is not None:
+            ok = row["scaling_efficiency"] >= TARGET_SCALING
+            lines.append(f"{who}: scaling efficiency {row['scaling_efficiency']:.2f} "
+                         f"{'meets' if ok else 'MISSES'} the target >= {TARGET_SCALING:.2f}")
+        ok = row["overhead"] <= TARGET_OVERHEAD
+        lines.append(f"{who}: overhead {row['overhead']:.2f}x raw DDP "
+                     f"{'meets' if ok else 'MISSES'} the target <= {TARGET_OVERHEAD:.2f}x")
+    return lines
+
+
+def fmt(value, spec, empty="—"):
+    return empty if value is None else format(value, spec)
+
+
+def markdown(result: dict) -> str:
+    m, c = result["machine"], result["config"]
+    lines = [
+        "| recipe | ranks | step time (ms) | samples/s | scaling efficiency | overhead vs raw DDP "
+        "| time to first step (s) |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for row in result["summary"]:
+        lines.append(f"| {row['recipe']} | {row['world_size']} | {row['step_time_s'] * 1000:.1f} "
+                     f"| {row['samples_per_s']:.0f} | {fmt(row['scaling_efficiency'], '.2f')} "
+                     f"| {row['overhead']:.2f}x | {row['time_to_first_step_s']:.1f} |")
+    device = ", ".join(m["gpus"]) if m["gpus"] else f"CPU, {c['threads']} thread(s) per rank (OMP_NUM_THREADS)"
+    others = m.get("other_load_cores")
+    lines += [
+        "",
+        f"Machine: {m['cpu_model']}, {m['cores']} cores; {device}; torch {m['torch']}"
+        + (f", lightning {m['lightning']}" if m.get("lightning") else "") + f"; Python {m['python']}; "
+        f"{m['os']}. Measured {m['date']}.",
+        f"Load: 1-min load average {m['load_before'][0]:.2f} before the run"
+        + (f"; other processes used {others:.2f} of {m['cores']} cores on average during it" if others is not None
+           else "") + ".",
+        f"Config: per-rank batch {c['batch_size']}, {c['steps']} steps per launch of which the first {c['warmup']} "
+        f"are warm-up, medians over {c['repeats']} repeats; {c['backend']}; launcher {c['launcher']}; "
+        "ConvNet (width 16) on 1x28x28 synthetic data, SGD with momentum.",
+        f"Targets: scaling efficiency >= {TARGET_SCALING:.2f}, overhead <= {TARGET_OVERHEAD:.2f}x raw DDP.",
+        "",
+        *[f"- {v}" for v in result["verdicts"]],
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def plot(result: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = result["summary"]
+    names = list(dict.fromkeys(r["recipe"] for r in rows))
+    sizes = sorted({r["world_size"] for r in rows})
+    get = {(r["recipe"], r["world_size"]): r for r in rows}
+    width = 0.8 / len(sizes)
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.5))
+    panels = [("samples_per_s", "samples/s (whole job)", None),
+              ("overhead", "step time / raw DDP step time", TARGET_OVERHEAD),
+              ("time_to_first_step_s", "time to first step (s)", None)]
+    for ax, (key, label, target) in zip(axes, panels):
+        for i, w in enumerate(sizes):
+            xs = [j + (i - (len(sizes) - 1) / 2) * width for j in range(len(names))]
+            vals = [get[n, w][key] for n in names]
+            bars = ax.bar(xs, vals, width, label=f"{w} rank{'s' if w > 1 else ''}")
+            if key == "samples_per_s" and w > 1:
+                ax.bar_label(bars, [f"eff {get[n, w]['scaling_efficiency']:.2f}" for n in names], fontsize=8)
+            else:
+                ax.bar_label(bars, [f"{v:.2f}" if v < 100 else f"{v:.0f}" for v in vals], fontsize=8)
+        if target:
+            ax.axhline(target, color="red", linestyle="--", linewidth=1, label=f"target {target:.2f}")
+        ax.set_xticks(range(len(names)), names)
+        ax.set_ylabel(label)
+        ax.legend(fontsize=8)
+    m = result["machine"]
+    device = ", ".join(m["gpus"]) if m["gpus"] else f"{m['cpu_model']} ({m['cores']} cores), 1 thread/rank"
+    fig.suptitle(f"Per-rank batch {result['config']['batch_size']}; {device}; torch {m['torch']}; {m['date']}",
+                 fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+# ------------------------------------------------------------------------------------------------- main
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    out = Path(args.out).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    entries = [BASELINE, *args.recipes]
+    for env in dict.fromkeys(e.env for e in entries):
+        python_of(env)
+    info = versions(BASELINE.env, devices=True)  # the baseline's torch decides: CUDA -> nccl, else gloo
+    for env in dict.fromkeys(e.env for e in args.recipes):
+        info.update({k: v for k, v in versions(env, devices=False).items() if k not in info})
+    backend = "nccl" if info["cuda"] else "gloo"
+    if args.launcher == "local" and info["cuda"] and max(args.world_sizes) > len(info["gpus"]):
+        sys.exit(f"error: {len(info['gpus'])} GPU(s) here, world sizes {args.world_sizes} asked for")
+    load_before = os.getloadavg()
+    if not info["cuda"] and load_before[0] > 0.5:
+        print(f"warning: 1-min load average is {load_before[0]:.2f} before the run: other work on this machine "
+              "skews CPU numbers; for final numbers re-run when it is quiet", file=sys.stderr, flush=True)
+
+    scratch = Path(tempfile.mkdtemp(prefix="scratch-", dir=out))
+    runs, launch_id = [], 0
+    busy0, kids0, t0 = cpu_busy_seconds(), children_cpu_seconds(), time.time()
+    for repeat in range(args.repeats):
+        for w in args.world_sizes:
+            shift = (repeat + w) % len(entries)  # rotate the order: no entry always runs first or last
+            for recipe in entries[shift:] + entries[:shift]:
+                launch_id += 1
+                record = launch(args, recipe, w, repeat, launch_id, scratch)
+                runs.append(record)
+                print(f"[bench] repeat {repeat + 1}/{args.repeats} | {recipe.name:>10} | {w} rank(s) | step "
+                      f"{record['step_time_s'] * 1000:7.1f} ms | {record['samples_per_s']:7.0f} samples/s | "
+                      f"first step after {record['time_to_first_step_s']:5.1f} s", flush=True)
+    elapsed = time.time() - t0
+    busy1, kids1 = cpu_busy_seconds(), children_cpu_seconds()
+    shutil.rmtree(scratch, ignore_errors=True)
+    other = None if busy0 is None else max(0.0, ((busy1 - busy0) - (kids1 - kids0)) / elapsed)
+
+    machine = {"cpu_model": cpu_model(), "cores": os.cpu_count(), "torch": info["torch"],
+               "lightning": info.get("lightning"), "gpus": info["gpus"], "python": platform.python_version(),
+               "os": f"{platform.system()} {platform.release()}",
+               "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
+               "load_before": list(load_before), "load_after": list(os.getloadavg()),
+               "other_load_cores": other, "bench_seconds": elapsed}
+    config = {k: v for k, v in vars(args).items() if k not in {"recipes", "out", "publish"}}
+    config.update(recipes=[asdict(r) for r in entries], backend=backend)
+    summary = summarize(runs, [e.name for e in entries], args.world_sizes)
+    result = {"machine": machine, "config": config, "summary": summary, "verdicts": verdicts(summary), "runs": runs}
+    (out / "results.json").write_text(json.dumps(result, indent=2) + "\n")
+    table = markdown(result)
+    (out / "results.md").write_text(table)
+    plot(result, out / "results.png")
+    if args.publish:
+        (HERE / "RESULTS.md").write_text(
+            "# Benchmark results (latest `make bench`)\n\n"
+            "Written by `benchmarks/run.py --publish`; see benchmarks/README.md for what each column means.\n\n"
+            + table)
+    print(table)
+    print(f"[bench] wrote {out / 'results.json'}, {out / 'results.md'}, {out / 'results.png'}"
+          + (f" and {HERE / 'RESULTS.md'}" if args.publish else ""))
+
+
+if __name__ == "__main__":
+    main()

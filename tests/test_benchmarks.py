@@ -1,0 +1,68 @@
+"""benchmarks/run.py end to end on a tiny configuration: every recipe and the raw DDP baseline with 1 and 2
+ranks, one repeat, a few steps of batch 8. It checks that the outputs are complete and well formed, never how
+fast anything is (a benchmark is not a timed test). About 40 s on two quiet cores, most of it interpreter and
+import start-up of the six launches.
+"""
+
+import json
+import struct
+
+import pytest
+from helpers import ROOT, clean_env, env_python, run
+
+pytestmark = [pytest.mark.bench, pytest.mark.timeout(90)]
+
+RUNNER = ROOT / "benchmarks" / "run.py"
+ENTRIES = ["raw DDP", "pytorch", "lightning"]
+
+
+def png_size(path):
+    data = path.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n", f"{path} is not a PNG"
+    assert data[12:16] == b"IHDR"
+    return struct.unpack(">II", data[16:24])
+
+
+def test_tiny_run_writes_json_markdown_and_png(tmp_path):
+    python = env_python("benchmarks")
+    for folder in ("pytorch", "lightning"):  # the runner launches each recipe with its own folder's environment
+        env_python(folder)
+    published = ROOT / "benchmarks" / "RESULTS.md"
+    before = published.read_bytes() if published.exists() else None
+    out = tmp_path / "bench"
+    proc = run([python, RUNNER, "--out", out, "--world-sizes", "1,2", "--repeats", "1", "--steps", "6",
+                "--warmup", "2", "--batch-size", "8", "--launch-timeout", "80"], timeout=85, env=clean_env())
+
+    result = json.loads((out / "results.json").read_text())
+    assert set(result) >= {"machine", "config", "summary", "verdicts", "runs"}
+    assert result["machine"]["cores"] >= 1 and result["machine"]["torch"].startswith("2.13.0")
+    assert result["config"]["backend"] == "gloo" and result["config"]["batch_size"] == 8
+    assert [(r["recipe"], r["world_size"]) for r in result["summary"]] == [(n, w) for n in ENTRIES for w in (1, 2)]
+    assert len(result["runs"]) == 6 and all(r["timed_steps"] == 3 for r in result["runs"])
+    for row in result["summary"]:
+        assert row["step_time_s"] > 0 and row["samples_per_s"] > 0
+        assert row["time_to_first_step_s"] > 0
+        assert row["overhead"] > 0
+        assert (row["scaling_efficiency"] is None) == (row["world_size"] == 1)
+        if row["recipe"] == "raw DDP":
+            assert row["overhead"] == 1.0
+    # scaling efficiency is thr(2) / (2 thr(1)); with one repeat it is exactly that ratio of the two runs
+    by = {(r["recipe"], r["world_size"]): r for r in result["runs"]}
+    for name in ENTRIES:
+        row = next(r for r in result["summary"] if (r["recipe"], r["world_size"]) == (name, 2))
+        expected = by[name, 2]["samples_per_s"] / (2 * by[name, 1]["samples_per_s"])
+        assert row["scaling_efficiency"] == pytest.approx(expected)
+    assert len(result["verdicts"]) == 2 * 2 + 2  # per recipe: overhead at 1 and 2 ranks, scaling at 2
+
+    table = (out / "results.md").read_text()
+    rows = [line for line in table.splitlines() if line.startswith("| ")]
+    assert rows[0].startswith("| recipe | ranks | step time (ms) | samples/s | scaling efficiency")
+    assert len(rows) == 1 + 6 and all(line.count("|") == 8 for line in rows)
+    assert "Machine:" in table and "Load:" in table and "torch 2.13.0" in table
+    assert table in proc.stdout  # the runner also prints it
+
+    width, height = png_size(out / "results.png")
+    assert width >= 600 and height >= 300
+    assert not any(p.name.startswith("scratch-") for p in out.iterdir()), "scratch files left behind"
+    after = published.read_bytes() if published.exists() else None
+    assert after == before, "benchmarks/RESULTS.md changed without --publish"
