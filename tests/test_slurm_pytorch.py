@@ -7,6 +7,7 @@ training arguments; a later --checkpoint-dir overrides the template's own.
 """
 
 import re
+import time
 
 import pytest
 import torch
@@ -143,18 +144,23 @@ def test_preemption_requeue_resume(slurm_cluster, pytorch_python, reference_run,
     the requeued job resumes -> COMPLETED, with the same final weights as the uninterrupted reference run."""
     ckpt = tmp_path / "ckpt"
     output = tmp_path / "job.out"
-    events = {"signalled": False, "released": False}
+    events = {"signalled": False, "released": False, "requeued_at": None}
 
     def on_poll(info, log):
-        if not events["signalled"] and "[rank0] epoch 1 | step 16/" in log:
+        steps = [int(n) for n in re.findall(r"^0: \[rank0\] epoch 1 \|[^\n]*?\bstep (\d+)", log, re.M)]
+        if not events["signalled"] and steps and max(steps) >= 16:
             # Exactly what --signal=B:USR1@<s> does before the time limit, but deterministic.
             slurm_cluster.client("scancel", "--batch", "--signal=USR1", info["JobId"])
             events["signalled"] = True
         if (events["signalled"] and not events["released"] and info.get("JobState") == "PENDING"
                 and int(info.get("Restarts", 0)) >= 1):
-            # A requeued job waits ~2 min for its BeginTime; start it now.
-            slurm_cluster.client("scontrol", "update", f"jobid={info['JobId']}", "StartTime=now")
-            events["released"] = True
+            # A requeued job waits ~2 min for its BeginTime; start it now -- but not in the same second as the
+            # requeue: slurmd revokes the old run's credential, and a new one issued within that second is
+            # refused ("Killing non-startable batch job: Job credential revoked" -> FAILED).
+            events["requeued_at"] = events["requeued_at"] or time.monotonic()
+            if time.monotonic() - events["requeued_at"] >= 2:
+                slurm_cluster.client("scontrol", "update", f"jobid={info['JobId']}", "StartTime=now")
+                events["released"] = True
 
     job = slurm_cluster.run(TEMPLATES / "requeue.sbatch", PYTORCH / "multinode.py", *LONG, "--checkpoint-dir", ckpt,
                             sbatch_args=[*ONE_PER_NODE, "--time=00:10:00"],
