@@ -57,8 +57,8 @@ srun --kill-on-bad-exit=1 --label bash -c 'RANK=$SLURM_PROCID WORLD_SIZE=@WORLD@
 
 
 @pytest.mark.parametrize("master, world, expect", [
-    ("localhost", "$SLURM_NTASKS", "[doctor] FAIL: rank 0 on n1: MASTER_ADDR=localhost with 2 nodes"),
-    ("n1", "3", "[doctor] FAIL: rank 0: no all-reduce after 8 s. Likely: fewer processes started than WORLD_SIZE=3"),
+    ("localhost", "$SLURM_NTASKS", ": MASTER_ADDR=localhost with 2 nodes: other nodes cannot reach it"),
+    ("n1", "3", ": no all-reduce after 8 s. Likely: fewer processes started than WORLD_SIZE=3"),  # any rank
 ], ids=["localhost-master", "world-size-too-big"])
 def test_doctor_reports_broken_launch(slurm_cluster, slurm_python, tmp_path, master, world, expect):
     """Classic launch bugs end in a clear FAIL line and a non-zero exit, not a 30-minute hang."""
@@ -67,7 +67,7 @@ def test_doctor_reports_broken_launch(slurm_cluster, slurm_python, tmp_path, mas
     job = slurm_cluster.run(script, TOOLS / "doctor.py", "--timeout", 8, output=tmp_path / "job.out",
                             env={"PYTHON": slurm_python}, timeout=90)
     assert job.state == "FAILED" and job.exit_code != 0, job.describe()
-    assert expect in job.log, job.describe()
+    assert "[doctor] FAIL: rank " in job.log and expect in job.log, job.describe()
 
 
 def test_allreduce_bench_job(slurm_cluster, slurm_python, tmp_path):
