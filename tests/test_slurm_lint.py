@@ -47,6 +47,8 @@ BROKEN = {
                                 "SB003", 8),
     "SB003 torchrun gpus var": (HEADER + "srun torchrun --nproc-per-node \"$SLURM_GPUS_ON_NODE\" \\\n"
                                 "  --nnodes 2 train.py\n", "SB003", 6),
+    "SB003 torchrun via variable": (HEADER + "nproc=${SLURM_GPUS_ON_NODE:-1}\n"
+                                    "srun torchrun --nproc_per_node \"$nproc\" train.py\n", "SB003", 7),
     "SB004 missing script": (HEADER + "srun python3 trian.py --epochs 3\n", "SB004", 6),
     "SB004 missing in bash -c": (HEADER + "srun bash -c 'exec python3 scripts/nope.py'\n", "SB004", 6),
     "SB005 double quotes": (HEADER + "srun bash -c \"RANK=$SLURM_PROCID python3 train.py\"\n", "SB005", 6),

@@ -215,6 +215,10 @@ def lint_text(path: Path, text: str, folder: Path) -> list[Finding]:
                                     "--local_rank): use torchrun / python -m torch.distributed.run"))
         m = re.search(r"--nproc[-_]per[-_]node(?:=|\s+)(\S+)", code)
         nproc_text = m.group(1).strip("\"'") if m else "1"
+        var = re.fullmatch(r"\$\{?(\w+)\}?", nproc_text)
+        assigned = var and re.search(rf"(?:^|[\s;])(?:export\s+)?{var.group(1)}=(\S+)", code_all)
+        if assigned:  # one level of `nproc=${SLURM_GPUS_ON_NODE:-1}` / `NPROC=8`
+            nproc_text = assigned.group(1).strip("\"'")
         nproc = as_int(nproc_text)
         if nproc is None and "GPUS" in nproc_text.upper():
             nproc = gpn
