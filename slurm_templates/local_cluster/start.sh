@@ -36,14 +36,15 @@ if ! command -v slurmctld >/dev/null || ! command -v slurmd >/dev/null || ! comm
 fi
 
 usage() {
-  local run=$here/run.sh
+  local d
+  d=$(realpath --relative-to="$PWD" "$here" 2>/dev/null || echo "$here")
   cat <<USAGE
-local_cluster: $LC_NODES nodes up (n1..n$LC_NODES, $LC_GPUS fake GPUs each), state in $LC_DIR
-  $run sinfo -N                      # any Slurm command, run inside the cluster's namespace
-  $run sbatch --parsable slurm_templates/local_cluster/selftest.sbatch
-  $run squeue; $run scontrol show job <id>
-  $run bash                          # a shell with the cluster's commands (SLURM_CONF set)
-  $here/stop.sh                      # stop everything this script started
+local_cluster: $LC_NODES nodes up (n1..n$LC_NODES, $LC_GPUS fake GPUs each), state and logs in $LC_DIR
+  $d/run.sh sinfo -N                  # any Slurm command, run inside the cluster's namespace
+  $d/run.sh sbatch $d/selftest.sbatch
+  $d/run.sh squeue
+  $d/run.sh bash                      # a shell with the cluster's commands (SLURM_CONF set)
+  $d/stop.sh                          # stop everything start.sh started
 USAGE
 }
 
