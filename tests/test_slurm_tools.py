@@ -1,0 +1,72 @@
+"""slurm_templates/tools without Slurm: the benchmark's arithmetic, the doctor's configuration checks, and both
+tools under plain torchrun (so they are exercised even where the local cluster cannot run)."""
+
+import importlib.util
+import json
+import os
+
+import pytest
+
+from helpers import ROOT, clean_env, free_port, run, torchrun
+
+TOOLS = ROOT / "slurm_templates" / "tools"
+
+
+def load(name):
+    spec = importlib.util.spec_from_file_location(name, TOOLS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+bench = load("allreduce_bench")
+doctor = load("doctor")
+
+
+def test_bus_bandwidth_uses_nccl_tests_definition():
+    assert bench.bus_bandwidth(10.0, 2) == pytest.approx(10.0)  # 2(n-1)/n = 1
+    assert bench.bus_bandwidth(10.0, 4) == pytest.approx(15.0)
+    assert bench.bus_bandwidth(10.0, 16) == pytest.approx(18.75)
+    assert bench.bus_bandwidth(10.0, 1) == 10.0
+
+
+def test_sizes():
+    assert bench.parse_size("4K") == 4096 and bench.parse_size("1MB") == 1 << 20 and bench.parse_size("512") == 512
+    assert bench.sizes(1024, 16384, 4) == [1024, 4096, 16384]
+
+
+@pytest.mark.parametrize("env, problem", [
+    ({"RANK": "0", "WORLD_SIZE": "4", "MASTER_PORT": "1"}, "MASTER_ADDR is not set"),
+    ({"RANK": "0", "WORLD_SIZE": "4", "MASTER_ADDR": "localhost", "MASTER_PORT": "1", "SLURM_NNODES": "2"},
+     "MASTER_ADDR=localhost with 2 nodes"),
+    ({"RANK": "0", "WORLD_SIZE": "16", "MASTER_ADDR": "n1", "MASTER_PORT": "1", "TORCHELASTIC_RUN_ID": "x",
+      "SLURM_STEP_ID": "0", "SLURM_STEP_NUM_TASKS": "4", "SLURM_STEP_NUM_NODES": "2", "SLURM_NNODES": "2"},
+     "double launch"),
+    ({"RANK": "0", "WORLD_SIZE": "4", "MASTER_ADDR": "n1", "MASTER_PORT": "1", "SLURM_NNODES": "2"}, None),
+], ids=["no-master-addr", "localhost", "double-launch", "ok"])
+def test_doctor_checks(monkeypatch, env, problem):
+    for key in list(os.environ):
+        if key.startswith(("SLURM_", "TORCHELASTIC_")) or key in {"RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"}:
+            monkeypatch.delenv(key)
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    problems = doctor.checks(doctor.launch_env())
+    if problem is None:
+        assert problems == []
+    else:
+        assert any(problem in p for p in problems), problems
+
+
+def test_doctor_and_bench_under_torchrun(tmp_path):
+    env = clean_env()
+    out = run([*torchrun("slurm_templates"), "--standalone", "--nproc-per-node", 2, TOOLS / "doctor.py",
+               "--report-dir", tmp_path, "--timeout", 60], env=env, timeout=120).stdout
+    assert "[doctor] OK: 2 ranks on 1 host(s), all-reduce verified" in out
+    assert json.loads((tmp_path / "doctor-rank1.json").read_text())["rank"] == 1
+    port = free_port()
+    out = run([*torchrun("slurm_templates"), "--nnodes", 1, "--nproc-per-node", 2, "--master-port", port,
+               TOOLS / "allreduce_bench.py", "--max-bytes", "64K", "--iters", 3, "--json", tmp_path / "b.json"],
+              env=env, timeout=120).stdout
+    rows = json.loads((tmp_path / "b.json").read_text())["rows"]
+    assert [r["bytes"] for r in rows] == [4096, 16384, 65536] and all(r["wrong"] == 0 for r in rows)
+    assert "busbw(GB/s)" in out
