@@ -105,3 +105,32 @@ def test_srun_per_gpu(slurm_cluster, slurm_python, tmp_path):
     reports = {r: json.loads((tmp_path / "report" / f"doctor-rank{r}.json").read_text()) for r in range(4)}
     assert [reports[r]["local_rank"] for r in range(4)] == [0, 1, 0, 1]
     assert "[doctor] OK: 4 ranks on 2 host(s)" in job.log
+
+
+STOPPABLE = """import signal, sys, time
+signal.signal(signal.SIGUSR1, lambda *_: (print("checkpointed", flush=True), sys.exit(75)))
+print("training", flush=True)
+time.sleep(60)
+sys.exit(1)
+"""
+
+
+def test_requeue_restart_cap(slurm_cluster, tmp_path):
+    """requeue.sbatch with MAX_RESTARTS=0: the forwarded USR1 makes the program exit 75, but the cap says no
+    more requeues, so the job fails with a clear message instead of looping."""
+    script = tmp_path / "stoppable.py"
+    script.write_text(STOPPABLE)
+    sent = []
+
+    def on_poll(info, log):
+        if not sent and log.count("training") == 2:
+            slurm_cluster.client("scancel", "--batch", "--signal=USR1", info["JobId"])
+            sent.append(True)
+
+    job = slurm_cluster.run(TEMPLATES / "requeue.sbatch", script, output=tmp_path / "job.out",
+                            sbatch_args=[*SMALL, "--ntasks-per-node=1"], env={"PYTHON": "python3", "MAX_RESTARTS": 0},
+                            timeout=60, on_poll=on_poll)
+    assert job.state == "FAILED" and job.exit_code == 1 and job.info["Restarts"] == "0", job.describe()
+    assert "requeue: got USR1, forwarding it to the job step" in job.log, job.describe()
+    assert "checkpointed" in job.log, job.describe()
+    assert "already restarted 0 times (MAX_RESTARTS=0): giving up" in job.log, job.describe()
