@@ -1,11 +1,13 @@
 """lightning/ recipes on CPU (gloo), every one launched as a real process with .venvs/lightning.
 
-Tiny data (a few steps per epoch) keeps the whole file to well under a minute of training on two cores.
+Tiny data (a few steps per epoch) keeps the whole file to about a minute on two idle cores.
 """
 
+import contextlib
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 
@@ -39,7 +41,7 @@ def epoch_lines(output):
     return [line for line in output.splitlines() if line.startswith("[rank 0] epoch") and "samples/s" in line]
 
 
-def run_slurm_tasks(args, *, ntasks, ntasks_per_node=None, timeout=120, **extra_env):
+def run_slurm_tasks(args, *, ntasks, timeout=120):
     """Start `ntasks` processes of multinode.py on this host with the SLURM_* variables srun would give them.
 
     Returns (exit codes, outputs) per task. A hang is a failure with every task's output.
@@ -49,9 +51,9 @@ def run_slurm_tasks(args, *, ntasks, ntasks_per_node=None, timeout=120, **extra_
     for rank in range(ntasks):
         env = clean_env(
             SLURM_JOB_ID="4242", SLURM_JOB_NAME="lightning-test", SLURM_NTASKS=ntasks,
-            SLURM_NTASKS_PER_NODE=ntasks_per_node or ntasks, SLURM_NNODES=1, SLURM_NODEID=0,
+            SLURM_NTASKS_PER_NODE=ntasks, SLURM_NNODES=1, SLURM_NODEID=0,
             SLURM_PROCID=rank, SLURM_LOCALID=rank, SLURM_STEP_ID=0, SLURM_NODELIST="localhost",
-            MASTER_ADDR="127.0.0.1", MASTER_PORT=port, **extra_env)
+            MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
         procs.append(subprocess.Popen([str(env_python("lightning")), str(script("multinode.py")), *args],
                                       cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                       text=True, start_new_session=True))
@@ -61,7 +63,8 @@ def run_slurm_tasks(args, *, ntasks, ntasks_per_node=None, timeout=120, **extra_
             out, _ = proc.communicate(timeout=timeout)
         except subprocess.TimeoutExpired:
             for p in procs:
-                p.kill()
+                with contextlib.suppress(ProcessLookupError):  # a task that already exited
+                    os.killpg(p.pid, signal.SIGKILL)  # each task and anything it started
             rest = "\n".join(f"--- task {r} ---\n{p.communicate()[0][-3000:]}" for r, p in enumerate(procs))
             pytest.fail(f"task {rank} of multinode.py still running after {timeout}s\n{rest}", pytrace=False)
         outputs.append(out)
