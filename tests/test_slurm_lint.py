@@ -2,6 +2,7 @@
 *.sbatch in the repository passes it. Plus shellcheck over slurm_templates/ and the linter's own Slurm job."""
 
 import importlib.util
+import re
 import shutil
 import subprocess
 import sys
@@ -9,7 +10,7 @@ import textwrap
 
 import pytest
 
-from helpers import ROOT, run
+from helpers import ROOT, run, unavailable
 
 LINT = ROOT / "slurm_templates" / "tools" / "sbatch_lint.py"
 TEMPLATES = ROOT / "slurm_templates"
@@ -126,7 +127,7 @@ def test_slurm_templates_are_strictly_clean_and_shellcheck_clean():
     proc = run([sys.executable, LINT, "--strict", *[f for f in files if f.suffix == ".sbatch"]], check=False)
     assert proc.returncode == 0, proc.stdout
     if shutil.which("shellcheck") is None:
-        pytest.skip("shellcheck not installed (tools/system_deps.sh installs it)")
+        unavailable("shellcheck not installed (tools/system_deps.sh installs it)")
     proc = subprocess.run(["shellcheck", "-x", *files], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
@@ -141,6 +142,17 @@ def test_every_template_has_the_conventions():
             assert needle in text, f"{path.relative_to(ROOT)} lacks {needle!r}"
         if "MASTER_PORT" in text:
             assert "SLURM_JOB_ID %" in text, path
+
+
+@pytest.mark.lint
+def test_readme_names_real_files():
+    """Every template/tool the slurm_templates README names exists, and every template is in the README."""
+    readme = (TEMPLATES / "README.md").read_text()
+    named = set(re.findall(r"`((?:[\w]+/)*[\w.]+\.(?:sbatch|py))`", readme))
+    missing = [n for n in named if not (TEMPLATES / n).exists() and not (TEMPLATES / "tools" / n).exists()]
+    assert not missing, f"README names files that do not exist: {missing}"
+    templates = {str(p.relative_to(TEMPLATES)) for p in TEMPLATES.rglob("*.sbatch")}
+    assert templates <= named, f"templates missing from the README table: {templates - named}"
 
 
 @pytest.mark.slurm
