@@ -22,18 +22,22 @@ case ${1:-} in
 esac
 [ "$(uname -s)" = Linux ] || lc_die "needs Linux (network namespaces)"
 [ "$(id -u)" -eq 0 ] || lc_die "needs root (network namespaces, mknod, daemons); try: sudo $0"
-for tool in ip nsenter unshare setpriv mknod timeout flock; do
-  command -v "$tool" >/dev/null || lc_die "missing '$tool' (Debian/Ubuntu: apt-get install iproute2 util-linux coreutils)"
+# Packages to install (apt-get) when something is missing: Slurm itself, and iproute2 for `ip`.
+need=()
+for tool in slurmctld slurmd sbatch munged; do
+  command -v "$tool" >/dev/null || { need=(slurmctld slurmd slurm-client munge); break; }
 done
-
-if ! command -v slurmctld >/dev/null || ! command -v slurmd >/dev/null || ! command -v sbatch >/dev/null ||
-  ! command -v munged >/dev/null; then
-  command -v apt-get >/dev/null || lc_die "Slurm is not installed and apt-get is not available"
-  lc_log "installing slurmctld slurmd slurm-client (apt-get)"
+command -v ip >/dev/null || need+=(iproute2)
+if [ ${#need[@]} -gt 0 ]; then
+  command -v apt-get >/dev/null || lc_die "missing ${need[*]} and apt-get is not available to install them"
+  lc_log "installing ${need[*]} (apt-get)"
   export DEBIAN_FRONTEND=noninteractive
-  apt-get install -y -q --no-install-recommends slurmctld slurmd slurm-client munge >/dev/null 2>&1 ||
-    { apt-get update -q >/dev/null && apt-get install -y -q --no-install-recommends slurmctld slurmd slurm-client munge >/dev/null; }
+  apt-get install -y -q --no-install-recommends "${need[@]}" >/dev/null 2>&1 ||
+    { apt-get update -q >/dev/null && apt-get install -y -q --no-install-recommends "${need[@]}" >/dev/null; }
 fi
+for tool in ip nsenter unshare setpriv mknod timeout flock slurmctld slurmd sbatch munged; do
+  command -v "$tool" >/dev/null || lc_die "missing '$tool' (Debian/Ubuntu: apt-get install slurmctld slurmd slurm-client iproute2 util-linux coreutils)"
+done
 
 usage() {
   local d
