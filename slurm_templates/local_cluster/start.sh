@@ -80,7 +80,7 @@ fi
 start_ns=$(date +%s%N)
 # Leftovers of an earlier run (crashed daemon, other node count): stop them, then start from nothing.
 # The state directory is wiped so that e.g. a DRAIN reason from an earlier run cannot survive.
-"$here/stop.sh" --quiet
+"$here/stop.sh" --quiet --force
 rm -rf "$LC_DIR"
 mkdir -p "$LC_DIR"/{etc,run,log,state,spool,dev,munge,leases}
 chmod 0755 "$LC_DIR" "$LC_DIR/munge"

@@ -4,8 +4,9 @@
 # slurmctld, munged; then any process left inside the cluster's namespaces; then the namespaces.
 # Processes are found by PID file and checked against /proc/PID/comm, never by name.
 #
-# usage: slurm_templates/local_cluster/stop.sh [--quiet] [--purge] [--release PID]
+# usage: slurm_templates/local_cluster/stop.sh [--quiet] [--purge] [--force] [--release PID]
 #   --purge: also delete $SLURM_LOCAL_DIR
+#   --force: stop even while test sessions hold leases (their jobs are cancelled)
 #   --release PID: give back PID's lease (start.sh --lease); stop only if the cluster was started with a
 #                  lease and no other live lease remains
 set -euo pipefail
@@ -14,13 +15,14 @@ here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 # shellcheck source=SCRIPTDIR/common.sh
 . "$here/common.sh"
 
-quiet=0 purge=0 release=
+quiet=0 purge=0 force=0 release=
 while [ $# -gt 0 ]; do
   case $1 in
     --quiet) quiet=1 ;;
     --purge) purge=1 ;;
+    --force) force=1 ;;
     --release) release=${2:?--release needs a PID}; shift ;;
-    *) lc_die "unknown argument: $1 (usage: stop.sh [--quiet] [--purge] [--release PID])" ;;
+    *) lc_die "unknown argument: $1 (usage: stop.sh [--quiet] [--purge] [--force] [--release PID])" ;;
   esac
   shift
 done
@@ -34,6 +36,8 @@ if [ -n "$release" ]; then
   [ -f "$LC_DIR/leased" ] || { say "started by hand, left running"; exit 0; }
   others=$(lc_live_leases | tr '\n' ' ')
   [ -z "$others" ] || { say "still used by PID(s) $others, left running"; exit 0; }
+elif [ "$force" = 0 ] && [ -n "$(lc_live_leases)" ]; then
+  lc_die "in use by test session(s) PID $(lc_live_leases | tr '\n' ' ')(leases in $LC_DIR/leases); stop.sh --force stops anyway"
 fi
 
 if lc_pid_alive "$LC_DIR/run/slurmctld.pid" && [ -e "/run/netns/$LC_HUB" ]; then
