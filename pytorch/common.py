@@ -105,6 +105,22 @@ def deadline(seconds, rank, what):
         timer.cancel()
 
 
+@contextlib.contextmanager
+def explained_rendezvous(rank, world_size, timeout):
+    """Around init_process_group: turn the ways a rendezvous fails into one line that says what to check."""
+    addr = f"{os.environ.get('MASTER_ADDR', '?')}:{os.environ.get('MASTER_PORT', '?')}"
+    what = (f"rendezvous at {addr} (are all {world_size} ranks started, MASTER_ADDR reachable from every node, "
+            f"MASTER_PORT used by nothing else?)")
+    try:
+        with deadline(timeout, rank, what):
+            yield
+    except (torch.distributed.DistNetworkError, torch.distributed.DistStoreError) as e:
+        hint = ("another process already listens on that port: choose another MASTER_PORT"
+                if "EADDRINUSE" in str(e) or "address already in use" in str(e).lower()
+                else f"not all {world_size} ranks reached it within --timeout {timeout}s")
+        raise RecipeError(f"rendezvous at {addr} failed: {hint} ({str(e).splitlines()[0][:200]})") from None
+
+
 def pick_backend(choice):
     if choice != "auto":
         return choice

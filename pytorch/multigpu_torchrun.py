@@ -24,9 +24,9 @@ from common import (
     build_dataset,
     build_model,
     build_optimizer,
-    deadline,
     capture_rng,
     check_dataset_fits,
+    explained_rendezvous,
     find_snapshot,
     log,
     parse_args,
@@ -57,19 +57,10 @@ def setup_distributed(args):
     else:
         device = torch.device("cpu")
     backend = pick_backend(args.backend)
-    addr = f"{os.environ.get('MASTER_ADDR', '?')}:{os.environ.get('MASTER_PORT', '?')}"
-    rendezvous = (f"rendezvous at {addr} (are all {world_size} ranks started, MASTER_ADDR reachable from every "
-                  f"node, MASTER_PORT used by nothing else?)")
-    try:
-        # The timeout bounds both the rendezvous and every later collective: a dead peer becomes an error.
-        with deadline(args.timeout, rank, rendezvous):
-            dist.init_process_group(backend, timeout=timedelta(seconds=args.timeout),
-                                    device_id=device if backend == "nccl" else None)
-    except (dist.DistNetworkError, dist.DistStoreError) as e:
-        hint = ("another process already listens on that port: choose another MASTER_PORT"
-                if "EADDRINUSE" in str(e) or "address already in use" in str(e).lower()
-                else f"not all {world_size} ranks reached it within --timeout {args.timeout}s")
-        raise RecipeError(f"rendezvous at {addr} failed: {hint} ({str(e).splitlines()[0][:200]})") from None
+    # The timeout bounds both the rendezvous and every later collective: a dead peer becomes an error.
+    with explained_rendezvous(rank, world_size, args.timeout):
+        dist.init_process_group(backend, timeout=timedelta(seconds=args.timeout),
+                                device_id=device if backend == "nccl" else None)
     return rank, world_size, device
 
 
