@@ -34,11 +34,11 @@ test: envs system-deps
 lint: envs system-deps
 	$(PY) -m pytest -m lint $(PYTEST_ARGS)
 
-# Numbers for every framework folder; final ones on a quiet machine (the runner warns when it is not).
+# Numbers for every framework folder. On CPU the runner first waits (up to 10 min) for a quiet machine.
 # Options go through BENCH_ARGS, e.g. make bench BENCH_ARGS="--repeats 3" (see benchmarks/run.py --help).
 bench:
 	tools/envs.sh benchmarks pytorch lightning
-	.venvs/benchmarks/bin/python benchmarks/run.py --out runs/bench --publish $(BENCH_ARGS)
+	.venvs/benchmarks/bin/python benchmarks/run.py --out runs/bench --wait-quiet 600 --redo-disturbed 3 --publish $(BENCH_ARGS)
 
 clean:
 	rm -rf .venvs runs .pytest_cache .ruff_cache

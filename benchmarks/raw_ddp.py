@@ -8,6 +8,9 @@ metrics, no logging, no checkpoints. It accepts the recipes' command line (the o
 such as --checkpoint-dir, are accepted and ignored) and writes the same --timings-file, so the runner
 launches it exactly like a recipe. The model and data are imported from pytorch/common.py (the runner sets
 PYTHONPATH=pytorch), not copied, so they cannot drift apart.
+
+With --no-ddp every rank trains alone (no process group, no all-reduce): the runner's "ceiling" entry, i.e. the
+scaling this machine allows at all when W processes share it (cores, memory bandwidth, caches).
 """
 
 import time
@@ -37,6 +40,9 @@ def parse_args():
     p.add_argument("--dataset-size", type=int, default=4096)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--timings-file", default=None)
+    p.add_argument("--no-ddp", action="store_true",
+                   help="every rank trains alone: no process group, no gradient all-reduce (the machine's ceiling "
+                        "for scaling: what W ranks achieve when they do not communicate at all)")
     # accepted so that every entry of the runner gets one command line; unused here
     p.add_argument("--log-every", type=int, default=0)
     p.add_argument("--checkpoint-dir", default=None)
@@ -49,15 +55,16 @@ def main():
     if torch.cuda.is_available():
         device = torch.device("cuda", local_rank % torch.cuda.device_count())
         torch.cuda.set_device(device)
-        dist.init_process_group("nccl", device_id=device)
     else:
         device = torch.device("cpu")
-        dist.init_process_group("gloo")
+    if not args.no_ddp:
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
+                                device_id=device if device.type == "cuda" else None)
     torch.manual_seed(args.seed)
     dataset = synthetic_dataset(args.dataset_size)
     sampler = DistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=True, seed=args.seed)
     loader = DataLoader(dataset, batch_size=args.batch_size, sampler=sampler, drop_last=True)
-    model = DDP(ConvNet().to(device))
+    model = ConvNet().to(device) if args.no_ddp else DDP(ConvNet().to(device))
     optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9)
 
     times, step = [], 0
@@ -81,7 +88,8 @@ def main():
         with open(args.timings_file, "w") as f:
             json.dump({"start_time": START_TIME, "step_end_times": times, "world_size": world_size,
                        "batch_size": args.batch_size}, f)
-    dist.destroy_process_group()
+    if not args.no_ddp:
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":

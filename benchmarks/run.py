@@ -51,9 +51,14 @@ class Recipe:
     env: str  # interpreter: .venvs/<env>/bin/python (tools/envs.sh <env> builds it)
     script: str  # relative to the repository root; takes the common command line and --timings-file
     pythonpath: str = ""  # relative to the root, for a script that imports from another folder
+    args: tuple = ()  # extra command-line arguments
 
 
 BASELINE = Recipe("raw DDP", "pytorch", "benchmarks/raw_ddp.py", pythonpath="pytorch")
+# The same loop without DDP: W processes that never communicate. Its "scaling efficiency" is the most any
+# recipe can reach on this machine (shared cores, memory bandwidth and caches), so a miss can be told apart from
+# a machine that cannot scale.
+CEILING = Recipe("no-comm ceiling", "pytorch", "benchmarks/raw_ddp.py", pythonpath="pytorch", args=("--no-ddp",))
 # One line per framework folder: its multi-process recipe started by torchrun.
 RECIPES = [
     Recipe("pytorch", "pytorch", "pytorch/multigpu_torchrun.py"),
@@ -74,12 +79,18 @@ def parse_args(argv=None):
     p.add_argument("--threads", type=int, default=1, help="OMP_NUM_THREADS per rank")
     p.add_argument("--recipes", default=",".join(r.name for r in RECIPES),
                    help=f"comma-separated subset of {', '.join(r.name for r in RECIPES)}")
+    p.add_argument("--no-ceiling", action="store_true", help="leave out the no-communication ceiling entry")
     p.add_argument("--launcher", choices=["local", "srun"], default="local",
                    help="local: torchrun --standalone on this machine; srun: one torchrun per node in a Slurm "
                         "job, c10d rendezvous at MASTER_ADDR:MASTER_PORT (bench.sbatch sets both)")
     p.add_argument("--gpus-per-node", type=int, default=0,
                    help="ranks per node with --launcher srun (world sizes above it span nodes)")
     p.add_argument("--launch-timeout", type=float, default=600, help="seconds before a launch counts as hung")
+    p.add_argument("--wait-quiet", type=float, default=0, metavar="SECONDS",
+                   help="first wait up to this long for other processes to use under --quiet-cores (CPU only)")
+    p.add_argument("--quiet-cores", type=float, default=0.25, help="CPU cores others may use on a quiet machine")
+    p.add_argument("--redo-disturbed", type=int, default=0, metavar="N",
+                   help="launch again (up to N times) when others used more than --quiet-cores during a launch")
     p.add_argument("--publish", action="store_true", help="also write the table to benchmarks/RESULTS.md")
     args = p.parse_args(argv)
     args.world_sizes = sorted({int(w) for w in args.world_sizes.split(",")})
@@ -153,6 +164,32 @@ def children_cpu_seconds() -> float:
     return r.ru_utime + r.ru_stime
 
 
+class OtherLoad:
+    """Cores used by processes other than this runner and its launches, on average since start()."""
+
+    def start(self):
+        self.busy, self.kids, self.t = cpu_busy_seconds(), children_cpu_seconds(), time.time()
+        return self
+
+    def cores(self) -> float | None:
+        if self.busy is None:
+            return None
+        busy, kids, t = cpu_busy_seconds(), children_cpu_seconds(), time.time()
+        return max(0.0, ((busy - self.busy) - (kids - self.kids)) / max(t - self.t, 1e-6))
+
+
+def wait_until_quiet(limit_s: float, max_cores: float) -> float | None:
+    """Sample other processes' CPU use in 5 s windows until it is below max_cores or limit_s has passed."""
+    deadline = time.time() + limit_s
+    while True:
+        probe = OtherLoad().start()
+        time.sleep(5)
+        used = probe.cores()
+        if used is None or used <= max_cores or time.time() >= deadline:
+            return used
+        print(f"[bench] waiting for a quiet machine: others use {used:.2f} cores", file=sys.stderr, flush=True)
+
+
 # ------------------------------------------------------------------------------------------------- launches
 
 
@@ -186,7 +223,7 @@ def launch_command(args, recipe: Recipe, world_size: int, launch_id: int, timing
                     "--rdzv-backend=c10d", f"--rdzv-endpoint={os.environ['MASTER_ADDR']}:{port}",
                     f"--rdzv-id={os.environ.get('SLURM_JOB_ID', 'bench')}-{launch_id}"]
     # One epoch that is exactly --steps long: no epoch boundary (metrics, checkpoints) among the timed steps.
-    return [*launcher, str(ROOT / recipe.script),
+    return [*launcher, str(ROOT / recipe.script), *recipe.args,
             "--epochs", "1", "--max-steps", str(args.steps), "--batch-size", str(args.batch_size),
             "--dataset-size", str(args.steps * world_size * args.batch_size), "--log-every", "1000000",
             "--timings-file", str(timings), "--checkpoint-dir", str(ckpt)]
@@ -197,17 +234,22 @@ def launch(args, recipe: Recipe, world_size: int, repeat: int, launch_id: int, s
     work = Path(tempfile.mkdtemp(prefix=f"{recipe.env}-w{world_size}-", dir=scratch))
     timings = work / "timings.json"
     cmd = launch_command(args, recipe, world_size, launch_id, timings, work / "checkpoints")
+    others = OtherLoad().start()
     launch_time = time.time()
     proc = subprocess.Popen(cmd, cwd=work, env=child_env(args, recipe), stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, start_new_session=True)
     try:
         output, _ = proc.communicate(timeout=args.launch_timeout)
+    except KeyboardInterrupt:
+        os.killpg(proc.pid, signal.SIGKILL)  # its own session: the launcher and every rank
+        raise
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
         output, _ = proc.communicate()
         sys.exit(f"error: {recipe.name} with {world_size} rank(s) did not finish within {args.launch_timeout} s:\n"
                  f"{' '.join(cmd)}\n{output[-4000:]}")
     wall = time.time() - launch_time
+    other_cores = others.cores()
     if proc.returncode != 0 or not timings.exists():
         sys.exit(f"error: {recipe.name} with {world_size} rank(s) failed (exit {proc.returncode}"
                  f"{'' if timings.exists() else ', no timings file'}):\n{' '.join(cmd)}\n{output[-4000:]}")
@@ -222,7 +264,7 @@ def launch(args, recipe: Recipe, world_size: int, repeat: int, launch_id: int, s
     return {"recipe": recipe.name, "world_size": world_size, "repeat": repeat, "launch_time": launch_time,
             "wall_s": wall, "time_to_first_step_s": ends[0] - launch_time, "step_time_s": step,
             "step_time_mean_s": statistics.fmean(intervals), "samples_per_s": world_size * args.batch_size / step,
-            "timed_steps": len(intervals)}
+            "timed_steps": len(intervals), "other_cores": other_cores}
 
 
 # ------------------------------------------------------------------------------------------------- summary
@@ -256,7 +298,7 @@ def summarize(runs: list[dict], names: list[str], world_sizes: list[int]) -> lis
 def verdicts(rows: list[dict]) -> list[str]:
     lines = []
     for row in rows:
-        if row["recipe"] == BASELINE.name:
+        if row["recipe"] in (BASELINE.name, CEILING.name):
             continue
         who = f"{row['recipe']} at {row['world_size']} rank(s)"
         if row["scaling_efficiency"] is not None:
@@ -285,18 +327,24 @@ def markdown(result: dict) -> str:
                      f"| {row['samples_per_s']:.0f} | {fmt(row['scaling_efficiency'], '.2f')} "
                      f"| {row['overhead']:.2f}x | {row['time_to_first_step_s']:.1f} |")
     device = ", ".join(m["gpus"]) if m["gpus"] else f"CPU, {c['threads']} thread(s) per rank (OMP_NUM_THREADS)"
-    others = m.get("other_load_cores")
+    others, worst = m.get("other_load_cores"), m.get("other_load_cores_max_launch")
     lines += [
         "",
         f"Machine: {m['cpu_model']}, {m['cores']} cores; {device}; torch {m['torch']}"
         + (f", lightning {m['lightning']}" if m.get("lightning") else "") + f"; Python {m['python']}; "
         f"{m['os']}. Measured {m['date']}.",
         f"Load: 1-min load average {m['load_before'][0]:.2f} before the run"
-        + (f"; other processes used {others:.2f} of {m['cores']} cores on average during it" if others is not None
-           else "") + ".",
+        + (f"; other processes used {others:.2f} of {m['cores']} cores on average during it "
+           f"({worst:.2f} during the busiest launch)" if others is not None else "") + ".",
         f"Config: per-rank batch {c['batch_size']}, {c['steps']} steps per launch of which the first {c['warmup']} "
         f"are warm-up, medians over {c['repeats']} repeats; {c['backend']}; launcher {c['launcher']}; "
         "ConvNet (width 16) on 1x28x28 synthetic data, SGD with momentum.",
+        *([f"Launches during which other processes used more than {c['quiet_cores']} cores were redone (up to "
+            f"{c['redo_disturbed']} times): {sum(r['attempts'] - 1 for r in result['runs'])} redone."]
+          if c["redo_disturbed"] else []),
+        *([f"{CEILING.name}: the raw loop without DDP, W processes that never communicate; its scaling efficiency "
+            "is the most this machine allows (shared cores, memory bandwidth, caches)."]
+          if any(r["recipe"] == CEILING.name for r in result["summary"]) else []),
         f"Targets: scaling efficiency >= {TARGET_SCALING:.2f}, overhead <= {TARGET_OVERHEAD:.2f}x raw DDP.",
         "",
         *[f"- {v}" for v in result["verdicts"]],
@@ -349,7 +397,7 @@ def main(argv=None):
     args = parse_args(argv)
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
-    entries = [BASELINE, *args.recipes]
+    entries = [BASELINE, *([] if args.no_ceiling else [CEILING]), *args.recipes]
     for env in dict.fromkeys(e.env for e in entries):
         python_of(env)
     info = versions(BASELINE.env, devices=True)  # the baseline's torch decides: CUDA -> nccl, else gloo
@@ -358,6 +406,7 @@ def main(argv=None):
     backend = "nccl" if info["cuda"] else "gloo"
     if args.launcher == "local" and info["cuda"] and max(args.world_sizes) > len(info["gpus"]):
         sys.exit(f"error: {len(info['gpus'])} GPU(s) here, world sizes {args.world_sizes} asked for")
+    quiet = wait_until_quiet(args.wait_quiet, args.quiet_cores) if args.wait_quiet and not info["cuda"] else None
     load_before = os.getloadavg()
     if not info["cuda"] and load_before[0] > 0.5:
         print(f"warning: 1-min load average is {load_before[0]:.2f} before the run: other work on this machine "
@@ -365,28 +414,37 @@ def main(argv=None):
 
     scratch = Path(tempfile.mkdtemp(prefix="scratch-", dir=out))
     runs, launch_id = [], 0
-    busy0, kids0, t0 = cpu_busy_seconds(), children_cpu_seconds(), time.time()
+    whole, t0 = OtherLoad().start(), time.time()
     for repeat in range(args.repeats):
         for w in args.world_sizes:
             shift = (repeat + w) % len(entries)  # rotate the order: no entry always runs first or last
             for recipe in entries[shift:] + entries[:shift]:
-                launch_id += 1
-                record = launch(args, recipe, w, repeat, launch_id, scratch)
+                for attempt in range(args.redo_disturbed + 1):
+                    launch_id += 1
+                    record = launch(args, recipe, w, repeat, launch_id, scratch)
+                    if record["other_cores"] is None or record["other_cores"] <= args.quiet_cores:
+                        break
+                    if attempt < args.redo_disturbed:
+                        print(f"[bench] {recipe.name} with {w} rank(s) disturbed (others used "
+                              f"{record['other_cores']:.2f} cores): again", file=sys.stderr, flush=True)
+                record["attempts"] = attempt + 1
                 runs.append(record)
                 print(f"[bench] repeat {repeat + 1}/{args.repeats} | {recipe.name:>10} | {w} rank(s) | step "
                       f"{record['step_time_s'] * 1000:7.1f} ms | {record['samples_per_s']:7.0f} samples/s | "
-                      f"first step after {record['time_to_first_step_s']:5.1f} s", flush=True)
-    elapsed = time.time() - t0
-    busy1, kids1 = cpu_busy_seconds(), children_cpu_seconds()
+                      f"first step after {record['time_to_first_step_s']:5.1f} s"
+                      + ("" if record["other_cores"] is None else f" | others {record['other_cores']:.2f} cores"),
+                      flush=True)
+    elapsed, other = time.time() - t0, whole.cores()
     shutil.rmtree(scratch, ignore_errors=True)
-    other = None if busy0 is None else max(0.0, ((busy1 - busy0) - (kids1 - kids0)) / elapsed)
+    per_launch = [r["other_cores"] for r in runs if r["other_cores"] is not None]
 
     machine = {"cpu_model": cpu_model(), "cores": os.cpu_count(), "torch": info["torch"],
                "lightning": info.get("lightning"), "gpus": info["gpus"], "python": platform.python_version(),
                "os": f"{platform.system()} {platform.release()}",
                "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
                "load_before": list(load_before), "load_after": list(os.getloadavg()),
-               "other_load_cores": other, "bench_seconds": elapsed}
+               "other_load_cores": other, "other_load_cores_max_launch": max(per_launch, default=None),
+               "other_load_cores_before": quiet, "bench_seconds": elapsed}
     config = {k: v for k, v in vars(args).items() if k not in {"recipes", "out", "publish"}}
     config.update(recipes=[asdict(r) for r in entries], backend=backend)
     summary = summarize(runs, [e.name for e in entries], args.world_sizes)

@@ -31,7 +31,8 @@ def test_tiny_run_writes_json_markdown_and_png(tmp_path):
     before = published.read_bytes() if published.exists() else None
     out = tmp_path / "bench"
     proc = run([python, RUNNER, "--out", out, "--world-sizes", "1,2", "--repeats", "1", "--steps", "6",
-                "--warmup", "2", "--batch-size", "8", "--launch-timeout", "80"], timeout=85, env=clean_env())
+                "--warmup", "2", "--batch-size", "8", "--no-ceiling", "--launch-timeout", "80"],
+               timeout=85, env=clean_env())
 
     result = json.loads((out / "results.json").read_text())
     assert set(result) >= {"machine", "config", "summary", "verdicts", "runs"}
@@ -66,3 +67,51 @@ def test_tiny_run_writes_json_markdown_and_png(tmp_path):
     assert not any(p.name.startswith("scratch-") for p in out.iterdir()), "scratch files left behind"
     after = published.read_bytes() if published.exists() else None
     assert after == before, "benchmarks/RESULTS.md changed without --publish"
+
+
+def load_runner():
+    """benchmarks/run.py as a module (it imports matplotlib only when it plots, so .venvs/tests can load it)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bench_run", RUNNER)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_summary_pairs_repeats_and_takes_medians():
+    bench = load_runner()
+    step = {("raw DDP", 1): [0.020, 0.030, 0.021], ("raw DDP", 2): [0.021, 0.032, 0.022],
+            ("lightning", 1): [0.022, 0.033, 0.024], ("lightning", 2): [0.024, 0.036, 0.025]}
+    runs = [{"recipe": n, "world_size": w, "repeat": k, "step_time_s": s, "samples_per_s": w * 8 / s,
+             "time_to_first_step_s": 5.0 + k}
+            for (n, w), times in step.items() for k, s in enumerate(times)]
+    rows = {(r["recipe"], r["world_size"]): r for r in bench.summarize(runs, ["raw DDP", "lightning"], [1, 2])}
+    assert rows["lightning", 2]["step_time_s"] == 0.025
+    assert rows["lightning", 2]["time_to_first_step_s"] == 6.0
+    # per repeat: 0.022/0.024, 0.033/0.036, 0.024/0.025 -> median
+    assert rows["lightning", 2]["scaling_efficiency"] == pytest.approx(0.033 / 0.036)
+    assert rows["lightning", 1]["overhead"] == pytest.approx(0.022 / 0.020)
+    assert rows["raw DDP", 2]["overhead"] == 1.0 and rows["raw DDP", 1]["scaling_efficiency"] is None
+    verdicts = bench.verdicts(list(rows.values()))
+    assert any("lightning at 2 rank(s): scaling efficiency 0.92 meets" in v for v in verdicts), verdicts
+    assert any("lightning at 1 rank(s): overhead 1.10x raw DDP meets" in v for v in verdicts), verdicts
+
+
+def test_srun_launch_spans_nodes_with_one_torchrun_per_node(monkeypatch, tmp_path):
+    bench = load_runner()
+    monkeypatch.setattr(bench, "python_of", lambda env: f"/venvs/{env}/bin/python")
+    monkeypatch.setenv("MASTER_ADDR", "node1")
+    monkeypatch.setenv("MASTER_PORT", "15123")
+    monkeypatch.setenv("SLURM_JOB_ID", "77")
+    args = bench.parse_args(["--launcher", "srun", "--gpus-per-node", "4", "--world-sizes", "1,2,4,8"])
+    cmd = bench.launch_command(args, bench.RECIPES[0], 8, 3, tmp_path / "t.json", tmp_path / "ckpt")
+    assert cmd[:6] == ["srun", "--kill-on-bad-exit=1", "--nodes=2", "--ntasks=2", "--ntasks-per-node=1",
+                       "/venvs/pytorch/bin/python"]
+    assert "--nnodes=2" in cmd and "--nproc-per-node=4" in cmd and "--rdzv-endpoint=node1:15126" in cmd
+    assert cmd[cmd.index("--dataset-size") + 1] == str(60 * 8 * 128)
+    local = bench.launch_command(bench.parse_args([]), bench.BASELINE, 2, 1, tmp_path / "t.json", tmp_path / "c")
+    assert local[1:5] == ["-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2"]
+    assert local[5].endswith("benchmarks/raw_ddp.py")
+    ceiling = bench.launch_command(bench.parse_args([]), bench.CEILING, 2, 1, tmp_path / "t.json", tmp_path / "c")
+    assert ceiling[5].endswith("benchmarks/raw_ddp.py") and ceiling[6] == "--no-ddp"
