@@ -6,6 +6,7 @@ Everything about *distribution* stays in the scripts themselves, so that
 
 import argparse
 import contextlib
+import gc
 import json
 import os
 import sys
@@ -78,6 +79,10 @@ def run(main, *args, rank=None):
     """Call main(*args); turn a RecipeError into one clear line and exit 2 instead of a traceback wall."""
     try:
         main(*args)
+        # DDP keeps reference cycles that hold the process group. Left to the interpreter's shutdown, they are
+        # freed when gloo's threads can no longer be joined, and the process aborts ("terminate called without
+        # an active exception") after a successful run. Free them now, while everything is still alive.
+        gc.collect()
     except RecipeError as e:
         if rank is None:
             rank = os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0"))
@@ -242,6 +247,26 @@ class StepTimer:
         if self.path:
             with open(self.path, "w") as f:
                 json.dump({"start_time": self.start, "step_end_times": self.times, **info}, f)
+
+
+def training_left(state, args):
+    return state["epoch"] < args.epochs and not (args.max_steps and state["step"] >= args.max_steps)
+
+
+def settle_ddp_buckets(model, loader, device):
+    """One throw-away backward pass before a resumed DDP run trains, so that its gradients are summed in the
+    same order as in the uninterrupted run.
+
+    DDP lays its gradient buckets out anew after the first backward of every process. An uninterrupted run
+    has done that long before step k; a run resumed at step k would do its first step with the initial
+    layout, and with more than 2 ranks a different layout adds the same numbers in a different order: the
+    weights differ in the last bits, and training can amplify that. The gradients of this pass are discarded
+    and the optimizer is not stepped. (This model has no BatchNorm or dropout; with those, mind their state.)
+    Only call it when training follows: a process that ends right after it can abort at exit.
+    """
+    x, y = next(iter(loader))
+    torch.nn.functional.cross_entropy(model(x.to(device)), y.to(device)).backward()
+    model.zero_grad(set_to_none=True)
 
 
 # ---------------------------------------------------------------------------------------------------- snapshots

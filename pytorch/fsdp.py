@@ -36,6 +36,7 @@ from common import (
     parse_args,
     pick_backend,
     run,
+    training_left,
 )
 
 
@@ -193,7 +194,7 @@ def main():
 
         timer = StepTimer(args.timings_file if rank == 0 else None, device)
         start = time.perf_counter()
-        while state["epoch"] < args.epochs and not (args.max_steps and state["step"] >= args.max_steps):
+        while training_left(state, args):
             epoch_start = time.perf_counter()
             loader.sampler.set_epoch(state["epoch"])  # forget this and every epoch repeats
             skip, state["batch_in_epoch"] = state["batch_in_epoch"], 0

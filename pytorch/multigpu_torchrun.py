@@ -35,6 +35,8 @@ from common import (
     restore_rng,
     run,
     save_snapshot,
+    settle_ddp_buckets,
+    training_left,
 )
 
 
@@ -121,7 +123,7 @@ def snapshot_of(model, optimizer, scheduler, state):
     return snap
 
 
-def resume(model, optimizer, scheduler, state, args, device):
+def resume(model, optimizer, scheduler, state, args, device, loader):
     # Rank 0 decides which snapshot to use and tells the others: on a shared filesystem ranks can disagree
     # about whether a file exists, and a job where only some ranks resume deadlocks.
     choice = [find_snapshot(args.checkpoint_dir) if state["rank"] == 0 else None]
@@ -137,6 +139,8 @@ def resume(model, optimizer, scheduler, state, args, device):
         state["scaler"].load_state_dict(snap["scaler"])
     restore_rng(snap["rng"])
     state.update(epoch=snap["epoch"], step=snap["step"], batch_in_epoch=snap["batch_in_epoch"])
+    if training_left(state, args):
+        settle_ddp_buckets(model, loader, device)  # gradients summed in the same order as without a restart
     if state["rank"] == 0:
         log(0, f"resumed from {path}: epoch {state['epoch'] + 1}, step {state['step']}")
 
@@ -157,14 +161,14 @@ def main():
         optimizer, scheduler = build_optimizer(model, args, len(loader))
         autocast, scaler = autocast_and_scaler(device, args.amp)
         state = {"epoch": 0, "step": 0, "batch_in_epoch": 0, "autocast": autocast, "scaler": scaler, "rank": rank}
-        resume(model, optimizer, scheduler, state, args, device)
+        resume(model, optimizer, scheduler, state, args, device, loader)
         if rank == 0:
             log(0, f"world size {world_size} | backend {dist.get_backend()} | device {device} | "
                    f"{len(dataset)} samples | batch {args.batch_size}/rank | {len(loader)} steps/epoch")
 
         timer = StepTimer(args.timings_file if rank == 0 else None, device)
         start = time.perf_counter()
-        while state["epoch"] < args.epochs and not (args.max_steps and state["step"] >= args.max_steps):
+        while training_left(state, args):
             epoch_start = time.perf_counter()
             loader.sampler.set_epoch(state["epoch"])  # forget this and every epoch repeats
             skip, state["batch_in_epoch"] = state["batch_in_epoch"], 0

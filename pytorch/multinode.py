@@ -42,6 +42,8 @@ from common import (
     restore_rng,
     run,
     save_snapshot,
+    settle_ddp_buckets,
+    training_left,
 )
 
 
@@ -74,19 +76,18 @@ class PreemptionFlag:
 
     STOP_CHECK_EVERY = 10  # a tiny all_reduce every 10 steps costs nothing next to the step itself
 
-    def __init__(self, device):
+    def __init__(self):
         self.requested = False
-        self.device = device
         for sig in (signal.SIGUSR1, signal.SIGTERM):
             signal.signal(sig, self._handler)
 
     def _handler(self, signum, frame):
         self.requested = True
 
-    def agreed(self, step):
+    def agreed(self, step, device):
         if step % self.STOP_CHECK_EVERY:
             return False
-        flag = torch.tensor(float(self.requested), device=self.device)
+        flag = torch.tensor(float(self.requested), device=device)
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         return bool(flag.item())
 
@@ -152,7 +153,7 @@ def train_epoch(model, loader, optimizer, scheduler, state, args, device, timer,
                    f"loss {loss.item():.4f}")
         if args.max_steps and state["step"] >= args.max_steps:
             break
-        if state["preemption"].agreed(state["step"]):
+        if state["preemption"].agreed(state["step"], device):
             state["preempted"] = True
             break
     return loss_sum, correct, seen
@@ -167,7 +168,7 @@ def snapshot_of(model, optimizer, scheduler, state):
     return snap
 
 
-def resume(model, optimizer, scheduler, state, args, device):
+def resume(model, optimizer, scheduler, state, args, device, loader):
     # Rank 0 decides which snapshot to use and tells the others: on a shared filesystem ranks can disagree
     # about whether a file exists, and a job where only some ranks resume deadlocks.
     choice = [find_snapshot(args.checkpoint_dir) if state["rank"] == 0 else None]
@@ -183,12 +184,15 @@ def resume(model, optimizer, scheduler, state, args, device):
         state["scaler"].load_state_dict(snap["scaler"])
     restore_rng(snap["rng"])
     state.update(epoch=snap["epoch"], step=snap["step"], batch_in_epoch=snap["batch_in_epoch"])
+    if training_left(state, args):
+        settle_ddp_buckets(model, loader, device)  # gradients summed in the same order as without a restart
     if state["rank"] == 0:
         log(0, f"resumed from {path}: epoch {state['epoch'] + 1}, step {state['step']}")
 
 
 def main():
     args = parse_args(__doc__)
+    preemption = PreemptionFlag()  # first: a signal that arrives during start-up must not kill the process
     rank, world_size, device = setup_distributed(args)
     try:
         # One line per rank: where each rank landed is the first question when a multi-node job misbehaves.
@@ -205,8 +209,8 @@ def main():
         optimizer, scheduler = build_optimizer(model, args, len(loader))
         autocast, scaler = autocast_and_scaler(device, args.amp)
         state = {"epoch": 0, "step": 0, "batch_in_epoch": 0, "autocast": autocast, "scaler": scaler, "rank": rank,
-                 "preemption": PreemptionFlag(device), "preempted": False}
-        resume(model, optimizer, scheduler, state, args, device)
+                 "preemption": preemption, "preempted": False}
+        resume(model, optimizer, scheduler, state, args, device, loader)
         if rank == 0:
             log(0, f"world size {world_size} | nodes {os.environ.get('SLURM_NNODES', '?')} | "
                    f"backend {dist.get_backend()} | device {device} | "
@@ -214,7 +218,7 @@ def main():
 
         timer = StepTimer(args.timings_file if rank == 0 else None, device)
         start = time.perf_counter()
-        while state["epoch"] < args.epochs and not (args.max_steps and state["step"] >= args.max_steps):
+        while training_left(state, args):
             epoch_start = time.perf_counter()
             loader.sampler.set_epoch(state["epoch"])  # forget this and every epoch repeats
             skip, state["batch_in_epoch"] = state["batch_in_epoch"], 0

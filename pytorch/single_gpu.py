@@ -24,6 +24,7 @@ from common import (
     restore_rng,
     run,
     save_snapshot,
+    training_left,
 )
 
 
@@ -120,7 +121,7 @@ def main():
 
     timer = StepTimer(args.timings_file, device)
     start = time.perf_counter()
-    while state["epoch"] < args.epochs and not (args.max_steps and state["step"] >= args.max_steps):
+    while training_left(state, args):
         epoch_start = time.perf_counter()
         loader.sampler.generator.manual_seed(args.seed + state["epoch"])
         skip, state["batch_in_epoch"] = state["batch_in_epoch"], 0
