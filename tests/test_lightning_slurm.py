@@ -6,7 +6,6 @@ last --checkpoint-dir on the command line wins over the template's).
 """
 
 import re
-import time
 
 import pytest
 import torch
@@ -95,7 +94,7 @@ def test_missing_srun_fails_fast_with_a_clear_error(slurm_cluster, tmp_path):
 def test_preemption_requeue_resume(slurm_cluster, tmp_path):
     """USR1 mid-training -> Lightning saves hpc_ckpt_1.ckpt and runs `scontrol requeue` -> the requeued job
     (same id, same checkpoint directory) resumes from that checkpoint -> COMPLETED after all the steps."""
-    events = {"signalled": False, "released": False, "requeued_at": None}
+    events = {"signalled": False}
 
     def on_poll(info, log):
         if not events["signalled"] and "[rank 0] epoch 1 step 96 " in log:
@@ -103,14 +102,8 @@ def test_preemption_requeue_resume(slurm_cluster, tmp_path):
             # shell), but at a known point: mid-epoch 1, after epoch 0's checkpoint.
             slurm_cluster.client("scancel", "--signal=USR1", info["JobId"])
             events["signalled"] = True
-        if (events["signalled"] and not events["released"] and info.get("JobState") == "PENDING"
-                and int(info.get("Restarts", 0)) >= 1):
-            # A requeued job waits ~2 min for its BeginTime; start it now -- but not in the same second as the
-            # requeue, or slurmd refuses the new credential ("Job credential revoked" -> FAILED).
-            events["requeued_at"] = events["requeued_at"] or time.monotonic()
-            if time.monotonic() - events["requeued_at"] >= 2:
-                slurm_cluster.client("scontrol", "update", f"jobid={info['JobId']}", "StartTime=now")
-                events["released"] = True
+        if events["signalled"]:
+            slurm_cluster.release_requeued(info, events)
 
     job, ckpt = submit(slurm_cluster, tmp_path, "multinode.sbatch", shape(1, 2), args=LONG, timeout=240,
                        on_poll=on_poll)

@@ -7,7 +7,6 @@ training arguments; a later --checkpoint-dir overrides the template's own.
 """
 
 import re
-import time
 
 import pytest
 import torch
@@ -144,7 +143,7 @@ def test_preemption_requeue_resume(slurm_cluster, pytorch_python, reference_run,
     the requeued job resumes -> COMPLETED, with the same final weights as the uninterrupted reference run."""
     ckpt = tmp_path / "ckpt"
     output = tmp_path / "job.out"
-    events = {"signalled": False, "released": False, "requeued_at": None}
+    events = {"signalled": False}
 
     def on_poll(info, log):
         steps = [int(n) for n in re.findall(r"^0: \[rank0\] epoch 1 \|[^\n]*?\bstep (\d+)", log, re.M)]
@@ -152,15 +151,8 @@ def test_preemption_requeue_resume(slurm_cluster, pytorch_python, reference_run,
             # Exactly what --signal=B:USR1@<s> does before the time limit, but deterministic.
             slurm_cluster.client("scancel", "--batch", "--signal=USR1", info["JobId"])
             events["signalled"] = True
-        if (events["signalled"] and not events["released"] and info.get("JobState") == "PENDING"
-                and int(info.get("Restarts", 0)) >= 1):
-            # A requeued job waits ~2 min for its BeginTime; start it now -- but not in the same second as the
-            # requeue: slurmd revokes the old run's credential, and a new one issued within that second is
-            # refused ("Killing non-startable batch job: Job credential revoked" -> FAILED).
-            events["requeued_at"] = events["requeued_at"] or time.monotonic()
-            if time.monotonic() - events["requeued_at"] >= 2:
-                slurm_cluster.client("scontrol", "update", f"jobid={info['JobId']}", "StartTime=now")
-                events["released"] = True
+        if events["signalled"]:
+            slurm_cluster.release_requeued(info, events)
 
     job = slurm_cluster.run(TEMPLATES / "requeue.sbatch", PYTORCH / "multinode.py", *LONG, "--checkpoint-dir", ckpt,
                             sbatch_args=[*ONE_PER_NODE, "--time=00:10:00"],
