@@ -87,7 +87,8 @@ def parse_args(argv=None):
                    help="ranks per node with --launcher srun (world sizes above it span nodes)")
     p.add_argument("--launch-timeout", type=float, default=600, help="seconds before a launch counts as hung")
     p.add_argument("--wait-quiet", type=float, default=0, metavar="SECONDS",
-                   help="first wait up to this long for other processes to use under --quiet-cores (CPU only)")
+                   help="before every launch, wait up to this long for other processes to use under --quiet-cores "
+                        "(CPU only)")
     p.add_argument("--quiet-cores", type=float, default=0.25, help="CPU cores others may use on a quiet machine")
     p.add_argument("--redo-disturbed", type=int, default=0, metavar="N",
                    help="launch again (up to N times) when others used more than --quiet-cores during a launch")
@@ -178,16 +179,18 @@ class OtherLoad:
         return max(0.0, ((busy - self.busy) - (kids - self.kids)) / max(t - self.t, 1e-6))
 
 
-def wait_until_quiet(limit_s: float, max_cores: float) -> float | None:
-    """Sample other processes' CPU use in 5 s windows until it is below max_cores or limit_s has passed."""
-    deadline = time.time() + limit_s
+def wait_until_quiet(limit_s: float, max_cores: float, window_s: float = 3) -> float | None:
+    """Sample other processes' CPU use in window_s windows until it is below max_cores or limit_s has passed."""
+    deadline, waited = time.time() + limit_s, False
     while True:
         probe = OtherLoad().start()
-        time.sleep(5)
+        time.sleep(window_s)
         used = probe.cores()
         if used is None or used <= max_cores or time.time() >= deadline:
             return used
-        print(f"[bench] waiting for a quiet machine: others use {used:.2f} cores", file=sys.stderr, flush=True)
+        if not waited:
+            print(f"[bench] waiting for a quiet machine: others use {used:.2f} cores", file=sys.stderr, flush=True)
+            waited = True
 
 
 # ------------------------------------------------------------------------------------------------- launches
@@ -249,7 +252,8 @@ def launch(args, recipe: Recipe, world_size: int, repeat: int, launch_id: int, s
         sys.exit(f"error: {recipe.name} with {world_size} rank(s) did not finish within {args.launch_timeout} s:\n"
                  f"{' '.join(cmd)}\n{output[-4000:]}")
     wall = time.time() - launch_time
-    other_cores = others.cores()
+    # Under srun the ranks are slurmstepd's children, not this runner's: no way to tell them from other work.
+    other_cores = others.cores() if args.launcher == "local" else None
     if proc.returncode != 0 or not timings.exists():
         sys.exit(f"error: {recipe.name} with {world_size} rank(s) failed (exit {proc.returncode}"
                  f"{'' if timings.exists() else ', no timings file'}):\n{' '.join(cmd)}\n{output[-4000:]}")
@@ -333,7 +337,8 @@ def markdown(result: dict) -> str:
         f"Machine: {m['cpu_model']}, {m['cores']} cores; {device}; torch {m['torch']}"
         + (f", lightning {m['lightning']}" if m.get("lightning") else "") + f"; Python {m['python']}; "
         f"{m['os']}. Measured {m['date']}.",
-        f"Load: 1-min load average {m['load_before'][0]:.2f} before the run"
+        f"Load: `uptime` load average (1 min) {m['load_before'][0]:.2f} at the start, {m['load_after'][0]:.2f} at "
+        "the end"
         + (f"; other processes used {others:.2f} of {m['cores']} cores on average during it "
            f"({worst:.2f} during the busiest launch)" if others is not None else "") + ".",
         f"Config: per-rank batch {c['batch_size']}, {c['steps']} steps per launch of which the first {c['warmup']} "
@@ -372,6 +377,7 @@ def plot(result: dict, path: Path) -> None:
             xs = [j + (i - (len(sizes) - 1) / 2) * width for j in range(len(names))]
             vals = [get[n, w][key] for n in names]
             bars = ax.bar(xs, vals, width, label=f"{w} rank{'s' if w > 1 else ''}")
+            ax.set_ylim(0, max(ax.get_ylim()[1], 1.3 * max(vals)))  # room for the labels and the legend
             if key == "samples_per_s" and w > 1:
                 ax.bar_label(bars, [f"eff {get[n, w]['scaling_efficiency']:.2f}" for n in names], fontsize=8)
             else:
@@ -380,7 +386,7 @@ def plot(result: dict, path: Path) -> None:
             ax.axhline(target, color="red", linestyle="--", linewidth=1, label=f"target {target:.2f}")
         ax.set_xticks(range(len(names)), names)
         ax.set_ylabel(label)
-        ax.legend(fontsize=8)
+        ax.legend(fontsize=8, loc="upper left", ncols=len(sizes) + 1)
     m = result["machine"]
     device = ", ".join(m["gpus"]) if m["gpus"] else f"{m['cpu_model']} ({m['cores']} cores), 1 thread/rank"
     fig.suptitle(f"Per-rank batch {result['config']['batch_size']}; {device}; torch {m['torch']}; {m['date']}",
@@ -393,8 +399,13 @@ def plot(result: dict, path: Path) -> None:
 # ------------------------------------------------------------------------------------------------- main
 
 
+def stop(signum, frame):
+    raise KeyboardInterrupt(f"signal {signum}")  # launch() then kills the running launch's process group
+
+
 def main(argv=None):
     args = parse_args(argv)
+    signal.signal(signal.SIGTERM, stop)
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     entries = [BASELINE, *([] if args.no_ceiling else [CEILING]), *args.recipes]
@@ -408,9 +419,10 @@ def main(argv=None):
         sys.exit(f"error: {len(info['gpus'])} GPU(s) here, world sizes {args.world_sizes} asked for")
     quiet = wait_until_quiet(args.wait_quiet, args.quiet_cores) if args.wait_quiet and not info["cuda"] else None
     load_before = os.getloadavg()
-    if not info["cuda"] and load_before[0] > 0.5:
-        print(f"warning: 1-min load average is {load_before[0]:.2f} before the run: other work on this machine "
-              "skews CPU numbers; for final numbers re-run when it is quiet", file=sys.stderr, flush=True)
+    if not info["cuda"] and (quiet if quiet is not None else load_before[0]) > args.quiet_cores:
+        print(f"warning: other processes use {quiet if quiet is not None else load_before[0]:.2f} cores: they skew "
+              "CPU numbers; for final numbers run when the machine is quiet (--wait-quiet)", file=sys.stderr,
+              flush=True)
 
     scratch = Path(tempfile.mkdtemp(prefix="scratch-", dir=out))
     runs, launch_id = [], 0
@@ -420,6 +432,8 @@ def main(argv=None):
             shift = (repeat + w) % len(entries)  # rotate the order: no entry always runs first or last
             for recipe in entries[shift:] + entries[:shift]:
                 for attempt in range(args.redo_disturbed + 1):
+                    if args.wait_quiet and not info["cuda"]:
+                        wait_until_quiet(args.wait_quiet, args.quiet_cores)
                     launch_id += 1
                     record = launch(args, recipe, w, repeat, launch_id, scratch)
                     if record["other_cores"] is None or record["other_cores"] <= args.quiet_cores:
@@ -434,7 +448,7 @@ def main(argv=None):
                       f"first step after {record['time_to_first_step_s']:5.1f} s"
                       + ("" if record["other_cores"] is None else f" | others {record['other_cores']:.2f} cores"),
                       flush=True)
-    elapsed, other = time.time() - t0, whole.cores()
+    elapsed, other = time.time() - t0, whole.cores() if args.launcher == "local" else None
     shutil.rmtree(scratch, ignore_errors=True)
     per_launch = [r["other_cores"] for r in runs if r["other_cores"] is not None]
 
