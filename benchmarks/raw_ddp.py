@@ -89,6 +89,9 @@ def main():
             json.dump({"start_time": START_TIME, "step_end_times": times, "world_size": world_size,
                        "batch_size": args.batch_size}, f)
     if not args.no_ddp:
+        # Every rank past its last collective before the process group goes: tearing gloo down while the peer
+        # is still in the last all-reduce aborts the process ("terminate called without an active exception").
+        dist.barrier()
         dist.destroy_process_group()
 
 
