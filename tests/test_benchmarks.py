@@ -40,6 +40,7 @@ def test_tiny_run_writes_json_markdown_and_png(tmp_path):
     assert result["config"]["backend"] == "gloo" and result["config"]["batch_size"] == 8
     assert [(r["recipe"], r["world_size"]) for r in result["summary"]] == [(n, w) for n in ENTRIES for w in (1, 2)]
     assert len(result["runs"]) == 6 and all(r["timed_steps"] == 3 for r in result["runs"])
+    assert all(isinstance(r["exit_code"], int) for r in result["runs"])  # non-zero only for a crash at exit
     for row in result["summary"]:
         assert row["step_time_s"] > 0 and row["samples_per_s"] > 0
         assert row["time_to_first_step_s"] > 0
