@@ -14,3 +14,21 @@ def pytest_runtest_makereport(item, call):
         reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
         report.outcome = "failed"
         report.longrepr = f"skipped in CI, which counts as a failure: {reason}"
+
+
+# Time per part of the suite (the README's CI section quotes these): setup + call + teardown of every test,
+# grouped by the first of these markers the test carries.
+GROUPS = ("slurm", "lightning", "pytorch", "bench", "lint")
+_seconds: dict[str, float] = {}
+
+
+def pytest_runtest_logreport(report):
+    group = next((g for g in GROUPS if g in report.keywords), "other")
+    _seconds[group] = _seconds.get(group, 0.0) + report.duration
+
+
+def pytest_terminal_summary(terminalreporter):
+    if _seconds:
+        terminalreporter.section("time per part of the suite")
+        for group, seconds in sorted(_seconds.items(), key=lambda kv: -kv[1]):
+            terminalreporter.write_line(f"{seconds:8.1f} s  {group}")
