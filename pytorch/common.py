@@ -321,7 +321,9 @@ def find_snapshot(checkpoint_dir):
     problems = []
     for path in existing:
         try:
-            read_snapshot(path, "cpu")
+            # mmap: a truncated or damaged file fails here (its zip index is at the end) without reading all the
+            # weights, which the caller loads next onto its own device.
+            torch.load(path, map_location="cpu", weights_only=True, mmap=True)
         except Exception as e:  # truncated zip, wrong format, unexpected pickled objects, ...
             problems.append(f"{path} is unreadable ({type(e).__name__}: {str(e).splitlines()[0][:200]})")
             print(f"warning: {problems[-1]}; trying the previous snapshot", file=sys.stderr, flush=True)
