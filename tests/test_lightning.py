@@ -94,7 +94,7 @@ def test_ddp_two_ranks_equals_one_rank(tmp_path):
 
 def test_multigpu_spawn_two_ranks_writes_timings(tmp_path):
     timings = tmp_path / "timings.json"
-    out = run([env_python("lightning"), script("multigpu_spawn.py"), *SMALL, "--devices", "2",
+    out = run([env_python("lightning"), script("multigpu.py"), *SMALL, "--devices", "2",
                "--checkpoint-dir", tmp_path / "ckpt", "--timings-file", timings],
               env=clean_env(MASTER_PORT=free_port())).stdout
     assert "world_size 2" in epoch_lines(out)[-1]
@@ -163,7 +163,7 @@ def test_sbatch_templates_lint_clean_and_paired_with_lightning():
     """shellcheck and the strict sbatch linter; the pairing Lightning needs: one task per device where its
     SLURMEnvironment runs (with the requeue signal), exactly one task where Lightning or torchrun spawn."""
     templates = sorted(FOLDER.glob("*.sbatch"))
-    assert [t.stem for t in templates] == ["multigpu_spawn", "multigpu_torchrun", "multinode", "single_gpu"]
+    assert [t.stem for t in templates] == ["multigpu", "multigpu_torchrun", "multinode", "single_gpu"]
     run([sys.executable, ROOT / "slurm_templates" / "tools" / "sbatch_lint.py", "--strict", *templates])
     if shutil.which("shellcheck") is None:
         unavailable("shellcheck not installed (tools/system_deps.sh installs it)")

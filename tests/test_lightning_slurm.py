@@ -44,7 +44,7 @@ def epoch_lines(log):
 
 @pytest.mark.parametrize("template, sbatch_args, world_size", [
     ("single_gpu.sbatch", shape(1, 1), 1),
-    ("multigpu_spawn.sbatch", shape(1, 1, gpus_per_node=2), 2),  # the fake GPUs are not CUDA: 2 CPU workers
+    ("multigpu.sbatch", shape(1, 1, gpus_per_node=2), 2),  # the fake GPUs are not CUDA: 2 CPU workers
     ("multigpu_torchrun.sbatch", shape(1, 1, gpus_per_node=2), 2),  # --nproc_per_node = SLURM_GPUS_ON_NODE
     ("multinode.sbatch", shape(1, 2), 2),
     ("multinode.sbatch", shape(2, 1), 2),

@@ -90,9 +90,9 @@ def test_multinode_torchrun(slurm_cluster, pytorch_python, tmp_path):
 
 @pytest.fixture(scope="module")
 def reference_run(slurm_cluster, pytorch_python, tmp_path_factory):
-    """multinode_srun.sbatch on 2 nodes x 1 task, uninterrupted: the preemption test compares against it."""
+    """multinode.sbatch on 2 nodes x 1 task, uninterrupted: the preemption test compares against it."""
     tmp_path = tmp_path_factory.mktemp("multinode_srun")
-    job, ckpt = submit(slurm_cluster, tmp_path, pytorch_python, "multinode_srun.sbatch", ONE_PER_NODE, args=LONG)
+    job, ckpt = submit(slurm_cluster, tmp_path, pytorch_python, "multinode.sbatch", ONE_PER_NODE, args=LONG)
     return job, ckpt
 
 

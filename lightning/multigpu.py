@@ -1,6 +1,6 @@
 """One process per node that spawns one worker per device (Lightning's ddp_spawn, its mp.spawn).
 
-    python multigpu_spawn.py --devices 2      # on CPU: 2 worker processes, gloo
+    python multigpu.py --devices 2      # on CPU: 2 worker processes, gloo
 """
 
 import time
