@@ -92,7 +92,8 @@ def parse_args(argv=None):
     p.add_argument("--quiet-cores", type=float, default=0.25, help="CPU cores others may use on a quiet machine")
     p.add_argument("--redo-disturbed", type=int, default=0, metavar="N",
                    help="launch again (up to N times) when others used more than --quiet-cores during a launch")
-    p.add_argument("--publish", action="store_true", help="also write the table to benchmarks/RESULTS.md")
+    p.add_argument("--publish", action="store_true",
+                   help="also write the table to benchmarks/RESULTS.md and the chart to benchmarks/results.png")
     args = p.parse_args(argv)
     args.world_sizes = sorted({int(w) for w in args.world_sizes.split(",")})
     if args.world_sizes[0] != 1:
@@ -476,11 +477,12 @@ def main(argv=None):
     table = markdown(result)
     (out / "results.md").write_text(table)
     plot(result, out / "results.png")
-    if args.publish:
+    if args.publish:  # the table and the chart the READMEs show
         (HERE / "RESULTS.md").write_text(
             "# Benchmark results (latest `make bench`)\n\n"
             "Written by `benchmarks/run.py --publish`; see benchmarks/README.md for what each column means.\n\n"
-            + table)
+            "![benchmark chart](results.png)\n\n" + table)
+        shutil.copyfile(out / "results.png", HERE / "results.png")
     print(table)
     print(f"[bench] wrote {out / 'results.json'}, {out / 'results.md'}, {out / 'results.png'}"
           + (f" and {HERE / 'RESULTS.md'}" if args.publish else ""))

@@ -1,6 +1,6 @@
 """One process per node that spawns one worker per device (Lightning's ddp_spawn, its mp.spawn).
 
-    python multigpu.py --devices 2      # on CPU: 2 worker processes, gloo
+    python multigpu.py --nprocs 2       # on CPU: 2 worker processes, gloo
 """
 
 import time
@@ -15,11 +15,11 @@ import common  # noqa: E402
 
 
 def main():
-    args = common.parse_args(__doc__, devices=True, default_devices=torch.cuda.device_count() or 2)
+    args = common.parse_args(__doc__, nprocs=True)
     trainer = pl.Trainer(
         accelerator="auto",  # CUDA -> nccl, else CPU -> gloo
-        devices=args.devices,
-        strategy="ddp_spawn",
+        devices=args.nprocs or torch.cuda.device_count() or 2,
+        strategy=common.ddp(args, start_method="spawn"),  # Lightning's ddp_spawn: mp.spawn
         # This script starts its own workers. Without this, inside a Slurm job Lightning picks SLURMEnvironment
         # (ranks from srun's one task) and the spawned workers collide on one port (EADDRINUSE).
         plugins=[LightningEnvironment()],

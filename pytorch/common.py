@@ -1,7 +1,10 @@
-"""What every pytorch/ recipe shares: the command line, the model, the data and the snapshot file.
+"""What every pytorch/ recipe shares: the command line, the model, the data, the training loop (`Trainer`) and
+the snapshot file.
 
-Everything about *distribution* stays in the scripts themselves, so that
-`diff single_gpu.py multigpu_torchrun.py` shows exactly what going multi-process changes.
+How processes start, which sampler gives a rank its shard and how the model is wrapped (DDP, FSDP) stays in the
+scripts themselves, so that `diff single_gpu.py multigpu_torchrun.py` shows exactly what going multi-process
+changes. The Trainer only asks "is there more than one rank?" where the answer changes what it must do (reduce
+the metrics, let one rank write the snapshot, agree on when to stop).
 """
 
 import argparse
@@ -13,9 +16,14 @@ import sys
 import threading
 import time
 
+import signal
+
 import torch
+import torch.distributed as dist
 import torch.nn as nn
-from torch.utils.data import Dataset, TensorDataset
+import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel as DDP
+from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 # Exit status of a run that stopped early because the scheduler asked it to (SIGUSR1/SIGTERM) after saving
 # a snapshot. 75 is EX_TEMPFAIL from sysexits.h: "try again later". Job scripts requeue on it.
@@ -35,23 +43,49 @@ def positive_int(text):
     return value
 
 
+def positive_float(text):
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be a positive number, got {text}")
+    return value
+
+
+def non_negative_int(text):
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return value
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """Bad input is one line on stderr and exit 2 (CONTRACT.md C4), not a usage block: with 512 ranks each
+    printing the usage, the actual complaint is lost."""
+
+    def error(self, message):
+        print(f"error: {message} (see --help)", file=sys.stderr, flush=True)
+        sys.exit(2)
+
+
 def parse_args(description, extra=None):
-    """The command line every recipe in this repository accepts (same names in every framework folder)."""
-    p = argparse.ArgumentParser(description=description)
+    """The command line every recipe in this repository accepts (CONTRACT.md C2: same in every framework folder)."""
+    p = OneLineParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--epochs", type=positive_int, default=3)
     p.add_argument("--max-steps", type=positive_int, default=None,
                    help="stop after this many optimizer steps in total, resumed ones included "
                         "(the LR schedule still spans --epochs)")
     p.add_argument("--batch-size", type=positive_int, default=64, help="per process")
-    p.add_argument("--lr", type=float, default=0.05)
+    p.add_argument("--lr", type=positive_float, default=0.05)
     p.add_argument("--data", choices=["synthetic", "mnist", "cifar10"], default="synthetic")
     p.add_argument("--data-dir", default=None, help="where mnist/cifar10 live (downloaded there if missing)")
     p.add_argument("--dataset-size", type=positive_int, default=4096, help="samples of synthetic data")
-    p.add_argument("--checkpoint-dir", default=None, help="snapshots go here; resume is automatic")
+    p.add_argument("--checkpoint-dir", default=None,
+                   help="snapshots go here and resume from here is automatic (default: none, nothing is saved)")
     p.add_argument("--save-every", type=positive_int, default=1, help="epochs between snapshots")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--amp", action="store_true", help="bf16 autocast (fp16 + GradScaler on GPUs without bf16)")
-    p.add_argument("--num-workers", type=int, default=0, help="DataLoader worker processes")
+    p.add_argument("--amp", action="store_true",
+                   help="mixed precision: bf16 on CPUs and GPUs that do it natively (compute capability >= 8.0), "
+                        "else fp16 with a GradScaler")
+    p.add_argument("--num-workers", type=non_negative_int, default=0, help="DataLoader worker processes")
     p.add_argument("--backend", choices=["auto", "nccl", "gloo"], default="auto",
                    help="auto: nccl with CUDA, gloo without")
     p.add_argument("--timeout", type=positive_int, default=300,
@@ -64,8 +98,6 @@ def parse_args(description, extra=None):
     args = p.parse_args()
     if args.data != "synthetic" and not args.data_dir:
         p.error(f"--data {args.data} needs --data-dir (the directory that holds, or will hold, the dataset)")
-    if args.num_workers < 0:
-        p.error("--num-workers must be >= 0")
     return args
 
 
@@ -76,18 +108,28 @@ def log(rank, message, *, file=sys.stdout):
 
 
 def run(main, *args, rank=None):
-    """Call main(*args); turn a RecipeError into one clear line and exit 2 instead of a traceback wall."""
+    """Call main(*args) the way every script's entry point needs it:
+
+    - SIGUSR1/SIGTERM are caught from the first line on (a signal during start-up must not kill the process
+      before it can save anything; the Trainer acts on it at a step boundary);
+    - a RecipeError becomes one clear line and exit 2 instead of a traceback wall;
+    - the process group, if main created one, is destroyed on the way out, so the scripts need no try/finally.
+    """
+    PREEMPTION.install()
     try:
         main(*args)
-        # DDP keeps reference cycles that hold the process group. Left to the interpreter's shutdown, they are
-        # freed when gloo's threads can no longer be joined, and the process aborts ("terminate called without
-        # an active exception") after a successful run. Free them now, while everything is still alive.
-        gc.collect()
     except RecipeError as e:
         if rank is None:
             rank = os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0"))
         log(rank, f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    # DDP keeps reference cycles that hold the process group. Left to the interpreter's shutdown, they are
+    # freed when gloo's threads can no longer be joined, and the process aborts ("terminate called without
+    # an active exception") after a successful run. Free them now, while everything is still alive.
+    gc.collect()
 
 
 @contextlib.contextmanager
@@ -124,6 +166,17 @@ def explained_rendezvous(rank, world_size, timeout):
                 if "EADDRINUSE" in str(e) or "address already in use" in str(e).lower()
                 else f"not all {world_size} ranks reached it within --timeout {timeout}s")
         raise RecipeError(f"rendezvous at {addr} failed: {hint} ({str(e).splitlines()[0][:200]})") from None
+
+
+def torchrun_env():
+    """(rank, local_rank, world_size) from the variables torchrun sets; a clear error when they are missing."""
+    names = ("RANK", "LOCAL_RANK", "WORLD_SIZE")
+    missing = [n for n in names if n not in os.environ]
+    if missing:
+        script = os.path.basename(sys.argv[0])
+        raise RecipeError(f"{', '.join(missing)} not set: launch with `torchrun --nproc_per_node N {script}` "
+                          f"(or set all of {', '.join(names)})")
+    return tuple(int(os.environ[n]) for n in names)
 
 
 def pick_backend(choice):
@@ -213,13 +266,45 @@ def check_dataset_fits(dataset: Dataset, world_size, batch_size):
 # ---------------------------------------------------------------------------------------------------- training
 
 
-def autocast_and_scaler(device, enabled):
-    """bf16 autocast where bf16 exists (CPUs, Ampere+ GPUs); fp16 + GradScaler on older GPUs."""
+def build_loader(dataset, sampler, args):
+    """The DataLoader every script uses; the sampler (which shard, which order) is the script's choice.
+
+    drop_last: the last incomplete batch is dropped (CONTRACT.md C5), so every rank does the same number of
+    steps. Workers ignore SIGUSR1/SIGTERM: Slurm signals every process of a step, and a worker killed by it makes
+    the main process raise at an arbitrary line instead of saving a snapshot; the main process decides.
+    """
+    return DataLoader(dataset, batch_size=args.batch_size, sampler=sampler, num_workers=args.num_workers,
+                      pin_memory=torch.cuda.is_available(), drop_last=True,
+                      persistent_workers=args.num_workers > 0, worker_init_fn=ignore_preemption_signals)
+
+
+def ignore_preemption_signals(worker_id):
+    for sig in PreemptionFlag.SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)
+
+
+def bf16_is_native(device):
+    """bf16 on CPUs and on GPUs of compute capability >= 8.0 (Ampere+). torch.cuda.is_bf16_supported() also
+    says yes on V100/T4, where bf16 is emulated and slower than fp16 (CONTRACT.md C10)."""
+    return device.type != "cuda" or torch.cuda.get_device_capability(device) >= (8, 0)
+
+
+def mixed_precision(device, enabled):
+    """(autocast context factory, GradScaler or None) for --amp: bf16 where native, else fp16 + GradScaler
+    (fp16's narrow range underflows small gradients unless the loss is scaled)."""
     if not enabled:
         return contextlib.nullcontext, None
-    if device.type == "cuda" and not torch.cuda.is_bf16_supported():
-        return (lambda: torch.autocast("cuda", dtype=torch.float16)), torch.amp.GradScaler("cuda")
-    return (lambda: torch.autocast(device.type, dtype=torch.bfloat16)), None
+    if bf16_is_native(device):
+        return (lambda: torch.autocast(device.type, dtype=torch.bfloat16)), None
+    return (lambda: torch.autocast(device.type, dtype=torch.float16)), torch.amp.GradScaler(device.type)
+
+
+def allow_tf32():
+    """fp32 matmuls and convolutions in TF32 on Ampere+ GPUs: inputs rounded to a 10-bit mantissa, accumulation
+    in fp32 -- about twice the matmul throughput for a precision loss training does not notice. No effect on
+    CPUs or older GPUs."""
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = True
 
 
 def build_optimizer(model, args, steps_per_epoch):
@@ -230,27 +315,196 @@ def build_optimizer(model, args, steps_per_epoch):
     return optimizer, scheduler
 
 
-class StepTimer:
-    """Wall-clock time after each optimizer step, for the benchmarks (--timings-file). Off by default."""
+class PreemptionFlag:
+    """Remembers that Slurm asked us to stop (SIGUSR1 before the time limit, SIGTERM on preemption or scancel);
+    the Trainer acts on it at a step boundary.
 
-    def __init__(self, path, device):
+    Saving inside the signal handler would interrupt a collective half-way; instead every rank checks the flag
+    every CHECK_EVERY steps and all of them agree (all_reduce MAX) on the same step to stop at.
+    """
+
+    SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
+    CHECK_EVERY = 10  # a tiny all_reduce every 10 steps costs nothing next to the step itself
+
+    def __init__(self):
+        self.requested = False
+
+    def install(self):
+        for sig in self.SIGNALS:
+            signal.signal(sig, self._handler)
+
+    def _handler(self, signum, frame):
+        self.requested = True
+
+    def agreed(self, step, device, distributed):
+        if step % self.CHECK_EVERY:
+            return False
+        flag = torch.tensor(float(self.requested), device=device)
+        if distributed:
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
+
+
+PREEMPTION = PreemptionFlag()
+
+
+class StepTimer:
+    """Wall-clock time after each optimizer step, for the benchmarks (--timings-file, rank 0). A Trainer step hook:
+    the training loop itself knows nothing about it."""
+
+    def __init__(self, path, device, world_size, batch_size):
         self.path, self.device, self.times = path, device, []
+        self.info = {"world_size": world_size, "batch_size": batch_size}
         self.start = time.time()
 
-    def step(self):
-        if self.path:
-            if self.device.type == "cuda":
-                torch.cuda.synchronize(self.device)  # only when timing: a sync per step costs throughput
-            self.times.append(time.time())
+    def __call__(self):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)  # only when timing: a sync per step costs throughput
+        self.times.append(time.time())
 
-    def write(self, **info):
-        if self.path:
-            with open(self.path, "w") as f:
-                json.dump({"start_time": self.start, "step_end_times": self.times, **info}, f)
+    def write(self):
+        with open(self.path, "w") as f:
+            json.dump({"start_time": self.start, "step_end_times": self.times, **self.info}, f)
 
 
-def training_left(state, args):
-    return state["epoch"] < args.epochs and not (args.max_steps and state["step"] >= args.max_steps)
+class Trainer:
+    """The training loop every script in this folder shares, in the shape of the PyTorch DDP tutorial series:
+    `_run_batch`, `_run_epoch`, `_save_snapshot`, plus what a job on a real cluster needs (exact resume, even
+    mid-epoch; preemption; metrics over all ranks).
+
+    The script hands in a model already placed and wrapped (DDP, FSDP or nothing), a loader whose sampler gives
+    this rank its shard, and the rank. With one rank nothing is reduced, broadcast or waited for.
+    """
+
+    def __init__(self, model, loader, args, device, rank=0, world_size=1):
+        self.model, self.loader, self.args, self.device = model, loader, args, device
+        self.rank, self.world_size, self.distributed = rank, world_size, world_size > 1
+        self.optimizer, self.scheduler = build_optimizer(model, args, len(loader))
+        self.autocast, self.scaler = mixed_precision(device, args.amp)
+        self.epoch = self.step = self.batch_in_epoch = 0  # progress: what a snapshot must restore
+        self.preempted = False
+        # Step hooks: the benchmarks' timer, off unless --timings-file is given.
+        self.timer = StepTimer(args.timings_file, device, world_size, args.batch_size) \
+            if args.timings_file and rank == 0 else None
+
+    # ------------------------------------------------------------------------------------------ the loop
+
+    def train(self):
+        self._resume()
+        start = time.perf_counter()
+        while self._training_left():
+            self._run_epoch()
+            finished = not self._training_left()
+            if self.args.checkpoint_dir and (finished or self.preempted or self.epoch % self.args.save_every == 0):
+                self._save_snapshot()
+            if self.preempted:
+                self._log(f"preempted at step {self.step}: "
+                          f"{'snapshot saved' if self.args.checkpoint_dir else 'no --checkpoint-dir, nothing saved'}"
+                          f"; exiting with {PREEMPTED_EXIT_CODE} so the job script requeues")
+                raise SystemExit(PREEMPTED_EXIT_CODE)
+        if self.timer:
+            self.timer.write()
+        self._log(f"done: {self.step} steps in {time.perf_counter() - start:.1f} s")
+
+    def _training_left(self):
+        return self.epoch < self.args.epochs and not (self.args.max_steps and self.step >= self.args.max_steps)
+
+    def _run_epoch(self):
+        epoch_start = time.perf_counter()
+        self.loader.sampler.set_epoch(self.epoch)  # forget this and every epoch repeats the same order
+        skip, self.batch_in_epoch = self.batch_in_epoch, 0
+        # Totals stay on the device: reading a value (.item()) every step would stall the GPU each time.
+        totals, seen = torch.zeros(2, device=self.device), 0  # loss x samples, correct predictions; samples
+        self.model.train()
+        for i, (x, y) in enumerate(self.loader):
+            if i < skip:  # resuming mid-epoch: these batches were trained on before the snapshot
+                continue
+            x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+            loss, correct = self._run_batch(x, y)
+            self.step, self.batch_in_epoch = self.step + 1, i + 1
+            if self.timer:
+                self.timer()
+            totals += torch.stack([loss * len(y), correct])
+            seen += len(y)
+            if self.step % self.args.log_every == 0:
+                self._log(f"epoch {self.epoch + 1} | batch {i + 1}/{len(self.loader)} | step {self.step} | "
+                          f"loss {loss.item():.4f}")
+            if (self.args.max_steps and self.step >= self.args.max_steps) or self._preemption_agreed():
+                break
+        self._report_epoch(totals, seen, time.perf_counter() - epoch_start)
+        if self.batch_in_epoch == len(self.loader):  # the epoch ran to its end (not cut short)
+            self.epoch, self.batch_in_epoch = self.epoch + 1, 0
+
+    def _run_batch(self, x, y):
+        with self.autocast():
+            logits = self.model(x)
+            loss = F.cross_entropy(logits, y)
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.scaler is not None:  # fp16: scale the loss so small gradients do not underflow
+            self.scaler.scale(loss).backward()
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            loss.backward()  # under DDP, gradients are averaged across ranks during backward
+            self.optimizer.step()
+        self.scheduler.step()
+        return loss.detach().float(), (logits.argmax(1) == y).sum().float()
+
+    def _preemption_agreed(self):
+        self.preempted = PREEMPTION.agreed(self.step, self.device, self.distributed)
+        return self.preempted
+
+    def _report_epoch(self, totals, seen, elapsed):
+        totals = torch.cat([totals, torch.tensor([float(seen)], device=self.device)])
+        if self.distributed:
+            dist.all_reduce(totals)  # one collective per epoch: metrics over all ranks, not just rank 0's
+        loss_sum, correct, seen = totals.tolist()
+        if seen:
+            self._log(f"epoch {self.epoch + 1}/{self.args.epochs} | step {self.step} | loss {loss_sum / seen:.4f} | "
+                      f"acc {correct / seen:.4f} | {seen / elapsed:.0f} samples/s | {elapsed:.1f} s")
+
+    def _log(self, message):
+        if self.rank == 0:
+            log(0, message)
+
+    # ------------------------------------------------------------------------------------------ snapshots
+
+    def _snapshot(self):
+        model = self.model.module if isinstance(self.model, DDP) else self.model
+        snap = {"model": model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(), "epoch": self.epoch, "step": self.step,
+                "batch_in_epoch": self.batch_in_epoch, "world_size": self.world_size, "rng": capture_rng()}
+        if self.scaler is not None:
+            snap["scaler"] = self.scaler.state_dict()
+        return snap
+
+    def _save_snapshot(self):
+        if self.rank == 0:  # every rank holds the same weights; one writer avoids a race on the file
+            save_snapshot(self.args.checkpoint_dir, self._snapshot())
+            log(0, f"snapshot saved to {self.args.checkpoint_dir} (step {self.step})")
+        if self.distributed:
+            dist.barrier()  # nobody reads or restarts before the file is complete
+
+    def _resume(self):
+        # Rank 0 decides which snapshot to use and tells the others: on a shared filesystem ranks can disagree
+        # about whether a file exists, and a job where only some ranks resume deadlocks.
+        choice = [find_snapshot(self.args.checkpoint_dir) if self.rank == 0 else None]
+        if self.distributed:
+            dist.broadcast_object_list(choice, src=0)
+        if choice[0] is None:
+            return
+        snap = read_snapshot(choice[0], map_location=self.device)  # each rank onto its own device
+        model = self.model.module if isinstance(self.model, DDP) else self.model
+        model.load_state_dict(snap["model"])
+        self.optimizer.load_state_dict(snap["optimizer"])
+        self.scheduler.load_state_dict(snap["scheduler"])
+        if self.scaler is not None and "scaler" in snap:
+            self.scaler.load_state_dict(snap["scaler"])
+        restore_rng(snap["rng"])
+        self.epoch, self.step, self.batch_in_epoch = snap["epoch"], snap["step"], snap["batch_in_epoch"]
+        if isinstance(self.model, DDP) and self._training_left():
+            settle_ddp_buckets(self.model, self.loader, self.device)  # same gradient order as without a restart
+        self._log(f"resumed from {choice[0]}: epoch {self.epoch + 1}, step {self.step}")
 
 
 def settle_ddp_buckets(model, loader, device):
@@ -262,10 +516,9 @@ def settle_ddp_buckets(model, loader, device):
     layout, and with more than 2 ranks a different layout adds the same numbers in a different order: the
     weights differ in the last bits, and training can amplify that. The gradients of this pass are discarded
     and the optimizer is not stepped. (This model has no BatchNorm or dropout; with those, mind their state.)
-    Only call it when training follows: a process that ends right after it can abort at exit.
     """
     x, y = next(iter(loader))
-    torch.nn.functional.cross_entropy(model(x.to(device)), y.to(device)).backward()
+    F.cross_entropy(model(x.to(device)), y.to(device)).backward()
     model.zero_grad(set_to_none=True)
 
 

@@ -309,6 +309,35 @@ def test_amp_bf16_runs_on_cpu(tmp_path):
     assert all(loss == loss and loss < 10 for loss in losses(out))  # finite
 
 
+AMP_RULE = """
+from unittest import mock
+import torch
+from common import mixed_precision
+for capability in [(7, 0), (7, 5), (8, 0), (9, 0)]:
+    with mock.patch("torch.cuda.get_device_capability", return_value=capability), \\
+         mock.patch("torch.cuda.is_bf16_supported", return_value=True):  # True on V100/T4 too (emulation)
+        autocast, scaler = mixed_precision(torch.device("cuda", 0), True)
+        print(capability, "fp16+scaler" if scaler is not None else "bf16")
+print("cpu", "bf16" if mixed_precision(torch.device("cpu"), True)[1] is None else "fp16+scaler")
+print("off", mixed_precision(torch.device("cpu"), False)[0]() is not None)
+"""
+
+
+def test_amp_rule_bf16_only_where_native():
+    """--amp picks bf16 by compute capability, never by is_bf16_supported() (which counts emulation)."""
+    out = [ln for ln in python("-W", "ignore", "-c", AMP_RULE, cwd=PT).stdout.splitlines() if ln[:1] in "(co"]
+    assert out == ["(7, 0) fp16+scaler", "(7, 5) fp16+scaler", "(8, 0) bf16", "(9, 0) bf16", "cpu bf16",
+                       "off True"]
+
+
+def test_fsdp_amp_runs_with_its_mixed_precision_policy(tmp_path):
+    """FSDP2 --amp: bf16 weights in compute, fp32 gradient reduction; trains and checkpoints."""
+    out = torchrun_standalone("fsdp.py", 2, "--amp", "--epochs", "1", "--dataset-size", "256", "--batch-size", "16",
+                              "--checkpoint-dir", tmp_path).stdout
+    assert all(loss == loss and loss < 10 for loss in losses(out))
+    assert (tmp_path / "latest").exists()
+
+
 @pytest.mark.parametrize("argv, message", [
     (["--data", "mnist"], "--data mnist needs --data-dir"),
     (["--batch-size", "0"], "must be a positive integer"),

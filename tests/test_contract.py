@@ -1,0 +1,285 @@
+"""CONTRACT.md, checked over every framework folder in the repository.
+
+The folders, the common flags, the tool folders that are out of scope and the exceptions all come from CONTRACT.md
+itself: a new folder is checked the moment it appears, and an exception exists only where the contract lists it.
+"""
+
+import ast
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from helpers import ROOT, clean_env, env_python, run, unavailable
+
+pytestmark = [pytest.mark.contract, pytest.mark.timeout(600)]
+
+CONTRACT = (ROOT / "CONTRACT.md").read_text()
+
+
+def section(number: str) -> str:
+    """The text of one `## C<n> ...` section (or `## Scope`, `## Exceptions`)."""
+    match = re.search(rf"^## {number}\b.*?(?=^## |\Z)", CONTRACT, re.M | re.S)
+    assert match, f"CONTRACT.md has no section {number}"
+    return match.group(0)
+
+
+TOOL_FOLDERS = set(re.findall(r"`(\w+)/`", section("Scope")))
+FOLDERS = sorted(p.name for p in ROOT.iterdir()
+                 if p.is_dir() and (p / "requirements.txt").exists() and p.name not in TOOL_FOLDERS)
+COMMON_FLAGS = re.findall(r"^\| `(--[\w-]+)` \|", section("C2"), re.M)
+LAUNCH_SCRIPTS = re.findall(r"^\|[^|\n]+\| `(\w+\.py)` \|", section("C1"), re.M)
+EPOCH_LINE = re.compile(re.search(r"Regular expression the tests use:\n`(.+?)`", section("C3")).group(1))
+ERROR_LINE = re.compile(r"^(\[rank\d+\] )?error: ")
+EXCEPTIONS = {(folder, rule) for folder, rule in
+              re.findall(r"^\| `?(\w+)/?`? \| `?([\w:.-]+)`? \|", section("Exceptions"), re.M)
+              if folder != "folder"}
+SMOKE = ["--epochs", "2", "--dataset-size", "16", "--batch-size", "4", "--log-every", "1"]
+
+
+def excepted(folder: str, rule: str) -> bool:
+    """True when CONTRACT.md's exceptions table excuses `folder` from `rule` (e.g. C1:multigpu.py) or its whole
+    rule (C1)."""
+    return (folder, rule) in EXCEPTIONS or (folder, rule.split(":")[0]) in EXCEPTIONS
+
+
+def recipe(folder: str, script: str, *args, env=None, timeout=240, check=True):
+    """Run a recipe the way a user does: from inside the folder, with the folder's own environment."""
+    return run([env_python(folder), script, *args], cwd=ROOT / folder, env=env or clean_env(),
+               timeout=timeout, check=check)
+
+
+def training_scripts(folder: str) -> list[Path]:
+    """Every script of the folder that runs on its own (has a __main__ guard); the rest are its modules."""
+    return sorted(p for p in (ROOT / folder).glob("*.py") if '__name__ == "__main__"' in p.read_text())
+
+
+def test_the_contract_is_readable():
+    """Guard for the parsing above: if CONTRACT.md's tables change shape, fail here rather than check nothing."""
+    assert {"pytorch", "lightning"} <= set(FOLDERS), FOLDERS
+    assert {"benchmarks", "slurm_templates", "tests", "tools"} <= TOOL_FOLDERS
+    assert {"--epochs", "--checkpoint-dir", "--backend", "--timeout", "--timings-file"} <= set(COMMON_FLAGS)
+    assert LAUNCH_SCRIPTS == ["single_gpu.py", "multigpu.py", "multigpu_torchrun.py", "multinode.py"]
+    assert EPOCH_LINE.match("[rank0] epoch 2/3 | step 32 | loss 0.1234 | acc 0.9512 | 8043 samples/s | 1.2 s")
+
+
+# ------------------------------------------------------------------------------------------------ C1 files
+
+
+@pytest.mark.parametrize("folder", FOLDERS)
+def test_files(folder):
+    path = ROOT / folder
+    for name in ("README.md", "requirements.txt", "common.py"):
+        assert (path / name).exists(), f"{folder}/ has no {name} (CONTRACT.md C1)"
+    for script in LAUNCH_SCRIPTS:
+        assert (path / script).exists() or excepted(folder, f"C1:{script}"), \
+            f"{folder}/{script} missing and not an exception in CONTRACT.md"
+    for script in training_scripts(folder):
+        templates = [*path.glob(f"{script.stem}.sbatch"), *path.glob(f"{script.stem}_*.sbatch")]
+        assert templates or excepted(folder, f"C1:{script.name}"), f"{folder}/{script.name} has no sbatch template"
+    assert (path / "multinode.sbatch").exists() or excepted(folder, "C8:multinode.sbatch"), \
+        f"{folder}/ has no multinode.sbatch (the preemption-safe multi-node template, CONTRACT.md C8)"
+
+
+# ------------------------------------------------------------------------------------------------ C2 command line
+
+
+@pytest.mark.parametrize("folder", FOLDERS)
+def test_help_lists_the_common_flags(folder):
+    for script in training_scripts(folder):
+        if not script.name.startswith(("single_gpu", "multigpu", "multinode")):
+            continue  # extra scripts (e.g. launchers) may have their own command line
+        out = recipe(folder, script.name, "--help", timeout=120).stdout
+        missing = [f for f in COMMON_FLAGS if f not in out and not excepted(folder, f"C2:{f}")]
+        assert not missing, f"{folder}/{script.name} --help lacks {missing}"
+        if script.name == "multigpu.py":
+            assert "--nprocs" in out, f"{folder}/multigpu.py has no --nprocs"
+
+
+# ------------------------------------------------------------------------------------------------ C4 exit codes
+
+BAD_FLAGS = [["--epochs", "0"], ["--batch-size", "0"], ["--lr", "-1"], ["--num-workers", "-1"],
+             ["--log-every", "0"], ["--data", "no-such-format"]]
+
+
+def assert_one_error_line(proc, what):
+    errors = [ln for ln in proc.stderr.splitlines() if ERROR_LINE.match(ln)]
+    assert proc.returncode == 2, f"{what}: exit {proc.returncode}, want 2\n{proc.stdout[-2000:]}{proc.stderr[-3000:]}"
+    assert len(errors) == 1, f"{what}: want exactly one error line on stderr, got {errors}\n{proc.stderr[-3000:]}"
+    assert "Traceback" not in proc.stderr + proc.stdout, f"{what}: traceback\n{proc.stderr[-3000:]}"
+
+
+def run_split(folder, *args, env=None, timeout=120):
+    """Like recipe(), with stdout and stderr apart (the contract is about stderr)."""
+    cmd = [str(env_python(folder)), *map(str, args)]
+    try:
+        return subprocess.run(cmd, cwd=ROOT / folder, env=env or clean_env(), capture_output=True, text=True,
+                              timeout=timeout, start_new_session=True)
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"{' '.join(cmd)} still running after {timeout}s: bad input must fail within a bounded time",
+                    pytrace=False)
+
+
+@pytest.mark.parametrize("folder", FOLDERS)
+def test_bad_input_is_one_line_and_exit_2(folder, tmp_path):
+    for flags in BAD_FLAGS:
+        if excepted(folder, f"C2:{flags[0]}"):
+            continue
+        proc = run_split(folder, "single_gpu.py", *flags, "--checkpoint-dir", tmp_path / "ckpt")
+        assert_one_error_line(proc, f"{folder}/single_gpu.py {' '.join(flags)}")
+    assert not (tmp_path / "ckpt").exists(), "a rejected run must not write anything"
+
+
+@pytest.mark.parametrize("folder", FOLDERS)
+def test_launch_without_the_launchers_variables(folder):
+    """multigpu_torchrun.py and multinode.py started by plain `python`: one line saying how to launch them."""
+    for script in ("multigpu_torchrun.py", "multinode.py"):
+        if (ROOT / folder / script).exists():
+            proc = run_split(folder, script, *SMOKE, timeout=180)
+            assert_one_error_line(proc, f"{folder}/{script} without a launcher")
+
+
+# ------------------------------------------------------------------------------------------------ C3, C5, C6
+
+
+@pytest.mark.parametrize("folder", FOLDERS)
+def test_smoke_run_log_lines_and_resume_of_a_finished_run(folder, tmp_path):
+    """The contract's smoke run: 2 epochs of 4 steps, the contract's log lines, a snapshot; run again, it resumes
+    the finished run, trains 0 steps and exits 0."""
+    ckpt = tmp_path / "ckpt"
+    out = recipe(folder, "single_gpu.py", *SMOKE, "--checkpoint-dir", ckpt).stdout
+    epochs = [EPOCH_LINE.match(ln) for ln in out.splitlines() if ln.startswith("[rank0] epoch ") and "samples/s" in ln]
+    assert all(epochs) and len(epochs) == 2, f"epoch lines do not match CONTRACT.md C3:\n{out[-3000:]}"
+    assert [(m[1], m[2], m[3]) for m in epochs] == [("1", "2", "4"), ("2", "2", "8")], out[-3000:]
+    assert all(float(m[4]) == float(m[4]) for m in epochs)  # a number, not nan
+    progress = re.findall(r"^\[rank0\] epoch \d \| batch \d/4 \| step \d \| loss \S+$", out, re.M)
+    assert len(progress) == 8, f"want a progress line every step (--log-every 1):\n{out[-3000:]}"
+    assert re.search(r"^\[rank0\] snapshot saved to .+ \(step 8\)$", out, re.M), out[-3000:]
+    assert re.search(r"^\[rank0\] done: 8 steps in [\d.]+ s$", out, re.M), out[-3000:]
+    assert any(ckpt.iterdir()), "nothing written to --checkpoint-dir"
+    again = recipe(folder, "single_gpu.py", *SMOKE, "--checkpoint-dir", ckpt).stdout
+    assert re.search(r"^\[rank0\] resumed from .+: epoch 3, step 8$", again, re.M), again[-3000:]
+    assert not [ln for ln in again.splitlines() if EPOCH_LINE.match(ln)], "a finished run trained again"
+
+
+# ------------------------------------------------------------------------------------------------ C8 templates
+
+
+@pytest.mark.lint
+@pytest.mark.parametrize("folder", FOLDERS)
+def test_templates_follow_the_conventions(folder):
+    templates = sorted((ROOT / folder).glob("*.sbatch"))
+    assert templates, f"{folder}/ has no sbatch templates"
+    run([sys.executable, ROOT / "slurm_templates" / "tools" / "sbatch_lint.py", "--strict", *templates])
+    if shutil.which("shellcheck") is None:
+        unavailable("shellcheck not installed (tools/system_deps.sh installs it)")
+    run(["shellcheck", *templates])
+    for path in templates:
+        text = path.read_text()
+        where = f"{folder}/{path.name}"
+        assert text.startswith("#!/bin/bash\n") and "set -euo pipefail" in text, where
+        assert "# EDIT" in text and "#SBATCH --output=%x-%j.out" in text, where
+        for port in re.findall(r"MASTER_PORT=\S*\$\(\((.*?)\)\)", text):
+            assert re.fullmatch(r"\s*15000 \+ SLURM_JOB_ID % 15000\s*", port), f"{where}: port rule is {port!r}"
+        first_srun = next((m.start() for m in re.finditer(r"^\s*srun\b", text, re.M)), None)
+        if first_srun is not None:
+            export = text.find("export SRUN_CPUS_PER_TASK=")
+            assert 0 <= export < first_srun or "srun --cpus-per-task" in text, \
+                f"{where}: srun does not inherit --cpus-per-task (Slurm >= 22.05): export SRUN_CPUS_PER_TASK"
+        assert "checkpoints/$SLURM_JOB_ID" not in text, f"{where}: a resubmitted job would start over"
+        if "--checkpoint-dir" in text:
+            assert 'RUN=${RUN:-$SLURM_JOB_NAME}' in text and '"checkpoints/$RUN"' in text, where
+        assert "SLURM_GPUS_ON_NODE:-" not in text, f"{where}: silent fallback when the GPU count is unknown"
+    multinode = ROOT / folder / "multinode.sbatch"
+    if multinode.exists():
+        text = multinode.read_text()
+        for needle in ("#SBATCH --signal=B:USR1@", "#SBATCH --requeue", "#SBATCH --open-mode=append", "trap ",
+                       "scontrol requeue", "MAX_RESTARTS", "75"):
+            assert needle in text, f"{folder}/multinode.sbatch is not preemption-safe: no {needle!r} (C8)"
+
+
+# ------------------------------------------------------------------------------------------------ C9, C11
+
+
+@pytest.mark.lint
+@pytest.mark.parametrize("folder", FOLDERS)
+def test_requirements_are_pinned(folder):
+    pins = {}
+    for line in (ROOT / folder / "requirements.txt").read_text().splitlines():
+        line = line.split("#")[0].strip()
+        if line:
+            assert re.fullmatch(r"[\w.\[\],-]+==[\w.+-]+", line), f"{folder}/requirements.txt: {line!r} is not pinned"
+            name, version = line.split("==")
+            pins[name.split("[")[0].lower()] = version
+    torch_pin = re.search(r"^torch==(\S+)", (ROOT / "constraints.txt").read_text(), re.M).group(1)
+    assert pins.get("torch") == torch_pin or excepted(folder, "C9:torch"), \
+        f"{folder}/requirements.txt must pin torch=={torch_pin} (constraints.txt)"
+
+
+@pytest.mark.lint
+@pytest.mark.parametrize("folder", FOLDERS)
+def test_no_imports_from_sibling_folders(folder):
+    """Imports name the standard library, an installed package or a module of the folder itself; nothing
+    reaches into another folder (no sys.path edits, no module that only a sibling folder has)."""
+    own = {p.stem for p in (ROOT / folder).glob("*.py")}
+    sibling_only = {p.stem for f in [*FOLDERS, *TOOL_FOLDERS] if f != folder for p in (ROOT / f).glob("*.py")} - own
+    for path in (ROOT / folder).glob("*.py"):
+        text = path.read_text()
+        assert not re.search(r"sys\.path\.(insert|append|extend)|PYTHONPATH", text), f"{path}: sys.path tricks"
+        for node in ast.walk(ast.parse(text)):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                [node.module or ""] if isinstance(node, ast.ImportFrom) and node.level == 0 else []
+            for name in names:
+                top = name.split(".")[0]
+                assert top not in sibling_only or top in sys.stdlib_module_names, \
+                    f"{path.relative_to(ROOT)} imports {name!r}, a module of another folder"
+
+
+TOY_FINGERPRINT = """
+import hashlib, json, torch, common
+torch.manual_seed(0)
+weights = common.ConvNet().state_dict()
+data = common.synthetic_dataset(64)
+h = hashlib.sha256()
+for k, v in weights.items():
+    h.update(k.encode()); h.update(v.numpy().tobytes())
+for t in data.tensors:
+    h.update(t.numpy().tobytes())
+print(json.dumps(h.hexdigest()))
+"""
+
+
+def test_the_shared_toy_workload_is_identical_wherever_it_is_carried():
+    carriers = [f for f in FOLDERS if re.search(r"^class ConvNet\b.*^def synthetic_dataset\b",
+                                                 (ROOT / f / "common.py").read_text(), re.M | re.S)]
+    assert {"pytorch", "lightning"} <= set(carriers)
+    prints = {f: json.loads(recipe(f, "-c", TOY_FINGERPRINT, timeout=120).stdout.strip().splitlines()[-1])
+              for f in carriers}
+    assert len(set(prints.values())) == 1, f"the toy model or data differ between folders: {prints}"
+
+
+# ------------------------------------------------------------------------------------------------ copy alone
+
+
+@pytest.mark.parametrize("folder", FOLDERS)
+def test_copy_alone_installs_and_runs(folder, tmp_path):
+    """What the README tells a user: copy the folder, make a venv, `pip install -r requirements.txt`, run."""
+    copy = tmp_path / folder
+    shutil.copytree(ROOT / folder, copy, ignore=shutil.ignore_patterns("__pycache__", "checkpoints", "*.out"))
+    venv = tmp_path / "venv"
+    python = os.environ.get("PYTHON", "python3")
+    run([python, "-m", "venv", venv], timeout=120)
+    # Quiet and without byte-compiling (faster); nothing else: no constraints file, no extra index.
+    run([venv / "bin" / "python", "-m", "pip", "install", "--quiet", "--no-compile", "-r", "requirements.txt"],
+        cwd=copy, timeout=900)
+    out = run([venv / "bin" / "python", "single_gpu.py", *SMOKE, "--checkpoint-dir", tmp_path / "ckpt"],
+              cwd=copy, timeout=300).stdout
+    assert re.search(r"^\[rank0\] done: 8 steps", out, re.M), out[-3000:]
+    installed = run([venv / "bin" / "python", "-c", "import importlib.metadata as m; print(m.version('torch'))"],
+                    cwd=copy, check=False).stdout.strip()
+    assert "+cu" not in installed, f"a CUDA build of torch was installed on a CPU machine: {installed}"
+
