@@ -573,6 +573,7 @@ class Script:
     def check_paths(self):
         """SB004 scripts the job runs, SB107 files it sources; following --chdir and cd."""
         cwd = self.submit_dir()
+        created = self.created_files()
         in_container = set()
         for c in self.commands:
             if CONTAINER.search(c.text):
@@ -603,7 +604,7 @@ class Script:
                         cwd = local
                     continue
                 path = self.resolve(ref, local)
-                if path is None or path.exists():
+                if path is None or path.exists() or ref in created:
                     continue
                 if kind == "source":
                     self.report(c.number, "SB107", f"'{ref}' does not exist yet: create it before submitting "
@@ -611,6 +612,18 @@ class Script:
                 else:
                     self.report(c.number, "SB004", f"'{ref}' does not exist (relative to {local}); the job would "
                                 "fail after waiting in the queue")
+
+    def created_files(self) -> set[str]:
+        """Files the job writes itself (cat > run.sh <<EOF, tee, cp, touch): they exist by the time they run."""
+        created = set()
+        word = r"(\"[^\"]*\"|'[^']*'|[^\s;&|<>()]+)"
+        for c in self.commands:
+            created.update(m.group(1) for m in re.finditer(r"(?:&?>>?|>\|)\s*" + word, c.text))
+            for m in re.finditer(r"\b(tee|touch|cp|mv|ln|install)\b([^;&|]*)", c.text):
+                args = [a for a in m.group(2).split() if not a.startswith("-")]
+                created.update(args if m.group(1) in ("tee", "touch") else args[-1:])
+            created.update(re.findall(r"\b(?:wget|curl)\b.*?\s-[oO]\s*" + word, c.text))
+        return {c.strip("\"'") for c in created}
 
     def referenced_names(self, text: str, depth: int = 3) -> set[str]:
         names = set(re.findall(r"\$\{?([A-Za-z_]\w*)", text))
