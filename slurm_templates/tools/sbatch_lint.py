@@ -283,8 +283,8 @@ class Script:
                                  r"([A-Za-z_]\w*)\+?=(\((?:[^()]|\([^()]*\))*\)|\"(?:[^\"\\]|\\.)*\"|'[^']*'"
                                  r"|\$\((?:[^()]|\([^()]*\))*\)|[^\s;&|]*)", c.text):
                 self.assignments.setdefault(m.group(1), []).append((c.number, m.group(2).strip("\"'()")))
-            for m in re.finditer(r"\b(?:read(?:\s+-\w+)*|for|local|declare(?:\s+-\w+)*|export)\s+([A-Za-z_]\w*)",
-                                 c.text):
+            for m in re.finditer(r"\b(?:read(?:\s+-\w+)*|for|local|declare(?:\s+-\w+)*|export)\s+"
+                                 r"([A-Za-z_]\w*)\b(?!\+?=)", c.text):
                 self.assignments.setdefault(m.group(1), []).append((c.number, ""))
         self.single_node = self.single_node_lines()
 
@@ -484,7 +484,9 @@ class Script:
                                               r"pipefail", c.top):
                 pipefail = c.number
             text = self.expand(c.text, c.number)
-            steps = self.srun_options(c.top)
+            if self.srun_options(c.top) is None:
+                continue
+            steps = self.srun_options(text) or ""  # options kept in a variable ($SRUN_ARGS) count
             if steps is None:
                 continue
             after_srun = c.top[c.top.find("srun"):]
