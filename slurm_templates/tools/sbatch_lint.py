@@ -75,7 +75,8 @@ CONTAINER = re.compile(r"--container-(?:image|workdir|mounts|name)|\b(?:apptaine
                        r"|ch-run)\b|\bdocker\s+(?:run|exec)\b")
 TRAINING = re.compile(r"(?:^|[\s;&|(\"'/])(?:python[\d.]*|torchrun|accelerate|deepspeed|lightning)(?=[\s\"';)]|$)"
                       r"|\.py\b")
-PLACEHOLDER = re.compile(r"\s*(?:\$\{\w+\}|\$\w+|\{\{.*\}\}|\{%.*%\}|\{\w+\}|@\w+@|__\w+__|<\w+>)\s*")
+# A template generator's placeholder alone on a line (`${PARTITION_OPTION}`, `{{ account }}`): not a command yet.
+PLACEHOLDER = re.compile(r"\s*(?:\$\{[A-Z_]+\}|\{\{.*\}\}|\{%.*%\}|\{\w+\}|@\w+@|__\w+__|<\w+>)\s*")
 NODE_COUNT = r"\$?\{?\b(?:SLURM_NNODES|SLURM_JOB_NUM_NODES|NNODES|NUM_NODES|N_NODES|nnodes|num_nodes|NODES)\}?"
 SCRIPT_REF = re.compile(r"(?<![\w$}\]/.~:@%)-])((?:\.{1,2}/|/)?[\w][\w./-]*\.(?:py|sh|bash|sbatch|slurm))(?![\w/-])")
 
@@ -275,8 +276,7 @@ class Script:
     # --- logical lines, variables, if-branches ------------------------------------------------------------
     def read_commands(self):
         self.logical, self.expanding = scan(self.text)
-        self.commands = [c for c in self.logical if not c.heredoc and c.text.strip()
-                         and not PLACEHOLDER.fullmatch(c.text)]
+        self.commands = [c for c in self.logical if not c.heredoc and c.text.strip()]
         self.assignments: dict[str, list[tuple[int, str]]] = {}
         for c in self.commands:
             for m in re.finditer(r"(?:^|[\s;&(])(?:export\s+|local\s+|readonly\s+|declare\s+(?:-\w+\s+)*)?"
