@@ -23,6 +23,7 @@ Errors -- the job cannot work as written (exit 1):
          branch of `if [ "$SLURM_NNODES" -gt 1 ]` are fine
   SB008  `#SBATCH --output/--error` into a folder that does not exist at submit time: Slurm opens the log
          before the script's `mkdir` runs, and the job fails with no log at all
+  SB009  DOS line breaks (\\r\\n): sbatch refuses the script (dos2unix fixes it)
 Warnings (exit 1 only with --strict):
   SB101  a fixed rendezvous port (MASTER_PORT=29500, ${MASTER_PORT:-29500}, --master_port, --main_process_port,
          host:29500): jobs sharing a node collide (EADDRINUSE); derive it from $SLURM_JOB_ID. Not reported for
@@ -235,9 +236,13 @@ class Script:
     """A job script read the way sbatch and bash read it; `lint()` applies every rule."""
 
     def __init__(self, path: str, text: str, root: Path | None, shellcheck: bool = False):
-        self.path, self.text, self.root, self.shellcheck = path, text, root, shellcheck
+        self.path, self.findings = path, []
+        if "\r\n" in text:
+            self.report(text[:text.index("\r\n")].count("\n") + 1, "SB009", "DOS line breaks (\\r\\n): sbatch "
+                        "refuses the script ('Batch script contains DOS line breaks'); convert it with dos2unix")
+            text = text.replace("\r\n", "\n")  # read the rest as it will be once converted
+        self.text, self.root, self.shellcheck = text, root, shellcheck
         self.lines = text.split("\n")
-        self.findings: list[Finding] = []
         self.disabled = {code for m in re.finditer(r"sbatch-lint:\s*disable=([\w,]+)", text)
                          for code in m.group(1).split(",")}
         shebang = self.lines[0] if self.lines and self.lines[0].startswith("#!") else "#!/bin/bash"
@@ -612,8 +617,9 @@ class Script:
                     self.report(c.number, "SB107", f"'{ref}' does not exist yet: create it before submitting "
                                 "(the job stops at this line otherwise)")
                 else:
-                    self.report(c.number, "SB004", f"'{ref}' does not exist (relative to {local}); the job would "
-                                "fail after waiting in the queue")
+                    where = "" if ref.startswith("/") else f" (relative to {local})"
+                    self.report(c.number, "SB004", f"'{ref}' does not exist{where}; the job would fail after "
+                                "waiting in the queue")
 
     def created_files(self) -> set[str]:
         """Files the job writes itself (cat > run.sh <<EOF, tee, cp, touch): they exist by the time they run."""
@@ -686,7 +692,7 @@ def lint_text(path, text: str, root: Path | None, shellcheck: bool = False) -> l
 
 def lint_file(path: Path, root: Path | None = None, path_checks: bool = True, shellcheck: bool = False):
     base = (root or path.resolve().parent) if path_checks else None
-    return lint_text(path, path.read_text(errors="replace"), base, shellcheck)
+    return lint_text(path, path.read_bytes().decode(errors="replace"), base, shellcheck)  # keeps \r\n
 
 
 def is_job_script(path: Path) -> bool:
