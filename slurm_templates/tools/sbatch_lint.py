@@ -10,7 +10,8 @@ Errors -- the job cannot work as written (exit 1):
   SB002  an #SBATCH line after the first command -- sbatch stops reading directives there (a line that is only
          a template placeholder, `${PARTITION_OPTION}` or `{{ account }}`, is not a command)
   SB003  double launch: torchrun/accelerate/deepspeed starting several processes in each of several srun tasks
-         per node (N x N processes), also when the launcher is kept in a variable (`CMD="torchrun ..."`)
+         per node (N x N processes), or more processes per node than GPUs; also when the launcher is kept in a
+         variable (`CMD="torchrun ..."`), and per hetjob group
   SB004  a script the job runs (python x.py, bash x.sh, torchrun x.py, ./x.sh) that does not exist, following
          `#SBATCH --chdir` and `cd DIR`; relative paths are taken from the submit directory (the script's
          folder, or --root); an absolute path is checked when its folder exists here
@@ -41,7 +42,8 @@ Warnings (exit 1 only with --strict):
   SCnnnn shellcheck's warnings and errors, when shellcheck is installed (off: --no-shellcheck)
 
 `# sbatch-lint: disable=SB003,SB101` anywhere in a script turns those rules off for that script. Findings on a
-command that spans several lines are reported at its first line.
+command that spans several lines are reported at its first line. Exit status: 0 clean, 1 findings (errors, or
+any finding with --strict), 2 bad input (one `error:` line on stderr).
 """
 
 import argparse
@@ -735,8 +737,8 @@ def main(argv=None) -> int:
     parser = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("paths", nargs="+", help="job scripts, or folders searched for them")
     parser.add_argument("--strict", action="store_true", help="warnings fail too")
-    parser.add_argument("--root", type=Path, help="resolve relative paths as if the scripts lived in DIR "
-                        "(the folder you submit from); default: each script's own folder")
+    parser.add_argument("--root", type=Path, metavar="DIR", help="resolve relative paths as if the scripts lived "
+                        "in DIR (the folder you submit from); default: each script's own folder")
     parser.add_argument("--no-path-checks", action="store_true", help="skip every file-system check "
                         "(SB004, SB008, SB107): for a script copied away from its project")
     parser.add_argument("--format", choices=("text", "json"), default="text", help="json: one array of findings "
