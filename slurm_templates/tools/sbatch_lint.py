@@ -616,6 +616,8 @@ class Script:
                 if path is None or path.exists() or ref in created:
                     continue
                 if kind == "source":
+                    if "/" not in ref and "." not in ref:
+                        continue  # `source activate`: bash looks a bare name up on PATH first (conda's activate)
                     self.report(c.number, "SB107", f"'{ref}' does not exist yet: create it before submitting "
                                 "(the job stops at this line otherwise)")
                 else:
