@@ -230,6 +230,14 @@ class Shape:
     def tasks(self) -> int:
         return self.ntasks or self.nodes * (self.tasks_per_node or 1)
 
+    def count(self, value: str | None) -> int | None:
+        """A count given to srun: a number, or the job's own node/task count (`--ntasks=$SLURM_NNODES`)."""
+        if value and re.fullmatch(NODE_COUNT, value):
+            return self.nodes
+        if value and re.fullmatch(r"\$\{?SLURM_(?:NTASKS|NPROCS)\}?", value):
+            return self.tasks
+        return as_int(value)
+
     def per_node(self) -> int:
         return self.tasks_per_node or (-(-self.ntasks // self.nodes) if self.ntasks else 1)
 
@@ -413,14 +421,14 @@ class Script:
             group = as_int(option(steps or "", "--het-group", "--pack-group"), 0)
             shape = self.shapes[min(group, len(self.shapes) - 1)]
             gpn = shape.gpus_per_node
-            nproc_text = self.launcher_procs(name, text, gpn)
+            nproc_text = self.launcher_procs(name, text, shape)
             nproc = as_int(nproc_text)
             if nproc is None and nproc_text and "GPUS" in nproc_text.upper():
                 nproc = gpn
             if steps is not None:
-                per_node = as_int(option(steps, "--ntasks-per-node"))
-                step_n = as_int(option(steps, "--ntasks", "-n"))
-                step_nodes = as_int(option(steps, "--nodes", "-N")) or shape.nodes
+                per_node = shape.count(option(steps, "--ntasks-per-node"))
+                step_n = shape.count(option(steps, "--ntasks", "-n"))
+                step_nodes = shape.count(option(steps, "--nodes", "-N")) or shape.nodes
                 if per_node is None:
                     per_node = -(-step_n // step_nodes) if step_n else shape.per_node()
             else:
@@ -446,15 +454,16 @@ class Script:
                         "the first node, and the other nodes stay idle (a distributed run hangs at "
                         "'Initializing distributed')")
 
-    def launcher_procs(self, name: str, text: str, gpn: int | None) -> str | None:
+    def launcher_procs(self, name: str, text: str, shape: Shape) -> str | None:
         """How many processes per node the launcher starts, as written (a number or a variable name)."""
         if name == "deepspeed":
             value = option(text, "--num_gpus", "--num-gpus")
-            return value if value is not None else (str(gpn) if gpn else None)
-        if name.startswith("accelerate"):
+            return value if value is not None else (str(shape.gpus_per_node) if shape.gpus_per_node else None)
+        if name.startswith("accelerate"):  # --num_processes counts every machine's processes
             total = as_int(option(text, "--num_processes", "--num-processes"))
-            machines = as_int(option(text, "--num_machines", "--num-machines"), 1)
-            return str(-(-total // machines)) if total else None
+            machines_text = option(text, "--num_machines", "--num-machines")
+            machines = shape.count(machines_text) if machines_text else 1
+            return str(-(-total // machines)) if total and machines else None
         value = option(text, "--nproc_per_node", "--nproc-per-node")
         return value if value is not None else "1"
 
@@ -502,10 +511,10 @@ class Script:
                             "pipeline's status is the last command's, so a failed step ends the job as COMPLETED")
             if not TRAINING.search(text[text.find("srun"):]):
                 continue
-            tasks = as_int(option(steps, "--ntasks", "-n"))
+            tasks = shape.count(option(steps, "--ntasks", "-n"))
             if tasks is None:
-                nodes = as_int(option(steps, "--nodes", "-N")) or shape.nodes
-                per_node = as_int(option(steps, "--ntasks-per-node"))
+                nodes = shape.count(option(steps, "--nodes", "-N")) or shape.nodes
+                per_node = shape.count(option(steps, "--ntasks-per-node"))
                 tasks = nodes * per_node if per_node else (shape.tasks if nodes == shape.nodes else nodes)
             if tasks > 1 and not kill_env and not re.search(r"--kill-on-bad-exit|(?:^|\s)-K\d?\b", steps):
                 self.report(c.number, "SB104", f"{tasks} tasks without --kill-on-bad-exit=1: when one rank crashes "
