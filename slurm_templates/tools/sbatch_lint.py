@@ -62,11 +62,11 @@ PER_TASK_VARS = ("SLURM_PROCID", "SLURM_LOCALID", "SLURM_NODEID", "SLURM_TASK_PI
 SKIP_DIRS = {".git", ".venvs", "venv", ".venv", "runs", "node_modules", "__pycache__", ".pytest_cache"}
 MAX_SCRIPT_BYTES = 1_000_000
 SRUN_VALUE_OPTIONS = set("-n -N -c -w -x -p -t -o -e -i -J -A -q -D -m -W -G -d".split()) | {
-    f"--{o}" for o in "ntasks nodes ntasks-per-node cpus-per-task gpus gres nodelist exclude partition time output "
-    "error input export job-name het-group pack-group mem mem-per-cpu mem-per-gpu cpu-bind gpu-bind gpus-per-task "
-    "gpus-per-node ntasks-per-gpu cpus-per-gpu container-image container-mounts container-workdir container-name "
-    "container-env distribution mpi chdir wait account qos reservation dependency signal network constraint "
-    "hint threads-per-core label-format".split()}
+    f"--{o}" for o in """ntasks nodes ntasks-per-node tasks-per-node cpus-per-task gpus gres nodelist exclude
+    partition time output error input export job-name het-group pack-group mem mem-per-cpu mem-per-gpu cpu-bind
+    gpu-bind gpus-per-task gpus-per-node ntasks-per-gpu cpus-per-gpu container-image container-mounts
+    container-workdir container-name container-env distribution mpi chdir wait account qos reservation dependency
+    signal network constraint hint threads-per-core label-format""".split()}
 EPHEMERAL_LOW = 32768
 # A launcher that starts several processes per node (torchrun, accelerate, deepspeed); group 1 names it.
 LAUNCHER = re.compile(r"(?:^|[\s;&|(\"'=])(?:\S*/)?(torchrun|accelerate\s+launch|deepspeed)(?=[\s\"';)]|$)"
@@ -213,7 +213,7 @@ class Shape:
     @classmethod
     def from_directives(cls, text: str) -> "Shape":
         nodes = as_int(option(text, "--nodes", "-N"), 1)
-        tasks_per_node = as_int(option(text, "--ntasks-per-node"))
+        tasks_per_node = as_int(option(text, "--ntasks-per-node", "--tasks-per-node"))
         ntasks = as_int(option(text, "--ntasks", "-n"))
         if ntasks and tasks_per_node:
             nodes = max(nodes, -(-ntasks // tasks_per_node))
@@ -426,7 +426,7 @@ class Script:
             if nproc is None and nproc_text and "GPUS" in nproc_text.upper():
                 nproc = gpn
             if steps is not None:
-                per_node = shape.count(option(steps, "--ntasks-per-node"))
+                per_node = shape.count(option(steps, "--ntasks-per-node", "--tasks-per-node"))
                 step_n = shape.count(option(steps, "--ntasks", "-n"))
                 step_nodes = shape.count(option(steps, "--nodes", "-N")) or shape.nodes
                 if per_node is None:
@@ -514,7 +514,7 @@ class Script:
             tasks = shape.count(option(steps, "--ntasks", "-n"))
             if tasks is None:
                 nodes = shape.count(option(steps, "--nodes", "-N")) or shape.nodes
-                per_node = shape.count(option(steps, "--ntasks-per-node"))
+                per_node = shape.count(option(steps, "--ntasks-per-node", "--tasks-per-node"))
                 tasks = nodes * per_node if per_node else (shape.tasks if nodes == shape.nodes else nodes)
             if tasks > 1 and not kill_env and not re.search(r"--kill-on-bad-exit|(?:^|\s)-K\d?\b", steps):
                 self.report(c.number, "SB104", f"{tasks} tasks without --kill-on-bad-exit=1: when one rank crashes "
