@@ -503,7 +503,8 @@ class Trainer:
         restore_rng(snap["rng"])
         self.epoch, self.step, self.batch_in_epoch = snap["epoch"], snap["step"], snap["batch_in_epoch"]
         if isinstance(self.model, DDP) and self._training_left():
-            settle_ddp_buckets(self.model, self.loader, self.device)  # same gradient order as without a restart
+            with self.autocast():  # as in training: fp32 activations would need twice the memory once
+                settle_ddp_buckets(self.model, self.loader, self.device)  # same gradient order as without a restart
         self._log(f"resumed from {choice[0]}: epoch {self.epoch + 1}, step {self.step}")
 
 
@@ -526,16 +527,18 @@ def settle_ddp_buckets(model, loader, device):
 
 
 def capture_rng():
+    """The CPU generator and this process's own GPU generator (not every GPU's: a process that resumes may see
+    fewer devices than the one that saved, e.g. with --gpus-per-task)."""
     state = {"torch": torch.get_rng_state()}
     if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+        state["cuda"] = torch.cuda.get_rng_state()
     return state
 
 
 def restore_rng(state):
-    torch.set_rng_state(state["torch"])
+    torch.set_rng_state(state["torch"].cpu())
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        torch.cuda.set_rng_state(state["cuda"].cpu())
 
 
 def save_snapshot(checkpoint_dir, snapshot):
