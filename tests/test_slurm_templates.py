@@ -9,6 +9,7 @@ import re
 
 import pytest
 from helpers import ROOT
+from slurm_fixtures import LOCAL_NET
 
 pytestmark = pytest.mark.slurm
 
@@ -30,7 +31,7 @@ def test_selftest(slurm_cluster, tmp_path):
     assert re.search(r"^1: selftest rank=1 node=1 host=n2 gpus=0,1,2,3,4,5,6,7$", job.log, re.M), job.describe()
     files = sorted(p.name for p in (tmp_path / "files").iterdir())
     assert files == [f"selftest-{job.job_id}-rank0.txt", f"selftest-{job.job_id}-rank1.txt"]
-    assert "master=n1(10.77.0.11)" in (tmp_path / "files" / files[1]).read_text()
+    assert f"master=n1({LOCAL_NET}.11)" in (tmp_path / "files" / files[1]).read_text()
 
 
 def test_doctor_job(slurm_cluster, slurm_python, tmp_path):
