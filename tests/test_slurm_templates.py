@@ -34,6 +34,41 @@ def test_selftest(slurm_cluster, tmp_path):
     assert f"master=n1({LOCAL_NET}.11)" in (tmp_path / "files" / files[1]).read_text()
 
 
+# Cores per rank in the affinity tests: every node has this machine's cores (local_cluster/start.sh), at least 2.
+CORES = 2
+FIX = "export SRUN_CPUS_PER_TASK=$SLURM_CPUS_PER_TASK\n"
+
+
+def affinity_job(cluster, python, tmp_path, template):
+    """`template` + doctor.py on 2 nodes x 1 rank x CORES cores; every rank reports os.sched_getaffinity(0)."""
+    shape = ["--nodes=2", "--ntasks-per-node=1", "--gpus-per-node=1", f"--cpus-per-task={CORES}", "--time=00:05:00"]
+    return cluster.run(template, TOOLS / "doctor.py", "--report-dir", tmp_path / "report", "--timeout", 60,
+                       sbatch_args=shape, output=tmp_path / "job.out", env={"PYTHON": python}, timeout=90)
+
+
+def test_ranks_run_on_the_cores_they_asked_for(slurm_cluster, slurm_python, tmp_path):
+    """The cluster binds every task to its cores (task/affinity) like a production one; with the template's
+    SRUN_CPUS_PER_TASK every rank may run on exactly --cpus-per-task cores."""
+    job = affinity_job(slurm_cluster, slurm_python, tmp_path, TEMPLATES / "srun_per_gpu.sbatch").assert_ok()
+    reports = [json.loads((tmp_path / "report" / f"doctor-rank{r}.json").read_text()) for r in range(2)]
+    assert [(r["host"], len(r["cpu_affinity"])) for r in reports] == [("n1", CORES), ("n2", CORES)], job.describe()
+    assert re.search(rf"\[doctor\] rank 0/2 .* host n1 \| cores \S+ \({CORES}\) \|", job.log), job.describe()
+
+
+def test_template_without_srun_cpus_per_task_gets_one_core(slurm_cluster, slurm_python, tmp_path):
+    """The same template without its SRUN_CPUS_PER_TASK line: srun (Slurm >= 22.05) asks for 1 core per task,
+    every rank is bound to one core, and the doctor fails with one clear line instead of training slowly."""
+    template = (TEMPLATES / "srun_per_gpu.sbatch").read_text()
+    assert FIX in template
+    unfixed = tmp_path / "srun_per_gpu_unfixed.sbatch"
+    unfixed.write_text(template.replace(FIX, ""))
+    job = affinity_job(slurm_cluster, slurm_python, tmp_path, unfixed)
+    assert job.state == "FAILED" and job.exit_code != 0, job.describe()
+    assert re.search(rf"^\d: \[doctor\] FAIL: rank \d on n\d: bound to 1 CPU core\(s\) \(\d+\) but "
+                     rf"SLURM_CPUS_PER_TASK={CORES}: srun does not pass --cpus-per-task on", job.log, re.M), \
+        job.describe()
+
+
 def test_doctor_job(slurm_cluster, slurm_python, tmp_path):
     job = slurm_cluster.run(TOOLS / "doctor.sbatch", "--report-dir", tmp_path / "report", "--timeout", 60,
                             sbatch_args=SMALL, cwd=TOOLS, output=tmp_path / "job.out",
@@ -44,6 +79,9 @@ def test_doctor_job(slurm_cluster, slurm_python, tmp_path):
     reports = [json.loads((tmp_path / "report" / f"doctor-rank{r}.json").read_text()) for r in range(4)]
     assert [r["host"] for r in reports] == ["n1", "n1", "n2", "n2"]
     assert all(r["cuda_visible_devices"] == "0,1" for r in reports)
+    # 2 ranks x 1 core on each node: bound to one core each, not the same one.
+    assert [len(r["cpu_affinity"]) for r in reports] == [1, 1, 1, 1], reports
+    assert reports[0]["cpu_affinity"] != reports[1]["cpu_affinity"], reports
 
 
 BROKEN_JOB = """#!/usr/bin/env bash
