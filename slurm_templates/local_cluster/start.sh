@@ -6,7 +6,8 @@
 #
 # usage: slurm_templates/local_cluster/start.sh [--lease PID]   (idempotent: a running cluster is left alone)
 #        --lease PID: PID uses the cluster; `stop.sh --release PID` gives it back (see common.sh)
-# env:   SLURM_LOCAL_NODES=2 SLURM_LOCAL_GPUS=8 SLURM_LOCAL_DIR=/var/tmp/slurm-local SLURM_LOCAL_NET=10.77.0
+# env:   SLURM_LOCAL_NODES=2 SLURM_LOCAL_GPUS=8 SLURM_LOCAL_CPUS=$(nproc) SLURM_LOCAL_SHARE=8
+#        SLURM_LOCAL_DIR=/var/tmp/slurm-local SLURM_LOCAL_NET=10.77.0 SLURM_LOCAL_PREFIX=slurmlc
 # then:  slurm_templates/local_cluster/run.sh sbatch ...   (runs any Slurm command inside the cluster)
 set -euo pipefail
 
