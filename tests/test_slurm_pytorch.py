@@ -59,7 +59,7 @@ def submit(slurm_cluster, tmp_path, python, template, sbatch_args, args=TINY, ti
 def test_single_gpu(slurm_cluster, pytorch_python, tmp_path):
     job, ckpt = submit(slurm_cluster, tmp_path, pytorch_python, "single_gpu.sbatch", ["--cpus-per-task=1"])
     assert job.info["NodeList"] in {"n1", "n2"}, job.describe()
-    assert f"job {job.job_id} on {job.info['NodeList']}: GPUs '0'" in job.log, job.describe()
+    assert f"job {job.job_id} (run single-gpu) on {job.info['NodeList']}: GPUs '0'" in job.log, job.describe()
     assert "epoch 2/2" in job.log, job.describe()
     assert snapshot(ckpt)["step"] == 2 * 512 // 16
 
