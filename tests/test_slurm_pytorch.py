@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from helpers import ROOT, env_python
+from test_slurm_templates import STOPPABLE  # a program that exits 75 on USR1
 
 pytestmark = pytest.mark.slurm
 
@@ -197,3 +198,29 @@ def test_resubmitted_run_resumes(slurm_cluster, pytorch_python, preempted_run, t
     for needle in ("run exp1, restart 0 of at most 3", "resumed from checkpoints/exp1", f"done: {LONG_STEPS} steps"):
         assert needle in job.log, f"{needle!r} missing\n{job.describe()}"
     assert "snapshot saved" not in job.log, job.describe()
+
+
+
+def test_multinode_restart_cap(slurm_cluster, tmp_path):
+    """multinode.sbatch's own cap: USR1 to the batch shell (what --signal=B:USR1@90 sends) is forwarded to the
+    step, the program exits 75, but MAX_RESTARTS=0 allows no requeue: the job FAILS with one clear line instead of
+    looping. In a copy of the folder whose multinode.py is a stand-in that only reacts to the signal (the real
+    one's side is test_preemption_requeue_resume); the template itself is unchanged."""
+    folder = tmp_path / "pytorch"
+    folder.mkdir()
+    shutil.copy(PYTORCH / "multinode.sbatch", folder)
+    (folder / "multinode.py").write_text(STOPPABLE)
+    sent = []
+
+    def on_poll(info, log):
+        if not sent and log.count("training") == 2:
+            slurm_cluster.client("scancel", "--batch", "--signal=USR1", info["JobId"])
+            sent.append(True)
+
+    job = slurm_cluster.run(folder / "multinode.sbatch", sbatch_args=ONE_PER_NODE, cwd=folder,
+                            output=tmp_path / "job.out", env={"PYTHON": "python3", "MAX_RESTARTS": 0},
+                            timeout=60, on_poll=on_poll)
+    assert job.state == "FAILED" and job.exit_code == 1 and job.info["Restarts"] == "0", job.describe()
+    for needle in ("multinode: got USR1, forwarding it to the job step", "checkpointed",
+                   "restarted 0 times already (MAX_RESTARTS=0): giving up"):
+        assert needle in job.log, f"{needle!r} missing\n{job.describe()}"
