@@ -5,7 +5,9 @@ of 8: this machine has 2 cores) and pass the interpreter as PYTHON.
 """
 
 import json
+import os
 import re
+import subprocess
 
 import pytest
 from helpers import ROOT
@@ -67,6 +69,31 @@ def test_template_without_srun_cpus_per_task_gets_one_core(slurm_cluster, slurm_
     assert re.search(rf"^\d: \[doctor\] FAIL: rank \d on n\d: bound to 1 CPU core\(s\) \(\d+\) but "
                      rf"SLURM_CPUS_PER_TASK={CORES}: srun does not pass --cpus-per-task on", job.log, re.M), \
         job.describe()
+
+
+# Every template that sizes something from SLURM_GPUS_ON_NODE (`X=${SLURM_GPUS_ON_NODE...` or
+# `X=${X:-${SLURM_GPUS_ON_NODE...`), found by what it says: a new one, or one that goes back to `:-1`, is checked.
+GPU_SIZED = sorted(str(p.relative_to(ROOT)) for p in ROOT.glob("*/*.sbatch")
+                   if re.search(r"\w+=\$\{(\w+:-\$\{)?SLURM_GPUS_ON_NODE", p.read_text()))
+
+
+@pytest.mark.parametrize("template", GPU_SIZED)
+def test_no_gpu_count_fails_before_launching(template, tmp_path):
+    """A job without --gpus-per-node (SLURM_GPUS_ON_NODE unset) stops with one clear message before srun, instead
+    of silently starting one worker per node. Run by bash with a job's environment; srun and scontrol are
+    stand-ins that record a call."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for tool, body in (("scontrol", "echo n1"), ("srun", "echo SRUN-CALLED; exit 99")):
+        (bin_dir / tool).write_text(f"#!/bin/sh\n{body}\n")
+        (bin_dir / tool).chmod(0o755)
+    env = {"PATH": f"{bin_dir}:{os.environ['PATH']}", "SLURM_JOB_ID": "7", "SLURM_JOB_NAME": "t",
+           "SLURM_CPUS_PER_TASK": "2", "SLURM_JOB_NODELIST": "n1", "SLURM_NNODES": "1", "SLURM_SUBMIT_DIR": tmp_path}
+    path = ROOT / template
+    proc = subprocess.run(["bash", path, "train.py"], cwd=path.parent, env={k: str(v) for k, v in env.items()},
+                          capture_output=True, text=True, timeout=30)
+    assert proc.returncode != 0 and "SRUN-CALLED" not in proc.stdout, (proc.stdout, proc.stderr)
+    assert "SLURM_GPUS_ON_NODE: no GPUs in this job: add #SBATCH --gpus-per-node=N" in proc.stderr, proc.stderr
 
 
 def test_doctor_job(slurm_cluster, slurm_python, tmp_path):
