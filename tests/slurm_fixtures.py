@@ -25,6 +25,15 @@ LOCAL_CLUSTER = ROOT / "slurm_templates" / "local_cluster"
 TERMINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "PREEMPTED", "OUT_OF_MEMORY",
             "BOOT_FAIL", "DEADLINE"}
 CLIENT_TIMEOUT = 30  # every client call: a dead controller must not hang the suite
+# Which cluster instance (start.sh's SLURM_LOCAL_DIR, _PREFIX, _NET, ...): taken from the test's own
+# environment, which clean_env() would otherwise strip with every other SLURM_* variable.
+LOCAL_SETTINGS = {k: v for k, v in os.environ.items() if k.startswith("SLURM_LOCAL_")}
+LOCAL_NET = LOCAL_SETTINGS.get("SLURM_LOCAL_NET", "10.77.0")
+
+
+def cluster_env(**overrides) -> dict:
+    """clean_env() plus the SLURM_LOCAL_* settings that name the cluster instance (for start/stop/run.sh)."""
+    return {**clean_env(**overrides), **LOCAL_SETTINGS}
 
 _job_times: list[tuple[str, str, str, float]] = []  # (test, job id, final state, seconds) for the summary
 
@@ -61,7 +70,7 @@ class SlurmCluster:
         """A Slurm client command inside the cluster's namespace (local_cluster/run.sh), with a timeout."""
         cmd = [str(LOCAL_CLUSTER / "run.sh"), *map(str, args)]
         try:
-            proc = subprocess.run(cmd, cwd=cwd, env=env or clean_env(), stdout=subprocess.PIPE,
+            proc = subprocess.run(cmd, cwd=cwd, env=env or cluster_env(), stdout=subprocess.PIPE,
                                   stderr=subprocess.STDOUT, text=True, timeout=timeout)
         except subprocess.TimeoutExpired:
             pytest.fail(f"Slurm client timed out after {timeout}s: {shlex.join(cmd)}", pytrace=False)
@@ -76,7 +85,7 @@ class SlurmCluster:
         """sbatch --parsable with our own --output file; `env` is added to the job's environment."""
         output.parent.mkdir(parents=True, exist_ok=True)
         cmd = ["sbatch", "--parsable", f"--output={output}", "--export=ALL", *sbatch_args, script, *args]
-        proc = self.client(*cmd, cwd=cwd, env=clean_env(**(env or {})))
+        proc = self.client(*cmd, cwd=cwd, env=cluster_env(**(env or {})))
         return proc.stdout.strip().splitlines()[-1].split(";")[0]
 
     def wait(self, job_id: str, output: Path, timeout: float = 120, on_poll=None, name: str = "") -> Job:
@@ -157,14 +166,15 @@ def slurm_cluster():
         unavailable("the local Slurm cluster needs root: run the Slurm tests as root (CI does)")
     try:
         proc = subprocess.run([str(LOCAL_CLUSTER / "start.sh"), "--lease", str(os.getpid())],
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=600, env=clean_env())
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=600,
+                              env=cluster_env())
     except subprocess.TimeoutExpired:
         unavailable("slurm_templates/local_cluster/start.sh did not finish in 600 s")
     if proc.returncode != 0:
         unavailable(f"slurm_templates/local_cluster/start.sh failed (exit {proc.returncode}):\n{proc.stdout[-4000:]}")
     yield SlurmCluster()
     subprocess.run([str(LOCAL_CLUSTER / "stop.sh"), "--release", str(os.getpid())], timeout=360, check=False,
-                   env=clean_env())
+                   env=cluster_env())
 
 
 @pytest.fixture(scope="session")

@@ -1,17 +1,20 @@
 """Every pytorch/ sbatch template submitted for real to the local two-node cluster, as a user would (from
 inside pytorch/, interpreter in PYTHON), plus slurm_templates/ running pytorch recipes: the array sweep and
-the preemption test (USR1 -> checkpoint -> requeue -> resume -> same weights as an uninterrupted run).
+the preemption test of pytorch/multinode.sbatch (USR1 -> checkpoint -> requeue -> resume -> same weights as an
+uninterrupted run, then the same run resubmitted).
 
 The tests only shrink the shape on the sbatch command line (this machine has 2 cores) and pass small
 training arguments; a later --checkpoint-dir overrides the template's own.
 """
 
 import re
+import shutil
 
 import pytest
 import torch
 
 from helpers import ROOT, env_python
+from test_slurm_templates import STOPPABLE  # a program that exits 75 on USR1
 
 pytestmark = pytest.mark.slurm
 
@@ -57,7 +60,7 @@ def submit(slurm_cluster, tmp_path, python, template, sbatch_args, args=TINY, ti
 def test_single_gpu(slurm_cluster, pytorch_python, tmp_path):
     job, ckpt = submit(slurm_cluster, tmp_path, pytorch_python, "single_gpu.sbatch", ["--cpus-per-task=1"])
     assert job.info["NodeList"] in {"n1", "n2"}, job.describe()
-    assert f"job {job.job_id} on {job.info['NodeList']}: GPUs '0'" in job.log, job.describe()
+    assert f"job {job.job_id} (run single-gpu) on {job.info['NodeList']}: GPUs '0'" in job.log, job.describe()
     assert "epoch 2/2" in job.log, job.describe()
     assert snapshot(ckpt)["step"] == 2 * 512 // 16
 
@@ -138,39 +141,86 @@ def test_array_sweep(slurm_cluster, pytorch_python, tmp_path):
     assert len(ports) == 4, f"array tasks shared a MASTER_PORT: {ports}"
 
 
-def test_preemption_requeue_resume(slurm_cluster, pytorch_python, reference_run, tmp_path):
-    """requeue.sbatch + pytorch/multinode.py: USR1 mid-training -> snapshot -> exit 75 -> scontrol requeue ->
-    the requeued job resumes -> COMPLETED, with the same final weights as the uninterrupted reference run."""
-    ckpt = tmp_path / "ckpt"
-    output = tmp_path / "job.out"
+@pytest.fixture(scope="module")
+def preempted_run(slurm_cluster, pytorch_python, tmp_path_factory):
+    """pytorch/multinode.sbatch as submitted by a user, from a copy of the folder (its run directory
+    checkpoints/$RUN lands there): USR1 mid-training -> snapshot -> exit 75 -> scontrol requeue -> resume."""
+    folder = tmp_path_factory.mktemp("preempt") / "pytorch"
+    shutil.copytree(PYTORCH, folder, ignore=shutil.ignore_patterns("checkpoints", "__pycache__", "*.out"))
     events = {"signalled": False}
 
     def on_poll(info, log):
         steps = [int(n) for n in re.findall(r"^0: \[rank0\] epoch 1 \|[^\n]*?\bstep (\d+)", log, re.M)]
         if not events["signalled"] and steps and max(steps) >= 16:
-            # Exactly what --signal=B:USR1@<s> does before the time limit, but deterministic.
+            # Exactly what --signal=B:USR1@90 does before the time limit, but deterministic.
             slurm_cluster.client("scancel", "--batch", "--signal=USR1", info["JobId"])
             events["signalled"] = True
         if events["signalled"]:
             slurm_cluster.release_requeued(info, events)
 
-    job = slurm_cluster.run(TEMPLATES / "requeue.sbatch", PYTORCH / "multinode.py", *LONG, "--checkpoint-dir", ckpt,
-                            sbatch_args=[*ONE_PER_NODE, "--time=00:10:00"],
-                            output=output, env={"PYTHON": pytorch_python}, timeout=240, on_poll=on_poll)
+    job = slurm_cluster.run(folder / "multinode.sbatch", *LONG, sbatch_args=[*ONE_PER_NODE, "--time=00:10:00"],
+                            cwd=folder, output=folder / "job.out", env={"PYTHON": pytorch_python, "RUN": "exp1"},
+                            timeout=240, on_poll=on_poll)
+    return job, events, folder
+
+
+def test_preemption_requeue_resume(preempted_run, reference_run):
+    """multinode.sbatch's own trap + requeue: the requeued job resumes from checkpoints/$RUN and COMPLETES with
+    the same final weights as the uninterrupted reference run."""
+    job, events, folder = preempted_run
     job.assert_ok()
     assert events["signalled"], f"training never reached step 16 of epoch 1\n{job.describe()}"
     assert job.info["Restarts"] == "1", job.describe()
     log = job.log
-    for needle in ("requeue: got USR1, forwarding it to the job step", "preempted at step",
-                   "after checkpointing; requeueing job", "run 2 (restart 1 of at most 3)",
-                   "resumed from", f"done: {LONG_STEPS} steps"):
+    for needle in ("multinode: got USR1, forwarding it to the job step", "preempted at step",
+                   "after checkpointing; requeueing job", "run exp1, restart 1 of at most 3",
+                   "resumed from checkpoints/exp1", f"done: {LONG_STEPS} steps"):
         assert needle in log, f"{needle!r} missing\n{job.describe()}"
     preempted_at = int(re.search(r"preempted at step (\d+)", log).group(1))
     assert 16 <= preempted_at < LONG_STEPS, job.describe()
-    assert_ranks(log.split("run 2 (restart 1")[1], {0: "n1", 1: "n2"})
+    assert_ranks(log.split("restart 1 of at most")[1], {0: "n1", 1: "n2"})
 
-    resumed, reference = snapshot(ckpt), snapshot(reference_run[1])
+    resumed, reference = snapshot(folder / "checkpoints" / "exp1"), snapshot(reference_run[1])
     assert resumed["step"] == reference["step"] == LONG_STEPS
     assert resumed["model"].keys() == reference["model"].keys()
     for name, tensor in reference["model"].items():
         assert torch.equal(resumed["model"][name], tensor), f"{name} differs after preempt/requeue/resume"
+
+
+def test_resubmitted_run_resumes(slurm_cluster, pytorch_python, preempted_run, tmp_path):
+    """The same run submitted again (a new job id, as after a time-limit kill) finds checkpoints/$RUN: it resumes
+    the finished run, trains nothing and says so, instead of starting over."""
+    _, _, folder = preempted_run
+    job = slurm_cluster.run(folder / "multinode.sbatch", *LONG, sbatch_args=ONE_PER_NODE, cwd=folder,
+                            output=tmp_path / "job.out", env={"PYTHON": pytorch_python, "RUN": "exp1"},
+                            timeout=150).assert_ok()
+    assert job.job_id != preempted_run[0].job_id
+    for needle in ("run exp1, restart 0 of at most 3", "resumed from checkpoints/exp1", f"done: {LONG_STEPS} steps"):
+        assert needle in job.log, f"{needle!r} missing\n{job.describe()}"
+    assert "snapshot saved" not in job.log, job.describe()
+
+
+
+def test_multinode_restart_cap(slurm_cluster, tmp_path):
+    """multinode.sbatch's own cap: USR1 to the batch shell (what --signal=B:USR1@90 sends) is forwarded to the
+    step, the program exits 75, but MAX_RESTARTS=0 allows no requeue: the job FAILS with one clear line instead of
+    looping. In a copy of the folder whose multinode.py is a stand-in that only reacts to the signal (the real
+    one's side is test_preemption_requeue_resume); the template itself is unchanged."""
+    folder = tmp_path / "pytorch"
+    folder.mkdir()
+    shutil.copy(PYTORCH / "multinode.sbatch", folder)
+    (folder / "multinode.py").write_text(STOPPABLE)
+    sent = []
+
+    def on_poll(info, log):
+        if not sent and log.count("training") == 2:
+            slurm_cluster.client("scancel", "--batch", "--signal=USR1", info["JobId"])
+            sent.append(True)
+
+    job = slurm_cluster.run(folder / "multinode.sbatch", sbatch_args=ONE_PER_NODE, cwd=folder,
+                            output=tmp_path / "job.out", env={"PYTHON": "python3", "MAX_RESTARTS": 0},
+                            timeout=60, on_poll=on_poll)
+    assert job.state == "FAILED" and job.exit_code == 1 and job.info["Restarts"] == "0", job.describe()
+    for needle in ("multinode: got USR1, forwarding it to the job step", "checkpointed",
+                   "restarted 0 times already (MAX_RESTARTS=0): giving up"):
+        assert needle in job.log, f"{needle!r} missing\n{job.describe()}"

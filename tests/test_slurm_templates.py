@@ -5,10 +5,13 @@ of 8: this machine has 2 cores) and pass the interpreter as PYTHON.
 """
 
 import json
+import os
 import re
+import subprocess
 
 import pytest
 from helpers import ROOT
+from slurm_fixtures import LOCAL_NET
 
 pytestmark = pytest.mark.slurm
 
@@ -30,7 +33,67 @@ def test_selftest(slurm_cluster, tmp_path):
     assert re.search(r"^1: selftest rank=1 node=1 host=n2 gpus=0,1,2,3,4,5,6,7$", job.log, re.M), job.describe()
     files = sorted(p.name for p in (tmp_path / "files").iterdir())
     assert files == [f"selftest-{job.job_id}-rank0.txt", f"selftest-{job.job_id}-rank1.txt"]
-    assert "master=n1(10.77.0.11)" in (tmp_path / "files" / files[1]).read_text()
+    assert f"master=n1({LOCAL_NET}.11)" in (tmp_path / "files" / files[1]).read_text()
+
+
+# Cores per rank in the affinity tests: every node has this machine's cores (local_cluster/start.sh), at least 2.
+CORES = 2
+FIX = "export SRUN_CPUS_PER_TASK=$SLURM_CPUS_PER_TASK\n"
+
+
+def affinity_job(cluster, python, tmp_path, template):
+    """`template` + doctor.py on 2 nodes x 1 rank x CORES cores; every rank reports os.sched_getaffinity(0)."""
+    shape = ["--nodes=2", "--ntasks-per-node=1", "--gpus-per-node=1", f"--cpus-per-task={CORES}", "--time=00:05:00"]
+    return cluster.run(template, TOOLS / "doctor.py", "--report-dir", tmp_path / "report", "--timeout", 60,
+                       sbatch_args=shape, output=tmp_path / "job.out", env={"PYTHON": python}, timeout=90)
+
+
+def test_ranks_run_on_the_cores_they_asked_for(slurm_cluster, slurm_python, tmp_path):
+    """The cluster binds every task to its cores (task/affinity) like a production one; with the template's
+    SRUN_CPUS_PER_TASK every rank may run on exactly --cpus-per-task cores."""
+    job = affinity_job(slurm_cluster, slurm_python, tmp_path, TEMPLATES / "srun_per_gpu.sbatch").assert_ok()
+    reports = [json.loads((tmp_path / "report" / f"doctor-rank{r}.json").read_text()) for r in range(2)]
+    assert [(r["host"], len(r["cpu_affinity"])) for r in reports] == [("n1", CORES), ("n2", CORES)], job.describe()
+    assert re.search(rf"\[doctor\] rank 0/2 .* host n1 \| cores \S+ \({CORES}\) \|", job.log), job.describe()
+
+
+def test_template_without_srun_cpus_per_task_gets_one_core(slurm_cluster, slurm_python, tmp_path):
+    """The same template without its SRUN_CPUS_PER_TASK line: srun (Slurm >= 22.05) asks for 1 core per task,
+    every rank is bound to one core, and the doctor fails with one clear line instead of training slowly."""
+    template = (TEMPLATES / "srun_per_gpu.sbatch").read_text()
+    assert FIX in template
+    unfixed = tmp_path / "srun_per_gpu_unfixed.sbatch"
+    unfixed.write_text(template.replace(FIX, ""))
+    job = affinity_job(slurm_cluster, slurm_python, tmp_path, unfixed)
+    assert job.state == "FAILED" and job.exit_code != 0, job.describe()
+    assert re.search(rf"^\d: \[doctor\] FAIL: rank \d on n\d: bound to 1 CPU core\(s\) \(\d+\) but "
+                     rf"SLURM_CPUS_PER_TASK={CORES}: srun does not pass --cpus-per-task on", job.log, re.M), \
+        job.describe()
+
+
+# Every template that sizes something from SLURM_GPUS_ON_NODE (`X=${SLURM_GPUS_ON_NODE...` or
+# `X=${X:-${SLURM_GPUS_ON_NODE...`), found by what it says: a new one, or one that goes back to `:-1`, is checked.
+GPU_SIZED = sorted(str(p.relative_to(ROOT)) for p in ROOT.glob("*/*.sbatch")
+                   if re.search(r"\w+=\$\{(\w+:-\$\{)?SLURM_GPUS_ON_NODE", p.read_text()))
+
+
+@pytest.mark.parametrize("template", GPU_SIZED)
+def test_no_gpu_count_fails_before_launching(template, tmp_path):
+    """A job without --gpus-per-node (SLURM_GPUS_ON_NODE unset) stops with one clear message before srun, instead
+    of silently starting one worker per node. Run by bash with a job's environment; srun and scontrol are
+    stand-ins that record a call."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for tool, body in (("scontrol", "echo n1"), ("srun", "echo SRUN-CALLED; exit 99")):
+        (bin_dir / tool).write_text(f"#!/bin/sh\n{body}\n")
+        (bin_dir / tool).chmod(0o755)
+    env = {"PATH": f"{bin_dir}:{os.environ['PATH']}", "SLURM_JOB_ID": "7", "SLURM_JOB_NAME": "t",
+           "SLURM_CPUS_PER_TASK": "2", "SLURM_JOB_NODELIST": "n1", "SLURM_NNODES": "1", "SLURM_SUBMIT_DIR": tmp_path}
+    path = ROOT / template
+    proc = subprocess.run(["bash", path, "train.py"], cwd=path.parent, env={k: str(v) for k, v in env.items()},
+                          capture_output=True, text=True, timeout=30)
+    assert proc.returncode != 0 and "SRUN-CALLED" not in proc.stdout, (proc.stdout, proc.stderr)
+    assert "SLURM_GPUS_ON_NODE: no GPUs in this job: add #SBATCH --gpus-per-node=N" in proc.stderr, proc.stderr
 
 
 def test_doctor_job(slurm_cluster, slurm_python, tmp_path):
@@ -43,6 +106,9 @@ def test_doctor_job(slurm_cluster, slurm_python, tmp_path):
     reports = [json.loads((tmp_path / "report" / f"doctor-rank{r}.json").read_text()) for r in range(4)]
     assert [r["host"] for r in reports] == ["n1", "n1", "n2", "n2"]
     assert all(r["cuda_visible_devices"] == "0,1" for r in reports)
+    # 2 ranks x 1 core on each node: bound to one core each, not the same one.
+    assert [len(r["cpu_affinity"]) for r in reports] == [1, 1, 1, 1], reports
+    assert reports[0]["cpu_affinity"] != reports[1]["cpu_affinity"], reports
 
 
 BROKEN_JOB = """#!/usr/bin/env bash

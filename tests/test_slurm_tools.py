@@ -42,8 +42,12 @@ def test_sizes():
     ({"RANK": "0", "WORLD_SIZE": "16", "MASTER_ADDR": "n1", "MASTER_PORT": "1", "TORCHELASTIC_RUN_ID": "x",
       "SLURM_STEP_ID": "0", "SLURM_STEP_NUM_TASKS": "4", "SLURM_STEP_NUM_NODES": "2", "SLURM_NNODES": "2"},
      "double launch"),
-    ({"RANK": "0", "WORLD_SIZE": "4", "MASTER_ADDR": "n1", "MASTER_PORT": "1", "SLURM_NNODES": "2"}, None),
-], ids=["no-master-addr", "localhost", "double-launch", "ok"])
+    # More cores asked for than this process may run on: what srun without SRUN_CPUS_PER_TASK does.
+    ({"SLURM_CPUS_PER_TASK": str(len(os.sched_getaffinity(0)) + 1)},
+     f"bound to {len(os.sched_getaffinity(0))} CPU core(s)"),
+    ({"RANK": "0", "WORLD_SIZE": "4", "MASTER_ADDR": "n1", "MASTER_PORT": "1", "SLURM_NNODES": "2",
+      "SLURM_CPUS_PER_TASK": str(len(os.sched_getaffinity(0)))}, None),
+], ids=["no-master-addr", "localhost", "double-launch", "too-few-cores", "ok"])
 def test_doctor_checks(monkeypatch, env, problem):
     for key in list(os.environ):
         if key.startswith(("SLURM_", "TORCHELASTIC_")) or key in {"RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"}:
@@ -55,6 +59,10 @@ def test_doctor_checks(monkeypatch, env, problem):
         assert problems == []
     else:
         assert any(problem in p for p in problems), problems
+
+
+def test_cpu_list():
+    assert doctor.cpu_list({0, 1, 2, 5, 7, 8}) == "0-2,5,7-8" and doctor.cpu_list([3]) == "3"
 
 
 def test_doctor_and_bench_under_torchrun(tmp_path):

@@ -8,7 +8,10 @@ LC_DIR=${SLURM_LOCAL_DIR:-/var/tmp/slurm-local}
 LC_PREFIX=${SLURM_LOCAL_PREFIX:-slurmlc}
 LC_NODES=${SLURM_LOCAL_NODES:-2}
 LC_GPUS=${SLURM_LOCAL_GPUS:-8}
-LC_CPUS=${SLURM_LOCAL_CPUS:-64}            # declared, not real: SlurmdParameters=config_overrides
+# CPUs per node: the cores this machine really has (every node shares them), so that task/affinity binds
+# each task to cores that exist and a job's ranks see exactly the cores they asked for.
+LC_CPUS=${SLURM_LOCAL_CPUS:-$(nproc)}
+LC_SHARE=${SLURM_LOCAL_SHARE:-8}           # jobs that may share one core (OverSubscribe=FORCE:N)
 LC_MEM_MB=${SLURM_LOCAL_MEM_MB:-512000}
 # A /24 that exists only inside the namespaces start.sh creates (hub = .1, node nK = .(10+K)).
 LC_NET=${SLURM_LOCAL_NET:-10.77.0}

@@ -6,7 +6,8 @@
 #
 # usage: slurm_templates/local_cluster/start.sh [--lease PID]   (idempotent: a running cluster is left alone)
 #        --lease PID: PID uses the cluster; `stop.sh --release PID` gives it back (see common.sh)
-# env:   SLURM_LOCAL_NODES=2 SLURM_LOCAL_GPUS=8 SLURM_LOCAL_DIR=/var/tmp/slurm-local SLURM_LOCAL_NET=10.77.0
+# env:   SLURM_LOCAL_NODES=2 SLURM_LOCAL_GPUS=8 SLURM_LOCAL_CPUS=$(nproc) SLURM_LOCAL_SHARE=8
+#        SLURM_LOCAL_DIR=/var/tmp/slurm-local SLURM_LOCAL_NET=10.77.0 SLURM_LOCAL_PREFIX=slurmlc
 # then:  slurm_templates/local_cluster/run.sh sbatch ...   (runs any Slurm command inside the cluster)
 set -euo pipefail
 
@@ -134,9 +135,13 @@ SlurmdPidFile=$LC_DIR/run/slurmd-%n.self.pid
 SlurmctldLogFile=$LC_DIR/log/slurmctld.log
 SlurmdLogFile=$LC_DIR/log/slurmd-%n.log
 PlugStackConfig=$LC_DIR/etc/plugstack.conf
-# No cgroups here: track processes through /proc, no task binding.
+# No cgroups here (no delegation in these namespaces): track processes through /proc. Tasks are bound to
+# cores with sched_setaffinity (task/affinity), by default to the cores of their own --cpus-per-task
+# (TaskPluginParam=Cores, the usual site default), as on a production cluster: a step that asks for fewer
+# cores than the job has (srun without SRUN_CPUS_PER_TASK, Slurm >= 22.05) really runs on fewer cores.
 ProctrackType=proctrack/linuxproc
-TaskPlugin=task/none
+TaskPlugin=task/affinity
+TaskPluginParam=Cores
 JobAcctGatherType=jobacct_gather/none
 AccountingStorageType=accounting_storage/none
 # A permanent record of every job's final state and exit code without slurmdbd.
@@ -145,7 +150,8 @@ JobCompLoc=$LC_DIR/log/jobcomp.log
 SelectType=select/cons_tres
 SelectTypeParameters=CR_CPU
 GresTypes=gpu
-# Nodes declare more CPUs/memory than this machine has, so production directives fit.
+# Nodes declare this machine's real cores (binding needs cores that exist) but more memory than it has;
+# config_overrides makes slurmd take the declared values instead of refusing the node.
 SlurmdParameters=config_overrides
 # Reject impossible jobs at submission instead of letting them pend forever.
 EnforcePartLimits=ALL
@@ -159,12 +165,14 @@ SlurmctldTimeout=30
 SlurmdTimeout=60
 InactiveLimit=0
 MpiDefault=none
-NodeName=DEFAULT CPUs=$LC_CPUS RealMemory=$LC_MEM_MB Gres=gpu:$LC_GPUS State=UNKNOWN
+NodeName=DEFAULT CPUs=$LC_CPUS Sockets=1 CoresPerSocket=$LC_CPUS ThreadsPerCore=1 RealMemory=$LC_MEM_MB Gres=gpu:$LC_GPUS State=UNKNOWN
 CONF
 for i in $(seq "$LC_NODES"); do
   echo "NodeName=n$i NodeAddr=$LC_NET.$((10 + i)) NodeHostname=n$i" >>"$LC_DIR/etc/slurm.conf"
 done
-echo "PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP" >>"$LC_DIR/etc/slurm.conf"
+# Every node has only this machine's few cores: up to LC_SHARE jobs share each one (a job still gets, and is
+# bound to, the number of cores it asked for), so concurrent test sessions do not queue behind each other.
+echo "PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP OverSubscribe=FORCE:$LC_SHARE" >>"$LC_DIR/etc/slurm.conf"
 
 # --- munge: a private daemon with its own key and socket -------------------------------------------------
 dd if=/dev/urandom of="$LC_DIR/munge/munge.key" bs=1024 count=1 status=none

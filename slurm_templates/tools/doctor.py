@@ -3,9 +3,11 @@
     srun ... python doctor.py                    (one task per GPU: ranks from SLURM_PROCID/LOCALID/NTASKS)
     srun ... torchrun --nproc-per-node=N ... doctor.py      (one torchrun per node)
 
-Every rank prints one line (rank, node, hostname, visible devices, versions); rank 0 prints the NCCL/Gloo
-environment. Then a short all-reduce health check runs across all ranks under a watchdog. Exit code 0 means
-"this launch configuration works"; otherwise a line starting with "[doctor] FAIL" says what is wrong.
+Every rank prints one line (rank, node, hostname, the CPU cores it may run on, visible devices, versions);
+rank 0 prints the NCCL/Gloo environment. A rank bound to fewer cores than SLURM_CPUS_PER_TASK fails (srun
+without SRUN_CPUS_PER_TASK on Slurm >= 22.05 runs every task on one core). Then a short all-reduce health
+check runs across all ranks under a watchdog. Exit code 0 means "this launch configuration works"; otherwise
+a line starting with "[doctor] FAIL" says what is wrong.
 With --report-dir each rank also writes doctor-rank<R>.json there.
 """
 
@@ -50,10 +52,27 @@ def launch_env() -> dict:
     return dict(source=source, rank=rank, world_size=world, local_rank=local_rank, local_world_size=local_world)
 
 
+def cpu_list(cores) -> str:
+    """{0, 1, 2, 5} -> '0-2,5' (the notation of taskset and Cpus_allowed_list)."""
+    ranges, cores = [], sorted(cores)
+    for core in cores:
+        if ranges and core == ranges[-1][1] + 1:
+            ranges[-1][1] = core
+        else:
+            ranges.append([core, core])
+    return ",".join(f"{a}-{b}" if a != b else f"{a}" for a, b in ranges)
+
+
 def checks(info: dict) -> list[str]:
-    """Configuration mistakes that make a job hang or crash later, found before any collective runs."""
+    """Configuration mistakes that make a job hang, crash or crawl later, found before any collective runs."""
     problems = []
     env = os.environ
+    cores = os.sched_getaffinity(0)
+    wanted = int(env.get("SLURM_CPUS_PER_TASK", 0))
+    if len(cores) < wanted:
+        problems.append(f"bound to {len(cores)} CPU core(s) ({cpu_list(cores)}) but SLURM_CPUS_PER_TASK={wanted}: "
+                        "srun does not pass --cpus-per-task on (Slurm >= 22.05); put "
+                        "`export SRUN_CPUS_PER_TASK=$SLURM_CPUS_PER_TASK` before srun")
     nnodes = int(env.get("SLURM_NNODES", env.get("SLURM_JOB_NUM_NODES", 1)))
     if info["world_size"] > 1:
         for var in ("MASTER_ADDR", "MASTER_PORT"):
@@ -100,8 +119,10 @@ def main() -> None:
     host = socket.gethostname()
     visible = os.environ.get("CUDA_VISIBLE_DEVICES", "unset")
     nccl = ".".join(map(str, torch.cuda.nccl.version())) if cuda else "n/a"
+    cores = os.sched_getaffinity(0)
     log(f"rank {rank}/{info['world_size']} local_rank {info['local_rank']} node {os.environ.get('SLURM_NODEID', '?')} "
-        f"host {host} | launcher {info['source']} | CUDA_VISIBLE_DEVICES={visible} cuda_devices={ndev} | "
+        f"host {host} | cores {cpu_list(cores)} ({len(cores)}) | launcher {info['source']} | "
+        f"CUDA_VISIBLE_DEVICES={visible} cuda_devices={ndev} | "
         f"python {platform.python_version()} torch {torch.__version__} nccl {nccl} | backend {backend}")
     if rank == 0:
         keys = sorted(k for k in os.environ if k.startswith(("NCCL_", "GLOO_", "TORCH_NCCL", "TORCH_DIST"))
@@ -145,8 +166,8 @@ def main() -> None:
 
     if args.report_dir:
         os.makedirs(args.report_dir, exist_ok=True)
-        report = dict(info, host=host, hosts=hosts, backend=backend, torch=torch.__version__,
-                      cuda_visible_devices=visible, allreduce_seconds=took)
+        report = dict(info, host=host, hosts=hosts, cpu_affinity=sorted(cores), backend=backend,
+                      torch=torch.__version__, cuda_visible_devices=visible, allreduce_seconds=took)
         with open(os.path.join(args.report_dir, f"doctor-rank{rank}.json"), "w") as f:
             json.dump(report, f, indent=1)
     if rank == 0:
