@@ -7,14 +7,13 @@ import contextlib
 import json
 import os
 import re
-import shutil
 import signal
 import subprocess
 import sys
 
 import pytest
 import torch
-from helpers import ROOT, clean_env, env_python, free_port, run, torchrun, unavailable
+from helpers import ROOT, clean_env, env_python, free_port, run, torchrun
 
 pytestmark = [pytest.mark.lightning, pytest.mark.timeout(300)]
 
@@ -164,23 +163,15 @@ def test_bad_input_is_a_clear_error(tmp_path, cmd, env, message):
 
 
 @pytest.mark.lint
-def test_sbatch_templates_lint_clean_and_paired_with_lightning():
-    """shellcheck and the strict sbatch linter; the pairing Lightning needs: one task per device where its
-    SLURMEnvironment runs (with the requeue signal), exactly one task where Lightning or torchrun spawn."""
+def test_sbatch_templates_pair_tasks_with_lightning():
+    """The pairing Lightning needs (the contract tests lint every template): one task per device where its
+    SLURMEnvironment runs, exactly one task where Lightning or torchrun spawn the workers."""
     templates = sorted(FOLDER.glob("*.sbatch"))
     assert [t.stem for t in templates] == ["multigpu", "multigpu_torchrun", "multinode", "single_gpu"]
-    run([sys.executable, ROOT / "slurm_templates" / "tools" / "sbatch_lint.py", "--strict", *templates])
-    if shutil.which("shellcheck") is None:
-        unavailable("shellcheck not installed (tools/system_deps.sh installs it)")
-    run(["shellcheck", *templates])
     for path in templates:
         text = path.read_text()
-        for needle in ("set -euo pipefail", "# EDIT", "PYTHON=${PYTHON:-python3}", "srun --kill-on-bad-exit=1",
-                       f'{path.stem}.py --checkpoint-dir "checkpoints/$SLURM_JOB_ID" "$@"'):
-            assert needle in text, f"{path.name} lacks {needle!r}"
-        requeues = path.stem in ("single_gpu", "multinode")
-        assert ("#SBATCH --signal=SIGUSR1@90" in text) == requeues, path.name
-        assert ("#SBATCH --requeue" in text) == requeues, path.name
+        assert f'{path.stem}.py --checkpoint-dir "checkpoints/$RUN" "$@"' in text, path.name
+        assert ("#SBATCH --requeue" in text) == (path.stem == "multinode"), path.name
         if path.stem != "multinode":
             assert "#SBATCH --ntasks-per-node=1 " in text, path.name
 

@@ -39,7 +39,11 @@ def submit(cluster, tmp_path, template, sbatch_args, args=TINY, **kwargs):
 
 
 def epoch_lines(log):
-    return re.findall(r"^0: \[rank 0\] epoch \d+ loss .* world_size (\d+)$", log, re.M)
+    return re.findall(r"^0: \[rank0\] epoch (\d+)/\d+ \| step \d+ \| loss \S+ \| acc \S+ \| \d+ samples/s", log, re.M)
+
+
+def world_size_of(log):
+    return int(re.search(r"^0: \[rank0\] world size (\d+) \|", log, re.M).group(1))
 
 
 @pytest.mark.parametrize("template, sbatch_args, world_size", [
@@ -52,10 +56,9 @@ def epoch_lines(log):
 def test_template_runs(slurm_cluster, tmp_path, template, sbatch_args, world_size):
     job, ckpt = submit(slurm_cluster, tmp_path, template, sbatch_args, timeout=150)
     job.assert_ok()
-    assert epoch_lines(job.log) == [str(world_size)] * 2, job.describe()
+    assert epoch_lines(job.log) == ["1", "2"] and world_size_of(job.log) == world_size, job.describe()
     assert checkpoint(ckpt)["global_step"] == 2 * 256 // (32 * world_size)
     if template == "multinode.sbatch":
-        assert "SLURM auto-requeueing enabled" in job.log, job.describe()
         nodes = "2 nodes (n[1-2])" if "--nodes=2" in sbatch_args else "1 nodes (n1)"
         assert nodes in job.log, job.describe()
 
@@ -92,29 +95,35 @@ def test_missing_srun_fails_fast_with_a_clear_error(slurm_cluster, tmp_path):
 
 
 def test_preemption_requeue_resume(slurm_cluster, tmp_path):
-    """USR1 mid-training -> Lightning saves hpc_ckpt_1.ckpt and runs `scontrol requeue` -> the requeued job
-    (same id, same checkpoint directory) resumes from that checkpoint -> COMPLETED after all the steps."""
+    """USR1 to the batch shell and to every process of the step, DataLoader workers included (what Slurm's
+    signals do): the ranks agree on a step, save preempted-step=N.ckpt and exit 75, multinode.sbatch requeues,
+    and the requeued job (same id, same checkpoint directory) resumes from the checkpoint with the most progress
+    and COMPLETES after all the steps."""
     events = {"signalled": False}
 
     def on_poll(info, log):
-        if not events["signalled"] and "[rank 0] epoch 1 step 96 " in log:
-            # What `#SBATCH --signal=SIGUSR1@90` does before the time limit (to the tasks, not the batch
-            # shell), but at a known point: mid-epoch 1, after epoch 0's checkpoint.
-            slurm_cluster.client("scancel", "--signal=USR1", info["JobId"])
+        if not events["signalled"] and re.search(r"\[rank0\] epoch 2 \| batch \d+/64 \| step 96 ", log):
+            # --full: the batch shell (as --signal=B:USR1@90 does) and every task and worker of the step.
+            slurm_cluster.client("scancel", "--full", "--signal=USR1", info["JobId"])
             events["signalled"] = True
         if events["signalled"]:
             slurm_cluster.release_requeued(info, events)
 
-    job, ckpt = submit(slurm_cluster, tmp_path, "multinode.sbatch", shape(1, 2), args=LONG, timeout=240,
-                       on_poll=on_poll)
+    job, ckpt = submit(slurm_cluster, tmp_path, "multinode.sbatch", shape(1, 2), args=[*LONG, "--num-workers", 2],
+                       timeout=300, on_poll=on_poll)
     job.assert_ok()
     assert events["signalled"], f"training never reached step 96\n{job.describe()}"
     assert job.info["Restarts"] == "1", job.describe()
-    first, _, second = job.log.partition("(restart 1)")
+    first, _, second = job.log.partition("restart 1 of at most 3")
     assert second, f"the requeued run never started\n{job.describe()}"
-    for needle in ("Handling auto-requeue signal", f"Requeued SLURM job: {job.job_id}"):
+    for needle in ("multinode: got USR1, forwarding it to the job step", "preempted at step",
+                   "after checkpointing; requeueing job"):
         assert needle in first, f"{needle!r} missing before the requeue\n{job.describe()}"
-    assert re.search(r"Restored all states from the checkpoint at \S+/hpc_ckpt_1\.ckpt", second), job.describe()
-    hpc = torch.load(ckpt / "hpc_ckpt_1.ckpt", map_location="cpu", weights_only=True)
-    assert 96 <= hpc["global_step"] < LONG_STEPS
+    assert "DataLoader worker" not in job.log and "Traceback" not in job.log, job.describe()
+    preempted = int(re.search(r"preempted at step (\d+)", first).group(1))
+    assert 96 <= preempted < LONG_STEPS and preempted % 10 == 0, job.describe()
+    assert re.search(rf"resumed from \S+/preempted-step={preempted}\.ckpt: epoch 2, step {preempted}", second), \
+        job.describe()
+    saved = torch.load(ckpt / f"preempted-step={preempted}.ckpt", map_location="cpu", weights_only=True)
+    assert saved["global_step"] == preempted
     assert checkpoint(ckpt)["global_step"] == LONG_STEPS

@@ -24,12 +24,6 @@ CORPUS = ROOT / "tests" / "lint_corpus"
 # PENDING C8 (lead: reconcile at merge). Findings of the new rules on templates another helper is rewriting to the
 # CONTRACT.md C8 conventions on its own branch (`export SRUN_CPUS_PER_TASK=$SLURM_CPUS_PER_TASK` before the first
 # srun). The strict checks below tolerate exactly these; once the C8 templates are merged this dict must be empty.
-PENDING_C8 = {
-    "container_pyxis.sbatch": {"SB106"},
-    "container_apptainer.sbatch": {"SB106"},
-    "tools/doctor.sbatch": {"SB106"},
-    "tools/allreduce_bench.sbatch": {"SB106"},
-}
 
 spec = importlib.util.spec_from_file_location("sbatch_lint", LINT)
 sbatch_lint = importlib.util.module_from_spec(spec)
@@ -271,18 +265,11 @@ def test_every_job_script_in_the_repository_passes():
     assert rc == 0, out + err
 
 
-def pending(finding_line: str) -> bool:
-    path, _, rest = finding_line.partition(":")
-    rel = Path(path).resolve().relative_to(TEMPLATES).as_posix()
-    return any(code in rest for code in PENDING_C8.get(rel, ()))
-
-
 @pytest.mark.lint
 def test_slurm_templates_are_strictly_clean_and_shellcheck_clean():
     files = [*TEMPLATES.rglob("*.sbatch"), *TEMPLATES.rglob("*.sh")]
     rc, out, err = lint_cli("--strict", *[f for f in files if f.suffix == ".sbatch"])
-    unexpected = [line for line in out.splitlines() if not pending(line)]
-    assert unexpected == [], out
+    assert rc == 0 and out.strip() == "" and "0 finding(s)" in err, out + err
     if shutil.which("shellcheck") is None:
         unavailable("shellcheck not installed (tools/system_deps.sh installs it)")
     proc = subprocess.run(["shellcheck", "-x", *files], cwd=ROOT, capture_output=True, text=True, timeout=120)
@@ -316,7 +303,6 @@ def test_readme_names_real_files():
 def test_lint_job(slurm_cluster, tmp_path):
     """The linter's own Slurm job, run over slurm_templates/ on a compute node."""
     tools = TEMPLATES / "tools"
-    skip = [arg for rel in PENDING_C8 for arg in ("--exclude", rel)]  # PENDING C8: drop once the dict is empty
-    job = slurm_cluster.run(tools / "sbatch_lint.sbatch", "--strict", *skip, TEMPLATES, cwd=tools,
+    job = slurm_cluster.run(tools / "sbatch_lint.sbatch", "--strict", TEMPLATES, cwd=tools,
                             output=tmp_path / "job.out", timeout=60).assert_ok()
     assert textwrap.dedent("sbatch-lint: ") in job.log and "0 finding(s)" in job.log, job.describe()
