@@ -72,9 +72,16 @@ def positive_float(text):
     return value
 
 
+class ArgumentParser(argparse.ArgumentParser):
+    def error(self, message):
+        """One line on stderr and exit 2 (argparse's own prints the whole usage first)."""
+        print(f"error: {message} (see {self.prog} --help)", file=sys.stderr, flush=True)
+        sys.exit(2)
+
+
 def parse_args(description, extra=None):
     """The command line every recipe in this repository accepts (same names in every framework folder)."""
-    p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--epochs", type=positive_int, default=3)
     p.add_argument("--max-steps", type=positive_int, default=None,
                    help="stop after this many optimizer steps in total, resumed ones included "
@@ -246,10 +253,12 @@ def initialize_distributed(args, coordinator_address=None, num_processes=None, p
         check_coordinator(coordinator_address, rank, args.timeout)
     what = (f"jax.distributed.initialize (coordinator {coordinator_address or 'from SLURM_*'}: are all processes "
             f"started and is the coordinator reachable from every node?)")
+    # Our deadline fires first: when JAX's own initialization_timeout expires, XLA aborts the process with a
+    # C++ stack trace (LOG(FATAL) in CoordinationServiceAgent::Connect) instead of raising.
     try:
-        with deadline(args.timeout + 10, rank, what):
+        with deadline(args.timeout, rank, what):
             jax.distributed.initialize(coordinator_address, num_processes, process_id, local_device_ids,
-                                       initialization_timeout=args.timeout,
+                                       initialization_timeout=args.timeout + 60,
                                        heartbeat_timeout_seconds=max(args.timeout, 10))
     except Exception as e:  # XlaRuntimeError (DEADLINE_EXCEEDED, UNAVAILABLE, ...), ValueError
         first = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
@@ -730,8 +739,9 @@ def find_snapshot(checkpoint_dir):
             readable.append((read_snapshot(path)[1]["step"], name == SNAPSHOT, path))
         except (OSError, ValueError, KeyError, zipfile.BadZipFile, EOFError) as e:
             problems.append(f"{path} is unreadable ({type(e).__name__}: {str(e).splitlines()[0][:200]})")
-            print(f"warning: {problems[-1]}; trying the previous snapshot", file=sys.stderr, flush=True)
     if readable:
+        for problem in problems:
+            print(f"warning: {problem}; using {readable[-1][2]}", file=sys.stderr, flush=True)
         return max(readable)[2]
     if problems:
         raise RecipeError("no usable snapshot: " + "; ".join(problems) +
