@@ -741,7 +741,7 @@ def find_snapshot(checkpoint_dir):
             problems.append(f"{path} is unreadable ({type(e).__name__}: {str(e).splitlines()[0][:200]})")
     if readable:
         for problem in problems:
-            print(f"warning: {problem}; using {readable[-1][2]}", file=sys.stderr, flush=True)
+            print(f"warning: {problem}; using {max(readable)[2]}", file=sys.stderr, flush=True)
         return max(readable)[2]
     if problems:
         raise RecipeError("no usable snapshot: " + "; ".join(problems) +

@@ -134,22 +134,12 @@ def test_spawned_processes_equal_one_process_with_the_global_batch(reference, sp
     assert [ln.split("|")[2] for ln in epoch_lines(out)] == [ln.split("|")[2] for ln in epoch_lines(reference[1])]
 
 
-def test_srun_style_stop_and_resume_equals_uninterrupted(spawned, tmp_path):
-    """srun-started tasks (SLURM_* only, JAX's Slurm detection): stop mid-epoch 2 with --max-steps, resume."""
-    args = [*ARGS, "--batch-size", "16", "--checkpoint-dir", tmp_path]
-    out = completed(start("multinode.py", [*args, "--max-steps", "80"], srun_envs(free_port())))
-    assert "[rank0] host" in out and "[rank1] host" in out and "process 1 of 2" in out  # ids from SLURM_PROCID
-    assert snapshot(tmp_path)[1]["step"] == 80
-    out = completed(start("multinode.py", args, srun_envs(free_port())))
-    assert "[rank0] resumed from" in out and "epoch 2, step 80" in out
-    assert_same_weights(tmp_path, spawned[0])  # bit for bit: batches skipped, schedule and momentum restored
-
-
 def test_preempted_run_saves_exits_75_and_resumes_exactly(spawned, tmp_path):
-    """SIGUSR1 (Slurm's warning signal) mid-training to explicitly addressed processes: both stop at the same
-    step, rank 0 saves, both exit 75; the next launch resumes and ends where the uninterrupted run did."""
+    """SIGUSR1 (Slurm's warning signal) mid-training to srun-style tasks (SLURM_* only, JAX's Slurm detection):
+    both stop at the same step, rank 0 saves, both exit 75. The next launch, with an explicit coordinator and
+    process ids this time, resumes mid-epoch and ends bit for bit where the uninterrupted run did."""
     args = [*ARGS, "--batch-size", "16", "--checkpoint-dir", tmp_path]
-    procs = start("multinode.py", args, explicit_envs(free_port()))
+    procs = start("multinode.py", args, srun_envs(free_port()))
     head = ""
     for line in procs[0].stdout:  # wait until training is under way
         head += line
@@ -159,12 +149,13 @@ def test_preempted_run_saves_exits_75_and_resumes_exactly(spawned, tmp_path):
         p.send_signal(signal.SIGUSR1)
     codes, outs = finish(procs, head=head)
     assert codes == [75, 75], "\n".join(outs)
+    assert "[rank1] host" in outs[1] and "process 1 of 2" in outs[1]  # the id came from SLURM_PROCID
     stopped_at = int(re.search(r"preempted at step (\d+): snapshot saved", outs[0]).group(1))
     assert 10 < stopped_at < STEPS and stopped_at % 10 == 0
     assert snapshot(tmp_path)[1]["step"] == stopped_at
     out = completed(start("multinode.py", args, explicit_envs(free_port())))
     assert f"step {stopped_at}" in out and "resumed from" in out
-    assert_same_weights(tmp_path, spawned[0])
+    assert_same_weights(tmp_path, spawned[0])  # batches skipped, schedule and momentum restored
 
 
 def test_truncated_snapshot_falls_back_to_the_previous_one(reference, tmp_path):
