@@ -263,6 +263,9 @@ def initialize_distributed(args, coordinator_address=None, num_processes=None, p
     except Exception as e:  # XlaRuntimeError (DEADLINE_EXCEEDED, UNAVAILABLE, ...), ValueError
         first = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
         raise RecipeError(f"jax.distributed.initialize failed: {first}", every_rank=True) from None
+    # initialize() starts XLA's preemption sync manager, which takes SIGTERM over in C++: a TERM would then never
+    # reach our flag and the run would train on. Take it back, so that TERM and USR1 both end in a snapshot.
+    PREEMPTION.install()
     return jax.process_index(), jax.process_count()
 
 
@@ -464,6 +467,9 @@ class PreemptionFlag:
 
     def __init__(self):
         self.requested = False
+        self.install()
+
+    def install(self):
         for sig in (signal.SIGUSR1, signal.SIGTERM):
             signal.signal(sig, self._handler)
 
