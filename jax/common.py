@@ -598,6 +598,8 @@ class Trainer:
         self.barrier("snapshot")  # nobody reads or restarts before the file is complete
 
     def resume(self):
+        import jax
+
         # Rank 0 decides which snapshot to use and tells the others: on a shared filesystem processes can
         # disagree about whether a file exists, and a job where only some of them resume deadlocks.
         choice = find_snapshot(self.args.checkpoint_dir) if self.rank == 0 else None
@@ -607,8 +609,6 @@ class Trainer:
             return
         path = os.path.join(self.args.checkpoint_dir, names[code])
         leaves, meta = read_snapshot(path)
-        import jax
-
         template = jax.tree_util.tree_structure((self.params, self.opt_state))
         expected = self.snapshot_leaves()
         if len(leaves) != len(expected) or any(a.shape != b.shape for a, b in zip(leaves, expected)):

@@ -7,7 +7,9 @@ import re
 import signal
 import socket
 import subprocess
+import tempfile
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -24,10 +26,17 @@ STEPS = 64
 # then an all-reduce). Measured: |difference| <= 1e-6 after 64 steps; the tolerance leaves room for other CPUs.
 TOL = dict(rtol=1e-4, atol=1e-5)
 ERROR_LINE = re.compile(r"^(\[rank\d+\] )?error: ")
+# JAX's persistent compilation cache, shared by the launches (and runs) of this file: most of a launch's CPU time
+# is compiling the same train step again. Same code either way; a cached executable is the compiled one.
+CACHE = Path(tempfile.gettempdir()) / "jax-recipes-test-compilation-cache"
 
 
-def python(*args, **kw):
-    return run([env_python("jax"), *args], **kw)
+def jax_env(**overrides):
+    return clean_env(JAX_COMPILATION_CACHE_DIR=CACHE, JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS=0, **overrides)
+
+
+def python(*args, env=None, **kw):
+    return run([env_python("jax"), *args], env=env or jax_env(), **kw)
 
 
 def snapshot(directory, name="snapshot.npz"):
@@ -75,13 +84,13 @@ def finish(procs, timeout=240, head=None):
 
 def explicit_envs(port, n=2):
     """What two shells (or two machines) set: coordinator, number of processes, this process's id."""
-    return [clean_env(JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAX_NUM_PROCESSES=n, JAX_PROCESS_ID=i)
+    return [jax_env(JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAX_NUM_PROCESSES=n, JAX_PROCESS_ID=i)
             for i in range(n)]
 
 
 def srun_envs(port, n=2):
     """What `srun` sets in each task: only SLURM_* variables; JAX's Slurm detection does the rest."""
-    return [clean_env(SLURM_PROCID=i, SLURM_LOCALID=i, SLURM_NTASKS=n, SLURM_NNODES=1, SLURM_JOB_ID=4242,
+    return [jax_env(SLURM_PROCID=i, SLURM_LOCALID=i, SLURM_NTASKS=n, SLURM_NNODES=1, SLURM_JOB_ID=4242,
                       SLURM_STEP_NODELIST="127.0.0.1", SLURM_STEP_TASKS_PER_NODE=n, JAX_COORDINATOR_PORT=port)
             for i in range(n)]
 
@@ -140,7 +149,7 @@ def test_preempted_run_saves_exits_75_and_resumes_exactly(spawned, tmp_path):
     manager; the recipe takes it back.) The next launch -- two explicitly addressed multinode.py processes --
     resumes mid-epoch and ends bit for bit where the uninterrupted run did."""
     args = [*ARGS, "--batch-size", "16", "--checkpoint-dir", tmp_path]
-    (spawner,) = start("multigpu.py", ["--nprocs", "2", *args], [clean_env()])
+    (spawner,) = start("multigpu.py", ["--nprocs", "2", *args], [jax_env()])
     head = ""
     for line in spawner.stdout:  # wait until training is under way
         head += line
@@ -223,7 +232,7 @@ def test_cifar10_pickles(tmp_path):
 def failing(script, *args, env=None, timeout=90):
     """Run to its end; it must exit 2 with exactly one error line on stderr and no traceback."""
     t0 = time.monotonic()
-    proc = subprocess.run([str(env_python("jax")), str(FOLDER / script), *map(str, args)], env=env or clean_env(),
+    proc = subprocess.run([str(env_python("jax")), str(FOLDER / script), *map(str, args)], env=env or jax_env(),
                           cwd=ROOT, capture_output=True, text=True, timeout=timeout)
     lines = proc.stderr.strip().splitlines()
     assert proc.returncode == 2 and len(lines) == 1 and ERROR_LINE.match(lines[0]), (proc.returncode, proc.stderr)
