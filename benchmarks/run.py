@@ -52,6 +52,12 @@ class Recipe:
     script: str  # relative to the repository root; takes the common command line and --timings-file
     pythonpath: str = ""  # relative to the root, for a script that imports from another folder
     args: tuple = ()  # extra command-line arguments
+    # torchrun: `python -m torch.distributed.run ... SCRIPT`; spawn: the script starts its own processes
+    # (`SCRIPT --nprocs W`, jax/multigpu.py: JAX has no torchrun)
+    launcher: str = "torchrun"
+    # False: another framework on its own model code (JAX): step times are not comparable with raw DDP's, so the
+    # overhead column stays empty and only the recipe's own scaling is reported
+    vs_baseline: bool = True
 
 
 BASELINE = Recipe("raw DDP", "pytorch", "benchmarks/raw_ddp.py", pythonpath="pytorch")
@@ -63,6 +69,7 @@ CEILING = Recipe("no-comm ceiling", "pytorch", "benchmarks/raw_ddp.py", pythonpa
 RECIPES = [
     Recipe("pytorch", "pytorch", "pytorch/multigpu_torchrun.py"),
     Recipe("lightning", "lightning", "lightning/multigpu_torchrun.py"),
+    Recipe("jax", "jax", "jax/multigpu.py", launcher="spawn", vs_baseline=False),
 ]
 TARGET_SCALING = 0.90  # at every world size > 1
 TARGET_OVERHEAD = 1.10  # recipe step time / raw DDP step time
@@ -137,7 +144,7 @@ def versions(env: str, devices: bool) -> dict:
     """
     code = ("import importlib.metadata as m, json\n"
             "v = {}\n"
-            "for p in ('torch', 'lightning'):\n"
+            "for p in ('torch', 'lightning', 'jax'):\n"
             "    try: v[p] = m.version(p)\n"
             "    except m.PackageNotFoundError: pass\n"
             "if DEVICES:\n"
@@ -213,6 +220,13 @@ def child_env(args, recipe: Recipe) -> dict:
 
 def launch_command(args, recipe: Recipe, world_size: int, launch_id: int, timings: Path, ckpt: Path) -> list[str]:
     python = str(python_of(recipe.env))
+    if recipe.launcher == "spawn":
+        if args.launcher == "srun" and world_size > args.gpus_per_node:
+            sys.exit(f"error: {recipe.name} starts its processes on one node: world size {world_size} > "
+                     f"--gpus-per-node {args.gpus_per_node}")
+        launcher = [python] if args.launcher == "local" else ["srun", "--nodes=1", "--ntasks=1", python]
+        return [*launcher, str(ROOT / recipe.script), "--nprocs", str(world_size), *recipe.args,
+                *common_args(args, world_size, timings, ckpt)]
     if args.launcher == "local":
         launcher = [python, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={world_size}"]
     else:
@@ -226,9 +240,12 @@ def launch_command(args, recipe: Recipe, world_size: int, launch_id: int, timing
                     python, "-m", "torch.distributed.run", f"--nnodes={nodes}", f"--nproc-per-node={per_node}",
                     "--rdzv-backend=c10d", f"--rdzv-endpoint={os.environ['MASTER_ADDR']}:{port}",
                     f"--rdzv-id={os.environ.get('SLURM_JOB_ID', 'bench')}-{launch_id}"]
+    return [*launcher, str(ROOT / recipe.script), *recipe.args, *common_args(args, world_size, timings, ckpt)]
+
+
+def common_args(args, world_size: int, timings: Path, ckpt: Path) -> list[str]:
     # One epoch that is exactly --steps long: no epoch boundary (metrics, checkpoints) among the timed steps.
-    return [*launcher, str(ROOT / recipe.script), *recipe.args,
-            "--epochs", "1", "--max-steps", str(args.steps), "--batch-size", str(args.batch_size),
+    return ["--epochs", "1", "--max-steps", str(args.steps), "--batch-size", str(args.batch_size),
             "--dataset-size", str(args.steps * world_size * args.batch_size), "--log-every", "1000000",
             "--timings-file", str(timings), "--checkpoint-dir", str(ckpt)]
 
@@ -288,6 +305,7 @@ def summarize(runs: list[dict], names: list[str], world_sizes: list[int]) -> lis
     by = {(r["recipe"], r["world_size"], r["repeat"]): r for r in runs}
     repeats = sorted({r["repeat"] for r in runs})
     rows = []
+    comparable = {r.name: r.vs_baseline for r in RECIPES}
     for name in names:
         for w in world_sizes:
             mine = [by[name, w, k] for k in repeats]
@@ -299,8 +317,9 @@ def summarize(runs: list[dict], names: list[str], world_sizes: list[int]) -> lis
             if w > 1:  # paired within each repeat: step(1) / step(W) = thr(W) / (W thr(1))
                 row["scaling_efficiency"] = median_of([by[name, 1, k]["step_time_s"] / by[name, w, k]["step_time_s"]
                                                        for k in repeats])
-            row["overhead"] = median_of([by[name, w, k]["step_time_s"] / by[BASELINE.name, w, k]["step_time_s"]
-                                         for k in repeats])
+            if comparable.get(name, True):
+                row["overhead"] = median_of([by[name, w, k]["step_time_s"] / by[BASELINE.name, w, k]["step_time_s"]
+                                             for k in repeats])
             rows.append(row)
     return rows
 
@@ -315,6 +334,8 @@ def verdicts(rows: list[dict]) -> list[str]:
             ok = row["scaling_efficiency"] >= TARGET_SCALING
             lines.append(f"{who}: scaling efficiency {row['scaling_efficiency']:.2f} "
                          f"{'meets' if ok else 'MISSES'} the target >= {TARGET_SCALING:.2f}")
+        if row["overhead"] is None:  # not comparable with raw DDP (another framework): its scaling only
+            continue
         ok = row["overhead"] <= TARGET_OVERHEAD
         lines.append(f"{who}: overhead {row['overhead']:.2f}x raw DDP "
                      f"{'meets' if ok else 'MISSES'} the target <= {TARGET_OVERHEAD:.2f}x")
@@ -335,13 +356,15 @@ def markdown(result: dict) -> str:
     for row in result["summary"]:
         lines.append(f"| {row['recipe']} | {row['world_size']} | {row['step_time_s'] * 1000:.1f} "
                      f"| {row['samples_per_s']:.0f} | {fmt(row['scaling_efficiency'], '.2f')} "
-                     f"| {row['overhead']:.2f}x | {row['time_to_first_step_s']:.1f} |")
+                     f"| {fmt(row['overhead'], '.2f')}{'' if row['overhead'] is None else 'x'} "
+                     f"| {row['time_to_first_step_s']:.1f} |")
     device = ", ".join(m["gpus"]) if m["gpus"] else f"CPU, {c['threads']} thread(s) per rank (OMP_NUM_THREADS)"
     others, worst = m.get("other_load_cores"), m.get("other_load_cores_max_launch")
     lines += [
         "",
         f"Machine: {m['cpu_model']}, {m['cores']} cores; {device}; torch {m['torch']}"
-        + (f", lightning {m['lightning']}" if m.get("lightning") else "") + f"; Python {m['python']}; "
+        + (f", lightning {m['lightning']}" if m.get("lightning") else "")
+        + (f", jax {m['jax']}" if m.get("jax") else "") + f"; Python {m['python']}; "
         f"{m['os']}. Measured {m['date']}.",
         f"Load: `uptime` load average (1 min) {m['load_before'][0]:.2f} at the start, {m['load_after'][0]:.2f} at "
         "the end"
@@ -385,13 +408,15 @@ def plot(result: dict, path: Path) -> None:
     for ax, (key, label, target) in zip(axes, panels):
         for i, w in enumerate(sizes):
             xs = [j + (i - (len(sizes) - 1) / 2) * width for j in range(len(names))]
-            vals = [get[n, w][key] for n in names]
+            missing = [get[n, w][key] is None for n in names]  # overhead of a recipe not comparable with DDP
+            vals = [0 if m else get[n, w][key] for n, m in zip(names, missing)]
             bars = ax.bar(xs, vals, width, label=f"{w} rank{'s' if w > 1 else ''}")
             ax.set_ylim(0, max(ax.get_ylim()[1], 1.3 * max(vals)))  # room for the labels and the legend
             if key == "samples_per_s" and w > 1:
                 ax.bar_label(bars, [f"eff {get[n, w]['scaling_efficiency']:.2f}" for n in names], fontsize=8)
             else:
-                ax.bar_label(bars, [f"{v:.2f}" if v < 100 else f"{v:.0f}" for v in vals], fontsize=8)
+                ax.bar_label(bars, ["n/a" if m else f"{v:.2f}" if v < 100 else f"{v:.0f}"
+                                    for v, m in zip(vals, missing)], fontsize=8)
         if target:
             ax.axhline(target, color="red", linestyle="--", linewidth=1, label=f"target {target:.2f}")
         ax.set_xticks(range(len(names)), names)
@@ -463,7 +488,8 @@ def main(argv=None):
     per_launch = [r["other_cores"] for r in runs if r["other_cores"] is not None]
 
     machine = {"cpu_model": cpu_model(), "cores": os.cpu_count(), "torch": info["torch"],
-               "lightning": info.get("lightning"), "gpus": info["gpus"], "python": platform.python_version(),
+               "lightning": info.get("lightning"), "jax": info.get("jax"), "gpus": info["gpus"],
+               "python": platform.python_version(),
                "os": f"{platform.system()} {platform.release()}",
                "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
                "load_before": list(load_before), "load_after": list(os.getloadavg()),

@@ -30,8 +30,11 @@ def test_tiny_run_writes_json_markdown_and_png(tmp_path):
     published = ROOT / "benchmarks" / "RESULTS.md"
     before = published.read_bytes() if published.exists() else None
     out = tmp_path / "bench"
+    # jax is left out here (two more launches of the slowest start-up); test_jax_recipe_launch_and_summary
+    # checks how the runner launches and reports it.
     proc = run([python, RUNNER, "--out", out, "--world-sizes", "1,2", "--repeats", "1", "--steps", "6",
-                "--warmup", "2", "--batch-size", "8", "--no-ceiling", "--launch-timeout", "80"],
+                "--warmup", "2", "--batch-size", "8", "--no-ceiling", "--launch-timeout", "80",
+                "--recipes", "pytorch,lightning"],
                timeout=85, env=clean_env())
 
     result = json.loads((out / "results.json").read_text())
@@ -116,3 +119,28 @@ def test_srun_launch_spans_nodes_with_one_torchrun_per_node(monkeypatch, tmp_pat
     assert local[5].endswith("benchmarks/raw_ddp.py")
     ceiling = bench.launch_command(bench.parse_args([]), bench.CEILING, 2, 1, tmp_path / "t.json", tmp_path / "c")
     assert ceiling[5].endswith("benchmarks/raw_ddp.py") and ceiling[6] == "--no-ddp"
+
+
+def test_jax_recipe_launch_and_summary(monkeypatch, tmp_path):
+    """jax/multigpu.py starts its own processes (no torchrun), and its overhead against raw DDP is not reported:
+    another framework's model code, so only its own scaling counts."""
+    bench = load_runner()
+    jax = next(r for r in bench.RECIPES if r.name == "jax")
+    monkeypatch.setattr(bench, "python_of", lambda env: f"/venvs/{env}/bin/python")
+    cmd = bench.launch_command(bench.parse_args([]), jax, 2, 1, tmp_path / "t.json", tmp_path / "c")
+    assert cmd[:4] == ["/venvs/jax/bin/python", str(ROOT / "jax" / "multigpu.py"), "--nprocs", "2"]
+    assert "--timings-file" in cmd and "torch.distributed.run" not in cmd
+    monkeypatch.setenv("MASTER_ADDR", "node1")
+    monkeypatch.setenv("MASTER_PORT", "15123")
+    srun = bench.launch_command(bench.parse_args(["--launcher", "srun", "--gpus-per-node", "4"]), jax, 2, 1,
+                                tmp_path / "t.json", tmp_path / "c")
+    assert srun[:4] == ["srun", "--nodes=1", "--ntasks=1", "/venvs/jax/bin/python"]
+    runs = [{"recipe": n, "world_size": w, "repeat": 0, "step_time_s": s, "samples_per_s": w * 8 / s,
+             "time_to_first_step_s": 5.0}
+            for (n, w), s in {("raw DDP", 1): 0.02, ("raw DDP", 2): 0.021, ("jax", 1): 0.03, ("jax", 2): 0.04}.items()]
+    rows = bench.summarize(runs, ["raw DDP", "jax"], [1, 2])
+    jax_rows = [r for r in rows if r["recipe"] == "jax"]
+    assert [r["overhead"] for r in jax_rows] == [None, None]
+    assert jax_rows[1]["scaling_efficiency"] == pytest.approx(0.03 / 0.04)
+    assert [v for v in bench.verdicts(rows) if v.startswith("jax")] == [
+        "jax at 2 rank(s): scaling efficiency 0.75 MISSES the target >= 0.90"]

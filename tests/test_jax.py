@@ -1,0 +1,301 @@
+"""jax/ recipes, launched for real on CPU (gloo collectives, 2 processes): every launch pattern, equivalence with
+one process, resume and preemption, real data formats, bad input."""
+
+import importlib.util
+import json
+import re
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from data_files import write_cifar10, write_mnist
+from helpers import ROOT, clean_env, env_python, free_port, run
+
+pytestmark = [pytest.mark.jax, pytest.mark.timeout(300)]
+
+FOLDER = ROOT / "jax"
+# 1024 samples: 32 steps per epoch for 2 processes x batch 16 (or 1 process x batch 32), 64 in all.
+ARGS = ["--epochs", "2", "--dataset-size", "1024", "--log-every", "10"]
+STEPS = 64
+# 2 processes vs 1: the same samples in every global batch, summed in another order (per-device partial sums,
+# then an all-reduce). Measured: |difference| <= 1e-6 after 64 steps; the tolerance leaves room for other CPUs.
+TOL = dict(rtol=1e-4, atol=1e-5)
+ERROR_LINE = re.compile(r"^(\[rank\d+\] )?error: ")
+# JAX's persistent compilation cache, shared by the launches (and runs) of this file: most of a launch's CPU time
+# is compiling the same train step again. Same code either way; a cached executable is the compiled one.
+CACHE = Path(tempfile.gettempdir()) / "jax-recipes-test-compilation-cache"
+
+
+def jax_env(**overrides):
+    return clean_env(JAX_COMPILATION_CACHE_DIR=CACHE, JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS=0, **overrides)
+
+
+def python(*args, env=None, **kw):
+    return run([env_python("jax"), *args], env=env or jax_env(), **kw)
+
+
+def snapshot(directory, name="snapshot.npz"):
+    """(leaves, progress) of a snapshot, read with numpy alone."""
+    with np.load(directory / name) as z:
+        meta = json.loads(bytes(z["meta"]).decode())
+        return [z[f"leaf{i}"] for i in range(sum(k.startswith("leaf") for k in z.files))], meta
+
+
+def assert_same_weights(a, b, **tol):
+    (la, _), (lb, _) = snapshot(a), snapshot(b)
+    assert len(la) == len(lb)
+    for i, (x, y) in enumerate(zip(la, lb)):
+        if tol:
+            np.testing.assert_allclose(x, y, **tol, err_msg=f"leaf {i}")
+        else:
+            np.testing.assert_array_equal(x, y, err_msg=f"leaf {i}")
+
+
+def epoch_lines(out):
+    return [ln for ln in out.splitlines() if re.match(r"\[rank0\] epoch \d+/\d+ \|", ln)]
+
+
+def start(script, args, envs):
+    """One process per environment, each the way a launcher would start it."""
+    return [subprocess.Popen([str(env_python("jax")), str(FOLDER / script), *map(str, args)], env=env, cwd=ROOT,
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+            for env in envs]
+
+
+def finish(procs, timeout=240, head=None):
+    """Wait for every process; (exit codes, outputs). A hang kills them all and fails the test."""
+    end, outs = time.monotonic() + timeout, []
+    try:
+        for p in procs:
+            outs.append(p.communicate(timeout=max(1, end - time.monotonic()))[0])
+    except subprocess.TimeoutExpired:
+        for p in procs:
+            p.kill()
+        pytest.fail(f"processes still running after {timeout}s: {[p.args for p in procs]}")
+    if head:
+        outs[0] = head + outs[0]
+    return [p.returncode for p in procs], outs
+
+
+def explicit_envs(port, n=2):
+    """What two shells (or two machines) set: coordinator, number of processes, this process's id."""
+    return [jax_env(JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAX_NUM_PROCESSES=n, JAX_PROCESS_ID=i)
+            for i in range(n)]
+
+
+def srun_envs(port, n=2):
+    """What `srun` sets in each task: only SLURM_* variables; JAX's Slurm detection does the rest."""
+    return [jax_env(SLURM_PROCID=i, SLURM_LOCALID=i, SLURM_NTASKS=n, SLURM_NNODES=1, SLURM_JOB_ID=4242,
+                      SLURM_STEP_NODELIST="127.0.0.1", SLURM_STEP_TASKS_PER_NODE=n, JAX_COORDINATOR_PORT=port)
+            for i in range(n)]
+
+
+def completed(procs):
+    codes, outs = finish(procs)
+    assert codes == [0] * len(procs), "\n".join(outs)
+    return "\n".join(outs)
+
+
+# ------------------------------------------------------------------------------------------ reference runs
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """One process, batch 32: what every 2-process run with batch 16 per process must reproduce."""
+    ckpt = tmp_path_factory.mktemp("single")
+    out = python(FOLDER / "single_gpu.py", *ARGS, "--batch-size", "32", "--checkpoint-dir", ckpt).stdout
+    return ckpt, out
+
+
+@pytest.fixture(scope="module")
+def spawned(tmp_path_factory):
+    """multigpu.py --nprocs 2: the uninterrupted 2-process run the resume tests compare against, bit for bit."""
+    ckpt = tmp_path_factory.mktemp("spawn")
+    out = python(FOLDER / "multigpu.py", "--nprocs", "2", *ARGS, "--batch-size", "16", "--checkpoint-dir", ckpt).stdout
+    return ckpt, out
+
+
+def test_single_gpu_learns_and_writes_a_complete_snapshot(reference):
+    ckpt, out = reference
+    lines = epoch_lines(out)
+    assert len(lines) == 2 and all("samples/s" in ln for ln in lines), out
+    first, last = (float(re.search(r"loss ([\d.]+)", ln).group(1)) for ln in lines)
+    assert last < first * 0.9, f"loss did not decrease: {lines}"
+    assert re.search(r"^\[rank0\] done: 64 steps in [\d.]+ s$", out, re.M), out
+    leaves, meta = snapshot(ckpt)
+    assert (meta["epoch"], meta["step"], meta["batch_in_epoch"], meta["world_size"]) == (2, STEPS, 0, 1)
+    assert len(leaves) == 8 + 8 + 1  # parameters, momentum, the schedule's step count
+    assert snapshot(ckpt, "snapshot.prev.npz")[1]["step"] == STEPS // 2
+    assert not (ckpt / "snapshot.npz.tmp").exists()
+
+
+def test_spawned_processes_equal_one_process_with_the_global_batch(reference, spawned):
+    ckpt, out = spawned
+    assert "[rank0] processes 2 | devices 2 (1 per process, cpu)" in out and "[rank1] host" in out
+    assert len(epoch_lines(out)) == 2 and "[rank1] epoch" not in out  # metrics come from rank 0 only
+    assert_same_weights(ckpt, reference[0], **TOL)
+    # the epoch metrics are over the global batch: the same numbers as the single process's
+    assert [ln.split("|")[2] for ln in epoch_lines(out)] == [ln.split("|")[2] for ln in epoch_lines(reference[1])]
+
+
+def test_preempted_run_saves_exits_75_and_resumes_exactly(spawned, tmp_path):
+    """SIGTERM (what Slurm sends at preemption) to multigpu.py alone: it forwards it to its processes, both stop
+    at the same step, rank 0 saves, all exit 75. (jax.distributed.initialize hands SIGTERM to XLA's preemption
+    manager; the recipe takes it back.) The next launch -- two explicitly addressed multinode.py processes --
+    resumes mid-epoch and ends bit for bit where the uninterrupted run did."""
+    args = [*ARGS, "--batch-size", "16", "--checkpoint-dir", tmp_path]
+    (spawner,) = start("multigpu.py", ["--nprocs", "2", *args], [jax_env()])
+    head = ""
+    for line in spawner.stdout:  # wait until training is under way
+        head += line
+        if "| step 10 |" in line:
+            break
+    spawner.send_signal(signal.SIGTERM)
+    codes, outs = finish([spawner], head=head)
+    assert codes == [75], outs[0]
+    stopped_at = int(re.search(r"preempted at step (\d+): snapshot saved", outs[0]).group(1))
+    assert 10 <= stopped_at < STEPS and stopped_at % 10 == 0  # the signal came after step 10 was logged
+    assert snapshot(tmp_path)[1]["step"] == stopped_at
+    out = completed(start("multinode.py", args, explicit_envs(free_port())))
+    assert re.search(rf"resumed from {re.escape(str(tmp_path / 'snapshot.npz'))}: epoch \d, step {stopped_at}\n", out)
+    assert "[rank1] host" in out and "process 1 of 2" in out
+    assert_same_weights(tmp_path, spawned[0])  # batches skipped, schedule and momentum restored
+
+
+def test_truncated_snapshot_falls_back_to_the_previous_one(reference, tmp_path):
+    for name in ("snapshot.npz", "snapshot.prev.npz"):
+        (tmp_path / name).write_bytes((reference[0] / name).read_bytes())
+    data = (tmp_path / "snapshot.npz").read_bytes()
+    (tmp_path / "snapshot.npz").write_bytes(data[: len(data) // 2])
+    out = python(FOLDER / "single_gpu.py", *ARGS, "--batch-size", "32", "--checkpoint-dir", tmp_path).stdout
+    assert f"{tmp_path / 'snapshot.npz'} is unreadable" in out
+    assert "snapshot.prev.npz: epoch 2, step 32" in out
+    assert_same_weights(tmp_path, reference[0])  # epoch 2 again, from the previous snapshot: the same end
+
+
+# ------------------------------------------------------------------------------------------ data
+
+
+def load_common():
+    """jax/common.py itself (it imports only numpy at the top), to check its sampler directly."""
+    spec = importlib.util.spec_from_file_location("jax_common", FOLDER / "common.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_processes_read_disjoint_shards_reshuffled_every_epoch():
+    common = load_common()
+    data = common.Dataset(np.arange(103, dtype=np.float32)[:, None], np.arange(103, dtype=np.int32), "ids")
+    loaders = [common.ShardedLoader(data, 4, p, 3, seed=0, num_workers=w) for p, w in ((0, 0), (1, 2), (2, 0))]
+    seen = {}
+    for epoch in range(2):
+        shards = [np.concatenate([y for _, y in loader.batches(epoch)]) for loader in loaders]
+        assert [len(s) for s in shards] == [32] * 3  # 103 // 3 = 34 per process, 8 batches of 4
+        assert len(set(np.concatenate(shards))) == 96, "processes overlap"
+        seen[epoch] = shards[0]
+        # the global batch of a step = the samples one process with the global batch (12) takes at that step
+        single = common.ShardedLoader(data, 12, 0, 1, seed=0, num_workers=0)
+        for (_, one), *parts in zip(single.batches(epoch), *(loader.batches(epoch) for loader in loaders)):
+            assert set(one) == set(np.concatenate([y for _, y in parts]))
+    assert list(seen[0]) != list(seen[1]), "same shuffle every epoch"
+    resumed = np.concatenate([y for _, y in loaders[1].batches(1, skip=3)])
+    assert list(resumed) == list(np.concatenate([y for _, y in loaders[1].batches(1)])[12:])
+
+
+def test_mnist_idx_files_with_bf16_and_loader_threads(tmp_path):
+    write_mnist(tmp_path)
+    out = python(FOLDER / "single_gpu.py", "--data", "mnist", "--data-dir", tmp_path, "--epochs", "1",
+                 "--batch-size", "32", "--amp", "--num-workers", "2").stdout
+    assert "256 samples" in out and "8 steps/epoch" in out
+    loss = float(re.search(r"loss ([\d.]+) \|", epoch_lines(out)[0]).group(1))
+    assert 0 < loss < 10  # finite under bf16
+
+
+def test_cifar10_pickles(tmp_path):
+    write_cifar10(tmp_path)
+    python(FOLDER / "single_gpu.py", "--data", "cifar10", "--data-dir", tmp_path, "--epochs", "1",
+           "--batch-size", "32", "--checkpoint-dir", tmp_path / "ckpt")
+    leaves, meta = snapshot(tmp_path / "ckpt")
+    assert meta["step"] == 10  # 5 training batches of 64 = 320 samples
+    assert leaves[1].shape == (3, 3, 3, 16)  # conv1's kernel was built for RGB input
+
+
+# ------------------------------------------------------------------------------------------ bad input
+
+
+def failing(script, *args, env=None, timeout=90):
+    """Run to its end; it must exit 2 with exactly one error line on stderr and no traceback."""
+    t0 = time.monotonic()
+    proc = subprocess.run([str(env_python("jax")), str(FOLDER / script), *map(str, args)], env=env or jax_env(),
+                          cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1 and ERROR_LINE.match(lines[0]), (proc.returncode, proc.stderr)
+    return lines[0], time.monotonic() - t0
+
+
+@pytest.mark.parametrize("script, argv, message", [
+    ("single_gpu.py", ["--batch-size", "0"], "must be a positive integer, got 0"),
+    ("single_gpu.py", ["--lr", "-1"], "must be a number > 0"),
+    ("single_gpu.py", ["--data", "mnist"], "--data mnist needs --data-dir"),
+    ("multigpu.py", ["--nprocs", "2", "--dataset-size", "1", "--batch-size", "1"],
+     "the dataset has 1 samples but the world size is 2"),
+    ("multinode.py", [], "JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID not set: start multinode.py "
+                         "with srun"),
+])
+def test_bad_arguments_are_one_line(script, argv, message):
+    line, _ = failing(script, *argv)
+    assert message in line
+
+
+def test_bad_data_files(tmp_path):
+    assert "is missing or empty" in failing("single_gpu.py", "--data", "cifar10", "--data-dir", tmp_path)[0]
+    write_mnist(tmp_path)
+    (tmp_path / "MNIST" / "raw" / "train-images-idx3-ubyte").write_bytes(b"not an idx file")
+    assert "is not an MNIST image file" in failing("single_gpu.py", "--data", "mnist", "--data-dir", tmp_path)[0]
+
+
+def test_truncated_snapshot_without_fallback_is_a_clear_error(reference, tmp_path):
+    data = (reference[0] / "snapshot.npz").read_bytes()
+    (tmp_path / "snapshot.npz").write_bytes(data[: len(data) // 2])
+    line, _ = failing("single_gpu.py", *ARGS, "--checkpoint-dir", tmp_path)
+    assert "error: no usable snapshot" in line and str(tmp_path / "snapshot.npz") in line
+
+
+def test_wrong_coordinator_address_is_one_line_within_the_timeout():
+    """Process 1 told a port where no coordinator runs: one line after --timeout, not JAX's minutes-long wait."""
+    env = explicit_envs(free_port())[1]
+    line, seconds = failing("multinode.py", "--timeout", "5", env=env)
+    assert "cannot reach the coordinator at 127.0.0.1:" in line and seconds < 60
+
+
+def test_missing_peer_is_one_line_not_an_abort():
+    """Process 0 alone: JAX itself would abort with a C++ stack trace when its timeout expires."""
+    line, seconds = failing("multinode.py", "--timeout", "5", env=explicit_envs(free_port())[0])
+    assert "jax.distributed.initialize" in line and "did not finish within 5 s" in line and seconds < 60
+
+
+def test_coordinator_port_in_use():
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        line, _ = failing("multinode.py", "--timeout", "5", env=explicit_envs(busy.getsockname()[1])[0])
+    assert "another process already listens on that port" in line
+
+
+def test_srun_without_coordinator_port():
+    env = srun_envs(1)[0]
+    del env["JAX_COORDINATOR_PORT"]
+    assert "JAX_COORDINATOR_PORT not set" in failing("multinode.py", env=env)[0]
+
+
+def test_every_recipe_script_is_exercised():
+    """Guard: a new script in jax/ must get a test here."""
+    scripts = {p.name for p in FOLDER.glob("*.py")} - {"common.py"}
+    text = open(__file__).read()
+    assert {s for s in scripts if s not in text} == set()

@@ -1,0 +1,103 @@
+"""jax/ sbatch templates submitted for real to the local two-node Slurm cluster (tests/slurm_fixtures.py), from
+inside jax/ as a user would, interpreter in PYTHON; and the preemption path of multinode.sbatch: USR1 ->
+snapshot -> exit 75 -> scontrol requeue -> resume -> the weights of an uninterrupted run.
+
+The tests only shrink the shape on the sbatch command line (this machine has 2 cores) and pass small training
+arguments; a later --checkpoint-dir overrides the template's own.
+"""
+
+import json
+import re
+
+import numpy as np
+import pytest
+from helpers import ROOT, env_python
+
+pytestmark = [pytest.mark.jax, pytest.mark.slurm, pytest.mark.timeout(400)]
+
+FOLDER = ROOT / "jax"
+TINY = ["--epochs", 2, "--dataset-size", 512, "--batch-size", 16, "--log-every", 8]
+# Preemption: 2 processes x 16 = 32 samples per step, 2048 samples -> 64 steps per epoch, 128 in all.
+LONG = ["--epochs", 2, "--dataset-size", 2048, "--batch-size", 16, "--log-every", 8]
+LONG_STEPS = 128
+
+
+def shape(nodes, tasks_per_node, gpus_per_node=None):
+    return [f"--nodes={nodes}", f"--ntasks-per-node={tasks_per_node}",
+            f"--gpus-per-node={gpus_per_node or tasks_per_node}", "--cpus-per-task=1", "--time=00:05:00"]
+
+
+def snapshot(directory):
+    path = directory / "snapshot.npz"
+    assert path.exists(), f"no snapshot in {directory}: {sorted(p.name for p in directory.iterdir())}"
+    with np.load(path) as z:
+        return [z[f"leaf{i}"] for i in range(sum(k.startswith("leaf") for k in z.files))], \
+            json.loads(bytes(z["meta"]).decode())
+
+
+def submit(cluster, tmp_path, template, sbatch_args, args=TINY, **kwargs):
+    ckpt = tmp_path / "ckpt"
+    job = cluster.run(FOLDER / template, *args, "--checkpoint-dir", ckpt, sbatch_args=sbatch_args, cwd=FOLDER,
+                      output=tmp_path / "job.out", env={"PYTHON": env_python("jax")}, **kwargs)
+    return job, ckpt
+
+
+def hosts(log):
+    """{rank: host} from the `[rankR] host H |` line every process of multinode.py/multigpu.py prints."""
+    return {int(r): h for r, h in re.findall(r"\[rank(\d+)\] host (\S+) \|", log)}
+
+
+@pytest.mark.parametrize("template, sbatch_args, processes, ranks", [
+    ("single_gpu.sbatch", shape(1, 1), 1, {}),
+    ("multigpu.sbatch", shape(1, 1, gpus_per_node=2), 2, None),  # one task starts 2 processes
+    ("multinode.sbatch", shape(1, 2), 2, None),
+    ("multinode_pernode.sbatch", shape(2, 1, gpus_per_node=2), 2, {0: "n1", 1: "n2"}),
+], ids=["single_gpu", "multigpu", "multinode-1x2", "pernode-2x1"])  # multinode 2x1: the preemption test
+def test_template_runs(slurm_cluster, tmp_path, template, sbatch_args, processes, ranks):
+    job, ckpt = submit(slurm_cluster, tmp_path, template, sbatch_args, timeout=180)
+    job.assert_ok()
+    assert f"[rank0] processes {processes} | devices {processes}" in job.log, job.describe()
+    assert len(re.findall(r"\[rank0\] epoch \d+/2 \|", job.log)) == 2, job.describe()
+    leaves, meta = snapshot(ckpt)
+    assert (meta["step"], meta["world_size"]) == (2 * 512 // (16 * processes), processes), job.describe()
+    if ranks is not None:
+        seen = hosts(job.log)
+        assert (seen == ranks) if ranks else not seen, job.describe()
+    if processes == 2 and ranks is None:  # both on the node the job got
+        assert set(hosts(job.log)) == {0, 1} and len(set(hosts(job.log).values())) == 1, job.describe()
+
+
+def test_preemption_requeue_resume(slurm_cluster, tmp_path):
+    """multinode.sbatch on 2 nodes, run once straight through, then again with USR1 to the batch shell mid-epoch
+    1 -> forwarded to both tasks -> snapshot, exit 75 -> scontrol requeue -> the requeued job (same id, same
+    checkpoint directory) resumes -> COMPLETED, bit for bit the weights of the straight run."""
+    reference, reference_ckpt = submit(slurm_cluster, tmp_path / "reference", "multinode.sbatch", shape(2, 1),
+                                       args=LONG, timeout=240)
+    reference.assert_ok()
+    assert hosts(reference.log) == {0: "n1", 1: "n2"}, reference.describe()  # one process per node
+    assert "[rank0] processes 2 | devices 2" in reference.log, reference.describe()
+    events = {"signalled": False}
+
+    def on_poll(info, log):
+        steps = [int(n) for n in re.findall(r"^0: \[rank0\] epoch 1 \|[^\n]*?\bstep (\d+)", log, re.M)]
+        if not events["signalled"] and steps and max(steps) >= 16:
+            # Exactly what --signal=B:USR1@90 does before the time limit, but at a known point.
+            slurm_cluster.client("scancel", "--batch", "--signal=USR1", info["JobId"])
+            events["signalled"] = True
+        if events["signalled"]:
+            slurm_cluster.release_requeued(info, events)
+
+    job, ckpt = submit(slurm_cluster, tmp_path / "preempted", "multinode.sbatch", shape(2, 1), args=LONG,
+                       timeout=300, on_poll=on_poll)
+    job.assert_ok()
+    assert events["signalled"], f"training never reached step 16\n{job.describe()}"
+    assert job.info["Restarts"] == "1", job.describe()
+    for needle in ("got USR1: forwarding it to the job step", "preempted at step", "after a snapshot; requeueing job",
+                   "run 2 (restart 1 of at most 3)", "resumed from", f"done: {LONG_STEPS} steps"):
+        assert needle in job.log, f"{needle!r} missing\n{job.describe()}"
+    preempted_at = int(re.search(r"preempted at step (\d+)", job.log).group(1))
+    assert 16 <= preempted_at < LONG_STEPS, job.describe()
+    (resumed, meta), (straight, _) = snapshot(ckpt), snapshot(reference_ckpt)
+    assert meta["step"] == LONG_STEPS
+    for i, (a, b) in enumerate(zip(resumed, straight)):
+        np.testing.assert_array_equal(a, b, err_msg=f"leaf {i} differs after preempt/requeue/resume")
