@@ -254,8 +254,8 @@ print(json.dumps(h.hexdigest()))
 
 
 def test_the_shared_toy_workload_is_identical_wherever_it_is_carried():
-    carriers = [f for f in FOLDERS if re.search(r"^class ConvNet\b.*^def synthetic_dataset\b",
-                                                 (ROOT / f / "common.py").read_text(), re.M | re.S)]
+    carriers = [f for f in FOLDERS if not excepted(f, "C11") and re.search(
+        r"^class ConvNet\b.*^def synthetic_dataset\b", (ROOT / f / "common.py").read_text(), re.M | re.S)]
     assert {"pytorch", "lightning"} <= set(carriers)
     prints = {f: json.loads(recipe(f, "-c", TOY_FINGERPRINT, timeout=120).stdout.strip().splitlines()[-1])
               for f in carriers}
