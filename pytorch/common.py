@@ -12,11 +12,12 @@ import contextlib
 import gc
 import json
 import os
+import signal
+import socket
 import sys
 import threading
 import time
-
-import signal
+import uuid
 
 import torch
 import torch.distributed as dist
@@ -486,6 +487,8 @@ class Trainer:
             dist.barrier()  # nobody reads or restarts before the file is complete
 
     def _resume(self):
+        if self.distributed and self.args.checkpoint_dir:
+            check_shared_directory(self.args.checkpoint_dir, self.rank)
         # Rank 0 decides which snapshot to use and tells the others: on a shared filesystem ranks can disagree
         # about whether a file exists, and a job where only some ranks resume deadlocks.
         choice = [find_snapshot(self.args.checkpoint_dir) if self.rank == 0 else None]
@@ -506,6 +509,29 @@ class Trainer:
             with self.autocast():  # as in training: fp32 activations would need twice the memory once
                 settle_ddp_buckets(self.model, self.loader, self.device)  # same gradient order as without a restart
         self._log(f"resumed from {choice[0]}: epoch {self.epoch + 1}, step {self.step}")
+
+
+def check_shared_directory(path, rank):
+    """Every rank must see what rank 0 writes into --checkpoint-dir: after a requeue each rank loads the snapshot
+    from there. A node-local path (/tmp, a local scratch disk) would give the other nodes a FileNotFoundError
+    while rank 0 waits in the next collective until --timeout. Checked once, collectively, with a probe file."""
+    token = [f".probe-{uuid.uuid4().hex}" if rank == 0 else None]
+    dist.broadcast_object_list(token, src=0)
+    probe = os.path.join(path, token[0])
+    if rank == 0:
+        os.makedirs(path, exist_ok=True)
+        with open(probe, "w") as f:
+            f.write(socket.gethostname())
+    dist.barrier()
+    seen = [None] * dist.get_world_size()
+    dist.all_gather_object(seen, (os.path.exists(probe), socket.gethostname()))
+    dist.barrier()
+    if rank == 0:
+        os.remove(probe)
+    blind = [f"rank {r} on {host}" for r, (ok, host) in enumerate(seen) if not ok]
+    if blind:
+        raise RecipeError(f"--checkpoint-dir {path} is not shared: {', '.join(blind)} cannot see what rank 0 on "
+                          f"{seen[0][1]} writes there; use a directory on a filesystem every node mounts")
 
 
 def settle_ddp_buckets(model, loader, device):

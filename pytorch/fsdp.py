@@ -31,6 +31,7 @@ from common import (
     Trainer,
     allow_tf32,
     bf16_is_native,
+    check_shared_directory,
     build_model,
     log,
     parse_args,
@@ -102,6 +103,8 @@ class FSDPTrainer(Trainer):
         dist.barrier()
 
     def _resume(self):
+        if self.args.checkpoint_dir:
+            check_shared_directory(self.args.checkpoint_dir, self.rank)
         latest = os.path.join(self.args.checkpoint_dir or "", "latest")
         # Rank 0 decides and tells the others: ranks must never disagree about whether to resume.
         choice = [open(latest).read().strip() if self.rank == 0 and os.path.exists(latest) else None]

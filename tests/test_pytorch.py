@@ -371,6 +371,26 @@ def test_master_port_in_use_is_a_clear_error_not_a_hang():
     assert time.monotonic() - start < 90
 
 
+def test_checkpoint_dir_not_shared_by_every_rank_is_one_clear_error(tmp_path):
+    """A relative --checkpoint-dir resolved in two different working directories stands for a node-local path:
+    rank 1 cannot see rank 0's files. Every rank stops with one line naming who cannot see it, not a traceback
+    on one rank and a hang until --timeout on the other."""
+    port, procs = free_port(), []
+    for rank in range(2):
+        cwd = tmp_path / f"node{rank}"
+        cwd.mkdir()
+        env = clean_env(SLURM_PROCID=rank, SLURM_LOCALID=rank, SLURM_NTASKS=2, MASTER_ADDR="127.0.0.1",
+                        MASTER_PORT=port)
+        procs.append(subprocess.Popen([str(env_python("pytorch")), str(PT / "multinode.py"), *SMALL,
+                                       "--checkpoint-dir", "ckpt", "--timeout", "60"], env=env, cwd=cwd,
+                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                      start_new_session=True))
+    codes, outs = wait_all(procs, timeout=120)
+    assert codes == [2, 2], outs
+    for out in outs:
+        assert "is not shared: rank 1 on" in out and "Traceback" not in out, out
+
+
 def test_srun_style_without_master_addr():
     env = {"SLURM_PROCID": 0, "SLURM_LOCALID": 0, "SLURM_NTASKS": 1}
     proc = python(PT / "multinode.py", env=clean_env(**env), expect_fail=True, timeout=60)
