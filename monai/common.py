@@ -154,8 +154,31 @@ def env_rank():
     return os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0"))
 
 
+class PreemptionFlag:
+    """Remembers that Slurm asked us to stop (SIGUSR1 before the time limit, SIGTERM on preemption); the
+    training loop acts on it at a step boundary, where all ranks agree to stop at the same step. Saving inside
+    the handler would interrupt a collective half-way."""
+
+    requested = False
+
+    def install(self):
+        for sig in (signal.SIGUSR1, signal.SIGTERM):
+            signal.signal(sig, self._handler)
+
+    def _handler(self, signum, frame):
+        self.requested = True
+
+
+PREEMPTION = PreemptionFlag()
+
+
 def run(main, *args, rank=None):
-    """Call main(*args); turn a RecipeError into one clear line and exit 2 instead of a traceback wall."""
+    """Call main(*args); turn a RecipeError into one clear line and exit 2 instead of a traceback wall.
+
+    The preemption handlers go in first: a signal during start-up (rendezvous, data caching) must not kill the
+    process before it can save anything.
+    """
+    PREEMPTION.install()
     try:
         main(*args)
         # DDP keeps reference cycles that hold the process group. Left to the interpreter's shutdown, they are
@@ -464,9 +487,13 @@ def build_data(args, ranks):
 
 
 def build_model(data):
-    """A small 3-D UNet (MONAI's, residual units, instance norm: no running statistics to keep in sync)."""
+    """A small 3-D UNet (MONAI's, residual units, instance norm: no running statistics to keep in sync).
+
+    No biases: instance norm cancels a bias, so its gradient is zero plus rounding noise, and Adam (which
+    divides by the gradient's size) would turn that noise into full-size steps that differ between runs.
+    """
     return UNet(spatial_dims=3, in_channels=data.in_channels, out_channels=data.num_classes,
-                channels=(8, 16, 32), strides=(2, 2), num_res_units=1)
+                channels=(8, 16, 32), strides=(2, 2), num_res_units=1, bias=False)
 
 
 def autocast_and_scaler(device, enabled):
@@ -569,20 +596,6 @@ def find_snapshot(checkpoint_dir):
 # ---------------------------------------------------------------------------------------------------- training
 
 
-class PreemptionFlag:
-    """Remembers that Slurm asked us to stop (SIGUSR1 before the time limit, SIGTERM on preemption); the
-    training loop acts on it at a step boundary, where all ranks agree to stop at the same step. Saving inside
-    the handler would interrupt a collective half-way."""
-
-    def __init__(self):
-        self.requested = False
-        for sig in (signal.SIGUSR1, signal.SIGTERM):
-            signal.signal(sig, self._handler)
-
-    def _handler(self, signum, frame):
-        self.requested = True
-
-
 class StepTimer:
     """Wall-clock time after each optimizer step, for the benchmarks (--timings-file, rank 0). Off by default."""
 
@@ -605,8 +618,8 @@ class StepTimer:
 class Trainer:
     """The training loop every script runs; `model` is the bare UNet or its DDP wrapper."""
 
-    def __init__(self, args, ranks, data, model, preemption):
-        self.args, self.ranks, self.data, self.model, self.preemption = args, ranks, data, model, preemption
+    def __init__(self, args, ranks, data, model):
+        self.args, self.ranks, self.data, self.model = args, ranks, data, model
         self.net = getattr(model, "module", model)  # the UNet itself: saved, loaded, used for validation
         self.loss_fn = DiceLoss(to_onehot_y=True, softmax=True)
         self.optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
@@ -663,7 +676,7 @@ class Trainer:
                           f"loss {loss.item():.4f}")
             if self.args.max_steps and self.step >= self.args.max_steps:
                 break
-            if self.ranks.any(self.preemption.requested):  # every rank stops at the same step
+            if self.ranks.any(PREEMPTION.requested):  # every rank stops at the same step
                 self.preempted = True
                 break
         return loss_sum.item(), seen
@@ -750,8 +763,7 @@ class Trainer:
 
 def fit(args, ranks, wrap=lambda model: model):
     """Data, model, training. `wrap` turns the model into what the launch pattern needs (DDP, or as is)."""
-    preemption = PreemptionFlag()  # before the slow part: a signal during data caching must not kill us
     torch.manual_seed(args.seed)  # same seed on every rank: identical initial weights
     data = build_data(args, ranks)
     model = wrap(build_model(data).to(ranks.device))
-    Trainer(args, ranks, data, model, preemption).fit()
+    Trainer(args, ranks, data, model).fit()
