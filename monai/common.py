@@ -26,10 +26,10 @@ import nibabel as nib
 import numpy as np
 import torch
 import torch.distributed as dist
-from monai.data import CacheDataset, decollate_batch, load_decathlon_datalist
+from monai.data import CacheDataset, load_decathlon_datalist
 from monai.inferers import sliding_window_inference
 from monai.losses import DiceLoss
-from monai.metrics import DiceMetric
+from monai.metrics import compute_dice
 from monai.networks.nets import UNet
 from monai.transforms import (
     AsDiscrete,
@@ -508,26 +508,27 @@ def autocast_and_scaler(device, enabled):
 def dice_totals(net, cases, args, device, num_classes, autocast):
     """(sum of per-case, per-class Dice, number of those values) over `cases`, background excluded.
 
-    Sums, not a mean, so that ranks can add theirs: the mean over all ranks then equals a single process's
-    DiceMetric over the union of the shards. A class absent from a case's label gives NaN and is left out,
-    as DiceMetric's own mean does.
+    Sums, not a mean, so that ranks can add theirs with one all_reduce: the mean over all ranks then equals
+    DiceMetric's mean over the union of the shards in one process. Not DiceMetric.aggregate() here: under DDP
+    it all-gathers, and a rank without validation cases (more ranks than cases) never joins -- the others hang.
+    A class absent from both prediction and label gives NaN and is left out, as DiceMetric's mean does.
     """
-    metric = DiceMetric(include_background=False, reduction="none")
     to_pred, to_label = AsDiscrete(argmax=True, to_onehot=num_classes), AsDiscrete(to_onehot=num_classes)
+    total, count = 0.0, 0.0
     net.eval()
     with torch.no_grad(), autocast():
         for case in cases:
             image = case["image"].unsqueeze(0).to(device)
             logits = sliding_window_inference(image, (args.roi_size,) * 3, sw_batch_size=4, predictor=net,
                                               overlap=0.25)
-            pred = [to_pred(p) for p in decollate_batch(logits.float())]
-            metric(y_pred=pred, y=[to_label(case["label"].to(device))])
+            pred = to_pred(logits[0].float()).unsqueeze(0)
+            label = to_label(case["label"].to(device)).unsqueeze(0)
+            dice = compute_dice(pred, label, include_background=False)  # shape (1, classes - 1)
+            valid = ~torch.isnan(dice)
+            total += dice[valid].double().sum().item()
+            count += valid.sum().item()
     net.train()
-    if not cases:
-        return 0.0, 0.0
-    values = metric.aggregate()
-    valid = ~torch.isnan(values)
-    return values[valid].double().sum().item(), float(valid.sum().item())
+    return total, count
 
 
 # ---------------------------------------------------------------------------------------------------- snapshots

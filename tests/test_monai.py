@@ -192,20 +192,28 @@ def test_mp_spawn_equals_one_process(reference, data_dir, tmp_path):
 
 
 DICE_OF_ALL = """
-import contextlib, os, torch
-from common import Ranks, build_data, build_model, dice_totals, parse_args
+import os, torch
+from monai.inferers import sliding_window_inference
+from monai.metrics import DiceMetric
+from monai.transforms import AsDiscrete
+from common import Ranks, build_data, build_model, parse_args
 args = parse_args("")
-data = build_data(args, Ranks())                   # one process: every validation case is its own
-model = build_model(data)
+data = build_data(args, Ranks())  # one process: every validation case is its own
+model = build_model(data).eval()
 model.load_state_dict(torch.load(os.environ["SNAPSHOT"], weights_only=True)["model"])
-total, count = dice_totals(model, data.val_cases, args, torch.device("cpu"), data.num_classes, contextlib.nullcontext)
-print(f"cases {len(data.val_cases)} dice {total / count:.8f}")
+metric = DiceMetric(include_background=False, reduction="mean")
+to_pred, to_label = AsDiscrete(argmax=True, to_onehot=2), AsDiscrete(to_onehot=2)
+with torch.no_grad():
+    for case in data.val_cases:
+        logits = sliding_window_inference(case["image"][None], (args.roi_size,) * 3, 4, model, overlap=0.25)
+        metric(y_pred=[to_pred(logits[0])], y=[to_label(case["label"])])
+print(f"cases {len(data.val_cases)} dice {metric.aggregate().item():.8f}")
 """
 
 
 def test_distributed_dice_equals_one_process_over_the_union_of_shards(ddp_run, data_dir):
-    """Each rank scored its own validation cases (2 + 1); the sum over ranks / count must equal MONAI's
-    DiceMetric over all 3 cases in one process, with the same final weights."""
+    """Each rank scored its own validation cases (2 + 1) and the sums were added over ranks; that must equal
+    MONAI's DiceMetric over all 3 cases in one process, with the same final weights."""
     ckpt, out = ddp_run
     proc = python("-c", DICE_OF_ALL, *SMALL, "--batch-size", "1", "--data-dir", data_dir,
                   env=clean_env(SNAPSHOT=ckpt / "snapshot.pt"))
