@@ -57,6 +57,7 @@ BEST_MODEL = "best_model.pt"
 SPACING = (1.5, 1.5, 1.5)  # EDIT: voxel size (mm) every volume is resampled to; 1.5 mm suits abdominal CT
 SYNTHETIC_SEED = 1234  # the synthetic dataset is the same for every run and every rank
 KEYS = ("image", "label")
+STOP_CHECK_EVERY = 5  # steps between the ranks' agreement on whether a preemption signal arrived
 
 
 class RecipeError(Exception):
@@ -288,15 +289,21 @@ class Ranks:
 def synthetic_folder(args):
     """Where the synthetic task folder lives: named after its size, so different sizes never mix."""
     parent = args.data_dir or os.path.join(tempfile.gettempdir(), "monai-recipes")
-    return os.path.join(parent, f"synthetic-{args.dataset_size}cases-{volume_edge(args)}vox")
+    n = args.dataset_size
+    return os.path.join(parent, f"synthetic-{n}+{validation_size(n)}cases-{volume_edge(args)}vox")
 
 
 def volume_edge(args):
     return args.roi_size + args.roi_size // 4  # a bit larger than the crop: crops and sliding windows vary
 
 
+def validation_size(n_train):
+    return max(1, n_train // 4)
+
+
 def write_synthetic_decathlon(folder, cases, edge):
-    """A Medical Segmentation Decathlon task folder with `cases` volumes: a bright ball in noise, labelled.
+    """A Medical Segmentation Decathlon task folder with `cases` training volumes and a quarter as many validation
+    volumes (listed under "validation", as MONAI's own dataset.json files do): a bright ball in noise, labelled.
 
     Written exactly in the real layout (dataset.json, imagesTr/*.nii.gz, labelsTr/*.nii.gz), so the real loader
     always runs. Built in a temporary folder and renamed into place: when several nodes write the same shared
@@ -309,8 +316,8 @@ def write_synthetic_decathlon(folder, cases, edge):
     rng = np.random.default_rng(SYNTHETIC_SEED)
     affine = np.diag([*SPACING, 1.0])
     grid = np.stack(np.meshgrid(*[np.arange(edge)] * 3, indexing="ij"), axis=-1)
-    training = []
-    for i in range(cases):
+    entries = []
+    for i in range(cases + validation_size(cases)):
         center = rng.uniform(edge * 0.3, edge * 0.7, size=3)
         radius = rng.uniform(edge * 0.12, edge * 0.25)
         label = (np.linalg.norm(grid - center, axis=-1) < radius).astype(np.uint8)
@@ -319,10 +326,11 @@ def write_synthetic_decathlon(folder, cases, edge):
         for sub, volume in (("imagesTr", image), ("labelsTr", label)):
             os.makedirs(os.path.join(tmp, sub), exist_ok=True)
             nib.save(nib.Nifti1Image(volume, affine), os.path.join(tmp, sub, name))
-        training.append({"image": f"./imagesTr/{name}", "label": f"./labelsTr/{name}"})
+        entries.append({"image": f"./imagesTr/{name}", "label": f"./labelsTr/{name}"})
     meta = {"name": "SyntheticBalls", "description": "synthetic, written by monai/common.py",
             "tensorImageSize": "3D", "modality": {"0": "MRI"}, "labels": {"0": "background", "1": "ball"},
-            "numTraining": cases, "numTest": 0, "training": training, "test": []}
+            "numTraining": cases, "numTest": 0, "training": entries[:cases], "validation": entries[cases:],
+            "test": []}
     with open(os.path.join(tmp, "dataset.json"), "w") as f:
         json.dump(meta, f, indent=1)
     try:
@@ -345,7 +353,9 @@ def prepare_data(args, ranks):
 def read_task(folder):
     """The (image, label) cases of a Decathlon task folder, checked so that every problem is one clear line.
 
-    Returns (cases, in_channels, num_classes). Only NIfTI headers are read here, not the voxels.
+    Returns (training cases, validation cases, in_channels, num_classes). The validation cases are dataset.json's
+    "validation" list where it has one, else the last fifth of "training" (the Decathlon's own files list only
+    "training"). Only NIfTI headers are read here, not the voxels.
     """
     if not os.path.isdir(folder):
         raise InputError(f"data directory {folder!r} does not exist")
@@ -359,13 +369,17 @@ def read_task(folder):
     try:
         with open(index) as f:
             meta = json.load(f)
-        cases = load_decathlon_datalist(index, is_segmentation=True, data_list_key="training", base_dir=folder)
+        train = load_decathlon_datalist(index, is_segmentation=True, data_list_key="training", base_dir=folder)
+        val = (load_decathlon_datalist(index, is_segmentation=True, data_list_key="validation", base_dir=folder)
+               if meta.get("validation") else None)
     except (ValueError, KeyError, TypeError) as e:  # not JSON, no "training" list, entries without image/label
         raise InputError(f"{index} is not a Decathlon dataset.json ({type(e).__name__}: {e})") from None
-    if not cases:
-        raise InputError(f"{index} lists no training cases")
+    if val is None:  # the last fifth (at least one case) validates: a fixed split every rank agrees on
+        if len(train) < 2:
+            raise InputError(f"{index} lists {len(train)} training case(s): at least 2 are needed (one validates)")
+        train, val = train[:-max(1, len(train) // 5)], train[-max(1, len(train) // 5):]
     shapes = {}
-    for case in cases:
+    for case in train + val:
         for key in KEYS:
             path = case[key]
             if not os.path.isfile(path):
@@ -381,15 +395,7 @@ def read_task(folder):
                              f"they must cover the same voxels")
     in_channels = shapes["image"][3] if len(shapes["image"]) == 4 else 1  # multi-modal tasks are 4-D
     num_classes = max(2, len(meta.get("labels", {})))
-    return cases, in_channels, num_classes
-
-
-def split_cases(cases):
-    """The last fifth (at least one case) validates, the rest trains: a fixed split every rank agrees on."""
-    n_val = max(1, len(cases) // 5)
-    if len(cases) < 2:
-        raise InputError(f"the dataset has {len(cases)} case(s): at least 2 are needed (training + validation)")
-    return cases[:-n_val], cases[-n_val:]
+    return train, val, in_channels, num_classes
 
 
 def preprocessing():
@@ -465,8 +471,7 @@ class Data:
 def build_data(args, ranks):
     """Every rank caches the preprocessed training set and reads its shard of it through DistributedSampler:
     a new global shuffle every epoch from (seed, epoch), the tail dropped (see README: memory vs. shuffle)."""
-    cases, in_channels, num_classes = read_task(prepare_data(args, ranks))
-    train_cases, val_cases = split_cases(cases)
+    train_cases, val_cases, in_channels, num_classes = read_task(prepare_data(args, ranks))
     check_sizes(len(train_cases), ranks.world_size, args.batch_size)
     cached = CacheDataset(train_cases, preprocessing(), cache_rate=args.cache_rate, progress=False)
     train = SeededAugmentation(cached, args.roi_size, args.seed)
@@ -677,7 +682,9 @@ class Trainer:
                           f"loss {loss.item():.4f}")
             if self.args.max_steps and self.step >= self.args.max_steps:
                 break
-            if self.ranks.any(PREEMPTION.requested):  # every rank stops at the same step
+            # Every rank must stop at the same step: they agree with a tiny all_reduce every STOP_CHECK_EVERY
+            # steps (each one costs a collective; a signal 90 s before the limit can wait a few steps).
+            if self.step % STOP_CHECK_EVERY == 0 and self.ranks.any(PREEMPTION.requested):
                 self.preempted = True
                 break
         return loss_sum.item(), seen

@@ -30,7 +30,6 @@ from common import (
     prepare_data,
     read_task,
     run,
-    split_cases,
 )
 
 
@@ -53,8 +52,7 @@ def train(rank, world_size, port, args):
 
 def check_input(args, world_size):
     """Bad data is found here, once, before any worker starts: one error line instead of one per worker."""
-    cases, _, _ = read_task(prepare_data(args, Ranks()))
-    train_cases, _ = split_cases(cases)
+    train_cases, _, _, _ = read_task(prepare_data(args, Ranks()))
     check_sizes(len(train_cases), world_size, args.batch_size)
 
 

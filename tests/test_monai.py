@@ -23,7 +23,7 @@ from helpers import ROOT, clean_env, env_python, free_port, run, torchrun
 pytestmark = [pytest.mark.monai, pytest.mark.timeout(300)]
 
 FOLDER = ROOT / "monai"
-CASES, ROI = 15, 16
+CASES, ROI = 12, 16  # 12 training cases (+ 3 validation cases)
 SMALL = ["--epochs", "2", "--dataset-size", str(CASES), "--roi-size", str(ROI), "--log-every", "1"]
 STEPS = 2 * (12 // 2)  # 12 training cases, 2 ranks x batch 1 (or 1 rank x batch 2): 6 steps per epoch
 # Adam divides by the gradient's size, so the last-bit differences of a different reduction order (DDP's
@@ -161,10 +161,10 @@ def ddp_run(tmp_path_factory, data_dir, reference):  # after `reference`: it wri
 
 def test_single_process_writes_the_decathlon_layout_and_learns(reference, data_dir):
     ckpt, out = reference
-    task = data_dir / f"synthetic-{CASES}cases-20vox"
+    task = data_dir / f"synthetic-{CASES}+3cases-20vox"
     meta = json.loads((task / "dataset.json").read_text())
-    assert meta["numTraining"] == CASES and len(list((task / "imagesTr").glob("*.nii.gz"))) == CASES
-    assert len(list((task / "labelsTr").glob("*.nii.gz"))) == CASES
+    assert len(meta["training"]) == CASES and len(meta["validation"]) == 3
+    assert len(list((task / "imagesTr").glob("*.nii.gz"))) == len(list((task / "labelsTr").glob("*.nii.gz"))) == 15
     assert "12 training + 3 validation cases" in out
     lines = EPOCH_LINE.findall(out)
     assert [(e, n, s, metric) for e, n, s, _, metric, *_ in lines] == [("1", "2", "6", "dice"),
@@ -327,8 +327,8 @@ def test_bad_arguments_are_rejected_up_front():
 
 
 def test_world_size_larger_than_the_data(data_dir):
-    # 2 cases: 1 trains, 1 validates; 2 ranks cannot share 1 training case. Only rank 0 reports it.
-    proc = torchrun_standalone("multigpu_torchrun.py", 2, "--dataset-size", "2", "--roi-size", "16", "--batch-size",
+    # 1 training case (+ 1 for validation): 2 ranks cannot share it. Only rank 0 reports it.
+    proc = torchrun_standalone("multigpu_torchrun.py", 2, "--dataset-size", "1", "--roi-size", "16", "--batch-size",
                                "1", "--data-dir", data_dir, expect_fail=True, timeout=180)
     errors = [ln for ln in proc.stdout.splitlines() if ERROR_LINE.match(ln)]
     assert errors == ["[rank0] error: the dataset has 1 training cases but the world size is 2: some ranks would "
