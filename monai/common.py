@@ -120,7 +120,8 @@ def parse_args(description, extra=None):
     p.add_argument("--data-dir", default=None,
                    help="the task folder (--data decathlon), or where synthetic data is written "
                         "(default: the system's temporary directory, per node)")
-    p.add_argument("--dataset-size", type=positive_int, default=40, help="cases of synthetic data")
+    p.add_argument("--dataset-size", type=positive_int, default=64,
+                   help="training cases of synthetic data (plus a quarter as many for validation)")
     p.add_argument("--roi-size", type=roi_size, default=32,
                    help="edge of the random training crops and of the sliding window (voxels, multiple of 4)")
     p.add_argument("--cache-rate", type=fraction, default=1.0,
