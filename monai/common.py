@@ -104,9 +104,18 @@ def fraction(text):
     return value
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """Bad input is one line on stderr and exit 2 (CONTRACT.md C4), not a usage block: with 512 ranks each
+    printing the usage, the actual complaint is lost."""
+
+    def error(self, message):
+        print(f"error: {message} (see --help)", file=sys.stderr, flush=True)
+        sys.exit(2)
+
+
 def parse_args(description, extra=None):
     """The command line every recipe in this repository accepts (same names in every framework folder)."""
-    p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = OneLineParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--epochs", type=positive_int, default=3)
     p.add_argument("--max-steps", type=positive_int, default=None,
                    help="stop after this many optimizer steps in total, resumed ones included "
