@@ -222,6 +222,16 @@ def deadline(seconds, rank, what):
         timer.cancel()
 
 
+def launch_env(how):
+    """(rank, local_rank, world_size) from RANK, LOCAL_RANK, WORLD_SIZE (set by torchrun, or by multinode.py from
+    srun's variables); a clear error saying `how` to launch when they are missing."""
+    names = ("RANK", "LOCAL_RANK", "WORLD_SIZE")
+    missing = [n for n in names if n not in os.environ]
+    if missing:
+        raise RecipeError(f"{', '.join(missing)} not set: {how}")
+    return (int(os.environ[n]) for n in names)
+
+
 def pick_backend(choice):
     if choice != "auto":
         return choice

@@ -11,22 +11,13 @@ import os
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from common import RecipeError, Ranks, fit, init_distributed, parse_args, pick_device, run
-
-
-def launch_env():
-    """RANK, LOCAL_RANK, WORLD_SIZE as torchrun sets them; a clear error when the launcher is missing."""
-    names = ("RANK", "LOCAL_RANK", "WORLD_SIZE")
-    missing = [n for n in names if n not in os.environ]
-    if missing:
-        raise RecipeError(f"{', '.join(missing)} not set: launch with `torchrun --nproc_per_node N "
-                          f"{os.path.basename(__file__)}` (or use single_gpu.py)")
-    return (int(os.environ[n]) for n in names)
+from common import Ranks, fit, init_distributed, launch_env, parse_args, pick_device, run
 
 
 def main():
     args = parse_args(__doc__)
-    rank, local_rank, world_size = launch_env()
+    rank, local_rank, world_size = launch_env(f"launch with `torchrun --nproc_per_node N {os.path.basename(__file__)}` "
+                                              f"(or use single_gpu.py)")
     device = pick_device(local_rank)
     init_distributed(args, rank, world_size, device)
     try:

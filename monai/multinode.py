@@ -16,32 +16,29 @@ import socket
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from common import RecipeError, Ranks, fit, init_distributed, log, parse_args, pick_device, run
+from common import RecipeError, Ranks, fit, init_distributed, launch_env, log, parse_args, pick_device, run
 
 
-def launch_env():
-    """(rank, local_rank, world_size) from torchrun's variables, else from srun's; a clear error otherwise."""
-    names = ("RANK", "LOCAL_RANK", "WORLD_SIZE")
-    if not any(n in os.environ for n in names) and "SLURM_PROCID" in os.environ:
-        # Plain `srun python multinode.py`: one task per GPU. These are per-task values, so they must be read
-        # here, in each task, never expanded once in the batch script (that makes every task rank 0).
-        os.environ.update(RANK=os.environ["SLURM_PROCID"], LOCAL_RANK=os.environ["SLURM_LOCALID"],
-                          WORLD_SIZE=os.environ["SLURM_NTASKS"])
-        missing = [n for n in ("MASTER_ADDR", "MASTER_PORT") if n not in os.environ]
-        if missing:
-            raise RecipeError(f"{' and '.join(missing)} not set: in the job script, export MASTER_ADDR=$(scontrol "
-                              f"show hostnames \"$SLURM_JOB_NODELIST\" | head -n 1) and "
-                              f"MASTER_PORT=$((15000 + SLURM_JOB_ID % 15000))")
-    missing = [n for n in names if n not in os.environ]
+def map_srun_env():
+    """Plain `srun python multinode.py` (one task per GPU) sets no RANK: take it from srun's variables. These are
+    per-task values, so they must be read here, in each task, never expanded once in the batch script (that makes
+    every task rank 0). Under torchrun nothing is changed."""
+    if any(n in os.environ for n in ("RANK", "LOCAL_RANK", "WORLD_SIZE")) or "SLURM_PROCID" not in os.environ:
+        return
+    os.environ.update(RANK=os.environ["SLURM_PROCID"], LOCAL_RANK=os.environ["SLURM_LOCALID"],
+                      WORLD_SIZE=os.environ["SLURM_NTASKS"])
+    missing = [n for n in ("MASTER_ADDR", "MASTER_PORT") if n not in os.environ]
     if missing:
-        raise RecipeError(f"{', '.join(missing)} not set: launch with torchrun, or with srun inside a Slurm job "
-                          f"(see multinode.sbatch)")
-    return (int(os.environ[n]) for n in names)
+        raise RecipeError(f"{' and '.join(missing)} not set: in the job script, export MASTER_ADDR=$(scontrol "
+                          f"show hostnames \"$SLURM_JOB_NODELIST\" | head -n 1) and "
+                          f"MASTER_PORT=$((15000 + SLURM_JOB_ID % 15000))")
 
 
 def main():
     args = parse_args(__doc__)
-    rank, local_rank, world_size = launch_env()
+    map_srun_env()
+    rank, local_rank, world_size = launch_env("launch with torchrun, or with srun inside a Slurm job "
+                                              "(see multinode.sbatch)")
     device = pick_device(local_rank)
     init_distributed(args, rank, world_size, device)
     try:
