@@ -249,7 +249,7 @@ def test_preempted_srun_ranks_save_exit_75_and_resume_exactly(ddp_run, data_dir,
     assert_same_weights(snapshot(tmp_path)["model"], snapshot(ddp_run[0])["model"], rtol=0, atol=0)
 
 
-def test_finished_run_is_not_retrained_and_a_damaged_snapshot_falls_back(reference, data_dir, tmp_path):
+def test_damaged_snapshot_falls_back_to_the_previous_one(reference, data_dir, tmp_path):
     ckpt = tmp_path / "ckpt"
     shutil.copytree(reference[0], ckpt)
     data = (ckpt / "snapshot.pt").read_bytes()
@@ -259,8 +259,7 @@ def test_finished_run_is_not_retrained_and_a_damaged_snapshot_falls_back(referen
     # the previous snapshot (epoch 1) is used, and only epoch 2 is trained again
     assert f"resumed from {ckpt / 'snapshot.prev.pt'}: epoch 2, step 6" in out and f"done: {STEPS} steps" in out
     assert_same_weights(snapshot(ckpt)["model"], snapshot(reference[0])["model"], rtol=0, atol=0)
-    out = python("single_gpu.py", *SMALL, "--batch-size", "2", "--data-dir", data_dir, "--checkpoint-dir", ckpt).stdout
-    assert f"epoch 3, step {STEPS}" in out and f"done: {STEPS} steps" in out and not EPOCH_LINE.search(out)
+    # (a finished run resumed again trains 0 steps: tests/test_contract.py checks that for every folder)
 
 
 # ------------------------------------------------------------------------------------------ data written here
