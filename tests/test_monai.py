@@ -191,6 +191,22 @@ def test_mp_spawn_equals_one_process(reference, data_dir, tmp_path):
     assert_same_weights(snapshot(tmp_path)["model"], snapshot(reference[0])["model"])
 
 
+def test_multinode_as_two_torchrun_nodes_on_one_host(reference, data_dir, tmp_path):
+    """Two launchers, --nnodes 2, c10d rendezvous on 127.0.0.1: what `srun torchrun` does on two nodes."""
+    port = free_port()
+    cmds = [[*torchrun("monai"), "--nnodes", "2", "--nproc_per_node", "1", "--node_rank", str(node),
+             "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", "monai-2nodes",
+             "multinode.py", *SMALL, "--batch-size", "1", "--data-dir", data_dir, "--checkpoint-dir", tmp_path]
+            for node in (0, 1)]
+    procs = [subprocess.Popen([str(c) for c in cmd], env=clean_env(), cwd=FOLDER, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True, start_new_session=True) for cmd in cmds]
+    codes, outs = wait_all(procs)
+    assert codes == [0, 0], "\n".join(outs)
+    text = "\n".join(outs)
+    assert "[rank0] world size 2" in text and "[rank1] host" in text
+    assert_same_weights(snapshot(tmp_path)["model"], snapshot(reference[0])["model"])
+
+
 DICE_OF_ALL = """
 import os, torch
 from monai.inferers import sliding_window_inference
