@@ -58,6 +58,8 @@ class Recipe:
     # False: another framework on its own model code (JAX): step times are not comparable with raw DDP's, so the
     # overhead column stays empty and only the recipe's own scaling is reported
     vs_baseline: bool = True
+    batch_size: int | None = None  # per-rank batch for this entry (None: --batch-size), e.g. 3-D volumes
+    baseline: str = "raw DDP"  # the entry its overhead is measured against: a raw DDP loop on the same model
 
 
 BASELINE = Recipe("raw DDP", "pytorch", "benchmarks/raw_ddp.py", pythonpath="pytorch")
@@ -65,12 +67,19 @@ BASELINE = Recipe("raw DDP", "pytorch", "benchmarks/raw_ddp.py", pythonpath="pyt
 # recipe can reach on this machine (shared cores, memory bandwidth and caches), so a miss can be told apart from
 # a machine that cannot scale.
 CEILING = Recipe("no-comm ceiling", "pytorch", "benchmarks/raw_ddp.py", pythonpath="pytorch", args=("--no-ddp",))
+# monai/ trains a 3-D UNet, not the shared ConvNet: its overhead is measured against a raw DDP loop on that UNet
+# (same data pipeline, imported from monai/common.py), with 16^3 crops of 20^3 synthetic volumes, 2 per rank.
+UNET_ARGS = ("--roi-size", "16")
+RAW_UNET = Recipe("raw DDP (UNet)", "monai", "benchmarks/raw_ddp_monai.py", pythonpath="monai", args=UNET_ARGS,
+                  batch_size=2, baseline="raw DDP (UNet)")
 # One line per framework folder: its multi-process recipe started by torchrun.
 RECIPES = [
     Recipe("pytorch", "pytorch", "pytorch/multigpu_torchrun.py"),
     Recipe("lightning", "lightning", "lightning/multigpu_torchrun.py"),
     Recipe("jax", "jax", "jax/multigpu.py", launcher="spawn", vs_baseline=False),
+    Recipe("monai", "monai", "monai/multigpu_torchrun.py", args=UNET_ARGS, batch_size=2, baseline=RAW_UNET.name),
 ]
+BASELINES = {BASELINE.name: BASELINE, RAW_UNET.name: RAW_UNET}
 TARGET_SCALING = 0.90  # at every world size > 1
 TARGET_OVERHEAD = 1.10  # recipe step time / raw DDP step time
 
@@ -144,7 +153,7 @@ def versions(env: str, devices: bool) -> dict:
     """
     code = ("import importlib.metadata as m, json\n"
             "v = {}\n"
-            "for p in ('torch', 'lightning', 'jax'):\n"
+            "for p in ('torch', 'lightning', 'jax', 'monai'):\n"
             "    try: v[p] = m.version(p)\n"
             "    except m.PackageNotFoundError: pass\n"
             "if DEVICES:\n"
@@ -226,7 +235,7 @@ def launch_command(args, recipe: Recipe, world_size: int, launch_id: int, timing
                      f"--gpus-per-node {args.gpus_per_node}")
         launcher = [python] if args.launcher == "local" else ["srun", "--nodes=1", "--ntasks=1", python]
         return [*launcher, str(ROOT / recipe.script), "--nprocs", str(world_size), *recipe.args,
-                *common_args(args, world_size, timings, ckpt)]
+                *common_args(args, recipe, world_size, timings, ckpt)]
     if args.launcher == "local":
         launcher = [python, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={world_size}"]
     else:
@@ -240,13 +249,14 @@ def launch_command(args, recipe: Recipe, world_size: int, launch_id: int, timing
                     python, "-m", "torch.distributed.run", f"--nnodes={nodes}", f"--nproc-per-node={per_node}",
                     "--rdzv-backend=c10d", f"--rdzv-endpoint={os.environ['MASTER_ADDR']}:{port}",
                     f"--rdzv-id={os.environ.get('SLURM_JOB_ID', 'bench')}-{launch_id}"]
-    return [*launcher, str(ROOT / recipe.script), *recipe.args, *common_args(args, world_size, timings, ckpt)]
+    return [*launcher, str(ROOT / recipe.script), *recipe.args, *common_args(args, recipe, world_size, timings, ckpt)]
 
 
-def common_args(args, world_size: int, timings: Path, ckpt: Path) -> list[str]:
+def common_args(args, recipe: Recipe, world_size: int, timings: Path, ckpt: Path) -> list[str]:
     # One epoch that is exactly --steps long: no epoch boundary (metrics, checkpoints) among the timed steps.
-    return ["--epochs", "1", "--max-steps", str(args.steps), "--batch-size", str(args.batch_size),
-            "--dataset-size", str(args.steps * world_size * args.batch_size), "--log-every", "1000000",
+    batch = recipe.batch_size or args.batch_size
+    return ["--epochs", "1", "--max-steps", str(args.steps), "--batch-size", str(batch),
+            "--dataset-size", str(args.steps * world_size * batch), "--log-every", "1000000",
             "--timings-file", str(timings), "--checkpoint-dir", str(ckpt)]
 
 
@@ -282,15 +292,15 @@ def launch(args, recipe: Recipe, world_size: int, repeat: int, launch_id: int, s
         print(f"warning: {recipe.name} with {world_size} rank(s) exited with {proc.returncode} after its last step:"
               f"\n{output[-1500:]}", file=sys.stderr, flush=True)
     shutil.rmtree(work, ignore_errors=True)  # checkpoints of a benchmark run are of no use
-    ends = data["step_end_times"]
-    if data["world_size"] != world_size or data["batch_size"] != args.batch_size or len(ends) != args.steps:
+    ends, batch = data["step_end_times"], recipe.batch_size or args.batch_size
+    if data["world_size"] != world_size or data["batch_size"] != batch or len(ends) != args.steps:
         sys.exit(f"error: {recipe.name} wrote {data['world_size']} ranks x batch {data['batch_size']}, "
-                 f"{len(ends)} steps; asked for {world_size} x {args.batch_size}, {args.steps}")
+                 f"{len(ends)} steps; asked for {world_size} x {batch}, {args.steps}")
     intervals = [b - a for a, b in zip(ends[args.warmup:], ends[args.warmup + 1:])]
     step = statistics.median(intervals)
     return {"recipe": recipe.name, "world_size": world_size, "repeat": repeat, "launch_time": launch_time,
             "wall_s": wall, "time_to_first_step_s": ends[0] - launch_time, "step_time_s": step,
-            "step_time_mean_s": statistics.fmean(intervals), "samples_per_s": world_size * args.batch_size / step,
+            "step_time_mean_s": statistics.fmean(intervals), "samples_per_s": world_size * batch / step,
             "timed_steps": len(intervals), "other_cores": other_cores, "exit_code": proc.returncode}
 
 
@@ -301,7 +311,10 @@ def median_of(values):
     return statistics.median(values) if values else None
 
 
-def summarize(runs: list[dict], names: list[str], world_sizes: list[int]) -> list[dict]:
+def summarize(runs: list[dict], names: list[str], world_sizes: list[int],
+              baseline_of: dict[str, str] | None = None) -> list[dict]:
+    """baseline_of: entry name -> the name of the raw DDP entry on its model (default: BASELINE)."""
+    baseline_of = baseline_of or {}
     by = {(r["recipe"], r["world_size"], r["repeat"]): r for r in runs}
     repeats = sorted({r["repeat"] for r in runs})
     rows = []
@@ -318,7 +331,8 @@ def summarize(runs: list[dict], names: list[str], world_sizes: list[int]) -> lis
                 row["scaling_efficiency"] = median_of([by[name, 1, k]["step_time_s"] / by[name, w, k]["step_time_s"]
                                                        for k in repeats])
             if comparable.get(name, True):
-                row["overhead"] = median_of([by[name, w, k]["step_time_s"] / by[BASELINE.name, w, k]["step_time_s"]
+                base = baseline_of.get(name, BASELINE.name)
+                row["overhead"] = median_of([by[name, w, k]["step_time_s"] / by[base, w, k]["step_time_s"]
                                              for k in repeats])
             rows.append(row)
     return rows
@@ -327,7 +341,7 @@ def summarize(runs: list[dict], names: list[str], world_sizes: list[int]) -> lis
 def verdicts(rows: list[dict]) -> list[str]:
     lines = []
     for row in rows:
-        if row["recipe"] in (BASELINE.name, CEILING.name):
+        if row["recipe"] in (*BASELINES, CEILING.name):
             continue
         who = f"{row['recipe']} at {row['world_size']} rank(s)"
         if row["scaling_efficiency"] is not None:
@@ -372,7 +386,10 @@ def markdown(result: dict) -> str:
            f"({worst:.2f} during the busiest launch)" if others is not None else "") + ".",
         f"Config: per-rank batch {c['batch_size']}, {c['steps']} steps per launch of which the first {c['warmup']} "
         f"are warm-up, medians over {c['repeats']} repeats; {c['backend']}; launcher {c['launcher']}; "
-        "ConvNet (width 16) on 1x28x28 synthetic data, SGD with momentum.",
+        "ConvNet (width 16) on 1x28x28 synthetic data, SGD with momentum"
+        + ("; monai and raw DDP (UNet): a 3-D UNet (8/16/32) on 16^3 crops, batch 2 per rank, Adam, overhead "
+           "against the raw DDP loop on the same UNet" if any(r["recipe"] == RAW_UNET.name for r in result["summary"])
+           else "") + ".",
         *([f"Launches during which other processes used more than {c['quiet_cores']} cores were redone (up to "
             f"{c['redo_disturbed']} times): {sum(r['attempts'] - 1 for r in result['runs'])} redone."]
           if c["redo_disturbed"] else []),
@@ -443,7 +460,8 @@ def main(argv=None):
     signal.signal(signal.SIGTERM, stop)
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
-    entries = [BASELINE, *([] if args.no_ceiling else [CEILING]), *args.recipes]
+    own_baselines = [BASELINES[n] for n in dict.fromkeys(r.baseline for r in args.recipes) if n != BASELINE.name]
+    entries = [BASELINE, *own_baselines, *([] if args.no_ceiling else [CEILING]), *args.recipes]
     for env in dict.fromkeys(e.env for e in entries):
         python_of(env)
     info = versions(BASELINE.env, devices=True)  # the baseline's torch decides: CUDA -> nccl, else gloo
@@ -497,7 +515,7 @@ def main(argv=None):
                "other_load_cores_before": quiet, "bench_seconds": elapsed}
     config = {k: v for k, v in vars(args).items() if k not in {"recipes", "out", "publish"}}
     config.update(recipes=[asdict(r) for r in entries], backend=backend)
-    summary = summarize(runs, [e.name for e in entries], args.world_sizes)
+    summary = summarize(runs, [e.name for e in entries], args.world_sizes, {e.name: e.baseline for e in entries})
     result = {"machine": machine, "config": config, "summary": summary, "verdicts": verdicts(summary), "runs": runs}
     (out / "results.json").write_text(json.dumps(result, indent=2) + "\n")
     table = markdown(result)

@@ -1,7 +1,7 @@
-"""benchmarks/run.py end to end on a tiny configuration: every recipe and the raw DDP baseline with 1 and 2
-ranks, one repeat, a few steps of batch 8. It checks that the outputs are complete and well formed, never how
-fast anything is (a benchmark is not a timed test). About 40 s on two quiet cores, most of it interpreter and
-import start-up of the six launches.
+"""benchmarks/run.py end to end on a tiny configuration: the ConvNet recipes and the raw DDP baseline with 1 and
+2 ranks (monai/'s UNet entries are checked without launching them), one repeat, a few steps of batch 8. It checks
+that the outputs are complete and well formed, never how fast anything is (a benchmark is not a timed test).
+About 40 s on two quiet cores, most of it interpreter and import start-up of the six launches.
 """
 
 import json
@@ -33,9 +33,9 @@ def test_tiny_run_writes_json_markdown_and_png(tmp_path):
     # jax is left out here (two more launches of the slowest start-up); test_jax_recipe_launch_and_summary
     # checks how the runner launches and reports it.
     proc = run([python, RUNNER, "--out", out, "--world-sizes", "1,2", "--repeats", "1", "--steps", "6",
-                "--warmup", "2", "--batch-size", "8", "--no-ceiling", "--launch-timeout", "80",
+                "--warmup", "2", "--batch-size", "8", "--no-ceiling", "--launch-timeout", "150",
                 "--recipes", "pytorch,lightning"],
-               timeout=85, env=clean_env())
+               timeout=200, env=clean_env())
 
     result = json.loads((out / "results.json").read_text())
     assert set(result) >= {"machine", "config", "summary", "verdicts", "runs"}
@@ -100,6 +100,13 @@ def test_summary_pairs_repeats_and_takes_medians():
     verdicts = bench.verdicts(list(rows.values()))
     assert any("lightning at 2 rank(s): scaling efficiency 0.92 meets" in v for v in verdicts), verdicts
     assert any("lightning at 1 rank(s): overhead 1.10x raw DDP meets" in v for v in verdicts), verdicts
+    # a recipe on another model is measured against the raw loop on that model (baseline_of)
+    unet = [{**r, "recipe": {"raw DDP": "raw DDP (UNet)", "lightning": "monai"}[r["recipe"]]} for r in runs]
+    rows = {(r["recipe"], r["world_size"]): r
+            for r in bench.summarize(runs + unet, ["raw DDP", "raw DDP (UNet)", "monai"], [1, 2],
+                                     {"monai": "raw DDP (UNet)", "raw DDP (UNet)": "raw DDP (UNet)"})}
+    assert rows["monai", 1]["overhead"] == pytest.approx(0.022 / 0.020) and rows["raw DDP (UNet)", 2]["overhead"] == 1
+    assert not any("raw DDP (UNet) at" in v for v in bench.verdicts(list(rows.values())))
 
 
 def test_srun_launch_spans_nodes_with_one_torchrun_per_node(monkeypatch, tmp_path):
@@ -119,6 +126,10 @@ def test_srun_launch_spans_nodes_with_one_torchrun_per_node(monkeypatch, tmp_pat
     assert local[5].endswith("benchmarks/raw_ddp.py")
     ceiling = bench.launch_command(bench.parse_args([]), bench.CEILING, 2, 1, tmp_path / "t.json", tmp_path / "c")
     assert ceiling[5].endswith("benchmarks/raw_ddp.py") and ceiling[6] == "--no-ddp"
+    monai = next(r for r in bench.RECIPES if r.name == "monai")
+    unet = bench.launch_command(bench.parse_args([]), monai, 2, 1, tmp_path / "t.json", tmp_path / "c")
+    assert unet[unet.index("--batch-size") + 1] == "2" and unet[unet.index("--dataset-size") + 1] == str(60 * 2 * 2)
+    assert monai.baseline == bench.RAW_UNET.name and bench.RAW_UNET.pythonpath == "monai"
 
 
 def test_jax_recipe_launch_and_summary(monkeypatch, tmp_path):

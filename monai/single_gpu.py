@@ -1,0 +1,20 @@
+"""Train a 3-D UNet on one device: the baseline every other recipe in this folder changes as little as possible.
+
+    python single_gpu.py --epochs 3 --batch-size 4 --checkpoint-dir checkpoints/single
+    python single_gpu.py --data decathlon --data-dir Task09_Spleen --batch-size 2 --roi-size 96 --checkpoint-dir ckpt
+"""
+
+import torch
+
+from common import Ranks, fit, parse_args, run
+
+
+def main():
+    args = parse_args(__doc__)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    ranks = Ranks(device=device)  # one process: rank 0 of 1, no process group
+    fit(args, ranks)
+
+
+if __name__ == "__main__":
+    run(main)

@@ -1,0 +1,372 @@
+"""monai/ recipes, launched for real on CPU with gloo: every launch pattern, equivalence, the distributed Dice,
+preemption and resume, Decathlon-layout NIfTI data written here, and bad input.
+
+Volumes are tiny (20^3, crops 16^3) and there are 15 cases (12 training, 3 validation), so a 2-rank run trains
+in about a second; most of each launch is importing torch and MONAI.
+"""
+
+import gzip
+import json
+import re
+import shutil
+import signal
+import socket
+import struct
+import subprocess
+import time
+
+import numpy as np
+import pytest
+import torch
+from helpers import ROOT, clean_env, env_python, free_port, run, torchrun
+
+pytestmark = [pytest.mark.monai, pytest.mark.timeout(300)]
+
+FOLDER = ROOT / "monai"
+CASES, ROI = 12, 16  # 12 training cases (+ 3 validation cases)
+SMALL = ["--epochs", "2", "--dataset-size", str(CASES), "--roi-size", str(ROI), "--log-every", "1"]
+STEPS = 2 * (12 // 2)  # 12 training cases, 2 ranks x batch 1 (or 1 rank x batch 2): 6 steps per epoch
+# Adam divides by the gradient's size, so the last-bit differences of a different reduction order (DDP's
+# all-reduce vs. one process's batch) grow a little: close, not bit-equal.
+TOL = dict(rtol=1e-3, atol=1e-4)
+EPOCH_LINE = re.compile(r"^\[rank0\] epoch (\d+)/(\d+) \| step (\d+) \| loss (\S+) \| (\w+) (\S+) \| (\d+) samples/s "
+                        r"\| ([\d.]+) s$", re.M)
+ERROR_LINE = re.compile(r"^(\[rank\d+\] )?error: ")
+
+
+def python(*args, **kw):
+    return run([env_python("monai"), *args], cwd=FOLDER, **kw)
+
+
+def torchrun_standalone(script, nproc, *args, **kw):
+    return run([*torchrun("monai"), "--standalone", "--nproc_per_node", str(nproc), FOLDER / script, *args],
+               cwd=FOLDER, **kw)
+
+
+def snapshot(ckpt_dir, name="snapshot.pt"):
+    return torch.load(ckpt_dir / name, map_location="cpu", weights_only=True)
+
+
+def assert_same_weights(a, b, **tol):
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], **(tol or TOL), msg=lambda m, k=k: f"{k}: {m}")
+
+
+def validation_dice(out):
+    return [float(x) for x in re.findall(r"^\[rank0\] validation dice (\S+) over", out, re.M)]
+
+
+def srun_style(script_args, nproc, port, data_dir):
+    """Start `nproc` processes the way `srun python multinode.py` does: only SLURM_* variables, no RANK."""
+    procs = []
+    for rank in range(nproc):
+        env = clean_env(SLURM_PROCID=rank, SLURM_LOCALID=rank, SLURM_NTASKS=nproc, SLURM_NNODES=1,
+                        SLURM_JOB_ID=4242, MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
+        procs.append(subprocess.Popen(
+            [str(env_python("monai")), "multinode.py", *map(str, script_args), "--data-dir", str(data_dir)],
+            env=env, cwd=FOLDER, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True))
+    return procs
+
+
+def wait_all(procs, timeout=180):
+    deadline = time.monotonic() + timeout
+    outs = []
+    try:
+        for p in procs:
+            out, _ = p.communicate(timeout=max(1, deadline - time.monotonic()))
+            outs.append(out)
+    except subprocess.TimeoutExpired:
+        for p in procs:
+            p.kill()
+        pytest.fail(f"processes still running after {timeout}s: {[p.args for p in procs]}")
+    return [p.returncode for p in procs], outs
+
+
+def assert_one_error_line(proc, message):
+    assert proc.returncode == 2, proc.stdout
+    errors = [ln for ln in proc.stdout.splitlines() if ERROR_LINE.match(ln)]
+    assert len(errors) == 1 and message in errors[0], proc.stdout
+    assert "Traceback" not in proc.stdout
+
+
+# ------------------------------------------------------------------------------------------ NIfTI, written here
+
+
+def write_nifti(path, volume, spacing=1.5):
+    """A gzipped NIfTI-1 file (348-byte header, 4 bytes of no extension, voxels in Fortran order), written from
+    the format's specification rather than with nibabel, so the recipe's reader is checked against the format."""
+    codes = {np.dtype(np.uint8): (2, 8), np.dtype(np.float32): (16, 32)}
+    datatype, bitpix = codes[volume.dtype]
+    header = bytearray(352)
+    struct.pack_into("<i", header, 0, 348)
+    struct.pack_into("<8h", header, 40, volume.ndim, *volume.shape, *[1] * (7 - volume.ndim))
+    struct.pack_into("<hh", header, 70, datatype, bitpix)
+    struct.pack_into("<8f", header, 76, 1.0, *[spacing] * 3, *[1.0] * 4)
+    struct.pack_into("<f", header, 108, 352.0)  # vox_offset
+    struct.pack_into("<f", header, 112, 1.0)  # scl_slope
+    struct.pack_into("<hh", header, 252, 0, 1)  # qform_code unknown, sform_code scanner
+    for row in range(3):
+        srow = [0.0, 0.0, 0.0, 0.0]
+        srow[row] = spacing
+        struct.pack_into("<4f", header, 280 + 16 * row, *srow)
+    header[344:348] = b"n+1\0"
+    with gzip.open(path, "wb") as f:
+        f.write(bytes(header) + volume.tobytes(order="F"))
+
+
+def write_task(folder, cases=6, edge=20, seed=0):
+    """A Medical Segmentation Decathlon task folder: dataset.json, imagesTr/, labelsTr/ with cubes in noise."""
+    rng = np.random.default_rng(seed)
+    (folder / "imagesTr").mkdir(parents=True)
+    (folder / "labelsTr").mkdir()
+    training = []
+    for i in range(cases):
+        label = np.zeros((edge,) * 3, np.uint8)
+        lo = rng.integers(2, edge // 2, size=3)
+        label[lo[0]:lo[0] + 6, lo[1]:lo[1] + 6, lo[2]:lo[2] + 6] = 1
+        image = (label + rng.normal(0, 0.3, label.shape)).astype(np.float32)
+        write_nifti(folder / "imagesTr" / f"cube_{i}.nii.gz", image)
+        write_nifti(folder / "labelsTr" / f"cube_{i}.nii.gz", label)
+        training.append({"image": f"./imagesTr/cube_{i}.nii.gz", "label": f"./labelsTr/cube_{i}.nii.gz"})
+    (folder / "dataset.json").write_text(json.dumps({
+        "name": "Cubes", "modality": {"0": "CT"}, "labels": {"0": "background", "1": "cube"},
+        "numTraining": cases, "training": training, "test": []}))
+    return folder
+
+
+# ------------------------------------------------------------------------------------------ reference runs
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("data")  # the synthetic task folder is written in here by the first run
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, data_dir):
+    """One process, batch 2: what every 2-rank run with batch 1 per rank must reproduce."""
+    ckpt = tmp_path_factory.mktemp("single")
+    out = python("single_gpu.py", *SMALL, "--batch-size", "2", "--data-dir", data_dir, "--checkpoint-dir", ckpt).stdout
+    return ckpt, out
+
+
+@pytest.fixture(scope="module")
+def ddp_run(tmp_path_factory, data_dir, reference):  # after `reference`: it writes the synthetic data
+    ckpt = tmp_path_factory.mktemp("ddp")
+    out = torchrun_standalone("multigpu_torchrun.py", 2, *SMALL, "--batch-size", "1", "--data-dir", data_dir,
+                              "--checkpoint-dir", ckpt).stdout
+    return ckpt, out
+
+
+def test_single_process_writes_the_decathlon_layout_and_learns(reference, data_dir):
+    ckpt, out = reference
+    task = data_dir / f"synthetic-{CASES}+3cases-20vox"
+    meta = json.loads((task / "dataset.json").read_text())
+    assert len(meta["training"]) == CASES and len(meta["validation"]) == 3
+    assert len(list((task / "imagesTr").glob("*.nii.gz"))) == len(list((task / "labelsTr").glob("*.nii.gz"))) == 15
+    assert "12 training + 3 validation cases" in out
+    lines = EPOCH_LINE.findall(out)
+    assert [(e, n, s, metric) for e, n, s, _, metric, *_ in lines] == [("1", "2", "6", "dice"),
+                                                                       ("2", "2", "12", "dice")]
+    snap = snapshot(ckpt)
+    assert {"model", "optimizer", "scheduler", "epoch", "step", "batch_in_epoch", "world_size", "rng"} <= snap.keys()
+    assert (snap["epoch"], snap["step"], snap["world_size"]) == (2, STEPS, 1)
+    assert (ckpt / "snapshot.prev.pt").exists() and not list(ckpt.glob("*.tmp")) and not list(ckpt.glob("*.new"))
+    best = snapshot(ckpt, "best_model.pt")
+    assert best["dice"] == pytest.approx(max(validation_dice(out)), abs=1e-6)
+
+
+def test_torchrun_ddp_equals_one_process_with_the_global_batch(reference, ddp_run):
+    ckpt, out = ddp_run
+    assert "[rank0] world size 2 | device cpu" in out and "[rank1] epoch" not in out
+    assert_same_weights(snapshot(ckpt)["model"], snapshot(reference[0])["model"])
+    assert validation_dice(out) == pytest.approx(validation_dice(reference[1]), abs=1e-4)
+
+
+def test_mp_spawn_equals_one_process(reference, data_dir, tmp_path):
+    out = python("multigpu.py", "--nprocs", "2", *SMALL, "--batch-size", "1", "--data-dir", data_dir,
+                 "--checkpoint-dir", tmp_path).stdout
+    assert "[rank0] world size 2" in out
+    assert_same_weights(snapshot(tmp_path)["model"], snapshot(reference[0])["model"])
+
+
+def test_multinode_as_two_torchrun_nodes_on_one_host(reference, data_dir, tmp_path):
+    """Two launchers, --nnodes 2, c10d rendezvous on 127.0.0.1: what `srun torchrun` does on two nodes."""
+    port = free_port()
+    cmds = [[*torchrun("monai"), "--nnodes", "2", "--nproc_per_node", "1", "--node_rank", str(node),
+             "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", "monai-2nodes",
+             "multinode.py", *SMALL, "--batch-size", "1", "--data-dir", data_dir, "--checkpoint-dir", tmp_path]
+            for node in (0, 1)]
+    procs = [subprocess.Popen([str(c) for c in cmd], env=clean_env(), cwd=FOLDER, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True, start_new_session=True) for cmd in cmds]
+    codes, outs = wait_all(procs)
+    assert codes == [0, 0], "\n".join(outs)
+    text = "\n".join(outs)
+    assert "[rank0] world size 2" in text and "[rank1] host" in text
+    assert_same_weights(snapshot(tmp_path)["model"], snapshot(reference[0])["model"])
+
+
+DICE_OF_ALL = """
+import os, torch
+from monai.inferers import sliding_window_inference
+from monai.metrics import DiceMetric
+from monai.transforms import AsDiscrete
+from common import Ranks, build_data, build_model, parse_args
+args = parse_args("")
+data = build_data(args, Ranks())  # one process: every validation case is its own
+model = build_model(data).eval()
+model.load_state_dict(torch.load(os.environ["SNAPSHOT"], weights_only=True)["model"])
+metric = DiceMetric(include_background=False, reduction="mean")
+to_pred, to_label = AsDiscrete(argmax=True, to_onehot=2), AsDiscrete(to_onehot=2)
+with torch.no_grad():
+    for case in data.val_cases:
+        logits = sliding_window_inference(case["image"][None], (args.roi_size,) * 3, 4, model, overlap=0.25)
+        metric(y_pred=[to_pred(logits[0])], y=[to_label(case["label"])])
+print(f"cases {len(data.val_cases)} dice {metric.aggregate().item():.8f}")
+"""
+
+
+def test_distributed_dice_equals_one_process_over_the_union_of_shards(ddp_run, data_dir):
+    """Each rank scored its own validation cases (2 + 1) and the sums were added over ranks; that must equal
+    MONAI's DiceMetric over all 3 cases in one process, with the same final weights."""
+    ckpt, out = ddp_run
+    proc = python("-c", DICE_OF_ALL, *SMALL, "--batch-size", "1", "--data-dir", data_dir,
+                  env=clean_env(SNAPSHOT=ckpt / "snapshot.pt"))
+    one_process = float(re.search(r"cases 3 dice (\S+)", proc.stdout).group(1))
+    assert validation_dice(out)[-1] == pytest.approx(one_process, abs=1e-6)
+
+
+# ------------------------------------------------------------------------------------------ preemption, resume
+
+
+def test_preempted_srun_ranks_save_exit_75_and_resume_exactly(ddp_run, data_dir, tmp_path):
+    """SIGUSR1 to both srun-style ranks as soon as they are up: they agree to stop after the first step,
+    rank 0 saves, both exit 75; the relaunch resumes mid-epoch and ends with the uninterrupted run's weights."""
+    args = [*SMALL, "--batch-size", "1", "--checkpoint-dir", tmp_path]
+    procs = srun_style(args, 2, free_port(), data_dir)
+    head = []
+    for line in procs[0].stdout:  # rank 0 is past its rendezvous: both ranks' handlers are installed
+        head.append(line)
+        if "[rank0] host" in line:
+            break
+    for p in procs:
+        p.send_signal(signal.SIGUSR1)
+    codes, outs = wait_all(procs)
+    outs[0] = "".join(head) + outs[0]
+    assert codes == [75, 75], "\n".join(outs)
+    stopped_at = int(re.search(r"preempted at step (\d+): snapshot saved", outs[0]).group(1))
+    assert 0 < stopped_at < STEPS and snapshot(tmp_path)["step"] == stopped_at
+
+    codes, outs = wait_all(srun_style(args, 2, free_port(), data_dir))
+    assert codes == [0, 0], "\n".join(outs)
+    assert "[rank0] host" in outs[0] and "[rank1] host" in outs[1]  # ranks came from SLURM_PROCID
+    assert f"resumed from {tmp_path / 'snapshot.pt'}: epoch 1, step {stopped_at}" in outs[0]
+    assert_same_weights(snapshot(tmp_path)["model"], snapshot(ddp_run[0])["model"], rtol=0, atol=0)
+
+
+def test_damaged_snapshot_falls_back_to_the_previous_one(reference, data_dir, tmp_path):
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(reference[0], ckpt)
+    data = (ckpt / "snapshot.pt").read_bytes()
+    (ckpt / "snapshot.pt").write_bytes(data[: len(data) // 2])
+    out = python("single_gpu.py", *SMALL, "--batch-size", "2", "--data-dir", data_dir, "--checkpoint-dir", ckpt).stdout
+    assert f"{ckpt / 'snapshot.pt'} is unreadable" in out
+    # the previous snapshot (epoch 1) is used, and only epoch 2 is trained again
+    assert f"resumed from {ckpt / 'snapshot.prev.pt'}: epoch 2, step 6" in out and f"done: {STEPS} steps" in out
+    assert_same_weights(snapshot(ckpt)["model"], snapshot(reference[0])["model"], rtol=0, atol=0)
+    # (a finished run resumed again trains 0 steps: tests/test_contract.py checks that for every folder)
+
+
+# ------------------------------------------------------------------------------------------ data written here
+
+
+@pytest.fixture(scope="module")
+def task(tmp_path_factory):
+    return write_task(tmp_path_factory.mktemp("task") / "Task00_Cubes")
+
+
+def test_decathlon_task_folder_trains_with_amp(task, tmp_path):
+    out = python("single_gpu.py", "--data", "decathlon", "--data-dir", task, "--roi-size", "16", "--epochs", "1",
+                 "--batch-size", "1", "--amp", "--checkpoint-dir", tmp_path).stdout
+    assert "5 training + 1 validation cases" in out
+    (line,) = EPOCH_LINE.findall(out)
+    assert float(line[3]) == float(line[3]) and 0 <= float(line[5]) <= 1  # finite loss, a Dice in [0, 1]
+    assert snapshot(tmp_path)["step"] == 5 and (tmp_path / "best_model.pt").exists()
+
+
+def broken_copy(task, tmp_path, how):
+    bad = tmp_path / "task"
+    shutil.copytree(task, bad)
+    if how == "missing file":
+        (bad / "labelsTr" / "cube_3.nii.gz").unlink()
+    elif how == "shape mismatch":
+        write_nifti(bad / "labelsTr" / "cube_2.nii.gz", np.zeros((20, 20, 12), np.uint8))
+    elif how == "not nifti":
+        (bad / "imagesTr" / "cube_1.nii.gz").write_bytes(b"this is not a NIfTI volume")
+    elif how == "empty":
+        shutil.rmtree(bad)
+        bad.mkdir()
+    elif how == "missing":
+        shutil.rmtree(bad)
+    return bad
+
+
+@pytest.mark.parametrize("how, message", [
+    ("empty", "is empty: expected a Medical Segmentation Decathlon task folder"),
+    ("missing file", "names labelsTr/cube_3.nii.gz, which does not exist"),
+    ("shape mismatch", "label labelsTr/cube_2.nii.gz has shape (20, 20, 12) but its image imagesTr/cube_2.nii.gz "
+                       "has (20, 20, 20)"),
+    ("not nifti", "cube_1.nii.gz is not a NIfTI file nibabel can read"),
+])
+def test_bad_data_is_one_clear_line(task, tmp_path, how, message):
+    bad = broken_copy(task, tmp_path, how)
+    proc = python("single_gpu.py", "--data", "decathlon", "--data-dir", bad, "--roi-size", "16",
+                  expect_fail=True, timeout=120)
+    assert_one_error_line(proc, message)
+
+
+def test_bad_data_stops_spawn_before_any_worker_starts(task, tmp_path):
+    bad = broken_copy(task, tmp_path, "missing")
+    proc = python("multigpu.py", "--nprocs", "2", "--data", "decathlon", "--data-dir", bad, expect_fail=True,
+                  timeout=120)
+    assert_one_error_line(proc, f"data directory {str(bad)!r} does not exist")
+
+
+# ------------------------------------------------------------------------------------------ bad launches
+
+
+def test_bad_arguments_are_rejected_up_front():
+    proc = python("single_gpu.py", "--roi-size", "18", expect_fail=True, timeout=60)
+    assert_one_error_line(proc, "argument --roi-size: must be a multiple of 4 (the UNet halves it twice), got 18")
+
+
+def test_world_size_larger_than_the_data(data_dir):
+    # 1 training case (+ 1 for validation): 2 ranks cannot share it. Only rank 0 reports it.
+    proc = torchrun_standalone("multigpu_torchrun.py", 2, "--dataset-size", "1", "--roi-size", "16", "--batch-size",
+                               "1", "--data-dir", data_dir, expect_fail=True, timeout=180)
+    errors = [ln for ln in proc.stdout.splitlines() if ERROR_LINE.match(ln)]
+    assert errors == ["[rank0] error: the dataset has 1 training cases but the world size is 2: some ranks would "
+                      "get no data"], proc.stdout
+
+
+def test_torchrun_script_without_torchrun():
+    proc = python("multigpu_torchrun.py", env=clean_env(WORLD_SIZE=2), expect_fail=True, timeout=60)
+    assert_one_error_line(proc, "RANK, LOCAL_RANK not set: launch with `torchrun")
+
+
+def test_master_port_in_use_is_a_clear_error_not_a_hang(data_dir):
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        codes, outs = wait_all(srun_style(["--timeout", "8", *SMALL], 2, port, data_dir), timeout=150)
+    assert codes[0] == 2 and codes[1] != 0, outs
+    assert "another process already listens on that port: choose another MASTER_PORT" in outs[0], outs[0]
+
+
+def test_every_recipe_script_is_exercised():
+    """Guard: a new script in monai/ must get a test here."""
+    scripts = {p.name for p in FOLDER.glob("*.py")} - {"common.py"}
+    text = open(__file__).read()
+    assert {s for s in scripts if s not in text} == set()

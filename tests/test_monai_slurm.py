@@ -1,0 +1,105 @@
+"""monai/ sbatch templates submitted for real to the local two-node Slurm cluster (tests/slurm_fixtures.py), and
+the preemption path: USR1 -> snapshot -> exit 75 -> scontrol requeue -> resume -> the uninterrupted run's weights.
+
+Templates run unmodified from monai/; the tests only shrink the shape on the sbatch command line (this machine
+has 2 cores), pass the interpreter as PYTHON, and point --checkpoint-dir at a temporary folder (the last
+--checkpoint-dir on the command line wins over the template's).
+"""
+
+import re
+
+import pytest
+import torch
+from helpers import ROOT, env_python
+
+pytestmark = [pytest.mark.monai, pytest.mark.slurm, pytest.mark.timeout(400)]
+
+FOLDER = ROOT / "monai"
+# 12 synthetic training cases of 20^3 (+ 3 validation cases); crops of 16^3.
+TINY = ["--epochs", 2, "--dataset-size", 12, "--roi-size", 16, "--batch-size", 1, "--log-every", 1, "--seed", 0]
+
+
+def shape(nodes, tasks_per_node, gpus_per_node=None):
+    return [f"--nodes={nodes}", f"--ntasks-per-node={tasks_per_node}",
+            f"--gpus-per-node={gpus_per_node or tasks_per_node}", "--cpus-per-task=1", "--time=00:05:00"]
+
+
+def snapshot(directory):
+    path = directory / "snapshot.pt"
+    assert path.exists(), f"no snapshot in {directory}: {sorted(p.name for p in directory.iterdir())}"
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def submit(cluster, tmp_path, template, sbatch_args, **kwargs):
+    ckpt = tmp_path / "ckpt"
+    job = cluster.run(FOLDER / template, *TINY, "--data-dir", tmp_path / "data", "--checkpoint-dir", ckpt,
+                      sbatch_args=sbatch_args, cwd=FOLDER, output=tmp_path / "job.out",
+                      env={"PYTHON": env_python("monai")}, **kwargs)
+    return job, ckpt
+
+
+def epoch_lines(log):
+    return re.findall(r"^0: \[rank0\] epoch (\d+)/2 \| step (\d+) \| loss \S+ \| dice \S+ \|", log, re.M)
+
+
+def check_run(job, ckpt, world_size):
+    job.assert_ok()
+    steps = 12 // world_size  # 12 training cases, batch 1 per rank
+    assert epoch_lines(job.log) == [("1", str(steps)), ("2", str(2 * steps))], job.describe()
+    assert f"[rank0] world size {world_size} | device cpu" in job.log, job.describe()
+    snap = snapshot(ckpt)
+    assert (snap["step"], snap["world_size"]) == (2 * steps, world_size)
+    assert (ckpt / "best_model.pt").exists() and (ckpt / "snapshot.prev.pt").exists()
+
+
+@pytest.mark.parametrize("template, sbatch_args, world_size", [
+    ("single_gpu.sbatch", shape(1, 1), 1),
+    ("multigpu.sbatch", shape(1, 1, gpus_per_node=2), 2),  # the fake GPUs are not CUDA: 2 CPU workers
+    ("multigpu_torchrun.sbatch", shape(1, 1, gpus_per_node=2), 2),  # --nproc_per_node = SLURM_GPUS_ON_NODE
+    ("multinode.sbatch", shape(1, 2), 2),
+], ids=["single_gpu", "spawn", "torchrun", "multinode-1x2"])
+def test_template_runs(slurm_cluster, tmp_path, template, sbatch_args, world_size):
+    job, ckpt = submit(slurm_cluster, tmp_path, template, sbatch_args, timeout=240)
+    check_run(job, ckpt, world_size)
+
+
+@pytest.fixture(scope="module")
+def two_nodes(slurm_cluster, tmp_path_factory):
+    """multinode.sbatch on 2 nodes x 1 task, uninterrupted: the preemption test compares against it."""
+    tmp_path = tmp_path_factory.mktemp("two_nodes")
+    return submit(slurm_cluster, tmp_path, "multinode.sbatch", shape(2, 1), timeout=240)
+
+
+def test_multinode_on_two_nodes(two_nodes):
+    job, ckpt = two_nodes
+    check_run(job, ckpt, 2)
+    assert job.info["NodeList"] == "n[1-2]", job.describe()
+    hosts = dict(re.findall(r"\[rank(\d)\] host (\S+) \|", job.log))
+    assert hosts == {"0": "n1", "1": "n2"}, job.describe()
+    assert "2 nodes (n[1-2]) x 1 tasks" in job.log, job.describe()
+
+
+def test_preemption_requeue_resume(slurm_cluster, two_nodes, tmp_path):
+    """USR1 to the batch shell (what --signal=B:USR1@90 does before the limit) once both ranks are up: the
+    shell forwards it, the ranks stop after the step they are on, rank 0 saves, exit 75, the shell requeues,
+    the requeued job resumes and COMPLETES with the same weights as the uninterrupted two-node run."""
+    events = {"signalled": False}
+
+    def on_poll(info, log):
+        if not events["signalled"] and "[rank0] host" in log:
+            slurm_cluster.client("scancel", "--batch", "--signal=USR1", info["JobId"])
+            events["signalled"] = True
+        if events["signalled"]:
+            slurm_cluster.release_requeued(info, events)
+
+    job, ckpt = submit(slurm_cluster, tmp_path, "multinode.sbatch", shape(2, 1), timeout=300, on_poll=on_poll)
+    job.assert_ok()
+    assert job.info["Restarts"] == "1", job.describe()
+    for needle in ("multinode: got USR1, forwarding it to the job step", "preempted at step",
+                   "after checkpointing; requeueing job", "run 2 (restart 1 of at most 3)", "resumed from",
+                   "done: 12 steps"):
+        assert needle in job.log, f"{needle!r} missing\n{job.describe()}"
+    resumed, reference = snapshot(ckpt), snapshot(two_nodes[1])
+    assert resumed["step"] == reference["step"] == 12
+    for name, tensor in reference["model"].items():
+        assert torch.equal(resumed["model"][name], tensor), f"{name} differs after preempt/requeue/resume"
