@@ -1,0 +1,37 @@
+"""Train on one device with DeepSpeed: the baseline every other recipe in this folder changes as little as possible.
+
+    python single_gpu.py --epochs 3 --checkpoint-dir checkpoints/single
+    python single_gpu.py --model gpt --gpt-params 50M --ds-config configs/zero3_offload.json   # ZeRO-Offload
+
+A DeepSpeed engine always lives in a process group, even alone. Here it is a group of one whose store is inside
+this process: no launcher, no MASTER_ADDR/MASTER_PORT. One process still gains from DeepSpeed: offloading the
+optimizer states (and parameters) to CPU memory fits a model the GPU alone cannot hold.
+"""
+
+import os
+
+import torch.distributed as dist
+
+from common import PreemptionFlag, import_deepspeed, parse_args, pick_backend, pick_device, run, train
+
+
+def setup_distributed(args):
+    device = pick_device(0)
+    import_deepspeed()
+    os.environ.setdefault("LOCAL_RANK", "0")  # DeepSpeed reads it from the environment, even for one process
+    dist.init_process_group(pick_backend(args.backend), store=dist.HashStore(), rank=0, world_size=1)
+    return 0, 1, device
+
+
+def main():
+    preemption = PreemptionFlag()  # first: a signal that arrives during start-up must not kill the process
+    args = parse_args(__doc__)
+    rank, world_size, device = setup_distributed(args)
+    try:
+        train(args, rank, world_size, device, preemption)
+    finally:
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    run(main)
