@@ -71,9 +71,17 @@ def parameter_count(text):
     return value
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """A bad flag is one line on stderr and exit 2 (argparse's default prints the whole usage first)."""
+
+    def error(self, message):
+        print(f"error: {message} (see --help)", file=sys.stderr, flush=True)
+        sys.exit(2)
+
+
 def parse_args(description, extra=None):
     """The command line every recipe in this repository accepts, plus DeepSpeed's config and the model."""
-    p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = OneLineParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--epochs", type=positive_int, default=3)
     p.add_argument("--max-steps", type=positive_int, default=None,
                    help="stop after this many optimizer steps in total, resumed ones included "
@@ -218,7 +226,8 @@ def import_deepspeed():
     import deepspeed
 
     # ZeRO calls torch's all_gather_into_tensor, which torch 2.13 marks deprecated, once per rank per run.
-    warnings.filterwarnings("ignore", message=".*all_gather_into_tensor.* is deprecated", category=FutureWarning)
+    warnings.filterwarnings("ignore", message=r".*(all_gather_into_tensor|reduce_scatter_tensor).* is deprecated",
+                            category=FutureWarning)
     deepspeed.utils.logger.setLevel(logging.ERROR)  # its INFO and WARNING lines have no rank prefix (C3)
     if cpu:
         deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False  # a dict DeepSpeed keeps and consults
@@ -291,6 +300,8 @@ class GPT(nn.Module):
         self.pos = nn.Embedding(CONTEXT, dim)
         self.blocks = nn.ModuleList(Block(dim, heads=4) for _ in range(self.LAYERS))
         self.ln = nn.LayerNorm(dim)
+        for emb in (self.tok, self.pos):  # GPT-2's 0.02: with tied output weights, logits start near uniform
+            nn.init.normal_(emb.weight, std=0.02)
         self.register_buffer("mask", torch.triu(torch.full((CONTEXT, CONTEXT), float("-inf")), 1), persistent=False)
 
     def forward(self, tokens):
@@ -689,6 +700,8 @@ def train_epoch(engine, loader, state, args, device, timer):
     LR schedule only at the end of each gradient_accumulation_steps micro batches.
     """
     engine.train()
+    # With bf16/fp16 DeepSpeed holds the weights in that type and casts nothing for us: images must match.
+    dtype = torch.bfloat16 if engine.bfloat16_enabled() else torch.float16 if engine.fp16_enabled() else None
     accumulation = engine.gradient_accumulation_steps()
     usable = len(loader) // accumulation * accumulation  # micro batches that make whole optimizer steps
     skip, state["batch_in_epoch"] = state["batch_in_epoch"], 0
@@ -701,6 +714,8 @@ def train_epoch(engine, loader, state, args, device, timer):
         if i < skip:  # resuming mid-epoch: these batches were trained on before the snapshot
             continue
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        if dtype is not None and x.is_floating_point():
+            x = x.to(dtype)
         loss, hits, n = loss_and_hits(engine, x, y)
         engine.backward(loss)
         boundary = (i + 1) % accumulation == 0
@@ -741,14 +756,21 @@ def report_memory(engine, state):
                                                       measured["numel"], measured["numel"], *worst))
 
 
-def train(args, rank, world_size, device, preemption):
+def prepare(args, world_size, device):
+    """The config and the dataset, checked before any process waits for another: bad input fails the same way on
+    every rank, at once, instead of leaving one rank in a rendezvous that its peer has already left."""
+    config = load_ds_config(args, world_size, device)
+    dataset = build_dataset(args)
+    check_dataset_fits(dataset, world_size, args.batch_size, config["gradient_accumulation_steps"])
+    return config, dataset
+
+
+def train(args, inputs, rank, world_size, device, preemption):
     """Everything after the process group exists; the same for every launch pattern."""
     deepspeed = import_deepspeed()
-    config = load_ds_config(args, world_size, device)
-    torch.manual_seed(args.seed)  # same seed on every rank: identical initial weights
-    dataset = build_dataset(args)
+    config, dataset = inputs
     accumulation = config["gradient_accumulation_steps"]
-    check_dataset_fits(dataset, world_size, args.batch_size, accumulation)
+    torch.manual_seed(args.seed)  # same seed on every rank: identical initial weights
     loader = build_dataloader(dataset, args, rank, world_size)
     steps_per_epoch = len(loader) // accumulation
     model = build_model(args, dataset)

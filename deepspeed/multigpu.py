@@ -27,6 +27,7 @@ from common import (
     pick_backend,
     pick_device,
     positive_int,
+    prepare,
     run,
     train,
 )
@@ -44,16 +45,16 @@ def setup_distributed(rank, world_size, port, args):
     return rank, world_size, device
 
 
-def worker(rank, world_size, port, args):
+def worker(rank, world_size, port, args, inputs):
     """What each spawned process runs; mp.spawn passes the rank as the first argument."""
     preemption = PreemptionFlag()  # first: a signal that arrives during start-up must not kill the worker
-    run(spawned_main, rank, world_size, port, args, preemption, rank=rank)
+    run(spawned_main, rank, world_size, port, args, inputs, preemption, rank=rank)
 
 
-def spawned_main(rank, world_size, port, args, preemption):
+def spawned_main(rank, world_size, port, args, inputs, preemption):
     rank, world_size, device = setup_distributed(rank, world_size, port, args)
     try:
-        train(args, rank, world_size, device, preemption)
+        train(args, inputs, rank, world_size, device, preemption)
     finally:
         dist.destroy_process_group()
 
@@ -68,12 +69,14 @@ def main():
     world_size = args.nprocs or torch.cuda.device_count() or 2
     if torch.cuda.is_available() and world_size > torch.cuda.device_count():
         raise RecipeError(f"--nprocs {world_size} but only {torch.cuda.device_count()} GPUs are visible")
+    # Checked here, before any worker starts; the workers receive the config and the dataset with their arguments.
+    inputs = prepare(args, world_size, pick_device(0))
     # The parent hosts the rendezvous store on a port the OS picks (port 0) and keeps it open while the workers
     # run: no fixed 12355 to collide with another job, and no window in which someone else can take the port.
     store = dist.TCPStore("127.0.0.1", 0, world_size, is_master=True, wait_for_workers=False,
                           timeout=timedelta(seconds=args.timeout))
-    workers = mp.start_processes(worker, args=(world_size, store.port, args), nprocs=world_size, join=False,
-                                 start_method="spawn")
+    workers = mp.start_processes(worker, args=(world_size, store.port, args, inputs), nprocs=world_size,
+                                 join=False, start_method="spawn")
 
     def forward(signum, frame):  # a signal sent to this process alone still reaches the workers, which decide
         for p in workers.processes:

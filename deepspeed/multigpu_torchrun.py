@@ -9,7 +9,16 @@ also appends --local_rank=N to the arguments; its default port is a fixed 29500,
 
 import torch.distributed as dist
 
-from common import PreemptionFlag, init_deepspeed_distributed, launch_env, parse_args, pick_device, run, train
+from common import (
+    PreemptionFlag,
+    init_deepspeed_distributed,
+    launch_env,
+    parse_args,
+    pick_device,
+    prepare,
+    run,
+    train,
+)
 
 
 def setup_distributed(args):
@@ -17,16 +26,17 @@ def setup_distributed(args):
         "launch with `torchrun --nproc_per_node N multigpu_torchrun.py` or `deepspeed --num_gpus N "
         "multigpu_torchrun.py`")
     device = pick_device(local_rank)
+    inputs = prepare(args, world_size, device)
     init_deepspeed_distributed(args, rank, world_size)
-    return rank, world_size, device
+    return rank, world_size, device, inputs
 
 
 def main():
     preemption = PreemptionFlag()  # first: a signal that arrives during start-up must not kill the process
     args = parse_args(__doc__)
-    rank, world_size, device = setup_distributed(args)
+    rank, world_size, device, inputs = setup_distributed(args)
     try:
-        train(args, rank, world_size, device, preemption)
+        train(args, inputs, rank, world_size, device, preemption)
     finally:
         dist.destroy_process_group()
 

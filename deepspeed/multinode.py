@@ -25,6 +25,7 @@ from common import (
     log,
     parse_args,
     pick_device,
+    prepare,
     run,
     train,
 )
@@ -48,19 +49,20 @@ def setup_distributed(args):
         "launch with srun inside a Slurm job whose script exports MASTER_ADDR=$(scontrol show hostnames "
         "\"$SLURM_JOB_NODELIST\" | head -n 1) and a MASTER_PORT derived from $SLURM_JOB_ID, or with torchrun")
     device = pick_device(local_rank)
+    inputs = prepare(args, world_size, device)
     init_deepspeed_distributed(args, rank, world_size)
-    return rank, world_size, device
+    return rank, world_size, device, inputs
 
 
 def main():
     preemption = PreemptionFlag()  # first: a signal that arrives during start-up must not kill the process
     args = parse_args(__doc__)
-    rank, world_size, device = setup_distributed(args)
+    rank, world_size, device, inputs = setup_distributed(args)
     try:
         # One line per rank: where each rank landed is the first question when a multi-node job misbehaves.
         log(rank, f"host {socket.gethostname()} | local rank {os.environ['LOCAL_RANK']} | device {device} | "
                   f"nodes {os.environ.get('SLURM_NNODES', '?')}")
-        train(args, rank, world_size, device, preemption)
+        train(args, inputs, rank, world_size, device, preemption)
     finally:
         dist.destroy_process_group()
 

@@ -12,23 +12,33 @@ import os
 
 import torch.distributed as dist
 
-from common import PreemptionFlag, import_deepspeed, parse_args, pick_backend, pick_device, run, train
+from common import (
+    PreemptionFlag,
+    import_deepspeed,
+    parse_args,
+    pick_backend,
+    pick_device,
+    prepare,
+    run,
+    train,
+)
 
 
 def setup_distributed(args):
     device = pick_device(0)
     import_deepspeed()
+    inputs = prepare(args, 1, device)
     os.environ.setdefault("LOCAL_RANK", "0")  # DeepSpeed reads it from the environment, even for one process
     dist.init_process_group(pick_backend(args.backend), store=dist.HashStore(), rank=0, world_size=1)
-    return 0, 1, device
+    return 0, 1, device, inputs
 
 
 def main():
     preemption = PreemptionFlag()  # first: a signal that arrives during start-up must not kill the process
     args = parse_args(__doc__)
-    rank, world_size, device = setup_distributed(args)
+    rank, world_size, device, inputs = setup_distributed(args)
     try:
-        train(args, rank, world_size, device, preemption)
+        train(args, inputs, rank, world_size, device, preemption)
     finally:
         dist.destroy_process_group()
 
