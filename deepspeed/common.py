@@ -522,39 +522,31 @@ def tensor_bytes(tensors):
     return total
 
 
+def flat_tensors(groups):
+    for g in groups or []:
+        yield from (flat_tensors(g) if isinstance(g, (list, tuple)) else [g])
+
+
 def model_state_bytes(engine):
     """Bytes this rank holds of parameters, gradients and optimizer states (after backward, before step).
 
     Read from DeepSpeed's own bookkeeping: under ZeRO-3 a parameter's local shard is `ds_tensor` (p.data is an
-    empty placeholder outside forward/backward); ZeRO-1/2 keep the fp32 master shard in
-    single_partition_of_fp32_groups; ZeRO-2/3 keep the reduced gradient shards in their own buffers.
+    empty placeholder outside forward/backward); the fp32 master weights are single_partition_of_fp32_groups
+    (ZeRO-1/2), fp32_partitioned_groups_flat (ZeRO-3) or fp32_groups (bf16/fp16 without ZeRO); ZeRO-1/2/3 keep
+    the reduced gradient shards in averaged_gradients, stage 0 on the parameters.
     """
     params = list(engine.module.parameters())
     opt = engine.optimizer
     stage = engine.zero_optimization_stage()
-    if stage == 3:
-        p_bytes = tensor_bytes(p.ds_tensor for p in params)
-    else:
-        p_bytes = tensor_bytes(p.data for p in params)
-    inner = getattr(opt, "optimizer", opt)  # ZeRO/bf16 wrappers keep the torch optimizer inside
+    p_bytes = tensor_bytes(p.ds_tensor if stage == 3 else p.data for p in params)
+    inner = getattr(opt, "optimizer", opt)  # ZeRO and mixed-precision wrappers keep the torch optimizer inside
     states = [v for s in inner.state.values() for v in s.values() if torch.is_tensor(v) and v.dim() > 0]
-    masters = []
-    for name in ("single_partition_of_fp32_groups", "fp32_partitioned_groups_flat", "fp32_groups_flat_partition"):
-        masters += list(getattr(opt, name, None) or [])
-    if stage == 0 and inner is not opt:  # bf16 without ZeRO: DeepSpeed's BF16_Optimizer keeps fp32 masters
-        masters += list(getattr(opt, "fp32_groups_flat_partition", None) or [])
-    o_bytes = tensor_bytes(states + masters)
-    if stage == 3:
-        grads = list(getattr(opt, "averaged_gradients", {}).values())
-        grads = [g for gs in grads for g in (gs if isinstance(gs, list) else [gs])]
-        g_bytes = tensor_bytes(grads)
-    elif stage == 2:
-        grads = [g for gs in getattr(opt, "averaged_gradients", {}).values() for g in gs]
-        g_bytes = tensor_bytes(grads)
-    else:
-        g_bytes = tensor_bytes(p.grad for p in params)
-    return {"params": p_bytes, "grads": g_bytes, "optimizer": o_bytes, "numel": sum(p.ds_numel if stage == 3
-                                                                                    else p.numel() for p in params)}
+    masters = [t for name in ("single_partition_of_fp32_groups", "fp32_partitioned_groups_flat", "fp32_groups")
+               for t in flat_tensors(getattr(opt, name, None))]
+    averaged = getattr(opt, "averaged_gradients", None)
+    grads = flat_tensors(averaged.values()) if averaged else (p.grad for p in params)
+    return {"params": p_bytes, "grads": tensor_bytes(grads), "optimizer": tensor_bytes(states + masters),
+            "numel": sum(p.ds_numel if stage == 3 else p.numel() for p in params)}
 
 
 # ---------------------------------------------------------------------------------------------------- snapshots
@@ -751,9 +743,9 @@ def report_memory(engine, state):
     dist.all_gather(gathered, totals)
     if state["rank"] == 0:
         worst = torch.stack(gathered).max(0).values.tolist()
-        log(0, "memory per rank | stage {} | world {} | params {} | numel {} | param bytes {:.0f} | grad bytes "
-               "{:.0f} | optimizer bytes {:.0f}".format(engine.zero_optimization_stage(), dist.get_world_size(),
-                                                      measured["numel"], measured["numel"], *worst))
+        log(0, "memory per rank | stage {} | world {} | params {} | param bytes {:.0f} | grad bytes {:.0f} | "
+               "optimizer bytes {:.0f}".format(engine.zero_optimization_stage(), dist.get_world_size(),
+                                               measured["numel"], *worst))
 
 
 def prepare(args, world_size, device):
