@@ -63,6 +63,9 @@ CEILING = Recipe("no-comm ceiling", "pytorch", "benchmarks/raw_ddp.py", pythonpa
 RECIPES = [
     Recipe("pytorch", "pytorch", "pytorch/multigpu_torchrun.py"),
     Recipe("lightning", "lightning", "lightning/multigpu_torchrun.py"),
+    # DeepSpeed: the same model, data and SGD stepped through its engine, at ZeRO stages 0, 1 and 2.
+    *(Recipe(f"deepspeed zero{stage}", "deepspeed", "deepspeed/multigpu_torchrun.py",
+             args=("--ds-config", str(ROOT / "deepspeed" / "configs" / f"zero{stage}.json"))) for stage in (0, 1, 2)),
 ]
 TARGET_SCALING = 0.90  # at every world size > 1
 TARGET_OVERHEAD = 1.10  # recipe step time / raw DDP step time
