@@ -748,6 +748,18 @@ def report_memory(engine, state):
                                                measured["numel"], *worst))
 
 
+def recipe_main(setup_distributed, description):
+    """What every script's main() does: parse the command line, start the processes' group the script's way
+    (setup_distributed(args) -> rank, world size, device, checked inputs), train, leave the group."""
+    preemption = PreemptionFlag()  # first: a signal that arrives during start-up must not kill the process
+    args = parse_args(description)
+    rank, world_size, device, inputs = setup_distributed(args)
+    try:
+        train(args, inputs, rank, world_size, device, preemption)
+    finally:
+        dist.destroy_process_group()
+
+
 def prepare(args, world_size, device):
     """The config and the dataset, checked before any process waits for another: bad input fails the same way on
     every rank, at once, instead of leaving one rank in a rendezvous that its peer has already left."""

@@ -7,17 +7,14 @@ Both launchers set RANK, LOCAL_RANK, WORLD_SIZE, MASTER_ADDR and MASTER_PORT for
 also appends --local_rank=N to the arguments; its default port is a fixed 29500, hence --master_port).
 """
 
-import torch.distributed as dist
 
 from common import (
-    PreemptionFlag,
     init_deepspeed_distributed,
     launch_env,
-    parse_args,
     pick_device,
     prepare,
+    recipe_main,
     run,
-    train,
 )
 
 
@@ -31,15 +28,5 @@ def setup_distributed(args):
     return rank, world_size, device, inputs
 
 
-def main():
-    preemption = PreemptionFlag()  # first: a signal that arrives during start-up must not kill the process
-    args = parse_args(__doc__)
-    rank, world_size, device, inputs = setup_distributed(args)
-    try:
-        train(args, inputs, rank, world_size, device, preemption)
-    finally:
-        dist.destroy_process_group()
-
-
 if __name__ == "__main__":
-    run(main)
+    run(recipe_main, setup_distributed, __doc__)

@@ -16,18 +16,15 @@ on, all ranks save their part of a DeepSpeed checkpoint, and the job exits with 
 import os
 import socket
 
-import torch.distributed as dist
 
 from common import (
-    PreemptionFlag,
     init_deepspeed_distributed,
     launch_env,
     log,
-    parse_args,
     pick_device,
     prepare,
+    recipe_main,
     run,
-    train,
 )
 
 SLURM_TO_TORCH = {"SLURM_PROCID": "RANK", "SLURM_LOCALID": "LOCAL_RANK", "SLURM_NTASKS": "WORLD_SIZE"}
@@ -51,21 +48,11 @@ def setup_distributed(args):
     device = pick_device(local_rank)
     inputs = prepare(args, world_size, device)
     init_deepspeed_distributed(args, rank, world_size)
+    # One line per rank: where each rank landed is the first question when a multi-node job misbehaves.
+    log(rank, f"host {socket.gethostname()} | local rank {local_rank} | device {device} | "
+              f"nodes {os.environ.get('SLURM_NNODES', '?')}")
     return rank, world_size, device, inputs
 
 
-def main():
-    preemption = PreemptionFlag()  # first: a signal that arrives during start-up must not kill the process
-    args = parse_args(__doc__)
-    rank, world_size, device, inputs = setup_distributed(args)
-    try:
-        # One line per rank: where each rank landed is the first question when a multi-node job misbehaves.
-        log(rank, f"host {socket.gethostname()} | local rank {os.environ['LOCAL_RANK']} | device {device} | "
-                  f"nodes {os.environ.get('SLURM_NNODES', '?')}")
-        train(args, inputs, rank, world_size, device, preemption)
-    finally:
-        dist.destroy_process_group()
-
-
 if __name__ == "__main__":
-    run(main)
+    run(recipe_main, setup_distributed, __doc__)

@@ -13,14 +13,12 @@ import os
 import torch.distributed as dist
 
 from common import (
-    PreemptionFlag,
     import_deepspeed,
-    parse_args,
     pick_backend,
     pick_device,
     prepare,
+    recipe_main,
     run,
-    train,
 )
 
 
@@ -33,15 +31,5 @@ def setup_distributed(args):
     return 0, 1, device, inputs
 
 
-def main():
-    preemption = PreemptionFlag()  # first: a signal that arrives during start-up must not kill the process
-    args = parse_args(__doc__)
-    rank, world_size, device, inputs = setup_distributed(args)
-    try:
-        train(args, inputs, rank, world_size, device, preemption)
-    finally:
-        dist.destroy_process_group()
-
-
 if __name__ == "__main__":
-    run(main)
+    run(recipe_main, setup_distributed, __doc__)
