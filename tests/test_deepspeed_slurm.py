@@ -64,6 +64,7 @@ def test_template_runs(slurm_cluster, tmp_path, template, sbatch_args, world_siz
     assert progress["step"] == 2 * 256 // (16 * world_size) and progress["world_size"] == world_size
     # ZeRO-2: every rank wrote its own optimizer shard
     assert len(list(tag.glob("zero_pp_rank_*_mp_rank_00_optim_states.pt"))) == world_size
+    assert not list(FOLDER.glob("hostfile-*")), "the job left its hostfile behind"
     if "--nodes=2" in sbatch_args:
         assert job.info["NodeList"] == "n[1-2]" and hosts_of(job.log) == {0: "n1", 1: "n2"}, job.describe()
 
