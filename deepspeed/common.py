@@ -478,6 +478,9 @@ def load_ds_config(args, world_size, device):
                           f"fp16 on {device.type}; use bf16 (--amp, or \"bf16\": {{\"enabled\": true}}) instead")
     if config.get("bf16", {}).get("enabled") and config.get("fp16", {}).get("enabled"):
         raise RecipeError(f"--ds-config {path} enables both bf16 and fp16: choose one")
+    # DeepSpeed 0.19 clips gradients to norm 1.0 unless the config says otherwise: a silent difference from a
+    # plain training loop. Here clipping happens only where a config asks for it (zero2_bf16_accum.json).
+    config.setdefault("gradient_clipping", 0.0)
     # The recipes print their own progress; a client optimizer with ZeRO is what this folder tests on CPU.
     config.setdefault("steps_per_print", 10**9)
     config.setdefault("zero_allow_untested_optimizer", True)

@@ -115,12 +115,17 @@ def test_single_process_learns_and_checkpoints(reference, tmp_path):
     assert "done: 32 steps" in out
 
 
-def test_torchrun_zero1_equals_one_process(reference, tmp_path):
-    """ZeRO-1 on 2 ranks == 1 process (plain data parallel, stage 0) with the global batch."""
+def test_torchrun_zero1_equals_one_process_and_pytorch_ddp(reference, tmp_path):
+    """ZeRO-1 on 2 ranks == 1 process (stage 0) with the global batch == pytorch/'s plain DDP recipe (same model,
+    data, sampler, SGD with momentum and schedule; DeepSpeed's default clipping at norm 1.0 is turned off)."""
     out = torchrun_standalone("multigpu_torchrun.py", 2, *SMALL, *config("zero1"), "--batch-size", "16",
-                              "--checkpoint-dir", tmp_path).stdout
+                              "--checkpoint-dir", tmp_path / "zero1").stdout
     assert "[rank0] world size 2 | backend gloo | device cpu | ZeRO stage 1" in out and "[rank1] epoch" not in out
-    assert_same_weights(weights(tmp_path), reference[0])
+    assert_same_weights(weights(tmp_path / "zero1"), reference[0])
+    run([*torchrun("pytorch"), "--standalone", "--nproc_per_node", "2", ROOT / "pytorch" / "multigpu_torchrun.py",
+         *SMALL, "--batch-size", "16", "--checkpoint-dir", tmp_path / "ddp"])
+    plain = torch.load(tmp_path / "ddp" / "snapshot.pt", map_location="cpu", weights_only=True)["model"]
+    assert_same_weights(weights(tmp_path / "zero1"), plain)
 
 
 def test_deepspeed_launcher_zero2_equals_one_process(reference, tmp_path):
