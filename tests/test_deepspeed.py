@@ -349,9 +349,9 @@ def test_busy_master_port_is_a_clear_error_not_a_hang():
         busy.bind(("127.0.0.1", 0))
         busy.listen()
         port = busy.getsockname()[1]
-        codes, outs = wait_all(srun_style(["--timeout", "15", *SMALL], 2, port), timeout=150)
+        codes, outs = wait_all(srun_style(["--timeout", "5", *SMALL], 2, port), timeout=150)
     assert codes[0] == 2 and codes[1] != 0, outs
-    assert "another process already listens on that port" in outs[0] or "did not finish within 15 s" in outs[0], outs
+    assert "another process already listens on that port" in outs[0] or "did not finish within 5 s" in outs[0], outs
 
 
 def test_every_recipe_script_is_exercised():
