@@ -78,6 +78,9 @@ RECIPES = [
     Recipe("lightning", "lightning", "lightning/multigpu_torchrun.py"),
     Recipe("jax", "jax", "jax/multigpu.py", launcher="spawn", vs_baseline=False),
     Recipe("monai", "monai", "monai/multigpu_torchrun.py", args=UNET_ARGS, batch_size=2, baseline=RAW_UNET.name),
+    # DeepSpeed: the same model, data and SGD stepped through its engine, at ZeRO stages 0, 1 and 2.
+    *(Recipe(f"deepspeed zero{stage}", "deepspeed", "deepspeed/multigpu_torchrun.py",
+             args=("--ds-config", str(ROOT / "deepspeed" / "configs" / f"zero{stage}.json"))) for stage in (0, 1, 2)),
 ]
 BASELINES = {BASELINE.name: BASELINE, RAW_UNET.name: RAW_UNET}
 TARGET_SCALING = 0.90  # at every world size > 1

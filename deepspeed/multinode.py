@@ -1,0 +1,58 @@
+"""Train with DeepSpeed across nodes: srun one task per GPU, `srun torchrun` one launcher per node, or DeepSpeed's
+own launcher with a hostfile.
+
+    srun python multinode.py ...                  # multinode.sbatch: ranks from SLURM_PROCID/SLURM_LOCALID/SLURM_NTASKS
+    srun torchrun --nnodes N ... multinode.py     # multinode_torchrun.sbatch: torchrun sets RANK/LOCAL_RANK/WORLD_SIZE
+    deepspeed --hostfile H --launcher slurm multinode.py   # multinode_deepspeed.sbatch: the launcher runs srun
+
+Under plain srun nobody sets RANK; DeepSpeed would then try MPI discovery (and fail on a missing mpi4py), so
+this script maps Slurm's variables itself. MASTER_ADDR and MASTER_PORT come from the job script (the first
+node of the allocation, a port derived from the job id).
+
+On SIGUSR1 or SIGTERM (Slurm's warning before a time limit or preemption) every rank finishes the step it is
+on, all ranks save their part of a DeepSpeed checkpoint, and the job exits with 75 so its script can requeue it.
+"""
+
+import os
+import socket
+
+
+from common import (
+    init_deepspeed_distributed,
+    launch_env,
+    log,
+    pick_device,
+    prepare,
+    recipe_main,
+    run,
+)
+
+SLURM_TO_TORCH = {"SLURM_PROCID": "RANK", "SLURM_LOCALID": "LOCAL_RANK", "SLURM_NTASKS": "WORLD_SIZE"}
+
+
+def map_slurm_variables():
+    """Under `srun python` (one task per GPU), Slurm's per-task variables are the ranks. They are read here, in
+    each task; expanded in the batch script they would be the batch shell's (rank 0 for every task)."""
+    if "RANK" in os.environ or "SLURM_PROCID" not in os.environ:
+        return  # torchrun / the deepspeed launcher set RANK; without either, launch_env says what is missing
+    for slurm, torch_name in SLURM_TO_TORCH.items():
+        if slurm in os.environ:
+            os.environ[torch_name] = os.environ[slurm]
+
+
+def setup_distributed(args):
+    map_slurm_variables()
+    rank, local_rank, world_size = launch_env(
+        "launch with srun inside a Slurm job whose script exports MASTER_ADDR=$(scontrol show hostnames "
+        "\"$SLURM_JOB_NODELIST\" | head -n 1) and a MASTER_PORT derived from $SLURM_JOB_ID, or with torchrun")
+    device = pick_device(local_rank)
+    inputs = prepare(args, world_size, device)
+    init_deepspeed_distributed(args, rank, world_size)
+    # One line per rank: where each rank landed is the first question when a multi-node job misbehaves.
+    log(rank, f"host {socket.gethostname()} | local rank {local_rank} | device {device} | "
+              f"nodes {os.environ.get('SLURM_NNODES', '?')}")
+    return rank, world_size, device, inputs
+
+
+if __name__ == "__main__":
+    run(recipe_main, setup_distributed, __doc__)

@@ -1,0 +1,361 @@
+"""deepspeed/ recipes, launched for real on CPU with gloo: every launch pattern (one process, mp.spawn, torchrun,
+the deepspeed launcher, srun-style), ZeRO 0-3 against one process and against pytorch/'s DDP, bf16, gradient
+accumulation, offload, the GPT model on real text files, zero_to_fp32, preemption and resume, the memory table,
+and bad input.
+
+No test compiles a DeepSpeed op: the recipes skip the CPU shared-memory all-reduce (training never uses it) and
+the offload test steps a client torch optimizer (DeepSpeedCPUAdam would cost a ~100 s JIT build per fresh
+environment; see deepspeed/README.md).
+"""
+
+import json
+import re
+import socket
+import subprocess
+import time
+
+import pytest
+import torch
+from data_files import write_mnist
+from helpers import ROOT, clean_env, env_python, free_port, run, torchrun
+
+pytestmark = [pytest.mark.deepspeed, pytest.mark.timeout(400)]
+
+DS = ROOT / "deepspeed"
+CONFIGS = DS / "configs"
+# 512 samples: 16 steps per epoch for 2 ranks x batch 16 (or 1 rank x batch 32).
+SMALL = ["--epochs", "2", "--dataset-size", "512", "--log-every", "1000"]
+# fp32 sums of the same gradients in another order (DeepSpeed's flat buckets, gloo's all-reduce, ZeRO's
+# reduce-scatter) differ in the last bits; 32 SGD steps with momentum keep that below these bounds.
+TOL = dict(rtol=1e-4, atol=1e-5)
+ERROR_LINE = re.compile(r"^(\[rank\d+\] )?error: ")
+
+
+def python(*args, **kw):
+    return run([env_python("deepspeed"), *args], **kw)
+
+
+def torchrun_standalone(script, nproc, *args, **kw):
+    return run([*torchrun("deepspeed"), "--standalone", "--nproc_per_node", str(nproc), DS / script, *args], **kw)
+
+
+def config(name):
+    return ["--ds-config", CONFIGS / f"{name}.json"]
+
+
+def latest_tag(ckpt_dir):
+    done = sorted(ckpt_dir.glob("step-*/complete.json"))
+    assert done, f"no complete checkpoint in {ckpt_dir}: {sorted(p.name for p in ckpt_dir.iterdir())}"
+    return done[-1].parent
+
+
+def weights(ckpt_dir):
+    """The full fp32 model of a ZeRO 0-2 checkpoint (every rank holds all weights; rank 0 saved them)."""
+    state = torch.load(latest_tag(ckpt_dir) / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)
+    return state["module"]
+
+
+def progress(ckpt_dir):
+    return json.loads((latest_tag(ckpt_dir) / "complete.json").read_text())
+
+
+def assert_same_weights(a, b, **tol):
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k].float(), b[k].float(), **(tol or TOL), msg=lambda m, k=k: f"{k}: {m}")
+
+
+def epoch_lines(out):
+    return [ln for ln in out.splitlines() if re.match(r"\[rank0\] epoch \d+/\d+ \|", ln)]
+
+
+def srun_style(script_args, nproc, port, extra_env=None):
+    """Start `nproc` processes the way `srun python multinode.py` does: only SLURM_* variables, no RANK."""
+    procs = []
+    for rank in range(nproc):
+        env = clean_env(SLURM_PROCID=rank, SLURM_LOCALID=rank, SLURM_NTASKS=nproc, SLURM_NNODES=1,
+                        SLURM_JOB_ID=4242, MASTER_ADDR="127.0.0.1", MASTER_PORT=port, **(extra_env or {}))
+        procs.append(subprocess.Popen([str(env_python("deepspeed")), str(DS / "multinode.py"), *map(str, script_args)],
+                                      env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                      text=True, start_new_session=True))
+    return procs
+
+
+def wait_all(procs, timeout=300):
+    deadline = time.monotonic() + timeout
+    outs = []
+    try:
+        for p in procs:
+            out, _ = p.communicate(timeout=max(1, deadline - time.monotonic()))
+            outs.append(out)
+    except subprocess.TimeoutExpired:
+        for p in procs:
+            p.kill()
+        pytest.fail(f"processes still running after {timeout}s: {[p.args for p in procs]}")
+    return [p.returncode for p in procs], outs
+
+
+# ------------------------------------------------------------------------------------------ launch patterns
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """One process, ZeRO stage 0, batch 32: what every 2-rank run with batch 16 per rank must reproduce."""
+    ckpt = tmp_path_factory.mktemp("single")
+    out = python(DS / "single_gpu.py", *SMALL, *config("zero0"), "--batch-size", "32", "--checkpoint-dir", ckpt).stdout
+    return weights(ckpt), out
+
+
+def test_single_process_learns_and_checkpoints(reference, tmp_path):
+    model, out = reference
+    lines = epoch_lines(out)
+    assert len(lines) == 2 and "[rank0] world size 1 | backend gloo | device cpu | ZeRO stage 0 | fp32" in out, out
+    first, last = (float(re.search(r"loss ([\d.]+)", ln).group(1)) for ln in lines)
+    assert last < first, out
+    assert "done: 32 steps" in out
+
+
+def test_torchrun_zero1_equals_one_process_and_pytorch_ddp(reference, tmp_path):
+    """ZeRO-1 on 2 ranks == 1 process (stage 0) with the global batch == pytorch/'s plain DDP recipe (same model,
+    data, sampler, SGD with momentum and schedule; DeepSpeed's default clipping at norm 1.0 is turned off)."""
+    out = torchrun_standalone("multigpu_torchrun.py", 2, *SMALL, *config("zero1"), "--batch-size", "16",
+                              "--checkpoint-dir", tmp_path / "zero1").stdout
+    assert "[rank0] world size 2 | backend gloo | device cpu | ZeRO stage 1" in out and "[rank1] epoch" not in out
+    assert_same_weights(weights(tmp_path / "zero1"), reference[0])
+    run([*torchrun("pytorch"), "--standalone", "--nproc_per_node", "2", ROOT / "pytorch" / "multigpu_torchrun.py",
+         *SMALL, "--batch-size", "16", "--checkpoint-dir", tmp_path / "ddp"])
+    plain = torch.load(tmp_path / "ddp" / "snapshot.pt", map_location="cpu", weights_only=True)["model"]
+    assert_same_weights(weights(tmp_path / "zero1"), plain)
+
+
+def test_deepspeed_launcher_zero2_equals_one_process(reference, tmp_path):
+    """`deepspeed --num_gpus 2` on CPU: it passes --local_rank=N and sets RANK/LOCAL_RANK/WORLD_SIZE."""
+    launcher = env_python("deepspeed").parent / "deepspeed"
+    out = run([launcher, "--num_gpus", "2", "--master_port", free_port(), DS / "multigpu_torchrun.py", *SMALL,
+               *config("zero2"), "--batch-size", "16", "--checkpoint-dir", tmp_path]).stdout
+    assert "[rank0] world size 2 | backend gloo | device cpu | ZeRO stage 2" in out, out
+    assert_same_weights(weights(tmp_path), reference[0])
+
+
+def test_mp_spawn_zero3_and_zero_to_fp32_loads_into_the_plain_model(reference, tmp_path):
+    out = python(DS / "multigpu.py", "--nprocs", "2", *SMALL, *config("zero3"), "--batch-size", "16",
+                 "--checkpoint-dir", tmp_path).stdout
+    assert "[rank0] world size 2 | backend gloo | device cpu | ZeRO stage 3" in out, out
+    tag = latest_tag(tmp_path)
+    # Under ZeRO-3 each rank saved only its shard; DeepSpeed's zero_to_fp32 (also copied into every checkpoint
+    # directory as a script) gathers them into one plain fp32 state dict that loads with strict=True.
+    loaded = python("-c", "import sys, torch; from common import ConvNet, import_deepspeed; import_deepspeed(); "
+                          "from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint as get; "
+                          "sd = get(sys.argv[1], tag=sys.argv[2]); m = ConvNet(); "
+                          "print(m.load_state_dict(sd, strict=True)); torch.save(m.state_dict(), sys.argv[3])",
+                    tmp_path, tag.name, tmp_path / "plain.pt", cwd=DS).stdout
+    assert "<All keys matched successfully>" in loaded
+    assert_same_weights(torch.load(tmp_path / "plain.pt", weights_only=True), reference[0])
+
+
+def test_srun_style_bf16_with_gradient_accumulation(tmp_path):
+    """multinode.py under srun (ranks from SLURM_PROCID...): ZeRO-2, bf16, 2 micro batches per step, clipping."""
+    codes, outs = wait_all(srun_style([*SMALL, *config("zero2_bf16_accum"), "--batch-size", "8",
+                                       "--checkpoint-dir", tmp_path], 2, free_port()))
+    assert codes == [0, 0], "\n".join(outs)
+    assert "[rank0] host" in outs[0] and "[rank1] host" in outs[1]
+    assert "ZeRO stage 2 | bf16" in outs[0] and "batch 8/rank x 2 accumulation | 16 steps/epoch" in outs[0], outs[0]
+    losses = [float(re.search(r"loss ([\d.]+)", ln).group(1)) for ln in epoch_lines(outs[0])]
+    assert len(losses) == 2 and all(0 < v < 10 for v in losses), outs[0]
+    assert progress(tmp_path)["step"] == 32
+    assert next(iter(weights(tmp_path).values())).dtype == torch.bfloat16
+
+
+# ------------------------------------------------------------------------------------------ resume, preemption
+
+
+def test_preempted_run_saves_exits_75_and_resumes_exactly(tmp_path):
+    """SIGUSR1 (Slurm's warning signal) mid-training, ZeRO-2: every rank stops at the same step, every rank saves
+    its shard, exit 75; the rerun resumes and ends with the weights of an uninterrupted run, bit for bit."""
+    args = ["--epochs", "1", "--dataset-size", "4096", "--batch-size", "16", "--log-every", "10",
+            "--num-workers", "1", *config("zero2")]
+    straight = tmp_path / "straight"
+    codes, outs = wait_all(srun_style([*args, "--checkpoint-dir", straight], 2, free_port()))
+    assert codes == [0, 0], "\n".join(outs)
+
+    interrupted = tmp_path / "interrupted"
+    procs = srun_style([*args, "--checkpoint-dir", interrupted], 2, free_port())
+    head = []
+    for line in procs[0].stdout:  # wait until training is under way
+        head.append(line)
+        if "| step 20 |" in line:
+            break
+    for p in procs:  # Slurm signals every process of the step, DataLoader workers included
+        subprocess.run(["pkill", "-USR1", "-s", str(p.pid)], check=False)
+    codes, outs = wait_all(procs)
+    outs[0] = "".join(head) + outs[0]
+    assert codes == [75, 75], "\n".join(outs)
+    stopped_at = int(re.search(r"preempted at step (\d+)", outs[0]).group(1))
+    assert 20 <= stopped_at < 128 and progress(interrupted)["step"] == stopped_at
+
+    codes, outs = wait_all(srun_style([*args, "--checkpoint-dir", interrupted], 2, free_port()))
+    assert codes == [0, 0], "\n".join(outs)
+    assert f"resumed from {interrupted / f'step-{stopped_at:08d}'}: epoch 1, step {stopped_at}" in outs[0]
+    assert_same_weights(weights(interrupted), weights(straight), rtol=0, atol=0)
+
+
+def test_damaged_newest_checkpoint_falls_back_then_fails_clearly(tmp_path):
+    python(DS / "single_gpu.py", *SMALL, *config("zero1"), "--batch-size", "32", "--checkpoint-dir", tmp_path)
+    newest = tmp_path / "step-00000032" / "mp_rank_00_model_states.pt"
+    newest.write_bytes(newest.read_bytes()[:1000])
+    out = python(DS / "single_gpu.py", *SMALL, *config("zero1"), "--batch-size", "32", "--epochs", "3",
+                 "--checkpoint-dir", tmp_path).stdout
+    assert "warning: checkpoint step-00000032" in out and "resumed from" in out and "epoch 2, step 16" in out
+    assert sorted(p.name for p in tmp_path.glob("step-*")) == ["step-00000032", "step-00000048"]  # 2 kept
+    for f in tmp_path.glob("step-*/mp_rank_00_model_states.pt"):
+        f.write_bytes(f.read_bytes()[:1000])
+    proc = python(DS / "single_gpu.py", *SMALL, *config("zero1"), "--epochs", "4", "--batch-size", "32",
+                  "--checkpoint-dir", tmp_path, expect_fail=True, timeout=120)
+    assert proc.returncode == 2 and "error: no usable checkpoint" in proc.stdout and "Traceback" not in proc.stdout
+
+
+# ------------------------------------------------------------------------------------------ models, offload, data
+
+
+def test_gpt_on_text_files_with_zero3_offload(tmp_path):
+    """The GPT-style model (size from --gpt-params) on real text files, ZeRO-3 with optimizer and parameters
+    offloaded to CPU. The config is zero3_offload.json minus its "optimizer" section (so no DeepSpeedCPUAdam JIT
+    build): a client AdamW steps the offloaded fp32 states."""
+    cfg = json.loads((CONFIGS / "zero3_offload.json").read_text())
+    del cfg["optimizer"]
+    cfg["zero_force_ds_cpu_optimizer"] = False
+    (tmp_path / "offload.json").write_text(json.dumps(cfg))
+    data = tmp_path / "text"
+    data.mkdir()
+    (data / "a.txt").write_text("the quick brown fox jumps over the lazy dog. " * 60)
+    (data / "b.txt").write_text("pack my box with five dozen liquor jugs! " * 60)
+    out = python(DS / "single_gpu.py", "--model", "gpt", "--gpt-params", "200k", "--data", "text", "--data-dir", data,
+                 "--ds-config", tmp_path / "offload.json", "--epochs", "2", "--batch-size", "8", "--lr", "3e-3",
+                 "--checkpoint-dir", tmp_path / "ckpt").stdout
+    assert "ZeRO stage 3 | fp32" in out and "79 samples" in out, out  # 5160 bytes / 65 per sequence
+    first, last = (float(re.search(r"loss ([\d.]+)", ln).group(1)) for ln in epoch_lines(out))
+    assert last < first < 6, out  # log(256) = 5.5 at the start
+    assert (latest_tag(tmp_path / "ckpt") / "zero_pp_rank_0_mp_rank_00_optim_states.pt").exists()
+
+
+def test_mnist_idx_files(tmp_path):
+    write_mnist(tmp_path)
+    out = python(DS / "single_gpu.py", "--data", "mnist", "--data-dir", tmp_path, "--epochs", "1",
+                 "--batch-size", "32", "--num-workers", "1", *config("zero1")).stdout
+    assert "256 samples" in out and "8 steps/epoch" in out and "samples/s" in out
+
+
+# ------------------------------------------------------------------------------------------ memory vs the paper
+
+# The ZeRO paper (Rajbhandari et al. 2020, section 3/figure 1): with mixed-precision Adam a rank holds 2 bytes of
+# parameters, 2 of gradients and 12 of optimizer states (fp32 master, momentum, variance) per parameter; stage 1
+# partitions the 12 over the N ranks, stage 2 the gradients too, stage 3 the parameters too.
+
+
+def paper_bytes(stage, psi, n):
+    """Bytes per rank of (params, grads, optimizer states) by the paper's formula."""
+    split = {0: (False, False, False), 1: (False, False, True), 2: (False, True, True), 3: (True, True, True)}[stage]
+    return [b * psi / (n if s else 1) for b, s in zip((2, 2, 12), split)]
+
+
+@pytest.mark.parametrize("stage, ranks", [(1, 2), (3, 4)])  # README: every stage at 2 and 4 ranks
+def test_memory_per_rank_matches_the_zero_paper(stage, ranks):
+    """A 1M-parameter GPT in bf16 with AdamW: bytes per rank measured inside the run (from the engine's own
+    tensors, after backward) == the paper's formula within 2 % (DeepSpeed pads each partition to an alignment).
+    One documented difference: DeepSpeed's stage 1 also keeps only its 1/N slice of the reduced gradients once
+    they are reduced (the paper's stage 1 keeps all 2 bytes; during backward DeepSpeed holds them too)."""
+    out = torchrun_standalone("multigpu_torchrun.py", ranks, "--model", "gpt", "--gpt-params", "1M", "--amp",
+                              "--memory-report", "--max-steps", "2", "--dataset-size", "256", "--batch-size", "4",
+                              *config(f"zero{stage}"), timeout=300).stdout
+    line = re.search(r"memory per rank \| stage (\d) \| world (\d+) \| params (\d+) \| param bytes (\d+) \| "
+                     r"grad bytes (\d+) \| optimizer bytes (\d+)", out)
+    assert line, out
+    got_stage, world, psi, *measured = map(int, line.groups())
+    assert (got_stage, world) == (stage, ranks) and 800_000 < psi < 1_200_000
+    expected = paper_bytes(stage, psi, ranks)
+    if stage == 1:
+        expected[1] = 2 * psi / ranks
+    for name, got, want in zip(("params", "grads", "optimizer states"), measured, expected):
+        assert got == pytest.approx(want, rel=0.02), f"{name}: measured {got}, paper {want:.0f}\n{out}"
+
+
+# ------------------------------------------------------------------------------------------ bad input
+
+
+def one_error_line(proc, message):
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and ERROR_LINE.match(lines[0]), proc.stderr
+    assert message in lines[0], lines[0]
+
+
+def run_split(cmd, env=None, timeout=120):
+    """Like run(), but stdout and stderr apart: the error must be the only line on stderr."""
+    start = time.monotonic()
+    proc = subprocess.run([str(c) for c in cmd], cwd=ROOT, env=env or clean_env(), capture_output=True, text=True,
+                          timeout=timeout)
+    assert proc.returncode == 2, f"exit {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    assert time.monotonic() - start < timeout
+    return proc
+
+
+def write_config(tmp_path, **extra):
+    path = tmp_path / "cfg.json"
+    path.write_text(json.dumps({"zero_optimization": {"stage": 1}, **extra}))
+    return path
+
+
+@pytest.mark.parametrize("case, message", [
+    ("batch", "train_batch_size 64 != micro batch 16 x gradient_accumulation_steps 2 x world size 1 (= 32)"),
+    ("fp16", "fp16 (in zero2_fp16.json) needs a CUDA GPU"),
+    ("missing", "no such file"),
+    ("no-data-dir", "is not a directory"),
+    ("bad-idx", "is not an MNIST IDX file"),
+    ("flag", "--batch-size: must be a positive integer"),
+])
+def test_bad_input_is_one_line_and_exit_2(tmp_path, case, message):
+    args = {
+        "batch": ["--batch-size", "16", "--ds-config",
+                  write_config(tmp_path, train_batch_size=64, gradient_accumulation_steps=2)],
+        "fp16": config("zero2_fp16"),
+        "missing": ["--ds-config", tmp_path / "nope.json"],
+        "no-data-dir": ["--data", "mnist", "--data-dir", tmp_path / "absent"],
+        "bad-idx": ["--data", "mnist", "--data-dir", tmp_path],
+        "flag": ["--batch-size", "0"],
+    }[case]
+    raw = tmp_path / "MNIST" / "raw"
+    raw.mkdir(parents=True)
+    (raw / "train-images-idx3-ubyte").write_bytes(b"\x00\x00\x08\x03" + b"\x00" * 40)
+    (raw / "train-labels-idx1-ubyte").write_bytes(b"\x00\x00\x08\x01" + b"\x00" * 4)
+    proc = run_split([env_python("deepspeed"), DS / "single_gpu.py", *args])
+    one_error_line(proc, message)
+
+
+def test_world_size_larger_than_the_dataset():
+    """Checked on every rank before the rendezvous: both exit 2 at once, neither waits for the other."""
+    codes, outs = wait_all(srun_style(["--dataset-size", "1", "--batch-size", "1"], 2, free_port()), timeout=150)
+    assert codes == [2, 2], outs
+    for rank, out in enumerate(outs):
+        assert out.strip() == f"[rank{rank}] error: the dataset has 1 samples but the world size is 2: some ranks " \
+                              "would get no data", out
+
+
+def test_torchrun_script_without_the_launcher():
+    proc = run_split([env_python("deepspeed"), DS / "multigpu_torchrun.py"], timeout=60)
+    one_error_line(proc, "RANK, LOCAL_RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT not set: launch with `torchrun")
+
+
+def test_busy_master_port_is_a_clear_error_not_a_hang():
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        codes, outs = wait_all(srun_style(["--timeout", "5", *SMALL], 2, port), timeout=150)
+    assert codes[0] == 2 and codes[1] != 0, outs
+    assert "another process already listens on that port" in outs[0] or "did not finish within 5 s" in outs[0], outs
+
+
+def test_every_recipe_script_is_exercised():
+    """Guard: a new script in deepspeed/ must get a test here."""
+    scripts = {p.name for p in DS.glob("*.py")} - {"common.py"}
+    text = open(__file__).read()
+    assert {s for s in scripts if s not in text} == set()

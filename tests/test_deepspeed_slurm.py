@@ -1,0 +1,115 @@
+"""deepspeed/ sbatch templates submitted for real to the local two-node Slurm cluster (tests/slurm_fixtures.py), as a
+user would (from inside deepspeed/, interpreter in PYTHON), plus the preemption path of multinode.sbatch:
+USR1 -> every rank saves its part of the checkpoint -> exit 75 -> scontrol requeue -> the requeued job resumes.
+
+The tests only shrink the shape on the sbatch command line (this machine has 2 cores) and pass small training
+arguments; the last --checkpoint-dir on the command line wins over the template's checkpoints/$RUN.
+"""
+
+import json
+import re
+
+import pytest
+from helpers import ROOT, env_python
+
+pytestmark = [pytest.mark.deepspeed, pytest.mark.slurm, pytest.mark.timeout(400)]
+
+FOLDER = ROOT / "deepspeed"
+TINY = ["--epochs", 2, "--dataset-size", 256, "--batch-size", 16, "--log-every", 4, "--ds-config",
+        "configs/zero2.json"]
+# Preemption: 2 ranks x 16 = 32 samples per step, 3072 samples -> 96 steps (1 epoch).
+LONG = ["--epochs", 1, "--dataset-size", 3072, "--batch-size", 16, "--log-every", 8, "--ds-config",
+        "configs/zero2.json"]
+LONG_STEPS = 96
+
+
+def shape(nodes, tasks_per_node, gpus_per_node=None, cpus=1):
+    return [f"--nodes={nodes}", f"--ntasks-per-node={tasks_per_node}",
+            f"--gpus-per-node={gpus_per_node or tasks_per_node}", f"--cpus-per-task={cpus}", "--time=00:10:00"]
+
+
+def latest(ckpt):
+    done = sorted(ckpt.glob("step-*/complete.json"))
+    assert done, f"no complete checkpoint in {ckpt}: {sorted(p.name for p in ckpt.iterdir()) if ckpt.exists() else []}"
+    return json.loads(done[-1].read_text()), done[-1].parent
+
+
+def submit(cluster, tmp_path, template, sbatch_args, args=TINY, **kwargs):
+    ckpt = tmp_path / "ckpt"
+    job = cluster.run(FOLDER / template, *args, "--checkpoint-dir", ckpt, sbatch_args=sbatch_args, cwd=FOLDER,
+                      output=tmp_path / "job.out", env={"PYTHON": env_python("deepspeed")}, **kwargs)
+    return job, ckpt
+
+
+def hosts_of(log):
+    return {int(r): h for r, h in re.findall(r"\[rank(\d+)\] host (\S+) \|", log)}
+
+
+@pytest.mark.parametrize("template, sbatch_args, world_size", [
+    ("single_gpu.sbatch", shape(1, 1), 1),
+    ("multigpu.sbatch", shape(1, 1, gpus_per_node=2, cpus=2), 2),  # the fake GPUs are not CUDA: 2 CPU workers
+    ("multigpu_torchrun.sbatch", shape(1, 1, gpus_per_node=2, cpus=2), 2),
+    ("multigpu_torchrun_deepspeed.sbatch", shape(1, 1, gpus_per_node=2, cpus=2), 2),
+    ("multinode.sbatch", shape(1, 2), 2),
+    ("multinode_torchrun.sbatch", shape(2, 1), 2),
+    ("multinode_deepspeed.sbatch", shape(2, 1), 2),
+], ids=["single_gpu", "spawn", "torchrun", "deepspeed-launcher", "multinode-1x2", "torchrun-2nodes",
+        "deepspeed-launcher-2nodes"])
+def test_template_runs(slurm_cluster, tmp_path, template, sbatch_args, world_size):
+    job, ckpt = submit(slurm_cluster, tmp_path, template, sbatch_args, timeout=240)
+    job.assert_ok()
+    assert f"[rank0] world size {world_size} | backend gloo | device cpu | ZeRO stage 2" in job.log, job.describe()
+    assert len(re.findall(r"\[rank0\] epoch \d/2 \|", job.log)) == 2, job.describe()
+    progress, tag = latest(ckpt)
+    assert progress["step"] == 2 * 256 // (16 * world_size) and progress["world_size"] == world_size
+    # ZeRO-2: every rank wrote its own optimizer shard
+    assert len(list(tag.glob("zero_pp_rank_*_mp_rank_00_optim_states.pt"))) == world_size
+    assert not list(FOLDER.glob("hostfile-*")), "the job left its hostfile behind"
+    if "--nodes=2" in sbatch_args:
+        assert job.info["NodeList"] == "n[1-2]" and hosts_of(job.log) == {0: "n1", 1: "n2"}, job.describe()
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(slurm_cluster, tmp_path_factory):
+    """multinode.sbatch on 2 nodes x 1 task, not interrupted: what the preempted run must end with."""
+    tmp_path = tmp_path_factory.mktemp("ds_multinode")
+    job, ckpt = submit(slurm_cluster, tmp_path, "multinode.sbatch", shape(2, 1), args=LONG, timeout=240)
+    return job.assert_ok(), ckpt
+
+
+def test_multinode_two_nodes(uninterrupted):
+    job, ckpt = uninterrupted
+    assert job.info["NodeList"] == "n[1-2]" and hosts_of(job.log) == {0: "n1", 1: "n2"}, job.describe()
+    assert latest(ckpt)[0]["step"] == LONG_STEPS
+
+
+def test_preemption_requeue_resume(slurm_cluster, uninterrupted, tmp_path):
+    import torch
+
+    events = {"signalled": False}
+
+    def on_poll(info, log):
+        steps = [int(n) for n in re.findall(r"^0: \[rank0\] epoch 1 \|[^\n]*?\bstep (\d+)", log, re.M)]
+        if not events["signalled"] and steps and max(steps) >= 16:
+            # Exactly what --signal=B:USR1@90 does before the time limit, but deterministic.
+            slurm_cluster.client("scancel", "--batch", "--signal=USR1", info["JobId"])
+            events["signalled"] = True
+        if events["signalled"]:
+            slurm_cluster.release_requeued(info, events)
+
+    job, ckpt = submit(slurm_cluster, tmp_path, "multinode.sbatch", shape(2, 1), args=LONG, timeout=300,
+                       on_poll=on_poll)
+    job.assert_ok()
+    assert events["signalled"] and job.info["Restarts"] == "1", job.describe()
+    for needle in ("multinode: got USR1, forwarding it to the job step", "preempted at step",
+                   "after checkpointing; requeueing job", "run 2 (restart 1 of at most 3)", "resumed from",
+                   f"done: {LONG_STEPS} steps"):
+        assert needle in job.log, f"{needle!r} missing\n{job.describe()}"
+    stopped = int(re.search(r"preempted at step (\d+)", job.log).group(1))
+    assert 16 <= stopped < LONG_STEPS
+    (progress, tag), (_, ref_tag) = latest(ckpt), latest(uninterrupted[1])
+    assert progress["step"] == LONG_STEPS
+    a, b = (torch.load(t / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)["module"]
+            for t in (tag, ref_tag))
+    for name in b:
+        assert torch.equal(a[name], b[name]), f"{name} differs after preempt/requeue/resume"
