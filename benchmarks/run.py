@@ -156,7 +156,7 @@ def versions(env: str, devices: bool) -> dict:
     """
     code = ("import importlib.metadata as m, json\n"
             "v = {}\n"
-            "for p in ('torch', 'lightning', 'jax', 'monai'):\n"
+            "for p in ('torch', 'lightning', 'jax', 'monai', 'deepspeed'):\n"
             "    try: v[p] = m.version(p)\n"
             "    except m.PackageNotFoundError: pass\n"
             "if DEVICES:\n"
