@@ -58,9 +58,16 @@ def non_negative_int(text):
     return value
 
 
+class ArgumentParser(argparse.ArgumentParser):
+    def error(self, message):
+        """One line on stderr and exit 2, like every other bad input (argparse would add its usage block)."""
+        print(f"error: {message} (see --help)", file=sys.stderr, flush=True)
+        sys.exit(2)
+
+
 def parse_args(description, extra=None):
     """The command line every recipe in this repository accepts (same names in every framework folder)."""
-    p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--epochs", type=positive_int, default=3)
     p.add_argument("--max-steps", type=positive_int, default=None,
                    help="stop after this many optimizer steps in total, resumed ones included "
@@ -119,8 +126,6 @@ class Preemption:
     loop acts on it at a step boundary. Installed first thing in main(): a signal during the ~10 s of imports
     and start-up must not kill the process without a snapshot."""
 
-    CHECK_EVERY = 10  # steps between the ranks' agreement (a tiny all_reduce) on whether to stop
-
     def __init__(self):
         self.requested = False
         for sig in (signal.SIGUSR1, signal.SIGTERM):
@@ -129,13 +134,12 @@ class Preemption:
     def _handler(self, signum, frame):
         self.requested = True
 
-    def agreed(self, step, device, distributed):
+    def agreed(self, device, distributed):
         """Whether every rank stops after this step. All ranks must stop at the same step, or the ones still
-        training wait for the others' gradients forever: they agree with all_reduce(MAX) every CHECK_EVERY steps."""
+        training wait for the others' gradients forever: they agree with an all_reduce(MAX) of one number after
+        every step (microseconds next to an FNO step)."""
         if not distributed:
             return self.requested
-        if step % self.CHECK_EVERY:
-            return False
         flag = torch.tensor(float(self.requested), device=device)
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         return bool(flag.item())
@@ -271,8 +275,8 @@ def slurm_launch_check():
 def start_distributed(args, rank_hint="?"):
     """PhysicsNeMo's DistributedManager: torchrun's variables, else Slurm's, else OpenMPI's (or the method named
     in PHYSICSNEMO_DISTRIBUTED_INITIALIZATION_METHOD). Returns the manager: rank, world_size, local_rank, device."""
-    DistributedManager = physicsnemo().distributed.DistributedManager
     slurm_launch_check()
+    DistributedManager = physicsnemo().distributed.DistributedManager
     addr = os.environ.get("MASTER_ADDR", os.environ.get("SLURM_LAUNCH_NODE_IPADDR", "localhost"))
     where = f"{addr}:{os.environ.get('MASTER_PORT', '12355')}"
     what = f"rendezvous at {where} (are all ranks started, the address reachable, the port used by nothing else?)"
@@ -576,7 +580,7 @@ class Trainer:
             if self.step % self.args.log_every == 0:
                 self.log(f"epoch {self.epoch + 1} | batch {i + 1}/{len(self.loader)} | step {self.step} | "
                          f"loss {loss.item():.4f}")
-            if self.preemption.agreed(self.step, self.device, self.world_size > 1):
+            if self.preemption.agreed(self.device, self.world_size > 1):
                 return loss_sum, seen, True
             if self.args.max_steps and self.step >= self.args.max_steps:
                 break

@@ -18,7 +18,7 @@ def pytest_runtest_makereport(item, call):
 
 # Time per part of the suite (the README's CI section quotes these): setup + call + teardown of every test,
 # grouped by the first of these markers the test carries.
-GROUPS = ("slurm", "lightning", "pytorch", "bench", "lint")
+GROUPS = ("slurm", "lightning", "modulus", "pytorch", "bench", "lint")
 _seconds: dict[str, float] = {}
 
 
