@@ -284,6 +284,9 @@ def start_distributed(args, rank_hint="?"):
         with process_group_options(args), deadline(args.timeout, rank_hint, what):
             DistributedManager.initialize()
     except (dist.DistNetworkError, dist.DistStoreError) as e:
+        # A failed setup() leaves the manager marked as distributed, and its atexit cleanup() then fails on the
+        # missing process group with a traceback that hides the real error (NVIDIA/physicsnemo#1936, item 3).
+        DistributedManager._shared_state = {}
         hint = ("another process already listens on that port: choose another MASTER_PORT"
                 if "EADDRINUSE" in str(e) or "address already in use" in str(e).lower()
                 else f"not every rank reached it within --timeout {args.timeout}s")
