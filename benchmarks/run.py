@@ -64,9 +64,7 @@ RECIPES = [
     Recipe("pytorch", "pytorch", "pytorch/multigpu_torchrun.py"),
     Recipe("lightning", "lightning", "lightning/multigpu_torchrun.py"),
     # PhysicsNeMo's FNO on Darcy flow, not the shared toy ConvNet: its overhead column compares different models.
-    # tests/shim: on a CPU-only machine physicsnemo's import of torchvision needs it (see modulus/README.md); where
-    # torchvision loads (GPU clusters) it does nothing.
-    Recipe("modulus", "modulus", "modulus/multigpu_torchrun.py", pythonpath="tests/shim"),
+    Recipe("modulus", "modulus", "modulus/multigpu_torchrun.py"),
 ]
 TARGET_SCALING = 0.90  # at every world size > 1
 TARGET_OVERHEAD = 1.10  # recipe step time / raw DDP step time

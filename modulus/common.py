@@ -8,6 +8,7 @@ rank), so that `diff single_gpu.py multigpu_torchrun.py` shows exactly what goin
 import argparse
 import contextlib
 import gc
+import importlib.util
 import json
 import os
 import signal
@@ -197,9 +198,75 @@ def without_warp_driver_warning():
             sys.stderr.flush()
 
 
+# The C++ operators torchvision declares (torchvision/_meta_registrations.py registers fake kernels for each).
+_TORCHVISION_SCHEMAS = {
+    "nms": "(Tensor dets, Tensor scores, float iou_threshold) -> Tensor",
+    "qnms": "(Tensor dets, Tensor scores, float iou_threshold) -> Tensor",
+    "roi_align": "(Tensor input, Tensor rois, float spatial_scale, SymInt pooled_height, SymInt pooled_width, "
+                 "int sampling_ratio, bool aligned) -> Tensor",
+    "_roi_align_backward": "(Tensor grad, Tensor rois, float spatial_scale, SymInt pooled_height, "
+                           "SymInt pooled_width, SymInt batch_size, SymInt channels, SymInt height, SymInt width, "
+                           "int sampling_ratio, bool aligned) -> Tensor",
+    "ps_roi_align": "(Tensor input, Tensor rois, float spatial_scale, SymInt pooled_height, SymInt pooled_width, "
+                    "int sampling_ratio) -> (Tensor, Tensor)",
+    "_ps_roi_align_backward": "(Tensor grad, Tensor rois, Tensor channel_mapping, float spatial_scale, "
+                              "SymInt pooled_height, SymInt pooled_width, int sampling_ratio, SymInt batch_size, "
+                              "SymInt channels, SymInt height, SymInt width) -> Tensor",
+    "roi_pool": "(Tensor input, Tensor rois, float spatial_scale, SymInt pooled_height, SymInt pooled_width) "
+                "-> (Tensor, Tensor)",
+    "_roi_pool_backward": "(Tensor grad, Tensor rois, Tensor argmax, float spatial_scale, SymInt pooled_height, "
+                          "SymInt pooled_width, SymInt batch_size, SymInt channels, SymInt height, SymInt width) "
+                          "-> Tensor",
+    "ps_roi_pool": "(Tensor input, Tensor rois, float spatial_scale, SymInt pooled_height, SymInt pooled_width) "
+                   "-> (Tensor, Tensor)",
+    "_ps_roi_pool_backward": "(Tensor grad, Tensor rois, Tensor channel_mapping, float spatial_scale, "
+                             "SymInt pooled_height, SymInt pooled_width, SymInt batch_size, SymInt channels, "
+                             "SymInt height, SymInt width) -> Tensor",
+    "qroi_align": "(Tensor input, Tensor rois, float spatial_scale, SymInt pooled_height, SymInt pooled_width, "
+                  "int sampling_ratio, bool aligned) -> Tensor",
+    "deform_conv2d": "(Tensor input, Tensor weight, Tensor offset, Tensor mask, Tensor bias, SymInt stride_h, "
+                     "SymInt stride_w, SymInt pad_h, SymInt pad_w, SymInt dilation_h, SymInt dilation_w, "
+                     "SymInt groups, SymInt offset_groups, bool use_mask) -> Tensor",
+    "_deform_conv2d_backward": "(Tensor grad, Tensor input, Tensor weight, Tensor offset, Tensor mask, "
+                               "Tensor bias, SymInt stride_h, SymInt stride_w, SymInt pad_h, SymInt pad_w, "
+                               "SymInt dilation_h, SymInt dilation_w, SymInt groups, SymInt offset_groups, "
+                               "bool use_mask) -> (Tensor, Tensor, Tensor, Tensor, Tensor)",
+}
+_torchvision_library = None  # keeps the declarations alive
+
+
+def declare_torchvision_operators():
+    """Compatibility for CPU machines that got the CUDA build of torchvision (delete when the environment has a
+    torchvision built for its torch).
+
+    physicsnemo imports timm and timm imports torchvision.ops at start-up; `import torchvision` registers fake
+    kernels for its C++ operators and dies with "operator torchvision::nms does not exist" when its compiled
+    library cannot load -- the CUDA wheel next to CPU torch, the only torchvision 0.28.0 some CPU machines (this
+    repository's CI among them) can install. The FNO uses none of those operators. If, and only if, the library
+    does not load, this declares their schemas without kernels (calling one would still fail loudly), and the
+    import succeeds. Wherever torchvision's library loads (GPU clusters, CPU wheels) it does nothing.
+    """
+    global _torchvision_library
+    spec = importlib.util.find_spec("torchvision")  # finds it without importing it
+    if spec is None or spec.origin is None or "torchvision" in sys.modules or _torchvision_library is not None:
+        return
+    try:
+        torch.ops.load_library(os.path.join(os.path.dirname(spec.origin), "_C.so"))
+        return  # torchvision's own operators load: nothing to do
+    except OSError:
+        pass
+    _torchvision_library = torch.library.Library("torchvision", "FRAGMENT")
+    for name, schema in _TORCHVISION_SCHEMAS.items():
+        try:
+            torch._C._get_schema(f"torchvision::{name}", "")
+        except RuntimeError:  # not declared yet (by anyone else doing the same, e.g. a test harness)
+            _torchvision_library.define(name + schema)
+
+
 def physicsnemo():
     """The PhysicsNeMo package: `nvidia-physicsnemo`, or `nvidia-modulus` <= 0.9 (its name until 2025), whose
     modules have the same paths under `modulus.`. Imported on first use, after the signal handlers are set."""
+    declare_torchvision_operators()
     try:
         with without_warp_driver_warning():
             import physicsnemo as pnm

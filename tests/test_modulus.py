@@ -2,8 +2,8 @@
 2 ranks == 1 process with the global batch, emulated Slurm, preemption -> resume == uninterrupted, the real
 Darcy file format, learning, and bad input.
 
-Every recipe process gets the test-only torchvision shim (tests/shim): physicsnemo imports timm, timm imports
-torchvision, and the only torchvision for torch 2.13.0 here is a CUDA build that cannot load next to CPU torch.
+No test-only shim: the recipes import physicsnemo on this CPU machine by themselves (see modulus/README.md,
+"torchvision on a CPU machine").
 """
 
 import re
@@ -16,7 +16,7 @@ import time
 import numpy as np
 import pytest
 import torch
-from helpers import ROOT, clean_env, env_python, free_port, run, torchrun, with_torchvision_shim
+from helpers import ROOT, clean_env, env_python, free_port, run, torchrun
 
 pytestmark = [pytest.mark.modulus, pytest.mark.timeout(300)]
 
@@ -32,7 +32,7 @@ ERROR_LINE = re.compile(r"^(\[rank\d+\] )?error: ")
 
 
 def env(**extra):
-    return with_torchvision_shim(clean_env(**extra))
+    return clean_env(**extra)
 
 
 def python(*args, **kw):

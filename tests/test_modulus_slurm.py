@@ -1,16 +1,16 @@
 """modulus/ sbatch templates submitted for real to the local two-node Slurm cluster (tests/slurm_fixtures.py).
 
 Templates run unmodified from modulus/; the tests only shrink the shape on the sbatch command line (this machine
-has 2 cores), pass the interpreter as PYTHON (and the test-only torchvision shim on PYTHONPATH, see
-tests/test_modulus.py), and point --checkpoint-dir at a temporary folder (the last one on the command line wins
-over the template's).
+has 2 cores), pass the interpreter as PYTHON, and point --checkpoint-dir at a temporary folder (the last one on
+the command line wins over the template's).
 """
 
 import re
 
+import numpy as np
 import pytest
 import torch
-from helpers import ROOT, SHIM_DIR, env_python
+from helpers import ROOT, env_python
 
 pytestmark = [pytest.mark.modulus, pytest.mark.slurm, pytest.mark.timeout(400)]
 
@@ -37,7 +37,7 @@ def submit(cluster, tmp_path, template, sbatch_args, args=TINY, **kwargs):
     ckpt = tmp_path / "ckpt"
     job = cluster.run(FOLDER / template, *args, "--checkpoint-dir", ckpt, sbatch_args=sbatch_args, cwd=FOLDER,
                       output=tmp_path / "job.out",
-                      env={"PYTHON": env_python("modulus"), "PYTHONPATH": SHIM_DIR}, **kwargs)
+                      env={"PYTHON": env_python("modulus")}, **kwargs)
     return job, ckpt
 
 
@@ -92,3 +92,16 @@ def test_multinode_preemption_requeue_resume(slurm_cluster, tmp_path):
     assert 6 <= stopped_at < LONG_STEPS
     assert re.search(rf"resumed from \S+snapshot\.pt: epoch \d, step {stopped_at}$", second, re.M), job.describe()
     assert snapshot(ckpt)["step"] == LONG_STEPS
+
+
+def test_darcy_data_job_writes_the_files(slurm_cluster, tmp_path):
+    """darcy.sbatch: the data-preparation job writes train.npz and val.npz where training jobs can read them."""
+    data = tmp_path / "darcy"
+    job = slurm_cluster.run(FOLDER / "darcy.sbatch", data, "--train", 32, "--val", 8, "--resolution", 16,
+                            sbatch_args=["--cpus-per-task=1", "--time=00:05:00"], cwd=FOLDER,
+                            output=tmp_path / "job.out", env={"PYTHON": env_python("modulus")}, timeout=150)
+    job.assert_ok()
+    assert f"wrote 32 + 8 Darcy samples at 16x16 to {data}" in job.log, job.describe()
+    for name, n in (("train.npz", 32), ("val.npz", 8)):
+        with np.load(data / name) as f:
+            assert f["coeff"].shape == f["sol"].shape == (n, 16, 16)
