@@ -134,10 +134,10 @@ def test_single_process_writes_snapshots_and_a_physicsnemo_model(reference):
     assert torch.load(ckpt / "snapshot.prev.pt", weights_only=True)["step"] == 8
     assert not list(ckpt.glob("*.tmp"))
     # The final model in PhysicsNeMo's own format: physicsnemo.Module.from_checkpoint rebuilds the FNO.
-    code = ("import sys, torch, physicsnemo\n"
-            "m = physicsnemo.Module.from_checkpoint(sys.argv[1])\n"
+    code = ("import sys, torch, common\n"
+            "m = common.physicsnemo().Module.from_checkpoint(sys.argv[1])\n"  # physicsnemo, as the recipes import it
             "torch.save(m.state_dict(), sys.argv[2])\n")
-    python("-c", code, ckpt / "fno.mdlus", ckpt / "from_mdlus.pt")
+    python("-c", code, ckpt / "fno.mdlus", ckpt / "from_mdlus.pt", cwd=MOD)
     assert_same_weights(torch.load(ckpt / "from_mdlus.pt", weights_only=True), snap["model"], rtol=0, atol=0)
 
 
