@@ -292,7 +292,7 @@ def test_busy_port_is_a_clear_error_not_a_hang():
         busy.bind(("127.0.0.1", 0))
         busy.listen()
         port = busy.getsockname()[1]
-        codes, outs = wait_all(srun_style(["--timeout", "10", *SMALL], 2, port), timeout=150)
+        codes, outs = wait_all(srun_style(["--timeout", "5", *SMALL], 2, port), timeout=150)
     assert codes[0] == 2 and codes[1] != 0, outs
     lines = outs[0][1].splitlines()
     assert len(lines) == 1 and "another process already listens on that port: choose another MASTER_PORT" in lines[0]
