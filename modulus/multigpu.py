@@ -16,46 +16,21 @@ import sys
 
 import torch
 import torch.multiprocessing as mp
-from torch.nn.parallel import DistributedDataParallel as DDP
 
-from common import (
-    Preemption,
-    Trainer,
-    build_datasets,
-    build_model,
-    check_dataset_fits,
-    log,
-    parse_args,
-    positive_int,
-    run,
-    start_distributed,
-    stop_distributed,
-)
+from common import Preemption, parse_args, positive_int, run, start_distributed
+from multigpu_torchrun import train
 
 
-def train(rank, world_size, args):
-    """One worker: what multigpu_torchrun.py's main() does, with the rank handed over by the parent."""
+def train_worker(rank, world_size, args):
+    """One worker: the parent handed over its rank; from here on it is multigpu_torchrun.py's train()."""
     preemption = Preemption()  # first: a signal that arrives during start-up must not kill the process
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size))
     manager = start_distributed(args, rank_hint=rank)
-    device = manager.device
-    try:
-        torch.manual_seed(args.seed)  # same seed on every rank: identical initial weights
-        datasets = build_datasets(args)
-        check_dataset_fits(datasets[0], world_size, args.batch_size)
-        model = DDP(build_model().to(device), device_ids=[device] if device.type == "cuda" else None)
-        trainer = Trainer(model, datasets, args, rank, world_size, device, preemption)
-        if rank == 0:
-            log(rank, f"world size {world_size} (spawned) | backend {torch.distributed.get_backend()} | "
-                      f"device {device} | {len(datasets[0])} samples | batch {args.batch_size}/rank | "
-                      f"{len(trainer.loader)} steps/epoch")
-        trainer.fit()
-    finally:
-        stop_distributed()
+    train(args, manager, preemption, launch="spawned")
 
 
 def worker(rank, world_size, args):
-    run(train, rank, world_size, args, rank=rank)  # a RecipeError is one line and exit 2, as in the other scripts
+    run(train_worker, rank, world_size, args, rank=rank)  # a RecipeError: one line and exit 2, as everywhere
 
 
 def free_port():

@@ -35,11 +35,9 @@ def require_torchrun():
                           f"{os.path.basename(__file__)}`")
 
 
-def main():
-    preemption = Preemption()  # first: a signal that arrives during start-up must not kill the process
-    args = parse_args(__doc__)
-    require_torchrun()
-    manager = start_distributed(args, rank_hint=os.environ["RANK"])
+def train(args, manager, preemption, launch="torchrun"):
+    """Everything after DistributedManager has joined the process group. multigpu.py and multinode.py run exactly
+    this: only how their processes start differs."""
     device, rank, world_size = manager.device, manager.rank, manager.world_size
     try:
         torch.manual_seed(args.seed)  # same seed on every rank: identical initial weights
@@ -48,11 +46,20 @@ def main():
         model = DDP(build_model().to(device), device_ids=[device] if device.type == "cuda" else None)
         trainer = Trainer(model, datasets, args, rank, world_size, device, preemption)
         if rank == 0:
-            log(rank, f"world size {world_size} | backend {torch.distributed.get_backend()} | device {device} | "
-                      f"{len(datasets[0])} samples | batch {args.batch_size}/rank | {len(trainer.loader)} steps/epoch")
+            log(rank, f"world size {world_size} ({launch}) | backend {torch.distributed.get_backend()} | "
+                      f"device {device} | {len(datasets[0])} samples | batch {args.batch_size}/rank | "
+                      f"{len(trainer.loader)} steps/epoch")
         trainer.fit()
     finally:
         stop_distributed()
+
+
+def main():
+    preemption = Preemption()  # first: a signal that arrives during start-up must not kill the process
+    args = parse_args(__doc__)
+    require_torchrun()
+    manager = start_distributed(args, rank_hint=os.environ["RANK"])
+    train(args, manager, preemption)
 
 
 if __name__ == "__main__":

@@ -15,22 +15,8 @@ script requeues it; the requeued job resumes from the snapshot.
 import os
 import socket
 
-import torch
-from torch.nn.parallel import DistributedDataParallel as DDP
-
-from common import (
-    Preemption,
-    RecipeError,
-    Trainer,
-    build_datasets,
-    build_model,
-    check_dataset_fits,
-    log,
-    parse_args,
-    run,
-    start_distributed,
-    stop_distributed,
-)
+from common import Preemption, RecipeError, log, parse_args, run, start_distributed
+from multigpu_torchrun import train
 
 
 def require_launcher():
@@ -46,24 +32,10 @@ def main():
     args = parse_args(__doc__)
     require_launcher()
     manager = start_distributed(args, rank_hint=os.environ.get("RANK", os.environ.get("SLURM_PROCID")))
-    device, rank, world_size = manager.device, manager.rank, manager.world_size
-    try:
-        # One line per rank: where each rank landed is the first question when a multi-node job misbehaves.
-        log(rank, f"host {socket.gethostname()} | local rank {manager.local_rank} | device {device} | "
-                  f"initialised from {manager._initialization_method}")
-        torch.manual_seed(args.seed)  # same seed on every rank: identical initial weights
-        datasets = build_datasets(args)
-        check_dataset_fits(datasets[0], world_size, args.batch_size)
-        model = DDP(build_model().to(device), device_ids=[device] if device.type == "cuda" else None)
-        trainer = Trainer(model, datasets, args, rank, world_size, device, preemption)
-        if rank == 0:
-            log(rank, f"world size {world_size} | nodes {os.environ.get('SLURM_NNODES', '?')} | "
-                      f"backend {torch.distributed.get_backend()} | device {device} | {len(datasets[0])} samples | "
-                      f"batch {args.batch_size}/rank | {len(trainer.loader)} steps/epoch")
-        trainer.fit()
-    finally:
-        stop_distributed()
-
+    # One line per rank: where each rank landed is the first question when a multi-node job misbehaves.
+    log(manager.rank, f"host {socket.gethostname()} | local rank {manager.local_rank} | device {manager.device} | "
+                      f"initialised from {manager._initialization_method}")
+    train(args, manager, preemption, launch=f"{os.environ.get('SLURM_NNODES', '?')} nodes")
 
 if __name__ == "__main__":
     run(main)
