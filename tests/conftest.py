@@ -18,7 +18,7 @@ def pytest_runtest_makereport(item, call):
 
 # Time per part of the suite (the README's CI section quotes these): setup + call + teardown of every test,
 # grouped by the first of these markers the test carries.
-GROUPS = ("slurm", "contract", "lightning", "pytorch", "jax", "monai", "bench", "lint", "deepspeed")
+GROUPS = ("slurm", "contract", "lightning", "pytorch", "jax", "monai", "modulus", "bench", "lint", "deepspeed")
 _seconds: dict[str, float] = {}
 
 

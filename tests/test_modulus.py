@@ -1,0 +1,323 @@
+"""modulus/ recipes (PhysicsNeMo FNO on Darcy flow), launched for real on CPU with gloo: every launch pattern,
+2 ranks == 1 process with the global batch, emulated Slurm, preemption -> resume == uninterrupted, the real
+Darcy file format, learning, and bad input.
+
+No test-only shim: the recipes import physicsnemo on this CPU machine by themselves (see modulus/README.md,
+"torchvision on a CPU machine").
+"""
+
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+from helpers import ROOT, clean_env, env_python, free_port, run, torchrun
+
+pytestmark = [pytest.mark.modulus, pytest.mark.timeout(300)]
+
+MOD = ROOT / "modulus"
+# 128 samples: 8 steps per epoch for 1 process x batch 16 or 2 ranks x batch 8; 16 steps in all.
+SMALL = ["--epochs", "2", "--dataset-size", "128", "--log-every", "1"]
+# 2 ranks sum their gradients in another order than 1 process (gloo all_reduce): float32 rounding, amplified a
+# little by Adam over 16 steps.
+TOL = dict(rtol=1e-4, atol=1e-5)
+EPOCH = re.compile(r"^\[rank0\] epoch (\d+)/(\d+) \| step (\d+) \| loss (\S+) \| (\w+) (\S+) \| (\d+) samples/s \| "
+                   r"([\d.]+) s$", re.M)
+ERROR_LINE = re.compile(r"^(\[rank\d+\] )?error: ")
+
+
+def env(**extra):
+    return clean_env(**extra)
+
+
+def python(*args, **kw):
+    kw.setdefault("env", env())
+    return run([env_python("modulus"), *args], **kw)
+
+
+def torchrun_standalone(script, nproc, *args, **kw):
+    kw.setdefault("env", env())
+    return run([*torchrun("modulus"), "--standalone", "--nproc_per_node", str(nproc), MOD / script, *args], **kw)
+
+
+def snapshot(ckpt_dir):
+    return torch.load(ckpt_dir / "snapshot.pt", map_location="cpu", weights_only=True)
+
+
+def assert_same_weights(a, b, **tol):
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], **(tol or TOL), msg=lambda m, k=k: f"{k}: {m}")
+
+
+def epochs(out):
+    """(epoch, step, loss, rel_l2) of every epoch line, which must match the contract's format exactly."""
+    rows = [(int(m[0]), int(m[2]), float(m[3]), m[4], float(m[5])) for m in EPOCH.findall(out)]
+    assert all(r[3] == "rel_l2" for r in rows), rows
+    return [(e, s, loss, err) for e, s, loss, _, err in rows]
+
+
+def srun_style(args, nproc, port, drop=(), **extra):
+    """Start `nproc` processes the way `srun python multinode.py` does: Slurm's variables only, no RANK."""
+    procs = []
+    for rank in range(nproc):
+        variables = dict(SLURM_PROCID=rank, SLURM_LOCALID=rank, SLURM_NPROCS=nproc, SLURM_NTASKS=nproc,
+                         SLURM_NNODES=1, SLURM_JOB_ID=4242, SLURM_LAUNCH_NODE_IPADDR="127.0.0.1", MASTER_PORT=port)
+        variables.update(extra)
+        e = env(**{k: v for k, v in variables.items() if k not in drop})
+        procs.append(subprocess.Popen([str(env_python("modulus")), str(MOD / "multinode.py"), *map(str, args)],
+                                      env=e, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                      start_new_session=True))
+    return procs
+
+
+def wait_all(procs, timeout=240):
+    deadline = time.monotonic() + timeout
+    outs = []
+    try:
+        for p in procs:
+            out, err = p.communicate(timeout=max(1, deadline - time.monotonic()))
+            outs.append((out, err))
+    except subprocess.TimeoutExpired:
+        for p in procs:
+            p.kill()
+        pytest.fail(f"processes still running after {timeout}s: {[p.args for p in procs]}")
+    return [p.returncode for p in procs], outs
+
+
+def bad_input(cmd, timeout=120, **env_extra):
+    """Run a launch that must fail: exit 2, exactly one `error: ...` line on stderr, nothing else but warnings."""
+    cmd = [str(c) for c in cmd]
+    start = time.monotonic()
+    proc = subprocess.run(cmd, cwd=ROOT, env=env(**env_extra), capture_output=True, text=True, timeout=timeout)
+    sys.stdout.write(proc.stdout[-2000:] + proc.stderr[-2000:])
+    assert proc.returncode == 2, f"exit {proc.returncode}: {' '.join(cmd)}\n{proc.stdout[-3000:]}{proc.stderr[-3000:]}"
+    errors = [ln for ln in proc.stderr.splitlines() if ERROR_LINE.match(ln)]
+    others = [ln for ln in proc.stderr.splitlines() if not ERROR_LINE.match(ln) and not ln.startswith("warning: ")]
+    assert len(errors) == 1 and not others, f"stderr must be one error line (and warnings), got:\n{proc.stderr}"
+    assert time.monotonic() - start < timeout
+    return errors[0]
+
+
+# ------------------------------------------------------------------------------------------ launch patterns
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """One process, batch 16: what every 2-rank run with batch 8 per rank must reproduce."""
+    ckpt = tmp_path_factory.mktemp("single")
+    out = python(MOD / "single_gpu.py", *SMALL, "--batch-size", "16", "--checkpoint-dir", ckpt).stdout
+    return ckpt, out
+
+
+@pytest.fixture(scope="module")
+def srun_run(tmp_path_factory):
+    """multinode.py as two srun tasks (emulated Slurm variables): DistributedManager's SLURM method."""
+    ckpt = tmp_path_factory.mktemp("srun")
+    codes, outs = wait_all(srun_style([*SMALL, "--batch-size", "8", "--checkpoint-dir", ckpt], 2, free_port()))
+    assert codes == [0, 0], outs
+    return ckpt, outs
+
+
+def test_single_process_writes_snapshots_and_a_physicsnemo_model(reference):
+    ckpt, out = reference
+    assert [(e, s) for e, s, _, _ in epochs(out)] == [(1, 8), (2, 16)], out
+    assert "[rank0] epoch 2 | batch 8/8 | step 16 | loss " in out
+    assert re.search(r"^\[rank0\] done: 16 steps in [\d.]+ s$", out, re.M), out
+    snap = snapshot(ckpt)
+    assert {"model", "optimizer", "scheduler", "epoch", "step", "batch_in_epoch", "world_size", "rng"} <= snap.keys()
+    assert (snap["epoch"], snap["step"], snap["world_size"]) == (2, 16, 1)
+    assert torch.load(ckpt / "snapshot.prev.pt", weights_only=True)["step"] == 8
+    assert not list(ckpt.glob("*.tmp"))
+    # The final model in PhysicsNeMo's own format: physicsnemo.Module.from_checkpoint rebuilds the FNO.
+    code = ("import sys, torch, common\n"
+            "m = common.physicsnemo().Module.from_checkpoint(sys.argv[1])\n"  # physicsnemo, as the recipes import it
+            "torch.save(m.state_dict(), sys.argv[2])\n")
+    python("-c", code, ckpt / "fno.mdlus", ckpt / "from_mdlus.pt", cwd=MOD)
+    assert_same_weights(torch.load(ckpt / "from_mdlus.pt", weights_only=True), snap["model"], rtol=0, atol=0)
+
+
+def test_torchrun_two_ranks_equal_one_process_with_the_global_batch(reference, tmp_path):
+    out = torchrun_standalone("multigpu_torchrun.py", 2, *SMALL, "--batch-size", "8", "--checkpoint-dir",
+                              tmp_path).stdout
+    assert "[rank0] world size 2 (torchrun) | backend gloo | device cpu" in out and "[rank1] epoch" not in out
+    assert_same_weights(snapshot(tmp_path)["model"], snapshot(reference[0])["model"])
+    # loss and validation error are reduced over both ranks: the same numbers as one process over all samples
+    for (e1, s1, l1, r1), (e2, s2, l2, r2) in zip(epochs(out), epochs(reference[1]), strict=True):
+        assert (e1, s1) == (e2, s2) and l1 == pytest.approx(l2, abs=2e-4) and r1 == pytest.approx(r2, abs=2e-4)
+
+
+def test_spawn_two_workers_equal_one_process(reference, tmp_path):
+    out = python(MOD / "multigpu.py", "--nprocs", "2", *SMALL, "--batch-size", "8", "--checkpoint-dir",
+                 tmp_path).stdout
+    assert "[rank0] world size 2 (spawned) | backend gloo" in out
+    assert_same_weights(snapshot(tmp_path)["model"], snapshot(reference[0])["model"])
+
+
+def test_srun_tasks_initialise_from_slurm_variables(reference, srun_run):
+    ckpt, outs = srun_run
+    assert "[rank0] host" in outs[0][0] and "initialised from slurm" in outs[0][0]
+    assert "[rank1] host" in outs[1][0] and "[rank0] world size 2 (1 nodes) | backend gloo" in outs[0][0]
+    assert_same_weights(snapshot(ckpt)["model"], snapshot(reference[0])["model"])
+
+
+def test_preempted_run_saves_exits_75_and_resumes_exactly(srun_run, tmp_path):
+    """SIGUSR1 (Slurm's warning) mid-training: both ranks stop after the same step, rank 0 saves, both exit 75;
+    the next launch resumes mid-epoch and ends with exactly the weights of the uninterrupted run."""
+    args = [*SMALL, "--batch-size", "8", "--checkpoint-dir", tmp_path]
+    procs = srun_style(args, 2, free_port())
+    head = []
+    for line in procs[0].stdout:  # wait until training is under way
+        head.append(line)
+        if "| step 3 |" in line:
+            break
+    for p in procs:
+        p.send_signal(signal.SIGUSR1)
+    codes, outs = wait_all(procs)
+    out0 = "".join(head) + outs[0][0]
+    assert codes == [75, 75], outs
+    stopped_at = int(re.search(r"preempted at step (\d+): snapshot saved", out0).group(1))
+    assert 3 <= stopped_at < 16 and snapshot(tmp_path)["step"] == stopped_at
+
+    codes, outs = wait_all(srun_style(args, 2, free_port()))
+    assert codes == [0, 0], outs
+    assert re.search(rf"resumed from \S+snapshot.pt: epoch \d, step {stopped_at}$", outs[0][0], re.M), outs[0][0]
+    assert_same_weights(snapshot(tmp_path)["model"], snapshot(srun_run[0])["model"], rtol=0, atol=0)
+
+
+def test_damaged_snapshot_falls_back_then_is_a_clear_error(reference, tmp_path):
+    """The newest snapshot truncated: warning, resume from the previous one; both damaged: exit 2 naming them."""
+    ckpt = tmp_path / "ckpt"
+    ckpt.mkdir()
+    for name in ("snapshot.pt", "snapshot.prev.pt"):
+        data = (reference[0] / name).read_bytes()
+        (ckpt / name).write_bytes(data[: len(data) // 2] if name == "snapshot.pt" else data)
+    out = python(MOD / "single_gpu.py", *SMALL, "--batch-size", "16", "--checkpoint-dir", ckpt).stdout
+    assert f"warning: {ckpt / 'snapshot.pt'} is unreadable" in out
+    assert re.search(r"resumed from \S+snapshot\.prev\.pt: epoch 2, step 8$", out, re.M), out
+    assert snapshot(ckpt)["step"] == 16
+    for name in ("snapshot.pt", "snapshot.prev.pt"):
+        (ckpt / name).write_bytes(b"damaged")
+    line = bad_input([env_python("modulus"), MOD / "single_gpu.py", *SMALL, "--checkpoint-dir", ckpt], timeout=120)
+    assert "no usable snapshot" in line and "snapshot.prev.pt is unreadable" in line
+
+
+# ------------------------------------------------------------------------------------------ data and learning
+
+
+def write_darcy(directory, train=192, val=32):
+    python(MOD / "darcy.py", directory, "--train", train, "--val", val, "--resolution", 32)
+    return directory
+
+
+def test_learns_darcy_from_npz_files(tmp_path):
+    """The real on-disk format (coeff/sol .npz, written by the finite-difference solver), and the FNO learns:
+    the validation relative L2 error after 4 epochs is less than 0.6x the first epoch's."""
+    data = write_darcy(tmp_path / "darcy")
+    with np.load(data / "train.npz") as f:
+        coeff, sol = f["coeff"], f["sol"]
+    assert coeff.shape == sol.shape == (192, 32, 32) and set(np.unique(coeff)) == {3.0, 12.0}
+    assert (sol[:, 0, :] == 0).all() and (sol[:, 1:-1, 1:-1] > 0).all()  # u = 0 on the boundary, > 0 inside
+    out = python(MOD / "single_gpu.py", "--data", "darcy", "--data-dir", data, "--epochs", "4", "--batch-size", "16",
+                 "--lr", "5e-3", "--log-every", "1000").stdout
+    errors = [err for _, _, _, err in epochs(out)]
+    assert len(errors) == 4 and errors[-1] < 0.6 * errors[0], f"validation rel_l2 did not fall: {errors}"
+
+
+def test_ranks_read_disjoint_shards(tmp_path):
+    """The loader of each rank (built by the recipe's own code) covers a disjoint half, reshuffled per epoch."""
+    code = (
+        "import sys, types\n"
+        "sys.path.insert(0, sys.argv[1])\n"
+        "import torch, common\n"
+        "args = types.SimpleNamespace(seed=0, batch_size=4, num_workers=0)\n"
+        "ds = torch.utils.data.TensorDataset(torch.arange(50))\n"
+        "out = []\n"
+        "for rank in (0, 1):\n"
+        "    loader = common.build_loader(ds, args, rank, 2)\n"
+        "    for epoch in (0, 1):\n"
+        "        loader.sampler.set_epoch(epoch)\n"
+        "        out.append(sorted(int(i) for (b,) in loader for i in b))\n"
+        "print(out)\n")
+    shards = eval(python("-c", code, MOD).stdout.strip().splitlines()[-1])
+    r0e0, r0e1, r1e0, r1e1 = shards
+    assert len(r0e0) == len(r1e0) == 24  # 25 per rank, the incomplete batch dropped
+    assert not set(r0e0) & set(r1e0) and not set(r0e1) & set(r1e1)
+    assert r0e0 != r0e1
+
+
+# ------------------------------------------------------------------------------------------ bad input
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--batch-size", "0"], "must be a positive integer"),
+    (["--lr", "-1"], "must be a number > 0"),
+    (["--data", "darcy"], "--data darcy needs --data-dir"),
+])
+def test_invalid_flags(argv, message):
+    assert message in bad_input([env_python("modulus"), MOD / "single_gpu.py", *argv], timeout=60)
+
+
+def test_missing_and_empty_data_directory(tmp_path):
+    line = bad_input([env_python("modulus"), MOD / "single_gpu.py", "--data", "darcy", "--data-dir",
+                      tmp_path / "nowhere"], timeout=60)
+    assert "does not exist: write the Darcy data with `python darcy.py" in line
+    line = bad_input([env_python("modulus"), MOD / "single_gpu.py", "--data", "darcy", "--data-dir", tmp_path],
+                     timeout=60)
+    assert "train.npz not found" in line
+
+
+def test_data_file_of_the_wrong_shape_or_format(tmp_path):
+    np.savez(tmp_path / "train.npz", coeff=np.zeros((8, 32, 32), np.float32), sol=np.zeros((8, 32, 16), np.float32))
+    np.savez(tmp_path / "val.npz", coeff=np.zeros((8, 32, 32), np.float32), sol=np.zeros((8, 32, 32), np.float32))
+    line = bad_input([env_python("modulus"), MOD / "single_gpu.py", "--data", "darcy", "--data-dir", tmp_path],
+                     timeout=60)
+    assert "coeff (8, 32, 32) and sol (8, 32, 16) must both be (samples, R, R)" in line
+    (tmp_path / "train.npz").write_bytes(b"not a zip file")
+    line = bad_input([env_python("modulus"), MOD / "single_gpu.py", "--data", "darcy", "--data-dir", tmp_path],
+                     timeout=60)
+    assert "train.npz is not a readable .npz file" in line
+
+
+def test_launch_without_torchrun():
+    line = bad_input([env_python("modulus"), MOD / "multigpu_torchrun.py"], timeout=60)
+    assert "RANK, LOCAL_RANK, WORLD_SIZE not set: launch with `torchrun" in line
+
+
+def test_slurm_variables_without_an_address():
+    """`python multinode.py` in a batch script without srun: Slurm's rank variables but no launch address."""
+    line = bad_input([env_python("modulus"), MOD / "multinode.py"], timeout=60, SLURM_PROCID=0, SLURM_NPROCS=2,
+                     SLURM_LOCALID=0)
+    assert "SLURM_LAUNCH_NODE_IPADDR not set" in line and "srun" in line
+
+
+def test_world_size_larger_than_the_data():
+    """The ranks say it in one line each and exit 2 (torchrun stops the other rank when the first one exits, and
+    prints its own failure summary)."""
+    proc = torchrun_standalone("multigpu_torchrun.py", 2, "--dataset-size", "1", "--batch-size", "1",
+                               expect_fail=True, timeout=180)
+    said = re.findall(r"^\[rank(\d)\] error: the dataset has 1 samples but the world size is 2", proc.stdout, re.M)
+    assert said and "exitcode  : 2" in proc.stdout and "RecipeError" not in proc.stdout, proc.stdout
+
+
+def test_busy_port_is_a_clear_error_not_a_hang():
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        codes, outs = wait_all(srun_style(["--timeout", "5", *SMALL], 2, port), timeout=150)
+    assert codes[0] == 2 and codes[1] != 0, outs
+    lines = outs[0][1].splitlines()
+    assert len(lines) == 1 and "another process already listens on that port: choose another MASTER_PORT" in lines[0]
+
+
+def test_every_recipe_script_is_exercised():
+    """Guard: a new script in modulus/ must get a test here."""
+    scripts = {p.name for p in MOD.glob("*.py")} - {"common.py"}
+    text = open(__file__).read()
+    assert {s for s in scripts if s not in text} == set()

@@ -1,0 +1,107 @@
+"""modulus/ sbatch templates submitted for real to the local two-node Slurm cluster (tests/slurm_fixtures.py).
+
+Templates run unmodified from modulus/; the tests only shrink the shape on the sbatch command line (this machine
+has 2 cores), pass the interpreter as PYTHON, and point --checkpoint-dir at a temporary folder (the last one on
+the command line wins over the template's).
+"""
+
+import re
+
+import numpy as np
+import pytest
+import torch
+from helpers import ROOT, env_python
+
+pytestmark = [pytest.mark.modulus, pytest.mark.slurm, pytest.mark.timeout(400)]
+
+FOLDER = ROOT / "modulus"
+# 2 ranks x batch 8: 4 steps per epoch, 8 in all (1 rank: 8 steps per epoch).
+TINY = ["--epochs", 2, "--dataset-size", 64, "--batch-size", 8, "--log-every", 1000]
+# Preemption: 2 ranks x 8 = 16 samples per step, 256 samples -> 16 steps per epoch, 48 in all.
+LONG = ["--epochs", 3, "--dataset-size", 256, "--batch-size", 8, "--log-every", 2]
+LONG_STEPS = 48
+
+
+def shape(nodes, tasks_per_node, gpus_per_node=None):
+    return [f"--nodes={nodes}", f"--ntasks-per-node={tasks_per_node}",
+            f"--gpus-per-node={gpus_per_node or tasks_per_node}", "--cpus-per-task=1", "--time=00:05:00"]
+
+
+def snapshot(directory):
+    path = directory / "snapshot.pt"
+    assert path.exists(), f"no snapshot in {directory}: {sorted(p.name for p in directory.iterdir())}"
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def submit(cluster, tmp_path, template, sbatch_args, args=TINY, **kwargs):
+    ckpt = tmp_path / "ckpt"
+    job = cluster.run(FOLDER / template, *args, "--checkpoint-dir", ckpt, sbatch_args=sbatch_args, cwd=FOLDER,
+                      output=tmp_path / "job.out",
+                      env={"PYTHON": env_python("modulus")}, **kwargs)
+    return job, ckpt
+
+
+def epoch_lines(log):
+    return re.findall(r"^\d+: \[rank0\] epoch (\d+)/2 \| step (\d+) \| .* \| rel_l2 ", log, re.M)
+
+
+@pytest.mark.parametrize("template, sbatch_args, world_size", [
+    ("single_gpu.sbatch", shape(1, 1), 1),
+    ("multigpu.sbatch", shape(1, 1, gpus_per_node=2), 2),  # the fake GPUs are not CUDA: 2 CPU workers
+    ("multigpu_torchrun.sbatch", shape(1, 1, gpus_per_node=2), 2),  # --nproc_per_node = SLURM_GPUS_ON_NODE
+    ("multinode.sbatch", shape(2, 1), 2),  # srun, one task per node: DistributedManager's SLURM method
+    ("multinode_torchrun.sbatch", shape(2, 1, gpus_per_node=1), 2),  # srun torchrun, one launcher per node
+], ids=["single_gpu", "spawn", "torchrun", "multinode-2x1", "multinode_torchrun-2x1"])
+def test_template_runs(slurm_cluster, tmp_path, template, sbatch_args, world_size):
+    job, ckpt = submit(slurm_cluster, tmp_path, template, sbatch_args, timeout=200)
+    job.assert_ok()
+    steps = 64 // (8 * world_size)
+    assert epoch_lines(job.log) == [("1", str(steps)), ("2", str(2 * steps))], job.describe()
+    assert snapshot(ckpt)["step"] == 2 * steps and (ckpt / "fno.mdlus").exists()
+    if template.startswith("multinode"):
+        hosts = dict(re.findall(r"\[rank(\d)\] host (\S+) \|", job.log))
+        assert hosts == {"0": "n1", "1": "n2"}, job.describe()
+    if template == "multinode.sbatch":
+        assert "initialised from slurm" in job.log, job.describe()
+
+
+def test_multinode_preemption_requeue_resume(slurm_cluster, tmp_path):
+    """1 node x 2 tasks. USR1 to the batch shell mid-training (what --signal=B:USR1@90 does before the time
+    limit) -> forwarded to the step -> snapshot -> exit 75 -> scontrol requeue -> the requeued job (same id,
+    same checkpoint directory) resumes from the snapshot -> COMPLETED after all the steps."""
+    events = {"signalled": False}
+
+    def on_poll(info, log):
+        if not events["signalled"] and re.search(r"\[rank0\] epoch 1 \| batch \d+/16 \| step (6|8|10) ", log):
+            slurm_cluster.client("scancel", "--batch", "--signal=USR1", info["JobId"])
+            events["signalled"] = True
+        if events["signalled"]:
+            slurm_cluster.release_requeued(info, events)
+
+    job, ckpt = submit(slurm_cluster, tmp_path, "multinode.sbatch", shape(1, 2), args=LONG, timeout=300,
+                       on_poll=on_poll)
+    job.assert_ok()
+    assert events["signalled"], f"training never reached step 6\n{job.describe()}"
+    assert job.info["Restarts"] == "1", job.describe()
+    first, _, second = job.log.partition("run 2 (restart 1 of at most 3)")
+    assert second, f"the requeued run never started\n{job.describe()}"
+    for needle in ("multinode: got USR1, forwarding it to the job step", "snapshot saved",
+                   "after its snapshot; requeueing job"):
+        assert needle in first, f"{needle!r} missing before the requeue\n{job.describe()}"
+    stopped_at = int(re.search(r"preempted at step (\d+)", first).group(1))
+    assert 6 <= stopped_at < LONG_STEPS
+    assert re.search(rf"resumed from \S+snapshot\.pt: epoch \d, step {stopped_at}$", second, re.M), job.describe()
+    assert snapshot(ckpt)["step"] == LONG_STEPS
+
+
+def test_darcy_data_job_writes_the_files(slurm_cluster, tmp_path):
+    """darcy.sbatch: the data-preparation job writes train.npz and val.npz where training jobs can read them."""
+    data = tmp_path / "darcy"
+    job = slurm_cluster.run(FOLDER / "darcy.sbatch", data, "--train", 32, "--val", 8, "--resolution", 16,
+                            sbatch_args=["--cpus-per-task=1", "--time=00:05:00"], cwd=FOLDER,
+                            output=tmp_path / "job.out", env={"PYTHON": env_python("modulus")}, timeout=150)
+    job.assert_ok()
+    assert f"wrote 32 + 8 Darcy samples at 16x16 to {data}" in job.log, job.describe()
+    for name, n in (("train.npz", 32), ("val.npz", 8)):
+        with np.load(data / name) as f:
+            assert f["coeff"].shape == f["sol"].shape == (n, 16, 16)
