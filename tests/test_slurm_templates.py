@@ -93,7 +93,7 @@ def test_no_gpu_count_fails_before_launching(template, tmp_path):
     proc = subprocess.run(["bash", path, "train.py"], cwd=path.parent, env={k: str(v) for k, v in env.items()},
                           capture_output=True, text=True, timeout=30)
     assert proc.returncode != 0 and "SRUN-CALLED" not in proc.stdout, (proc.stdout, proc.stderr)
-    assert "SLURM_GPUS_ON_NODE: no GPUs in this job: add #SBATCH --gpus-per-node=N" in proc.stderr, proc.stderr
+    assert "SLURM_GPUS_ON_NODE: " in proc.stderr and "--gpus-per-node" in proc.stderr, proc.stderr
 
 
 def test_doctor_job(slurm_cluster, slurm_python, tmp_path):
