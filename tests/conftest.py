@@ -1,6 +1,8 @@
+import re
+
 import pytest
 
-from helpers import IN_CI
+from helpers import IN_CI, ROOT
 
 pytest_plugins = ["slurm_fixtures"]  # local Slurm cluster fixtures (tests/slurm_fixtures.py)
 
@@ -20,11 +22,20 @@ def pytest_runtest_makereport(item, call):
 # grouped by the first of these markers the test carries.
 GROUPS = ("slurm", "contract", "lightning", "pytorch", "jax", "monai", "modulus", "bench", "lint", "deepspeed")
 _seconds: dict[str, float] = {}
+# And per framework folder (each folder's CI budget): its own test files (tests/test_<folder>*.py) plus the
+# contract tests run over it (test_contract.py::...[<folder>]).
+_folder_seconds: dict[str, float] = {}
 
 
 def pytest_runtest_logreport(report):
     group = next((g for g in GROUPS if g in report.keywords), "other")
     _seconds[group] = _seconds.get(group, 0.0) + report.duration
+    path, _, name = report.nodeid.partition("::")
+    own = re.fullmatch(r"tests/test_(?:slurm_)?([a-z]+?)(?:_slurm)?\.py", path)
+    param = re.search(r"\[([a-z]+)\]$", name) if path == "tests/test_contract.py" else None
+    folder = (param or own).group(1) if (param or own) else None
+    if folder and (ROOT / folder / "requirements.txt").exists():
+        _folder_seconds[folder] = _folder_seconds.get(folder, 0.0) + report.duration
 
 
 def pytest_terminal_summary(terminalreporter):
@@ -32,3 +43,7 @@ def pytest_terminal_summary(terminalreporter):
         terminalreporter.section("time per part of the suite")
         for group, seconds in sorted(_seconds.items(), key=lambda kv: -kv[1]):
             terminalreporter.write_line(f"{seconds:8.1f} s  {group}")
+    if _folder_seconds:
+        terminalreporter.section("time per framework folder (its tests + the contract tests over it)")
+        for folder, seconds in sorted(_folder_seconds.items(), key=lambda kv: -kv[1]):
+            terminalreporter.write_line(f"{seconds:8.1f} s  {folder}")
