@@ -78,3 +78,12 @@ def test_doctor_and_bench_under_torchrun(tmp_path):
     rows = json.loads((tmp_path / "b.json").read_text())["rows"]
     assert [r["bytes"] for r in rows] == [4096, 16384, 65536] and all(r["wrong"] == 0 for r in rows)
     assert "busbw(GB/s)" in out
+
+
+def test_local_cluster_declares_the_cores_this_machine_has_whatever_omp_num_threads_says():
+    """The tests run with OMP_NUM_THREADS=1, and `nproc` honours it: a cluster started from a test then declared
+    1-CPU nodes and every 2-core job failed with "Requested node configuration is not available"."""
+    cores = len(os.sched_getaffinity(0))
+    declared = run(["bash", "-c", '. "$1"; echo "$LC_CPUS"', "_", ROOT / "slurm_templates/local_cluster/common.sh"],
+                   env=clean_env(OMP_NUM_THREADS=1)).stdout.split()[-1]
+    assert int(declared) == cores

@@ -9,8 +9,9 @@ LC_PREFIX=${SLURM_LOCAL_PREFIX:-slurmlc}
 LC_NODES=${SLURM_LOCAL_NODES:-2}
 LC_GPUS=${SLURM_LOCAL_GPUS:-8}
 # CPUs per node: the cores this machine really has (every node shares them), so that task/affinity binds
-# each task to cores that exist and a job's ranks see exactly the cores they asked for.
-LC_CPUS=${SLURM_LOCAL_CPUS:-$(nproc)}
+# each task to cores that exist and a job's ranks see exactly the cores they asked for. Not plain `nproc`: it
+# honours OMP_NUM_THREADS, which test runs set to 1, and a 1-CPU node cannot take a 2-core job.
+LC_CPUS=${SLURM_LOCAL_CPUS:-$(env -u OMP_NUM_THREADS -u OMP_THREAD_LIMIT nproc)}
 LC_SHARE=${SLURM_LOCAL_SHARE:-8}           # jobs that may share one core (OverSubscribe=FORCE:N)
 LC_MEM_MB=${SLURM_LOCAL_MEM_MB:-512000}
 # A /24 that exists only inside the namespaces start.sh creates (hub = .1, node nK = .(10+K)).
