@@ -384,12 +384,15 @@ def resume_from(checkpoint_dir: str | None) -> str | None:
     fresh start.
 
     Never by file time: a checkpoint written late can hold old progress (e.g. one written by a process with a
-    stale copy of the trainer), and copies or restores change mtimes. An unreadable file is skipped with a
-    warning (the next best is used); if none is readable that is an error, not a silent fresh start.
+    stale copy of the trainer), and copies or restores change mtimes. On a tie the preemption checkpoint wins:
+    after it, Lightning ends the stopped epoch early and ModelCheckpoint saves epoch=E-step=S.ckpt as if that
+    epoch had run to its end, so resuming from that one would skip the rest of the epoch. An unreadable file is
+    skipped with a warning (the next best is used); if none is readable that is an error, not a silent fresh
+    start.
     """
     if not checkpoint_dir or not Path(checkpoint_dir).is_dir():
         return None
-    best, problems = (None, -1), []
+    best, best_key, problems = None, None, []
     for path in Path(checkpoint_dir).glob("*.ckpt"):
         try:
             ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
@@ -398,8 +401,9 @@ def resume_from(checkpoint_dir: str | None) -> str | None:
             problems.append(f"{path} is unreadable ({type(e).__name__})")
             print(f"{rank_prefix()}warning: {problems[-1]}", file=sys.stderr, flush=True)
             continue
-        if step > best[1]:
-            best = (str(path), step)
-    if best[0] is None and problems:
+        key = (step, path.name.startswith("preempted-"))
+        if best_key is None or key > best_key:
+            best, best_key = str(path), key
+    if best is None and problems:
         fail("no usable checkpoint: " + "; ".join(problems) + ". Delete or move the damaged file(s) to start over.")
-    return best[0]
+    return best

@@ -194,3 +194,20 @@ def test_amp_rule_bf16_only_where_native():
     out = run([env_python("lightning"), "-c", PRECISION_RULE], cwd=FOLDER).stdout.splitlines()
     assert [ln for ln in out if ln[:1] in "(c"] == [
         "(7, 0) 16-mixed", "(7, 5) 16-mixed", "(8, 0) bf16-mixed", "(9, 0) bf16-mixed", "cpu bf16-mixed 32-true"]
+
+
+RESUME_CHOICE = """
+import sys, torch, common
+d = sys.argv[1]
+torch.save({"global_step": 130}, f"{d}/epoch=2-step=130.ckpt")  # what ModelCheckpoint writes after the stop
+torch.save({"global_step": 130}, f"{d}/preempted-step=130.ckpt")  # saved at the step boundary, mid-epoch
+torch.save({"global_step": 64}, f"{d}/zz-late-but-older.ckpt")  # newest file, least progress
+print(common.resume_from(d))
+"""
+
+
+def test_resume_takes_the_most_progress_and_the_preemption_checkpoint_on_a_tie(tmp_path):
+    """Never the newest file; on equal steps the preemption checkpoint, because the epoch checkpoint Lightning
+    writes after a mid-epoch stop claims the epoch ran to its end (a resumed run then skipped its rest)."""
+    out = run([env_python("lightning"), "-c", RESUME_CHOICE, tmp_path], cwd=FOLDER).stdout.strip().splitlines()
+    assert out[-1] == str(tmp_path / "preempted-step=130.ckpt")
