@@ -37,7 +37,7 @@ lint: envs system-deps
 # Numbers for every framework folder. On CPU the runner first waits (up to 10 min) for a quiet machine.
 # Options go through BENCH_ARGS, e.g. make bench BENCH_ARGS="--repeats 3" (see benchmarks/run.py --help).
 bench:
-	tools/envs.sh benchmarks pytorch lightning
+	tools/envs.sh  # every folder: the runner launches each recipe with its own environment
 	.venvs/benchmarks/bin/python benchmarks/run.py --out runs/bench --wait-quiet 600 --redo-disturbed 3 --publish $(BENCH_ARGS)
 
 clean:
