@@ -18,6 +18,7 @@ import sys
 import threading
 import time
 import uuid
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -167,6 +168,25 @@ def explained_rendezvous(rank, world_size, timeout):
                 if "EADDRINUSE" in str(e) or "address already in use" in str(e).lower()
                 else f"not all {world_size} ranks reached it within --timeout {timeout}s")
         raise RecipeError(f"rendezvous at {addr} failed: {hint} ({str(e).splitlines()[0][:200]})") from None
+
+
+def restarted_attempt_store(world_size, timeout):
+    """init_process_group's keyword arguments for a worker that torchrun --max-restarts may have restarted.
+
+    torchrun's restarted workers meet in the agent's TCPStore (MASTER_PORT), which still holds the keys the
+    failed attempt wrote: a new worker can read a dead worker's address from them and fail with "Gloo
+    connectFullMesh failed ... Connection refused" (torch 2.13, about 2 restarts in 5 on CPU; the same with NCCL:
+    pytorch/pytorch#167288). A key prefix per attempt hides the old keys. Only with one torchrun (one agent): across
+    nodes the agents count restarts differently (only the one whose worker failed counts it), so there the stock
+    behaviour stays and the job restarts through Slurm (multinode.sbatch requeues)."""
+    if (os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True" or os.environ.get("GROUP_WORLD_SIZE") != "1"
+            or "TORCHELASTIC_RESTART_COUNT" not in os.environ):
+        return {}
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world_size, is_master=False,
+                          timeout=timedelta(seconds=timeout))
+    attempt = os.environ["TORCHELASTIC_RESTART_COUNT"]
+    return {"store": dist.PrefixStore(f"attempt-{attempt}", store), "rank": int(os.environ["RANK"]),
+            "world_size": world_size}
 
 
 def torchrun_env():

@@ -24,6 +24,7 @@ from common import (
     log,
     parse_args,
     pick_backend,
+    restarted_attempt_store,
     run,
     torchrun_env,
 )
@@ -42,7 +43,8 @@ def setup(args):
     # The timeout bounds both the rendezvous and every later collective: a dead peer becomes an error.
     with explained_rendezvous(rank, world_size, args.timeout):
         dist.init_process_group(backend, timeout=timedelta(seconds=args.timeout),
-                                device_id=device if backend == "nccl" else None)
+                                device_id=device if backend == "nccl" else None,
+                                **restarted_attempt_store(world_size, args.timeout))
     return rank, world_size, device
 
 

@@ -1,11 +1,13 @@
 """pytorch/ recipes, launched for real on CPU with gloo: every launch mode, equivalence, data, resume, bad input."""
 
 import json
+import os
 import re
 import signal
 import socket
 import subprocess
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -272,6 +274,50 @@ def test_preempted_run_saves_exits_75_and_resumes_exactly(tmp_path):
     assert codes == [0, 0], "\n".join(outs)
     assert f"step {stopped_at}" in outs[0]
     assert_same_weights(model_of(interrupted), model_of(straight), rtol=0, atol=0)
+
+
+def workers(agent_pid):
+    """{RANK: pid} of the workers torchrun (the agent, pid agent_pid) has running now."""
+    found = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            if int(stat.read_text().rsplit(")", 1)[1].split()[1]) != agent_pid:
+                continue
+            environ = (stat.parent / "environ").read_bytes().split(b"\0")
+        except (OSError, IndexError, ValueError):
+            continue
+        rank = [v[5:] for v in environ if v.startswith(b"RANK=")]
+        if rank:
+            found[int(rank[0])] = int(stat.parent.name)
+    return found
+
+
+def test_torchrun_max_restarts_resumes_from_the_last_snapshot(ddp_run, tmp_path):
+    """A worker killed (kill -9) twice: torchrun --max-restarts restarts both workers, they resume from the last
+    snapshot, and the run ends with the weights of the uninterrupted one. Without a key prefix per attempt
+    (common.restarted_attempt_store) about 2 restarts in 5 failed in gloo's connectFullMesh with "Connection
+    refused" (the restarted workers read the dead ones' addresses from the agent's store)."""
+    cmd = [*torchrun("pytorch"), "--standalone", "--nproc_per_node", "2", "--max-restarts", "2",
+           PT / "multigpu_torchrun.py", *SMALL, "--batch-size", "16", "--timeout", "60", "--checkpoint-dir", tmp_path]
+    agent = subprocess.Popen([str(c) for c in cmd], cwd=ROOT, env=clean_env(), stdout=subprocess.PIPE,
+                             stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    kills, seen = 0, []
+    try:
+        for line in agent.stdout:
+            seen.append(line)
+            # 1st: right after the epoch-1 snapshot; 2nd: as soon as the restarted run has resumed from it
+            if ("snapshot saved" in line and kills == 0) or ("resumed from" in line and kills == 1):
+                os.kill(workers(agent.pid)[1], signal.SIGKILL)
+                kills += 1
+        code = agent.wait(timeout=240)
+    finally:
+        if agent.poll() is None:  # torchrun starts its workers in sessions of their own: kill them one by one
+            for pid in [*workers(agent.pid).values(), agent.pid]:
+                os.kill(pid, signal.SIGKILL)
+    out = "".join(seen)
+    assert kills == 2 and code == 0, out[-4000:]
+    assert out.count("resumed from") == 2 and "Connection refused" not in out, out[-4000:]
+    assert_same_weights(model_of(tmp_path), model_of(ddp_run[0]), rtol=0, atol=0)
 
 
 @pytest.fixture
