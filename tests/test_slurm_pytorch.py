@@ -81,14 +81,43 @@ def test_multigpu_torchrun(slurm_cluster, pytorch_python, tmp_path):
     assert snapshot(ckpt)["step"] == 2 * 512 // (16 * 2)
 
 
-def test_multinode_torchrun(slurm_cluster, pytorch_python, tmp_path):
-    """srun starts one torchrun per node on n1 and n2; each starts 2 workers (SLURM_GPUS_ON_NODE)."""
-    job, ckpt = submit(slurm_cluster, tmp_path, pytorch_python, "multinode_torchrun.sbatch",
-                       ["--nodes=2", "--gpus-per-node=2", "--cpus-per-task=2"])
+def test_multinode_torchrun_preemption_requeue_resume(slurm_cluster, pytorch_python, tmp_path):
+    """srun starts one torchrun per node on n1 and n2; each starts 2 workers (SLURM_GPUS_ON_NODE). USR1 to the
+    batch shell mid-training (what --signal=B:USR1@90 does) -> srun -> the torchrun agents, which handle it
+    (--signals-to-handle) and pass it to their workers -> snapshot -> the job requeues itself -> the requeued
+    run resumes from the snapshot and completes. Slurm signals every process of the step, so the workers get
+    USR1 directly too; without --signals-to-handle the agents die of it ("User defined signal 1"), srun's
+    --kill-on-bad-exit ends the step, and the workers' save races that kill (lost on GPUs, where a save takes
+    seconds)."""
+    events = {"signalled": False}
+
+    def on_poll(info, log):
+        steps = [int(n) for n in re.findall(r"^0: \[rank0\] epoch 1 \|[^\n]*?\bstep (\d+)", log, re.M)]
+        if not events["signalled"] and steps and max(steps) >= 8:
+            slurm_cluster.client("scancel", "--batch", "--signal=USR1", info["JobId"])
+            events["signalled"] = True
+        if events["signalled"]:
+            slurm_cluster.release_requeued(info, events)
+
+    ckpt = tmp_path / "ckpt"
+    job = slurm_cluster.run(PYTORCH / "multinode_torchrun.sbatch", *LONG, "--checkpoint-dir", ckpt,
+                            sbatch_args=["--nodes=2", "--gpus-per-node=2", "--cpus-per-task=2", "--time=00:10:00"],
+                            cwd=PYTORCH, output=tmp_path / "job.out", env={"PYTHON": pytorch_python},
+                            timeout=300, on_poll=on_poll).assert_ok()
     assert job.info["NodeList"] == "n[1-2]", job.describe()
-    assert_ranks(job.log, {0: "n1", 1: "n1", 2: "n2", 3: "n2"})
-    assert "[rank0] world size 4 | backend gloo" in job.log and "| nodes 2" in job.log, job.describe()
-    assert snapshot(ckpt)["step"] == 2 * 512 // (16 * 4)
+    assert events["signalled"] and job.info["Restarts"] == "1", job.describe()
+    first, _, second = job.log.partition("restart 1 of at most 3")
+    assert_ranks(first, {0: "n1", 1: "n1", 2: "n2", 3: "n2"})
+    assert "[rank0] world size 4 | backend gloo" in first and "| nodes 2" in first, job.describe()
+    assert "User defined signal 1" not in first, f"a torchrun agent died of USR1\n{job.describe()}"
+    for needle in ("multinode: got USR1, forwarding it to the job step", "preempted at step",
+                   "after the signal; requeueing job"):
+        assert needle in first, f"{needle!r} missing before the requeue\n{job.describe()}"
+    stopped_at = int(re.search(r"preempted at step (\d+)", first).group(1))
+    steps = LONG_STEPS // 2  # 4 ranks
+    assert 8 <= stopped_at < steps, job.describe()
+    assert re.search(rf"resumed from \S+: epoch \d, step {stopped_at}", second), job.describe()
+    assert f"done: {steps} steps" in second and snapshot(ckpt)["step"] == steps, job.describe()
 
 
 @pytest.fixture(scope="module")
