@@ -494,7 +494,8 @@ class Trainer:
         model = self.model.module if isinstance(self.model, DDP) else self.model
         snap = {"model": model.state_dict(), "optimizer": self.optimizer.state_dict(),
                 "scheduler": self.scheduler.state_dict(), "epoch": self.epoch, "step": self.step,
-                "batch_in_epoch": self.batch_in_epoch, "world_size": self.world_size, "rng": capture_rng()}
+                "batch_in_epoch": self.batch_in_epoch, "world_size": self.world_size,
+                "batch_size": self.args.batch_size, "rng": capture_rng()}
         if self.scaler is not None:
             snap["scaler"] = self.scaler.state_dict()
         return snap
@@ -525,10 +526,38 @@ class Trainer:
             self.scaler.load_state_dict(snap["scaler"])
         restore_rng(snap["rng"])
         self.epoch, self.step, self.batch_in_epoch = snap["epoch"], snap["step"], snap["batch_in_epoch"]
+        self._adapt_to_another_shape(snap, choice[0])
         if isinstance(self.model, DDP) and self._training_left():
             with self.autocast():  # as in training: fp32 activations would need twice the memory once
                 settle_ddp_buckets(self.model, self.loader, self.device)  # same gradient order as without a restart
         self._log(f"resumed from {choice[0]}: epoch {self.epoch + 1}, step {self.step}")
+
+
+    def _adapt_to_another_shape(self, snap, path):
+        """A snapshot written by another number of ranks or another per-rank batch (a job requeued onto fewer or
+        more GPUs): every rank's shard, and the steps per epoch, are different now. Every layout reads the epoch's
+        samples in the same seeded order (rank r takes every world_size-th one), so the samples trained so far are
+        a prefix of that order: resume after the same prefix when it is a whole number of the new global batches,
+        and continue the learning-rate curve at the same point; otherwise refuse. Counting the old per-rank
+        batches under the new layout would silently train on the wrong samples."""
+        old = (snap["world_size"], snap.get("batch_size", self.args.batch_size))
+        if old == (self.world_size, self.args.batch_size):
+            return
+        done = self.batch_in_epoch * old[0] * old[1]  # samples of the current epoch already trained on
+        global_batch = self.world_size * self.args.batch_size
+        if done % global_batch:
+            raise RecipeError(f"{path} was written by {old[0]} rank(s) x batch {old[1]} after {done} samples of epoch "
+                              f"{self.epoch + 1}, not a whole number of batches of {self.world_size} x "
+                              f"{self.args.batch_size}: resume with {old[0]} rank(s) x batch {old[1]} (or a shape "
+                              f"that divides {done})")
+        self.batch_in_epoch = done // global_batch
+        self.step = self.epoch * len(self.loader) + self.batch_in_epoch
+        # The cosine schedule spans --epochs in steps of the new layout: rebuild it at the same point of training.
+        self.scheduler.T_max, self.scheduler.last_epoch = self.args.epochs * len(self.loader), self.step
+        for group, lr in zip(self.optimizer.param_groups, self.scheduler._get_closed_form_lr(), strict=True):
+            group["lr"] = lr
+        self._log(f"snapshot written by {old[0]} rank(s) x batch {old[1]}, resuming as {self.world_size} x "
+                  f"{self.args.batch_size}: epoch {self.epoch + 1} after {done} samples (step {self.step})")
 
 
 def check_shared_directory(path, rank):

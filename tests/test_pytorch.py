@@ -276,6 +276,32 @@ def test_preempted_run_saves_exits_75_and_resumes_exactly(tmp_path):
     assert_same_weights(model_of(interrupted), model_of(straight), rtol=0, atol=0)
 
 
+def test_resume_with_another_world_size(reference, tmp_path):
+    """A run requeued onto another number of ranks (or another batch): 1 x 32 -> 2 x 16 (same global batch)
+    resumes mid-epoch and ends with the weights of the uninterrupted 1 x 32 run; 2 x 16 -> 1 x 16 (half the
+    global batch) continues after the same samples, with twice the steps per epoch and the cosine schedule
+    ending at 0; a shape that cannot continue after those samples is refused in one line. (Before: the per-rank
+    batch count was reused as is -- trained on other samples, 48 steps instead of 64, the LR curve rising again
+    past its old T_max.)"""
+    up = tmp_path / "up"
+    python(PT / "single_gpu.py", *SMALL, "--batch-size", "32", "--checkpoint-dir", up, "--max-steps", "20")
+    out = torchrun_standalone("multigpu_torchrun.py", 2, *SMALL, "--batch-size", "16", "--checkpoint-dir", up).stdout
+    assert "snapshot written by 1 rank(s) x batch 32, resuming as 2 x 16: epoch 2 after 128 samples (step 20)" in out
+    assert_same_weights(model_of(up), reference[0])
+
+    down = tmp_path / "down"
+    torchrun_standalone("multigpu_torchrun.py", 2, *SMALL, "--batch-size", "16", "--checkpoint-dir", down,
+                        "--max-steps", "20")
+    proc = python(PT / "single_gpu.py", *SMALL, "--batch-size", "48", "--checkpoint-dir", down, expect_fail=True)
+    errors = [ln for ln in proc.stdout.splitlines() if re.match(r"(\[rank\d+\] )?error: ", ln)]
+    assert proc.returncode == 2 and len(errors) == 1 and "Traceback" not in proc.stdout, proc.stdout
+    assert "written by 2 rank(s) x batch 16 after 128 samples of epoch 2" in errors[0], errors
+    out = python(PT / "single_gpu.py", *SMALL, "--batch-size", "16", "--checkpoint-dir", down).stdout
+    assert "resuming as 1 x 16: epoch 2 after 128 samples (step 40)" in out and "done: 64 steps" in out, out
+    snap = torch.load(down / "snapshot.pt", map_location="cpu", weights_only=True)
+    assert snap["step"] == 64 and snap["optimizer"]["param_groups"][0]["lr"] < 1e-6
+
+
 def workers(agent_pid):
     """{RANK: pid} of the workers torchrun (the agent, pid agent_pid) has running now."""
     found = {}
