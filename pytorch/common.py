@@ -92,6 +92,8 @@ def parse_args(description, extra=None):
                    help="auto: nccl with CUDA, gloo without")
     p.add_argument("--timeout", type=positive_int, default=300,
                    help="seconds before a rendezvous or collective that cannot complete is an error")
+    p.add_argument("--io-timeout", type=positive_int, default=1800,
+                   help="seconds the other ranks wait while rank 0 alone downloads data or writes a snapshot")
     p.add_argument("--log-every", type=positive_int, default=50, help="steps between progress lines")
     p.add_argument("--timings-file", default=None,
                    help="write per-step wall-clock times here (JSON, rank 0) for the benchmarks")
@@ -168,6 +170,21 @@ def explained_rendezvous(rank, world_size, timeout):
                 if "EADDRINUSE" in str(e) or "address already in use" in str(e).lower()
                 else f"not all {world_size} ranks reached it within --timeout {timeout}s")
         raise RecipeError(f"rendezvous at {addr} failed: {hint} ({str(e).splitlines()[0][:200]})") from None
+
+
+_RANK0_WAIT_GROUP = []
+
+
+def wait_for_rank0(io_timeout):
+    """Where the other ranks wait while rank 0 alone downloads the data or writes a snapshot. Not a barrier on
+    the training process group: its --timeout is the watchdog for collectives (a dead peer must be an error
+    within it), and a download or a save to a slow shared filesystem can take longer. A gloo group of its own,
+    made on first use (every rank gets here at the same points), waits up to --io-timeout."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return
+    if not _RANK0_WAIT_GROUP:
+        _RANK0_WAIT_GROUP.append(dist.new_group(backend="gloo", timeout=timedelta(seconds=io_timeout)))
+    dist.barrier(group=_RANK0_WAIT_GROUP[0])
 
 
 def restarted_attempt_store(world_size, timeout):
@@ -505,7 +522,7 @@ class Trainer:
             save_snapshot(self.args.checkpoint_dir, self._snapshot())
             log(0, f"snapshot saved to {self.args.checkpoint_dir} (step {self.step})")
         if self.distributed:
-            dist.barrier()  # nobody reads or restarts before the file is complete
+            wait_for_rank0(self.args.io_timeout)  # nobody reads or restarts before the file is complete
 
     def _resume(self):
         if self.distributed and self.args.checkpoint_dir:

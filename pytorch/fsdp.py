@@ -36,6 +36,7 @@ from common import (
     log,
     parse_args,
     run,
+    wait_for_rank0,
 )
 from multigpu_torchrun import data, setup
 
@@ -100,7 +101,7 @@ class FSDPTrainer(Trainer):
             for d in older[:-1]:
                 shutil.rmtree(os.path.join(folder, d), ignore_errors=True)
             log(0, f"sharded checkpoint saved to {folder} (step {self.step})")
-        dist.barrier()
+        wait_for_rank0(self.args.io_timeout)
 
     def _resume(self):
         if self.args.checkpoint_dir:

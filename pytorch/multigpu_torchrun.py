@@ -27,6 +27,7 @@ from common import (
     restarted_attempt_store,
     run,
     torchrun_env,
+    wait_for_rank0,
 )
 
 
@@ -52,7 +53,7 @@ def data(args, rank, world_size):
     """The training set and a loader over this rank's shard of it."""
     if rank == 0:
         build_dataset(args, download=True)  # one rank downloads; the others wait, then read the files it wrote
-    dist.barrier()
+    wait_for_rank0(args.io_timeout)
     dataset = build_dataset(args, download=False)
     check_dataset_fits(dataset, world_size, args.batch_size)
     # Each rank reads a disjoint 1/world_size of the data, reshuffled every epoch (the Trainer calls set_epoch).

@@ -302,6 +302,31 @@ def test_resume_with_another_world_size(reference, tmp_path):
     assert snap["step"] == 64 and snap["optimizer"]["param_groups"][0]["lr"] < 1e-6
 
 
+SLOW_SAVE = """\
+import os, time
+if os.environ.get("RANK") == "0":  # torchrun's rank-0 worker only
+    import torch
+    _save = torch.save
+    def slow_save(*args, **kwargs):  # a snapshot written to a slow shared filesystem
+        time.sleep(20)
+        return _save(*args, **kwargs)
+    torch.save = slow_save
+"""
+
+
+def test_a_snapshot_save_longer_than_the_collective_timeout(tmp_path):
+    """Rank 0 alone writes the snapshot while the other ranks wait. A save slower than --timeout (the deadline of
+    rendezvous and collectives: a dead peer must be an error within it) must not kill them: they wait up to
+    --io-timeout. (Before: rank 1 waited in a barrier of the training group and failed after --timeout.)"""
+    shim = tmp_path / "slow_save"
+    shim.mkdir()
+    (shim / "sitecustomize.py").write_text(SLOW_SAVE)
+    out = run([*torchrun("pytorch"), "--standalone", "--nproc_per_node", "2", PT / "multigpu_torchrun.py",
+               "--epochs", "1", "--dataset-size", "256", "--batch-size", "16", "--timeout", "8",
+               "--checkpoint-dir", tmp_path / "ckpt"], env=clean_env(PYTHONPATH=shim)).stdout
+    assert "snapshot saved" in out and "done: 8 steps" in out, out
+
+
 def workers(agent_pid):
     """{RANK: pid} of the workers torchrun (the agent, pid agent_pid) has running now."""
     found = {}
