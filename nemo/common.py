@@ -20,7 +20,7 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.strategies import DDPStrategy
 from nemo.core import ModelPT
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 from torch import nn
 from torch.nn import functional as F
 from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
@@ -260,6 +260,11 @@ class ToyClassifier(ModelPT):
 
     def __init__(self, cfg: DictConfig, trainer: pl.Trainer | None = None):
         super().__init__(cfg=cfg, trainer=trainer)
+        # ModelPT writes `target: common.ToyClassifier` into the config, and restore_from refuses a .nemo whose
+        # target lies outside NeMo's approved namespaces (nemo.*, torch.nn.*, ...: UnsafeTargetError). Without
+        # it, ToyClassifier.restore_from(path) builds the class it is called on.
+        with open_dict(self._cfg):
+            self._cfg.pop("target", None)
         self.net = ConvNet()
 
     def __getstate__(self):
@@ -500,7 +505,7 @@ def fit(trainer: pl.Trainer, cfg: DictConfig) -> None:
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
     if cfg.exp_manager.explicit_log_dir:
         # Checkpoints in <dir>/checkpoints; resume_if_exists points trainer.ckpt_path at *-last.ckpt, if any.
-        exp_manager(trainer, cfg.exp_manager)
+        exp_manager(trainer, settle_last_checkpoints(cfg.exp_manager))
     # Resolved: the .nemo archive keeps this section alone, where ${seed} would point nowhere.
     model = ToyClassifier(OmegaConf.create(OmegaConf.to_container(cfg.model, resolve=True)), trainer=trainer)
     trainer.fit(model)  # from trainer.ckpt_path, which exp_manager set
@@ -516,3 +521,41 @@ def fit(trainer: pl.Trainer, cfg: DictConfig) -> None:
             print(f"[rank0] preempted at step {trainer.global_step}: {saved}; exiting with {PREEMPTED_EXIT_CODE} "
                   "so the job script requeues", flush=True)
         sys.exit(PREEMPTED_EXIT_CODE)
+
+
+def settle_last_checkpoints(exp_cfg: DictConfig) -> DictConfig:
+    """exp_manager's settings, with the checkpoint to resume from chosen here when exp_manager would refuse.
+
+    exp_manager resumes from the one *-last.ckpt in <dir>/checkpoints and stops with "Multiple checkpoints ...
+    that matches *last.ckpt" when a job was killed between writing the new one and deleting the old one (NeMo
+    issue #7948: "manually clean up the checkpoints folder"). Then the readable one with the most progress (its
+    stored global_step, never the file time) is resumed, with a warning; none readable is an error naming them.
+    """
+    from nemo.utils.callbacks import NeMoModelCheckpoint
+
+    directory = Path(exp_cfg.explicit_log_dir) / "checkpoints"
+    candidates = sorted(directory.glob("*last.ckpt")) if directory.is_dir() else []
+    if len(candidates) <= 1:
+        return exp_cfg  # exp_manager's own rule
+    best, best_step, problems = None, -1, []
+    for path in candidates:
+        try:
+            if NeMoModelCheckpoint.is_checkpoint_unfinished(path):
+                raise ValueError("its save never finished")
+            # weights_only=False: a NeMo checkpoint holds its OmegaConf config; these are this run's own files
+            step = int(torch.load(path, map_location="cpu", weights_only=False, mmap=True)["global_step"])
+        except Exception as e:  # truncated, unfinished, not a checkpoint
+            problems.append(f"{path} is unusable ({type(e).__name__}: {e})")
+            continue
+        if step > best_step:
+            best, best_step = path, step
+    if best is None:
+        fail("no usable checkpoint: " + "; ".join(problems) + ". Delete or move them to start over.")
+    if rank_prefix() == "[rank0] ":
+        print(f"[rank0] warning: {len(candidates)} *last.ckpt files in {directory} (a save was interrupted?); "
+              f"resuming from the one with the most progress: {best.name} (step {best_step})",
+              file=sys.stderr, flush=True)
+    exp_cfg = exp_cfg.copy()
+    with open_dict(exp_cfg):
+        exp_cfg.resume_if_exists, exp_cfg.resume_from_checkpoint = False, str(best)
+    return exp_cfg
