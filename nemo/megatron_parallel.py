@@ -23,11 +23,11 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
 
-import common
+import cli
 
 
 def parse_args():
-    p = common.OneLineParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = cli.OneLineParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--tensor-model-parallel-size", type=int, default=1, help="TP: ranks that split each layer")
     p.add_argument("--pipeline-model-parallel-size", type=int, default=1, help="PP: stages the layers are split into")
     p.add_argument("--steps", type=int, default=10, help="training steps (CUDA only)")
@@ -54,9 +54,9 @@ def launch_environment() -> tuple[int, int, int]:
     if "SLURM_PROCID" in env and "SLURM_STEP_ID" in env:
         env.setdefault("MASTER_PORT", str(15000 + int(env["SLURM_JOB_ID"]) % 15000))  # as the sbatch templates
         if "MASTER_ADDR" not in env:
-            common.fail("MASTER_ADDR not set: export it in the job script (see megatron_parallel.sbatch)")
+            cli.fail("MASTER_ADDR not set: export it in the job script (see megatron_parallel.sbatch)")
         return int(env["SLURM_PROCID"]), int(env["SLURM_NTASKS"]), int(env["SLURM_LOCALID"])
-    common.fail("no launcher variables (RANK/WORLD_SIZE or SLURM_PROCID under srun): start this script with "
+    cli.fail("no launcher variables (RANK/WORLD_SIZE or SLURM_PROCID under srun): start this script with "
                 "`srun` (megatron_parallel.sbatch) or `torchrun --nproc_per_node N megatron_parallel.py`")
 
 

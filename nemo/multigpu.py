@@ -8,6 +8,12 @@ import time
 
 START_TIME = time.time()  # before the heavy imports: the benchmarks count them in the time to first step
 
+import cli  # noqa: E402
+
+if __name__ == "__main__":
+    # The flags and overrides, checked now: bad input fails in a second, not after NeMo's imports below.
+    OVERRIDES = cli.command_line(__doc__, nprocs=True)
+
 import lightning.pytorch as pl  # noqa: E402
 import torch  # noqa: E402
 from lightning.pytorch.plugins.environments import LightningEnvironment  # noqa: E402
@@ -30,4 +36,4 @@ def main(cfg):
 
 
 if __name__ == "__main__":  # required: the spawned workers re-import this file
-    common.hydra_main(main, __doc__, nprocs=True)
+    cli.run(main, OVERRIDES)

@@ -12,6 +12,12 @@ import time
 
 START_TIME = time.time()  # before the heavy imports: the benchmarks count them in the time to first step
 
+import cli  # noqa: E402
+
+if __name__ == "__main__":
+    # The flags and overrides, checked now: bad input fails in a second, not after NeMo's imports below.
+    OVERRIDES = cli.command_line(__doc__, num_nodes=True)
+
 import os  # noqa: E402
 import sys  # noqa: E402
 
@@ -69,4 +75,4 @@ def main(cfg):
 
 
 if __name__ == "__main__":
-    common.hydra_main(main, __doc__, num_nodes=True)
+    cli.run(main, OVERRIDES)

@@ -8,8 +8,8 @@ Templates run unmodified from nemo/; the tests only shrink the shape on the sbat
 import re
 
 import pytest
-import torch
 from helpers import ROOT, env_python
+from test_nemo import last_checkpoint  # reads a NeMo checkpoint without NeMo
 
 pytestmark = [pytest.mark.nemo, pytest.mark.slurm, pytest.mark.timeout(400)]
 
@@ -23,12 +23,6 @@ LONG_STEPS = 256
 def shape(nodes, tasks_per_node, gpus_per_node=None):
     return [f"--nodes={nodes}", f"--ntasks-per-node={tasks_per_node}",
             f"--gpus-per-node={gpus_per_node or tasks_per_node}", "--cpus-per-task=1", "--time=00:05:00"]
-
-
-def last_checkpoint(directory):
-    found = sorted((directory / "checkpoints").glob("*last.ckpt"))
-    assert len(found) == 1, f"want one *last.ckpt in {directory}/checkpoints, got {found}"
-    return torch.load(found[0], map_location="cpu", weights_only=False)  # our own file; it holds the config
 
 
 def submit(cluster, tmp_path, template, sbatch_args, args=TINY, **kwargs):
