@@ -53,7 +53,7 @@ FLAG_TO_KEY = {
 # of their default in conf/config.yaml (an int may stand for a float).
 POSITIVE_INT = ["trainer.max_epochs", "model.train_ds.batch_size", "model.train_ds.dataset_size", "recipe.timeout",
                 "exp_manager.checkpoint_callback_params.every_n_epochs", "recipe.log_every", "trainer.devices",
-                "trainer.num_nodes", "model.tensor_model_parallel_size", "model.pipeline_model_parallel_size"]
+                "trainer.num_nodes"]
 CHOICES = {"model.train_ds.data": ["synthetic"], "recipe.backend": ["auto", "nccl", "gloo"]}
 STRINGS = ["model.train_ds.data_dir", "exp_manager.explicit_log_dir", "recipe.timings_file"]
 
@@ -186,15 +186,16 @@ def flatten(cfg, prefix=""):
             yield f"{prefix}{key}", value
 
 
-def command_line(description: str, **script_flags) -> list[str]:
-    """The Hydra overrides for this run, checked: a bad flag, key or value ends here in one line and exit 2, in
-    about a second, before the script's NeMo imports (which take several). --print-config prints and exits."""
+def command_line(description: str, **script_flags) -> tuple[list[str], DictConfig]:
+    """The Hydra overrides for this run and the config they compose to, checked: a bad flag, key or value ends
+    here in one line and exit 2, in about a second, before the script's NeMo imports (which take several).
+    --print-config prints the config and exits."""
     overrides, print_config = parse_command_line(description, **script_flags)
     cfg = compose(overrides)
     if print_config:
         print(OmegaConf.to_yaml(cfg), end="")
         sys.exit(0)
-    return overrides
+    return overrides, cfg
 
 
 def run(task, overrides: list[str]) -> None:

@@ -309,13 +309,6 @@ def fit(trainer: pl.Trainer, cfg: DictConfig) -> None:
     nemo_logging.setLevel(nemo_logging.WARNING)  # NeMo's INFO lines are not the contract's; warnings stay
     world_size = trainer.world_size
     ds = cfg.model.train_ds
-    model_parallel = cfg.model.tensor_model_parallel_size * cfg.model.pipeline_model_parallel_size
-    if model_parallel > world_size:
-        fail(f"model.tensor_model_parallel_size x model.pipeline_model_parallel_size = {model_parallel} "
-             f"model-parallel ranks, but the world size is {world_size}: lower them or launch more processes")
-    if model_parallel > 1:
-        fail(f"model-parallel size {model_parallel}: this ConvNet is data parallel only; set "
-             "model.tensor_model_parallel_size=1 model.pipeline_model_parallel_size=1, or see megatron_parallel.py")
     if ds.dataset_size // (world_size * ds.batch_size) == 0:
         fail(f"--dataset-size {ds.dataset_size} is too small for one step of {world_size} processes x "
              f"--batch-size {ds.batch_size}: lower --batch-size or use more data")

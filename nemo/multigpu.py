@@ -12,7 +12,7 @@ import cli  # noqa: E402
 
 if __name__ == "__main__":
     # The flags and overrides, checked now: bad input fails in a second, not after NeMo's imports below.
-    OVERRIDES = cli.command_line(__doc__, nprocs=True)
+    OVERRIDES, _ = cli.command_line(__doc__, nprocs=True)
 
 import lightning.pytorch as pl  # noqa: E402
 import torch  # noqa: E402

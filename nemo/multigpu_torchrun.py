@@ -8,36 +8,36 @@ import time
 
 START_TIME = time.time()  # before the heavy imports: the benchmarks count them in the time to first step
 
-import cli  # noqa: E402
-
-if __name__ == "__main__":
-    # The flags and overrides, checked now: bad input fails in a second, not after NeMo's imports below.
-    OVERRIDES = cli.command_line(__doc__)
-
 import os  # noqa: E402
 
+import cli  # noqa: E402
+
+
+def torchrun_layout() -> tuple[int, int]:
+    """(devices, num_nodes) as torchrun started this job: Lightning must agree with the launcher."""
+    if "RANK" not in os.environ or "LOCAL_WORLD_SIZE" not in os.environ:
+        cli.fail("RANK/LOCAL_WORLD_SIZE not set: start this script with torchrun, e.g. "
+                 "`torchrun --standalone --nproc_per_node 2 multigpu_torchrun.py` (or use single_gpu.py)")
+    per_node = int(os.environ["LOCAL_WORLD_SIZE"])
+    return per_node, int(os.environ["WORLD_SIZE"]) // per_node
+
+
+if __name__ == "__main__":
+    # The flags, overrides and launch, checked now: bad input fails in a second, not after NeMo's imports below.
+    OVERRIDES, _ = cli.command_line(__doc__)
+    DEVICES, NUM_NODES = torchrun_layout()
+
 import lightning.pytorch as pl  # noqa: E402
-from lightning.pytorch.plugins.environments import TorchElasticEnvironment  # noqa: E402
 from nemo.core.config import hydra_runner  # noqa: E402
 
 import common  # noqa: E402
 
 
-def torchrun_layout() -> tuple[int, int]:
-    """(devices, num_nodes) as torchrun started this job: Lightning must agree with the launcher."""
-    if not TorchElasticEnvironment.detect():
-        common.fail("RANK/LOCAL_WORLD_SIZE not set: start this script with torchrun, e.g. "
-                    "`torchrun --standalone --nproc_per_node 2 multigpu_torchrun.py` (or use single_gpu.py)")
-    per_node = int(os.environ["LOCAL_WORLD_SIZE"])
-    return per_node, int(os.environ["WORLD_SIZE"]) // per_node
-
-
 @hydra_runner(config_path="conf", config_name="config")
 def main(cfg):
-    devices, num_nodes = torchrun_layout()
     trainer = pl.Trainer(
-        devices=devices,
-        num_nodes=num_nodes,
+        devices=DEVICES,
+        num_nodes=NUM_NODES,
         strategy=common.ddp(cfg),  # Lightning sees torchrun's variables and takes the ranks from them
         **common.trainer_options(cfg, START_TIME),
     )

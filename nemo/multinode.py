@@ -12,20 +12,10 @@ import time
 
 START_TIME = time.time()  # before the heavy imports: the benchmarks count them in the time to first step
 
-import cli  # noqa: E402
-
-if __name__ == "__main__":
-    # The flags and overrides, checked now: bad input fails in a second, not after NeMo's imports below.
-    OVERRIDES = cli.command_line(__doc__, num_nodes=True)
-
 import os  # noqa: E402
 import sys  # noqa: E402
 
-import lightning.pytorch as pl  # noqa: E402
-from lightning.pytorch.plugins.environments import SLURMEnvironment  # noqa: E402
-from nemo.core.config import hydra_runner  # noqa: E402
-
-import common  # noqa: E402
+import cli  # noqa: E402
 
 
 def slurm_layout(cfg) -> tuple[int, int]:
@@ -33,15 +23,15 @@ def slurm_layout(cfg) -> tuple[int, int]:
     --nodes; a mismatch is the classic hang at "Initializing distributed", so stop with a clear message."""
     env = os.environ
     if "SLURM_NTASKS" not in env:
-        common.fail("SLURM_NTASKS not set: multinode.py runs one task per device started by srun: submit "
-                    "multinode.sbatch, or run `srun python multinode.py` inside an allocation")
+        cli.fail("SLURM_NTASKS not set: multinode.py runs one task per device started by srun: submit "
+                 "multinode.sbatch, or run `srun python multinode.py` inside an allocation")
     if "SLURM_STEP_ID" not in env and int(env["SLURM_NTASKS"]) > 1:
-        common.fail(f"multinode.py was started without srun, as 1 process of a {env['SLURM_NTASKS']}-task "
-                    "job: it would wait forever for the others. Start it with `srun python multinode.py` "
-                    "(see multinode.sbatch)")
+        cli.fail(f"multinode.py was started without srun, as 1 process of a {env['SLURM_NTASKS']}-task "
+                 "job: it would wait forever for the others. Start it with `srun python multinode.py` "
+                 "(see multinode.sbatch)")
     if "SLURM_NTASKS_PER_NODE" not in env:
-        common.fail("SLURM_NTASKS_PER_NODE not set: set `#SBATCH --ntasks-per-node` (= devices per node); "
-                    "Lightning needs it (--ntasks alone is not enough)")
+        cli.fail("SLURM_NTASKS_PER_NODE not set: set `#SBATCH --ntasks-per-node` (= devices per node); "
+                 "Lightning needs it (--ntasks alone is not enough)")
     per_node, nodes = int(env["SLURM_NTASKS_PER_NODE"].split("(")[0]), int(env["SLURM_NNODES"])
     problems = []
     if cfg.trainer.devices is not None and cfg.trainer.devices != per_node:
@@ -58,12 +48,23 @@ def slurm_layout(cfg) -> tuple[int, int]:
     return per_node, nodes
 
 
+if __name__ == "__main__":
+    # The flags, overrides and launch, checked now: bad input fails in a second, not after NeMo's imports below.
+    OVERRIDES, CFG = cli.command_line(__doc__, num_nodes=True)
+    DEVICES, NUM_NODES = slurm_layout(CFG)
+
+import lightning.pytorch as pl  # noqa: E402
+from lightning.pytorch.plugins.environments import SLURMEnvironment  # noqa: E402
+from nemo.core.config import hydra_runner  # noqa: E402
+
+import common  # noqa: E402
+
+
 @hydra_runner(config_path="conf", config_name="config")
 def main(cfg):
-    devices, num_nodes = slurm_layout(cfg)
     trainer = pl.Trainer(
-        devices=devices,
-        num_nodes=num_nodes,
+        devices=DEVICES,
+        num_nodes=NUM_NODES,
         strategy=common.ddp(cfg),
         # Explicit, so that a job named "bash" or "interactive" (which turns Lightning's Slurm detection off)
         # cannot make Lightning start extra processes itself. No auto-requeue: common.Preemption saves at a step
