@@ -36,17 +36,19 @@ def epoch_lines(log):
     return re.findall(r"^0: \[rank0\] epoch (\d+)/\d+ \| step \d+ \| loss \S+ \| acc \S+ \| \d+ samples/s", log, re.M)
 
 
-@pytest.mark.parametrize("template, sbatch_args", [
-    ("multinode.sbatch", shape(1, 2)),
-    ("multinode.sbatch", shape(2, 1)),
-    ("multigpu_torchrun.sbatch", shape(1, 1, gpus_per_node=2)),  # --nproc_per_node = SLURM_GPUS_ON_NODE
-], ids=["multinode-1x2", "multinode-2x1", "torchrun"])
-def test_template_runs(slurm_cluster, tmp_path, template, sbatch_args):
+@pytest.mark.parametrize("template, sbatch_args, world_size", [
+    ("single_gpu.sbatch", shape(1, 1), 1),
+    ("multigpu.sbatch", shape(1, 1, gpus_per_node=2), 2),  # the fake GPUs are not CUDA: 2 CPU workers
+    ("multigpu_torchrun.sbatch", shape(1, 1, gpus_per_node=2), 2),  # --nproc_per_node = SLURM_GPUS_ON_NODE
+    ("multinode.sbatch", shape(1, 2), 2),
+    ("multinode.sbatch", shape(2, 1), 2),
+], ids=["single_gpu", "spawn", "torchrun", "multinode-1x2", "multinode-2x1"])
+def test_template_runs(slurm_cluster, tmp_path, template, sbatch_args, world_size):
     job, ckpt = submit(slurm_cluster, tmp_path, template, sbatch_args, timeout=200)
     job.assert_ok()
     assert epoch_lines(job.log) == ["1", "2"], job.describe()
-    assert re.search(r"^0: \[rank0\] world size 2 \|", job.log, re.M), job.describe()
-    assert last_checkpoint(ckpt)["global_step"] == 2 * 64 // (8 * 2)
+    assert re.search(rf"^0: \[rank0\] world size {world_size} \|", job.log, re.M), job.describe()
+    assert last_checkpoint(ckpt)["global_step"] == 2 * 64 // (8 * world_size)
     assert (ckpt / "checkpoints" / "nemo-toy.nemo").exists()
     if "--nodes=2" in sbatch_args:
         assert "2 nodes (n[1-2])" in job.log, job.describe()
