@@ -86,6 +86,8 @@ RECIPES = [
              args=("--ds-config", str(ROOT / "deepspeed" / "configs" / f"zero{stage}.json"))) for stage in (0, 1, 2)),
     # PhysicsNeMo's FNO on Darcy flow, measured against a raw DDP loop on the same FNO and data.
     Recipe("modulus", "modulus", "modulus/multigpu_torchrun.py", baseline=RAW_FNO.name),
+    # NeMo: the shared ConvNet as a ModelPT, Hydra config + exp_manager, against the raw DDP loop on that model.
+    Recipe("nemo", "nemo", "nemo/multigpu_torchrun.py"),
 ]
 BASELINES = {b.name: b for b in (BASELINE, RAW_UNET, RAW_FNO)}
 TARGET_SCALING = 0.90  # at every world size > 1

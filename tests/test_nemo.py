@@ -1,0 +1,292 @@
+"""nemo/ recipes on CPU (gloo), every one launched as a real process with .venvs/nemo: the four launch patterns
+(equal weights), exp_manager's resume == an uninterrupted run, the .nemo archive, preemption -> 75 -> resume,
+the Hydra overrides and their one-line errors, and Megatron-Core's process-group layout.
+
+Tiny data (4 steps per epoch, 2 epochs); most of each launch is importing NeMo (seconds), so one run serves
+several assertions (module-scoped fixtures).
+"""
+
+import contextlib
+import json
+import os
+import pickle
+import re
+import signal
+import subprocess
+import sys
+import time
+import types
+
+import pytest
+import torch
+from helpers import ROOT, clean_env, env_python, free_port, run, torchrun
+
+pytestmark = [pytest.mark.nemo, pytest.mark.timeout(300)]
+
+FOLDER = ROOT / "nemo"
+# 64 samples: 1 rank x batch 16 or 2 ranks x batch 8 -> 4 steps per epoch, 8 in all
+DATA = ["--epochs", "2", "--dataset-size", "64", "--log-every", "2"]
+ONE, TWO = [*DATA, "--batch-size", "16"], [*DATA, "--batch-size", "8"]
+EPOCH_LINE = re.compile(r"^\[rank0\] epoch (\d+)/(\d+) \| step (\d+) \| loss (\S+) \| acc (\S+) \| \d+ samples/s \| "
+                        r"[\d.]+ s$", re.M)
+ERROR_LINE = re.compile(r"^(\[rank\d+\] )?error: ")
+
+
+def python(*args, **kw):
+    return run([env_python("nemo"), *args], cwd=FOLDER, **kw)
+
+
+class _Opaque:
+    """Stands in for the NeMo/OmegaConf objects a NeMo checkpoint pickles (its config), which this environment
+    (.venvs/tests) does not have: the tests read the tensors and the progress, not the config."""
+
+    def __init__(self, *args, **kwargs):
+        pass
+
+    def __setstate__(self, state):
+        self.state = state
+
+
+class _Unpickler(pickle.Unpickler):
+    def find_class(self, module, name):
+        if module.split(".")[0] in ("omegaconf", "nemo", "hydra", "lightning", "lightning_fabric"):
+            return _Opaque
+        return super().find_class(module, name)
+
+
+_checkpoint_pickle = types.SimpleNamespace(Unpickler=_Unpickler, load=pickle.load, __name__="pickle")
+
+
+def last_checkpoint(checkpoint_dir):
+    """exp_manager's *-last.ckpt: state_dict, global_step, loops (the config inside is left opaque)."""
+    found = sorted((checkpoint_dir / "checkpoints").glob("*last.ckpt"))
+    assert len(found) == 1, f"want one *last.ckpt, got {found}"
+    return torch.load(found[0], map_location="cpu", weights_only=False, pickle_module=_checkpoint_pickle)
+
+
+def assert_same_weights(a, b, atol):
+    a, b = last_checkpoint(a)["state_dict"], last_checkpoint(b)["state_dict"]
+    assert a.keys() == b.keys()
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], atol=atol, rtol=0, msg=lambda m, n=name: f"{n}: {m}")
+
+
+def epochs(out):
+    return [m[:3] for m in EPOCH_LINE.findall(out)]
+
+
+def world_size(out):
+    return int(re.search(r"^\[rank0\] world size (\d+) \|", out, re.M).group(1))
+
+
+def slurm_tasks(args, ntasks=2, timeout=180):
+    """`ntasks` processes of multinode.py with the SLURM_* variables srun gives them; (exit codes, outputs)."""
+    port, procs = free_port(), []
+    for rank in range(ntasks):
+        env = clean_env(SLURM_JOB_ID=4242, SLURM_JOB_NAME="nemo-test", SLURM_NTASKS=ntasks,
+                        SLURM_NTASKS_PER_NODE=ntasks, SLURM_NNODES=1, SLURM_NODEID=0, SLURM_PROCID=rank,
+                        SLURM_LOCALID=rank, SLURM_STEP_ID=0, SLURM_NODELIST="localhost", MASTER_ADDR="127.0.0.1",
+                        MASTER_PORT=port)
+        procs.append(subprocess.Popen([str(env_python("nemo")), "multinode.py", *map(str, args)], cwd=FOLDER,
+                                      env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                      start_new_session=True))
+    outputs = []
+    try:
+        for proc in procs:
+            outputs.append(proc.communicate(timeout=timeout)[0])
+    except subprocess.TimeoutExpired:
+        for p in procs:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(p.pid, signal.SIGKILL)
+        pytest.fail(f"multinode.py tasks still running after {timeout}s", pytrace=False)
+    sys.stdout.write("\n".join(f"--- task {r} ---\n{o[-2000:]}" for r, o in enumerate(outputs)))
+    return [p.returncode for p in procs], outputs
+
+
+# ------------------------------------------------------------------------------------------ the four patterns
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """One process, batch 16: what every 2-rank run with batch 8 per rank must reproduce."""
+    ckpt = tmp_path_factory.mktemp("single")
+    return ckpt, python("single_gpu.py", *ONE, "--checkpoint-dir", ckpt).stdout
+
+
+def test_single_process_learns_and_exports_a_loadable_nemo_file(reference):
+    ckpt, out = reference
+    assert epochs(out) == [("1", "2", "4"), ("2", "2", "8")] and world_size(out) == 1, out[-3000:]
+    assert last_checkpoint(ckpt)["global_step"] == 8
+    nemo_file = ckpt / "checkpoints" / "nemo-toy.nemo"
+    assert nemo_file.exists(), sorted(p.name for p in (ckpt / "checkpoints").iterdir())
+    # restore_from: the archive's config and weights, the same as the last checkpoint's
+    restored = python("-c", f"""
+import torch, common
+model = common.ToyClassifier.restore_from({str(nemo_file)!r}, map_location="cpu")
+ckpt = next(__import__("pathlib").Path({str(ckpt / "checkpoints")!r}).glob("*last.ckpt"))
+saved = torch.load(ckpt, map_location="cpu", weights_only=False)["state_dict"]
+assert all(torch.equal(v, saved[k]) for k, v in model.state_dict().items()), "weights differ"
+print("restored", type(model).__name__, model.cfg.train_ds.batch_size, model.cfg.optim.name)
+""").stdout
+    assert "restored ToyClassifier 16 sgd" in restored
+
+
+def test_torchrun_two_ranks_equals_one_process(reference, tmp_path):
+    out = run([*torchrun("nemo"), "--standalone", "--nproc_per_node", "2", "multigpu_torchrun.py", *TWO,
+               "--checkpoint-dir", tmp_path], cwd=FOLDER).stdout
+    assert epochs(out) == [("1", "2", "4"), ("2", "2", "8")] and world_size(out) == 2, out[-3000:]
+    assert "[rank1] epoch" not in out
+    assert_same_weights(reference[0], tmp_path, atol=1e-6)  # float32 summation order only
+    assert (tmp_path / "checkpoints" / "nemo-toy.nemo").exists()
+
+
+def test_lightning_spawn_two_ranks_equals_one_process_and_writes_timings(reference, tmp_path):
+    timings = tmp_path / "timings.json"
+    out = python("multigpu.py", "--nprocs", "2", *TWO, "--checkpoint-dir", tmp_path / "ckpt", "--timings-file",
+                 timings, env=clean_env(MASTER_PORT=free_port())).stdout
+    assert epochs(out) == [("1", "2", "4"), ("2", "2", "8")] and world_size(out) == 2, out[-3000:]
+    assert_same_weights(reference[0], tmp_path / "ckpt", atol=1e-6)
+    t = json.loads(timings.read_text())
+    assert t["world_size"] == 2 and t["batch_size"] == 8 and len(t["step_end_times"]) == 8
+    assert t["start_time"] < t["step_end_times"][0] <= t["step_end_times"][-1]
+
+
+def test_multinode_emulated_srun_two_tasks_equals_one_process(reference, tmp_path):
+    codes, outputs = slurm_tasks([*TWO, "--checkpoint-dir", tmp_path])
+    assert codes == [0, 0], outputs[0][-3000:]
+    assert epochs(outputs[0]) == [("1", "2", "4"), ("2", "2", "8")] and world_size(outputs[0]) == 2
+    assert not epochs(outputs[1])  # reporting is rank 0's job
+    assert_same_weights(reference[0], tmp_path, atol=1e-6)
+
+
+# ------------------------------------------------------------------------------------------ resume, preemption
+
+
+def test_resume_through_exp_manager_equals_the_uninterrupted_run(reference, tmp_path):
+    """Stop after epoch 1 (--max-steps 4), run again: exp_manager finds *-last.ckpt and the second epoch ends
+    with the weights of the run that never stopped; run a third time: nothing left, 0 steps.
+
+    Before the second run a stale *-last.ckpt with less progress sits beside the real one (a job killed between
+    writing the new one and deleting the old, NeMo issue #7948), where exp_manager alone would stop with
+    "Multiple checkpoints": the one with the most stored progress is resumed, with a warning."""
+    first = python("single_gpu.py", *ONE, "--max-steps", "4", "--checkpoint-dir", tmp_path).stdout
+    assert epochs(first) == [("1", "2", "4")] and last_checkpoint(tmp_path)["global_step"] == 4
+    python("-c", "import sys, torch; c = torch.load(sys.argv[1], weights_only=False); c['global_step'] = 2; "
+                 "torch.save(c, sys.argv[2])", *sorted((tmp_path / "checkpoints").glob("*last.ckpt")),
+           tmp_path / "checkpoints" / "nemo-toy--step=2-last.ckpt")
+    second = python("single_gpu.py", *ONE, "--checkpoint-dir", tmp_path).stdout  # stdout and stderr
+    assert "warning: 2 *last.ckpt files" in second and "resuming from the one with the most progress" in second
+    assert re.search(r"^\[rank0\] resumed from \S+step=4-last\.ckpt: epoch 2, step 4$", second, re.M), \
+        second[-3000:]
+    assert epochs(second) == [("2", "2", "8")]
+    (tmp_path / "checkpoints" / "nemo-toy--step=2-last.ckpt").unlink()
+    assert_same_weights(reference[0], tmp_path, atol=0)
+    third = python("single_gpu.py", *ONE, "--checkpoint-dir", tmp_path).stdout
+    assert re.search(r"^\[rank0\] resumed from \S+: epoch 3, step 8$", third, re.M) and not epochs(third)
+    assert "[rank0] done: 8 steps" in third
+
+
+def test_preemption_checkpoints_exits_75_and_the_rerun_resumes(tmp_path):
+    """SIGUSR1 to every process of the run (as Slurm signals a step), DataLoader workers included: the step ends,
+    *-last.ckpt is saved, exit 75; the rerun resumes from it through exp_manager and finishes the schedule."""
+    args = ["--epochs", "1", "--dataset-size", "1024", "--batch-size", "8", "--log-every", "10", "--num-workers", "2",
+            "--checkpoint-dir", tmp_path]  # 128 steps
+    proc = subprocess.Popen([str(env_python("nemo")), "single_gpu.py", *map(str, args)], cwd=FOLDER, env=clean_env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    lines, deadline = [], time.monotonic() + 180
+    try:
+        for line in proc.stdout:
+            lines.append(line)
+            if re.match(r"\[rank0\] epoch 1 \| batch \d+/128 \| step 20 ", line):
+                os.killpg(proc.pid, signal.SIGUSR1)  # the script, its DataLoader workers
+            assert time.monotonic() < deadline, "".join(lines[-50:])
+        proc.wait(timeout=60)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+    out = "".join(lines)
+    assert proc.returncode == 75, out[-3000:]
+    step = int(re.search(r"^\[rank0\] preempted at step (\d+): checkpoint saved", out, re.M).group(1))
+    assert 20 <= step < 128 and step % 10 == 0, out[-3000:]
+    assert "Traceback" not in out and "DataLoader worker" not in out, out[-3000:]
+    assert last_checkpoint(tmp_path)["global_step"] == step
+    again = python("single_gpu.py", *map(str, args)).stdout
+    assert re.search(rf"^\[rank0\] resumed from \S+-last\.ckpt: epoch 1, step {step}$", again, re.M), again[-3000:]
+    assert "[rank0] done: 128 steps" in again and last_checkpoint(tmp_path)["global_step"] == 128
+
+
+# ------------------------------------------------------------------------------------------ Hydra overrides
+
+
+def test_flags_and_overrides_compose_into_one_config():
+    out = python("single_gpu.py", "--epochs", "5", "--checkpoint-dir", "/tmp/a b", "model.optim.lr=0.2",
+                 "trainer.precision=bf16-mixed", "--print-config").stdout
+    assert re.search(r"^  max_epochs: 5$", out, re.M) and re.search(r"^    lr: 0\.2$", out, re.M), out
+    assert "explicit_log_dir: /tmp/a b" in out and "precision: bf16-mixed" in out
+
+
+@pytest.mark.parametrize("args, message", [
+    (["model.optim.lrr=0.1"], "invalid override: Could not override 'model.optim.lrr'"),
+    (["trainer.max_epochs=three"], "trainer.max_epochs (--epochs) must be of type int, got 'three'"),
+    (["model.train_ds.batch_size=0"], "model.train_ds.batch_size (--batch-size) must be an integer >= 1"),
+    (["--epochs", "2", "trainer.max_epochs=3"], "trainer.max_epochs is set twice"),
+], ids=["unknown-key", "wrong-type", "out-of-range", "set-twice"])
+def test_bad_config_is_one_line_and_exit_2(tmp_path, args, message):
+    proc = subprocess.run([str(env_python("nemo")), "single_gpu.py", *args, "--checkpoint-dir", str(tmp_path / "c")],
+                          cwd=FOLDER, env=clean_env(), capture_output=True, text=True, timeout=120)
+    errors = [ln for ln in proc.stderr.splitlines() if ERROR_LINE.match(ln)]
+    assert proc.returncode == 2 and len(errors) == 1 and message in errors[0], proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr + proc.stdout and not (tmp_path / "c").exists()
+
+
+BATCH_SHELL = {"SLURM_JOB_ID": 4242, "SLURM_NTASKS": 2, "SLURM_NTASKS_PER_NODE": 2, "SLURM_NNODES": 1,
+               "SLURM_PROCID": 0}
+
+
+@pytest.mark.parametrize("script, env, message", [
+    ("multigpu_torchrun.py", {}, "start this script with torchrun"),
+    ("multinode.py", BATCH_SHELL, "started without srun"),
+], ids=["no-torchrun", "no-srun"])
+def test_launch_without_the_launcher_is_one_line(script, env, message):
+    proc = python(script, *ONE, env=clean_env(**env), expect_fail=True, timeout=120)
+    assert proc.returncode == 2 and message in proc.stdout and "Traceback" not in proc.stdout
+
+
+# ------------------------------------------------------------------------------------------ Megatron-Core
+
+
+def documented_layout(world, tp, pp):
+    """Megatron-Core's documented rank order (parallel_state.initialize_model_parallel, order "tp-cp-ep-dp-pp"):
+    rank = tp_rank + tp * (dp_rank + dp * pp_rank). TP groups are runs of tp consecutive ranks; a DP group takes
+    one rank per TP group inside a pipeline stage; a PP group takes the same (tp, dp) position in every stage."""
+    dp = world // (tp * pp)
+    rank = {(t, d, p): t + tp * (d + dp * p) for t in range(tp) for d in range(dp) for p in range(pp)}
+    layout = {}
+    for (t, d, p), r in rank.items():
+        layout[r] = {"tp": [rank[(i, d, p)] for i in range(tp)], "dp": [rank[(t, i, p)] for i in range(dp)],
+                     "pp": [rank[(t, d, i)] for i in range(pp)]}
+    return layout
+
+
+@pytest.mark.parametrize("world, tp, pp", [(4, 2, 1), (2, 1, 2)], ids=["4=tp2xdp2", "2=pp2"])
+def test_megatron_group_layout_is_the_documented_one(tmp_path, world, tp, pp):
+    layout_file = tmp_path / "layout.json"
+    out = run([*torchrun("nemo"), "--standalone", "--nproc_per_node", world, "megatron_parallel.py",
+               "--tensor-model-parallel-size", tp, "--pipeline-model-parallel-size", pp,
+               "--layout-file", layout_file], cwd=FOLDER, timeout=240).stdout
+    assert f"[rank0] world size {world} = tensor {tp} x pipeline {pp} x data {world // (tp * pp)}" in out, out[-3000:]
+    got = {int(r): v for r, v in json.loads(layout_file.read_text()).items()}
+    assert got == documented_layout(world, tp, pp)
+
+
+def test_megatron_more_model_parallel_ranks_than_processes_is_one_line():
+    """Checked before any rendezvous: rank 0 of a 2-process launch (as torchrun sets it) stops at once."""
+    env = clean_env(RANK=0, WORLD_SIZE=2, LOCAL_RANK=0, LOCAL_WORLD_SIZE=2, MASTER_ADDR="127.0.0.1",
+                    MASTER_PORT=free_port())
+    proc = subprocess.run([str(env_python("nemo")), "megatron_parallel.py", "--tensor-model-parallel-size", "2",
+                           "--pipeline-model-parallel-size", "2"], cwd=FOLDER, env=env, capture_output=True,
+                          text=True, timeout=120)
+    errors = [ln for ln in proc.stderr.splitlines() if ERROR_LINE.match(ln)]
+    assert proc.returncode == 2 and len(errors) == 1, proc.stderr[-3000:]
+    assert "tensor 2 x pipeline 2 = 4 model-parallel ranks, but the world size is 2" in errors[0]
+    assert "Traceback" not in proc.stderr

@@ -1,0 +1,94 @@
+"""nemo/ sbatch templates submitted for real to the local two-node Slurm cluster (tests/slurm_fixtures.py).
+
+Templates run unmodified from nemo/; the tests only shrink the shape on the sbatch command line (this machine has
+2 cores), pass the interpreter as PYTHON, and point --checkpoint-dir at a temporary folder (the last
+--checkpoint-dir on the command line wins over the template's).
+"""
+
+import re
+
+import pytest
+from helpers import ROOT, env_python
+from test_nemo import last_checkpoint  # reads a NeMo checkpoint without NeMo
+
+pytestmark = [pytest.mark.nemo, pytest.mark.slurm, pytest.mark.timeout(400)]
+
+FOLDER = ROOT / "nemo"
+TINY = ["--epochs", 2, "--dataset-size", 64, "--batch-size", 8, "--log-every", 4]
+# Preemption: 2 ranks x 8 = 16 samples per step, 4096 samples -> 256 steps in 1 epoch
+LONG = ["--epochs", 1, "--dataset-size", 4096, "--batch-size", 8, "--log-every", 10]
+LONG_STEPS = 256
+
+
+def shape(nodes, tasks_per_node, gpus_per_node=None):
+    return [f"--nodes={nodes}", f"--ntasks-per-node={tasks_per_node}",
+            f"--gpus-per-node={gpus_per_node or tasks_per_node}", "--cpus-per-task=1", "--time=00:05:00"]
+
+
+def submit(cluster, tmp_path, template, sbatch_args, args=TINY, **kwargs):
+    ckpt = tmp_path / "ckpt"
+    job = cluster.run(FOLDER / template, *args, "--checkpoint-dir", ckpt, sbatch_args=sbatch_args, cwd=FOLDER,
+                      output=tmp_path / "job.out", env={"PYTHON": env_python("nemo")}, **kwargs)
+    return job, ckpt
+
+
+def epoch_lines(log):
+    return re.findall(r"^0: \[rank0\] epoch (\d+)/\d+ \| step \d+ \| loss \S+ \| acc \S+ \| \d+ samples/s", log, re.M)
+
+
+@pytest.mark.parametrize("template, sbatch_args, world_size", [
+    ("single_gpu.sbatch", shape(1, 1), 1),
+    ("multigpu.sbatch", shape(1, 1, gpus_per_node=2), 2),  # the fake GPUs are not CUDA: 2 CPU workers
+    ("multigpu_torchrun.sbatch", shape(1, 1, gpus_per_node=2), 2),  # --nproc_per_node = SLURM_GPUS_ON_NODE
+    ("multinode.sbatch", shape(1, 2), 2),
+    ("multinode.sbatch", shape(2, 1), 2),
+], ids=["single_gpu", "spawn", "torchrun", "multinode-1x2", "multinode-2x1"])
+def test_template_runs(slurm_cluster, tmp_path, template, sbatch_args, world_size):
+    job, ckpt = submit(slurm_cluster, tmp_path, template, sbatch_args, timeout=200)
+    job.assert_ok()
+    assert epoch_lines(job.log) == ["1", "2"], job.describe()
+    assert re.search(rf"^0: \[rank0\] world size {world_size} \|", job.log, re.M), job.describe()
+    assert last_checkpoint(ckpt)["global_step"] == 2 * 64 // (8 * world_size)
+    assert (ckpt / "checkpoints" / "nemo-toy.nemo").exists()
+    if "--nodes=2" in sbatch_args:
+        assert "2 nodes (n[1-2])" in job.log, job.describe()
+
+
+def test_megatron_parallel_two_nodes_tensor_parallel_across_them(slurm_cluster, tmp_path):
+    """srun one task per (fake) GPU on 2 nodes, TP 2: the tensor-parallel group spans the two tasks."""
+    job = slurm_cluster.run(FOLDER / "megatron_parallel.sbatch", "--tensor-model-parallel-size", 2, cwd=FOLDER,
+                            sbatch_args=shape(2, 1), output=tmp_path / "job.out",
+                            env={"PYTHON": env_python("nemo")}, timeout=200)
+    job.assert_ok()
+    assert "0: [rank0] world size 2 = tensor 2 x pipeline 1 x data 1 | backend gloo" in job.log, job.describe()
+    assert "0: [rank0] rank 1: tp [0, 1] | pp [1] | dp [1]" in job.log, job.describe()
+
+
+def test_preemption_requeue_resume(slurm_cluster, tmp_path):
+    """USR1 to the batch shell and every process of the step, DataLoader workers included: the ranks agree on a
+    step, save *-last.ckpt and exit 75, multinode.sbatch requeues, and the requeued job resumes from that
+    checkpoint through exp_manager and COMPLETES all the steps."""
+    events = {"signalled": False}
+
+    def on_poll(info, log):
+        if not events["signalled"] and re.search(r"\[rank0\] epoch 1 \| batch \d+/256 \| step 40 ", log):
+            slurm_cluster.client("scancel", "--full", "--signal=USR1", info["JobId"])
+            events["signalled"] = True
+        if events["signalled"]:
+            slurm_cluster.release_requeued(info, events)
+
+    job, ckpt = submit(slurm_cluster, tmp_path, "multinode.sbatch", shape(1, 2), args=[*LONG, "--num-workers", 1],
+                       timeout=300, on_poll=on_poll)
+    job.assert_ok()
+    assert events["signalled"], f"training never reached step 40\n{job.describe()}"
+    assert job.info["Restarts"] == "1", job.describe()
+    first, _, second = job.log.partition("restart 1 of at most 3")
+    assert second, f"the requeued run never started\n{job.describe()}"
+    for needle in ("multinode: got USR1, forwarding it to the job step", "preempted at step",
+                   "after checkpointing; requeueing job"):
+        assert needle in first, f"{needle!r} missing before the requeue\n{job.describe()}"
+    assert "DataLoader worker" not in job.log and "Traceback" not in job.log, job.describe()
+    preempted = int(re.search(r"preempted at step (\d+)", first).group(1))
+    assert 40 <= preempted < LONG_STEPS and preempted % 10 == 0, job.describe()
+    assert re.search(rf"resumed from \S+-last\.ckpt: epoch 1, step {preempted}$", second, re.M), job.describe()
+    assert last_checkpoint(ckpt)["global_step"] == LONG_STEPS
