@@ -12,6 +12,7 @@ that dies (node lost, process killed) is replaced and training continues from th
 """
 
 import os
+import time
 
 import torch
 
@@ -23,6 +24,8 @@ def add_flags(parser):
                         help="HEAD_IP:GCS_PORT of the Ray cluster to join (default: $RAY_ADDRESS)")
     parser.add_argument("--workers", type=positive_int, default=None,
                         help="Ray Train workers (default: one per GPU of the cluster, one per node without GPUs)")
+    parser.add_argument("--wait-for-nodes", type=positive_int, default=1,
+                        help="wait (polling, at most --timeout s) until this many nodes have joined the cluster")
     add_ray_flags(parser)
 
 
@@ -34,12 +37,26 @@ def default_workers():
     return gpus if torch.cuda.is_available() and gpus else len([n for n in ray.nodes() if n["Alive"]])
 
 
+def wait_for_nodes(count, timeout):
+    """Poll until `count` nodes are alive: the job script starts them all, but each joins when it is ready."""
+    import ray
+
+    deadline = time.monotonic() + timeout
+    while (alive := [n["NodeManagerAddress"] for n in ray.nodes() if n["Alive"]]) and len(alive) < count:
+        if time.monotonic() > deadline:
+            raise RecipeError(f"only {len(alive)} of {count} nodes joined the Ray cluster within --timeout {timeout} s "
+                              f"(joined: {', '.join(alive)}): see the job log for the nodes' `ray start` output")
+        time.sleep(1)
+    print(f"[rank0] cluster: {len(alive)} nodes ({', '.join(sorted(alive))})", flush=True)
+
+
 def main():
     args = parse_args(__doc__, extra=add_flags)
     if not args.address:
         raise RecipeError("no Ray cluster to join: pass --address HEAD_IP:GCS_PORT or set RAY_ADDRESS "
                           "(multinode.sbatch starts a cluster and does this); on one machine use multigpu.py")
     with joined_ray(args.address, args.timeout):
+        wait_for_nodes(args.wait_for_nodes, args.timeout)
         fit_on_ray(args, args.workers or default_workers())
 
 
