@@ -247,7 +247,8 @@ def snapshot_dirs(checkpoint_dir):
     root = os.path.join(checkpoint_dir, RUN_NAME)
     if not os.path.isdir(root):
         return []
-    return [os.path.join(root, n) for n in os.listdir(root) if n.startswith("checkpoint_")]
+    return [os.path.join(root, n) for n in os.listdir(root)  # (not Ray's checkpoint_manager_snapshot.json)
+            if n.startswith("checkpoint_") and os.path.isdir(os.path.join(root, n))]
 
 
 def read_snapshot(directory, map_location="cpu"):
@@ -275,6 +276,10 @@ def find_snapshot(checkpoint_dir):
     if problems:
         raise RecipeError("no usable snapshot: " + "; ".join(problems) + ". Move the damaged ones away to start over.")
     return None
+
+
+def snapshot_step(directory):
+    return torch.load(os.path.join(directory, SNAPSHOT), map_location="cpu", weights_only=True, mmap=True)["step"]
 
 
 def write_snapshot_dir(directory, snapshot):
@@ -348,7 +353,7 @@ class RaySession:
         self.rank, self.world_size = context.get_world_rank(), context.get_world_size()
         # The driver takes SIGUSR1/SIGTERM and passes the request on through the control actor. (The loop runs
         # in a thread of the worker process, where no signal handler can be installed.)
-        self.control, self.resume_path = config["control"], config["resume_from"]
+        self.control, self.resume_path, self.args = config["control"], config["resume_from"], config["args"]
 
     def log(self, message):
         self.control.log.remote(f"[rank{self.rank}] {message}")
@@ -359,14 +364,20 @@ class RaySession:
         return self.rank == 0 and ray.get(self.control.stop_requested.remote())
 
     def resume_from(self):
-        """The driver's choice (newest on disk when it started), or, after Ray restarted the workers
-        (FailureConfig), the checkpoint reported last in this run, whichever is further along."""
-        checkpoint = self.train.get_checkpoint()
-        candidates = [p for p in (self.resume_path, checkpoint.path if checkpoint else None) if p]
-        if not candidates:
-            return None
-        return max(candidates, key=lambda d: torch.load(os.path.join(d, SNAPSHOT), map_location="cpu",
-                                                        weights_only=True, mmap=True)["step"])
+        """Rank 0 chooses, the others follow (ranks must never disagree about where they start): the furthest
+        along of the driver's choice, the checkpoint Ray restored after restarting the workers (FailureConfig),
+        and the newest readable snapshot on disk -- Ray registers a reported checkpoint only when its controller
+        next polls the workers, so a worker that dies right after a report can leave a complete snapshot on
+        disk that Ray does not know about."""
+        choice = [None]
+        if self.rank == 0:
+            checkpoint = self.train.get_checkpoint()
+            on_disk = find_snapshot(self.args.checkpoint_dir)
+            candidates = [p for p in (self.resume_path, checkpoint.path if checkpoint else None, on_disk) if p]
+            choice[0] = max(candidates, key=snapshot_step) if candidates else None
+        if self.world_size > 1:
+            dist.broadcast_object_list(choice, src=0)
+        return choice[0]
 
     def save(self, snapshot):
         with tempfile.TemporaryDirectory(prefix="ray-snapshot-") as tmp:
@@ -607,16 +618,24 @@ def make_control_actor():
     return RunControl.remote()
 
 
+# Set by SIGUSR1/SIGTERM in a driver. The handler only sets it: Ray calls happen in DriverPump's thread.
+STOP_REQUESTED = threading.Event()
+
+
+def catch_stop_signals():
+    """In a driver: SIGUSR1/SIGTERM request a stop instead of killing the process. Called first thing and again
+    after ray.init, which installs its own SIGTERM handler in a driver that starts a cluster."""
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, lambda signum, frame: STOP_REQUESTED.set())
+
+
 class DriverPump(threading.Thread):
-    """In the driver, beside trainer.fit(): prints the workers' lines as they arrive and passes a SIGUSR1/SIGTERM
-    the driver got on to the workers (the signal handler only sets a flag; Ray calls happen here)."""
+    """In the driver, beside trainer.fit(): prints the workers' lines as they arrive and passes a stop request
+    (SIGUSR1/SIGTERM to the driver) on to the workers through the control actor."""
 
     def __init__(self, control):
         super().__init__(daemon=True)
-        self.control, self.signalled, self.done = control, threading.Event(), threading.Event()
-        self.stop_sent = False
-        for sig in STOP_SIGNALS:  # after ray.init, which installs its own SIGTERM handler in a head driver
-            signal.signal(sig, lambda signum, frame: self.signalled.set())
+        self.control, self.done, self.stop_sent = control, threading.Event(), False
 
     def run(self):
         while not self.done.wait(0.2):
@@ -625,7 +644,7 @@ class DriverPump(threading.Thread):
     def pump(self):
         import ray
 
-        if self.signalled.is_set() and not self.stop_sent:
+        if STOP_REQUESTED.is_set() and not self.stop_sent:
             ray.get(self.control.request_stop.remote())
             self.stop_sent = True
         for line in ray.get(self.control.drain.remote()):
@@ -708,6 +727,7 @@ def local_ray(num_cpus):
     temp_dir = tempfile.mkdtemp(prefix="ray-", dir="/tmp")
     ray.init(num_cpus=num_cpus, include_dashboard=False, _temp_dir=temp_dir, object_store_memory=OBJECT_STORE_BYTES,
              log_to_driver=ray_logs_to_driver(), logging_level="warning")
+    catch_stop_signals()
     try:
         yield
     finally:
@@ -738,6 +758,7 @@ def joined_ray(address, timeout):
                           f"{str(e).splitlines()[0][:300] if str(e) else ''}") from None
     finally:
         timer.cancel()
+    catch_stop_signals()
     try:
         yield
     finally:

@@ -12,7 +12,18 @@ ends every Ray process it started, and nothing else.
 
 import torch
 
-from common import RecipeError, add_ray_flags, fit_on_ray, local_ray, parse_args, positive_int, run
+from common import (
+    RecipeError,
+    add_ray_flags,
+    catch_stop_signals,
+    build_dataset,
+    check_dataset_fits,
+    fit_on_ray,
+    local_ray,
+    parse_args,
+    positive_int,
+    run,
+)
 
 
 def add_flags(parser):
@@ -22,10 +33,12 @@ def add_flags(parser):
 
 
 def main():
+    catch_stop_signals()  # a SIGUSR1/SIGTERM during start-up must not kill the driver before it can pass it on
     args = parse_args(__doc__, extra=add_flags)
     nprocs = args.nprocs or torch.cuda.device_count() or 2
     if torch.cuda.is_available() and nprocs > torch.cuda.device_count():
         raise RecipeError(f"--nprocs {nprocs} but only {torch.cuda.device_count()} GPUs are visible")
+    check_dataset_fits(build_dataset(args), nprocs, args.batch_size)  # before Ray starts: bad input fails fast
     with local_ray(num_cpus=nprocs):  # one CPU per worker: Ray schedules exactly --nprocs of them
         fit_on_ray(args, nprocs)
 

@@ -16,7 +16,7 @@ import time
 
 import torch
 
-from common import RecipeError, add_ray_flags, fit_on_ray, joined_ray, parse_args, positive_int, run
+from common import RecipeError, add_ray_flags, catch_stop_signals, fit_on_ray, joined_ray, parse_args, positive_int, run
 
 
 def add_flags(parser):
@@ -51,6 +51,7 @@ def wait_for_nodes(count, timeout):
 
 
 def main():
+    catch_stop_signals()  # a SIGUSR1/SIGTERM during start-up must not kill the driver before it can pass it on
     args = parse_args(__doc__, extra=add_flags)
     if not args.address:
         raise RecipeError("no Ray cluster to join: pass --address HEAD_IP:GCS_PORT or set RAY_ADDRESS "
