@@ -86,6 +86,9 @@ RECIPES = [
              args=("--ds-config", str(ROOT / "deepspeed" / "configs" / f"zero{stage}.json"))) for stage in (0, 1, 2)),
     # PhysicsNeMo's FNO on Darcy flow, measured against a raw DDP loop on the same FNO and data.
     Recipe("modulus", "modulus", "modulus/multigpu_torchrun.py", baseline=RAW_FNO.name),
+    # Ray Train: multigpu.py starts its own one-node Ray cluster and N TorchTrainer workers (Ray has no torchrun);
+    # the same model and data as raw DDP, so its overhead is measured against it.
+    Recipe("ray", "ray", "ray/multigpu.py", launcher="spawn"),
 ]
 BASELINES = {b.name: b for b in (BASELINE, RAW_UNET, RAW_FNO)}
 TARGET_SCALING = 0.90  # at every world size > 1

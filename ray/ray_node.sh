@@ -2,8 +2,8 @@
 # One Ray node of a Slurm job, run by srun on each node (see multinode.sbatch):
 #   srun ... ray_node.sh --head --port=GCS_PORT [ray start options]     # the first node
 #   srun ... ray_node.sh --address=HEAD_IP:GCS_PORT [ray start options] # every other node
-# Starts `ray start --block` in a process group of its own and, when the step ends (srun forwards SIGTERM on
-# scancel, a time limit or the job script's teardown), ends exactly that group: every Ray process of this node
+# Starts `ray start --block` in a process group of its own and, when told to stop (SIGUSR2 from the job
+# script's teardown, which srun forwards; SIGTERM from Slurm on scancel or a time limit), ends exactly that group: every Ray process of this node
 # for this job (GCS, raylet, workers, agents), and nothing of another job or user -- unlike `ray stop`, which
 # kills every Ray process of the user on the machine.
 # Environment: PYTHON (the interpreter whose environment has ray), RAY_PORT_BASE (first port of this job's
@@ -46,7 +46,7 @@ stop() {
   echo "ray node $node: stopped"
   rm -rf "$temp_dir"
 }
-trap 'stop; exit 0' TERM INT
+trap 'stop; exit 0' TERM INT USR2
 trap stop EXIT
 rc=0
 wait "$group" || rc=$?
