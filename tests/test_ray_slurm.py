@@ -22,8 +22,8 @@ FOLDER = ROOT / "ray"
 ARGS = ["--epochs", 2, "--dataset-size", 512, "--batch-size", 16, "--log-every", 8]
 
 
-def shape(nodes, gpus_per_node=1):
-    return [f"--nodes={nodes}", "--ntasks-per-node=1", f"--gpus-per-node={gpus_per_node}", "--cpus-per-task=1",
+def shape(nodes, gpus_per_node=1, cpus=1):
+    return [f"--nodes={nodes}", "--ntasks-per-node=1", f"--gpus-per-node={gpus_per_node}", f"--cpus-per-task={cpus}",
             "--time=00:05:00"]
 
 
@@ -52,7 +52,7 @@ def test_templates_run_and_two_ray_clusters_at_once_do_not_collide(slurm_cluster
     python = {"PYTHON": env_python("ray")}
     jobs = {}
     for name, template, sbatch_args in [("single", "single_gpu.sbatch", shape(1)),
-                                        ("multigpu", "multigpu.sbatch", shape(1, gpus_per_node=2)),
+                                        ("multigpu", "multigpu.sbatch", shape(1, gpus_per_node=2, cpus=2)),
                                         ("multinode-a", "multinode.sbatch", shape(2)),
                                         ("multinode-b", "multinode.sbatch", shape(2))]:
         ckpt, out = tmp_path / name / "ckpt", tmp_path / name / "job.out"
