@@ -1,10 +1,11 @@
 """ray/ sbatch templates submitted for real to the local two-node Slurm cluster (tests/slurm_fixtures.py), from
 inside ray/ as a user would, interpreter in PYTHON.
 
-All four jobs are submitted at once and waited for together (Ray start-up dominates each; run side by side they
+All five jobs are submitted at once and waited for together (Ray start-up dominates each; run side by side they
 cost about what the slowest costs): single_gpu.sbatch, multigpu.sbatch (a local Ray cluster inside one task),
-and multinode.sbatch twice on the same two nodes at the same time -- a Ray cluster per job, head on n1 and a
-worker node on n2, ports and token of their own -- which must not collide. While the multinode jobs run, the
+multinode.sbatch twice on the same two nodes at the same time -- a Ray cluster per job, head on n1 and a worker
+node on n2, ports and token of their own -- which must not collide, and multinode.sbatch a third time through
+preemption -> exit 75 -> requeue -> resume. While the multinode jobs run, the
 PIDs of their Ray processes are collected (their command lines name the job's temp dirs, /tmp/ray-JOBID-NODE);
 afterwards none of them may be alive, on either node.
 """
@@ -41,20 +42,26 @@ def ray_pids(job_id):
     return found
 
 
-def snapshot_step(ckpt):
-    steps = [torch.load(p, map_location="cpu", weights_only=True)["step"]
+def newest(ckpt):
+    """The newest snapshot (by stored step) under ckpt/train/checkpoint_*/."""
+    snaps = [torch.load(p, map_location="cpu", weights_only=True)
              for p in (ckpt / "train").glob("checkpoint_*/snapshot.pt")]
-    assert steps, f"no snapshot under {ckpt}"
-    return max(steps)
+    assert snaps, f"no snapshot under {ckpt}"
+    return max(snaps, key=lambda s: s["step"])
 
 
-def test_templates_run_and_two_ray_clusters_at_once_do_not_collide(slurm_cluster, tmp_path):
+def snapshot_step(ckpt):
+    return newest(ckpt)["step"]
+
+
+def test_templates_two_clusters_at_once_and_preemption_requeue_resume(slurm_cluster, tmp_path):
     python = {"PYTHON": env_python("ray")}
     jobs = {}
     for name, template, sbatch_args in [("single", "single_gpu.sbatch", shape(1)),
                                         ("multigpu", "multigpu.sbatch", shape(1, gpus_per_node=2, cpus=2)),
                                         ("multinode-a", "multinode.sbatch", shape(2)),
-                                        ("multinode-b", "multinode.sbatch", shape(2))]:
+                                        ("multinode-b", "multinode.sbatch", shape(2)),
+                                        ("preempted", "multinode.sbatch", shape(2))]:
         ckpt, out = tmp_path / name / "ckpt", tmp_path / name / "job.out"
         job_id = slurm_cluster.submit(FOLDER / template, *ARGS, "--checkpoint-dir", ckpt, sbatch_args=sbatch_args,
                                       cwd=FOLDER, output=out, env=python)
@@ -62,17 +69,42 @@ def test_templates_run_and_two_ray_clusters_at_once_do_not_collide(slurm_cluster
     seen = {}  # pid -> command line, of every Ray process of the multinode jobs seen while they ran
 
     def collect(info, log):
-        for name in ("multinode-a", "multinode-b"):
+        for name in ("multinode-a", "multinode-b", "preempted"):
             seen.update(ray_pids(jobs[name][0]))
 
-    results = {name: slurm_cluster.wait(job_id, out, timeout=300, on_poll=collect, name=name)
-               for name, (job_id, ckpt, out) in jobs.items()}
-    for job in results.values():
+    events = {"signalled": False}
+
+    def preempt(info, log):
+        """USR1 to the batch shell (what --signal=B:USR1@90 does before the time limit) once the driver has
+        joined: forwarded to the driver, which holds the request until the workers run; they stop at step 10."""
+        collect(info, log)
+        if not events["signalled"] and "[rank0] cluster: " in log:
+            slurm_cluster.client("scancel", "--batch", "--signal=USR1", info["JobId"])
+            events["signalled"] = True
+        if events["signalled"]:
+            slurm_cluster.release_requeued(info, events)
+
+    results = {"preempted": slurm_cluster.wait(jobs["preempted"][0], jobs["preempted"][2], timeout=300,
+                                               on_poll=preempt, name="preempted")}
+    results.update({name: slurm_cluster.wait(job_id, out, timeout=300, on_poll=collect, name=name)
+                    for name, (job_id, ckpt, out) in jobs.items() if name != "preempted"})
+    for name, job in results.items():
         job.assert_ok()
-        assert len(re.findall(r"\[rank0\] epoch \d+/2 \|", job.log)) == 2, job.describe()
+        # (the preempted job's epoch 1 is reported twice: up to step 10, then from 10 to 16)
+        assert len(re.findall(r"\[rank0\] epoch \d+/2 \|", job.log)) == 2 + (name == "preempted"), job.describe()
+    # Preemption: USR1 -> snapshot at step 10 -> exit 75 -> scontrol requeue -> the requeued job starts a new Ray
+    # cluster and resumes -> COMPLETED with the weights of the straight run (multinode-a), bit for bit.
+    job = results["preempted"]
+    assert events["signalled"] and job.info["Restarts"] == "1", job.describe()
+    for needle in ("got USR1: forwarding it to the driver", "preempted at step 10: snapshot saved",
+                   "driver ended with 75 after a snapshot; requeueing job", "run 2 (restart 1 of at most 3)",
+                   "resumed from", "epoch 1, step 10", "done: 32 steps"):
+        assert needle in job.log, f"{needle!r} missing\n{job.describe()}"
+    straight, resumed = (newest(jobs[name][1])["model"] for name in ("multinode-a", "preempted"))
+    assert all(torch.equal(straight[k], resumed[k]) for k in straight), "preempted + resumed != straight"
     # steps: 512 samples / (workers x 16)
     assert snapshot_step(jobs["single"][1]) == 2 * 512 // 16
-    for name in ("multigpu", "multinode-a", "multinode-b"):
+    for name in ("multigpu", "multinode-a", "multinode-b", "preempted"):
         assert snapshot_step(jobs[name][1]) == 2 * 512 // 32, results[name].describe()
     ports = set()
     for name in ("multinode-a", "multinode-b"):
@@ -87,9 +119,9 @@ def test_templates_run_and_two_ray_clusters_at_once_do_not_collide(slurm_cluster
     assert any("raylet" in c for c in seen.values()) and any("gcs_server" in c for c in seen.values())
     left = {pid: c for pid, c in seen.items() if Path(f"/proc/{pid}").exists() and pid in ray_pids_all(jobs)}
     assert not left, f"Ray processes of the jobs survived them: {left}"
-    for name in ("multinode-a", "multinode-b"):
+    for name in ("multinode-a", "multinode-b", "preempted"):
         assert not list(Path("/tmp").glob(f"ray-{jobs[name][0]}-*")), "a node's Ray temp dir was left behind"
 
 
 def ray_pids_all(jobs):
-    return {pid for name in ("multinode-a", "multinode-b") for pid in ray_pids(jobs[name][0])}
+    return {pid for name in ("multinode-a", "multinode-b", "preempted") for pid in ray_pids(jobs[name][0])}
