@@ -88,6 +88,9 @@ RECIPES = [
     Recipe("modulus", "modulus", "modulus/multigpu_torchrun.py", baseline=RAW_FNO.name),
     # NeMo: the shared ConvNet as a ModelPT, Hydra config + exp_manager, against the raw DDP loop on that model.
     Recipe("nemo", "nemo", "nemo/multigpu_torchrun.py"),
+    # Ray Train: multigpu.py starts its own one-node Ray cluster and N TorchTrainer workers (Ray has no torchrun);
+    # the same model and data as raw DDP, so its overhead is measured against it.
+    Recipe("ray", "ray", "ray/multigpu.py", launcher="spawn"),
 ]
 BASELINES = {b.name: b for b in (BASELINE, RAW_UNET, RAW_FNO)}
 TARGET_SCALING = 0.90  # at every world size > 1

@@ -20,7 +20,8 @@ def pytest_runtest_makereport(item, call):
 
 # Time per part of the suite (the README's CI section quotes these): setup + call + teardown of every test,
 # grouped by the first of these markers the test carries.
-GROUPS = ("slurm", "contract", "lightning", "pytorch", "jax", "monai", "modulus", "bench", "lint", "deepspeed", "nemo")
+GROUPS = ("slurm", "contract", "lightning", "pytorch", "jax", "monai", "modulus", "bench", "lint", "deepspeed", "nemo",
+          "ray")
 _seconds: dict[str, float] = {}
 # And per framework folder (each folder's CI budget): its own test files (tests/test_<folder>*.py) plus the
 # contract tests run over it (test_contract.py::...[<folder>]).

@@ -1,0 +1,54 @@
+#!/bin/bash
+# One Ray node of a Slurm job, run by srun on each node (see multinode.sbatch):
+#   srun ... ray_node.sh --head --port=GCS_PORT [ray start options]     # the first node
+#   srun ... ray_node.sh --address=HEAD_IP:GCS_PORT [ray start options] # every other node
+# Starts `ray start --block` in a process group of its own and, when told to stop (SIGUSR2 from the job
+# script's teardown, which srun forwards; SIGTERM from Slurm on scancel or a time limit), ends exactly that group: every Ray process of this node
+# for this job (GCS, raylet, workers, agents), and nothing of another job or user -- unlike `ray stop`, which
+# kills every Ray process of the user on the machine.
+# Environment: PYTHON (the interpreter whose environment has ray), RAY_PORT_BASE (first port of this job's
+# block of 64, from multinode.sbatch), RAY_NODE_IP_CMD (how a node finds the address the others reach it at).
+set -euo pipefail
+
+PYTHON=${PYTHON:-python3}
+base=${RAY_PORT_BASE:?RAY_PORT_BASE not set: run this from multinode.sbatch}
+node=${SLURMD_NODENAME:-$(hostname)}
+# The address the other nodes reach this one at, taken on the node itself (Ray's own guess can pick a
+# loopback or container address that the other nodes cannot reach: "IP mismatch" errors).
+ip=$(eval "${RAY_NODE_IP_CMD:-hostname -I | awk '{print \$1}'}")
+# Ray keeps Unix sockets in its temp dir (paths must stay under ~107 characters) and its session directory
+# name comes from the head: one short directory per job *and node*, so nodes sharing a /tmp never mix.
+temp_dir=/tmp/ray-${SLURM_JOB_ID:-0}-$node
+
+# Every port from this job's block: two jobs on one node never collide, nothing is in the ephemeral range,
+# and the dashboard process (started even with --include-dashboard=false) stays on loopback.
+setsid "$PYTHON" -m ray.scripts.scripts start --block "$@" \
+  --node-ip-address="$ip" --temp-dir="$temp_dir" \
+  --node-manager-port=$((base + 0)) --object-manager-port=$((base + 1)) --metrics-export-port=$((base + 2)) \
+  --dashboard-agent-grpc-port=$((base + 3)) --dashboard-agent-listen-port=$((base + 4)) \
+  --runtime-env-agent-port=$((base + 5)) --min-worker-port=$((base + 8)) --max-worker-port=$((base + 63)) \
+  --num-cpus="${SLURM_CPUS_PER_TASK:-1}" --num-gpus="${SLURM_GPUS_ON_NODE:-0}" \
+  --object-store-memory=$((256 * 1024 * 1024)) --disable-usage-stats &
+group=$!   # setsid in a background job runs in place: its PID is the new process group's id
+echo "ray node $node ($ip): process group $group, temp dir $temp_dir"
+
+# shellcheck disable=SC2317  # called from the traps below
+stop() {
+  trap - TERM INT EXIT
+  kill -TERM -- "-$group" 2>/dev/null || return 0
+  # Ray drains for up to 30 s on SIGTERM, and gcs_server/raylet may ignore it; Slurm itself sends SIGKILL
+  # KillWait seconds (often 30, here 7) after its SIGTERM: 2 s, then SIGKILL.
+  for _ in $(seq 10); do
+    kill -0 -- "-$group" 2>/dev/null || break
+    sleep 0.2
+  done
+  kill -KILL -- "-$group" 2>/dev/null || true
+  echo "ray node $node: stopped"
+  rm -rf "$temp_dir"
+}
+trap 'stop; exit 0' TERM INT USR2
+trap stop EXIT
+rc=0
+wait "$group" || rc=$?
+echo "ray node $node: ray start exited with $rc" >&2
+exit "$rc"

@@ -1,0 +1,127 @@
+"""ray/ sbatch templates submitted for real to the local two-node Slurm cluster (tests/slurm_fixtures.py), from
+inside ray/ as a user would, interpreter in PYTHON.
+
+All five jobs are submitted at once and waited for together (Ray start-up dominates each; run side by side they
+cost about what the slowest costs): single_gpu.sbatch, multigpu.sbatch (a local Ray cluster inside one task),
+multinode.sbatch twice on the same two nodes at the same time -- a Ray cluster per job, head on n1 and a worker
+node on n2, ports and token of their own -- which must not collide, and multinode.sbatch a third time through
+preemption -> exit 75 -> requeue -> resume. While the multinode jobs run, the
+PIDs of their Ray processes are collected (their command lines name the job's temp dirs, /tmp/ray-JOBID-NODE);
+afterwards none of them may be alive, on either node.
+"""
+
+import re
+from pathlib import Path
+
+import pytest
+import torch
+from helpers import ROOT, env_python
+
+pytestmark = [pytest.mark.ray, pytest.mark.slurm, pytest.mark.timeout(400)]
+
+FOLDER = ROOT / "ray"
+ARGS = ["--epochs", 2, "--dataset-size", 512, "--batch-size", 16, "--log-every", 8]
+
+
+def shape(nodes, gpus_per_node=1, cpus=1):
+    return [f"--nodes={nodes}", "--ntasks-per-node=1", f"--gpus-per-node={gpus_per_node}", f"--cpus-per-task={cpus}",
+            "--time=00:05:00"]
+
+
+def ray_pids(job_id):
+    """{pid: command line} of the live processes whose command line names this job's Ray temp dirs."""
+    found = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            except OSError:
+                continue
+            if f"/tmp/ray-{job_id}-" in cmdline:
+                found[int(entry.name)] = cmdline[:200]
+    return found
+
+
+def newest(ckpt):
+    """The newest snapshot (by stored step) under ckpt/train/checkpoint_*/."""
+    snaps = [torch.load(p, map_location="cpu", weights_only=True)
+             for p in (ckpt / "train").glob("checkpoint_*/snapshot.pt")]
+    assert snaps, f"no snapshot under {ckpt}"
+    return max(snaps, key=lambda s: s["step"])
+
+
+def snapshot_step(ckpt):
+    return newest(ckpt)["step"]
+
+
+def test_templates_two_clusters_at_once_and_preemption_requeue_resume(slurm_cluster, tmp_path):
+    python = {"PYTHON": env_python("ray")}
+    jobs = {}
+    for name, template, sbatch_args in [("single", "single_gpu.sbatch", shape(1)),
+                                        ("multigpu", "multigpu.sbatch", shape(1, gpus_per_node=2, cpus=2)),
+                                        ("multinode-a", "multinode.sbatch", shape(2)),
+                                        ("multinode-b", "multinode.sbatch", shape(2)),
+                                        ("preempted", "multinode.sbatch", shape(2))]:
+        ckpt, out = tmp_path / name / "ckpt", tmp_path / name / "job.out"
+        job_id = slurm_cluster.submit(FOLDER / template, *ARGS, "--checkpoint-dir", ckpt, sbatch_args=sbatch_args,
+                                      cwd=FOLDER, output=out, env=python)
+        jobs[name] = (job_id, ckpt, out)
+    seen = {}  # pid -> command line, of every Ray process of the multinode jobs seen while they ran
+
+    def collect(info, log):
+        for name in ("multinode-a", "multinode-b", "preempted"):
+            seen.update(ray_pids(jobs[name][0]))
+
+    events = {"signalled": False}
+
+    def preempt(info, log):
+        """USR1 to the batch shell (what --signal=B:USR1@90 does before the time limit) once the driver has
+        joined: forwarded to the driver, which holds the request until the workers run; they stop at step 10."""
+        collect(info, log)
+        if not events["signalled"] and "[rank0] cluster: " in log:
+            slurm_cluster.client("scancel", "--batch", "--signal=USR1", info["JobId"])
+            events["signalled"] = True
+        if events["signalled"]:
+            slurm_cluster.release_requeued(info, events)
+
+    results = {"preempted": slurm_cluster.wait(jobs["preempted"][0], jobs["preempted"][2], timeout=300,
+                                               on_poll=preempt, name="preempted")}
+    results.update({name: slurm_cluster.wait(job_id, out, timeout=300, on_poll=collect, name=name)
+                    for name, (job_id, ckpt, out) in jobs.items() if name != "preempted"})
+    for name, job in results.items():
+        job.assert_ok()
+        # (the preempted job's epoch 1 is reported twice: up to step 10, then from 10 to 16)
+        assert len(re.findall(r"\[rank0\] epoch \d+/2 \|", job.log)) == 2 + (name == "preempted"), job.describe()
+    # Preemption: USR1 -> snapshot at step 10 -> exit 75 -> scontrol requeue -> the requeued job starts a new Ray
+    # cluster and resumes -> COMPLETED with the weights of the straight run (multinode-a), bit for bit.
+    job = results["preempted"]
+    assert events["signalled"] and job.info["Restarts"] == "1", job.describe()
+    for needle in ("got USR1: forwarding it to the driver", "preempted at step 10: snapshot saved",
+                   "driver ended with 75 after a snapshot; requeueing job", "run 2 (restart 1 of at most 3)",
+                   "resumed from", "epoch 1, step 10", "done: 32 steps"):
+        assert needle in job.log, f"{needle!r} missing\n{job.describe()}"
+    straight, resumed = (newest(jobs[name][1])["model"] for name in ("multinode-a", "preempted"))
+    assert all(torch.equal(straight[k], resumed[k]) for k in straight), "preempted + resumed != straight"
+    # steps: 512 samples / (workers x 16)
+    assert snapshot_step(jobs["single"][1]) == 2 * 512 // 16
+    for name in ("multigpu", "multinode-a", "multinode-b", "preempted"):
+        assert snapshot_step(jobs[name][1]) == 2 * 512 // 32, results[name].describe()
+    ports = set()
+    for name in ("multinode-a", "multinode-b"):
+        job = results[name]
+        hosts = dict(re.findall(r"\[rank(\d)\] host (\S+) \|", job.log))
+        assert set(hosts) == {"0", "1"} and set(hosts.values()) == {"n1", "n2"}, job.describe()  # one per node
+        assert "cluster: 2 nodes (10.77.0.11, 10.77.0.12)" in job.log, job.describe()  # IPs from the nodes
+        ports.add(re.search(r"head \S+:(\d+), ports (\d+)-", job.log).groups())
+        assert "torn down" in job.log, job.describe()
+    assert len(ports) == 2 and len({p[0] for p in ports}) == 2, f"two jobs, same ports: {ports}"
+    assert seen, "no Ray process of the multinode jobs was ever seen (is the temp dir in their command lines?)"
+    assert any("raylet" in c for c in seen.values()) and any("gcs_server" in c for c in seen.values())
+    left = {pid: c for pid, c in seen.items() if Path(f"/proc/{pid}").exists() and pid in ray_pids_all(jobs)}
+    assert not left, f"Ray processes of the jobs survived them: {left}"
+    for name in ("multinode-a", "multinode-b", "preempted"):
+        assert not list(Path("/tmp").glob(f"ray-{jobs[name][0]}-*")), "a node's Ray temp dir was left behind"
+
+
+def ray_pids_all(jobs):
+    return {pid for name in ("multinode-a", "multinode-b", "preempted") for pid in ray_pids(jobs[name][0])}
