@@ -1,8 +1,14 @@
+import os
 import re
 
 import pytest
 
-from helpers import IN_CI, ROOT
+from helpers import IN_CI, PYCACHE, ROOT
+
+# Processes that do not go through helpers.clean_env (Slurm jobs inherit this environment): the same bytecode
+# cache (see helpers.PYCACHE).
+os.environ.pop("PYTHONDONTWRITEBYTECODE", None)
+os.environ["PYTHONPYCACHEPREFIX"] = str(PYCACHE)
 
 pytest_plugins = ["slurm_fixtures"]  # local Slurm cluster fixtures (tests/slurm_fixtures.py)
 

@@ -13,6 +13,12 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
+# Every recipe here starts as fresh processes (hundreds per run) that import torch and a framework. The
+# environments hold no .pyc files (tools/envs.sh: uv links the wheels' files only), and with
+# PYTHONDONTWRITEBYTECODE set (as on CI machines) each process would compile every module it imports again:
+# seconds per process. Instead they cache it here (PYTHONPYCACHEPREFIX), not in __pycache__ folders inside the
+# recipe folders that tests copy.
+PYCACHE = ROOT / ".venvs" / ".pycache"
 VENVS = ROOT / ".venvs"
 SHIM_DIR = Path(__file__).resolve().parent / "shim"
 IN_CI = os.environ.get("CI", "").lower() == "true"
@@ -65,7 +71,8 @@ def clean_env(**overrides) -> dict:
         and k not in {"RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
                       "GROUP_RANK", "NODE_RANK", "PYTHONPATH"}
     }
-    env.update(OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", PYTHONDONTWRITEBYTECODE="1")
+    env.pop("PYTHONDONTWRITEBYTECODE", None)  # see PYCACHE: compiled bytecode is cached, outside the source tree
+    env.update(OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", PYTHONPYCACHEPREFIX=str(PYCACHE))
     env.update({k: str(v) for k, v in overrides.items()})
     return env
 
