@@ -116,6 +116,20 @@ PY
   echo "envs: built $venv in $((SECONDS - start)) s"
 }
 
+# tools/envs.sh --install-into VENV REQUIREMENTS (absolute paths): REQUIREMENTS alone, without constraints.txt,
+# into an existing VENV, with this script's installer: the contract's copy-alone test (a folder copied alone).
+if [ "${1:-}" = --install-into ]; then
+  [ $# -eq 3 ] || { echo "usage: tools/envs.sh --install-into VENV REQUIREMENTS" >&2; exit 2; }
+  mkdir -p .venvs
+  setup_installer
+  if [ -n "$uv" ]; then
+    "$uv" pip install --python "$2/bin/python" "${uv_args[@]}" -r "$3"
+  else
+    "$2/bin/python" -m pip install --quiet --no-compile --disable-pip-version-check -r "$3"
+  fi
+  exit 0
+fi
+
 if [ $# -eq 0 ]; then
   mapfile -t names < <(all_names)
 else
