@@ -7,6 +7,7 @@ rank), so that `diff single_gpu.py multigpu_torchrun.py` shows exactly what goin
 
 import argparse
 import contextlib
+import faulthandler
 import gc
 import importlib.util
 import json
@@ -362,6 +363,23 @@ def start_distributed(args, rank_hint="?"):
     if not manager.distributed or manager.world_size < 1:
         raise RecipeError("DistributedManager found no launcher (torchrun, srun or mpirun variables)")
     return manager
+
+
+def leave_within(seconds=60):
+    """Bound the way out of a run that has finished and saved everything. Seen twice in CI rehearsals (2026-11-21
+    and -22), not yet diagnosed: under torchrun in a Slurm job, rank 1 printed nothing more after the last
+    snapshot and never exited, until the agent was killed. If leaving (process group teardown, interpreter exit)
+    takes longer than `seconds`, every thread's stack goes to stderr, for the diagnosis, and the process exits 0:
+    its work is done and on disk."""
+    def give_up():
+        print(f"warning: rank still exiting {seconds} s after the run finished; its threads:", file=sys.stderr,
+              flush=True)
+        faulthandler.dump_traceback(file=sys.stderr, all_threads=True)
+        os._exit(0)
+
+    timer = threading.Timer(seconds, give_up)
+    timer.daemon = True
+    timer.start()
 
 
 def stop_distributed():

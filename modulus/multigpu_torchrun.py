@@ -23,6 +23,7 @@ from common import (
     parse_args,
     run,
     start_distributed,
+    leave_within,
     stop_distributed,
 )
 
@@ -50,6 +51,7 @@ def train(args, manager, preemption, launch="torchrun"):
                       f"device {device} | {len(datasets[0])} samples | batch {args.batch_size}/rank | "
                       f"{len(trainer.loader)} steps/epoch")
         trainer.fit()
+        leave_within(60)  # see its docstring: a finished rank must not hang on its way out
     finally:
         stop_distributed()
 
