@@ -9,6 +9,7 @@ the metrics, let one rank write the snapshot, agree on when to stop).
 
 import argparse
 import contextlib
+import functools
 import gc
 import json
 import os
@@ -172,7 +173,9 @@ def explained_rendezvous(rank, world_size, timeout):
         raise RecipeError(f"rendezvous at {addr} failed: {hint} ({str(e).splitlines()[0][:200]})") from None
 
 
-_RANK0_WAIT_GROUP = []
+@functools.cache
+def rank0_wait_group(io_timeout):
+    return dist.new_group(backend="gloo", timeout=timedelta(seconds=io_timeout))
 
 
 def wait_for_rank0(io_timeout):
@@ -182,9 +185,7 @@ def wait_for_rank0(io_timeout):
     made on first use (every rank gets here at the same points), waits up to --io-timeout."""
     if not dist.is_initialized() or dist.get_world_size() == 1:
         return
-    if not _RANK0_WAIT_GROUP:
-        _RANK0_WAIT_GROUP.append(dist.new_group(backend="gloo", timeout=timedelta(seconds=io_timeout)))
-    dist.barrier(group=_RANK0_WAIT_GROUP[0])
+    dist.barrier(group=rank0_wait_group(io_timeout))
 
 
 def restarted_attempt_store(world_size, timeout):
@@ -464,7 +465,7 @@ class Trainer:
                 self.timer()
             totals += torch.stack([loss * len(y), correct])
             seen += len(y)
-            if self.step % self.args.log_every == 0:
+            if self.rank == 0 and self.step % self.args.log_every == 0:  # .item() syncs: rank 0 only
                 self._log(f"epoch {self.epoch + 1} | batch {i + 1}/{len(self.loader)} | step {self.step} | "
                           f"loss {loss.item():.4f}")
             if (self.args.max_steps and self.step >= self.args.max_steps) or self._preemption_agreed():

@@ -473,7 +473,7 @@ class Trainer:
                 self.timer()
             totals += torch.stack([loss * len(y), correct])
             seen += len(y)
-            if self.step % self.args.log_every == 0:
+            if self.rank == 0 and self.step % self.args.log_every == 0:  # .item() syncs: rank 0 only
                 self._log(f"epoch {self.epoch + 1} | batch {i + 1}/{len(self.loader)} | step {self.step} | "
                           f"loss {loss.item():.4f}")
             if (self.args.max_steps and self.step >= self.args.max_steps) or self._stop_agreed():

@@ -5,8 +5,8 @@ import pytest
 
 from helpers import IN_CI, PYCACHE, ROOT
 
-# Processes that do not go through helpers.clean_env (Slurm jobs inherit this environment): the same bytecode
-# cache (see helpers.PYCACHE).
+# Every process the tests start (through helpers.clean_env, or as Slurm jobs, which inherit this environment)
+# caches its bytecode under helpers.PYCACHE instead of compiling every import again.
 os.environ.pop("PYTHONDONTWRITEBYTECODE", None)
 os.environ["PYTHONPYCACHEPREFIX"] = str(PYCACHE)
 

@@ -71,8 +71,7 @@ def clean_env(**overrides) -> dict:
         and k not in {"RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
                       "GROUP_RANK", "NODE_RANK", "PYTHONPATH"}
     }
-    env.pop("PYTHONDONTWRITEBYTECODE", None)  # see PYCACHE: compiled bytecode is cached, outside the source tree
-    env.update(OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", PYTHONPYCACHEPREFIX=str(PYCACHE))
+    env.update(OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")  # bytecode cache: see PYCACHE (set by conftest.py)
     env.update({k: str(v) for k, v in overrides.items()})
     return env
 

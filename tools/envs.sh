@@ -68,17 +68,24 @@ setup_installer() {
   pip_index_flags
 }
 
-# Install, quiet, always under the torch pin.
-pip_install() {
+# Install into a venv with the chosen installer, quietly.
+install() {
   local venv=$1
   shift
   if [ -n "$uv" ]; then
-    "$uv" pip install --python "$venv/bin/python" "${uv_args[@]}" -c constraints.txt "$@"
+    "$uv" pip install --python "$venv/bin/python" "${uv_args[@]}" "$@"
     return
   fi
   # pip: drop the noise of index locations that don't exist on this box.
-  "$venv/bin/python" -m pip install --quiet --disable-pip-version-check -c constraints.txt "$@" 2>&1 |
+  "$venv/bin/python" -m pip install --quiet --disable-pip-version-check "$@" 2>&1 |
     { grep -v "is ignored: it is neither a file nor a directory" || true; }
+}
+
+# The framework environments: always under the torch pin.
+pip_install() {
+  local venv=$1
+  shift
+  install "$venv" -c constraints.txt "$@"
 }
 
 build() {
@@ -122,11 +129,7 @@ if [ "${1:-}" = --install-into ]; then
   [ $# -eq 3 ] || { echo "usage: tools/envs.sh --install-into VENV REQUIREMENTS" >&2; exit 2; }
   mkdir -p .venvs
   setup_installer
-  if [ -n "$uv" ]; then
-    "$uv" pip install --python "$2/bin/python" "${uv_args[@]}" -r "$3"
-  else
-    "$2/bin/python" -m pip install --quiet --no-compile --disable-pip-version-check -r "$3"
-  fi
+  install "$2" -r "$3"
   exit 0
 fi
 
