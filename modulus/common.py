@@ -7,7 +7,6 @@ rank), so that `diff single_gpu.py multigpu_torchrun.py` shows exactly what goin
 
 import argparse
 import contextlib
-import faulthandler
 import gc
 import importlib.util
 import json
@@ -17,6 +16,7 @@ import sys
 import tempfile
 import threading
 import time
+import traceback
 from datetime import timedelta
 
 import numpy as np
@@ -113,9 +113,6 @@ def run(main, *args, rank=None):
     """Call main(*args); turn a RecipeError into one clear line and exit 2 instead of a traceback wall."""
     try:
         main(*args)
-        # DDP keeps reference cycles that hold the process group; freed at interpreter shutdown, gloo's threads
-        # can no longer be joined and the process aborts after a successful run. Free them now.
-        gc.collect()
     except RecipeError as e:
         if rank is None:
             rank = os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0"))
@@ -365,24 +362,17 @@ def start_distributed(args, rank_hint="?"):
     return manager
 
 
-def leave_within(seconds=60):
-    """Bound the way out of a run that has finished and saved everything. Seen twice in CI rehearsals (2026-11-21
-    and -22), not yet diagnosed: under torchrun in a Slurm job, rank 1 printed nothing more after the last
-    snapshot and never exited, until the agent was killed. If leaving (process group teardown, interpreter exit)
-    takes longer than `seconds`, every thread's stack goes to stderr, for the diagnosis, and the process exits 0:
-    its work is done and on disk."""
-    def give_up():
-        print(f"warning: rank still exiting {seconds} s after the run finished; its threads:", file=sys.stderr,
-              flush=True)
-        faulthandler.dump_traceback(file=sys.stderr, all_threads=True)
-        os._exit(0)
-
-    timer = threading.Timer(seconds, give_up)
-    timer.daemon = True
-    timer.start()
-
-
 def stop_distributed():
+    """Destroy the process group after the DDP model that uses it is gone -- in that order, or a finished run
+    can hang at exit. DDP's C++ Reducer holds the process group; if the Reducer is freed last, gloo's destructor
+    runs with the GIL held and joins its worker threads, while one of them waits for the GIL to free the tensors
+    of the last collective: a deadlock (seen under CPU binding to one core, e.g. torchrun in a Slurm step with
+    --cpus-per-task=1, about one run in two). destroy_process_group() drops the last reference without the GIL.
+    So: let the frames of an exception in flight (a preemption's exit 75) release the model, collect DDP's
+    reference cycles, then destroy."""
+    if sys.exc_info()[2] is not None:
+        traceback.clear_frames(sys.exc_info()[2])
+    gc.collect()
     physicsnemo().distributed.DistributedManager.cleanup()
 
 

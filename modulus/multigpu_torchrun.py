@@ -23,7 +23,6 @@ from common import (
     parse_args,
     run,
     start_distributed,
-    leave_within,
     stop_distributed,
 )
 
@@ -39,21 +38,24 @@ def require_torchrun():
 def train(args, manager, preemption, launch="torchrun"):
     """Everything after DistributedManager has joined the process group. multigpu.py and multinode.py run exactly
     this: only how their processes start differs."""
-    device, rank, world_size = manager.device, manager.rank, manager.world_size
     try:
-        torch.manual_seed(args.seed)  # same seed on every rank: identical initial weights
-        datasets = build_datasets(args)
-        check_dataset_fits(datasets[0], world_size, args.batch_size)
-        model = DDP(build_model().to(device), device_ids=[device] if device.type == "cuda" else None)
-        trainer = Trainer(model, datasets, args, rank, world_size, device, preemption)
-        if rank == 0:
-            log(rank, f"world size {world_size} ({launch}) | backend {torch.distributed.get_backend()} | "
-                      f"device {device} | {len(datasets[0])} samples | batch {args.batch_size}/rank | "
-                      f"{len(trainer.loader)} steps/epoch")
-        trainer.fit()
-        leave_within(60)  # see its docstring: a finished rank must not hang on its way out
+        fit(args, manager, preemption, launch)
     finally:
-        stop_distributed()
+        stop_distributed()  # after fit() has returned: the model must be gone first (see stop_distributed)
+
+
+def fit(args, manager, preemption, launch):
+    device, rank, world_size = manager.device, manager.rank, manager.world_size
+    torch.manual_seed(args.seed)  # same seed on every rank: identical initial weights
+    datasets = build_datasets(args)
+    check_dataset_fits(datasets[0], world_size, args.batch_size)
+    model = DDP(build_model().to(device), device_ids=[device] if device.type == "cuda" else None)
+    trainer = Trainer(model, datasets, args, rank, world_size, device, preemption)
+    if rank == 0:
+        log(rank, f"world size {world_size} ({launch}) | backend {torch.distributed.get_backend()} | "
+                  f"device {device} | {len(datasets[0])} samples | batch {args.batch_size}/rank | "
+                  f"{len(trainer.loader)} steps/epoch")
+    trainer.fit()
 
 
 def main():

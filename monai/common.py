@@ -19,6 +19,7 @@ import sys
 import tempfile
 import threading
 import time
+import traceback
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -183,6 +184,19 @@ class PreemptionFlag:
 PREEMPTION = PreemptionFlag()
 
 
+def leave_process_group():
+    """Free the DDP model, then destroy the process group -- in that order, or a finished run can hang or abort
+    at exit. DDP's C++ Reducer holds the process group. Freed last (by the interpreter's shutdown, or by DDP's
+    reference cycles collected after the destroy), gloo's destructor runs with the GIL held and joins its
+    threads, while one of them may wait for the GIL to free the tensors of the last collective: a deadlock
+    (seen with one CPU core per torchrun step in Slurm). destroy_process_group() drops the last reference
+    without holding the GIL."""
+    if sys.exc_info()[2] is not None:
+        traceback.clear_frames(sys.exc_info()[2])  # an exception in flight (exit 75) still holds the model
+    gc.collect()  # DDP's reference cycles
+    dist.destroy_process_group()
+
+
 def run(main, *args, rank=None):
     """Call main(*args); turn a RecipeError into one clear line and exit 2 instead of a traceback wall.
 
@@ -192,9 +206,6 @@ def run(main, *args, rank=None):
     PREEMPTION.install()
     try:
         main(*args)
-        # DDP keeps reference cycles that hold the process group. Left to the interpreter's shutdown, they are
-        # freed when gloo's threads can no longer be joined, and the process can abort after a successful run.
-        gc.collect()
     except RecipeError as e:
         rank = env_rank() if rank is None else rank
         if not isinstance(e, InputError) or str(rank) == "0":

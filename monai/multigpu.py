@@ -24,6 +24,7 @@ from common import (
     check_sizes,
     fit,
     init_distributed,
+    leave_process_group,
     parse_args,
     pick_device,
     positive_int,
@@ -47,7 +48,7 @@ def train(rank, world_size, port, args):
         ranks = Ranks(rank, rank, world_size, device, distributed=True)
         fit(args, ranks, wrap=lambda model: DDP(model))  # gradients averaged over ranks in every backward
     finally:
-        dist.destroy_process_group()
+        leave_process_group()
 
 
 def check_input(args, world_size):

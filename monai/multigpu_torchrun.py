@@ -8,10 +8,9 @@ if one fails (--max-restarts), which is why resuming is automatic.
 
 import os
 
-import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from common import Ranks, fit, init_distributed, launch_env, parse_args, pick_device, run
+from common import Ranks, fit, init_distributed, launch_env, leave_process_group, parse_args, pick_device, run
 
 
 def main():
@@ -24,7 +23,7 @@ def main():
         ranks = Ranks(rank, local_rank, world_size, device, distributed=True)
         fit(args, ranks, wrap=lambda model: DDP(model))  # gradients averaged over ranks in every backward
     finally:
-        dist.destroy_process_group()
+        leave_process_group()
 
 
 if __name__ == "__main__":

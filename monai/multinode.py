@@ -13,10 +13,10 @@ is on, rank 0 saves a snapshot, and the job exits with 75 so its script can requ
 import os
 import socket
 
-import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from common import RecipeError, Ranks, fit, init_distributed, launch_env, log, parse_args, pick_device, run
+from common import (RecipeError, Ranks, fit, init_distributed, launch_env, leave_process_group, log, parse_args,
+                    pick_device, run)
 
 
 def map_srun_env():
@@ -47,7 +47,7 @@ def main():
         ranks = Ranks(rank, local_rank, world_size, device, distributed=True)
         fit(args, ranks, wrap=lambda model: DDP(model))  # gradients averaged over ranks in every backward
     finally:
-        dist.destroy_process_group()
+        leave_process_group()
 
 
 if __name__ == "__main__":

@@ -18,6 +18,7 @@ import socket
 import sys
 import threading
 import time
+import traceback
 import uuid
 from datetime import timedelta
 
@@ -130,11 +131,20 @@ def run(main, *args, rank=None):
         sys.exit(2)
     finally:
         if dist.is_initialized():
-            dist.destroy_process_group()
-    # DDP keeps reference cycles that hold the process group. Left to the interpreter's shutdown, they are
-    # freed when gloo's threads can no longer be joined, and the process aborts ("terminate called without
-    # an active exception") after a successful run. Free them now, while everything is still alive.
-    gc.collect()
+            leave_process_group()
+
+
+def leave_process_group():
+    """Free the DDP model, then destroy the process group -- in that order, or a finished run can hang or abort
+    at exit. DDP's C++ Reducer holds the process group. Freed last (by the interpreter's shutdown, or by DDP's
+    reference cycles collected after the destroy), gloo's destructor runs with the GIL held and joins its
+    threads, while one of them may wait for the GIL to free the tensors of the last collective: a deadlock
+    (seen with one CPU core per torchrun step in Slurm) or "terminate called without an active exception".
+    destroy_process_group() drops the last reference without holding the GIL."""
+    if sys.exc_info()[2] is not None:
+        traceback.clear_frames(sys.exc_info()[2])  # an exception in flight (exit 75) still holds the model
+    gc.collect()  # DDP's reference cycles
+    dist.destroy_process_group()
 
 
 @contextlib.contextmanager

@@ -5,6 +5,7 @@ folder would run it. The tests themselves run in .venvs/tests.
 """
 
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -21,6 +22,7 @@ ROOT = Path(__file__).resolve().parents[1]
 PYCACHE = ROOT / ".venvs" / ".pycache"
 VENVS = ROOT / ".venvs"
 SHIM_DIR = Path(__file__).resolve().parent / "shim"
+TEARDOWN_CHECK_DIR = Path(__file__).resolve().parent / "teardown_check"
 IN_CI = os.environ.get("CI", "").lower() == "true"
 
 
@@ -81,6 +83,19 @@ def with_torchvision_shim(env: dict) -> dict:
     env = dict(env)
     env["PYTHONPATH"] = os.pathsep.join(p for p in [str(SHIM_DIR), env.get("PYTHONPATH", "")] if p)
     return env
+
+
+def with_teardown_check(env: dict) -> dict:
+    """Make every destroy_process_group() report the DDP models still alive (see tests/teardown_check)."""
+    env = dict(env)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in [str(TEARDOWN_CHECK_DIR), env.get("PYTHONPATH", "")] if p)
+    return env
+
+
+def teardown_checked(out: str, ranks: int) -> bool:
+    """Every rank destroyed its process group with no DDP model left alive (see with_teardown_check)."""
+    lines = re.findall(r"^teardown-check: (\d+) DistributedDataParallel alive", out, re.M)
+    return len(lines) >= ranks and set(lines) == {"0"}
 
 
 def run(cmd, *, timeout: float = 240, env: dict | None = None, cwd=ROOT, check: bool = True,

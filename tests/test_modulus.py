@@ -16,7 +16,7 @@ import time
 import numpy as np
 import pytest
 import torch
-from helpers import ROOT, clean_env, env_python, free_port, run, torchrun
+from helpers import ROOT, clean_env, env_python, free_port, run, teardown_checked, torchrun, with_teardown_check
 
 pytestmark = [pytest.mark.modulus, pytest.mark.timeout(300)]
 
@@ -69,7 +69,7 @@ def srun_style(args, nproc, port, drop=(), **extra):
         variables = dict(SLURM_PROCID=rank, SLURM_LOCALID=rank, SLURM_NPROCS=nproc, SLURM_NTASKS=nproc,
                          SLURM_NNODES=1, SLURM_JOB_ID=4242, SLURM_LAUNCH_NODE_IPADDR="127.0.0.1", MASTER_PORT=port)
         variables.update(extra)
-        e = env(**{k: v for k, v in variables.items() if k not in drop})
+        e = with_teardown_check(env(**{k: v for k, v in variables.items() if k not in drop}))
         procs.append(subprocess.Popen([str(env_python("modulus")), str(MOD / "multinode.py"), *map(str, args)],
                                       env=e, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                       start_new_session=True))
@@ -135,7 +135,8 @@ def test_single_process_writes_snapshots_and_a_physicsnemo_model(reference):
 
 def test_torchrun_two_ranks_equal_one_process_with_the_global_batch(reference, tmp_path):
     out = torchrun_standalone("multigpu_torchrun.py", 2, *SMALL, "--batch-size", "8", "--checkpoint-dir",
-                              tmp_path).stdout
+                              tmp_path, env=with_teardown_check(env())).stdout
+    assert teardown_checked(out, ranks=2), f"a DDP model outlived its process group (stop_distributed):\n{out}"
     assert "[rank0] world size 2 (torchrun) | backend gloo | device cpu" in out and "[rank1] epoch" not in out
     assert_same_weights(snapshot(tmp_path)["model"], snapshot(reference[0])["model"])
     # loss and validation error are reduced over both ranks: the same numbers as one process over all samples
@@ -167,6 +168,8 @@ def test_srun_tasks_preempted_save_exit_75_and_resume(reference, tmp_path):
     codes, outs = wait_all(procs)
     out0 = "".join(head) + outs[0][0]
     assert codes == [75, 75], outs
+    # the way out of a preemption (SystemExit(75) in flight) frees the model before the process group too
+    assert all(teardown_checked(err, ranks=1) for _, err in outs), outs
     assert "[rank0] host" in out0 and "initialised from slurm" in out0, out0
     assert "[rank1] host" in outs[1][0] and "[rank0] world size 2 (1 nodes) | backend gloo" in out0
     stopped_at = int(re.search(r"preempted at step (\d+): snapshot saved", out0).group(1))

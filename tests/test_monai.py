@@ -18,7 +18,7 @@ import time
 import numpy as np
 import pytest
 import torch
-from helpers import ROOT, clean_env, env_python, free_port, run, torchrun
+from helpers import ROOT, clean_env, env_python, free_port, run, teardown_checked, torchrun, with_teardown_check
 
 pytestmark = [pytest.mark.monai, pytest.mark.timeout(300)]
 
@@ -61,8 +61,9 @@ def srun_style(script_args, nproc, port, data_dir):
     """Start `nproc` processes the way `srun python multinode.py` does: only SLURM_* variables, no RANK."""
     procs = []
     for rank in range(nproc):
-        env = clean_env(SLURM_PROCID=rank, SLURM_LOCALID=rank, SLURM_NTASKS=nproc, SLURM_NNODES=1,
-                        SLURM_JOB_ID=4242, MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
+        env = with_teardown_check(clean_env(SLURM_PROCID=rank, SLURM_LOCALID=rank, SLURM_NTASKS=nproc,
+                                            SLURM_NNODES=1, SLURM_JOB_ID=4242, MASTER_ADDR="127.0.0.1",
+                                            MASTER_PORT=port))
         procs.append(subprocess.Popen(
             [str(env_python("monai")), "multinode.py", *map(str, script_args), "--data-dir", str(data_dir)],
             env=env, cwd=FOLDER, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True))
@@ -155,7 +156,7 @@ def reference(tmp_path_factory, data_dir):
 def ddp_run(tmp_path_factory, data_dir, reference):  # after `reference`: it writes the synthetic data
     ckpt = tmp_path_factory.mktemp("ddp")
     out = torchrun_standalone("multigpu_torchrun.py", 2, *SMALL, "--batch-size", "1", "--data-dir", data_dir,
-                              "--checkpoint-dir", ckpt).stdout
+                              "--checkpoint-dir", ckpt, env=with_teardown_check(clean_env())).stdout
     return ckpt, out
 
 
@@ -180,6 +181,7 @@ def test_single_process_writes_the_decathlon_layout_and_learns(reference, data_d
 def test_torchrun_ddp_equals_one_process_with_the_global_batch(reference, ddp_run):
     ckpt, out = ddp_run
     assert "[rank0] world size 2 | device cpu" in out and "[rank1] epoch" not in out
+    assert teardown_checked(out, ranks=2), f"a DDP model outlived its process group (leave_process_group):\n{out}"
     assert_same_weights(snapshot(ckpt)["model"], snapshot(reference[0])["model"])
     assert validation_dice(out) == pytest.approx(validation_dice(reference[1]), abs=1e-4)
 
@@ -255,6 +257,8 @@ def test_preempted_srun_ranks_save_exit_75_and_resume_exactly(ddp_run, data_dir,
     codes, outs = wait_all(procs)
     outs[0] = "".join(head) + outs[0]
     assert codes == [75, 75], "\n".join(outs)
+    # the way out with SystemExit(75) in flight frees the model before the process group (leave_process_group)
+    assert all(teardown_checked(out, ranks=1) for out in outs), "\n".join(outs)
     stopped_at = int(re.search(r"preempted at step (\d+): snapshot saved", outs[0]).group(1))
     assert 0 < stopped_at < STEPS and snapshot(tmp_path)["step"] == stopped_at
 

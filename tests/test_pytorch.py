@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 from data_files import cifar_md5_env, write_cifar10, write_mnist
-from helpers import ROOT, clean_env, env_python, free_port, run, torchrun, with_torchvision_shim
+from helpers import (ROOT, clean_env, env_python, free_port, run, teardown_checked, torchrun, with_teardown_check,
+                     with_torchvision_shim)
 
 pytestmark = [pytest.mark.pytorch, pytest.mark.timeout(300)]
 
@@ -52,8 +53,9 @@ def srun_style(script_args, nproc, port, extra_env=None, **kw):
     """Start `nproc` processes the way `srun python multinode.py` does: only SLURM_* variables, no RANK."""
     procs = []
     for rank in range(nproc):
-        env = clean_env(SLURM_PROCID=rank, SLURM_LOCALID=rank, SLURM_NTASKS=nproc, SLURM_NNODES=1,
-                        SLURM_JOB_ID=4242, MASTER_ADDR="127.0.0.1", MASTER_PORT=port, **(extra_env or {}))
+        env = with_teardown_check(clean_env(SLURM_PROCID=rank, SLURM_LOCALID=rank, SLURM_NTASKS=nproc,
+                                            SLURM_NNODES=1, SLURM_JOB_ID=4242, MASTER_ADDR="127.0.0.1",
+                                            MASTER_PORT=port, **(extra_env or {})))
         procs.append(subprocess.Popen([str(env_python("pytorch")), str(PT / "multinode.py"), *script_args],
                                       env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                       text=True, start_new_session=True))
@@ -88,7 +90,8 @@ def reference(tmp_path_factory):
 @pytest.fixture(scope="module")
 def ddp_run(tmp_path_factory):
     ckpt = tmp_path_factory.mktemp("ddp")
-    out = torchrun_standalone("multigpu_torchrun.py", 2, *SMALL, "--batch-size", "16", "--checkpoint-dir", ckpt).stdout
+    out = torchrun_standalone("multigpu_torchrun.py", 2, *SMALL, "--batch-size", "16", "--checkpoint-dir", ckpt,
+                              env=with_teardown_check(clean_env())).stdout
     return ckpt, out
 
 
@@ -109,6 +112,7 @@ def test_torchrun_ddp_equals_one_process_with_the_global_batch(reference, ddp_ru
     ckpt, out = ddp_run
     assert "[rank0] world size 2 | backend gloo" in out
     assert len(epoch_lines(out)) == 2 and "[rank1] epoch" not in out  # metrics are printed by rank 0 only
+    assert teardown_checked(out, ranks=2), f"a DDP model outlived its process group (leave_process_group):\n{out}"
     assert_same_weights(model_of(ckpt), reference[0])
     # all_reduced epoch metrics equal the single process's metrics over the same samples
     assert losses(out) == pytest.approx(losses(reference[1]), abs=2e-4)
@@ -267,6 +271,8 @@ def test_preempted_run_saves_exits_75_and_resumes_exactly(tmp_path):
     outs[0] = "".join(head) + outs[0]
     assert codes == [75, 75], "\n".join(outs)
     assert "preempted at step" in outs[0]
+    # the way out with SystemExit(75) in flight frees the model before the process group (leave_process_group)
+    assert all(teardown_checked(out, ranks=1) for out in outs), "\n".join(outs)
     stopped_at = int(re.search(r"preempted at step (\d+)", outs[0]).group(1))
     assert 0 < stopped_at < 256
 
