@@ -4,6 +4,9 @@ SHELL := bash
 PY := .venvs/tests/bin/python
 DEMO_DIR := runs/demo
 PYTEST_ARGS ?=
+# Two test processes even on two cores: the Slurm tests (all in one process, see tests/conftest.py) run jobs bound
+# to one core that mostly wait on the scheduler, and the other test files use the idle core meanwhile.
+TEST_WORKERS ?= 2
 
 .PHONY: help envs system-deps demo test lint bench clean
 
@@ -29,7 +32,7 @@ demo:
 	@echo "checkpoint written:"; ls -l $(DEMO_DIR)
 
 test: envs system-deps
-	$(PY) -m pytest $(PYTEST_ARGS)
+	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadgroup $(PYTEST_ARGS)
 
 lint: envs system-deps
 	$(PY) -m pytest -m lint $(PYTEST_ARGS)

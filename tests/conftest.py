@@ -24,6 +24,17 @@ def pytest_runtest_makereport(item, call):
         report.longrepr = f"skipped in CI, which counts as a failure: {reason}"
 
 
+@pytest.hookimpl(tryfirst=True)  # before pytest-xdist reads the groups
+def pytest_collection_modifyitems(items):
+    """`make test` runs two test processes (pytest-xdist, --dist loadgroup): every Slurm test in one of them, one
+    after the other -- the local cluster sees one job at a time, as the tests expect -- and every other test file
+    whole in either (module fixtures are computed once). The Slurm jobs run bound to one core each
+    (--cpus-per-task=1) and wait on the scheduler, so on two cores the other files fill the idle one."""
+    for item in items:
+        slurm = item.get_closest_marker("slurm") or "slurm_cluster" in getattr(item, "fixturenames", ())
+        item.add_marker(pytest.mark.xdist_group("slurm" if slurm else item.path.name))
+
+
 # Time per part of the suite (the README's CI section quotes these): setup + call + teardown of every test,
 # grouped by the first of these markers the test carries.
 GROUPS = ("slurm", "contract", "lightning", "pytorch", "jax", "monai", "modulus", "bench", "lint", "deepspeed", "nemo",
@@ -37,7 +48,8 @@ _folder_seconds: dict[str, float] = {}
 def pytest_runtest_logreport(report):
     group = next((g for g in GROUPS if g in report.keywords), "other")
     _seconds[group] = _seconds.get(group, 0.0) + report.duration
-    path, _, name = report.nodeid.partition("::")
+    nodeid = report.nodeid.split("@")[0]  # pytest-xdist's loadgroup appends @group
+    path, _, name = nodeid.partition("::")
     own = re.fullmatch(r"tests/test_(?:slurm_)?([a-z]+?)(?:_slurm)?\.py", path)
     param = re.search(r"\[([a-z]+)\]$", name) if path == "tests/test_contract.py" else None
     folder = (param or own).group(1) if (param or own) else None

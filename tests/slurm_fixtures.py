@@ -36,6 +36,12 @@ def cluster_env(**overrides) -> dict:
     return {**clean_env(**overrides), **LOCAL_SETTINGS}
 
 _job_times: list[tuple[str, str, str, float]] = []  # (test, job id, final state, seconds) for the summary
+_new_jobs: list[tuple[str, str, str, float]] = []  # the running test's jobs, not yet in a report
+
+
+def current_test() -> str:
+    """The running test's node id (without the @group pytest-xdist's loadgroup appends)."""
+    return os.environ.get("PYTEST_CURRENT_TEST", "?").split(" ")[0].split("@")[0]
 
 
 @dataclass
@@ -111,7 +117,7 @@ class SlurmCluster:
         code, _, sig = info.get("ExitCode", "-1:0").partition(":")
         time.sleep(0.1)  # the last lines of the log may land just after the state changes
         log = output.read_text(errors="replace") if output.exists() else ""
-        _job_times.append((name or os.environ.get("PYTEST_CURRENT_TEST", "?").split(" ")[0], job_id, state, seconds))
+        _new_jobs.append((name or current_test(), job_id, state, seconds))
         return Job(job_id, state, int(code), int(sig or 0), log, seconds, info)
 
     def wait_array(self, job_id: str, output_of, tasks: int, timeout: float = 180) -> list[Job]:
@@ -135,8 +141,8 @@ class SlurmCluster:
             out = Path(output_of(index))
             log = out.read_text(errors="replace") if out.exists() else ""
             jobs.append(Job(info["JobId"], info["JobState"], int(code), int(sig or 0), log, seconds, info))
-        name = os.environ.get("PYTEST_CURRENT_TEST", "?").split(" ")[0]
-        _job_times.append((f"{name} ({tasks} array tasks)", job_id, ",".join(sorted({j.state for j in jobs})), seconds))
+        name = current_test()
+        _new_jobs.append((f"{name} ({tasks} array tasks)", job_id, ",".join(sorted({j.state for j in jobs})), seconds))
         return jobs
 
     def release_requeued(self, info: dict, events: dict) -> None:
@@ -181,6 +187,22 @@ def slurm_cluster():
 def slurm_python():
     """The interpreter jobs use for slurm_templates/ tools (.venvs/slurm_templates)."""
     return env_python("slurm_templates")
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    """A test's jobs travel in its teardown report: under pytest-xdist the tests run in worker processes, and
+    only reports reach the process that prints the summary."""
+    outcome = yield
+    if call.when == "teardown" and _new_jobs:
+        outcome.get_result().user_properties.append(("slurm_jobs", list(_new_jobs)))
+        _new_jobs.clear()
+
+
+def pytest_runtest_logreport(report):
+    for key, jobs in report.user_properties:
+        if key == "slurm_jobs":
+            _job_times.extend(tuple(job) for job in jobs)
 
 
 def pytest_terminal_summary(terminalreporter):
