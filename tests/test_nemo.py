@@ -290,3 +290,47 @@ def test_megatron_more_model_parallel_ranks_than_processes_is_one_line():
     assert proc.returncode == 2 and len(errors) == 1, proc.stderr[-3000:]
     assert "tensor 2 x pipeline 2 = 4 model-parallel ranks, but the world size is 2" in errors[0]
     assert "Traceback" not in proc.stderr
+
+
+# ------------------------------------------------------------------------------------------------ NeMo-Run
+
+def nemo_run_launch(*args, env=None, timeout=120):
+    """launch_nemo_run.py with NeMo-Run's own environment (.venvs/nemo-run, requirements-run.txt)."""
+    return subprocess.run([str(env_python("nemo-run")), "launch_nemo_run.py", *map(str, args)], cwd=FOLDER,
+                          env=env or clean_env(COLUMNS=400), capture_output=True, text=True, timeout=timeout)
+
+
+def test_nemo_run_dry_run_prints_the_job_script(tmp_path):
+    """--dryrun: the sbatch script NeMo-Run's SlurmExecutor would submit -- one task per GPU on every node,
+    Slurm's warning signal to every rank, requeue on failure, the recipe's rendezvous, srun's own
+    --cpus-per-task, multinode.py run by the training interpreter with the training flags -- and nothing
+    submitted."""
+    proc = nemo_run_launch("--nodes", 2, "--gpus-per-node", 4, "--cpus-per-gpu", 2, "--account", "acct",
+                           "--partition", "gpu", "--time", "01:30:00", "--python", "/opt/nemo-env/bin/python",
+                           "--name", "toy", "--checkpoint-dir", tmp_path / "ckpt", "--dryrun",
+                           "--", "--epochs", 3, "model.optim.lr=0.05",
+                           env=clean_env(COLUMNS=400, NEMORUN_HOME=tmp_path / "home"))
+    out = proc.stdout
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    for line in ("#SBATCH --nodes=2", "#SBATCH --ntasks-per-node=4", "#SBATCH --gpus-per-node=4",
+                 "#SBATCH --signal=USR1@90", "#SBATCH --account=acct", "#SBATCH --job-name=nemo-run-toy\n",
+                 "#SBATCH --partition=gpu", "#SBATCH --time=01:30:00", "export TORCHX_MAX_RETRIES=3",
+                 "export OMP_NUM_THREADS=2", "export MASTER_PORT=$((15000 + SLURM_JOB_ID % 15000))",
+                 "scontrol requeue"):
+        assert line in out, f"{line!r} not in the job script:\n{out[-4000:]}"
+    step = re.search(r"^\s*srun .*$", out, re.M)
+    assert step and "--cpus-per-task=2" in step[0], out[-4000:]
+    assert (f"/opt/nemo-env/bin/python {FOLDER / 'multinode.py'} --checkpoint-dir {tmp_path / 'ckpt'} "
+            f"--epochs 3 model.optim.lr=0.05") in step[0], step[0]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--nodes", "0"], "argument --nodes: must be a positive integer, got 0"),
+    (["--time", "90"], "argument --time: want [D-]HH:MM[:SS], got 90"),
+    (["--retries", "-1"], "--retries must be >= 0, got -1"),
+], ids=["nodes", "time", "retries"])
+def test_nemo_run_bad_arguments_are_one_line(args, message):
+    proc = nemo_run_launch(*args, "--dryrun")
+    errors = [ln for ln in proc.stderr.splitlines() if ERROR_LINE.match(ln)]
+    assert proc.returncode == 2 and len(errors) == 1 and message in errors[0], proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr + proc.stdout

@@ -5,10 +5,14 @@ Templates run unmodified from nemo/; the tests only shrink the shape on the sbat
 --checkpoint-dir on the command line wins over the template's).
 """
 
+import os
 import re
+import shutil
+import subprocess
 
 import pytest
 from helpers import ROOT, env_python
+from slurm_fixtures import LOCAL_CLUSTER, cluster_env
 from test_nemo import last_checkpoint  # reads a NeMo checkpoint without NeMo
 
 pytestmark = [pytest.mark.nemo, pytest.mark.slurm, pytest.mark.timeout(400)]
@@ -92,3 +96,29 @@ def test_preemption_requeue_resume(slurm_cluster, tmp_path):
     assert 40 <= preempted < LONG_STEPS and preempted % 10 == 0, job.describe()
     assert re.search(rf"resumed from \S+-last\.ckpt: epoch 1, step {preempted}$", second, re.M), job.describe()
     assert last_checkpoint(ckpt)["global_step"] == LONG_STEPS
+
+
+def test_nemo_run_submits_multinode_and_the_job_completes(slurm_cluster, tmp_path):
+    """launch_nemo_run.py (NeMo-Run's environment) submits multinode.py on 2 nodes x 1 task through NeMo-Run's
+    SlurmExecutor and LocalTunnel -- sbatch runs on this machine, as on a login node -- and the job completes
+    with the recipe's checkpoints. Slurm's client commands reach the local cluster through run.sh."""
+    bin_dir = tmp_path / "bin"  # what a login node has on PATH: sbatch and friends, talking to the cluster
+    bin_dir.mkdir()
+    for command in ("sbatch", "squeue", "sacct", "scancel"):
+        real = shutil.which(command)  # by its path: run.sh's own PATH lookup would find this wrapper again
+        (bin_dir / command).write_text(f'#!/bin/sh\nexec "{LOCAL_CLUSTER / "run.sh"}" {real} "$@"\n')
+        (bin_dir / command).chmod(0o755)
+    ckpt, home = tmp_path / "ckpt", tmp_path / "home"  # NeMo-Run writes the job script and logs under home
+    env = cluster_env(PATH=f"{bin_dir}:{os.environ['PATH']}", NEMORUN_HOME=home, COLUMNS=400)
+    proc = subprocess.run([str(env_python("nemo-run")), "launch_nemo_run.py", "--nodes", "2", "--gpus-per-node", "1",
+                           "--cpus-per-gpu", "1", "--time", "00:05:00", "--python", str(env_python("nemo")),
+                           "--checkpoint-dir", str(ckpt), "--", *map(str, TINY)],
+                          cwd=FOLDER, env=env, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=180)
+    submitted = re.search(r"^submitted Slurm job (\d+);", proc.stdout, re.M)
+    assert proc.returncode == 0 and submitted, proc.stdout[-3000:] + proc.stderr[-3000:]
+    job = slurm_cluster.wait(submitted[1], tmp_path / "none", timeout=240)
+    logs = "".join(p.read_text(errors="replace") for p in sorted(home.rglob("*.out")))
+    assert job.state == "COMPLETED" and job.exit_code == 0, f"{job.describe()}\n{logs[-6000:]}"
+    assert job.info["NodeList"] == "n[1-2]" and re.search(r"\[rank0\] world size 2 \|", logs), logs[-6000:]
+    assert last_checkpoint(ckpt)["global_step"] == 2 * 64 // (8 * 2)
+    assert (ckpt / "checkpoints" / "nemo-toy.nemo").exists()

@@ -2,6 +2,7 @@
 # Build one virtual environment per folder that has a requirements.txt:
 #   requirements.txt            -> .venvs/tests      (the test runner)
 #   <folder>/requirements.txt   -> .venvs/<folder>   (that folder's recipes)
+#   <folder>/requirements-X.txt -> .venvs/<folder>-X (a tool of that folder with conflicting pins)
 # Frameworks pin conflicting versions, so they never share an environment.
 # torch is installed first and pinned with constraints.txt for every install: an unpinned
 # "torch" requirement would otherwise pull a CUDA build of a newer torch (several GB).
@@ -14,14 +15,23 @@ root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$root"
 python=${PYTHON:-python3}
 
+# <folder>/requirements-<tool>.txt -> .venvs/<folder>-<tool>: a tool whose pins conflict with its folder's
+# (nemo/requirements-run.txt: NeMo-Run).
 req_file() {
-  if [ "$1" = tests ]; then echo requirements.txt; else echo "$1/requirements.txt"; fi
+  case $1 in
+    tests) echo requirements.txt ;;
+    *-*) echo "${1%%-*}/requirements-${1#*-}.txt" ;;
+    *) echo "$1/requirements.txt" ;;
+  esac
 }
 
 all_names() {
+  local req tool
   echo tests
-  for req in */requirements.txt; do
-    [ -e "$req" ] && dirname "$req"
+  for req in */requirements.txt */requirements-*.txt; do
+    [ -e "$req" ] || continue
+    tool=$(basename "$req" .txt)
+    if [ "$tool" = requirements ]; then dirname "$req"; else echo "$(dirname "$req")-${tool#requirements-}"; fi
   done
 }
 
