@@ -141,8 +141,7 @@ def leave_process_group():
     threads, while one of them may wait for the GIL to free the tensors of the last collective: a deadlock
     (seen with one CPU core per torchrun step in Slurm) or "terminate called without an active exception".
     destroy_process_group() drops the last reference without holding the GIL."""
-    if sys.exc_info()[2] is not None:
-        traceback.clear_frames(sys.exc_info()[2])  # an exception in flight (exit 75) still holds the model
+    traceback.clear_frames(sys.exc_info()[2])  # an exception in flight (exit 75) still holds the model
     gc.collect()  # DDP's reference cycles
     dist.destroy_process_group()
 

@@ -3,7 +3,7 @@ import re
 
 import pytest
 
-from helpers import IN_CI, PYCACHE, ROOT
+from helpers import IN_CI, PYCACHE, ROOT, without_group
 
 # Every process the tests start (through helpers.clean_env, or as Slurm jobs, which inherit this environment)
 # caches its bytecode under helpers.PYCACHE instead of compiling every import again.
@@ -48,8 +48,7 @@ _folder_seconds: dict[str, float] = {}
 def pytest_runtest_logreport(report):
     group = next((g for g in GROUPS if g in report.keywords), "other")
     _seconds[group] = _seconds.get(group, 0.0) + report.duration
-    nodeid = report.nodeid.split("@")[0]  # pytest-xdist's loadgroup appends @group
-    path, _, name = nodeid.partition("::")
+    path, _, name = without_group(report.nodeid).partition("::")
     own = re.fullmatch(r"tests/test_(?:slurm_)?([a-z]+?)(?:_slurm)?\.py", path)
     param = re.search(r"\[([a-z]+)\]$", name) if path == "tests/test_contract.py" else None
     folder = (param or own).group(1) if (param or own) else None

@@ -85,6 +85,11 @@ def with_torchvision_shim(env: dict) -> dict:
     return env
 
 
+def without_group(nodeid: str) -> str:
+    """A test's node id without the @group that pytest-xdist's loadgroup appends."""
+    return nodeid.split("@")[0]
+
+
 def with_teardown_check(env: dict) -> dict:
     """Make every destroy_process_group() report the DDP models still alive (see tests/teardown_check)."""
     env = dict(env)

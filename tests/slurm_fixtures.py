@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
-from helpers import ROOT, clean_env, env_python, unavailable
+from helpers import ROOT, clean_env, env_python, unavailable, without_group
 
 LOCAL_CLUSTER = ROOT / "slurm_templates" / "local_cluster"
 TERMINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "PREEMPTED", "OUT_OF_MEMORY",
@@ -41,7 +41,7 @@ _new_jobs: list[tuple[str, str, str, float]] = []  # the running test's jobs, no
 
 def current_test() -> str:
     """The running test's node id (without the @group pytest-xdist's loadgroup appends)."""
-    return os.environ.get("PYTEST_CURRENT_TEST", "?").split(" ")[0].split("@")[0]
+    return without_group(os.environ.get("PYTEST_CURRENT_TEST", "?").split(" ")[0])
 
 
 @dataclass
