@@ -6,7 +6,9 @@ Where DDP keeps a full copy of the weights, gradients and optimizer state on eve
 across ranks and gathers each layer's weights only while that layer runs. The model is built on the meta device
 (shapes, no memory) and sharded before any weight exists on a GPU, so a model larger than one GPU fits; rank 0
 builds the initial weights in host memory and they are scattered to the shards. The checkpoint is sharded too:
-every rank writes its own shard with torch.distributed.checkpoint (DCP). To get one ordinary file (for inference,
+every rank writes its own shard with torch.distributed.checkpoint (DCP), and a job requeued onto another number
+of GPUs resumes from it: DCP reshards on load, and the data position moves as in common.py (or the resume is
+refused in one line when it cannot continue after the same samples). To get one ordinary file (for inference,
 or to compare):
     python -m torch.distributed.checkpoint.format_utils dcp_to_torch <dir>/step-00000064 model.pt
 """
@@ -80,7 +82,8 @@ class FSDPTrainer(Trainer):
     def _state(self):
         model_sd, optim_sd = get_state_dict(self.model, self.optimizer)
         extra = {"scheduler": self.scheduler.state_dict(), "epoch": self.epoch, "step": self.step,
-                 "batch_in_epoch": self.batch_in_epoch, "world_size": self.world_size, "rng": torch.get_rng_state()}
+                 "batch_in_epoch": self.batch_in_epoch, "world_size": self.world_size,
+                 "batch_size": self.args.batch_size, "rng": torch.get_rng_state()}
         if self.scaler is not None:
             extra["scaler"] = self.scaler.state_dict()
         return {"model": model_sd, "optimizer": optim_sd, "extra": extra}
@@ -126,6 +129,7 @@ class FSDPTrainer(Trainer):
             self.scaler.load_state_dict(extra["scaler"])
         torch.set_rng_state(extra["rng"])
         self.epoch, self.step, self.batch_in_epoch = extra["epoch"], extra["step"], extra["batch_in_epoch"]
+        self._adapt_to_another_shape(extra, path)  # DCP resharded the weights; the data position is ours to move
         self._log(f"resumed from {path}: epoch {self.epoch + 1}, step {self.step}")
 
 

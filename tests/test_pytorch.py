@@ -172,6 +172,34 @@ def test_fsdp_resume_matches_uninterrupted(tmp_path):
     assert_same_weights(a, b, rtol=0, atol=0)
 
 
+def full_model(ckpt_dir):
+    """The weights of an FSDP checkpoint directory's latest step, as one plain state dict."""
+    step = (ckpt_dir / "latest").read_text().strip()
+    python("-m", "torch.distributed.checkpoint.format_utils", "dcp_to_torch", ckpt_dir / step, ckpt_dir / "full.pt")
+    return torch.load(ckpt_dir / "full.pt", weights_only=False)["model"]
+
+
+def test_fsdp_resume_with_another_world_size(reference, tmp_path):
+    """FSDP's sharded checkpoint resumed by another number of ranks: DCP reshards weights and optimizer state,
+    and the data position moves as for DDP. 1 x 32 -> 2 x 16 ends with the uninterrupted 1 x 32 weights;
+    2 x 16 -> 1 x 16 continues after the same 128 samples with 32 steps per epoch (before: fsdp.py reused the
+    per-rank batch count -- 64 samples, the schedule's T_max of the old layout)."""
+    up = tmp_path / "up"
+    torchrun_standalone("fsdp.py", 1, *SMALL, "--batch-size", "32", "--checkpoint-dir", up, "--max-steps", "20")
+    out = torchrun_standalone("fsdp.py", 2, *SMALL, "--batch-size", "16", "--checkpoint-dir", up).stdout
+    assert "snapshot written by 1 rank(s) x batch 32, resuming as 2 x 16: epoch 2 after 128 samples (step 20)" in out
+    assert_same_weights(full_model(up), reference[0])
+
+    down = tmp_path / "down"
+    torchrun_standalone("fsdp.py", 2, *SMALL, "--batch-size", "16", "--checkpoint-dir", down, "--max-steps", "20")
+    proc = torchrun_standalone("fsdp.py", 1, *SMALL, "--batch-size", "48", "--checkpoint-dir", down,
+                               expect_fail=True)
+    assert "written by 2 rank(s) x batch 16 after 128 samples of epoch 2" in proc.stdout, proc.stdout
+    out = torchrun_standalone("fsdp.py", 1, *SMALL, "--batch-size", "16", "--checkpoint-dir", down).stdout
+    assert "resuming as 1 x 16: epoch 2 after 128 samples (step 40)" in out and "done: 64 steps" in out, out
+    assert (down / "latest").read_text().strip() == "step-00000064"
+
+
 # ------------------------------------------------------------------------------------------ data
 
 
