@@ -13,6 +13,7 @@ import functools
 import gc
 import json
 import os
+import re
 import signal
 import socket
 import sys
@@ -122,16 +123,36 @@ def run(main, *args, rank=None):
     - the process group, if main created one, is destroyed on the way out, so the scripts need no try/finally.
     """
     PREEMPTION.install()
+    if rank is None:
+        rank = os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0"))
     try:
         main(*args)
     except RecipeError as e:
-        if rank is None:
-            rank = os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0"))
         log(rank, f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    except RuntimeError as e:
+        if not lost_a_peer(e):
+            raise
+        # Not this rank's fault: another process of the job (or its node) died, and this rank's next collective
+        # failed. Its own log says why; the last snapshot is intact (written atomically), and the job's requeue
+        # (Slurm requeues a --requeue job after a node failure) or a resubmission resumes from it.
+        log(rank, f"error: lost contact with another rank ({lost_a_peer(e)}): a process or node of the job died; "
+                  f"see its log. The last snapshot is intact: a requeued or resubmitted run resumes from it",
+            file=sys.stderr)
+        sys.exit(1)
     finally:
         if dist.is_initialized():
             leave_process_group()
+
+
+def lost_a_peer(error):
+    """The gist of a collective that failed because a peer is gone (gloo: "Connection reset/closed by peer",
+    "Timed out waiting ... for recv"; NCCL: a DistBackendError), or "" for any other error."""
+    text = str(error).strip()
+    if not (dist.is_initialized() and (isinstance(error, dist.DistError) or "gloo/transport" in text)):
+        return ""
+    text = re.sub(r"^\[[^\]]*\] ", "", text.splitlines()[0] if text else type(error).__name__)  # "[pair.cc:537] "
+    return text.split(". This is typically")[0][:200]
 
 
 def leave_process_group():

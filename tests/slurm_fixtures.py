@@ -156,6 +156,17 @@ class SlurmCluster:
             self.client("scontrol", "update", f"jobid={info['JobId']}", "StartTime=now")
             events["released"] = True
 
+    def node(self, action: str, name: str) -> None:
+        """local_cluster/node.sh: `fail` kills every process of node `name` (its slurmd, job steps and ranks, as
+        a power cut does; the controller finds out by itself), `boot` starts its slurmd again."""
+        proc = subprocess.run([str(LOCAL_CLUSTER / "node.sh"), action, name], stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True, timeout=60, env=cluster_env())
+        if proc.returncode != 0:
+            pytest.fail(f"node.sh {action} {name} failed:\n{proc.stdout}", pytrace=False)
+
+    def node_state(self, name: str) -> str:
+        return self.client("sinfo", "-h", "-N", "-n", name, "-o", "%T").stdout.strip()
+
     def run(self, script, *args, sbatch_args=(), cwd=ROOT, output: Path, env: dict | None = None,
             timeout: float = 120, on_poll=None) -> Job:
         """Submit, wait, return the finished job (state, exit code, log)."""

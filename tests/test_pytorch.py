@@ -1,5 +1,6 @@
 """pytorch/ recipes, launched for real on CPU with gloo: every launch mode, equivalence, data, resume, bad input."""
 
+import contextlib
 import json
 import os
 import re
@@ -520,6 +521,27 @@ def test_checkpoint_dir_not_shared_by_every_rank_is_one_clear_error(tmp_path):
     assert codes == [2, 2], outs
     for out in outs:
         assert "is not shared: rank 1 on" in out and "Traceback" not in out, out
+
+
+def test_a_rank_lost_mid_training_is_one_clear_line(tmp_path):
+    """kill -9 of one rank (its node died): the survivor's next all-reduce fails. It must say so in one line and
+    exit non-zero -- not a traceback wall from inside DDP's backward hook. (Before: 40 lines of traceback ending
+    in gloo's "Read error ... Connection reset by peer. ... GLHF!")"""
+    procs = srun_style([*SMALL[:-2], "--epochs", "100", "--log-every", "1", "--checkpoint-dir", tmp_path,
+                        "--timeout", "60"], 2, free_port())
+    try:
+        for line in procs[0].stdout:
+            if "| step 4 |" in line:
+                os.killpg(procs[1].pid, signal.SIGKILL)
+                break
+        out = line + procs[0].communicate(timeout=120)[0]
+    finally:
+        for p in procs:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(p.pid, signal.SIGKILL)
+    errors = [ln for ln in out.splitlines() if re.match(r"(\[rank\d+\] )?error: ", ln)]
+    assert procs[0].returncode == 1 and len(errors) == 1 and "Traceback" not in out, out
+    assert "lost contact with another rank" in errors[0] and "Connection" in errors[0], errors
 
 
 def test_srun_style_without_master_addr():

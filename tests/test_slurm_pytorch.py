@@ -9,11 +9,14 @@ training arguments; a later --checkpoint-dir overrides the template's own.
 
 import re
 import shutil
+import time
+from pathlib import Path
 
 import pytest
 import torch
 
 from helpers import ROOT, env_python
+from slurm_fixtures import cluster_env
 from test_slurm_templates import STOPPABLE  # a program that exits 75 on USR1
 
 pytestmark = pytest.mark.slurm
@@ -228,6 +231,54 @@ def test_resubmitted_run_resumes(slurm_cluster, pytorch_python, preempted_run, t
         assert needle in job.log, f"{needle!r} missing\n{job.describe()}"
     assert "snapshot saved" not in job.log, job.describe()
 
+
+
+def test_node_loss_requeue_resume(slurm_cluster, pytorch_python, reference_run, tmp_path):
+    """Node n2 dies mid-training (local_cluster/node.sh fail: every process of n2, slurmd included, SIGKILLed;
+    nobody tells the controller). The rank on n1 says in one line that it lost its peer; srun waits for the
+    controller, which declares n2 DOWN after SlurmdTimeout and -- the template has --requeue -- requeues the job
+    (a NODE_FAIL record) instead of failing it. n2 comes back, the requeued job resumes from the last snapshot
+    (the end of epoch 1) and ends with the uninterrupted run's weights, bit for bit."""
+    events = {"failed": False, "booted": False}
+
+    def on_poll(info, log):
+        steps = [int(n) for n in re.findall(r"^0: \[rank0\] epoch 2 \|[^\n]*?\bstep (\d+)", log, re.M)]
+        if not events["failed"] and steps and max(steps) >= LONG_STEPS // 3 + 16:  # past the epoch-1 snapshot
+            slurm_cluster.node("fail", "n2")
+            events["failed"] = True
+        if events["failed"] and not events["booted"] and info["JobState"] == "PENDING":
+            slurm_cluster.node("boot", "n2")  # repaired (or replaced) after the job was requeued
+            events["booted"] = True
+        if events["booted"]:
+            slurm_cluster.release_requeued(info, events)
+
+    try:
+        ckpt = tmp_path / "ckpt"
+        job = slurm_cluster.run(PYTORCH / "multinode.sbatch", *LONG, "--checkpoint-dir", ckpt,
+                                sbatch_args=[*ONE_PER_NODE, "--time=00:10:00"], cwd=PYTORCH,
+                                output=tmp_path / "job.out", env={"PYTHON": pytorch_python}, timeout=400,
+                                on_poll=on_poll).assert_ok()
+    finally:
+        if events["failed"] and not events["booted"]:
+            slurm_cluster.node("boot", "n2")  # whatever happened, the next test needs both nodes
+    assert events["booted"] and job.info["Restarts"] == "1", job.describe()
+    first, _, second = job.log.partition("restart 1 of at most 3")
+    assert "srun: error: Node failure on n2" in first and "Traceback" not in first, job.describe()
+    lost = [ln for ln in first.splitlines() if "error: lost contact with another rank" in ln]
+    assert len(lost) == 1 and lost[0].startswith("0: [rank0] error: "), job.describe()
+    jobcomp = (Path(cluster_env().get("SLURM_LOCAL_DIR", "/var/tmp/slurm-local")) / "log" / "jobcomp.log")
+    states = re.findall(rf"^JobId={job.job_id} .*?JobState=(\S+)", jobcomp.read_text(), re.M)
+    assert states[-2:] == ["NODE_FAIL", "COMPLETED"], states
+    assert re.search(r"resumed from \S+: epoch 2, step 64\b", second), job.describe()
+    assert_ranks(second, {0: "n1", 1: "n2"})
+    resumed, reference = snapshot(ckpt), snapshot(reference_run[1])
+    assert resumed["step"] == reference["step"] == LONG_STEPS
+    for name, tensor in reference["model"].items():
+        assert torch.equal(resumed["model"][name], tensor), f"{name} differs after node loss/requeue/resume"
+    for _ in range(150):  # n2 answers again (ReturnToService=2) before the next test wants both nodes
+        if slurm_cluster.node_state("n2") in {"idle", "mixed", "allocated"}:
+            break
+        time.sleep(0.2)
 
 
 def test_multinode_restart_cap(slurm_cluster, tmp_path):

@@ -64,6 +64,20 @@ lc_in_ns() {
     exec "$@"' lc_in_ns "$host" "$LC_HOSTS" "$LC_DIR/etc" "$@"
 }
 
+# lc_daemon NAME COMM NETNS HOSTNAME CMD...: start in the background, record "PID COMM" for stop.sh.
+lc_daemon() {
+  local name=$1 comm=$2 ns=$3 host=$4
+  shift 4
+  # 9>&-: the daemons must not inherit the start/stop lock (see lc_lock)
+  lc_in_ns "$ns" "$host" "$@" </dev/null >>"$LC_DIR/log/$name.out" 2>&1 9>&- &
+  echo "$! $comm" >"$LC_DIR/run/$name.pid"
+}
+
+# lc_start_slurmd nK: node nK's slurmd, in the node's own namespace (start.sh, and node.sh boot).
+lc_start_slurmd() {
+  lc_daemon "slurmd-$1" slurmd "$LC_PREFIX-$1" "$1" slurmd -D -N "$1" -f "$LC_CONF"
+}
+
 # A client command (sinfo, sbatch, ...) in the hub namespace, never blocking longer than the timeout.
 lc_client() {
   SLURM_CONF=$LC_CONF timeout "$LC_CLIENT_TIMEOUT" nsenter --net="/run/netns/$LC_HUB" -- "$@"

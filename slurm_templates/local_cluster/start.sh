@@ -179,25 +179,15 @@ dd if=/dev/urandom of="$LC_DIR/munge/munge.key" bs=1024 count=1 status=none
 chown -R munge:munge "$LC_DIR/munge"
 chmod 0400 "$LC_DIR/munge/munge.key"
 
-# daemon NAME COMM NETNS HOSTNAME CMD...: start in the background, record "PID COMM" for stop.sh.
-daemon() {
-  local name=$1 comm=$2 ns=$3 host=$4
-  shift 4
-  # 9>&-: the daemons must not inherit the start/stop lock (see lc_lock in common.sh)
-  lc_in_ns "$ns" "$host" "$@" </dev/null >>"$LC_DIR/log/$name.out" 2>&1 9>&- &
-  echo "$! $comm" >"$LC_DIR/run/$name.pid"
-}
-daemon munged munged "$LC_HUB" - setpriv --reuid=munge --regid=munge --init-groups munged --foreground \
+lc_daemon munged munged "$LC_HUB" - setpriv --reuid=munge --regid=munge --init-groups munged --foreground \
   --socket="$LC_DIR/munge/munge.socket" --key-file="$LC_DIR/munge/munge.key" \
   --pid-file="$LC_DIR/munge/munged.pid" --log-file="$LC_DIR/munge/munged.log" \
   --seed-file="$LC_DIR/munge/munged.seed"
 for _ in $(seq 100); do [ -S "$LC_DIR/munge/munge.socket" ] && break; sleep 0.05; done
 [ -S "$LC_DIR/munge/munge.socket" ] || { tail "$LC_DIR/log/munged.out" "$LC_DIR/munge/munged.log" >&2 || true; lc_die "munged did not start"; }
 
-daemon slurmctld slurmctld "$LC_HUB" hub slurmctld -D -f "$LC_CONF"
-for i in $(seq "$LC_NODES"); do
-  daemon "slurmd-n$i" slurmd "$LC_PREFIX-n$i" "n$i" slurmd -D -N "n$i" -f "$LC_CONF"
-done
+lc_daemon slurmctld slurmctld "$LC_HUB" hub slurmctld -D -f "$LC_CONF"
+for i in $(seq "$LC_NODES"); do lc_start_slurmd "n$i"; done
 
 for _ in $(seq 150); do
   all_idle && break
