@@ -307,12 +307,14 @@ def torchvision_dataset(name, root, download):
     try:
         return cls(root, train=True, download=download, transform=transforms.Compose([transforms.ToTensor(), norm]))
     except (RuntimeError, OSError) as e:  # torchvision says "Dataset not found" or the download failed
-        hint = "" if download else " (only the first rank downloads; it failed or has not run)"
+        hint = "" if download else " (only rank 0 and the first rank of each node that cannot see rank 0's copy " \
+                                   "download; it failed or has not run)"
         raise RecipeError(f"cannot load {name} from {root!r}: {e}{hint}") from None
 
 
 def build_dataset(args, download):
-    """The training set. `download` is True on exactly one process per job, so ranks never race on files."""
+    """The training set. `download` is True on one process per copy of --data-dir (fetch_dataset), so ranks
+    never race on files."""
     if args.data == "synthetic":
         ds = synthetic_dataset(args.dataset_size)
         ds.in_channels = 1
@@ -608,10 +610,9 @@ class Trainer:
                   f"{self.args.batch_size}: epoch {self.epoch + 1} after {done} samples (step {self.step})")
 
 
-def check_shared_directory(path, rank):
-    """Every rank must see what rank 0 writes into --checkpoint-dir: after a requeue each rank loads the snapshot
-    from there. A node-local path (/tmp, a local scratch disk) would give the other nodes a FileNotFoundError
-    while rank 0 waits in the next collective until --timeout. Checked once, collectively, with a probe file."""
+def who_sees(path, rank):
+    """Which ranks see what rank 0 writes into `path`: [(sees it, hostname)] for every rank. Collective: rank 0
+    writes a probe file, every rank looks for it."""
     token = [f".probe-{uuid.uuid4().hex}" if rank == 0 else None]
     dist.broadcast_object_list(token, src=0)
     probe = os.path.join(path, token[0])
@@ -625,10 +626,31 @@ def check_shared_directory(path, rank):
     dist.barrier()
     if rank == 0:
         os.remove(probe)
+    return seen
+
+
+def check_shared_directory(path, rank):
+    """Every rank must see what rank 0 writes into --checkpoint-dir: after a requeue each rank loads the snapshot
+    from there. A node-local path (/tmp, a local scratch disk) would give the other nodes a FileNotFoundError
+    while rank 0 waits in the next collective until --timeout. Checked once, collectively, with a probe file."""
+    seen = who_sees(path, rank)
     blind = [f"rank {r} on {host}" for r, (ok, host) in enumerate(seen) if not ok]
     if blind:
         raise RecipeError(f"--checkpoint-dir {path} is not shared: {', '.join(blind)} cannot see what rank 0 on "
                           f"{seen[0][1]} writes there; use a directory on a filesystem every node mounts")
+
+
+def fetch_dataset(args, rank, io_timeout):
+    """Download the dataset once per copy of --data-dir, before any rank reads it: rank 0 downloads, and so does
+    the first rank of every node that cannot see rank 0's directory (a node-local disk: /tmp, a local scratch,
+    a per-node copy staged by the job). Everybody else waits (up to --io-timeout), then reads. torchvision skips
+    the download where the files are already there."""
+    if args.data == "synthetic":
+        return
+    shared = who_sees(args.data_dir, rank)[rank][0]
+    if rank == 0 or (int(os.environ.get("LOCAL_RANK", "0")) == 0 and not shared):
+        build_dataset(args, download=True)
+    wait_for_rank0(io_timeout)  # a barrier: waits for every downloader, not only rank 0
 
 
 def settle_ddp_buckets(model, loader, device):

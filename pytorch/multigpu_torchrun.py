@@ -21,13 +21,13 @@ from common import (
     build_model,
     check_dataset_fits,
     explained_rendezvous,
+    fetch_dataset,
     log,
     parse_args,
     pick_backend,
     restarted_attempt_store,
     run,
     torchrun_env,
-    wait_for_rank0,
 )
 
 
@@ -51,9 +51,7 @@ def setup(args):
 
 def data(args, rank, world_size):
     """The training set and a loader over this rank's shard of it."""
-    if rank == 0:
-        build_dataset(args, download=True)  # one rank downloads; the others wait, then read the files it wrote
-    wait_for_rank0(args.io_timeout)
+    fetch_dataset(args, rank, args.io_timeout)  # one download per copy of --data-dir; the others wait
     dataset = build_dataset(args, download=False)
     check_dataset_fits(dataset, world_size, args.batch_size)
     # Each rank reads a disjoint 1/world_size of the data, reshuffled every epoch (the Trainer calls set_epoch).

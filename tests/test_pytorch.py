@@ -1,12 +1,16 @@
 """pytorch/ recipes, launched for real on CPU with gloo: every launch mode, equivalence, data, resume, bad input."""
 
 import contextlib
+import gzip
+import hashlib
+import http.server
 import json
 import os
 import re
 import signal
 import socket
 import subprocess
+import threading
 import time
 from pathlib import Path
 
@@ -244,6 +248,70 @@ def test_mnist_through_torchvision_on_two_ranks(tmp_path):
                "--data", "mnist", "--data-dir", tmp_path, "--epochs", "1", "--batch-size", "32",
                "--num-workers", "1"], env=env).stdout
     assert "256 samples" in out and "samples/s" in out
+
+
+@pytest.fixture
+def mnist_mirror(tmp_path):
+    """MNIST's four .gz files (generated, in the real format) served over HTTP on this host; yields the env that
+    points torchvision's download at it and the list of files requested so far."""
+    src = write_mnist(tmp_path / "generated") / "MNIST" / "raw"
+    mirror, md5, requests = tmp_path / "mirror", {}, []
+    mirror.mkdir()
+    for raw in src.iterdir():
+        gz = mirror / f"{raw.name}.gz"
+        gz.write_bytes(gzip.compress(raw.read_bytes()))
+        md5[gz.name] = hashlib.md5(gz.read_bytes()).hexdigest()
+
+    class Handler(http.server.SimpleHTTPRequestHandler):
+        def __init__(self, *a, **kw):
+            super().__init__(*a, directory=str(mirror), **kw)
+
+        def log_message(self, *args):
+            # torchvision first probes for redirects with a GET that says "Method: HEAD" and reads nothing
+            if self.headers.get("Method") != "HEAD":
+                requests.append(self.path.lstrip("/"))
+
+        def handle(self):
+            with contextlib.suppress(BrokenPipeError, ConnectionResetError):  # that probe hangs up early
+                super().handle()
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    env = {"TEST_MNIST_MIRROR": f"http://127.0.0.1:{server.server_address[1]}/", "TEST_MNIST_MD5": json.dumps(md5),
+           "no_proxy": "127.0.0.1", "NO_PROXY": "127.0.0.1"}
+    yield env, requests
+    server.shutdown()
+
+
+def test_mnist_downloaded_once_per_copy_of_the_data_dir(mnist_mirror, tmp_path):
+    """Two nodes whose --data-dir is node-local (a relative path resolved in two working directories): the first
+    rank of each node downloads its own copy. (Before: only rank 0 downloaded, and the other node's rank stopped
+    with "cannot load mnist".) Two ranks of one node on one directory: one download, the other rank waits."""
+    env, requests = mnist_mirror
+    files = sorted(json.loads(env["TEST_MNIST_MD5"]))
+    port, procs = free_port(), []
+    for node in range(2):
+        cwd = tmp_path / f"node{node}"
+        cwd.mkdir()
+        procs.append(subprocess.Popen(
+            [str(env_python("pytorch")), str(PT / "multinode.py"), "--data", "mnist", "--data-dir", "data",
+             "--epochs", "1", "--batch-size", "16", "--timeout", "60"],
+            env=with_torchvision_shim(clean_env(SLURM_PROCID=node, SLURM_LOCALID=0, SLURM_NTASKS=2,
+                                                MASTER_ADDR="127.0.0.1", MASTER_PORT=port, **env)),
+            cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True))
+    codes, outs = wait_all(procs, timeout=180)
+    assert codes == [0, 0], outs
+    assert "[rank0] world size 2" in outs[0] and "done: 8 steps" in outs[0], outs[0]
+    assert sorted(requests) == sorted(files * 2), requests
+    for node in range(2):
+        assert (tmp_path / f"node{node}" / "data" / "MNIST" / "raw" / "train-images-idx3-ubyte").exists()
+
+    requests.clear()
+    shared = tmp_path / "shared"
+    run([*torchrun("pytorch"), "--standalone", "--nproc_per_node", "2", PT / "multigpu_torchrun.py",
+         "--data", "mnist", "--data-dir", shared, "--epochs", "1", "--batch-size", "16"],
+        env=with_torchvision_shim(clean_env(**env)))
+    assert sorted(requests) == files, requests
 
 
 def test_cifar10_through_torchvision(tmp_path):

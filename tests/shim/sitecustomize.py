@@ -88,6 +88,19 @@ def _use_test_checksums(cifar_module):
     cls.meta = {**cls.meta, "md5": md5[cls.meta["filename"]]}
 
 
+def _use_test_mirror(mnist_module):
+    """MNIST's download, from a server a test runs (TEST_MNIST_MIRROR, a URL ending in /) instead of the
+    internet, checked against the md5 of the test's own .gz files (TEST_MNIST_MD5): torchvision's real download,
+    check and extraction code runs."""
+    import json
+    import os
+
+    md5 = json.loads(os.environ["TEST_MNIST_MD5"])
+    cls = mnist_module.MNIST
+    cls.mirrors = [os.environ["TEST_MNIST_MIRROR"]]
+    cls.resources = [(name, md5[name]) for name, _ in cls.resources]
+
+
 class _Patched(importlib.abc.Loader):
     def __init__(self, loader, after):
         self.loader, self.after = loader, after
@@ -101,13 +114,15 @@ class _Patched(importlib.abc.Loader):
 
 
 class _BeforeTorchvision(importlib.abc.MetaPathFinder):
+    patches = {"torchvision.datasets.cifar": ("TEST_CIFAR10_MD5", _use_test_checksums),
+               "torchvision.datasets.mnist": ("TEST_MNIST_MIRROR", _use_test_mirror)}
+
     def find_spec(self, name, path=None, target=None):
         if name == "torchvision":
             _declare_missing_operators()
-        elif name == "torchvision.datasets.cifar" and "TEST_CIFAR10_MD5" in os.environ:
-            sys.meta_path.remove(self)
+        elif name in self.patches and self.patches[name][0] in os.environ:
             spec = importlib.machinery.PathFinder.find_spec(name, path)
-            spec.loader = _Patched(spec.loader, _use_test_checksums)
+            spec.loader = _Patched(spec.loader, self.patches[name][1])
             return spec
         return None  # the normal import machinery does the import itself
 
