@@ -91,9 +91,10 @@ def main():
                        "batch_size": args.batch_size}, f)
     if not args.no_ddp:
         dist.barrier()  # every rank is past its last collective
-    # torch 2.13 + gloo: now and then a rank aborts in the C++ teardown at exit ("terminate called without an
-    # active exception", SIGABRT), after the work is done, with or without destroy_process_group(). A baseline
-    # must not fail for that, so leave without running any destructor.
+    # torch 2.13 + gloo: a DDP model freed after the process group (here: at interpreter exit) drops the group's
+    # last reference with the GIL held, and gloo's destructor can then abort ("terminate called without an active
+    # exception") or deadlock (the recipes free the model first: pytorch/common.py, leave_process_group). A
+    # baseline has nothing to clean up, so it leaves without running any destructor.
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(0)

@@ -13,6 +13,7 @@ import time
 
 START_TIME = time.time()  # before the heavy imports, as in raw_ddp.py: only the runner's launch time is used
 
+import gc  # noqa: E402
 import json  # noqa: E402
 import os  # noqa: E402
 
@@ -53,6 +54,11 @@ def main():
         with open(args.timings_file, "w") as f:
             json.dump({"start_time": START_TIME, "step_end_times": ends, "world_size": world_size,
                        "batch_size": args.batch_size}, f)
+    # The DDP model first, then the group: freed after destroy_process_group(), DDP's Reducer would drop the
+    # group's last reference with the GIL held, and gloo's destructor can deadlock at exit (see
+    # pytorch/common.py, leave_process_group).
+    del model, optimizer
+    gc.collect()
     dist.destroy_process_group()
 
 
