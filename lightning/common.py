@@ -8,6 +8,7 @@ import argparse
 import gc
 import json
 import os
+import re
 import signal
 import sys
 import time
@@ -363,7 +364,18 @@ def fit(trainer: pl.Trainer, args: argparse.Namespace) -> None:
     pl.seed_everything(args.seed, workers=True, verbose=False)
     model = Classifier(args.lr, args.epochs)
     data = SyntheticData(args.dataset_size, args.batch_size, args.num_workers, args.seed)
-    trainer.fit(model, datamodule=data, ckpt_path=resume_from(args.checkpoint_dir))
+    try:
+        trainer.fit(model, datamodule=data, ckpt_path=resume_from(args.checkpoint_dir))
+    except RuntimeError as e:
+        if not lost_a_peer(e):
+            raise
+        # Not this rank's fault: another process of the job (or its node) died and this rank's next all-reduce
+        # failed. The checkpoints on disk are whole (Lightning writes them atomically); a requeued or resubmitted
+        # run resumes from them.
+        print(f"{rank_prefix()}error: lost contact with another rank ({lost_a_peer(e)}): a process or node of the "
+              f"job died; see its log. The checkpoints are intact: a requeued or resubmitted run resumes from them",
+              file=sys.stderr, flush=True)
+        sys.exit(1)
     # A signal received at all means "stop": also in the parent of ddp_spawn's workers, which trained and saved
     # (every process of a Slurm step gets the signal) while this process only waited for them.
     preempted = any(isinstance(c, Preemption) and (c.preempted or c.requested) for c in trainer.callbacks)
@@ -377,6 +389,17 @@ def fit(trainer: pl.Trainer, args: argparse.Namespace) -> None:
                   f"{'checkpoint saved' if args.checkpoint_dir else 'no --checkpoint-dir, nothing saved'}; "
                   f"exiting with {PREEMPTED_EXIT_CODE} so the job script requeues", flush=True)
         sys.exit(PREEMPTED_EXIT_CODE)
+
+
+def lost_a_peer(error: RuntimeError) -> str:
+    """The gist of a collective that failed because a peer is gone (gloo: "Connection reset/closed by peer",
+    "Timed out waiting ... for recv"; NCCL: a DistBackendError), or "" for any other error."""
+    text = str(error).strip()
+    if not (torch.distributed.is_initialized()
+            and (isinstance(error, torch.distributed.DistError) or "gloo/transport" in text)):
+        return ""
+    text = re.sub(r"^\[[^\]]*\] ", "", text.splitlines()[0])  # gloo's "[.../pair.cc:537] "
+    return text.split(". This is typically")[0][:200]
 
 
 def resume_from(checkpoint_dir: str | None) -> str | None:

@@ -45,11 +45,8 @@ def world_size(output):
     return int(re.search(r"^\[rank0\] world size (\d+) \|", output, re.M).group(1))
 
 
-def run_slurm_tasks(args, *, ntasks, timeout=120):
-    """Start `ntasks` processes of multinode.py on this host with the SLURM_* variables srun would give them.
-
-    Returns (exit codes, outputs) per task. A hang is a failure with every task's output.
-    """
+def start_slurm_tasks(args, *, ntasks):
+    """Start `ntasks` processes of multinode.py on this host with the SLURM_* variables srun would give them."""
     port = free_port()
     procs = []
     for rank in range(ntasks):
@@ -61,6 +58,11 @@ def run_slurm_tasks(args, *, ntasks, timeout=120):
         procs.append(subprocess.Popen([str(env_python("lightning")), str(script("multinode.py")), *args],
                                       cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                       text=True, start_new_session=True))
+    return procs
+
+
+def wait_tasks(procs, timeout=120):
+    """(exit codes, outputs) per task. A hang is a failure with every task's output."""
     outputs, codes = [], []
     for rank, proc in enumerate(procs):
         try:
@@ -75,6 +77,10 @@ def run_slurm_tasks(args, *, ntasks, timeout=120):
         codes.append(proc.returncode)
     sys.stdout.write("\n".join(f"--- task {r} ---\n{o[-2000:]}" for r, o in enumerate(outputs)))
     return codes, outputs
+
+
+def run_slurm_tasks(args, *, ntasks, timeout=120):
+    return wait_tasks(start_slurm_tasks(args, ntasks=ntasks), timeout)
 
 
 def test_ddp_two_ranks_equals_one_rank(tmp_path):
@@ -116,6 +122,23 @@ def test_multinode_emulated_slurm_two_tasks(tmp_path):
     assert len(epoch_lines(outputs[0])) == 2 and world_size(outputs[0]) == 2
     assert not epoch_lines(outputs[1])  # reporting is rank 0's job
     assert weights(tmp_path)[1]["global_step"] == 8
+
+
+def test_a_rank_lost_mid_training_is_one_clear_line(tmp_path):
+    """kill -9 of one task (its node died): the survivor's next all-reduce fails; it says so in one line and
+    exits 1 instead of printing Lightning's and gloo's traceback wall."""
+    procs = start_slurm_tasks(["--epochs", "100", *SMALL[2:-1], "1", "--timeout", "60"], ntasks=2)
+    first = ""
+    for line in procs[0].stdout:
+        first += line
+        if "| step 3 |" in line:
+            os.killpg(procs[1].pid, signal.SIGKILL)
+            break
+    codes, outputs = wait_tasks(procs)
+    out = first + outputs[0]
+    errors = [ln for ln in out.splitlines() if re.match(r"\[rank0\] error: ", ln)]
+    assert codes[0] == 1 and len(errors) == 1 and "Traceback" not in out, out
+    assert "lost contact with another rank" in errors[0], errors
 
 
 def test_multinode_devices_mismatch_is_a_clear_error(tmp_path):
