@@ -348,9 +348,13 @@ def test_resume_is_bit_exact_with_four_ranks(tmp_path):
     assert_same_weights(model_of(resumed), model_of(straight), rtol=0, atol=0)
 
 
-def test_preempted_run_saves_exits_75_and_resumes_exactly(tmp_path):
-    """SIGUSR1 (Slurm's warning signal) mid-training: every rank stops at the same step, rank 0 saves."""
-    args = ["--epochs", "2", "--dataset-size", "4096", "--batch-size", "16", "--log-every", "10"]
+@pytest.mark.parametrize("sig, workers", [(signal.SIGUSR1, 0), (signal.SIGTERM, 2)], ids=["usr1", "term-2-workers"])
+def test_preempted_run_saves_exits_75_and_resumes_exactly(tmp_path, sig, workers):
+    """SIGUSR1 (Slurm's warning signal) or SIGTERM (time limit, scancel, preemption) mid-training, sent as Slurm
+    does: to every process of the step, DataLoader workers included. Every rank stops at the same step, rank 0
+    saves, the workers ignore the signal (their parent decides), and the resumed run ends bit-exact."""
+    args = ["--epochs", "2", "--dataset-size", "4096", "--batch-size", "16", "--log-every", "10",
+            "--num-workers", str(workers)]
     straight = tmp_path / "straight"
     codes, outs = wait_all(srun_style([*args, "--checkpoint-dir", str(straight)], 2, free_port()))
     assert codes == [0, 0], "\n".join(outs)
@@ -363,11 +367,11 @@ def test_preempted_run_saves_exits_75_and_resumes_exactly(tmp_path):
         if "| step 20 |" in line:
             break
     for p in procs:
-        p.send_signal(signal.SIGUSR1)
+        os.killpg(p.pid, sig)  # each rank's process group: the rank and its DataLoader workers
     codes, outs = wait_all(procs)
     outs[0] = "".join(head) + outs[0]
     assert codes == [75, 75], "\n".join(outs)
-    assert "preempted at step" in outs[0]
+    assert "preempted at step" in outs[0] and "Traceback" not in "".join(outs), "\n".join(outs)
     # the way out with SystemExit(75) in flight frees the model before the process group (leave_process_group)
     assert all(teardown_checked(out, ranks=1) for out in outs), "\n".join(outs)
     stopped_at = int(re.search(r"preempted at step (\d+)", outs[0]).group(1))
