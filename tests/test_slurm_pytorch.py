@@ -7,8 +7,11 @@ The tests only shrink the shape on the sbatch command line (this machine has 2 c
 training arguments; a later --checkpoint-dir overrides the template's own.
 """
 
+import os
 import re
 import shutil
+import signal
+import subprocess
 import time
 from pathlib import Path
 
@@ -279,6 +282,51 @@ def test_node_loss_requeue_resume(slurm_cluster, pytorch_python, reference_run, 
         if slurm_cluster.node_state("n2") in {"idle", "mixed", "allocated"}:
             break
         time.sleep(0.2)
+
+
+def test_multinode_torchrun_worker_killed_requeue_resume(slurm_cluster, pytorch_python, reference_run,
+                                                         tmp_path_factory):
+    """srun torchrun on 2 nodes x 1 worker, the worker on n2 killed (kill -9) after the epoch-1 snapshot.
+    torchrun's --max-restarts cannot restart across nodes (the agents count restarts differently), so the step
+    fails -- and multinode_torchrun.sbatch requeues the job because a newer snapshot than at its start exists; the
+    requeued run resumes from it and ends with the uninterrupted run's weights. (Before: the job ended FAILED.)"""
+    folder = tmp_path_factory.mktemp("worker_killed") / "pytorch"
+    shutil.copytree(PYTORCH, folder, ignore=shutil.ignore_patterns("checkpoints", "__pycache__", "*.out"))
+    events = {"killed": False}
+
+    def on_poll(info, log):
+        steps = [int(n) for n in re.findall(r"^0: \[rank0\] epoch 2 \|[^\n]*?\bstep (\d+)", log, re.M)]
+        if not events["killed"] and steps and max(steps) >= LONG_STEPS // 3 + 16:
+            events["killed"] = kill_worker("n2")
+        if events["killed"]:
+            slurm_cluster.release_requeued(info, events)
+
+    job = slurm_cluster.run(folder / "multinode_torchrun.sbatch", *LONG,
+                            sbatch_args=[*ONE_PER_NODE, "--time=00:10:00"], cwd=folder, output=folder / "job.out",
+                            env={"PYTHON": pytorch_python, "RUN": "exp1"}, timeout=300, on_poll=on_poll).assert_ok()
+    assert events["killed"] and job.info["Restarts"] == "1", job.describe()
+    first, _, second = job.log.partition("restart 1 of at most 3")
+    assert "after saving new progress; requeueing job" in first, job.describe()
+    assert re.search(r"resumed from \S+: epoch 2, step 64\b", second), job.describe()
+    resumed, reference = snapshot(folder / "checkpoints" / "exp1"), snapshot(reference_run[1])
+    assert resumed["step"] == reference["step"] == LONG_STEPS
+    for name, tensor in reference["model"].items():
+        assert torch.equal(resumed["model"][name], tensor), f"{name} differs after kill/requeue/resume"
+
+
+def kill_worker(node):
+    """kill -9 the training worker (not the torchrun agent) running on local-cluster node `node`."""
+    netns = f"{cluster_env().get('SLURM_LOCAL_PREFIX', 'slurmlc')}-{node}"
+    pids = subprocess.run(["ip", "netns", "pids", netns], stdout=subprocess.PIPE, text=True).stdout.split()
+    for pid in pids:
+        try:
+            argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if any(a.endswith(b"multinode.py") for a in argv) and b"torch.distributed.run" not in argv:
+            os.kill(int(pid), signal.SIGKILL)
+            return True
+    return False
 
 
 def test_multinode_restart_cap(slurm_cluster, tmp_path):
