@@ -95,6 +95,10 @@ def parse_args(description, extra=None):
                    help="auto: nccl with CUDA, gloo without")
     p.add_argument("--timeout", type=positive_int, default=300,
                    help="seconds before a rendezvous or collective that cannot complete is an error")
+    p.add_argument("--rendezvous-timeout", type=positive_int, default=None,
+                   help="seconds the ranks wait for each other at start-up (default: --timeout). Raise it where "
+                        "ranks start far apart (hundreds of nodes, container pulls) and keep --timeout short: "
+                        "it then bounds only the collectives, so a dead peer is an error sooner")
     p.add_argument("--io-timeout", type=positive_int, default=1800,
                    help="seconds the other ranks wait while rank 0 alone downloads data or writes a snapshot")
     p.add_argument("--log-every", type=positive_int, default=50, help="steps between progress lines")
@@ -103,6 +107,7 @@ def parse_args(description, extra=None):
     if extra is not None:
         extra(p)
     args = p.parse_args()
+    args.rendezvous_timeout = args.rendezvous_timeout or args.timeout
     if args.data != "synthetic" and not args.data_dir:
         p.error(f"--data {args.data} needs --data-dir (the directory that holds, or will hold, the dataset)")
     return args
@@ -218,23 +223,25 @@ def wait_for_rank0(io_timeout):
     dist.barrier(group=rank0_wait_group(io_timeout))
 
 
-def restarted_attempt_store(world_size, timeout):
-    """init_process_group's keyword arguments for a worker that torchrun --max-restarts may have restarted.
+def rendezvous_store(rank, world_size, timeout):
+    """init_process_group's keyword arguments: the store where the ranks meet at MASTER_ADDR:MASTER_PORT, waiting
+    up to `timeout` (--rendezvous-timeout) for each other; the collectives get init_process_group's own timeout.
 
-    torchrun's restarted workers meet in the agent's TCPStore (MASTER_PORT), which still holds the keys the
-    failed attempt wrote: a new worker can read a dead worker's address from them and fail with "Gloo
-    connectFullMesh failed ... Connection refused" (torch 2.13, about 2 restarts in 5 on CPU; the same with NCCL:
-    pytorch/pytorch#167288). A key prefix per attempt hides the old keys. Only with one torchrun (one agent): across
-    nodes the agents count restarts differently (only the one whose worker failed counts it), so there the stock
-    behaviour stays and the job restarts through Slurm (multinode.sbatch requeues)."""
-    if (os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True" or os.environ.get("GROUP_WORLD_SIZE") != "1"
-            or "TORCHELASTIC_RESTART_COUNT" not in os.environ):
-        return {}
-    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world_size, is_master=False,
-                          timeout=timedelta(seconds=timeout))
-    attempt = os.environ["TORCHELASTIC_RESTART_COUNT"]
-    return {"store": dist.PrefixStore(f"attempt-{attempt}", store), "rank": int(os.environ["RANK"]),
-            "world_size": world_size}
+    Under torchrun the agent hosts the store (TORCHELASTIC_USE_AGENT_STORE) and every worker is a client. A worker
+    that torchrun --max-restarts restarted meets the others in that store, which still holds the keys the failed
+    attempt wrote: a new worker can read a dead worker's address from them and fail with "Gloo connectFullMesh
+    failed ... Connection refused" (torch 2.13, about 2 restarts in 5 on CPU; the same with NCCL:
+    pytorch/pytorch#167288). A key prefix per attempt hides the old keys. Only with one torchrun (one agent):
+    across nodes the agents count restarts differently (only the one whose worker failed counts it), so there the
+    job restarts through Slurm (multinode_torchrun.sbatch requeues). Without torchrun (srun), rank 0 hosts it."""
+    addr, port, wait = os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), timedelta(seconds=timeout)
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
+        store = dist.TCPStore(addr, port, world_size, is_master=False, timeout=wait)
+        if os.environ.get("GROUP_WORLD_SIZE") == "1" and "TORCHELASTIC_RESTART_COUNT" in os.environ:
+            store = dist.PrefixStore(f"attempt-{os.environ['TORCHELASTIC_RESTART_COUNT']}", store)
+    else:
+        store = dist.TCPStore(addr, port, world_size, is_master=rank == 0, timeout=wait, multi_tenant=True)
+    return {"store": store, "rank": rank, "world_size": world_size}
 
 
 def torchrun_env():

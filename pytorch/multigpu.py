@@ -27,8 +27,9 @@ def setup(rank, world_size, port, args):
     else:
         device = torch.device("cpu")
     backend = pick_backend(args.backend)
-    store = dist.TCPStore("127.0.0.1", port, world_size, is_master=False, timeout=timedelta(seconds=args.timeout))
-    # The timeout bounds every later collective too: a dead peer becomes an error, not a hang.
+    store = dist.TCPStore("127.0.0.1", port, world_size, is_master=False,
+                          timeout=timedelta(seconds=args.rendezvous_timeout))
+    # The timeout bounds every later collective: a dead peer becomes an error, not a hang.
     dist.init_process_group(backend, store=store, rank=rank, world_size=world_size,
                             timeout=timedelta(seconds=args.timeout), device_id=device if backend == "nccl" else None)
     return device
@@ -53,7 +54,7 @@ def main():
     # workers run: no fixed 12355 to collide with another job, and no window between "find a free port" and
     # "bind it" in which someone else can take it.
     store = dist.TCPStore("127.0.0.1", 0, world_size, is_master=True, wait_for_workers=False,
-                          timeout=timedelta(seconds=args.timeout))
+                          timeout=timedelta(seconds=args.rendezvous_timeout))
     try:
         mp.spawn(worker, args=(world_size, store.port, args), nprocs=world_size, join=True)
     except mp.ProcessExitedException as e:  # the worker printed its own error; mp.spawn stopped the others

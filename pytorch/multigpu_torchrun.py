@@ -25,7 +25,7 @@ from common import (
     log,
     parse_args,
     pick_backend,
-    restarted_attempt_store,
+    rendezvous_store,
     run,
     torchrun_env,
 )
@@ -41,11 +41,12 @@ def setup(args):
     else:
         device = torch.device("cpu")
     backend = pick_backend(args.backend)
-    # The timeout bounds both the rendezvous and every later collective: a dead peer becomes an error.
-    with explained_rendezvous(rank, world_size, args.timeout):
+    # Two deadlines: --rendezvous-timeout for all ranks to arrive, --timeout for every later collective (a dead
+    # peer becomes an error, not a hang).
+    with explained_rendezvous(rank, world_size, args.rendezvous_timeout):
         dist.init_process_group(backend, timeout=timedelta(seconds=args.timeout),
                                 device_id=device if backend == "nccl" else None,
-                                **restarted_attempt_store(world_size, args.timeout))
+                                **rendezvous_store(rank, world_size, args.rendezvous_timeout))
     return rank, world_size, device
 
 

@@ -58,9 +58,9 @@ def srun_style(script_args, nproc, port, extra_env=None, **kw):
     """Start `nproc` processes the way `srun python multinode.py` does: only SLURM_* variables, no RANK."""
     procs = []
     for rank in range(nproc):
-        env = with_teardown_check(clean_env(SLURM_PROCID=rank, SLURM_LOCALID=rank, SLURM_NTASKS=nproc,
-                                            SLURM_NNODES=1, SLURM_JOB_ID=4242, MASTER_ADDR="127.0.0.1",
-                                            MASTER_PORT=port, **(extra_env or {})))
+        slurm = dict(SLURM_PROCID=rank, SLURM_LOCALID=rank, SLURM_NTASKS=nproc, SLURM_NNODES=1, SLURM_JOB_ID=4242,
+                     MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
+        env = with_teardown_check(clean_env(**{**slurm, **(extra_env or {})}))
         procs.append(subprocess.Popen([str(env_python("pytorch")), str(PT / "multinode.py"), *script_args],
                                       env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                       text=True, start_new_session=True))
@@ -434,6 +434,23 @@ def test_a_snapshot_save_longer_than_the_collective_timeout(tmp_path):
     assert "snapshot saved" in out and "done: 8 steps" in out, out
 
 
+def test_rendezvous_deadline_is_separate_from_the_collective_one(tmp_path):
+    """Rank 1 starts 20 s after rank 0 (a slow node, a container pull), longer than --timeout 8: with
+    --rendezvous-timeout 90 both meet and train, and the collectives keep their 8 s deadline. (Before: one
+    deadline for both; rank 0 gave up on the rendezvous after --timeout.)"""
+    port = free_port()
+    args = [*SMALL, "--batch-size", "16", "--timeout", "8", "--rendezvous-timeout", "90"]
+    procs = srun_style(args, 1, port, extra_env={"SLURM_NTASKS": 2})  # rank 0 of 2
+    time.sleep(20)
+    env = with_teardown_check(clean_env(SLURM_PROCID=1, SLURM_LOCALID=1, SLURM_NTASKS=2, MASTER_ADDR="127.0.0.1",
+                                        MASTER_PORT=port))
+    procs.append(subprocess.Popen([str(env_python("pytorch")), str(PT / "multinode.py"), *args], env=env, cwd=ROOT,
+                                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                  start_new_session=True))
+    codes, outs = wait_all(procs)
+    assert codes == [0, 0] and "done: 32 steps" in outs[0], "\n".join(outs)
+
+
 def workers(agent_pid):
     """{RANK: pid} of the workers torchrun (the agent, pid agent_pid) has running now."""
     found = {}
@@ -453,7 +470,7 @@ def workers(agent_pid):
 def test_torchrun_max_restarts_resumes_from_the_last_snapshot(ddp_run, tmp_path):
     """A worker killed (kill -9) twice: torchrun --max-restarts restarts both workers, they resume from the last
     snapshot, and the run ends with the weights of the uninterrupted one. Without a key prefix per attempt
-    (common.restarted_attempt_store) about 2 restarts in 5 failed in gloo's connectFullMesh with "Connection
+    (common.rendezvous_store) about 2 restarts in 5 failed in gloo's connectFullMesh with "Connection
     refused" (the restarted workers read the dead ones' addresses from the agent's store)."""
     cmd = [*torchrun("pytorch"), "--standalone", "--nproc_per_node", "2", "--max-restarts", "2",
            PT / "multigpu_torchrun.py", *SMALL, "--batch-size", "16", "--timeout", "60", "--checkpoint-dir", tmp_path]
