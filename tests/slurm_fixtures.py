@@ -145,14 +145,16 @@ class SlurmCluster:
         _new_jobs.append((f"{name} ({tasks} array tasks)", job_id, ",".join(sorted({j.state for j in jobs})), seconds))
         return jobs
 
-    def release_requeued(self, info: dict, events: dict) -> None:
+    def release_requeued(self, info: dict, events: dict, after: float = 2) -> None:
         """From an on_poll callback: start a requeued job now instead of after its ~2 min BeginTime -- but not
         in the same second as the requeue, or slurmd refuses the new credential ("Job credential revoked" ->
-        FAILED). Sets events["released"] once done."""
+        FAILED). Sets events["released"] once done. After a node failure wait longer (`after`): the first run's
+        srun may still be trying to reach the lost node, and when it gives up it cancels "step N.0" -- the same
+        id as the requeued run's first step, which it then kills (seen: the resumed run Terminated after 1 s)."""
         if events.get("released") or info.get("JobState") != "PENDING" or int(info.get("Restarts", 0)) < 1:
             return
         events["requeued_at"] = events.get("requeued_at") or time.monotonic()
-        if time.monotonic() - events["requeued_at"] >= 2:
+        if time.monotonic() - events["requeued_at"] >= after:
             self.client("scontrol", "update", f"jobid={info['JobId']}", "StartTime=now")
             events["released"] = True
 

@@ -253,7 +253,7 @@ def test_node_loss_requeue_resume(slurm_cluster, pytorch_python, reference_run, 
             slurm_cluster.node("boot", "n2")  # repaired (or replaced) after the job was requeued
             events["booted"] = True
         if events["booted"]:
-            slurm_cluster.release_requeued(info, events)
+            slurm_cluster.release_requeued(info, events, after=20)
 
     try:
         ckpt = tmp_path / "ckpt"
