@@ -123,6 +123,27 @@ def ddp(args: argparse.Namespace, start_method: str = "popen") -> DDPStrategy:
                        timeout=timedelta(seconds=args.timeout))
 
 
+def join_restarted_attempt(args: argparse.Namespace) -> None:
+    """Under `torchrun --max-restarts` (one agent): create the process group before Lightning does, in the agent's
+    store under a key prefix of this attempt's own. Lightning then uses it as it is (it skips its own
+    init_process_group when one exists).
+
+    torch 2.13: restarted workers meet in the agent's store, which still holds the keys the failed attempt wrote;
+    a new worker can read a dead worker's address from them and fail with "Gloo connectFullMesh failed ...
+    Connect timeout/Connection refused" (seen here with Lightning too; the same with NCCL: pytorch/pytorch#167288).
+    Across nodes the agents count restarts differently, so there the stock path stays and Slurm requeues."""
+    if (os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True" or os.environ.get("GROUP_WORLD_SIZE") != "1"
+            or "TORCHELASTIC_RESTART_COUNT" not in os.environ):
+        return
+    rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    timeout = timedelta(seconds=args.timeout)
+    store = torch.distributed.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world_size,
+                                       is_master=False, timeout=timeout)
+    store = torch.distributed.PrefixStore(f"attempt-{os.environ['TORCHELASTIC_RESTART_COUNT']}", store)
+    backend = args.backend if args.backend != "auto" else "nccl" if torch.cuda.is_available() else "gloo"
+    torch.distributed.init_process_group(backend, store=store, rank=rank, world_size=world_size, timeout=timeout)
+
+
 class ConvNet(nn.Module):
     """A small CNN, the same as pytorch/common.py's, so that the benchmarks compare like with like."""
 

@@ -27,6 +27,7 @@ def torchrun_layout() -> tuple[int, int]:
 def main():
     args = common.parse_args(__doc__)
     devices, num_nodes = torchrun_layout()
+    common.join_restarted_attempt(args)  # torchrun --max-restarts: see common.py
     trainer = pl.Trainer(
         accelerator="auto",  # CUDA -> nccl, else CPU -> gloo
         devices=devices,

@@ -124,3 +124,19 @@ def run(cmd, *, timeout: float = 240, env: dict | None = None, cwd=ROOT, check: 
                     pytrace=False)
     sys.stdout.write(proc.stdout[-3000:])  # shown by pytest on failure / with -rP
     return proc
+
+
+def torchrun_workers(agent_pid: int) -> dict[int, int]:
+    """{RANK: pid} of the workers torchrun (the agent, pid agent_pid) has running now."""
+    found = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            if int(stat.read_text().rsplit(")", 1)[1].split()[1]) != agent_pid:
+                continue
+            environ = (stat.parent / "environ").read_bytes().split(b"\0")
+        except (OSError, IndexError, ValueError):
+            continue
+        rank = [v[5:] for v in environ if v.startswith(b"RANK=")]
+        if rank:
+            found[int(rank[0])] = int(stat.parent.name)
+    return found

@@ -13,7 +13,7 @@ import sys
 
 import pytest
 import torch
-from helpers import ROOT, clean_env, env_python, free_port, run, torchrun
+from helpers import ROOT, clean_env, env_python, free_port, run, torchrun, torchrun_workers
 
 pytestmark = [pytest.mark.lightning, pytest.mark.timeout(300)]
 
@@ -162,6 +162,42 @@ def test_resume_from_last_ckpt_matches_uninterrupted_run(tmp_path):
     assert "Restored all states from the checkpoint" in out
     assert weights(resumed)[1]["global_step"] == 16
     assert_same_weights(weights(straight)[0], weights(resumed)[0], atol=0)
+
+
+def test_torchrun_max_restarts_resumes_from_the_last_checkpoint(tmp_path):
+    """A worker killed (kill -9) after the first epoch's checkpoint, and again right after the restart resumed:
+    torchrun --max-restarts restarts both workers twice, they resume and end with the uninterrupted run's
+    weights. (Before: the restarted workers failed in gloo's connectFullMesh -- torch 2.13's agent store still
+    held the dead workers' addresses -- until the restarts were used up; common.join_restarted_attempt gives each
+    attempt its own key prefix.)"""
+    args = ["--epochs", "3", "--dataset-size", "1024", "--batch-size", "32", "--log-every", "1000",
+            "--timeout", "60"]
+    launch = [*torchrun("lightning"), "--standalone", "--nproc_per_node", "2"]
+    straight, restarted = tmp_path / "straight", tmp_path / "restarted"
+    run([*launch, script("multigpu_torchrun.py"), *args, "--checkpoint-dir", straight])
+    cmd = [*launch, "--max-restarts", "2", script("multigpu_torchrun.py"), *args, "--checkpoint-dir", restarted]
+    agent = subprocess.Popen([str(c) for c in cmd], cwd=ROOT, env=clean_env(), stdout=subprocess.PIPE,
+                             stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    seen, kills = [], 0
+    try:
+        for line in agent.stdout:
+            seen.append(line)
+            # 1st: after the epoch-1 checkpoint; 2nd: as soon as the restarted run has resumed from it
+            if ("snapshot saved" in line and kills == 0) or ("resumed from" in line and kills == 1):
+                os.kill(torchrun_workers(agent.pid)[1], signal.SIGKILL)
+                kills += 1
+                if kills == 2:
+                    break
+        seen.append(agent.communicate(timeout=240)[0])
+    finally:
+        if agent.poll() is None:  # torchrun starts its workers in sessions of their own: kill them one by one
+            for pid in [*torchrun_workers(agent.pid).values(), agent.pid]:
+                os.kill(pid, signal.SIGKILL)
+    out = "".join(seen)
+    assert agent.returncode == 0 and "connectFullMesh" not in out, out
+    assert kills == 2 and len(re.findall(r"\[rank0\] resumed from \S+: epoch 2, step 16", out)) == 2, out
+    assert "done: 48 steps" in out, out
+    assert_same_weights(weights(straight)[0], weights(restarted)[0], atol=0)
 
 
 # sbatch's batch shell: the job's SLURM_NTASKS but no SLURM_STEP_ID, because srun was forgotten

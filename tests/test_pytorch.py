@@ -12,13 +12,12 @@ import socket
 import subprocess
 import threading
 import time
-from pathlib import Path
 
 import pytest
 import torch
 from data_files import cifar_md5_env, write_cifar10, write_mnist
-from helpers import (ROOT, clean_env, env_python, free_port, run, teardown_checked, torchrun, with_teardown_check,
-                     with_torchvision_shim)
+from helpers import (ROOT, clean_env, env_python, free_port, run, teardown_checked, torchrun, torchrun_workers,
+                     with_teardown_check, with_torchvision_shim)
 
 pytestmark = [pytest.mark.pytorch, pytest.mark.timeout(300)]
 
@@ -451,22 +450,6 @@ def test_rendezvous_deadline_is_separate_from_the_collective_one(tmp_path):
     assert codes == [0, 0] and "done: 32 steps" in outs[0], "\n".join(outs)
 
 
-def workers(agent_pid):
-    """{RANK: pid} of the workers torchrun (the agent, pid agent_pid) has running now."""
-    found = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            if int(stat.read_text().rsplit(")", 1)[1].split()[1]) != agent_pid:
-                continue
-            environ = (stat.parent / "environ").read_bytes().split(b"\0")
-        except (OSError, IndexError, ValueError):
-            continue
-        rank = [v[5:] for v in environ if v.startswith(b"RANK=")]
-        if rank:
-            found[int(rank[0])] = int(stat.parent.name)
-    return found
-
-
 def test_torchrun_max_restarts_resumes_from_the_last_snapshot(ddp_run, tmp_path):
     """A worker killed (kill -9) twice: torchrun --max-restarts restarts both workers, they resume from the last
     snapshot, and the run ends with the weights of the uninterrupted one. Without a key prefix per attempt
@@ -482,12 +465,12 @@ def test_torchrun_max_restarts_resumes_from_the_last_snapshot(ddp_run, tmp_path)
             seen.append(line)
             # 1st: right after the epoch-1 snapshot; 2nd: as soon as the restarted run has resumed from it
             if ("snapshot saved" in line and kills == 0) or ("resumed from" in line and kills == 1):
-                os.kill(workers(agent.pid)[1], signal.SIGKILL)
+                os.kill(torchrun_workers(agent.pid)[1], signal.SIGKILL)
                 kills += 1
         code = agent.wait(timeout=240)
     finally:
         if agent.poll() is None:  # torchrun starts its workers in sessions of their own: kill them one by one
-            for pid in [*workers(agent.pid).values(), agent.pid]:
+            for pid in [*torchrun_workers(agent.pid).values(), agent.pid]:
                 os.kill(pid, signal.SIGKILL)
     out = "".join(seen)
     assert kills == 2 and code == 0, out[-4000:]
