@@ -127,18 +127,49 @@ def test_multinode_devices_mismatch_is_a_clear_error(tmp_path):
     assert "error:" not in outputs[1]  # printed once, by task 0
 
 
-def test_resume_from_last_ckpt_matches_uninterrupted_run(tmp_path):
-    """2 epochs straight == 1 epoch, stop, then resume from last.ckpt for the second (same weights)."""
-    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
-    base = [env_python("lightning"), script("single_gpu.py"), "--dataset-size", "256", "--batch-size", "32",
+def resume_base():
+    return [env_python("lightning"), script("single_gpu.py"), "--dataset-size", "256", "--batch-size", "32",
             "--log-every", "1000"]
-    run([*base, "--epochs", "2", "--checkpoint-dir", straight])
+
+
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory):
+    """2 epochs of 8 steps, uninterrupted: what every stopped and resumed run must end with."""
+    ckpt = tmp_path_factory.mktemp("straight")
+    run([*resume_base(), "--epochs", "2", "--checkpoint-dir", ckpt])
+    return ckpt
+
+
+def test_resume_from_last_ckpt_matches_uninterrupted_run(straight, tmp_path):
+    """2 epochs straight == 1 epoch, stop, then resume from last.ckpt for the second (same weights)."""
+    resumed = tmp_path / "resumed"
+    base = resume_base()
     run([*base, "--epochs", "2", "--max-steps", "8", "--checkpoint-dir", resumed])  # stops after epoch 1
     assert weights(resumed)[1]["global_step"] == 8
     out = run([*base, "--epochs", "2", "--checkpoint-dir", resumed]).stdout
     assert "Restored all states from the checkpoint" in out
     assert weights(resumed)[1]["global_step"] == 16
     assert_same_weights(weights(straight)[0], weights(resumed)[0], atol=0)
+
+
+def test_preempted_mid_epoch_resumes_after_the_batches_it_trained(straight, tmp_path):
+    """SIGUSR1 before training: the ranks stop at step 10 (Preemption.CHECK_EVERY), batch 2 of epoch 2, and save
+    preempted-step=10.ckpt; resumed, epoch 2 goes on with batch 3 and the weights equal the uninterrupted run's.
+    (Before common.ResumableLoader, Lightning restarted epoch 2 at its first batch: found by the fault soak.)"""
+    proc = subprocess.Popen([str(a) for a in [*resume_base(), "--epochs", "2", "--checkpoint-dir", tmp_path]],
+                            cwd=ROOT, env=clean_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    seen = []
+    for line in proc.stdout:
+        seen.append(line)
+        if line.startswith("[rank0] world size"):  # on_train_start: the handler is ours by now
+            proc.send_signal(signal.SIGUSR1)
+    assert proc.wait(timeout=120) == 75, "".join(seen)
+    assert "preempted at step 10" in "".join(seen), "".join(seen)
+    out = run([*resume_base(), "--epochs", "2", "--checkpoint-dir", tmp_path]).stdout
+    assert "preempted-step=10.ckpt: epoch 2, step 10" in out and "not resumable" not in out, out
+    assert weights(tmp_path)[1]["global_step"] == 16
+    assert_same_weights(weights(straight)[0], weights(tmp_path)[0], atol=0)
 
 
 # sbatch's batch shell: the job's SLURM_NTASKS but no SLURM_STEP_ID, because srun was forgotten
