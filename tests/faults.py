@@ -274,6 +274,7 @@ def launch(mode: Mode, ckpt_dir: Path, log_dir: Path, *, extra: tuple = (), inje
            deadline: float = 300, rng: random.Random | None = None) -> Launch:
     """Run one step of `mode` to its end (or its deadline), injecting `injection` once the first snapshot exists."""
     marker = uuid.uuid4().hex
+    ckpt_dir = ckpt_dir.resolve()  # the recipe runs in its folder
     log_dir.mkdir(parents=True, exist_ok=True)
     rng = rng or random.Random(0)
     logs, procs = [], []
