@@ -18,6 +18,7 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.strategies import DDPStrategy
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from torch import nn
 from torch.nn import functional as F
 from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
@@ -323,6 +324,13 @@ class Preemption(Callback):
     def on_fit_start(self, trainer, pl_module):
         self.install()
 
+    def on_train_start(self, trainer, pl_module):
+        # Lightning installs its own SIGTERM handler after on_fit_start (Trainer._run, register_signal_handlers). It
+        # stops the run at the next batch with SIGTERMException, a SystemExit(None): exit 0 without a checkpoint, so
+        # the job script saw success and never requeued (found by the fault soak). Ours again: SIGTERM is a
+        # preemption like SIGUSR1.
+        self.install()
+
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         if trainer.global_step % self.CHECK_EVERY:
             return
@@ -392,7 +400,10 @@ def fit(trainer: pl.Trainer, args: argparse.Namespace) -> None:
     pl.seed_everything(args.seed, workers=True, verbose=False)
     model = Classifier(args.lr, args.epochs)
     data = SyntheticData(args.dataset_size, args.batch_size, args.num_workers, args.seed)
-    trainer.fit(model, datamodule=data, ckpt_path=resume_from(args.checkpoint_dir))
+    try:
+        trainer.fit(model, datamodule=data, ckpt_path=resume_from(args.checkpoint_dir))
+    except SIGTERMException:  # SIGTERM in Lightning's handler, before on_train_start: nothing saved since the last
+        pass  # checkpoint; our handler ran too (Lightning calls it), so this exits 75 below and the job resumes
     # A signal received at all means "stop": also in the parent of ddp_spawn's workers, which trained and saved
     # (every process of a Slurm step gets the signal) while this process only waited for them.
     preempted = any(isinstance(c, Preemption) and (c.preempted or c.requested) for c in trainer.callbacks)

@@ -152,18 +152,21 @@ def test_resume_from_last_ckpt_matches_uninterrupted_run(straight, tmp_path):
     assert_same_weights(weights(straight)[0], weights(resumed)[0], atol=0)
 
 
-def test_preempted_mid_epoch_resumes_after_the_batches_it_trained(straight, tmp_path):
-    """SIGUSR1 before training: the ranks stop at step 10 (Preemption.CHECK_EVERY), batch 2 of epoch 2, and save
-    preempted-step=10.ckpt; resumed, epoch 2 goes on with batch 3 and the weights equal the uninterrupted run's.
-    (Before common.ResumableLoader, Lightning restarted epoch 2 at its first batch: found by the fault soak.)"""
-    proc = subprocess.Popen([str(a) for a in [*resume_base(), "--epochs", "2", "--checkpoint-dir", tmp_path]],
-                            cwd=ROOT, env=clean_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)
+@pytest.mark.parametrize("sig", [signal.SIGUSR1, signal.SIGTERM], ids=["USR1", "TERM"])
+def test_preempted_mid_epoch_resumes_after_the_batches_it_trained(straight, tmp_path, sig):
+    """A preemption signal at step 2: the run stops at step 10 (Preemption.CHECK_EVERY), batch 2 of epoch 2, saves
+    preempted-step=10.ckpt and exits 75; resumed, epoch 2 goes on with batch 3 and the weights equal the
+    uninterrupted run's. Both found by the fault soak: before common.ResumableLoader Lightning restarted epoch 2 at
+    its first batch; before Preemption.on_train_start, SIGTERM reached Lightning's own handler, which ended the
+    run at the next batch with exit 0 and no checkpoint."""
+    args = [*resume_base(), "--epochs", "2", "--log-every", "2", "--checkpoint-dir", tmp_path]
+    proc = subprocess.Popen([str(a) for a in args], cwd=ROOT, env=clean_env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
     seen = []
     for line in proc.stdout:
         seen.append(line)
-        if line.startswith("[rank0] world size"):  # on_train_start: the handler is ours by now
-            proc.send_signal(signal.SIGUSR1)
+        if "| step 2 |" in line:  # training is under way
+            proc.send_signal(sig)
     assert proc.wait(timeout=120) == 75, "".join(seen)
     assert "preempted at step 10" in "".join(seen), "".join(seen)
     out = run([*resume_base(), "--epochs", "2", "--checkpoint-dir", tmp_path]).stdout
