@@ -8,7 +8,7 @@ PYTEST_ARGS ?=
 # to one core that mostly wait on the scheduler, and the other test files use the idle core meanwhile.
 TEST_WORKERS ?= 2
 
-.PHONY: help envs system-deps demo test lint bench clean
+.PHONY: help envs system-deps demo test lint bench soak clean
 
 help:
 	@echo "make demo   - build .venvs/pytorch and run a 2-process torchrun recipe on this machine"
@@ -16,6 +16,7 @@ help:
 	@echo "make envs   - build (or refresh) one virtualenv per framework folder under .venvs/"
 	@echo "make lint   - ruff + shellcheck + the sbatch linter"
 	@echo "make bench  - benchmarks: scaling, overhead vs raw DDP, time to first step"
+	@echo "make soak   - fault soak: random kill -9/SIGTERM/SIGUSR1 into pytorch+lightning runs (SOAK_ARGS)"
 	@echo "make clean  - remove .venvs/, runs/ and caches"
 
 envs:
@@ -42,6 +43,14 @@ lint: envs system-deps
 bench:
 	tools/envs.sh  # every folder: the runner launches each recipe with its own environment
 	.venvs/benchmarks/bin/python benchmarks/run.py --out runs/bench --wait-quiet 600 --redo-disturbed 3 --publish $(BENCH_ARGS)
+
+# The fault soak (tests/soak.py, issue #9): random faults into pytorch/ and lightning/ runs, each relaunched as Slurm
+# would; a table of outcomes in runs/soak/soak.md (+ soak.json). Exit non-zero if any run FAILs.
+# E.g. make soak SOAK_ARGS="--n 200 --seed 7 --modes pytorch/torchrun".
+SOAK_ARGS ?= --n 50 --seed 1
+soak:
+	tools/envs.sh tests pytorch lightning
+	$(PY) tests/soak.py --out runs/soak $(SOAK_ARGS)
 
 clean:
 	rm -rf .venvs runs .pytest_cache .ruff_cache

@@ -19,6 +19,7 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.strategies import DDPStrategy
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from torch import nn
 from torch.nn import functional as F
 from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
@@ -215,9 +216,38 @@ class SyntheticData(pl.LightningDataModule):
                                      rank=self.trainer.global_rank, shuffle=True, seed=self.seed, drop_last=True)
         # Workers ignore SIGUSR1/SIGTERM: Slurm signals every process of the step, and a forked worker would run
         # the signal handler on its stale copy of the trainer (or die and make the main process raise).
-        return DataLoader(self.train, batch_size=self.batch_size, sampler=sampler, drop_last=True,
-                          num_workers=self.num_workers, persistent_workers=self.num_workers > 0,
-                          worker_init_fn=ignore_preemption_signals)
+        return ResumableLoader(self.train, batch_size=self.batch_size, sampler=sampler, drop_last=True,
+                               num_workers=self.num_workers, persistent_workers=self.num_workers > 0,
+                               worker_init_fn=ignore_preemption_signals, trainer=self.trainer)
+
+
+class ResumableLoader(DataLoader):
+    """A loader Lightning can resume mid-epoch, where a preemption checkpoint is saved (between two steps).
+
+    Lightning restarts the resumed epoch at its first batch unless the loader has state_dict/load_state_dict (it
+    warns "your dataloader is not resumable"): the batches before the checkpoint were trained on twice and as many
+    at the end of the epoch never, and the weights differed from an uninterrupted run's (found by the fault soak,
+    tests/test_soak.py). The state is the optimizer step (one batch per step: no gradient accumulation here); the
+    resumed epoch skips the batches before it, as pytorch/'s Trainer does. Not a count of the batches handed out:
+    Lightning fetches one batch ahead."""
+
+    def __init__(self, *args, trainer: pl.Trainer, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.trainer, self.skip = trainer, 0
+
+    def state_dict(self) -> dict:
+        return {"global_step": self.trainer.global_step}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.skip = state["global_step"] % len(self)  # 0 at an epoch boundary
+
+    def __iter__(self):
+        # A generator: nothing is drawn before the first batch is asked for, because Lightning creates the
+        # iterator before it calls the sampler's set_epoch (the order depends on (seed, epoch) only).
+        skip, self.skip = self.skip, 0  # only the resumed epoch skips
+        for i, batch in enumerate(super().__iter__()):
+            if i >= skip:
+                yield batch
 
 
 def ignore_preemption_signals(worker_id: int) -> None:
@@ -316,6 +346,13 @@ class Preemption(Callback):
     def on_fit_start(self, trainer, pl_module):
         self.install()
 
+    def on_train_start(self, trainer, pl_module):
+        # Lightning installs its own SIGTERM handler after on_fit_start (Trainer._run, register_signal_handlers). It
+        # stops the run at the next batch with SIGTERMException, a SystemExit(None): exit 0 without a checkpoint, so
+        # the job script saw success and never requeued (found by the fault soak). Ours again: SIGTERM is a
+        # preemption like SIGUSR1.
+        self.install()
+
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         if trainer.global_step % self.CHECK_EVERY:
             return
@@ -387,6 +424,8 @@ def fit(trainer: pl.Trainer, args: argparse.Namespace) -> None:
     data = SyntheticData(args.dataset_size, args.batch_size, args.num_workers, args.seed)
     try:
         trainer.fit(model, datamodule=data, ckpt_path=resume_from(args.checkpoint_dir))
+    except SIGTERMException:  # SIGTERM in Lightning's handler, before on_train_start: nothing saved since the last
+        pass  # checkpoint; our handler ran too (Lightning calls it), so this exits 75 below and the job resumes
     except RuntimeError as e:
         if not lost_a_peer(e):
             raise

@@ -38,7 +38,7 @@ def pytest_collection_modifyitems(items):
 # Time per part of the suite (the README's CI section quotes these): setup + call + teardown of every test,
 # grouped by the first of these markers the test carries.
 GROUPS = ("slurm", "contract", "lightning", "pytorch", "jax", "monai", "modulus", "bench", "lint", "deepspeed", "nemo",
-          "ray")
+          "ray", "soak")
 _seconds: dict[str, float] = {}
 # And per framework folder (each folder's CI budget): its own test files (tests/test_<folder>*.py) plus the
 # contract tests run over it (test_contract.py::...[<folder>]).

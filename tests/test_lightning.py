@@ -150,12 +150,23 @@ def test_multinode_devices_mismatch_is_a_clear_error(tmp_path):
     assert "error:" not in outputs[1]  # printed once, by task 0
 
 
-def test_resume_from_last_ckpt_matches_uninterrupted_run(tmp_path):
-    """2 epochs straight == 1 epoch, stop, then resume from last.ckpt for the second (same weights)."""
-    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
-    base = [env_python("lightning"), script("single_gpu.py"), "--dataset-size", "256", "--batch-size", "32",
+def resume_base():
+    return [env_python("lightning"), script("single_gpu.py"), "--dataset-size", "256", "--batch-size", "32",
             "--log-every", "1000"]
-    run([*base, "--epochs", "2", "--checkpoint-dir", straight])
+
+
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory):
+    """2 epochs of 8 steps, uninterrupted: what every stopped and resumed run must end with."""
+    ckpt = tmp_path_factory.mktemp("straight")
+    run([*resume_base(), "--epochs", "2", "--checkpoint-dir", ckpt])
+    return ckpt
+
+
+def test_resume_from_last_ckpt_matches_uninterrupted_run(straight, tmp_path):
+    """2 epochs straight == 1 epoch, stop, then resume from last.ckpt for the second (same weights)."""
+    resumed = tmp_path / "resumed"
+    base = resume_base()
     run([*base, "--epochs", "2", "--max-steps", "8", "--checkpoint-dir", resumed])  # stops after epoch 1
     assert weights(resumed)[1]["global_step"] == 8
     out = run([*base, "--epochs", "2", "--checkpoint-dir", resumed]).stdout
@@ -198,6 +209,29 @@ def test_torchrun_max_restarts_resumes_from_the_last_checkpoint(tmp_path):
     assert kills == 2 and len(re.findall(r"\[rank0\] resumed from \S+: epoch 2, step 16", out)) == 2, out
     assert "done: 48 steps" in out, out
     assert_same_weights(weights(straight)[0], weights(restarted)[0], atol=0)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGUSR1, signal.SIGTERM], ids=["USR1", "TERM"])
+def test_preempted_mid_epoch_resumes_after_the_batches_it_trained(straight, tmp_path, sig):
+    """A preemption signal at step 2: the run stops at step 10 (Preemption.CHECK_EVERY), batch 2 of epoch 2, saves
+    preempted-step=10.ckpt and exits 75; resumed, epoch 2 goes on with batch 3 and the weights equal the
+    uninterrupted run's. Both found by the fault soak: before common.ResumableLoader Lightning restarted epoch 2 at
+    its first batch; before Preemption.on_train_start, SIGTERM reached Lightning's own handler, which ended the
+    run at the next batch with exit 0 and no checkpoint."""
+    args = [*resume_base(), "--epochs", "2", "--log-every", "2", "--checkpoint-dir", tmp_path]
+    proc = subprocess.Popen([str(a) for a in args], cwd=ROOT, env=clean_env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    seen = []
+    for line in proc.stdout:
+        seen.append(line)
+        if "| step 2 |" in line:  # training is under way
+            proc.send_signal(sig)
+    assert proc.wait(timeout=120) == 75, "".join(seen)
+    assert "preempted at step 10" in "".join(seen), "".join(seen)
+    out = run([*resume_base(), "--epochs", "2", "--checkpoint-dir", tmp_path]).stdout
+    assert "preempted-step=10.ckpt: epoch 2, step 10" in out and "not resumable" not in out, out
+    assert weights(tmp_path)[1]["global_step"] == 16
+    assert_same_weights(weights(straight)[0], weights(tmp_path)[0], atol=0)
 
 
 # sbatch's batch shell: the job's SLURM_NTASKS but no SLURM_STEP_ID, because srun was forgotten

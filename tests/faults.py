@@ -1,0 +1,450 @@
+"""Fault injection for the recipes: launch a recipe the way a cluster would, hurt it at a random moment, relaunch it
+the way Slurm would, and classify what came out (issue #9, item 5; `tests/soak.py` and `tests/test_soak.py` use it).
+
+A folder's launch modes are data (MODES): how to start the step, which process is the launcher and which are the
+workers, where the snapshots are and how to read the final weights. A new folder adds rows, not code.
+
+Every launch
+- runs in sessions of its own (start_new_session=True) and carries a marker variable (SOAK_LAUNCH) that every
+  process it starts inherits -- torchrun's workers (new sessions of their own), mp.spawn's children, DataLoader
+  workers -- so "every process of the step" is found by scanning /proc, as Slurm's cgroup would find it;
+- has a deadline: a launch still running past it is a hang, killed with everything it started;
+- is followed by checks: every snapshot/checkpoint file in the directory loads (a half-written one is a FAIL), and
+  no process of the step is left once its launcher (or every task) has exited.
+
+The cluster's part (`run_scenario`): exit 75 -> requeue; any other non-zero exit -> relaunch, as Slurm's requeue
+would, at most MAX_RELAUNCHES times; under srun one task failing ends the step (--kill-on-bad-exit: SIGTERM to the
+rest, SIGKILL after KILL_WAIT), and a launcher that dies takes the rest of its step with it.
+"""
+
+import dataclasses
+import os
+import random
+import re
+import signal
+import subprocess
+import time
+import uuid
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+VENVS = ROOT / ".venvs"
+MARKER = "SOAK_LAUNCH"
+MAX_RELAUNCHES = 3  # multinode.sbatch's MAX_RESTARTS default
+KILL_WAIT = 10  # s between SIGTERM and SIGKILL when Slurm ends a step (Slurm's KillWait, default 30)
+GRACE = 10  # s the rest of a step may take to exit after its launcher (or its last task) has exited
+ERROR_LINE = re.compile(r"^(\[rank\d+\] )?error: ", re.M)
+INJECTIONS = ("kill-worker", "kill-launcher", "term", "usr1")
+# MISSED: the run ended before the moment drawn for the injection (nothing was tested; neither pass nor fail).
+OUTCOMES = ("RECOVERED", "CLEAR-ERROR", "FAIL", "MISSED")
+
+# The workload: 4 epochs of 2048 samples, a snapshot after every epoch. Process start-up (imports) dominates a
+# launch; the 3 epochs after the first snapshot give the injection a window of a few seconds.
+WORKLOAD = ("--epochs", "4", "--dataset-size", "2048", "--batch-size", "16", "--save-every", "1",
+            "--log-every", "1000", "--timeout", "60")
+
+
+# ------------------------------------------------------------------------------------------ the modes table
+
+
+def pytorch_weights(ckpt_dir: Path) -> dict:
+    return torch.load(ckpt_dir / "snapshot.pt", map_location="cpu", weights_only=True)["model"]
+
+
+def lightning_weights(ckpt_dir: Path) -> dict:
+    return torch.load(ckpt_dir / "last.ckpt", map_location="cpu", weights_only=True)["state_dict"]
+
+
+@dataclasses.dataclass(frozen=True)
+class Mode:
+    """One way to launch one folder's recipe.
+
+    launch: "python" (one process that is the whole step), "spawn" (one process that spawns the workers: it is the
+    launcher), "torchrun" (torchrun's agent is the launcher, its children the workers), "srun" (one process per
+    rank with srun's variables: no launcher of ours, each task is a worker).
+    """
+    folder: str
+    name: str
+    script: str
+    launch: str
+    args: tuple = ()
+    ranks: int = 1
+    max_restarts: int = 0  # torchrun --max-restarts
+    snapshots: tuple = ("*.pt",)  # globs of the files that must load after every launch
+    weights: object = pytorch_weights
+    tolerance: dict = dataclasses.field(default_factory=lambda: {"rtol": 0.0, "atol": 0.0})  # 0: bit-exact
+    srun_env: tuple = ()  # extra SLURM_* variables a task needs (Lightning's SLURMEnvironment reads more)
+    group: str = ""  # modes that train identically share one reference run (default: the mode's own)
+
+    @property
+    def key(self) -> str:
+        return f"{self.folder}/{self.name}"
+
+    @property
+    def reference(self) -> str:
+        return self.group or self.key
+
+    @property
+    def injections(self) -> tuple:
+        """kill-launcher needs a launcher that is not itself the (only) worker."""
+        return tuple(i for i in INJECTIONS if i != "kill-launcher" or self.launch in ("spawn", "torchrun"))
+
+
+LIGHTNING_SRUN = (("SLURM_JOB_NAME", "soak"), ("SLURM_NODEID", "0"), ("SLURM_STEP_ID", "0"),
+                  ("SLURM_NODELIST", "localhost"), ("SLURM_NTASKS_PER_NODE", "2"))
+
+# The tolerances are the unit tests': resume is bit-exact in every pytorch/ mode (test_pytorch.py's resume and
+# preemption tests) and for Lightning's single device (test_lightning.py's resume test). pytorch/'s 2-rank modes run
+# the same train() (multigpu_torchrun.py's), so they end bit-exactly equal and share a reference run.
+MODES = {m.key: m for m in [
+    Mode("pytorch", "single", "single_gpu.py", "python"),
+    Mode("pytorch", "spawn", "multigpu.py", "spawn", ("--nprocs", "2"), ranks=2, group="pytorch/ddp-2"),
+    Mode("pytorch", "torchrun", "multigpu_torchrun.py", "torchrun", ranks=2, max_restarts=2, group="pytorch/ddp-2"),
+    Mode("pytorch", "srun", "multinode.py", "srun", ranks=2, group="pytorch/ddp-2"),
+    Mode("lightning", "single", "single_gpu.py", "python", snapshots=("*.ckpt",), weights=lightning_weights),
+    Mode("lightning", "torchrun", "multigpu_torchrun.py", "torchrun", ranks=2, snapshots=("*.ckpt",),
+         weights=lightning_weights),
+]}
+
+
+# ------------------------------------------------------------------------------------------ processes
+
+
+def free_port() -> int:
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def base_env(**overrides) -> dict:
+    """The caller's environment without launcher variables (a stray RANK or SLURM_* must not leak in)."""
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("SLURM_", "TORCHELASTIC_", "PMI_", "OMPI_", MARKER))
+           and k not in {"RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
+                         "GROUP_RANK", "NODE_RANK", "PYTHONPATH", "PYTHONDONTWRITEBYTECODE"}}
+    env.update(OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", PYTHONPYCACHEPREFIX=str(VENVS / ".pycache"))
+    env.update({k: str(v) for k, v in overrides.items()})
+    return env
+
+
+def commands(mode: Mode, ckpt_dir: Path, extra: tuple, marker: str) -> list[tuple[list[str], dict]]:
+    """(argv, env) of every process the step starts itself."""
+    python = str(VENVS / mode.folder / "bin" / "python")
+    script = str(ROOT / mode.folder / mode.script)
+    args = [*WORKLOAD, *mode.args, *extra, "--checkpoint-dir", str(ckpt_dir)]
+    port = free_port()
+    env = base_env(**{MARKER: marker})
+    if mode.launch == "python":
+        return [([python, script, *args], env)]
+    if mode.launch == "spawn":
+        return [([python, script, *args], {**env, "MASTER_PORT": str(port)})]
+    if mode.launch == "torchrun":
+        return [([python, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(mode.ranks),
+                  "--max-restarts", str(mode.max_restarts), script, *args], env)]
+    if mode.launch == "srun":
+        return [([python, script, *args],
+                 {**env, **dict(mode.srun_env), "SLURM_PROCID": str(r), "SLURM_LOCALID": str(r),
+                  "SLURM_NTASKS": str(mode.ranks), "SLURM_NNODES": "1", "SLURM_JOB_ID": "4242",
+                  "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
+                for r in range(mode.ranks)]
+    raise ValueError(f"unknown launch {mode.launch!r}")
+
+
+def _stat(pid: int) -> tuple[str, int, int] | None:
+    """(state, ppid, session id) of a live process, or None."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+    return fields[0], int(fields[1]), int(fields[3])
+
+
+def step_processes(marker: str) -> dict[int, tuple[int, str]]:
+    """{pid: (ppid, command line)} of every live (non-zombie) process that carries the launch's marker."""
+    needle = f"{MARKER}={marker}".encode()
+    found = {}
+    for d in Path("/proc").glob("[0-9]*"):
+        try:
+            if needle not in (d / "environ").read_bytes().split(b"\0"):
+                continue
+            cmdline = (d / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace").strip()
+        except OSError:
+            continue
+        st = _stat(int(d.name))
+        if st and st[0] != "Z":
+            found[int(d.name)] = (st[1], cmdline)
+    return found
+
+
+def session_processes(sids: set[int]) -> dict[int, str]:
+    """Live processes in any of these sessions (the sessions the launch was started in)."""
+    found = {}
+    for d in Path("/proc").glob("[0-9]*"):
+        st = _stat(int(d.name))
+        if st and st[0] != "Z" and st[2] in sids:
+            try:
+                found[int(d.name)] = (d / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            except OSError:
+                pass
+    return found
+
+
+def signal_all(pids, sig) -> None:
+    for pid in pids:
+        try:
+            os.kill(pid, sig)
+        except ProcessLookupError:
+            pass
+
+
+def workers(mode: Mode, procs: list[subprocess.Popen], marker: str) -> list[int]:
+    """The rank processes (not the launcher, not DataLoader workers or helpers such as mp's resource tracker)."""
+    if mode.launch in ("python", "srun"):
+        return [p.pid for p in procs if p.poll() is None]
+    launcher = procs[0].pid
+    return sorted(pid for pid, (ppid, cmd) in step_processes(marker).items()
+                  if ppid == launcher and "resource_tracker" not in cmd and "forkserver" not in cmd)
+
+
+# ------------------------------------------------------------------------------------------ one launch
+
+
+@dataclasses.dataclass
+class Injection:
+    kind: str  # one of INJECTIONS
+    delay: float  # seconds after the first snapshot appeared
+    fired_at: float | None = None  # monotonic time
+    target: str = ""
+
+
+@dataclasses.dataclass
+class Launch:
+    codes: list[int]  # per process the step started (negative: killed by that signal)
+    code: int  # the step's exit status as the job script sees it
+    seconds: float
+    output: str
+    hang: bool = False
+    first_snapshot: float | None = None  # seconds after start
+    last_snapshot: float | None = None  # seconds after start at which the newest snapshot file was written
+    corrupt: list[str] = dataclasses.field(default_factory=list)
+    temporaries: list[str] = dataclasses.field(default_factory=list)
+    leftovers: list[str] = dataclasses.field(default_factory=list)
+    killed_at_step_end: list[str] = dataclasses.field(default_factory=list)  # after a launcher died (Slurm's part)
+
+    @property
+    def tracebacks(self) -> int:
+        return self.output.count("Traceback (most recent call last)")
+
+    def summary(self) -> dict:
+        d = {k: v for k, v in dataclasses.asdict(self).items() if k != "output"}
+        d.update(tracebacks=self.tracebacks, error_lines=self.error_lines()[:5],
+                 resumes=len(re.findall(r"^\[rank0\] resumed from ", self.output, re.M)))
+        return d
+
+    def error_lines(self) -> list[str]:
+        return [ln for ln in self.output.splitlines() if ERROR_LINE.match(ln)]
+
+
+def snapshot_files(mode: Mode, ckpt_dir: Path) -> list[Path]:
+    return sorted({p for g in mode.snapshots for p in ckpt_dir.glob(g) if p.is_file()})
+
+
+def check_snapshots(mode: Mode, ckpt_dir: Path) -> tuple[list[str], list[str]]:
+    """(corrupt files, temporaries): every snapshot must load completely; a *.tmp is a save the kill interrupted,
+    which the atomic rename keeps out of the resume (reported, not a failure)."""
+    corrupt = []
+    for path in snapshot_files(mode, ckpt_dir):
+        try:
+            torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:  # truncated zip, half a pickle, ...
+            corrupt.append(f"{path.name}: {type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''}")
+    temporaries = sorted(p.name for p in ckpt_dir.glob("*.tmp")) if ckpt_dir.is_dir() else []
+    return corrupt, temporaries
+
+
+def exit_status(code: int) -> int:
+    """A shell's view of a Popen returncode: killed by signal N -> 128 + N."""
+    return 128 - code if code < 0 else code
+
+
+def launch(mode: Mode, ckpt_dir: Path, log_dir: Path, *, extra: tuple = (), injection: Injection | None = None,
+           deadline: float = 300, rng: random.Random | None = None) -> Launch:
+    """Run one step of `mode` to its end (or its deadline), injecting `injection` once the first snapshot exists."""
+    marker = uuid.uuid4().hex
+    ckpt_dir = ckpt_dir.resolve()  # the recipe runs in its folder
+    log_dir.mkdir(parents=True, exist_ok=True)
+    rng = rng or random.Random(0)
+    logs, procs = [], []
+    start, wall_start = time.monotonic(), time.time()
+    for i, (argv, env) in enumerate(commands(mode, ckpt_dir, extra, marker)):
+        logs.append(log_dir / f"proc{i}.log")
+        with open(logs[-1], "w") as out:
+            procs.append(subprocess.Popen(argv, cwd=ROOT / mode.folder, env=env, stdout=out,
+                                          stderr=subprocess.STDOUT, start_new_session=True))
+    sessions = {p.pid for p in procs}
+    had_snapshot = bool(snapshot_files(mode, ckpt_dir))  # a relaunch: snapshots exist from the start
+    first_snapshot, hang, ending = (0.0 if had_snapshot else None), False, None
+    while any(p.poll() is None for p in procs):
+        now = time.monotonic()
+        if first_snapshot is None and snapshot_files(mode, ckpt_dir):
+            first_snapshot = now - start
+        if injection and injection.fired_at is None and first_snapshot is not None \
+                and now - start >= first_snapshot + injection.delay:
+            inject(mode, procs, marker, injection, rng)
+        if mode.launch == "srun" and ending is None and any(p.poll() not in (None, 0) for p in procs):
+            ending = now  # srun --kill-on-bad-exit=1: a task failed, Slurm ends the step
+            signal_all(step_processes(marker), signal.SIGTERM)
+        if ending is not None and now - ending > KILL_WAIT:
+            signal_all(step_processes(marker), signal.SIGKILL)
+        if now - start > deadline:
+            hang = True
+            signal_all([*step_processes(marker), *session_processes(sessions)], signal.SIGKILL)
+        time.sleep(0.05)
+    seconds = time.monotonic() - start
+    codes = [p.returncode for p in procs]
+    failed = [exit_status(c) for c in codes if c != 0]
+    code = exit_status(codes[0]) if mode.launch != "srun" else (failed[0] if failed else 0)
+    if code in (0, 75):  # a clean end: the recipe must not leave anything running
+        leftovers, killed = wait_for_the_step_to_end(marker, sessions), []
+    else:  # a launcher or task died: Slurm kills what is left of the step at once (its cgroup)
+        leftovers, killed = [], wait_for_the_step_to_end(marker, sessions, grace=0)
+    output = "".join(f"--- {log.name} ---\n{log.read_text(errors='replace')}" for log in logs)
+    corrupt, temporaries = check_snapshots(mode, ckpt_dir)
+    mtimes = [p.stat().st_mtime for p in snapshot_files(mode, ckpt_dir)]
+    last_snapshot = max(mtimes) - wall_start if mtimes else None
+    return Launch(codes, code, seconds, output, hang, first_snapshot, last_snapshot, corrupt, temporaries, leftovers,
+                  killed)
+
+
+def inject(mode: Mode, procs, marker: str, injection: Injection, rng: random.Random) -> None:
+    injection.fired_at = time.monotonic()
+    step = step_processes(marker)
+    if injection.kind == "kill-worker":
+        ranks = workers(mode, procs, marker)
+        if ranks:
+            victim = rng.choice(ranks)
+            injection.target = f"pid {victim}: {step.get(victim, (0, '?'))[1][:80]}"
+            signal_all([victim], signal.SIGKILL)
+    elif injection.kind == "kill-launcher":
+        injection.target = f"launcher pid {procs[0].pid}"
+        signal_all([procs[0].pid], signal.SIGKILL)
+        # Slurm: the step's task is gone, so slurmstepd kills what is left of the step (its cgroup).
+        signal_all(step_processes(marker), signal.SIGKILL)
+    else:
+        sig = signal.SIGTERM if injection.kind == "term" else signal.SIGUSR1
+        injection.target = f"{len(step)} processes"
+        signal_all(step, sig)  # Slurm signals every process of the step, DataLoader workers included
+
+
+def wait_for_the_step_to_end(marker: str, sessions: set[int], grace: float | None = None) -> list[str]:
+    """Give what is left of the step `grace` (default GRACE) seconds to exit; kill and return what is still there."""
+    end = time.monotonic() + (GRACE if grace is None else grace)
+    while True:
+        left = {**session_processes(sessions), **{p: c for p, (_, c) in step_processes(marker).items()}}
+        if not left or time.monotonic() >= end:
+            break
+        time.sleep(0.2)
+    signal_all(left, signal.SIGKILL)  # what Slurm does at the end of a step
+    return [f"pid {pid}: {cmd[:120]}" for pid, cmd in sorted(left.items())]
+
+
+# ------------------------------------------------------------------------------------------ runs and outcomes
+
+
+@dataclasses.dataclass
+class Reference:
+    weights: dict
+    first_snapshot: float  # seconds after the start
+    last_snapshot: float  # the final one, written as training ends
+
+    @property
+    def window(self) -> float:
+        """Seconds of training between the first snapshot and the end: where injections land."""
+        return max(0.0, self.last_snapshot - self.first_snapshot)
+
+
+def reference(mode: Mode, work_dir: Path, extra: tuple = ()) -> Reference:
+    """The uninterrupted run of `mode`: its final weights and when its first snapshot appeared."""
+    ckpt = work_dir / "ckpt"
+    result = launch(mode, ckpt, work_dir / "logs", extra=extra)
+    if result.code != 0 or result.first_snapshot is None:
+        raise RuntimeError(f"reference run of {mode.key} failed (exit {result.code}):\n{result.output[-4000:]}")
+    return Reference(mode.weights(ckpt), result.first_snapshot, result.last_snapshot)
+
+
+def weights_differ(weights: dict, ref: dict, tolerance: dict) -> str:
+    """'' when equal within tolerance, else what differs."""
+    if weights.keys() != ref.keys():
+        return f"other parameters: {sorted(weights.keys() ^ ref.keys())[:4]}"
+    for name in weights:
+        try:
+            torch.testing.assert_close(weights[name], ref[name], **tolerance)
+        except AssertionError as e:
+            worst = [ln.strip() for ln in str(e).splitlines() if "absolute difference" in ln]
+            return f"{name}: {worst[0] if worst else str(e).strip().splitlines()[0]}"[:200]
+    return ""
+
+
+def classify(launches: list[Launch], final_weights, ref_weights: dict, tolerance: dict) -> tuple[str, str]:
+    """(outcome, reason) of a run from its launches and the weights it ended with (None: unreadable)."""
+    problems = []
+    for i, result in enumerate(launches):
+        if result.hang:
+            problems.append(f"launch {i + 1} hung (killed at its deadline)")
+        if result.corrupt:
+            problems.append(f"launch {i + 1} left unreadable snapshots: {result.corrupt}")
+        if result.leftovers:
+            problems.append(f"launch {i + 1} left processes behind: {result.leftovers}")
+    if problems:
+        return "FAIL", "; ".join(problems)
+    last = launches[-1]
+    if last.code == 0:
+        if final_weights is None:
+            return "FAIL", "exit 0 but no readable final snapshot"
+        differ = weights_differ(final_weights, ref_weights, tolerance)
+        return ("FAIL", f"wrong weights: {differ}") if differ else ("RECOVERED", "")
+    errors = last.error_lines()
+    if len(errors) == 1 and last.tracebacks == 0:
+        return "CLEAR-ERROR", errors[0][:200]
+    return "FAIL", (f"exit {last.code} after {len(launches)} launch(es) with {len(errors)} error line(s) and "
+                    f"{last.tracebacks} traceback(s)")
+
+
+def should_relaunch(result: Launch) -> bool:
+    """What the cluster does after a launch: 75 is the template's requeue, any other failure Slurm's requeue (a
+    node failure, a killed step); a hang is not relaunched (the run already failed)."""
+    return result.code != 0 and not result.hang
+
+
+def run_scenario(mode: Mode, kind: str, ref: Reference, work_dir: Path, rng: random.Random, *,
+                 extra: tuple = (), deadline: float | None = None) -> dict:
+    """One injection into a fresh run of `mode`, then relaunches as the cluster would; the record of the run."""
+    # Not too close to the end: the machine may run this launch faster than it ran the reference.
+    injection = Injection(kind, delay=rng.uniform(0.0, 0.8 * ref.window))
+    deadline = deadline or max(240.0, 4 * ref.last_snapshot)
+    ckpt = work_dir / "ckpt"
+    launches = []
+    while True:
+        launches.append(launch(mode, ckpt, work_dir / f"launch{len(launches) + 1}", extra=extra,
+                               injection=injection if not launches else None, deadline=deadline, rng=rng))
+        if not should_relaunch(launches[-1]) or len(launches) > MAX_RELAUNCHES:
+            break
+    end = time.monotonic()
+    try:
+        final = mode.weights(ckpt)
+    except Exception:
+        final = None
+    outcome, reason = classify(launches, final, ref.weights, mode.tolerance)
+    if injection.fired_at is None:  # the run ended before the moment drawn: nothing was tested
+        outcome, reason = "MISSED", f"not injected: the run ended before {injection.delay:.1f} s after its snapshot"
+    return {
+        "folder": mode.folder, "mode": mode.name, "injection": kind, "extra": list(extra),
+        "at_s": round(injection.delay, 2), "target": injection.target,
+        "launches": len(launches), "outcome": outcome, "reason": reason,
+        "time_to_recover_s": round(end - injection.fired_at, 1) if injection.fired_at and outcome != "FAIL" else None,
+        "launch_records": [result.summary() for result in launches],
+        **({"last_output": launches[-1].output[-3000:]} if outcome != "RECOVERED" else {}),
+    }

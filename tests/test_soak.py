@@ -1,0 +1,128 @@
+"""The fault soak in small (issue #9, item 5): one injection of each kind, fixed seeds, across pytorch/ and
+lightning/ -- each run must end RECOVERED (the uninterrupted run's weights, bit-exact) or CLEAR-ERROR, with no
+unreadable snapshot and no process left. `make soak` runs the same harness (tests/faults.py) with N random draws.
+
+The harness's own verdicts are tested first, without any recipe: weights that differ, a process left behind, a
+truncated snapshot, a traceback are each a FAIL.
+"""
+
+import os
+import random
+import subprocess
+import sys
+
+import faults
+import pytest
+import torch
+from helpers import env_python
+
+pytestmark = [pytest.mark.soak, pytest.mark.timeout(600)]
+
+# ------------------------------------------------------------------------------------------ the verdicts
+
+
+def a_launch(**kw):
+    return faults.Launch(**{"codes": [0], "code": 0, "seconds": 1.0, "output": "[rank0] done: 8 steps", **kw})
+
+
+WEIGHTS = {"w": torch.ones(3)}
+
+
+def test_equal_weights_are_recovered_and_other_weights_a_fail():
+    assert faults.classify([a_launch()], {"w": torch.ones(3)}, WEIGHTS, {"rtol": 0, "atol": 0}) == ("RECOVERED", "")
+    off = {"w": torch.tensor([1.0, 1.0, 1.0 + 1e-7])}
+    outcome, reason = faults.classify([a_launch()], off, WEIGHTS, {"rtol": 0, "atol": 0})
+    assert outcome == "FAIL" and reason.startswith("wrong weights: w"), reason
+    assert faults.classify([a_launch()], None, WEIGHTS, {})[0] == "FAIL"  # exit 0 without a final snapshot
+
+
+def test_one_error_line_is_a_clear_error_and_a_traceback_a_fail():
+    clear = a_launch(codes=[2], code=2, output="[rank0] resumed\n[rank1] error: the data directory is empty\n")
+    assert faults.classify([clear], None, WEIGHTS, {}) == ("CLEAR-ERROR", "[rank1] error: the data directory is empty")
+    wall = a_launch(codes=[1], code=1, output="Traceback (most recent call last):\n  ...\nRuntimeError: boom\n")
+    assert faults.classify([wall], None, WEIGHTS, {})[0] == "FAIL"
+    two = a_launch(codes=[2], code=2, output="error: one\n[rank1] error: two\n")
+    assert faults.classify([two], None, WEIGHTS, {})[0] == "FAIL"
+    # a traceback in an earlier, killed launch is the fault itself; only the end counts (and the checks below)
+    assert faults.classify([wall, a_launch()], WEIGHTS, WEIGHTS, {})[0] == "RECOVERED"
+
+
+def test_a_hang_a_corrupt_snapshot_or_a_leftover_process_is_a_fail_even_with_the_right_weights():
+    for bad in ({"hang": True}, {"corrupt": ["snapshot.pt: EOFError"]}, {"leftovers": ["pid 7: sleep 60"]}):
+        outcome, reason = faults.classify([a_launch(**bad), a_launch()], WEIGHTS, WEIGHTS, {})
+        assert outcome == "FAIL", (bad, reason)
+
+
+def test_a_truncated_snapshot_is_found(tmp_path):
+    torch.save({"model": WEIGHTS}, tmp_path / "snapshot.prev.pt")
+    data = (tmp_path / "snapshot.prev.pt").read_bytes()
+    (tmp_path / "snapshot.pt").write_bytes(data[: len(data) // 2])
+    (tmp_path / "snapshot.pt.tmp").write_bytes(data[:10])
+    corrupt, temporaries = faults.check_snapshots(faults.MODES["pytorch/single"], tmp_path)
+    assert [c.split(":")[0] for c in corrupt] == ["snapshot.pt"] and temporaries == ["snapshot.pt.tmp"]
+
+
+def test_a_process_the_step_left_behind_is_found_and_killed(monkeypatch):
+    """A step whose main process exits while a child it started in a session of its own lives on: found by the
+    launch's marker variable, reported, and killed."""
+    monkeypatch.setattr(faults, "GRACE", 1)
+    marker = "test-leftover"
+    child = "import subprocess, sys; subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(120)'], " \
+            "start_new_session=True)"
+    main = subprocess.Popen([sys.executable, "-c", child], env={**os.environ, faults.MARKER: marker},
+                            start_new_session=True)
+    assert main.wait(timeout=60) == 0
+    leftovers = faults.wait_for_the_step_to_end(marker, {main.pid})
+    assert len(leftovers) == 1 and "time.sleep(120)" in leftovers[0], leftovers
+    assert faults.wait_for_the_step_to_end(marker, {main.pid}) == []  # killed by the first call
+
+
+def test_the_plan_covers_every_pair_before_repeating():
+    import soak  # the CLI, next to this file
+
+    modes = list(faults.MODES.values())
+    pairs = {(m.key, i) for m in modes for i in m.injections}
+    drawn = soak.plan(modes, faults.INJECTIONS, len(pairs), seed=1)
+    assert {(m.key, i) for m, i, _ in drawn} == pairs
+    assert soak.plan(modes, faults.INJECTIONS, 5, seed=1) == drawn[:5]  # the seed fixes the draws
+
+
+# ------------------------------------------------------------------------------------------ the small soak
+
+# (mode, injection, extra flags, seed): each kind once, both folders, DataLoader workers where signals reach them.
+SCENARIOS = [
+    ("pytorch/torchrun", "kill-worker", (), 11),  # torchrun --max-restarts 2 restarts the workers in the launch
+    ("pytorch/spawn", "kill-launcher", (), 12),  # the step dies with its launcher; relaunched, resumes
+    ("pytorch/srun", "term", ("--num-workers", "2"), 13),  # scancel / time limit: exit 75, requeue, resume
+    ("lightning/single", "usr1", ("--num-workers", "2"), 14),  # Slurm's warning signal to every process
+]
+
+
+@pytest.fixture(scope="module")
+def references(tmp_path_factory):
+    """One uninterrupted run per reference group (pytorch's 2-rank modes train identically), computed once."""
+    cache = {}
+
+    def get(mode):
+        if mode.reference not in cache:
+            env_python(mode.folder)  # a missing environment: skip locally, fail in CI
+            cache[mode.reference] = faults.reference(mode, tmp_path_factory.mktemp("reference"))
+        return cache[mode.reference]
+    return get
+
+
+@pytest.mark.parametrize("key, kind, extra, seed", SCENARIOS, ids=[f"{k}-{i}" for k, i, _, _ in SCENARIOS])
+def test_injected_run_recovers_or_fails_clearly(references, tmp_path, key, kind, extra, seed):
+    mode = faults.MODES[key]
+    record = faults.run_scenario(mode, kind, references(mode), tmp_path, random.Random(seed), extra=extra)
+    launches = record["launch_records"]
+    detail = f"{record}\n--- output of the last launch ---\n{record.get('last_output', '')[-4000:]}"
+    assert record["outcome"] in ("RECOVERED", "CLEAR-ERROR"), detail
+    assert not any(lr["corrupt"] or lr["leftovers"] or lr["hang"] for lr in launches), detail
+    if record["outcome"] == "RECOVERED":
+        assert record["time_to_recover_s"] is not None, detail
+    # the fault hit a run under way: it stopped (a signal: exit 75 at a step boundary) or restarted from a snapshot
+    if kind in ("term", "usr1"):
+        assert launches[0]["code"] != 0 and launches[1]["resumes"] == 1, detail
+    else:
+        assert sum(lr["resumes"] for lr in launches) >= 1, detail
