@@ -6,6 +6,7 @@ folder would run it. The tests themselves run in .venvs/tests.
 
 import os
 import re
+import signal
 import socket
 import subprocess
 import sys
@@ -140,3 +141,23 @@ def torchrun_workers(agent_pid: int) -> dict[int, int]:
         if rank:
             found[int(rank[0])] = int(stat.parent.name)
     return found
+
+
+def run_killing_a_worker_twice(cmd, timeout: float = 240) -> tuple[int, str, int]:
+    """Run a torchrun command line (--max-restarts >= 2) and kill -9 its rank-1 worker twice: right after the first
+    "snapshot saved" line, and as soon as the restarted run says "resumed from". Returns (exit code, output, kills)."""
+    agent = subprocess.Popen([str(c) for c in cmd], cwd=ROOT, env=clean_env(), stdout=subprocess.PIPE,
+                             stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    kills, seen = 0, []
+    try:
+        for line in agent.stdout:
+            seen.append(line)
+            if ("snapshot saved" in line and kills == 0) or ("resumed from" in line and kills == 1):
+                os.kill(torchrun_workers(agent.pid)[1], signal.SIGKILL)
+                kills += 1
+        code = agent.wait(timeout=timeout)
+    finally:
+        if agent.poll() is None:  # torchrun starts its workers in sessions of their own: kill them one by one
+            for pid in [*torchrun_workers(agent.pid).values(), agent.pid]:
+                os.kill(pid, signal.SIGKILL)
+    return code, "".join(seen), kills

@@ -13,7 +13,7 @@ import sys
 
 import pytest
 import torch
-from helpers import ROOT, clean_env, env_python, free_port, run, torchrun, torchrun_workers
+from helpers import ROOT, clean_env, env_python, free_port, run, run_killing_a_worker_twice, torchrun
 
 pytestmark = [pytest.mark.lightning, pytest.mark.timeout(300)]
 
@@ -187,25 +187,8 @@ def test_torchrun_max_restarts_resumes_from_the_last_checkpoint(tmp_path):
     straight, restarted = tmp_path / "straight", tmp_path / "restarted"
     run([*launch, script("multigpu_torchrun.py"), *args, "--checkpoint-dir", straight])
     cmd = [*launch, "--max-restarts", "2", script("multigpu_torchrun.py"), *args, "--checkpoint-dir", restarted]
-    agent = subprocess.Popen([str(c) for c in cmd], cwd=ROOT, env=clean_env(), stdout=subprocess.PIPE,
-                             stderr=subprocess.STDOUT, text=True, start_new_session=True)
-    seen, kills = [], 0
-    try:
-        for line in agent.stdout:
-            seen.append(line)
-            # 1st: after the epoch-1 checkpoint; 2nd: as soon as the restarted run has resumed from it
-            if ("snapshot saved" in line and kills == 0) or ("resumed from" in line and kills == 1):
-                os.kill(torchrun_workers(agent.pid)[1], signal.SIGKILL)
-                kills += 1
-                if kills == 2:
-                    break
-        seen.append(agent.communicate(timeout=240)[0])
-    finally:
-        if agent.poll() is None:  # torchrun starts its workers in sessions of their own: kill them one by one
-            for pid in [*torchrun_workers(agent.pid).values(), agent.pid]:
-                os.kill(pid, signal.SIGKILL)
-    out = "".join(seen)
-    assert agent.returncode == 0 and "connectFullMesh" not in out, out
+    code, out, kills = run_killing_a_worker_twice(cmd)
+    assert code == 0 and "connectFullMesh" not in out, out
     assert kills == 2 and len(re.findall(r"\[rank0\] resumed from \S+: epoch 2, step 16", out)) == 2, out
     assert "done: 48 steps" in out, out
     assert_same_weights(weights(straight)[0], weights(restarted)[0], atol=0)

@@ -16,8 +16,8 @@ import time
 import pytest
 import torch
 from data_files import cifar_md5_env, write_cifar10, write_mnist
-from helpers import (ROOT, clean_env, env_python, free_port, run, teardown_checked, torchrun, torchrun_workers,
-                     with_teardown_check, with_torchvision_shim)
+from helpers import (ROOT, clean_env, env_python, free_port, run, teardown_checked, torchrun,
+                     run_killing_a_worker_twice, with_teardown_check, with_torchvision_shim)
 
 pytestmark = [pytest.mark.pytorch, pytest.mark.timeout(300)]
 
@@ -457,22 +457,7 @@ def test_torchrun_max_restarts_resumes_from_the_last_snapshot(ddp_run, tmp_path)
     refused" (the restarted workers read the dead ones' addresses from the agent's store)."""
     cmd = [*torchrun("pytorch"), "--standalone", "--nproc_per_node", "2", "--max-restarts", "2",
            PT / "multigpu_torchrun.py", *SMALL, "--batch-size", "16", "--timeout", "60", "--checkpoint-dir", tmp_path]
-    agent = subprocess.Popen([str(c) for c in cmd], cwd=ROOT, env=clean_env(), stdout=subprocess.PIPE,
-                             stderr=subprocess.STDOUT, text=True, start_new_session=True)
-    kills, seen = 0, []
-    try:
-        for line in agent.stdout:
-            seen.append(line)
-            # 1st: right after the epoch-1 snapshot; 2nd: as soon as the restarted run has resumed from it
-            if ("snapshot saved" in line and kills == 0) or ("resumed from" in line and kills == 1):
-                os.kill(torchrun_workers(agent.pid)[1], signal.SIGKILL)
-                kills += 1
-        code = agent.wait(timeout=240)
-    finally:
-        if agent.poll() is None:  # torchrun starts its workers in sessions of their own: kill them one by one
-            for pid in [*torchrun_workers(agent.pid).values(), agent.pid]:
-                os.kill(pid, signal.SIGKILL)
-    out = "".join(seen)
+    code, out, kills = run_killing_a_worker_twice(cmd)
     assert kills == 2 and code == 0, out[-4000:]
     assert out.count("resumed from") == 2 and "Connection refused" not in out, out[-4000:]
     assert_same_weights(model_of(tmp_path), model_of(ddp_run[0]), rtol=0, atol=0)
