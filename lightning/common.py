@@ -427,12 +427,12 @@ def fit(trainer: pl.Trainer, args: argparse.Namespace) -> None:
     except SIGTERMException:  # SIGTERM in Lightning's handler, before on_train_start: nothing saved since the last
         pass  # checkpoint; our handler ran too (Lightning calls it), so this exits 75 below and the job resumes
     except RuntimeError as e:
-        if not lost_a_peer(e):
+        if not (gist := lost_a_peer(e)):
             raise
         # Not this rank's fault: another process of the job (or its node) died and this rank's next all-reduce
         # failed. The checkpoints on disk are whole (Lightning writes them atomically); a requeued or resubmitted
         # run resumes from them.
-        print(f"{rank_prefix()}error: lost contact with another rank ({lost_a_peer(e)}): a process or node of the "
+        print(f"{rank_prefix()}error: lost contact with another rank ({gist}): a process or node of the "
               f"job died; see its log. The checkpoints are intact: a requeued or resubmitted run resumes from them",
               file=sys.stderr, flush=True)
         sys.exit(1)
@@ -458,7 +458,7 @@ def lost_a_peer(error: RuntimeError) -> str:
     if not (torch.distributed.is_initialized()
             and (isinstance(error, torch.distributed.DistError) or "gloo/transport" in text)):
         return ""
-    text = re.sub(r"^\[[^\]]*\] ", "", text.splitlines()[0])  # gloo's "[.../pair.cc:537] "
+    text = re.sub(r"^\[[^\]]*\] ", "", text.splitlines()[0] if text else type(error).__name__)  # "[pair.cc:537] "
     return text.split(". This is typically")[0][:200]
 
 

@@ -136,12 +136,12 @@ def run(main, *args, rank=None):
         log(rank, f"error: {e}", file=sys.stderr)
         sys.exit(2)
     except RuntimeError as e:
-        if not lost_a_peer(e):
+        if not (gist := lost_a_peer(e)):
             raise
         # Not this rank's fault: another process of the job (or its node) died, and this rank's next collective
         # failed. Its own log says why; the last snapshot is intact (written atomically), and the job's requeue
         # (Slurm requeues a --requeue job after a node failure) or a resubmission resumes from it.
-        log(rank, f"error: lost contact with another rank ({lost_a_peer(e)}): a process or node of the job died; "
+        log(rank, f"error: lost contact with another rank ({gist}): a process or node of the job died; "
                   f"see its log. The last snapshot is intact: a requeued or resubmitted run resumes from it",
             file=sys.stderr)
         sys.exit(1)
@@ -204,7 +204,7 @@ def explained_rendezvous(rank, world_size, timeout):
     except (torch.distributed.DistNetworkError, torch.distributed.DistStoreError) as e:
         hint = ("another process already listens on that port: choose another MASTER_PORT"
                 if "EADDRINUSE" in str(e) or "address already in use" in str(e).lower()
-                else f"not all {world_size} ranks reached it within --timeout {timeout}s")
+                else f"not all {world_size} ranks reached it within --rendezvous-timeout {timeout}s")
         raise RecipeError(f"rendezvous at {addr} failed: {hint} ({str(e).splitlines()[0][:200]})") from None
 
 
@@ -647,7 +647,7 @@ def check_shared_directory(path, rank):
                           f"{seen[0][1]} writes there; use a directory on a filesystem every node mounts")
 
 
-def fetch_dataset(args, rank, io_timeout):
+def fetch_dataset(args, rank):
     """Download the dataset once per copy of --data-dir, before any rank reads it: rank 0 downloads, and so does
     the first rank of every node that cannot see rank 0's directory (a node-local disk: /tmp, a local scratch,
     a per-node copy staged by the job). Everybody else waits (up to --io-timeout), then reads. torchvision skips
@@ -657,7 +657,7 @@ def fetch_dataset(args, rank, io_timeout):
     shared = who_sees(args.data_dir, rank)[rank][0]
     if rank == 0 or (int(os.environ.get("LOCAL_RANK", "0")) == 0 and not shared):
         build_dataset(args, download=True)
-    wait_for_rank0(io_timeout)  # a barrier: waits for every downloader, not only rank 0
+    wait_for_rank0(args.io_timeout)  # a barrier: waits for every downloader, not only rank 0
 
 
 def settle_ddp_buckets(model, loader, device):

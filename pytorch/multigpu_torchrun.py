@@ -52,7 +52,7 @@ def setup(args):
 
 def data(args, rank, world_size):
     """The training set and a loader over this rank's shard of it."""
-    fetch_dataset(args, rank, args.io_timeout)  # one download per copy of --data-dir; the others wait
+    fetch_dataset(args, rank)  # one download per copy of --data-dir; the others wait
     dataset = build_dataset(args, download=False)
     check_dataset_fits(dataset, world_size, args.batch_size)
     # Each rank reads a disjoint 1/world_size of the data, reshuffled every epoch (the Trainer calls set_epoch).

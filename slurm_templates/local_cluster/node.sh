@@ -7,7 +7,7 @@
 #   slurm_templates/local_cluster/node.sh boot n2   # n2's slurmd starts again; a node that was DOWN for not
 #                                                   # responding returns to service (ReturnToService=2)
 # Jobs on the lost node end (NODE_FAIL), or are requeued when they allow it (--requeue): see
-# slurm_templates/README.md, "Node loss".
+# slurm_templates/README.md, "A node died mid-job".
 set -euo pipefail
 
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
