@@ -30,7 +30,7 @@ def map_srun_env():
     missing = [n for n in ("MASTER_ADDR", "MASTER_PORT") if n not in os.environ]
     if missing:
         raise RecipeError(f"{' and '.join(missing)} not set: in the job script, export MASTER_ADDR=$(scontrol "
-                          f"show hostnames \"$SLURM_JOB_NODELIST\" | head -n 1) and "
+                          f"show hostnames \"$SLURM_JOB_NODELIST\" | sed -n 1p) and "
                           f"MASTER_PORT=$((15000 + SLURM_JOB_ID % 15000))")
 
 

@@ -22,7 +22,7 @@ import sys
 HERE = os.path.dirname(os.path.abspath(__file__))
 # Lightning's SLURMEnvironment reads MASTER_ADDR/MASTER_PORT when set (as multinode.sbatch does): the first node,
 # and a port derived from the job id, below the ephemeral range, so that two jobs on one node never collide.
-RENDEZVOUS = ('export MASTER_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)\n'
+RENDEZVOUS = ('export MASTER_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | sed -n 1p)\n'
               "export MASTER_PORT=$((15000 + SLURM_JOB_ID % 15000))")
 
 

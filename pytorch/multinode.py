@@ -34,7 +34,7 @@ def ranks_from_slurm():
     missing = [n for n in ("MASTER_ADDR", "MASTER_PORT") if n not in os.environ]
     if missing:
         raise RecipeError(f"{' and '.join(missing)} not set: in the job script, export MASTER_ADDR=$(scontrol "
-                          f"show hostnames \"$SLURM_JOB_NODELIST\" | head -n 1) and a MASTER_PORT derived "
+                          f"show hostnames \"$SLURM_JOB_NODELIST\" | sed -n 1p) and a MASTER_PORT derived "
                           f"from $SLURM_JOB_ID")
 
 

@@ -202,6 +202,58 @@ def test_templates_follow_the_conventions(folder):
             assert needle in text, f"{folder}/multinode.sbatch is not preemption-safe: no {needle!r} (C8)"
 
 
+
+# Stand-ins for Slurm's commands, for running a template's own shell logic outside Slurm. The step (srun, or Ray's
+# driver) is a preempted run: Slurm's USR1 reaches the batch shell, the step saves and exits 75. While the shell
+# then requeues, the signal comes again, and a TERM -- as on a real cluster: slurmctld re-sends a signal whose
+# RPC a busy slurmd answered late, a user runs `scancel --signal` twice, the time limit arrives.
+# `scontrol show hostnames` prints the node list of a big job, 2000 nodes, one write per name (a long list
+# takes several writes): a reader that stops after the first line (`| head -n 1`) kills it with SIGPIPE, and
+# under `set -o pipefail` that ends the job script at its first line.
+FAKE_SLURM = {
+    "srun": """#!/bin/bash
+trap '' USR1                                  # the step takes the forwarded signal and saves
+case " $* " in *ray_node.sh*) trap 'kill -USR1 "$PPID"; exit 0' USR2 TERM; while :; do sleep 0.1; done ;; esac
+kill -USR1 "$PPID"; sleep 0.3; exit 75
+""",
+    "python": """#!/bin/bash
+case "$1" in
+  -c) exec python3 "$@" ;;
+  -m) exit 0 ;;                               # ray's health-check: the head is up
+  *) trap '' USR1; kill -USR1 "$PPID"; sleep 0.3; exit 75 ;;   # a driver run in the batch shell itself
+esac
+""",
+    "scontrol": """#!/bin/bash
+case "$1" in
+  show) for i in $(seq "${FAKE_SLURM_NODES:-2}"); do echo "n$i"; done ;;   # a write per name, as a long list
+  requeue) kill -USR1 "$PPID"; kill -TERM "$PPID"; sleep 0.5; echo "$2" > "$FAKE_SLURM_DIR/requeued" ;;
+  *) echo "fake scontrol: $*" >&2; exit 1 ;;
+esac
+""",
+}
+REQUEUEING_TEMPLATES = sorted(p.relative_to(ROOT) for folder in [*FOLDERS, "slurm_templates"]
+                              for p in (ROOT / folder).glob("*.sbatch") if "scontrol requeue" in p.read_text())
+
+
+@pytest.mark.parametrize("template", REQUEUEING_TEMPLATES, ids=str)
+def test_requeue_survives_a_repeated_signal_and_a_long_node_list(template, tmp_path):
+    """A signal that arrives again after the step has ended must not kill the batch shell before its
+    `scontrol requeue` (seen in CI: ray/multinode.sbatch, JobState=FAILED ExitCode=0:10, never requeued); nor
+    may a long node list end it before it starts."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for name, text in FAKE_SLURM.items():
+        (bin_dir / name).write_text(text)
+        (bin_dir / name).chmod(0o755)
+    env = clean_env(PATH=f"{bin_dir}:{os.environ['PATH']}", PYTHON=bin_dir / "python", FAKE_SLURM_DIR=tmp_path,
+                    SLURM_JOB_ID=4242, SLURM_JOB_NAME="requeue-test", SLURM_JOB_NODELIST="n[1-2]",
+                    SLURM_NNODES=2, SLURM_NTASKS=2, SLURM_NTASKS_PER_NODE=1, SLURM_CPUS_PER_TASK=1,
+                    SLURM_GPUS_ON_NODE=1, RAY_NODE_IP_CMD="echo 127.0.0.1", FAKE_SLURM_NODES=2000)
+    proc = run(["bash", ROOT / template, "train.py"], cwd=tmp_path, env=env, timeout=60, check=False)
+    assert proc.returncode == 0 and (tmp_path / "requeued").read_text().strip() == "4242", \
+        f"{template}: exit {proc.returncode} (a negative one is the signal that killed it)\n{proc.stdout[-3000:]}"
+
+
 # ------------------------------------------------------------------------------------------------ C9, C11
 
 

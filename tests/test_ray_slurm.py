@@ -72,15 +72,22 @@ def test_templates_two_clusters_at_once_and_preemption_requeue_resume(slurm_clus
         for name in ("multinode-a", "multinode-b", "preempted"):
             seen.update(ray_pids(jobs[name][0]))
 
-    events = {"signalled": False}
+    events = {"signalled": False, "repeats": 0}
 
     def preempt(info, log):
         """USR1 to the batch shell (what --signal=B:USR1@90 does before the time limit) once the driver has
-        joined: forwarded to the driver, which holds the request until the workers run; they stop at step 10."""
+        joined: forwarded to the driver, which holds the request until the workers run; they stop at step 10.
+        Then USR1 again and again while the driver exits and the shell tears Ray down and requeues, until the job
+        is requeued: slurmctld re-sends a signal whose RPC a busy slurmd answered late (this test failed in CI
+        so, before the template ignored signals after the step: the shell killed by the repeat, never requeued)."""
         collect(info, log)
         if not events["signalled"] and "[rank0] cluster: " in log:
             slurm_cluster.client("scancel", "--batch", "--signal=USR1", info["JobId"])
             events["signalled"] = True
+        elif "preempted at step" in log and "requeueing job" not in log and info.get("JobState") == "RUNNING":
+            # (a signal to a job that is being requeued makes scancel retry for a while: a short timeout)
+            slurm_cluster.client("scancel", "--batch", "--signal=USR1", info["JobId"], check=False, timeout=3)
+            events["repeats"] += 1
         if events["signalled"]:
             slurm_cluster.release_requeued(info, events)
 
@@ -95,9 +102,12 @@ def test_templates_two_clusters_at_once_and_preemption_requeue_resume(slurm_clus
     # Preemption: USR1 -> snapshot at step 10 -> exit 75 -> scontrol requeue -> the requeued job starts a new Ray
     # cluster and resumes -> COMPLETED with the weights of the straight run (multinode-a), bit for bit.
     job = results["preempted"]
-    assert events["signalled"] and job.info["Restarts"] == "1", job.describe()
+    assert events["signalled"] and events["repeats"] and job.info["Restarts"] == "1", (events, job.describe())
+    # The driver exits 75; the shell may read 138 instead when a repeated USR1 interrupts its `wait` just as the
+    # driver ends (bash's wait then returns 128 + the signal): it requeues either way, the signal was forwarded.
+    assert re.search(r"driver ended with (75|138) after a snapshot; requeueing job", job.log), job.describe()
     for needle in ("got USR1: forwarding it to the driver", "preempted at step 10: snapshot saved",
-                   "driver ended with 75 after a snapshot; requeueing job", "run 2 (restart 1 of at most 3)",
+                   "run 2 (restart 1 of at most 3)",
                    "resumed from", "epoch 1, step 10", "done: 32 steps"):
         assert needle in job.log, f"{needle!r} missing\n{job.describe()}"
     straight, resumed = (newest(jobs[name][1])["model"] for name in ("multinode-a", "preempted"))

@@ -36,7 +36,7 @@ HEADER = """#!/usr/bin/env bash
 #SBATCH --time=00:10:00
 """
 GOOD_BODY = """set -euo pipefail
-MASTER_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
+MASTER_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | sed -n 1p)
 MASTER_PORT=$((15000 + SLURM_JOB_ID % 15000))
 export MASTER_ADDR MASTER_PORT
 echo "job $SLURM_JOB_ID: usage: sbatch job.sbatch missing_in_a_message.py"
@@ -263,6 +263,17 @@ def test_every_job_script_in_the_repository_passes():
     assert not any(CORPUS in f.parents for f in files)
     rc, out, err = lint_cli(*files)
     assert rc == 0, out + err
+
+
+@pytest.mark.lint
+def test_no_job_script_pipes_into_head_under_pipefail():
+    """`scontrol show hostnames ... | head -n 1` under `set -o pipefail` ends the job at that line once the node
+    list is long (a few hundred nodes: several writes; head exits after the first, scontrol dies of SIGPIPE, 141).
+    tests/test_contract.py runs the requeueing templates against such a list; this covers every job script."""
+    offenders = [f"{path.relative_to(ROOT)}:{n}" for path in repo_job_scripts() if "pipefail" in path.read_text()
+                 for n, line in enumerate(path.read_text().splitlines(), 1)
+                 if re.search(r"\|\s*head\b", line.split("#")[0])]
+    assert not offenders, f"pipe into head under pipefail (use sed -n 1p, which reads everything): {offenders}"
 
 
 @pytest.mark.lint
