@@ -214,14 +214,21 @@ FAKE_SLURM = {
     "srun": """#!/bin/bash
 trap '' USR1                                  # the step takes the forwarded signal and saves
 case " $* " in *ray_node.sh*) trap 'kill -USR1 "$PPID"; exit 0' USR2 TERM; while :; do sleep 0.1; done ;; esac
-kill -USR1 "$PPID"; sleep 0.3; exit 75
+source "$FAKE_SLURM_DIR/bin/preempted_step"
 """,
     "python": """#!/bin/bash
 case "$1" in
   -c) exec python3 "$@" ;;
   -m) exit 0 ;;                               # ray's health-check: the head is up
-  *) trap '' USR1; kill -USR1 "$PPID"; sleep 0.3; exit 75 ;;   # a driver run in the batch shell itself
+  *) trap '' USR1; source "$FAKE_SLURM_DIR/bin/preempted_step" ;;   # a driver run in the batch shell itself
 esac
+""",
+    # Slurm's USR1 once the job runs -- once the batch shell has set its trap (SigCgt in /proc), not before:
+    # a loaded machine may run this step before the shell's next line. The step saves, exits 75.
+    "preempted_step": """for _ in $(seq 400); do
+  (( 16#$(awk '/^SigCgt/ {print $2}' "/proc/$PPID/status") & 1 << 9 )) && break; sleep 0.05
+done
+kill -USR1 "$PPID"; sleep 0.3; exit 75
 """,
     "scontrol": """#!/bin/bash
 case "$1" in
