@@ -202,7 +202,6 @@ def test_templates_follow_the_conventions(folder):
             assert needle in text, f"{folder}/multinode.sbatch is not preemption-safe: no {needle!r} (C8)"
 
 
-
 # Stand-ins for Slurm's commands, for running a template's own shell logic outside Slurm. The step (srun, or Ray's
 # driver) is a preempted run: Slurm's USR1 reaches the batch shell, the step saves and exits 75. While the shell
 # then requeues, the signal comes again, and a TERM -- as on a real cluster: slurmctld re-sends a signal whose

@@ -270,9 +270,9 @@ def test_no_job_script_pipes_into_head_under_pipefail():
     """`scontrol show hostnames ... | head -n 1` under `set -o pipefail` ends the job at that line once the node
     list is long (a few hundred nodes: several writes; head exits after the first, scontrol dies of SIGPIPE, 141).
     tests/test_contract.py runs the requeueing templates against such a list; this covers every job script."""
-    offenders = [f"{path.relative_to(ROOT)}:{n}" for path in repo_job_scripts() if "pipefail" in path.read_text()
-                 for n, line in enumerate(path.read_text().splitlines(), 1)
-                 if re.search(r"\|\s*head\b", line.split("#")[0])]
+    texts = {path: path.read_text() for path in repo_job_scripts()}
+    offenders = [f"{path.relative_to(ROOT)}:{n}" for path, text in texts.items() if "pipefail" in text
+                 for n, line in enumerate(text.splitlines(), 1) if re.search(r"\|\s*head\b", line.split("#")[0])]
     assert not offenders, f"pipe into head under pipefail (use sed -n 1p, which reads everything): {offenders}"
 
 
