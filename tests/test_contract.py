@@ -33,6 +33,7 @@ FOLDERS = sorted(p.name for p in ROOT.iterdir()
                  if p.is_dir() and (p / "requirements.txt").exists() and p.name not in TOOL_FOLDERS)
 COMMON_FLAGS = re.findall(r"^\| `(--[\w-]+)` \|", section("C2"), re.M)
 LAUNCH_SCRIPTS = re.findall(r"^\|[^|\n]+\| `(\w+\.py)` \|", section("C1"), re.M)
+MODULES = re.findall(r"^\| `(\w+\.py)` \| module \|", section("C1"), re.M)  # recipe.py, cluster.py, toolkit.py
 EPOCH_LINE = re.compile(re.search(r"Regular expression the tests use:\n`(.+?)`", section("C3")).group(1))
 ERROR_LINE = re.compile(r"^(\[rank\d+\] )?error: ")
 EXCEPTIONS = {(folder, rule) for folder, rule in
@@ -64,6 +65,7 @@ def test_the_contract_is_readable():
     assert {"benchmarks", "slurm_templates", "tests", "tools"} <= TOOL_FOLDERS
     assert {"--epochs", "--checkpoint-dir", "--backend", "--timeout", "--timings-file"} <= set(COMMON_FLAGS)
     assert LAUNCH_SCRIPTS == ["single_gpu.py", "multigpu.py", "multigpu_torchrun.py", "multinode.py"]
+    assert MODULES == ["recipe.py", "cluster.py", "toolkit.py"]
     assert EPOCH_LINE.match("[rank0] epoch 2/3 | step 32 | loss 0.1234 | acc 0.9512 | 8043 samples/s | 1.2 s")
 
 
@@ -73,8 +75,9 @@ def test_the_contract_is_readable():
 @pytest.mark.parametrize("folder", FOLDERS)
 def test_files(folder):
     path = ROOT / folder
-    for name in ("README.md", "requirements.txt", "common.py"):
+    for name in ("README.md", "requirements.txt", *MODULES):
         assert (path / name).exists(), f"{folder}/ has no {name} (CONTRACT.md C1)"
+    assert not (path / "common.py").exists(), f"{folder}/common.py: split into {', '.join(MODULES)} (CONTRACT.md C1)"
     for script in LAUNCH_SCRIPTS:
         assert (path / script).exists() or excepted(folder, f"C1:{script}"), \
             f"{folder}/{script} missing and not an exception in CONTRACT.md"
@@ -83,6 +86,53 @@ def test_files(folder):
         assert templates or excepted(folder, f"C1:{script.name}"), f"{folder}/{script.name} has no sbatch template"
     assert (path / "multinode.sbatch").exists() or excepted(folder, "C8:multinode.sbatch"), \
         f"{folder}/ has no multinode.sbatch (the preemption-safe multi-node template, CONTRACT.md C8)"
+
+
+TEACHING_LINES = int(re.search(r"`recipe.py` \| module \|[^|]*?(\d+) lines", section("C1")).group(1))
+DIFF_LINES = int(re.search(r"changes at most (\d+) lines", section("C1")).group(1))
+
+
+def test_toolkit_is_identical_in_every_folder():
+    """toolkit.py is the same file everywhere: a fix made in one folder fails here until it reaches all."""
+    copies = {f: (ROOT / f / "toolkit.py").read_bytes() for f in FOLDERS if (ROOT / f / "toolkit.py").exists()}
+    assert set(copies) == set(FOLDERS), f"no toolkit.py in {sorted(set(FOLDERS) - set(copies))}"
+    differ = sorted(f for f in FOLDERS if copies[f] != copies["pytorch"])
+    assert not differ, f"toolkit.py differs from pytorch/toolkit.py in {differ} (CONTRACT.md C1: identical copies)"
+
+
+@pytest.mark.parametrize("folder", FOLDERS)
+def test_the_lesson_comes_first(folder):
+    """recipe.py (model, data, loop, snapshots) is short enough to read top to bottom; the plumbing lives in
+    cluster.py behind a map; a version workaround is one tagged line; every entry script has one skeleton."""
+    path = ROOT / folder
+    lines = len((path / "recipe.py").read_text().splitlines())
+    assert lines <= TEACHING_LINES, f"{folder}/recipe.py has {lines} lines, more than {TEACHING_LINES} (C1)"
+    for module in ("cluster.py", "toolkit.py"):
+        doc = ast.get_docstring(ast.parse((path / module).read_text())) or ""
+        assert "Map:" in doc, f"{folder}/{module} has no map of its names at its top (C1)"
+    for py in path.glob("*.py"):
+        for n, line in enumerate(py.read_text().splitlines(), 1):
+            if "WORKAROUND" in line:
+                assert re.search(r"# WORKAROUND\([\w.-]+ [\w.<>=]+, [^)]+\): \S", line), \
+                    f"{py.relative_to(ROOT)}:{n}: a workaround is `# WORKAROUND(package version, upstream): why`"
+    for script in training_scripts(folder):
+        tree = ast.parse(script.read_text())
+        defined = {n.name for n in tree.body if isinstance(n, ast.FunctionDef)}
+        assert "main" in defined, f"{folder}/{script.name} has no main() (C1 skeleton)"
+        assert re.search(r"^    run\(main\b", script.read_text(), re.M), \
+            f"{folder}/{script.name}: the entry point is `run(main)` under the __main__ guard (C1 skeleton)"
+
+
+@pytest.mark.parametrize("folder", FOLDERS)
+def test_single_to_multi_process_is_a_small_diff(folder):
+    """`diff single_gpu.py multigpu_torchrun.py` (or multigpu.py where the framework has no torchrun) is the
+    lesson: what going multi-process changes, nothing else."""
+    path = ROOT / folder
+    other = path / "multigpu_torchrun.py"
+    other = other if other.exists() else path / "multigpu.py"
+    diff = subprocess.run(["diff", path / "single_gpu.py", other], capture_output=True, text=True).stdout
+    changed = [ln for ln in diff.splitlines() if ln.startswith(("<", ">"))]
+    assert len(changed) <= DIFF_LINES, f"diff single_gpu.py {other.name}: {len(changed)} changed lines (C1)"
 
 
 # ------------------------------------------------------------------------------------------------ C2 command line
@@ -298,7 +348,7 @@ def test_no_imports_from_sibling_folders(folder):
 
 
 TOY_FINGERPRINT = """
-import hashlib, json, torch, common
+import hashlib, json, torch, recipe as common
 torch.manual_seed(0)
 weights = common.ConvNet().state_dict()
 data = common.synthetic_dataset(64)
@@ -313,7 +363,7 @@ print(json.dumps(h.hexdigest()))
 
 def test_the_shared_toy_workload_is_identical_wherever_it_is_carried():
     carriers = [f for f in FOLDERS if not excepted(f, "C11") and re.search(
-        r"^class ConvNet\b.*^def synthetic_dataset\b", (ROOT / f / "common.py").read_text(), re.M | re.S)]
+        r"^class ConvNet\b.*^def synthetic_dataset\b", (ROOT / f / "recipe.py").read_text(), re.M | re.S)]
     assert {"pytorch", "lightning"} <= set(carriers)
     prints = {f: json.loads(recipe(f, "-c", TOY_FINGERPRINT, timeout=120).stdout.strip().splitlines()[-1])
               for f in carriers}
