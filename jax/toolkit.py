@@ -1,0 +1,224 @@
+"""The plumbing every framework folder carries identically (CONTRACT.md C1): this file is byte-for-byte the same in
+pytorch/, lightning/, monai/, modulus/, nemo/, ray/, deepspeed/ and jax/ (tests/test_contract.py checks), so a fix
+made in one folder fails the test until it reaches all of them. Standard library only: jax/ has no torch.
+
+Map:
+    PREEMPTED_EXIT_CODE, RecipeError      exit 75 after a snapshot; bad input as one line and exit 2 (C4)
+    positive_int, positive_float,
+    non_negative_int, OneLineParser       the command line's validators (C2); a parse error is one line
+    log                                   every line starts with its rank (C3)
+    run                                   the entry point's wrapper: signals first, one-line errors, cleanup
+    deadline                              a block that must finish in time, or one line and exit 2
+    PreemptionFlag, PREEMPTION            SIGUSR1/SIGTERM remembered; the ranks agree on a step to stop at (C7)
+    ignore_preemption_signals             DataLoader workers leave the signals to their parent (C7)
+    atomic_write                          temporary file, fsync, rename; the previous file kept (C6)
+    StepTimer                             per-step wall-clock times for the benchmarks (--timings-file)
+"""
+
+import argparse
+import contextlib
+import json
+import os
+import signal
+import sys
+import threading
+import time
+
+# Exit status of a run that stopped early because the scheduler asked it to (SIGUSR1/SIGTERM) after saving
+# a snapshot. 75 is EX_TEMPFAIL from sysexits.h: "try again later". Job scripts requeue on it.
+PREEMPTED_EXIT_CODE = 75
+
+
+class RecipeError(Exception):
+    """A problem with the launch, the input or the files, reported as one clear line instead of a traceback.
+
+    every_rank=False: only rank 0 prints it (an error every rank finds alike, e.g. a bad dataset shape)."""
+
+    def __init__(self, message, *, every_rank=True):
+        super().__init__(message)
+        self.every_rank = every_rank
+
+
+def positive_int(text):
+    value = int(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
+    return value
+
+
+def positive_float(text):
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be a positive number, got {text}")
+    return value
+
+
+def non_negative_int(text):
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return value
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """Bad input is one line on stderr and exit 2 (CONTRACT.md C4), not a usage block: with 512 ranks each
+    printing the usage, the actual complaint is lost."""
+
+    def error(self, message):
+        print(f"error: {message} (see --help)", file=sys.stderr, flush=True)
+        sys.exit(2)
+
+
+def log(rank, message, *, file=sys.stdout):
+    """Every line says which rank wrote it: with 512 processes writing to one job log, that is the only way to
+    tell them apart."""
+    print(f"[rank{rank}] {message}", file=file, flush=True)
+
+
+def launcher_rank():
+    """This process's rank as the launcher set it, for lines printed before the framework knows it."""
+    for name in ("RANK", "JAX_PROCESS_ID", "SLURM_PROCID"):
+        if os.environ.get(name, "").isdigit():
+            return int(os.environ[name])
+    return 0
+
+
+def run(main, *args, rank=None, explain=None, cleanup=None, hard_exit=False):
+    """Call main(*args) the way every script's entry point needs it:
+
+    - SIGUSR1/SIGTERM are caught from the first line on (a signal during start-up must not kill the process
+      before it can save anything; the training loop acts on it at a step boundary);
+    - a RecipeError becomes one clear line and exit 2 instead of a traceback wall;
+    - explain(error) may turn any other exception into (one line, exit code) -- a lost peer, say -- or None;
+    - cleanup() runs on the way out (the process group destroyed), so the scripts need no try/finally;
+    - hard_exit: leave with os._exit after an error or a preemption, where the framework's own shutdown would
+      wait for peers that are gone (JAX's shutdown barrier).
+    """
+    PREEMPTION.install()
+    rank = launcher_rank() if rank is None else rank
+    code = None
+    try:
+        main(*args)
+    except RecipeError as e:
+        if e.every_rank or rank == 0:
+            log(rank, f"error: {e}", file=sys.stderr)
+        code = 2
+    except SystemExit as e:
+        if not (hard_exit and e.code == PREEMPTED_EXIT_CODE):
+            raise
+        code = PREEMPTED_EXIT_CODE
+    except Exception as e:
+        verdict = explain(e) if explain else None
+        if verdict is None:
+            raise
+        line, code = verdict
+        log(rank, f"error: {line}", file=sys.stderr)
+    finally:
+        if cleanup is not None:
+            cleanup()
+    if code is not None:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        if hard_exit:
+            os._exit(code)
+        sys.exit(code)
+
+
+@contextlib.contextmanager
+def deadline(seconds, rank, what):
+    """Exit with a clear message if the block has not finished after `seconds`.
+
+    Some failures block inside C++ where no timeout reaches, e.g. a rank that connected to a MASTER_PORT that
+    another program is listening on waits for an answer forever. A dead or missing rank must never hang a job.
+    """
+    def give_up():
+        log(rank, f"error: {what} did not finish within {seconds} s", file=sys.stderr)
+        os._exit(2)
+
+    timer = threading.Timer(seconds, give_up)
+    timer.daemon = True
+    timer.start()
+    try:
+        yield
+    finally:
+        timer.cancel()
+
+
+class PreemptionFlag:
+    """Remembers that Slurm asked us to stop (SIGUSR1 before the time limit, SIGTERM on preemption or scancel);
+    the training loop acts on it at a step boundary.
+
+    Saving inside the signal handler would interrupt a collective half-way; instead every rank checks the flag
+    every CHECK_EVERY steps and all of them agree on the same step to stop at: `reduce_max` is the framework's
+    maximum over the ranks (an all_reduce MAX; None with one rank).
+    """
+
+    SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
+    CHECK_EVERY = 10  # a tiny all-reduce every 10 steps costs nothing next to the step itself
+
+    def __init__(self):
+        self.requested = False
+
+    def install(self):
+        for sig in self.SIGNALS:
+            signal.signal(sig, self._handler)
+
+    def _handler(self, signum, frame):
+        self.requested = True
+
+    def agreed(self, step, reduce_max=None):
+        if step % self.CHECK_EVERY:
+            return False
+        return bool(reduce_max(self.requested)) if reduce_max else self.requested
+
+
+PREEMPTION = PreemptionFlag()
+
+
+def ignore_preemption_signals(worker_id=None):
+    """A DataLoader worker's worker_init_fn: Slurm signals every process of the step, the workers too; killed by
+    it, a worker takes its parent down before the snapshot is saved. The parent decides."""
+    for sig in PreemptionFlag.SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)
+
+
+def atomic_write(path, write, previous=None):
+    """write(f) into path as one step: a crash mid-write leaves the last good file in place, never half a file.
+
+    The bytes go to path.tmp, are flushed to disk (fsync), then renamed over path; the file it replaces is kept
+    as `previous` when given (a file damaged later -- a full disk, a truncated copy -- still leaves one to use).
+    """
+    folder = os.path.dirname(path) or "."
+    os.makedirs(folder, exist_ok=True)
+    tmp = path + ".tmp"
+    with open(tmp, "wb") as f:
+        write(f)
+        f.flush()
+        os.fsync(f.fileno())
+    if previous is not None and os.path.exists(path):
+        os.replace(path, previous)
+    os.replace(tmp, path)
+    with contextlib.suppress(OSError):  # the renames themselves durable (not every filesystem allows it)
+        fd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+class StepTimer:
+    """Wall-clock time after each optimizer step, for the benchmarks (--timings-file, rank 0). A step hook: the
+    training loop knows nothing about it. sync() waits for the device (only when timing: it costs throughput)."""
+
+    def __init__(self, path, sync=None, **info):
+        self.path, self.sync, self.info, self.times = path, sync, info, []
+        self.start = time.time()
+
+    def __call__(self):
+        if self.sync is not None:
+            self.sync()
+        self.times.append(time.time())
+
+    def write(self, **info):
+        with open(self.path, "w") as f:
+            json.dump({"start_time": self.start, "step_end_times": self.times, **self.info, **info}, f)
