@@ -310,6 +310,29 @@ def test_requeue_survives_a_repeated_signal_and_a_long_node_list(template, tmp_p
         f"{template}: exit {proc.returncode} (a negative one is the signal that killed it)\n{proc.stdout[-3000:]}"
 
 
+def requeue_blocks() -> tuple[str, str]:
+    """The two blocks every requeueing template carries word for word, as slurm_templates/requeue.sbatch has them:
+    forwarding the signal to the step (from `step=$!` to `trap '' USR1 TERM`) and the decision to requeue (from
+    the comment before `if [ "$rc" -eq 75 ]` to `exit "$rc"`)."""
+    text = (ROOT / "slurm_templates" / "requeue.sbatch").read_text()
+    forward = re.search(r"^step=\$! .*?^trap '' USR1 TERM\n", text, re.M | re.S).group(0)
+    decide = re.search(r"^# 75 = checkpointed.*?^exit \"\$rc\"\n", text, re.M | re.S).group(0)
+    return forward, decide
+
+
+@pytest.mark.lint
+@pytest.mark.parametrize("template", REQUEUEING_TEMPLATES, ids=str)
+def test_the_requeue_block_is_the_same_everywhere(template):
+    """Five messages for one event were five copies drifting apart: the blocks are identical now, and a fix made in
+    one template fails here until it reaches all. pytorch/multinode_torchrun.sbatch decides differently (it also
+    requeues a crash after new progress: torchrun's agents cannot restart across nodes) and says so."""
+    forward, decide = requeue_blocks()
+    text = (ROOT / template).read_text()
+    assert forward in text, f"{template}: the signal-forwarding block differs from slurm_templates/requeue.sbatch's"
+    assert decide in text or str(template) == "pytorch/multinode_torchrun.sbatch", \
+        f"{template}: the requeue decision differs from slurm_templates/requeue.sbatch's"
+
+
 # ------------------------------------------------------------------------------------------------ C9, C11
 
 

@@ -92,7 +92,7 @@ def test_preemption_requeue_resume(slurm_cluster, tmp_path):
     job.assert_ok()
     assert events["signalled"], f"training never reached step 16\n{job.describe()}"
     assert job.info["Restarts"] == "1", job.describe()
-    for needle in ("got USR1: forwarding it to the job step", "preempted at step", "after a snapshot; requeueing job",
+    for needle in ("requeue: got USR1, forwarding it", "preempted at step", "after checkpointing; requeueing job",
                    "run 2 (restart 1 of at most 3)", "resumed from", f"done: {LONG_STEPS} steps"):
         assert needle in job.log, f"{needle!r} missing\n{job.describe()}"
     preempted_at = int(re.search(r"preempted at step (\d+)", job.log).group(1))

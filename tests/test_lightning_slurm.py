@@ -116,7 +116,7 @@ def test_preemption_requeue_resume(slurm_cluster, tmp_path):
     assert job.info["Restarts"] == "1", job.describe()
     first, _, second = job.log.partition("restart 1 of at most 3")
     assert second, f"the requeued run never started\n{job.describe()}"
-    for needle in ("multinode: got USR1, forwarding it to the job step", "preempted at step",
+    for needle in ("requeue: got USR1, forwarding it", "preempted at step",
                    "after checkpointing; requeueing job"):
         assert needle in first, f"{needle!r} missing before the requeue\n{job.describe()}"
     assert "DataLoader worker" not in job.log and "Traceback" not in job.log, job.describe()

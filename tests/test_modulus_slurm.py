@@ -85,8 +85,8 @@ def test_multinode_preemption_requeue_resume(slurm_cluster, tmp_path):
     assert job.info["Restarts"] == "1", job.describe()
     first, _, second = job.log.partition("run 2 (restart 1 of at most 3)")
     assert second, f"the requeued run never started\n{job.describe()}"
-    for needle in ("multinode: got USR1, forwarding it to the job step", "snapshot saved",
-                   "after its snapshot; requeueing job"):
+    for needle in ("requeue: got USR1, forwarding it", "snapshot saved",
+                   "after checkpointing; requeueing job"):
         assert needle in first, f"{needle!r} missing before the requeue\n{job.describe()}"
     stopped_at = int(re.search(r"preempted at step (\d+)", first).group(1))
     assert 6 <= stopped_at < LONG_STEPS

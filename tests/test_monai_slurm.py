@@ -95,7 +95,7 @@ def test_preemption_requeue_resume(slurm_cluster, two_nodes, tmp_path):
     job, ckpt = submit(slurm_cluster, tmp_path, "multinode.sbatch", shape(2, 1), timeout=300, on_poll=on_poll)
     job.assert_ok()
     assert job.info["Restarts"] == "1", job.describe()
-    for needle in ("multinode: got USR1, forwarding it to the job step", "preempted at step",
+    for needle in ("requeue: got USR1, forwarding it", "preempted at step",
                    "after checkpointing; requeueing job", "run 2 (restart 1 of at most 3)", "resumed from",
                    "done: 12 steps"):
         assert needle in job.log, f"{needle!r} missing\n{job.describe()}"

@@ -105,8 +105,8 @@ def test_templates_two_clusters_at_once_and_preemption_requeue_resume(slurm_clus
     assert events["signalled"] and events["repeats"] and job.info["Restarts"] == "1", (events, job.describe())
     # The driver exits 75; the shell may read 138 instead when a repeated USR1 interrupts its `wait` just as the
     # driver ends (bash's wait then returns 128 + the signal): it requeues either way, the signal was forwarded.
-    assert re.search(r"driver ended with (75|138) after a snapshot; requeueing job", job.log), job.describe()
-    for needle in ("got USR1: forwarding it to the driver", "preempted at step 10: snapshot saved",
+    assert re.search(r"step ended with (75|138) after checkpointing; requeueing job", job.log), job.describe()
+    for needle in ("requeue: got USR1, forwarding it", "preempted at step 10: snapshot saved",
                    "run 2 (restart 1 of at most 3)",
                    "resumed from", "epoch 1, step 10", "done: 32 steps"):
         assert needle in job.log, f"{needle!r} missing\n{job.describe()}"

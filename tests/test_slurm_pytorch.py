@@ -116,7 +116,7 @@ def test_multinode_torchrun_preemption_requeue_resume(slurm_cluster, pytorch_pyt
     assert_ranks(first, {0: "n1", 1: "n1", 2: "n2", 3: "n2"})
     assert "[rank0] world size 4 | backend gloo" in first and "| nodes 2" in first, job.describe()
     assert "User defined signal 1" not in first, f"a torchrun agent died of USR1\n{job.describe()}"
-    for needle in ("multinode: got USR1, forwarding it to the job step", "preempted at step",
+    for needle in ("requeue: got USR1, forwarding it", "preempted at step",
                    "after the signal; requeueing job"):
         assert needle in first, f"{needle!r} missing before the requeue\n{job.describe()}"
     stopped_at = int(re.search(r"preempted at step (\d+)", first).group(1))
@@ -207,7 +207,7 @@ def test_preemption_requeue_resume(preempted_run, reference_run):
     assert events["signalled"], f"training never reached step 16 of epoch 1\n{job.describe()}"
     assert job.info["Restarts"] == "1", job.describe()
     log = job.log
-    for needle in ("multinode: got USR1, forwarding it to the job step", "preempted at step",
+    for needle in ("requeue: got USR1, forwarding it", "preempted at step",
                    "after checkpointing; requeueing job", "run exp1, restart 1 of at most 3",
                    "resumed from checkpoints/exp1", f"done: {LONG_STEPS} steps"):
         assert needle in log, f"{needle!r} missing\n{job.describe()}"
@@ -349,6 +349,6 @@ def test_multinode_restart_cap(slurm_cluster, tmp_path):
                             output=tmp_path / "job.out", env={"PYTHON": "python3", "MAX_RESTARTS": 0},
                             timeout=60, on_poll=on_poll)
     assert job.state == "FAILED" and job.exit_code == 1 and job.info["Restarts"] == "0", job.describe()
-    for needle in ("multinode: got USR1, forwarding it to the job step", "checkpointed",
+    for needle in ("requeue: got USR1, forwarding it", "checkpointed",
                    "restarted 0 times already (MAX_RESTARTS=0): giving up"):
         assert needle in job.log, f"{needle!r} missing\n{job.describe()}"

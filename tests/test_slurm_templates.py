@@ -197,6 +197,6 @@ def test_requeue_restart_cap(slurm_cluster, tmp_path):
                             sbatch_args=[*SMALL, "--ntasks-per-node=1"], env={"PYTHON": "python3", "MAX_RESTARTS": 0},
                             timeout=60, on_poll=on_poll)
     assert job.state == "FAILED" and job.exit_code == 1 and job.info["Restarts"] == "0", job.describe()
-    assert "requeue: got USR1, forwarding it to the job step" in job.log, job.describe()
+    assert "requeue: got USR1, forwarding it" in job.log, job.describe()
     assert "checkpointed" in job.log, job.describe()
-    assert "already restarted 0 times (MAX_RESTARTS=0): giving up" in job.log, job.describe()
+    assert "restarted 0 times already (MAX_RESTARTS=0): giving up" in job.log, job.describe()
