@@ -27,6 +27,36 @@ TEARDOWN_CHECK_DIR = Path(__file__).resolve().parent / "teardown_check"
 IN_CI = os.environ.get("CI", "").lower() == "true"
 
 
+# The epoch line of CONTRACT.md C3, read from the contract itself (the regex is written there once).
+EPOCH_LINE = re.compile(re.search(r"Regular expression the tests use:\n`\^(.+?)`",
+                                  (ROOT / "CONTRACT.md").read_text()).group(1))
+
+
+def epoch_lines(out: str) -> list[str]:
+    """The C3 epoch lines of a run's output, as printed: a recipe's stdout, or a Slurm job log where srun --label
+    puts "0: " before each line."""
+    return [m.group(1) for m in re.finditer(r"^(?:\d+: )?(" + EPOCH_LINE.pattern + ")", out, re.M)]
+
+
+def epochs(out: str) -> list[tuple[int, int]]:
+    """(epoch, step) of every C3 epoch line in the output."""
+    return [(int(m.group(2)), int(m.group(4))) for m in re.finditer(r"^(?:\d+: )?(" + EPOCH_LINE.pattern + ")",
+                                                                     out, re.M)]
+
+
+def assert_same_weights(a: dict, b: dict, **tol):
+    """Two state dicts hold the same tensors: bit for bit without tolerances, else within them (atol, rtol of
+    torch.testing.assert_close)."""
+    import torch  # the tests' environment has torch; only the tests that compare weights need it
+
+    assert a.keys() == b.keys(), sorted(set(a) ^ set(b))
+    for k in a:
+        if tol:
+            torch.testing.assert_close(a[k], b[k], **tol, msg=lambda m, k=k: f"{k}: {m}")
+        else:
+            assert torch.equal(a[k], b[k]), f"{k} differs (bit-exact comparison)"
+
+
 def unavailable(reason: str):
     """Skip locally, fail in CI: in CI a missing framework or environment is a defect, never a skip."""
     if IN_CI:

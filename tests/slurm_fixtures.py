@@ -171,11 +171,44 @@ class SlurmCluster:
     def node_state(self, name: str) -> str:
         return self.client("sinfo", "-h", "-N", "-n", name, "-o", "%T").stdout.strip()
 
+    def preempt_when(self, pattern: str, *, full: bool = False, events: dict | None = None):
+        """An on_poll callback: once the job's log matches `pattern` (a regular expression), send USR1 as
+        --signal=B:USR1@90 does before the time limit (to the batch shell, which forwards it; `full`: to every
+        process of the job, as Slurm's preemption does), then start the requeued job at once. `events` (a dict,
+        optional) records "signalled", "requeued_at", "released" for the test to check."""
+        events = {} if events is None else events
+        events.setdefault("signalled", False)
+
+        def on_poll(info, log):
+            if not events["signalled"] and re.search(pattern, log, re.M):
+                self.client("scancel", "--full" if full else "--batch", "--signal=USR1", info["JobId"])
+                events["signalled"] = True
+            if events["signalled"]:
+                self.release_requeued(info, events)
+
+        return on_poll
+
+    def recipe(self, folder: str, template: str, tmp_path: Path, sbatch_args, *args, **kwargs) -> tuple[Job, Path]:
+        """Submit one of <folder>'s templates from inside the folder with the folder's environment, the arguments
+        after it going to its script plus --checkpoint-dir under tmp_path; wait; return (job, checkpoint dir)."""
+        ckpt = tmp_path / "ckpt"
+        env = {"PYTHON": env_python(folder), **kwargs.pop("env", {})}
+        job = self.run(ROOT / folder / template, *args, "--checkpoint-dir", ckpt, sbatch_args=sbatch_args,
+                       cwd=ROOT / folder, output=tmp_path / "job.out", env=env, **kwargs)
+        return job, ckpt
+
     def run(self, script, *args, sbatch_args=(), cwd=ROOT, output: Path, env: dict | None = None,
             timeout: float = 120, on_poll=None) -> Job:
         """Submit, wait, return the finished job (state, exit code, log)."""
         job_id = self.submit(script, *args, sbatch_args=sbatch_args, cwd=cwd, output=output, env=env)
         return self.wait(job_id, output, timeout=timeout, on_poll=on_poll)
+
+
+def shape(nodes: int, tasks_per_node: int = 1, gpus_per_node: int | None = None, cpus: int = 1,
+          time: str = "00:05:00") -> list[str]:
+    """sbatch options for a job of `nodes` x `tasks_per_node` (one task per GPU unless gpus_per_node says)."""
+    return [f"--nodes={nodes}", f"--ntasks-per-node={tasks_per_node}",
+            f"--gpus-per-node={gpus_per_node or tasks_per_node}", f"--cpus-per-task={cpus}", f"--time={time}"]
 
 
 @pytest.fixture(scope="session")
