@@ -11,6 +11,7 @@ import socket
 import subprocess
 import sys
 from pathlib import Path
+from typing import NamedTuple
 
 import pytest
 
@@ -32,16 +33,28 @@ EPOCH_LINE = re.compile(re.search(r"Regular expression the tests use:\n`\^(.+?)`
                                   (ROOT / "CONTRACT.md").read_text()).group(1))
 
 
-def epoch_lines(out: str) -> list[str]:
-    """The C3 epoch lines of a run's output, as printed: a recipe's stdout, or a Slurm job log where srun --label
-    puts "0: " before each line."""
-    return [m.group(1) for m in re.finditer(r"^(?:\d+: )?(" + EPOCH_LINE.pattern + ")", out, re.M)]
+class EpochLine(NamedTuple):
+    """One C3 epoch line, its fields parsed."""
+    epoch: int
+    epochs: int
+    step: int
+    loss: float
+    metric: str
+    value: float
+    samples_per_s: int
+    seconds: float
+    line: str
 
 
-def epochs(out: str) -> list[tuple[int, int]]:
-    """(epoch, step) of every C3 epoch line in the output."""
-    return [(int(m.group(2)), int(m.group(4))) for m in re.finditer(r"^(?:\d+: )?(" + EPOCH_LINE.pattern + ")",
-                                                                     out, re.M)]
+def epoch_lines(out: str) -> list[EpochLine]:
+    """The C3 epoch lines of a run's output (a recipe's stdout, or a Slurm job log where srun --label puts "0: "
+    before each line), parsed."""
+    found = []
+    for m in re.finditer(r"^(?:\d+: )?(" + EPOCH_LINE.pattern.rstrip("$") + ")$", out, re.M):
+        e, n, step, loss, metric, value, rate, secs = m.groups()[1:]
+        found.append(EpochLine(int(e), int(n), int(step), float(loss), metric, float(value), int(rate), float(secs),
+                               m.group(1)))
+    return found
 
 
 def assert_same_weights(a: dict, b: dict, **tol):
