@@ -171,22 +171,27 @@ class SlurmCluster:
     def node_state(self, name: str) -> str:
         return self.client("sinfo", "-h", "-N", "-n", name, "-o", "%T").stdout.strip()
 
-    def preempt_when(self, pattern: str, *, full: bool = False, events: dict | None = None):
-        """An on_poll callback: once the job's log matches `pattern` (a regular expression), send USR1 as
-        --signal=B:USR1@90 does before the time limit (to the batch shell, which forwards it; `full`: to every
-        process of the job, as Slurm's preemption does), then start the requeued job at once. `events` (a dict,
-        optional) records "signalled", "requeued_at", "released" for the test to check."""
+    def preempt_when(self, condition, *, full: bool = False, events: dict | None = None):
+        """An on_poll callback: once condition(log) holds (a callable, or a regular expression the log must match),
+        send USR1 as --signal=B:USR1@90 does before the time limit (to the batch shell, which forwards it; `full`:
+        to every process of the job as well, as Slurm's preemption does), then start the requeued job at once.
+        `events` (optional) records "signalled", "requeued_at", "released" for the test to check."""
         events = {} if events is None else events
         events.setdefault("signalled", False)
+        holds = condition if callable(condition) else (lambda log: re.search(condition, log, re.M))
 
         def on_poll(info, log):
-            if not events["signalled"] and re.search(pattern, log, re.M):
+            if not events["signalled"] and holds(log):
                 self.client("scancel", "--full" if full else "--batch", "--signal=USR1", info["JobId"])
                 events["signalled"] = True
             if events["signalled"]:
                 self.release_requeued(info, events)
 
         return on_poll
+
+    def preempt_at(self, step: int, *, epoch: int | None = None, **kwargs):
+        """preempt_when rank 0's progress lines (C3) have reached `step` (in `epoch`, when given)."""
+        return self.preempt_when(lambda log: progress_step(log, epoch) >= step, **kwargs)
 
     def recipe(self, folder: str, template: str, tmp_path: Path, sbatch_args, *args, **kwargs) -> tuple[Job, Path]:
         """Submit one of <folder>'s templates from inside the folder with the folder's environment, the arguments
@@ -202,6 +207,14 @@ class SlurmCluster:
         """Submit, wait, return the finished job (state, exit code, log)."""
         job_id = self.submit(script, *args, sbatch_args=sbatch_args, cwd=cwd, output=output, env=env)
         return self.wait(job_id, output, timeout=timeout, on_poll=on_poll)
+
+
+def progress_step(log: str, epoch: int | None = None) -> int:
+    """The last step rank 0's progress lines (C3: `[rank0] epoch 2 | batch 5/16 | step 21 | loss ...`) have
+    reached in a job log (only those of `epoch` when given), 0 before the first."""
+    which = r"\d+" if epoch is None else str(epoch)
+    return max((int(n) for n in re.findall(rf"^(?:\d+: )?\[rank0\] epoch {which} \|[^\n]*?\bstep (\d+)", log, re.M)),
+               default=0)
 
 
 def shape(nodes: int, tasks_per_node: int = 1, gpus_per_node: int | None = None, cpus: int = 1,

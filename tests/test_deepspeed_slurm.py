@@ -10,7 +10,8 @@ import json
 import re
 
 import pytest
-from helpers import ROOT, env_python
+from helpers import ROOT
+from slurm_fixtures import shape
 
 pytestmark = [pytest.mark.deepspeed, pytest.mark.slurm, pytest.mark.timeout(400)]
 
@@ -23,11 +24,6 @@ LONG = ["--epochs", 1, "--dataset-size", 3072, "--batch-size", 16, "--log-every"
 LONG_STEPS = 96
 
 
-def shape(nodes, tasks_per_node, gpus_per_node=None, cpus=1):
-    return [f"--nodes={nodes}", f"--ntasks-per-node={tasks_per_node}",
-            f"--gpus-per-node={gpus_per_node or tasks_per_node}", f"--cpus-per-task={cpus}", "--time=00:10:00"]
-
-
 def latest(ckpt):
     done = sorted(ckpt.glob("step-*/complete.json"))
     assert done, f"no complete checkpoint in {ckpt}: {sorted(p.name for p in ckpt.iterdir()) if ckpt.exists() else []}"
@@ -35,10 +31,7 @@ def latest(ckpt):
 
 
 def submit(cluster, tmp_path, template, sbatch_args, args=TINY, **kwargs):
-    ckpt = tmp_path / "ckpt"
-    job = cluster.run(FOLDER / template, *args, "--checkpoint-dir", ckpt, sbatch_args=sbatch_args, cwd=FOLDER,
-                      output=tmp_path / "job.out", env={"PYTHON": env_python("deepspeed")}, **kwargs)
-    return job, ckpt
+    return cluster.recipe("deepspeed", template, tmp_path, sbatch_args, *args, **kwargs)
 
 
 def hosts_of(log):
@@ -87,21 +80,11 @@ def test_preemption_requeue_resume(slurm_cluster, uninterrupted, tmp_path):
     -> the requeued run resumes and ends bit for bit where the uninterrupted run ended."""
     import torch
 
-    events = {"signalled": False}
-
-    def on_poll(info, log):
-        steps = [int(n) for n in re.findall(r"^0: \[rank0\] epoch 1 \|[^\n]*?\bstep (\d+)", log, re.M)]
-        if not events["signalled"] and steps and max(steps) >= 16:
-            # Exactly what --signal=B:USR1@90 does before the time limit, but deterministic.
-            slurm_cluster.client("scancel", "--batch", "--signal=USR1", info["JobId"])
-            events["signalled"] = True
-        if events["signalled"]:
-            slurm_cluster.release_requeued(info, events)
-
+    events = {}
     # 1 node x 2 tasks (multinode.sbatch's other shape; the uninterrupted run is 2 nodes x 1): the same world
     # size, so the same arithmetic, bit for bit.
     job, ckpt = submit(slurm_cluster, tmp_path, "multinode.sbatch", shape(1, 2), args=LONG, timeout=300,
-                       on_poll=on_poll)
+                       on_poll=slurm_cluster.preempt_at(16, epoch=1, events=events))
     job.assert_ok()
     assert events["signalled"] and job.info["Restarts"] == "1", job.describe()
     for needle in ("requeue: got USR1, forwarding it", "preempted at step",

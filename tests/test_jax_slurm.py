@@ -11,7 +11,8 @@ import re
 
 import numpy as np
 import pytest
-from helpers import ROOT, env_python
+from helpers import ROOT
+from slurm_fixtures import shape
 
 pytestmark = [pytest.mark.jax, pytest.mark.slurm, pytest.mark.timeout(400)]
 
@@ -20,11 +21,6 @@ TINY = ["--epochs", 2, "--dataset-size", 512, "--batch-size", 16, "--log-every",
 # Preemption: 2 processes x 16 = 32 samples per step, 2048 samples -> 64 steps per epoch, 128 in all.
 LONG = ["--epochs", 2, "--dataset-size", 2048, "--batch-size", 16, "--log-every", 8]
 LONG_STEPS = 128
-
-
-def shape(nodes, tasks_per_node, gpus_per_node=None):
-    return [f"--nodes={nodes}", f"--ntasks-per-node={tasks_per_node}",
-            f"--gpus-per-node={gpus_per_node or tasks_per_node}", "--cpus-per-task=1", "--time=00:05:00"]
 
 
 def snapshot(directory):
@@ -36,10 +32,7 @@ def snapshot(directory):
 
 
 def submit(cluster, tmp_path, template, sbatch_args, args=TINY, **kwargs):
-    ckpt = tmp_path / "ckpt"
-    job = cluster.run(FOLDER / template, *args, "--checkpoint-dir", ckpt, sbatch_args=sbatch_args, cwd=FOLDER,
-                      output=tmp_path / "job.out", env={"PYTHON": env_python("jax")}, **kwargs)
-    return job, ckpt
+    return cluster.recipe("jax", template, tmp_path, sbatch_args, *args, **kwargs)
 
 
 def hosts(log):
@@ -76,19 +69,9 @@ def test_preemption_requeue_resume(slurm_cluster, tmp_path):
     reference.assert_ok()
     assert hosts(reference.log) == {0: "n1", 1: "n2"}, reference.describe()  # one process per node
     assert "[rank0] processes 2 | devices 2" in reference.log, reference.describe()
-    events = {"signalled": False}
-
-    def on_poll(info, log):
-        steps = [int(n) for n in re.findall(r"^0: \[rank0\] epoch 1 \|[^\n]*?\bstep (\d+)", log, re.M)]
-        if not events["signalled"] and steps and max(steps) >= 16:
-            # Exactly what --signal=B:USR1@90 does before the time limit, but at a known point.
-            slurm_cluster.client("scancel", "--batch", "--signal=USR1", info["JobId"])
-            events["signalled"] = True
-        if events["signalled"]:
-            slurm_cluster.release_requeued(info, events)
-
+    events = {}
     job, ckpt = submit(slurm_cluster, tmp_path / "preempted", "multinode.sbatch", shape(2, 1), args=LONG,
-                       timeout=300, on_poll=on_poll)
+                       timeout=300, on_poll=slurm_cluster.preempt_at(16, epoch=1, events=events))
     job.assert_ok()
     assert events["signalled"], f"training never reached step 16\n{job.describe()}"
     assert job.info["Restarts"] == "1", job.describe()

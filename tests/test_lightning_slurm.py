@@ -9,7 +9,8 @@ import re
 
 import pytest
 import torch
-from helpers import ROOT, env_python
+from helpers import ROOT, env_python, epoch_lines
+from slurm_fixtures import shape
 
 pytestmark = [pytest.mark.lightning, pytest.mark.slurm, pytest.mark.timeout(400)]
 
@@ -20,11 +21,6 @@ LONG = ["--epochs", 3, "--dataset-size", 4096, "--batch-size", 32, "--log-every"
 LONG_STEPS = 192
 
 
-def shape(nodes, tasks_per_node, gpus_per_node=None):
-    return [f"--nodes={nodes}", f"--ntasks-per-node={tasks_per_node}",
-            f"--gpus-per-node={gpus_per_node or tasks_per_node}", "--cpus-per-task=1", "--time=00:05:00"]
-
-
 def checkpoint(directory):
     path = directory / "last.ckpt"
     assert path.exists(), f"no last.ckpt in {directory}: {sorted(p.name for p in directory.iterdir())}"
@@ -32,14 +28,7 @@ def checkpoint(directory):
 
 
 def submit(cluster, tmp_path, template, sbatch_args, args=TINY, **kwargs):
-    ckpt = tmp_path / "ckpt"
-    job = cluster.run(FOLDER / template, *args, "--checkpoint-dir", ckpt, sbatch_args=sbatch_args, cwd=FOLDER,
-                      output=tmp_path / "job.out", env={"PYTHON": env_python("lightning")}, **kwargs)
-    return job, ckpt
-
-
-def epoch_lines(log):
-    return re.findall(r"^0: \[rank0\] epoch (\d+)/\d+ \| step \d+ \| loss \S+ \| acc \S+ \| \d+ samples/s", log, re.M)
+    return cluster.recipe("lightning", template, tmp_path, sbatch_args, *args, **kwargs)
 
 
 def world_size_of(log):
@@ -56,7 +45,8 @@ def world_size_of(log):
 def test_template_runs(slurm_cluster, tmp_path, template, sbatch_args, world_size):
     job, ckpt = submit(slurm_cluster, tmp_path, template, sbatch_args, timeout=150)
     job.assert_ok()
-    assert epoch_lines(job.log) == ["1", "2"] and world_size_of(job.log) == world_size, job.describe()
+    assert [(e.epoch, e.metric) for e in epoch_lines(job.log)] == [(1, "acc"), (2, "acc")], job.describe()
+    assert world_size_of(job.log) == world_size, job.describe()
     assert checkpoint(ckpt)["global_step"] == 2 * 256 // (32 * world_size)
     if template == "multinode.sbatch":
         nodes = "2 nodes (n[1-2])" if "--nodes=2" in sbatch_args else "1 nodes (n1)"
@@ -99,18 +89,10 @@ def test_preemption_requeue_resume(slurm_cluster, tmp_path):
     signals do): the ranks agree on a step, save preempted-step=N.ckpt and exit 75, multinode.sbatch requeues,
     and the requeued job (same id, same checkpoint directory) resumes from the checkpoint with the most progress
     and COMPLETES after all the steps."""
-    events = {"signalled": False}
-
-    def on_poll(info, log):
-        if not events["signalled"] and re.search(r"\[rank0\] epoch 2 \| batch \d+/64 \| step 96 ", log):
-            # --full: the batch shell (as --signal=B:USR1@90 does) and every task and worker of the step.
-            slurm_cluster.client("scancel", "--full", "--signal=USR1", info["JobId"])
-            events["signalled"] = True
-        if events["signalled"]:
-            slurm_cluster.release_requeued(info, events)
-
+    events = {}
+    # full: the batch shell (as --signal=B:USR1@90 does) and every task and worker of the step.
     job, ckpt = submit(slurm_cluster, tmp_path, "multinode.sbatch", shape(1, 2), args=[*LONG, "--num-workers", 2],
-                       timeout=300, on_poll=on_poll)
+                       timeout=300, on_poll=slurm_cluster.preempt_at(96, full=True, events=events))
     job.assert_ok()
     assert events["signalled"], f"training never reached step 96\n{job.describe()}"
     assert job.info["Restarts"] == "1", job.describe()

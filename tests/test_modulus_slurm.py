@@ -10,7 +10,8 @@ import re
 import numpy as np
 import pytest
 import torch
-from helpers import ROOT, env_python
+from helpers import ROOT, env_python, epoch_lines
+from slurm_fixtures import shape
 
 pytestmark = [pytest.mark.modulus, pytest.mark.slurm, pytest.mark.timeout(400)]
 
@@ -22,11 +23,6 @@ LONG = ["--epochs", 3, "--dataset-size", 256, "--batch-size", 8, "--log-every", 
 LONG_STEPS = 48
 
 
-def shape(nodes, tasks_per_node, gpus_per_node=None):
-    return [f"--nodes={nodes}", f"--ntasks-per-node={tasks_per_node}",
-            f"--gpus-per-node={gpus_per_node or tasks_per_node}", "--cpus-per-task=1", "--time=00:05:00"]
-
-
 def snapshot(directory):
     path = directory / "snapshot.pt"
     assert path.exists(), f"no snapshot in {directory}: {sorted(p.name for p in directory.iterdir())}"
@@ -34,15 +30,7 @@ def snapshot(directory):
 
 
 def submit(cluster, tmp_path, template, sbatch_args, args=TINY, **kwargs):
-    ckpt = tmp_path / "ckpt"
-    job = cluster.run(FOLDER / template, *args, "--checkpoint-dir", ckpt, sbatch_args=sbatch_args, cwd=FOLDER,
-                      output=tmp_path / "job.out",
-                      env={"PYTHON": env_python("modulus")}, **kwargs)
-    return job, ckpt
-
-
-def epoch_lines(log):
-    return re.findall(r"^\d+: \[rank0\] epoch (\d+)/2 \| step (\d+) \| .* \| rel_l2 ", log, re.M)
+    return cluster.recipe("modulus", template, tmp_path, sbatch_args, *args, **kwargs)
 
 
 @pytest.mark.parametrize("template, sbatch_args, world_size", [
@@ -56,7 +44,9 @@ def test_template_runs(slurm_cluster, tmp_path, template, sbatch_args, world_siz
     job, ckpt = submit(slurm_cluster, tmp_path, template, sbatch_args, timeout=200)
     job.assert_ok()
     steps = 64 // (8 * world_size)
-    assert epoch_lines(job.log) == [("1", str(steps)), ("2", str(2 * steps))], job.describe()
+    epochs = epoch_lines(job.log)
+    assert [(e.epoch, e.epochs, e.step, e.metric) for e in epochs] == [(1, 2, steps, "rel_l2"),
+                                                                       (2, 2, 2 * steps, "rel_l2")], job.describe()
     assert snapshot(ckpt)["step"] == 2 * steps and (ckpt / "fno.mdlus").exists()
     if template.startswith("multinode"):
         hosts = dict(re.findall(r"\[rank(\d)\] host (\S+) \|", job.log))
@@ -69,17 +59,9 @@ def test_multinode_preemption_requeue_resume(slurm_cluster, tmp_path):
     """1 node x 2 tasks. USR1 to the batch shell mid-training (what --signal=B:USR1@90 does before the time
     limit) -> forwarded to the step -> snapshot -> exit 75 -> scontrol requeue -> the requeued job (same id,
     same checkpoint directory) resumes from the snapshot -> COMPLETED after all the steps."""
-    events = {"signalled": False}
-
-    def on_poll(info, log):
-        if not events["signalled"] and re.search(r"\[rank0\] epoch 1 \| batch \d+/16 \| step (6|8|10) ", log):
-            slurm_cluster.client("scancel", "--batch", "--signal=USR1", info["JobId"])
-            events["signalled"] = True
-        if events["signalled"]:
-            slurm_cluster.release_requeued(info, events)
-
+    events = {}
     job, ckpt = submit(slurm_cluster, tmp_path, "multinode.sbatch", shape(1, 2), args=LONG, timeout=300,
-                       on_poll=on_poll)
+                       on_poll=slurm_cluster.preempt_at(6, epoch=1, events=events))
     job.assert_ok()
     assert events["signalled"], f"training never reached step 6\n{job.describe()}"
     assert job.info["Restarts"] == "1", job.describe()

@@ -10,18 +10,14 @@ import re
 
 import pytest
 import torch
-from helpers import ROOT, env_python
+from helpers import ROOT, epoch_lines
+from slurm_fixtures import shape
 
 pytestmark = [pytest.mark.monai, pytest.mark.slurm, pytest.mark.timeout(400)]
 
 FOLDER = ROOT / "monai"
 # 12 synthetic training cases of 20^3 (+ 3 validation cases); crops of 16^3.
 TINY = ["--epochs", 2, "--dataset-size", 12, "--roi-size", 16, "--batch-size", 1, "--log-every", 1, "--seed", 0]
-
-
-def shape(nodes, tasks_per_node, gpus_per_node=None):
-    return [f"--nodes={nodes}", f"--ntasks-per-node={tasks_per_node}",
-            f"--gpus-per-node={gpus_per_node or tasks_per_node}", "--cpus-per-task=1", "--time=00:05:00"]
 
 
 def snapshot(directory):
@@ -31,21 +27,14 @@ def snapshot(directory):
 
 
 def submit(cluster, tmp_path, template, sbatch_args, **kwargs):
-    ckpt = tmp_path / "ckpt"
-    job = cluster.run(FOLDER / template, *TINY, "--data-dir", tmp_path / "data", "--checkpoint-dir", ckpt,
-                      sbatch_args=sbatch_args, cwd=FOLDER, output=tmp_path / "job.out",
-                      env={"PYTHON": env_python("monai")}, **kwargs)
-    return job, ckpt
-
-
-def epoch_lines(log):
-    return re.findall(r"^0: \[rank0\] epoch (\d+)/2 \| step (\d+) \| loss \S+ \| dice \S+ \|", log, re.M)
+    return cluster.recipe("monai", template, tmp_path, sbatch_args, *TINY, "--data-dir", tmp_path / "data", **kwargs)
 
 
 def check_run(job, ckpt, world_size):
     job.assert_ok()
     steps = 12 // world_size  # 12 training cases, batch 1 per rank
-    assert epoch_lines(job.log) == [("1", str(steps)), ("2", str(2 * steps))], job.describe()
+    epochs = [(e.epoch, e.epochs, e.step, e.metric) for e in epoch_lines(job.log)]
+    assert epochs == [(1, 2, steps, "dice"), (2, 2, 2 * steps, "dice")], job.describe()
     assert f"[rank0] world size {world_size} | device cpu" in job.log, job.describe()
     snap = snapshot(ckpt)
     assert (snap["step"], snap["world_size"]) == (2 * steps, world_size)
@@ -83,16 +72,8 @@ def test_preemption_requeue_resume(slurm_cluster, two_nodes, tmp_path):
     """USR1 to the batch shell (what --signal=B:USR1@90 does before the limit) once both ranks are up: the
     shell forwards it, the ranks stop after the step they are on, rank 0 saves, exit 75, the shell requeues,
     the requeued job resumes and COMPLETES with the same weights as the uninterrupted two-node run."""
-    events = {"signalled": False}
-
-    def on_poll(info, log):
-        if not events["signalled"] and "[rank0] host" in log:
-            slurm_cluster.client("scancel", "--batch", "--signal=USR1", info["JobId"])
-            events["signalled"] = True
-        if events["signalled"]:
-            slurm_cluster.release_requeued(info, events)
-
-    job, ckpt = submit(slurm_cluster, tmp_path, "multinode.sbatch", shape(2, 1), timeout=300, on_poll=on_poll)
+    job, ckpt = submit(slurm_cluster, tmp_path, "multinode.sbatch", shape(2, 1), timeout=300,
+                       on_poll=slurm_cluster.preempt_when(r"\[rank0\] host"))
     job.assert_ok()
     assert job.info["Restarts"] == "1", job.describe()
     for needle in ("requeue: got USR1, forwarding it", "preempted at step",

@@ -11,8 +11,8 @@ import shutil
 import subprocess
 
 import pytest
-from helpers import ROOT, env_python
-from slurm_fixtures import LOCAL_CLUSTER, cluster_env
+from helpers import ROOT, env_python, epoch_lines
+from slurm_fixtures import LOCAL_CLUSTER, cluster_env, shape
 from test_nemo import last_checkpoint  # reads a NeMo checkpoint without NeMo
 
 pytestmark = [pytest.mark.nemo, pytest.mark.slurm, pytest.mark.timeout(400)]
@@ -24,20 +24,8 @@ LONG = ["--epochs", 1, "--dataset-size", 4096, "--batch-size", 8, "--log-every",
 LONG_STEPS = 256
 
 
-def shape(nodes, tasks_per_node, gpus_per_node=None):
-    return [f"--nodes={nodes}", f"--ntasks-per-node={tasks_per_node}",
-            f"--gpus-per-node={gpus_per_node or tasks_per_node}", "--cpus-per-task=1", "--time=00:05:00"]
-
-
 def submit(cluster, tmp_path, template, sbatch_args, args=TINY, **kwargs):
-    ckpt = tmp_path / "ckpt"
-    job = cluster.run(FOLDER / template, *args, "--checkpoint-dir", ckpt, sbatch_args=sbatch_args, cwd=FOLDER,
-                      output=tmp_path / "job.out", env={"PYTHON": env_python("nemo")}, **kwargs)
-    return job, ckpt
-
-
-def epoch_lines(log):
-    return re.findall(r"^0: \[rank0\] epoch (\d+)/\d+ \| step \d+ \| loss \S+ \| acc \S+ \| \d+ samples/s", log, re.M)
+    return cluster.recipe("nemo", template, tmp_path, sbatch_args, *args, **kwargs)
 
 
 @pytest.mark.parametrize("template, sbatch_args, world_size", [
@@ -50,7 +38,7 @@ def epoch_lines(log):
 def test_template_runs(slurm_cluster, tmp_path, template, sbatch_args, world_size):
     job, ckpt = submit(slurm_cluster, tmp_path, template, sbatch_args, timeout=200)
     job.assert_ok()
-    assert epoch_lines(job.log) == ["1", "2"], job.describe()
+    assert [(e.epoch, e.metric) for e in epoch_lines(job.log)] == [(1, "acc"), (2, "acc")], job.describe()
     assert re.search(rf"^0: \[rank0\] world size {world_size} \|", job.log, re.M), job.describe()
     assert last_checkpoint(ckpt)["global_step"] == 2 * 64 // (8 * world_size)
     assert (ckpt / "checkpoints" / "nemo-toy.nemo").exists()
@@ -72,17 +60,9 @@ def test_preemption_requeue_resume(slurm_cluster, tmp_path):
     """USR1 to the batch shell and every process of the step, DataLoader workers included: the ranks agree on a
     step, save *-last.ckpt and exit 75, multinode.sbatch requeues, and the requeued job resumes from that
     checkpoint through exp_manager and COMPLETES all the steps."""
-    events = {"signalled": False}
-
-    def on_poll(info, log):
-        if not events["signalled"] and re.search(r"\[rank0\] epoch 1 \| batch \d+/256 \| step 40 ", log):
-            slurm_cluster.client("scancel", "--full", "--signal=USR1", info["JobId"])
-            events["signalled"] = True
-        if events["signalled"]:
-            slurm_cluster.release_requeued(info, events)
-
+    events = {}
     job, ckpt = submit(slurm_cluster, tmp_path, "multinode.sbatch", shape(1, 2), args=[*LONG, "--num-workers", 1],
-                       timeout=300, on_poll=on_poll)
+                       timeout=300, on_poll=slurm_cluster.preempt_at(40, full=True, events=events))
     job.assert_ok()
     assert events["signalled"], f"training never reached step 40\n{job.describe()}"
     assert job.info["Restarts"] == "1", job.describe()

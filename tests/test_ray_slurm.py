@@ -16,16 +16,12 @@ from pathlib import Path
 import pytest
 import torch
 from helpers import ROOT, env_python
+from slurm_fixtures import shape  # one task per node: `ray start`
 
 pytestmark = [pytest.mark.ray, pytest.mark.slurm, pytest.mark.timeout(400)]
 
 FOLDER = ROOT / "ray"
 ARGS = ["--epochs", 2, "--dataset-size", 512, "--batch-size", 16, "--log-every", 8]
-
-
-def shape(nodes, gpus_per_node=1, cpus=1):
-    return [f"--nodes={nodes}", "--ntasks-per-node=1", f"--gpus-per-node={gpus_per_node}", f"--cpus-per-task={cpus}",
-            "--time=00:05:00"]
 
 
 def ray_pids(job_id):

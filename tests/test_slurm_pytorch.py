@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from helpers import ROOT, env_python
-from slurm_fixtures import cluster_env
+from slurm_fixtures import cluster_env, progress_step
 from test_slurm_templates import STOPPABLE  # a program that exits 75 on USR1
 
 pytestmark = pytest.mark.slurm
@@ -57,9 +57,8 @@ def assert_ranks(log: str, hosts: dict[int, str]):
 
 
 def submit(slurm_cluster, tmp_path, python, template, sbatch_args, args=TINY, timeout=150):
-    ckpt = tmp_path / "ckpt"
-    job = slurm_cluster.run(PYTORCH / template, *args, "--checkpoint-dir", ckpt, sbatch_args=sbatch_args,
-                            cwd=PYTORCH, output=tmp_path / "job.out", env={"PYTHON": python}, timeout=timeout)
+    job, ckpt = slurm_cluster.recipe("pytorch", template, tmp_path, sbatch_args, *args, env={"PYTHON": python},
+                                     timeout=timeout)
     return job.assert_ok(), ckpt
 
 
@@ -95,16 +94,8 @@ def test_multinode_torchrun_preemption_requeue_resume(slurm_cluster, pytorch_pyt
     USR1 directly too; without --signals-to-handle the agents die of it ("User defined signal 1"), srun's
     --kill-on-bad-exit ends the step, and the workers' save races that kill (lost on GPUs, where a save takes
     seconds)."""
-    events = {"signalled": False}
-
-    def on_poll(info, log):
-        steps = [int(n) for n in re.findall(r"^0: \[rank0\] epoch 1 \|[^\n]*?\bstep (\d+)", log, re.M)]
-        if not events["signalled"] and steps and max(steps) >= 8:
-            slurm_cluster.client("scancel", "--batch", "--signal=USR1", info["JobId"])
-            events["signalled"] = True
-        if events["signalled"]:
-            slurm_cluster.release_requeued(info, events)
-
+    events = {}
+    on_poll = slurm_cluster.preempt_at(8, epoch=1, events=events)
     ckpt = tmp_path / "ckpt"
     job = slurm_cluster.run(PYTORCH / "multinode_torchrun.sbatch", *LONG, "--checkpoint-dir", ckpt,
                             sbatch_args=["--nodes=2", "--gpus-per-node=2", "--cpus-per-task=2", "--time=00:10:00"],
@@ -182,17 +173,8 @@ def preempted_run(slurm_cluster, pytorch_python, tmp_path_factory):
     checkpoints/$RUN lands there): USR1 mid-training -> snapshot -> exit 75 -> scontrol requeue -> resume."""
     folder = tmp_path_factory.mktemp("preempt") / "pytorch"
     shutil.copytree(PYTORCH, folder, ignore=shutil.ignore_patterns("checkpoints", "__pycache__", "*.out"))
-    events = {"signalled": False}
-
-    def on_poll(info, log):
-        steps = [int(n) for n in re.findall(r"^0: \[rank0\] epoch 1 \|[^\n]*?\bstep (\d+)", log, re.M)]
-        if not events["signalled"] and steps and max(steps) >= 16:
-            # Exactly what --signal=B:USR1@90 does before the time limit, but deterministic.
-            slurm_cluster.client("scancel", "--batch", "--signal=USR1", info["JobId"])
-            events["signalled"] = True
-        if events["signalled"]:
-            slurm_cluster.release_requeued(info, events)
-
+    events = {}
+    on_poll = slurm_cluster.preempt_at(16, epoch=1, events=events)
     job = slurm_cluster.run(folder / "multinode.sbatch", *LONG, sbatch_args=[*ONE_PER_NODE, "--time=00:10:00"],
                             cwd=folder, output=folder / "job.out", env={"PYTHON": pytorch_python, "RUN": "exp1"},
                             timeout=240, on_poll=on_poll)
@@ -245,8 +227,7 @@ def test_node_loss_requeue_resume(slurm_cluster, pytorch_python, reference_run, 
     events = {"failed": False, "booted": False}
 
     def on_poll(info, log):
-        steps = [int(n) for n in re.findall(r"^0: \[rank0\] epoch 2 \|[^\n]*?\bstep (\d+)", log, re.M)]
-        if not events["failed"] and steps and max(steps) >= LONG_STEPS // 3 + 16:  # past the epoch-1 snapshot
+        if not events["failed"] and progress_step(log, 2) >= LONG_STEPS // 3 + 16:  # past the epoch-1 snapshot
             slurm_cluster.node("fail", "n2")
             events["failed"] = True
         if events["failed"] and not events["booted"] and info["JobState"] == "PENDING":
@@ -295,8 +276,7 @@ def test_multinode_torchrun_worker_killed_requeue_resume(slurm_cluster, pytorch_
     events = {"killed": False}
 
     def on_poll(info, log):
-        steps = [int(n) for n in re.findall(r"^0: \[rank0\] epoch 2 \|[^\n]*?\bstep (\d+)", log, re.M)]
-        if not events["killed"] and steps and max(steps) >= LONG_STEPS // 3 + 16:
+        if not events["killed"] and progress_step(log, 2) >= LONG_STEPS // 3 + 16:
             events["killed"] = kill_worker("n2")
         if events["killed"]:
             slurm_cluster.release_requeued(info, events)
@@ -338,13 +318,7 @@ def test_multinode_restart_cap(slurm_cluster, tmp_path):
     folder.mkdir()
     shutil.copy(PYTORCH / "multinode.sbatch", folder)
     (folder / "multinode.py").write_text(STOPPABLE)
-    sent = []
-
-    def on_poll(info, log):
-        if not sent and log.count("training") == 2:
-            slurm_cluster.client("scancel", "--batch", "--signal=USR1", info["JobId"])
-            sent.append(True)
-
+    on_poll = slurm_cluster.preempt_when(lambda log: log.count("training") == 2)
     job = slurm_cluster.run(folder / "multinode.sbatch", sbatch_args=ONE_PER_NODE, cwd=folder,
                             output=tmp_path / "job.out", env={"PYTHON": "python3", "MAX_RESTARTS": 0},
                             timeout=60, on_poll=on_poll)

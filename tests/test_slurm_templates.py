@@ -186,13 +186,7 @@ def test_requeue_restart_cap(slurm_cluster, tmp_path):
     more requeues, so the job fails with a clear message instead of looping."""
     script = tmp_path / "stoppable.py"
     script.write_text(STOPPABLE)
-    sent = []
-
-    def on_poll(info, log):
-        if not sent and log.count("training") == 2:
-            slurm_cluster.client("scancel", "--batch", "--signal=USR1", info["JobId"])
-            sent.append(True)
-
+    on_poll = slurm_cluster.preempt_when(lambda log: log.count("training") == 2)
     job = slurm_cluster.run(TEMPLATES / "requeue.sbatch", script, output=tmp_path / "job.out",
                             sbatch_args=[*SMALL, "--ntasks-per-node=1"], env={"PYTHON": "python3", "MAX_RESTARTS": 0},
                             timeout=60, on_poll=on_poll)
