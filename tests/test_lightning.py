@@ -13,7 +13,8 @@ import sys
 
 import pytest
 import torch
-from helpers import ROOT, clean_env, env_python, free_port, run, run_killing_a_worker_twice, torchrun
+from helpers import (ROOT, assert_same_weights, clean_env, env_python, epoch_lines, free_port, run,
+                     run_killing_a_worker_twice, torchrun)
 
 pytestmark = [pytest.mark.lightning, pytest.mark.timeout(300)]
 
@@ -29,16 +30,6 @@ def script(name):
 def weights(checkpoint_dir):
     ckpt = torch.load(checkpoint_dir / "last.ckpt", map_location="cpu", weights_only=True)
     return ckpt["state_dict"], ckpt
-
-
-def assert_same_weights(a, b, atol):
-    assert a.keys() == b.keys()
-    for name in a:
-        torch.testing.assert_close(a[name], b[name], atol=atol, rtol=0, msg=lambda m, n=name: f"{n}: {m}")
-
-
-def epoch_lines(output):
-    return [line for line in output.splitlines() if line.startswith("[rank0] epoch") and "samples/s" in line]
 
 
 def world_size(output):
@@ -99,7 +90,7 @@ def test_ddp_two_ranks_equals_one_rank(tmp_path):
     w1, ckpt1 = weights(one)
     w2, ckpt2 = weights(two)
     assert ckpt1["global_step"] == ckpt2["global_step"] == 8  # 2 epochs x 256 / 64
-    assert_same_weights(w1, w2, atol=1e-6)  # measured: 3e-8 (float32 summation order)
+    assert_same_weights(w1, w2, atol=1e-6, rtol=0)  # measured: 3e-8 (float32 summation order)
 
 
 def test_multigpu_spawn_two_ranks_writes_timings(tmp_path):
@@ -172,7 +163,7 @@ def test_resume_from_last_ckpt_matches_uninterrupted_run(straight, tmp_path):
     out = run([*base, "--epochs", "2", "--checkpoint-dir", resumed]).stdout
     assert "Restored all states from the checkpoint" in out
     assert weights(resumed)[1]["global_step"] == 16
-    assert_same_weights(weights(straight)[0], weights(resumed)[0], atol=0)
+    assert_same_weights(weights(straight)[0], weights(resumed)[0])
 
 
 def test_torchrun_max_restarts_resumes_from_the_last_checkpoint(tmp_path):
@@ -191,7 +182,7 @@ def test_torchrun_max_restarts_resumes_from_the_last_checkpoint(tmp_path):
     assert code == 0 and "connectFullMesh" not in out, out
     assert kills == 2 and len(re.findall(r"\[rank0\] resumed from \S+: epoch 2, step 16", out)) == 2, out
     assert "done: 48 steps" in out, out
-    assert_same_weights(weights(straight)[0], weights(restarted)[0], atol=0)
+    assert_same_weights(weights(straight)[0], weights(restarted)[0])
 
 
 @pytest.mark.parametrize("sig", [signal.SIGUSR1, signal.SIGTERM], ids=["USR1", "TERM"])
@@ -214,7 +205,7 @@ def test_preempted_mid_epoch_resumes_after_the_batches_it_trained(straight, tmp_
     out = run([*resume_base(), "--epochs", "2", "--checkpoint-dir", tmp_path]).stdout
     assert "preempted-step=10.ckpt: epoch 2, step 10" in out and "not resumable" not in out, out
     assert weights(tmp_path)[1]["global_step"] == 16
-    assert_same_weights(weights(straight)[0], weights(tmp_path)[0], atol=0)
+    assert_same_weights(weights(straight)[0], weights(tmp_path)[0])
 
 
 # sbatch's batch shell: the job's SLURM_NTASKS but no SLURM_STEP_ID, because srun was forgotten

@@ -16,7 +16,8 @@ import time
 import numpy as np
 import pytest
 import torch
-from helpers import ROOT, clean_env, env_python, free_port, run, teardown_checked, torchrun, with_teardown_check
+from helpers import (ROOT, assert_same_weights, clean_env, env_python, epoch_lines, free_port, run, teardown_checked,
+                     torchrun, with_teardown_check)
 
 pytestmark = [pytest.mark.modulus, pytest.mark.timeout(300)]
 
@@ -26,8 +27,6 @@ SMALL = ["--epochs", "2", "--dataset-size", "128", "--log-every", "1"]
 # 2 ranks sum their gradients in another order than 1 process (gloo all_reduce): float32 rounding, amplified a
 # little by Adam over 16 steps.
 TOL = dict(rtol=1e-4, atol=1e-5)
-EPOCH = re.compile(r"^\[rank0\] epoch (\d+)/(\d+) \| step (\d+) \| loss (\S+) \| (\w+) (\S+) \| (\d+) samples/s \| "
-                   r"([\d.]+) s$", re.M)
 ERROR_LINE = re.compile(r"^(\[rank\d+\] )?error: ")
 
 
@@ -49,17 +48,11 @@ def snapshot(ckpt_dir):
     return torch.load(ckpt_dir / "snapshot.pt", map_location="cpu", weights_only=True)
 
 
-def assert_same_weights(a, b, **tol):
-    assert a.keys() == b.keys()
-    for k in a:
-        torch.testing.assert_close(a[k], b[k], **(tol or TOL), msg=lambda m, k=k: f"{k}: {m}")
-
-
 def epochs(out):
     """(epoch, step, loss, rel_l2) of every epoch line, which must match the contract's format exactly."""
-    rows = [(int(m[0]), int(m[2]), float(m[3]), m[4], float(m[5])) for m in EPOCH.findall(out)]
-    assert all(r[3] == "rel_l2" for r in rows), rows
-    return [(e, s, loss, err) for e, s, loss, _, err in rows]
+    rows = epoch_lines(out)
+    assert all(e.metric == "rel_l2" for e in rows), rows
+    return [(e.epoch, e.step, e.loss, e.value) for e in rows]
 
 
 def srun_style(args, nproc, port, drop=(), **extra):
@@ -130,7 +123,7 @@ def test_single_process_writes_snapshots_and_a_physicsnemo_model(reference):
             "m = common.physicsnemo().Module.from_checkpoint(sys.argv[1])\n"  # physicsnemo, as the recipes import it
             "torch.save(m.state_dict(), sys.argv[2])\n")
     python("-c", code, ckpt / "fno.mdlus", ckpt / "from_mdlus.pt", cwd=MOD)
-    assert_same_weights(torch.load(ckpt / "from_mdlus.pt", weights_only=True), snap["model"], rtol=0, atol=0)
+    assert_same_weights(torch.load(ckpt / "from_mdlus.pt", weights_only=True), snap["model"])
 
 
 def test_torchrun_two_ranks_equal_one_process_with_the_global_batch(reference, tmp_path):
@@ -138,7 +131,7 @@ def test_torchrun_two_ranks_equal_one_process_with_the_global_batch(reference, t
                               tmp_path, env=with_teardown_check(env())).stdout
     assert teardown_checked(out, ranks=2), f"a DDP model outlived its process group (stop_distributed):\n{out}"
     assert "[rank0] world size 2 (torchrun) | backend gloo | device cpu" in out and "[rank1] epoch" not in out
-    assert_same_weights(snapshot(tmp_path)["model"], snapshot(reference[0])["model"])
+    assert_same_weights(snapshot(tmp_path)["model"], snapshot(reference[0])["model"], **TOL)
     # loss and validation error are reduced over both ranks: the same numbers as one process over all samples
     for (e1, s1, l1, r1), (e2, s2, l2, r2) in zip(epochs(out), epochs(reference[1]), strict=True):
         assert (e1, s1) == (e2, s2) and l1 == pytest.approx(l2, abs=2e-4) and r1 == pytest.approx(r2, abs=2e-4)
@@ -148,7 +141,7 @@ def test_spawn_two_workers_equal_one_process(reference, tmp_path):
     out = python(MOD / "multigpu.py", "--nprocs", "2", *SMALL, "--batch-size", "8", "--checkpoint-dir",
                  tmp_path).stdout
     assert "[rank0] world size 2 (spawned) | backend gloo" in out
-    assert_same_weights(snapshot(tmp_path)["model"], snapshot(reference[0])["model"])
+    assert_same_weights(snapshot(tmp_path)["model"], snapshot(reference[0])["model"], **TOL)
 
 
 def test_srun_tasks_preempted_save_exit_75_and_resume(reference, tmp_path):
@@ -179,7 +172,7 @@ def test_srun_tasks_preempted_save_exit_75_and_resume(reference, tmp_path):
     assert codes == [0, 0], outs
     assert re.search(rf"resumed from \S+snapshot.pt: epoch \d, step {stopped_at}$", outs[0][0], re.M), outs[0][0]
     assert snapshot(tmp_path)["step"] == 16
-    assert_same_weights(snapshot(tmp_path)["model"], snapshot(reference[0])["model"])
+    assert_same_weights(snapshot(tmp_path)["model"], snapshot(reference[0])["model"], **TOL)
 
 
 def test_damaged_snapshot_falls_back_then_is_a_clear_error(reference, tmp_path):

@@ -18,7 +18,8 @@ import time
 import numpy as np
 import pytest
 import torch
-from helpers import ROOT, clean_env, env_python, free_port, run, teardown_checked, torchrun, with_teardown_check
+from helpers import (ROOT, assert_same_weights, clean_env, env_python, epoch_lines, free_port, run, teardown_checked,
+                     torchrun, with_teardown_check)
 
 pytestmark = [pytest.mark.monai, pytest.mark.timeout(300)]
 
@@ -29,8 +30,6 @@ STEPS = 2 * (12 // 2)  # 12 training cases, 2 ranks x batch 1 (or 1 rank x batch
 # Adam divides by the gradient's size, so the last-bit differences of a different reduction order (DDP's
 # all-reduce vs. one process's batch) grow a little: close, not bit-equal.
 TOL = dict(rtol=1e-3, atol=1e-4)
-EPOCH_LINE = re.compile(r"^\[rank0\] epoch (\d+)/(\d+) \| step (\d+) \| loss (\S+) \| (\w+) (\S+) \| (\d+) samples/s "
-                        r"\| ([\d.]+) s$", re.M)
 ERROR_LINE = re.compile(r"^(\[rank\d+\] )?error: ")
 
 
@@ -45,12 +44,6 @@ def torchrun_standalone(script, nproc, *args, **kw):
 
 def snapshot(ckpt_dir, name="snapshot.pt"):
     return torch.load(ckpt_dir / name, map_location="cpu", weights_only=True)
-
-
-def assert_same_weights(a, b, **tol):
-    assert a.keys() == b.keys()
-    for k in a:
-        torch.testing.assert_close(a[k], b[k], **(tol or TOL), msg=lambda m, k=k: f"{k}: {m}")
 
 
 def validation_dice(out):
@@ -167,9 +160,8 @@ def test_single_process_writes_the_decathlon_layout_and_learns(reference, data_d
     assert len(meta["training"]) == CASES and len(meta["validation"]) == 3
     assert len(list((task / "imagesTr").glob("*.nii.gz"))) == len(list((task / "labelsTr").glob("*.nii.gz"))) == 15
     assert "12 training + 3 validation cases" in out
-    lines = EPOCH_LINE.findall(out)
-    assert [(e, n, s, metric) for e, n, s, _, metric, *_ in lines] == [("1", "2", "6", "dice"),
-                                                                       ("2", "2", "12", "dice")]
+    lines = epoch_lines(out)
+    assert [(e.epoch, e.epochs, e.step, e.metric) for e in lines] == [(1, 2, 6, "dice"), (2, 2, 12, "dice")]
     snap = snapshot(ckpt)
     assert {"model", "optimizer", "scheduler", "epoch", "step", "batch_in_epoch", "world_size", "rng"} <= snap.keys()
     assert (snap["epoch"], snap["step"], snap["world_size"]) == (2, STEPS, 1)
@@ -182,7 +174,7 @@ def test_torchrun_ddp_equals_one_process_with_the_global_batch(reference, ddp_ru
     ckpt, out = ddp_run
     assert "[rank0] world size 2 | device cpu" in out and "[rank1] epoch" not in out
     assert teardown_checked(out, ranks=2), f"a DDP model outlived its process group (leave_process_group):\n{out}"
-    assert_same_weights(snapshot(ckpt)["model"], snapshot(reference[0])["model"])
+    assert_same_weights(snapshot(ckpt)["model"], snapshot(reference[0])["model"], **TOL)
     assert validation_dice(out) == pytest.approx(validation_dice(reference[1]), abs=1e-4)
 
 
@@ -190,7 +182,7 @@ def test_mp_spawn_equals_one_process(reference, data_dir, tmp_path):
     out = python("multigpu.py", "--nprocs", "2", *SMALL, "--batch-size", "1", "--data-dir", data_dir,
                  "--checkpoint-dir", tmp_path).stdout
     assert "[rank0] world size 2" in out
-    assert_same_weights(snapshot(tmp_path)["model"], snapshot(reference[0])["model"])
+    assert_same_weights(snapshot(tmp_path)["model"], snapshot(reference[0])["model"], **TOL)
 
 
 def test_multinode_as_two_torchrun_nodes_on_one_host(reference, data_dir, tmp_path):
@@ -206,7 +198,7 @@ def test_multinode_as_two_torchrun_nodes_on_one_host(reference, data_dir, tmp_pa
     assert codes == [0, 0], "\n".join(outs)
     text = "\n".join(outs)
     assert "[rank0] world size 2" in text and "[rank1] host" in text
-    assert_same_weights(snapshot(tmp_path)["model"], snapshot(reference[0])["model"])
+    assert_same_weights(snapshot(tmp_path)["model"], snapshot(reference[0])["model"], **TOL)
 
 
 DICE_OF_ALL = """
@@ -266,7 +258,7 @@ def test_preempted_srun_ranks_save_exit_75_and_resume_exactly(ddp_run, data_dir,
     assert codes == [0, 0], "\n".join(outs)
     assert "[rank0] host" in outs[0] and "[rank1] host" in outs[1]  # ranks came from SLURM_PROCID
     assert f"resumed from {tmp_path / 'snapshot.pt'}: epoch 1, step {stopped_at}" in outs[0]
-    assert_same_weights(snapshot(tmp_path)["model"], snapshot(ddp_run[0])["model"], rtol=0, atol=0)
+    assert_same_weights(snapshot(tmp_path)["model"], snapshot(ddp_run[0])["model"])
 
 
 def test_damaged_snapshot_falls_back_to_the_previous_one(reference, data_dir, tmp_path):
@@ -278,7 +270,7 @@ def test_damaged_snapshot_falls_back_to_the_previous_one(reference, data_dir, tm
     assert f"{ckpt / 'snapshot.pt'} is unreadable" in out
     # the previous snapshot (epoch 1) is used, and only epoch 2 is trained again
     assert f"resumed from {ckpt / 'snapshot.prev.pt'}: epoch 2, step 6" in out and f"done: {STEPS} steps" in out
-    assert_same_weights(snapshot(ckpt)["model"], snapshot(reference[0])["model"], rtol=0, atol=0)
+    assert_same_weights(snapshot(ckpt)["model"], snapshot(reference[0])["model"])
     # (a finished run resumed again trains 0 steps: tests/test_contract.py checks that for every folder)
 
 
@@ -294,8 +286,8 @@ def test_decathlon_task_folder_trains_with_amp(task, tmp_path):
     out = python("single_gpu.py", "--data", "decathlon", "--data-dir", task, "--roi-size", "16", "--epochs", "1",
                  "--batch-size", "1", "--amp", "--checkpoint-dir", tmp_path).stdout
     assert "5 training + 1 validation cases" in out
-    (line,) = EPOCH_LINE.findall(out)
-    assert float(line[3]) == float(line[3]) and 0 <= float(line[5]) <= 1  # finite loss, a Dice in [0, 1]
+    (line,) = epoch_lines(out)
+    assert line.loss == line.loss and 0 <= line.value <= 1  # finite loss, a Dice in [0, 1]
     assert snapshot(tmp_path)["step"] == 5 and (tmp_path / "best_model.pt").exists()
 
 

@@ -19,7 +19,7 @@ import types
 
 import pytest
 import torch
-from helpers import ROOT, clean_env, env_python, free_port, run, torchrun
+from helpers import ROOT, assert_same_weights, clean_env, env_python, epoch_lines, free_port, run, torchrun
 
 pytestmark = [pytest.mark.nemo, pytest.mark.timeout(300)]
 
@@ -27,8 +27,6 @@ FOLDER = ROOT / "nemo"
 # 64 samples: 1 rank x batch 16 or 2 ranks x batch 8 -> 4 steps per epoch, 8 in all
 DATA = ["--epochs", "2", "--dataset-size", "64", "--log-every", "2"]
 ONE, TWO = [*DATA, "--batch-size", "16"], [*DATA, "--batch-size", "8"]
-EPOCH_LINE = re.compile(r"^\[rank0\] epoch (\d+)/(\d+) \| step (\d+) \| loss (\S+) \| acc (\S+) \| \d+ samples/s \| "
-                        r"[\d.]+ s$", re.M)
 ERROR_LINE = re.compile(r"^(\[rank\d+\] )?error: ")
 
 
@@ -64,15 +62,15 @@ def last_checkpoint(checkpoint_dir):
     return torch.load(found[0], map_location="cpu", weights_only=False, pickle_module=_checkpoint_pickle)
 
 
-def assert_same_weights(a, b, atol):
-    a, b = last_checkpoint(a)["state_dict"], last_checkpoint(b)["state_dict"]
-    assert a.keys() == b.keys()
-    for name in a:
-        torch.testing.assert_close(a[name], b[name], atol=atol, rtol=0, msg=lambda m, n=name: f"{n}: {m}")
+def weights(checkpoint_dir):
+    return last_checkpoint(checkpoint_dir)["state_dict"]
 
 
 def epochs(out):
-    return [m[:3] for m in EPOCH_LINE.findall(out)]
+    """(epoch, epochs, step) of the C3 epoch lines, whose metric is the accuracy."""
+    lines = epoch_lines(out)
+    assert all(e.metric == "acc" for e in lines), lines
+    return [(e.epoch, e.epochs, e.step) for e in lines]
 
 
 def world_size(out):
@@ -115,7 +113,7 @@ def reference(tmp_path_factory):
 
 def test_single_process_learns_and_exports_a_loadable_nemo_file(reference):
     ckpt, out = reference
-    assert epochs(out) == [("1", "2", "4"), ("2", "2", "8")] and world_size(out) == 1, out[-3000:]
+    assert epochs(out) == [(1, 2, 4), (2, 2, 8)] and world_size(out) == 1, out[-3000:]
     assert last_checkpoint(ckpt)["global_step"] == 8
     nemo_file = ckpt / "checkpoints" / "nemo-toy.nemo"
     assert nemo_file.exists(), sorted(p.name for p in (ckpt / "checkpoints").iterdir())
@@ -134,9 +132,9 @@ print("restored", type(model).__name__, model.cfg.train_ds.batch_size, model.cfg
 def test_torchrun_two_ranks_equals_one_process(reference, tmp_path):
     out = run([*torchrun("nemo"), "--standalone", "--nproc_per_node", "2", "multigpu_torchrun.py", *TWO,
                "--checkpoint-dir", tmp_path], cwd=FOLDER).stdout
-    assert epochs(out) == [("1", "2", "4"), ("2", "2", "8")] and world_size(out) == 2, out[-3000:]
+    assert epochs(out) == [(1, 2, 4), (2, 2, 8)] and world_size(out) == 2, out[-3000:]
     assert "[rank1] epoch" not in out
-    assert_same_weights(reference[0], tmp_path, atol=1e-6)  # float32 summation order only
+    assert_same_weights(weights(reference[0]), weights(tmp_path), atol=1e-6, rtol=0)  # float32 summation order only
     assert (tmp_path / "checkpoints" / "nemo-toy.nemo").exists()
 
 
@@ -144,8 +142,8 @@ def test_lightning_spawn_two_ranks_equals_one_process_and_writes_timings(referen
     timings = tmp_path / "timings.json"
     out = python("multigpu.py", "--nprocs", "2", *TWO, "--checkpoint-dir", tmp_path / "ckpt", "--timings-file",
                  timings, env=clean_env(MASTER_PORT=free_port())).stdout
-    assert epochs(out) == [("1", "2", "4"), ("2", "2", "8")] and world_size(out) == 2, out[-3000:]
-    assert_same_weights(reference[0], tmp_path / "ckpt", atol=1e-6)
+    assert epochs(out) == [(1, 2, 4), (2, 2, 8)] and world_size(out) == 2, out[-3000:]
+    assert_same_weights(weights(reference[0]), weights(tmp_path / "ckpt"), atol=1e-6, rtol=0)
     t = json.loads(timings.read_text())
     assert t["world_size"] == 2 and t["batch_size"] == 8 and len(t["step_end_times"]) == 8
     assert t["start_time"] < t["step_end_times"][0] <= t["step_end_times"][-1]
@@ -154,9 +152,9 @@ def test_lightning_spawn_two_ranks_equals_one_process_and_writes_timings(referen
 def test_multinode_emulated_srun_two_tasks_equals_one_process(reference, tmp_path):
     codes, outputs = slurm_tasks([*TWO, "--checkpoint-dir", tmp_path])
     assert codes == [0, 0], outputs[0][-3000:]
-    assert epochs(outputs[0]) == [("1", "2", "4"), ("2", "2", "8")] and world_size(outputs[0]) == 2
+    assert epochs(outputs[0]) == [(1, 2, 4), (2, 2, 8)] and world_size(outputs[0]) == 2
     assert not epochs(outputs[1])  # reporting is rank 0's job
-    assert_same_weights(reference[0], tmp_path, atol=1e-6)
+    assert_same_weights(weights(reference[0]), weights(tmp_path), atol=1e-6, rtol=0)
 
 
 # ------------------------------------------------------------------------------------------ resume, preemption
@@ -170,7 +168,7 @@ def test_resume_through_exp_manager_equals_the_uninterrupted_run(reference, tmp_
     writing the new one and deleting the old, NeMo issue #7948), where exp_manager alone would stop with
     "Multiple checkpoints": the one with the most stored progress is resumed, with a warning."""
     first = python("single_gpu.py", *ONE, "--max-steps", "4", "--checkpoint-dir", tmp_path).stdout
-    assert epochs(first) == [("1", "2", "4")] and last_checkpoint(tmp_path)["global_step"] == 4
+    assert epochs(first) == [(1, 2, 4)] and last_checkpoint(tmp_path)["global_step"] == 4
     python("-c", "import sys, torch; c = torch.load(sys.argv[1], weights_only=False); c['global_step'] = 2; "
                  "torch.save(c, sys.argv[2])", *sorted((tmp_path / "checkpoints").glob("*last.ckpt")),
            tmp_path / "checkpoints" / "nemo-toy--step=2-last.ckpt")
@@ -178,9 +176,9 @@ def test_resume_through_exp_manager_equals_the_uninterrupted_run(reference, tmp_
     assert "warning: 2 *last.ckpt files" in second and "resuming from the one with the most progress" in second
     assert re.search(r"^\[rank0\] resumed from \S+step=4-last\.ckpt: epoch 2, step 4$", second, re.M), \
         second[-3000:]
-    assert epochs(second) == [("2", "2", "8")]
+    assert epochs(second) == [(2, 2, 8)]
     (tmp_path / "checkpoints" / "nemo-toy--step=2-last.ckpt").unlink()
-    assert_same_weights(reference[0], tmp_path, atol=0)
+    assert_same_weights(weights(reference[0]), weights(tmp_path))
     third = python("single_gpu.py", *ONE, "--checkpoint-dir", tmp_path).stdout
     assert re.search(r"^\[rank0\] resumed from \S+: epoch 3, step 8$", third, re.M) and not epochs(third)
     assert "[rank0] done: 8 steps" in third

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import ROOT, clean_env, env_python, free_port
+from helpers import ROOT, assert_same_weights, clean_env, env_python, free_port
 
 pytestmark = [pytest.mark.ray, pytest.mark.timeout(300)]
 
@@ -136,14 +136,11 @@ def weights(checkpoint_dir):
     return newest["model"], newest["step"]
 
 
-def assert_same_weights(a, b, steps=STEPS, **tol):
+def assert_same_snapshots(a, b, steps=STEPS, **tol):
+    """The newest snapshots of two runs: both after `steps`, with the same weights (bit for bit without tol)."""
     (wa, sa), (wb, sb) = weights(a), weights(b)
     assert sa == sb == steps, (sa, sb)
-    for k in wa:
-        if tol:
-            torch.testing.assert_close(wa[k], wb[k], **tol, msg=lambda m, k=k: f"{k}: {m}")
-        else:
-            assert torch.equal(wa[k], wb[k]), f"{k} differs"
+    assert_same_weights(wa, wb, **tol)
 
 
 # ------------------------------------------------------------------------------------------------ fixtures
@@ -238,7 +235,7 @@ def test_preempted_run_resumes_survives_a_killed_worker_and_equals_uninterrupted
     resumed = re.search(r"^\[rank0\] resumed from \S+: epoch \d, step (\d+)$", after_kill, re.M)
     assert resumed and int(resumed[1]) in (64, 128), out[-4000:]  # the newest snapshot when the worker died
     assert f"done: {STEPS} steps" in after_kill.split(resumed[0], 1)[1], out[-4000:]
-    assert_same_weights(ckpt, straight[0])
+    assert_same_snapshots(ckpt, straight[0])
     assert_gone([*first_group.values(), *again.worker_pids().values()], "the driver's workers (both groups)")
 
 
@@ -248,7 +245,7 @@ def test_two_workers_equal_one_process(preempted, tmp_path):
     snapshot): over hundreds of steps float rounding differences grow with training."""
     one = Launch("single_gpu.py", *ARGS, "--batch-size", 32, "--max-steps", 10, "--checkpoint-dir", tmp_path / "one")
     finished(one, timeout=120)
-    assert_same_weights(tmp_path / "one", preempted[1], steps=10, **TOL)
+    assert_same_snapshots(tmp_path / "one", preempted[1], steps=10, **TOL)
 
 
 # ------------------------------------------------------------------------------------------------ bad input
