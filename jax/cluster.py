@@ -1,4 +1,4 @@
-"""The plumbing of jax/: what the scripts need around the lesson in recipe.py, none of which teaches JAX.
+"""The plumbing of jax/: everything the scripts and recipe.py need that is not the lesson itself.
 
 Importing this module quiets XLA's C++ logs (TF_CPP_MIN_LOG_LEVEL=2; jax reads it once, at its import, which is
 why recipe.py imports jax after this module and the scripts import jax inside setup()): stderr keeps the recipe's

@@ -20,6 +20,7 @@ import jax  # after cluster: importing it quiets XLA's C++ logs, which jax reads
 import jax.numpy as jnp
 import optax
 
+
 # ---------------------------------------------------------------------------------------------------- model
 def init_params(seed, in_channels, image_size, num_classes=10, width=16):
     """pytorch/'s ConvNet (conv-relu-pool twice, two dense layers) as a pytree, initialised like torch's defaults
