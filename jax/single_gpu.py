@@ -3,11 +3,13 @@
     python single_gpu.py --epochs 3 --checkpoint-dir checkpoints/single
 """
 
-from common import Trainer, make_mesh, parse_args, quiet_xla_logs, run, select_platform
+from cluster import parse_args, run, select_platform
+from recipe import train
 
 
-def setup_device(args):
-    import jax  # imported after quiet_xla_logs(): XLA reads its logging settings once, at import
+def setup(args):
+    """One process, one device: nobody to find, nothing to join."""
+    import jax  # here, not at the top: after cluster has quieted XLA's logs
 
     select_platform(args.backend)
     return 0, 1, jax.devices()[:1]
@@ -15,10 +17,9 @@ def setup_device(args):
 
 def main():
     args = parse_args(__doc__)
-    quiet_xla_logs()
-    rank, num_processes, devices = setup_device(args)
-    # The same Trainer as every other script, on a mesh of one device: nothing to shard, nothing to reduce.
-    Trainer(args, make_mesh(devices), rank, num_processes).fit()
+    rank, world_size, devices = setup(args)
+    # The same training as every other script, on a mesh of one device: nothing to shard, nothing to reduce.
+    train(args, devices, rank, world_size)
 
 
 if __name__ == "__main__":

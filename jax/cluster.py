@@ -1,0 +1,518 @@
+"""The plumbing of jax/: everything the scripts and recipe.py need that is not the lesson itself.
+
+Importing this module quiets XLA's C++ logs (TF_CPP_MIN_LOG_LEVEL=2; jax reads it once, at its import, which is
+why recipe.py imports jax after this module and the scripts import jax inside setup()): stderr keeps the recipe's
+own error line.
+
+Map:
+    run                          toolkit.run with hard_exit: os._exit, JAX's shutdown barrier must not wait for the dead
+    parse_args, nprocs_flag      the command line every recipe takes (C2); multigpu.py's --nprocs
+    visible_gpus                 CUDA_VISIBLE_DEVICES as a list
+    select_platform              --backend in JAX's terms: GPUs, or CPU devices with gloo collectives
+    rendezvous                   around jax.distributed.initialize: a busy port, an unreachable coordinator or a
+                                 missing peer become one line within --timeout (parse_address, check_coordinator)
+    launch_plan                  multinode.py: coordinator, process count, process id and GPUs from JAX_* or SLURM_*
+                                 (first_host, local_device_ids)
+    spawn                        multigpu.py's spawner: N processes, signals forwarded, their exit codes combined
+                                 (free_port, default_nprocs, verdict)
+    reduce_max                   the ranks' agreement on preemption: toolkit.PREEMPTION.agreed(step, reduce_max)
+    broadcast, barrier           rank 0's choice to every process; nobody goes on before everybody is there
+    local_value, host_leaves     a replicated array's value, as numpy, from this process's own copy (no communication)
+    replicate                    numpy, the same on every process -> global arrays replicated over the mesh
+    Dataset, check_dataset_fits  images and labels in memory; enough of them for every process and one global batch
+    read_mnist, read_cifar10     the datasets' own files, read in place with numpy (never downloaded)
+    ShardedLoader                DistributedSampler's rule in numpy: this process's shard, reshuffled every epoch;
+                                 --num-workers threads prepare the next batches
+    read_snapshot, find_snapshot the snapshot recipe.save_snapshot writes, read back: the newest readable one by its
+                                 stored step, a damaged one skipped with a warning (SNAPSHOT, PREVIOUS_SNAPSHOT)
+"""
+
+import argparse
+import functools
+import gzip
+import json
+import multiprocessing
+import os
+import pickle
+import signal
+import socket
+import struct
+import sys
+import time
+import zipfile
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import numpy as np
+import toolkit
+from toolkit import (
+    PREEMPTED_EXIT_CODE,
+    OneLineParser,
+    RecipeError,
+    deadline,
+    launcher_rank,
+    non_negative_int,
+    positive_float,
+    positive_int,
+)
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # before any `import jax`: XLA's C++ warnings off stderr
+
+# JAX's shutdown barrier would wait for peers that are gone: after an error or a preemption, leave with os._exit.
+run = functools.partial(toolkit.run, hard_exit=True)
+
+
+# ---------------------------------------------------------------------------------------------------- command line
+
+
+def parse_args(description, extra=None):
+    """The command line every recipe in this repository accepts (same names in every framework folder)."""
+    p = OneLineParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--epochs", type=positive_int, default=3)
+    p.add_argument("--max-steps", type=positive_int, default=None,
+                   help="stop after this many optimizer steps in total, resumed ones included "
+                        "(the LR schedule still spans --epochs)")
+    p.add_argument("--batch-size", type=positive_int, default=64,
+                   help="per device (= per process when each process drives one device)")
+    p.add_argument("--lr", type=positive_float, default=0.05)
+    p.add_argument("--data", choices=["synthetic", "mnist", "cifar10"], default="synthetic")
+    p.add_argument("--data-dir", default=None,
+                   help="holds MNIST/raw/*-ubyte[.gz] or cifar-10-batches-py/ (read in place, never downloaded)")
+    p.add_argument("--dataset-size", type=positive_int, default=4096, help="samples of synthetic data")
+    p.add_argument("--checkpoint-dir", default=None, help="snapshots go here; resume is automatic")
+    p.add_argument("--save-every", type=positive_int, default=1, help="epochs between snapshots")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--amp", action="store_true", help="bf16 compute (parameters, gradients and loss stay fp32)")
+    p.add_argument("--num-workers", type=non_negative_int, default=0,
+                   help="loader threads that prepare the next batches while the device computes")
+    p.add_argument("--backend", choices=["auto", "nccl", "gloo"], default="auto",
+                   help="auto: GPUs (XLA uses NCCL) when there are any, else CPU devices with gloo collectives; "
+                        "gloo: CPU devices even where GPUs exist; nccl: GPUs or an error")
+    p.add_argument("--timeout", type=positive_int, default=300,
+                   help="seconds before a rendezvous or a collective that cannot complete is an error")
+    p.add_argument("--log-every", type=positive_int, default=50, help="steps between progress lines")
+    p.add_argument("--timings-file", default=None,
+                   help="write per-step wall-clock times here (JSON, rank 0) for the benchmarks")
+    if extra is not None:
+        extra(p)
+    args = p.parse_args()
+    if args.data != "synthetic" and not args.data_dir:
+        p.error(f"--data {args.data} needs --data-dir (the directory that holds the dataset's files)")
+    return args
+
+
+def nprocs_flag(p):
+    p.add_argument("--nprocs", type=positive_int, default=None,
+                   help="processes to start (default: the GPUs visible, 2 without)")
+
+
+# ---------------------------------------------------------------------------------------------------- devices
+
+
+def visible_gpus():
+    return [d for d in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if d]
+
+
+def select_platform(backend):
+    """--backend, in JAX's terms: which device platform; set before the first use of any device."""
+    import jax
+
+    if backend == "gloo":
+        jax.config.update("jax_platforms", "cpu")
+    # WORKAROUND(jax 0.10.2, jax-ml/jax#11182): CPU devices of several processes have no collectives by default: gloo
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    if backend == "nccl" and jax.default_backend() != "gpu":
+        raise RecipeError("--backend nccl needs GPUs, and JAX sees none (is the CUDA plugin installed: "
+                          "pip install \"jax[cuda12]\"?)", every_rank=False)
+
+
+# ---------------------------------------------------------------------------------------------------- rendezvous
+
+
+def parse_address(address):
+    host, sep, port = address.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise RecipeError(f"coordinator address {address!r} is not HOST:PORT", every_rank=False)
+    return host, int(port)
+
+
+def check_coordinator(address, process_id, timeout):
+    """Before jax.distributed.initialize: fail with one line where JAX would abort or wait for minutes.
+
+    Process 0 runs the coordinator service and must be able to bind its port; the others must be able to
+    reach it. They poll (process 0 may start later than they do) until --timeout.
+    """
+    host, port = parse_address(address)
+    if process_id == 0:
+        with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                s.bind(("", port))
+            except OSError as e:
+                raise RecipeError(f"cannot start the coordinator on port {port} ({e.strerror}): another process "
+                                  f"already listens on that port: choose another port (in Slurm jobs: "
+                                  f"15000 + SLURM_JOB_ID % 15000)") from None
+        return
+    end = time.monotonic() + timeout
+    while True:
+        try:
+            with socket.create_connection((host, port), timeout=min(5, timeout)):
+                return
+        except OSError as e:
+            if time.monotonic() >= end:
+                raise RecipeError(f"cannot reach the coordinator at {address} within --timeout {timeout}s "
+                                  f"({e.strerror or e}): is process 0 running, is {host} the first node of the job "
+                                  f"and is the port the same in every process?") from None
+            time.sleep(0.5)
+
+
+@contextmanager
+def rendezvous(coordinator, process_id, timeout):
+    """The block around jax.distributed.initialize: what goes wrong there is one line (every process says it:
+    it depends on the process), within --timeout.
+
+    Our deadline fires first: when JAX's own initialization_timeout expires, XLA aborts the process with a C++
+    stack trace (LOG(FATAL) in CoordinationServiceAgent::Connect) instead of raising.
+    """
+    rank = process_id if process_id is not None else launcher_rank()
+    if coordinator is not None:
+        check_coordinator(coordinator, rank, timeout)
+    what = (f"jax.distributed.initialize (coordinator {coordinator or 'from SLURM_*'}: are all processes "
+            f"started and is the coordinator reachable from every node?)")
+    try:
+        with deadline(timeout, rank, what):
+            yield
+    except Exception as e:  # XlaRuntimeError (DEADLINE_EXCEEDED, UNAVAILABLE, ...), ValueError
+        first = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
+        raise RecipeError(f"jax.distributed.initialize failed: {first}") from None
+
+
+EXPLICIT = ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID")
+
+
+def first_host(nodelist):
+    """n[01-04],m7 -> n01: the first node of a Slurm host list, where process 0 runs the coordinator."""
+    head = nodelist.split(",")[0] if "[" not in nodelist.split(",")[0] else nodelist.split("]")[0] + "]"
+    if "[" not in head:
+        return head
+    prefix, ranges = head[:-1].split("[")
+    return prefix + ranges.split(",")[0].split("-")[0]
+
+
+def local_device_ids():
+    """Which of this node's GPUs this process drives, or None to let JAX pick (GPU number SLURM_LOCALID).
+
+    One task per node: all of them. One GPU visible to this task (srun --gpus-per-task, --gpu-bind): that one.
+    """
+    visible = visible_gpus()
+    tasks_here = int(os.environ.get("SLURM_STEP_TASKS_PER_NODE", "1").split("(")[0].split(",")[0])
+    if visible and tasks_here == 1:
+        return list(range(len(visible)))
+    if len(visible) == 1:
+        # WORKAROUND(jax 0.10.2, jax-ml/jax#28194): Slurm detection would ask task 3 for a GPU 3 it cannot see
+        return [0]
+    return None
+
+
+def launch_plan():
+    """(coordinator address, number of processes, process id, local device ids) from the launcher's variables."""
+    if all(n in os.environ for n in EXPLICIT):
+        try:
+            num_processes, process_id = int(os.environ["JAX_NUM_PROCESSES"]), int(os.environ["JAX_PROCESS_ID"])
+        except ValueError:
+            raise RecipeError("JAX_NUM_PROCESSES and JAX_PROCESS_ID must be integers", every_rank=False) from None
+        if not 0 <= process_id < num_processes:
+            raise RecipeError(f"JAX_PROCESS_ID {process_id} is not in 0..{num_processes - 1} (JAX_NUM_PROCESSES)",
+                              every_rank=False)
+        return os.environ["JAX_COORDINATOR_ADDRESS"], num_processes, process_id, None
+    if "SLURM_PROCID" in os.environ and "SLURM_STEP_NODELIST" in os.environ:
+        # Under srun: JAX's Slurm detection fills in process id and count. These are per-task values, read here
+        # in each task -- expanded once in the batch script they would make every task process 0.
+        port = os.environ.get("JAX_COORDINATOR_PORT")
+        if not port:
+            raise RecipeError("JAX_COORDINATOR_PORT not set: in the job script, export "
+                              "JAX_COORDINATOR_PORT=$((15000 + SLURM_JOB_ID % 15000)) (JAX's own default, "
+                              "61440 + job id % 4096, lies in the ephemeral range and collides now and then)",
+                              every_rank=False)
+        address = f"{first_host(os.environ['SLURM_STEP_NODELIST'])}:{port}"
+        return address, None, None, local_device_ids()
+    present = [n for n in EXPLICIT if n in os.environ]
+    raise RecipeError(f"{', '.join(n for n in EXPLICIT if n not in present)} not set: start multinode.py with srun "
+                      f"inside a Slurm job, or set all of {', '.join(EXPLICIT)} (multigpu.py does that for "
+                      f"you on one machine)", every_rank=False)
+
+
+# ---------------------------------------------------------------------------------------------------- the spawner
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def default_nprocs():
+    return len(visible_gpus()) or 2  # no GPUs: 2 CPU processes, like the other folders
+
+
+def verdict(codes):
+    """The workers' exit codes -> the job's: the worst of them, 75 only if nobody failed."""
+    if all(c == 0 for c in codes):
+        return 0
+    if 2 in codes:
+        return 2
+    if all(c in (0, PREEMPTED_EXIT_CODE) for c in codes):
+        return PREEMPTED_EXIT_CODE
+    return next(c for c in codes if c not in (0, PREEMPTED_EXIT_CODE))
+
+
+def _start(worker, process_id, *args):
+    os.environ["JAX_PROCESS_ID"] = str(process_id)  # for error lines printed before JAX knows the rank
+    run(worker, process_id, *args, rank=process_id)
+
+
+def spawn(worker, nprocs, args):
+    """mp.spawn for JAX: worker(process_id, nprocs, coordinator, args) in nprocs fresh processes, then exit with
+    their verdict: 0, 2 (bad input, one line) or 75 (preempted, snapshot saved)."""
+    coordinator = f"127.0.0.1:{free_port()}"
+    ctx = multiprocessing.get_context("spawn")  # never fork a process that may hold XLA's threads
+    procs = [ctx.Process(target=_start, args=(worker, i, nprocs, coordinator, args)) for i in range(nprocs)]
+
+    def forward(signum, frame):  # Slurm signals the whole step; a parent signalled alone passes it on
+        for p in procs:
+            if p.pid and p.exitcode is None:
+                os.kill(p.pid, signum)
+
+    for sig in (signal.SIGUSR1, signal.SIGTERM):
+        signal.signal(sig, forward)
+    for p in procs:
+        p.start()
+    # A worker that fails early (bad input, unreachable coordinator) leaves the others waiting for it:
+    # give them --timeout to notice on their own, then stop them.
+    first_failure = None
+    while any(p.exitcode is None for p in procs):
+        time.sleep(0.2)
+        failed = any(p.exitcode not in (None, 0, PREEMPTED_EXIT_CODE) for p in procs)
+        if failed and first_failure is None:
+            first_failure = time.monotonic()
+        if first_failure is not None and time.monotonic() - first_failure > min(args.timeout, 30):
+            for p in procs:
+                if p.exitcode is None:
+                    p.kill()
+    sys.exit(verdict([p.exitcode for p in procs]))
+
+
+# ---------------------------------------------------------------------------------------------------- collectives
+
+
+def reduce_max(flag):
+    """The maximum of `flag` over every process (allgather, max): the ranks' agreement on preemption."""
+    import jax
+
+    if jax.process_count() == 1:
+        return flag
+    from jax.experimental import multihost_utils
+
+    return bool(np.max(multihost_utils.process_allgather(np.int32(flag))))
+
+
+def broadcast(value):
+    """Rank 0's small integer (or None, sent as 0) to every process."""
+    import jax
+
+    if jax.process_count() == 1:
+        return value
+    from jax.experimental import multihost_utils
+
+    return int(multihost_utils.broadcast_one_to_all(np.int32(value if value is not None else 0)))
+
+
+def barrier(name):
+    import jax
+
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)
+
+
+def local_value(x):
+    """A replicated global array's value as numpy, read from this process's own copy (no communication)."""
+    return np.asarray(x.addressable_data(0))
+
+
+def host_leaves(tree):
+    """The leaves of a pytree of replicated arrays, as numpy, from this process's own copies."""
+    import jax
+
+    return jax.tree_util.tree_leaves(jax.tree_util.tree_map(local_value, tree))
+
+
+def replicate(tree, sharding):
+    """Numpy (identical on every process) -> global arrays replicated on every device of the mesh."""
+    import jax
+
+    def put(value):
+        value = np.asarray(value)
+        return jax.make_array_from_callback(value.shape, sharding, lambda index: value[index])
+
+    return jax.tree_util.tree_map(put, tree)
+
+
+# ---------------------------------------------------------------------------------------------------- data
+
+
+@dataclass
+class Dataset:
+    """Images (N, H, W, C) float32, normalised, and labels (N,) int32: small enough to hold in memory."""
+
+    images: np.ndarray
+    labels: np.ndarray
+    name: str
+
+    def __len__(self):
+        return len(self.labels)
+
+
+def check_dataset_fits(dataset, world_size, batch_size):
+    """batch_size: the global batch, over every process."""
+    n = len(dataset)
+    if n < world_size:
+        raise RecipeError(f"the dataset has {n} samples but the world size is {world_size}: "
+                          f"some processes would get no data", every_rank=False)
+    if n // batch_size == 0:
+        raise RecipeError(f"the dataset has {n} samples, too few for one step with a global batch of "
+                          f"{batch_size}: lower --batch-size or use more data", every_rank=False)
+
+
+def _read_maybe_gz(path):
+    for candidate in (path, path + ".gz"):
+        if os.path.exists(candidate):
+            opener = gzip.open if candidate.endswith(".gz") else open
+            with opener(candidate, "rb") as f:
+                return candidate, f.read()
+    raise RecipeError(f"{path}[.gz] not found: --data-dir must hold MNIST/raw/ with the IDX files", every_rank=False)
+
+
+def read_mnist(root):
+    """MNIST's training split from its raw IDX files (MNIST/raw/train-*-ubyte[.gz])."""
+    raw = os.path.join(root, "MNIST", "raw")
+    ipath, images = _read_maybe_gz(os.path.join(raw, "train-images-idx3-ubyte"))
+    lpath, labels = _read_maybe_gz(os.path.join(raw, "train-labels-idx1-ubyte"))
+    magic, n, rows, cols = struct.unpack(">IIII", images[:16]) if len(images) >= 16 else (0, 0, 0, 0)
+    if magic != 2051 or len(images) != 16 + n * rows * cols:
+        raise RecipeError(f"{ipath} is not an MNIST image file (IDX magic 2051 and {n}x{rows}x{cols} bytes)",
+                          every_rank=False)
+    lmagic, ln = struct.unpack(">II", labels[:8]) if len(labels) >= 8 else (0, 0)
+    if lmagic != 2049 or ln != n or len(labels) != 8 + n:
+        raise RecipeError(f"{lpath} is not an MNIST label file for {n} images", every_rank=False)
+    x = np.frombuffer(images, np.uint8, offset=16).reshape(n, rows, cols, 1).astype(np.float32) / 255
+    y = np.frombuffer(labels, np.uint8, offset=8).astype(np.int32)
+    return Dataset((x - 0.1307) / 0.3081, y, "mnist")
+
+
+def read_cifar10(root):
+    """CIFAR-10's training split from its python pickles (cifar-10-batches-py/data_batch_*)."""
+    folder = os.path.join(root, "cifar-10-batches-py")
+    xs, ys = [], []
+    for i in range(1, 6):
+        path = os.path.join(folder, f"data_batch_{i}")
+        if not os.path.exists(path):
+            raise RecipeError(f"{path} not found: --data-dir must hold cifar-10-batches-py/ (the python version)",
+                              every_rank=False)
+        try:
+            with open(path, "rb") as f:
+                batch = pickle.load(f, encoding="latin1")  # the official files are python-2 pickles
+            data, labels = np.asarray(batch["data"], np.uint8), np.asarray(batch["labels"], np.int32)
+            assert data.ndim == 2 and data.shape[1] == 3072 and len(labels) == len(data)
+        except Exception:
+            raise RecipeError(f"{path} is not a CIFAR-10 batch (a pickled dict with 'data' N x 3072 uint8 and "
+                              f"'labels')", every_rank=False) from None
+        xs.append(data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1))
+        ys.append(labels)
+    x = np.concatenate(xs).astype(np.float32) / 255
+    mean, std = np.array([0.4914, 0.4822, 0.4465], np.float32), np.array([0.2470, 0.2435, 0.2616], np.float32)
+    return Dataset((x - mean) / std, np.concatenate(ys), "cifar10")
+
+
+class ShardedLoader:
+    """This process's disjoint shard of the data, reshuffled every epoch from (seed, epoch).
+
+    The same permutation on every process (DistributedSampler's rule): the tail that does not divide evenly
+    over the processes is dropped, process p takes positions p, p + P, p + 2P, ... and the last incomplete
+    batch is dropped. The global batch of step i is then exactly the samples one process with the global
+    batch size would take at step i -- which is why 2 processes x batch 16 train like 1 process x batch 32.
+    With --num-workers > 0 threads prepare the next batches; threads never receive signals (Python runs
+    handlers in the main thread), so a preemption signal cannot kill a loader half-way.
+    """
+
+    def __init__(self, dataset, batch_size, rank, world_size, seed, num_workers):
+        self.dataset, self.batch_size, self.seed = dataset, batch_size, seed
+        self.rank, self.world_size = rank, world_size
+        self.steps = (len(dataset) // world_size) // batch_size
+        self.pool = ThreadPoolExecutor(num_workers) if num_workers else None
+        self.depth = 2 * num_workers
+
+    def indices(self, epoch):
+        order = np.random.default_rng([self.seed, epoch]).permutation(len(self.dataset))
+        order = order[: len(order) // self.world_size * self.world_size]
+        return order[self.rank::self.world_size]
+
+    def batches(self, epoch, skip=0):
+        """(x, y) for steps skip, skip+1, ... of `epoch` (skip: batches already trained before a resume)."""
+        shard = self.indices(epoch)
+
+        def load(i):
+            idx = np.sort(shard[i * self.batch_size:(i + 1) * self.batch_size])
+            return self.dataset.images[idx], self.dataset.labels[idx]
+
+        if self.pool is None:
+            yield from (load(i) for i in range(skip, self.steps))
+            return
+        pending = deque()
+        for i in range(skip, self.steps):
+            pending.append(self.pool.submit(load, i))
+            if len(pending) > self.depth:
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
+
+
+# ---------------------------------------------------------------------------------------------------- snapshots
+
+SNAPSHOT, PREVIOUS_SNAPSHOT = "snapshot.npz", "snapshot.prev.npz"  # written by recipe.save_snapshot
+
+
+def read_snapshot(path):
+    """(leaves, meta); reading every array checks every CRC, so a damaged file fails here, not later."""
+    with np.load(path, allow_pickle=False) as z:
+        meta = json.loads(bytes(z["meta"]).decode())
+        leaves = [z[f"leaf{i}"] for i in range(sum(1 for k in z.files if k.startswith("leaf")))]
+    return leaves, meta
+
+
+def find_snapshot(checkpoint_dir):
+    """The newest readable snapshot (by its stored step, never by file time), or None when there is none yet.
+
+    A damaged snapshot is named in a warning and the other one is used; if none is readable, that is an error
+    (starting from scratch silently would throw the finished work away and then overwrite it).
+    """
+    readable, problems = [], []
+    for name in (SNAPSHOT, PREVIOUS_SNAPSHOT):
+        path = os.path.join(checkpoint_dir, name)
+        if not os.path.exists(path):
+            continue
+        try:
+            readable.append((read_snapshot(path)[1]["step"], name == SNAPSHOT, path))
+        except (OSError, ValueError, KeyError, zipfile.BadZipFile, EOFError) as e:
+            problems.append(f"{path} is unreadable ({type(e).__name__}: {str(e).splitlines()[0][:200]})")
+    if readable:
+        for problem in problems:
+            print(f"warning: {problem}; using {max(readable)[2]}", file=sys.stderr, flush=True)
+        return max(readable)[2]
+    if problems:
+        raise RecipeError("no usable snapshot: " + "; ".join(problems) +
+                          ". Delete or move the damaged file(s) to start over.", every_rank=False)
+    return None

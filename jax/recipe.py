@@ -1,0 +1,245 @@
+"""The lesson of jax/, top to bottom: the model, the data, jax.distributed.initialize, the training loop, snapshots.
+
+A jitted step whose batch is sharded over the mesh's "data" axis and whose parameters are replicated *is*
+data-parallel training: XLA inserts the gradient all-reduce itself, so the loop is the same code on one device and
+on 512. A JAX process is a rank (jax.process_index()); the devices of all processes (jax.devices()) form the mesh.
+"""
+
+import json
+import os
+import socket
+import time
+
+import numpy as np
+from cluster import (PREVIOUS_SNAPSHOT, SNAPSHOT, Dataset, ShardedLoader, barrier, broadcast, check_dataset_fits,
+                     find_snapshot, host_leaves, local_value, read_cifar10, read_mnist, read_snapshot, reduce_max,
+                     rendezvous, replicate, select_platform)
+from toolkit import PREEMPTED_EXIT_CODE, PREEMPTION, RecipeError, StepTimer, atomic_write, log
+
+import jax  # after cluster: importing it quiets XLA's C++ logs, which jax reads once, at import
+import jax.numpy as jnp
+import optax
+
+
+# ---------------------------------------------------------------------------------------------------- model
+def init_params(seed, in_channels, image_size, num_classes=10, width=16):
+    """pytorch/'s ConvNet (conv-relu-pool twice, two dense layers) as a pytree, initialised like torch's defaults
+    (uniform in +-1/sqrt(fan_in)) from --seed: every process computes the same weights, no broadcast needed."""
+    rng = np.random.default_rng(seed)
+
+    def uniform(shape, fan_in):
+        return rng.uniform(-1 / np.sqrt(fan_in), 1 / np.sqrt(fan_in), shape).astype(np.float32)
+
+    flat = (image_size // 4) ** 2 * 2 * width
+    return {
+        "conv1": {"w": uniform((3, 3, in_channels, width), 9 * in_channels), "b": uniform((width,), 9 * in_channels)},
+        "conv2": {"w": uniform((3, 3, width, 2 * width), 9 * width), "b": uniform((2 * width,), 9 * width)},
+        "fc1": {"w": uniform((flat, 128), flat), "b": uniform((128,), flat)},
+        "fc2": {"w": uniform((128, num_classes), 128), "b": uniform((num_classes,), 128)},
+    }
+
+
+def apply_model(params, x, compute_dtype):
+    def conv(p, h):
+        h = jax.lax.conv_general_dilated(h, p["w"].astype(compute_dtype), (1, 1), "SAME",
+                                         dimension_numbers=("NHWC", "HWIO", "NHWC"))
+        h = jax.nn.relu(h + p["b"].astype(compute_dtype))
+        return jax.lax.reduce_window(h, -jnp.inf, jax.lax.max, (1, 2, 2, 1), (1, 2, 2, 1), "VALID")
+
+    def dense(p, h):
+        return h @ p["w"].astype(compute_dtype) + p["b"].astype(compute_dtype)
+
+    h = conv(params["conv2"], conv(params["conv1"], x.astype(compute_dtype)))
+    logits = dense(params["fc2"], jax.nn.relu(dense(params["fc1"], h.reshape(h.shape[0], -1))))
+    return logits.astype(jnp.float32)  # loss and its gradient in fp32, also under --amp
+
+
+def build_optimizer(args, steps_per_epoch):
+    """SGD with momentum, a cosine schedule spanning --epochs: --max-steps only stops early, so a run cut short
+    and resumed follows exactly the same learning-rate curve as an uninterrupted one."""
+    return optax.sgd(optax.cosine_decay_schedule(args.lr, decay_steps=args.epochs * steps_per_epoch), momentum=0.9)
+
+
+# ---------------------------------------------------------------------------------------------------- data
+def synthetic_dataset(size, seed=1234):
+    """MNIST-shaped images whose class is learnable (a pattern per class plus noise), from their own seed: every
+    process and every run builds the identical dataset without any file."""
+    rng = np.random.default_rng(seed)
+    prototypes = rng.standard_normal((10, 28, 28, 1), dtype=np.float32)
+    labels = rng.integers(0, 10, size, dtype=np.int32)
+    images = prototypes[labels] + rng.standard_normal((size, 28, 28, 1), dtype=np.float32)
+    return Dataset(images, labels, "synthetic")
+
+
+def build_dataset(args):
+    if args.data == "synthetic":
+        return synthetic_dataset(args.dataset_size)
+    if not os.path.isdir(args.data_dir) or not os.listdir(args.data_dir):
+        raise RecipeError(f"--data-dir {args.data_dir!r} is missing or empty", every_rank=False)
+    return read_mnist(args.data_dir) if args.data == "mnist" else read_cifar10(args.data_dir)
+
+
+def build_loader(dataset, args, rank=0, world_size=1, local_devices=1):
+    """--batch-size is per device: a process that drives several devices loads a batch for each of them."""
+    return ShardedLoader(dataset, args.batch_size * local_devices, rank, world_size, args.seed, args.num_workers)
+
+
+# ---------------------------------------------------------------------------------------------------- processes
+def init_distributed(args, coordinator=None, num_processes=None, process_id=None, local_device_ids=None):
+    """jax.distributed.initialize: process 0 runs the coordinator service, the others connect to it. Arguments
+    left None are auto-detected by JAX (under srun from the SLURM_* variables)."""
+    select_platform(args.backend)
+    with rendezvous(coordinator, process_id, args.timeout):  # what goes wrong: one line within --timeout
+        jax.distributed.initialize(coordinator, num_processes, process_id, local_device_ids,
+                                   initialization_timeout=args.timeout + 60,
+                                   heartbeat_timeout_seconds=max(args.timeout, 10))
+    # initialize() starts XLA's preemption sync manager, which takes SIGTERM over in C++: the run would train on.
+    PREEMPTION.install()  # take it back: TERM and USR1 both end in a snapshot
+    rank, world_size = jax.process_index(), jax.process_count()
+    # One line per process: where each one landed is the first question when a multi-node job misbehaves.
+    log(rank, f"host {socket.gethostname()} | process {rank} of {world_size} | "
+              f"local devices {[d.id for d in jax.local_devices()]} | coordinator {coordinator}")
+    return rank, world_size
+
+
+# ---------------------------------------------------------------------------------------------------- training
+class Trainer:
+    """Data-parallel training over `mesh`: parameters replicated, each batch sharded along the "data" axis.
+    rank / world_size: this process and how many there are (1 for single_gpu.py)."""
+
+    def __init__(self, args, mesh, rank=0, world_size=1):
+        self.args, self.mesh, self.rank, self.world_size = args, mesh, rank, world_size
+        self.global_batch = args.batch_size * mesh.devices.size
+        self.dataset = build_dataset(args)
+        check_dataset_fits(self.dataset, world_size, self.global_batch)
+        self.loader = build_loader(self.dataset, args, rank, world_size, len(mesh.local_devices))
+        self.optimizer = build_optimizer(args, self.loader.steps)
+        params = init_params(args.seed, self.dataset.images.shape[3], self.dataset.images.shape[1])
+        self.state = {"epoch": 0, "step": 0, "batch_in_epoch": 0}
+        self.replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+        self.sharded = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
+        self.params, self.opt_state = replicate((params, self.optimizer.init(params)), self.replicated)
+        self.train_step = jax.jit(self._step, out_shardings=self.replicated, donate_argnums=(0, 1))
+        self.timer = None
+
+    def _step(self, params, opt_state, x, y):
+        def loss_fn(p):
+            logits = apply_model(p, x, jnp.bfloat16 if self.args.amp else jnp.float32)
+            return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean(), logits
+
+        # The mean runs over the *global* batch: XLA turns it into per-device sums plus an all-reduce, and the
+        # same for the gradients -- DDP's all-reduce, written by the compiler.
+        (loss, logits), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+        updates, opt_state = self.optimizer.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state, loss, jnp.sum(jnp.argmax(logits, -1) == y)
+
+    def _run_batch(self, x, y):
+        # This process's part of the batch -> one global array sharded over every device of every process.
+        gx, gy = (jax.make_array_from_process_local_data(self.sharded, a) for a in (x, y))
+        self.params, self.opt_state, loss, correct = self.train_step(self.params, self.opt_state, gx, gy)
+        if self.timer:
+            self.timer()
+        return loss, correct
+
+    def _run_epoch(self):
+        """One pass over this process's shard (skipping what a resumed snapshot already trained); summed loss,
+        correct predictions and samples (global) stay on the device: reading them would wait for every step."""
+        args, state = self.args, self.state
+        loss_sum, correct, seen, preempted = 0.0, 0, 0, False
+        for x, y in self.loader.batches(state["epoch"], skip=state["batch_in_epoch"]):
+            loss, n_correct = self._run_batch(x, y)
+            state["step"], state["batch_in_epoch"] = state["step"] + 1, state["batch_in_epoch"] + 1
+            loss_sum, correct, seen = loss_sum + loss * self.global_batch, correct + n_correct, seen + self.global_batch
+            if state["step"] % args.log_every == 0 and self.rank == 0:
+                log(0, f"epoch {state['epoch'] + 1} | batch {state['batch_in_epoch']}/{self.loader.steps} | "
+                       f"step {state['step']} | loss {float(local_value(loss)):.4f}")
+            if args.max_steps and state["step"] >= args.max_steps:
+                break
+            if PREEMPTION.agreed(state["step"], reduce_max):  # every process stops at the same step
+                preempted = True
+                break
+        return loss_sum, correct, seen, preempted
+
+    def _training_left(self):
+        args, state = self.args, self.state
+        return state["epoch"] < args.epochs and not (args.max_steps and state["step"] >= args.max_steps)
+
+    def train(self):
+        args, state, mesh = self.args, self.state, self.mesh
+        if args.checkpoint_dir:
+            self._resume()
+        if self.rank == 0:
+            log(0, f"processes {self.world_size} | devices {mesh.devices.size} ({len(mesh.local_devices)} per "
+                   f"process, {mesh.devices.flat[0].platform}) | {len(self.dataset)} samples | batch "
+                   f"{args.batch_size}/device, {self.global_batch} global | {self.loader.steps} steps/epoch")
+        if args.timings_file and self.rank == 0:  # waits for each step's result: JAX dispatches asynchronously
+            self.timer = StepTimer(args.timings_file, sync=lambda: jax.block_until_ready(self.params),
+                                   world_size=self.world_size, batch_size=args.batch_size)
+        start = time.perf_counter()
+        while self._training_left():
+            epoch_start = time.perf_counter()
+            loss_sum, correct, seen, preempted = self._run_epoch()
+            elapsed = time.perf_counter() - epoch_start
+            if seen and self.rank == 0:
+                log(0, f"epoch {state['epoch'] + 1}/{args.epochs} | step {state['step']} | loss "
+                       f"{float(local_value(loss_sum)) / seen:.4f} | acc {int(local_value(correct)) / seen:.4f} | "
+                       f"{seen / elapsed:.0f} samples/s | {elapsed:.1f} s")
+            if state["batch_in_epoch"] == self.loader.steps:  # the epoch ran to its end
+                state["epoch"], state["batch_in_epoch"] = state["epoch"] + 1, 0
+            finished = not self._training_left()
+            if args.checkpoint_dir and (finished or preempted or state["epoch"] % args.save_every == 0):
+                self._save_snapshot()
+            if preempted:
+                if self.rank == 0:
+                    saved = "snapshot saved" if args.checkpoint_dir else "no --checkpoint-dir, nothing saved"
+                    log(0, f"preempted at step {state['step']}: {saved}; exiting with {PREEMPTED_EXIT_CODE} "
+                           f"so the job script requeues")
+                raise SystemExit(PREEMPTED_EXIT_CODE)
+        if self.timer:
+            self.timer.write()
+        if self.rank == 0:
+            log(0, f"done: {state['step']} steps in {time.perf_counter() - start:.1f} s")
+
+    def _save_snapshot(self):
+        """Written by rank 0 alone: every process holds the same replicated values (each reads its own copy)."""
+        meta = {**self.state, "world_size": self.world_size, "global_batch": self.global_batch, "seed": self.args.seed}
+        leaves = host_leaves((self.params, self.opt_state))
+        if self.rank == 0:
+            save_snapshot(self.args.checkpoint_dir, leaves, meta)
+            log(0, f"snapshot saved to {self.args.checkpoint_dir} (step {self.state['step']})")
+        barrier("snapshot")  # nobody reads or restarts before the file is complete
+
+    def _resume(self):
+        # Rank 0 chooses the snapshot and tells the others: on a shared filesystem processes can disagree about
+        # whether a file exists, and a job where only some of them resume deadlocks.
+        choice = find_snapshot(self.args.checkpoint_dir) if self.rank == 0 else None
+        names = (None, SNAPSHOT, PREVIOUS_SNAPSHOT)
+        code = broadcast(names.index(os.path.basename(choice) if choice else None))
+        if code == 0:
+            return
+        path = os.path.join(self.args.checkpoint_dir, names[code])
+        leaves, meta = read_snapshot(path)
+        if [a.shape for a in leaves] != [b.shape for b in host_leaves((self.params, self.opt_state))]:
+            raise RecipeError(f"{path} holds a different model (other --data?): move it away to start over",
+                              every_rank=False)
+        template = jax.tree_util.tree_structure((self.params, self.opt_state))
+        self.params, self.opt_state = replicate(jax.tree_util.tree_unflatten(template, leaves), self.replicated)
+        self.state.update(epoch=meta["epoch"], step=meta["step"], batch_in_epoch=meta["batch_in_epoch"])
+        if self.rank == 0:
+            log(0, f"resumed from {path}: epoch {self.state['epoch'] + 1}, step {self.state['step']}")
+
+
+def train(args, devices, rank=0, world_size=1):
+    """What every script calls after setup: the mesh spans `devices` (every device of every process)."""
+    Trainer(args, jax.sharding.Mesh(np.array(devices), ("data",)), rank, world_size).train()
+    jax.distributed.shutdown()  # does nothing where jax.distributed.initialize never ran (single_gpu.py)
+
+
+# ---------------------------------------------------------------------------------------------------- snapshots
+def save_snapshot(checkpoint_dir, leaves, meta):
+    """numpy's .npz: the (params, optimizer state) leaves as leaf0..leafN plus the progress as JSON, readable with
+    numpy alone (no pickles); atomic, the previous one kept as snapshot.prev.npz."""
+    arrays = {f"leaf{i}": leaf for i, leaf in enumerate(leaves)}
+    meta = np.frombuffer(json.dumps(meta).encode(), np.uint8)
+    atomic_write(os.path.join(checkpoint_dir, SNAPSHOT), lambda f: np.savez(f, meta=meta, **arrays),
+                 previous=os.path.join(checkpoint_dir, PREVIOUS_SNAPSHOT))
