@@ -9,18 +9,24 @@ START_TIME = time.time()  # before the heavy imports: the benchmarks count them 
 
 import lightning.pytorch as pl  # noqa: E402
 
-import common  # noqa: E402
+from cluster import parse_args, run  # noqa: E402
+from recipe import train, trainer_options  # noqa: E402
+
+
+def setup(args):
+    """One process: Lightning picks the device, nothing to join."""
+    return pl.Trainer(
+        accelerator="auto",
+        devices=1,
+        **trainer_options(args, START_TIME),
+    )
 
 
 def main():
-    args = common.parse_args(__doc__)
-    trainer = pl.Trainer(
-        accelerator="auto",
-        devices=1,
-        **common.trainer_options(args, START_TIME),
-    )
-    common.fit(trainer, args)
+    args = parse_args(__doc__)
+    trainer = setup(args)
+    train(args, trainer)
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

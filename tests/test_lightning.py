@@ -170,7 +170,7 @@ def test_torchrun_max_restarts_resumes_from_the_last_checkpoint(tmp_path):
     """A worker killed (kill -9) after the first epoch's checkpoint, and again right after the restart resumed:
     torchrun --max-restarts restarts both workers twice, they resume and end with the uninterrupted run's
     weights. (Before: the restarted workers failed in gloo's connectFullMesh -- torch 2.13's agent store still
-    held the dead workers' addresses -- until the restarts were used up; common.join_restarted_attempt gives each
+    held the dead workers' addresses -- until the restarts were used up; cluster.join_restarted_attempt gives each
     attempt its own key prefix.)"""
     args = ["--epochs", "3", "--dataset-size", "1024", "--batch-size", "32", "--log-every", "1000",
             "--timeout", "60"]
@@ -187,9 +187,9 @@ def test_torchrun_max_restarts_resumes_from_the_last_checkpoint(tmp_path):
 
 @pytest.mark.parametrize("sig", [signal.SIGUSR1, signal.SIGTERM], ids=["USR1", "TERM"])
 def test_preempted_mid_epoch_resumes_after_the_batches_it_trained(straight, tmp_path, sig):
-    """A preemption signal at step 2: the run stops at step 10 (Preemption.CHECK_EVERY), batch 2 of epoch 2, saves
+    """A preemption signal at step 2: the run stops at step 10 (PREEMPTION.CHECK_EVERY), batch 2 of epoch 2, saves
     preempted-step=10.ckpt and exits 75; resumed, epoch 2 goes on with batch 3 and the weights equal the
-    uninterrupted run's. Both found by the fault soak: before common.ResumableLoader Lightning restarted epoch 2 at
+    uninterrupted run's. Both found by the fault soak: before recipe.ResumableLoader Lightning restarted epoch 2 at
     its first batch; before Preemption.on_train_start, SIGTERM reached Lightning's own handler, which ended the
     run at the next batch with exit 0 and no checkpoint."""
     args = [*resume_base(), "--epochs", "2", "--log-every", "2", "--checkpoint-dir", tmp_path]
@@ -246,13 +246,13 @@ def test_sbatch_templates_pair_tasks_with_lightning():
 PRECISION_RULE = """
 from types import SimpleNamespace
 from unittest import mock
-import common
+import recipe
 for capability in [(7, 0), (7, 5), (8, 0), (9, 0)]:
     with mock.patch("torch.cuda.is_available", return_value=True), \\
          mock.patch("torch.cuda.get_device_capability", return_value=capability), \\
          mock.patch("torch.cuda.is_bf16_supported", return_value=True):  # True on V100/T4 too (emulation)
-        print(capability, common.precision(SimpleNamespace(amp=True)))
-print("cpu", common.precision(SimpleNamespace(amp=True)), common.precision(SimpleNamespace(amp=False)))
+        print(capability, recipe.mixed_precision(SimpleNamespace(amp=True)))
+print("cpu", recipe.mixed_precision(SimpleNamespace(amp=True)), recipe.mixed_precision(SimpleNamespace(amp=False)))
 """
 
 
@@ -264,12 +264,12 @@ def test_amp_rule_bf16_only_where_native():
 
 
 RESUME_CHOICE = """
-import sys, torch, common
+import sys, torch, cluster
 d = sys.argv[1]
 torch.save({"global_step": 130}, f"{d}/epoch=2-step=130.ckpt")  # what ModelCheckpoint writes after the stop
 torch.save({"global_step": 130}, f"{d}/preempted-step=130.ckpt")  # saved at the step boundary, mid-epoch
 torch.save({"global_step": 64}, f"{d}/zz-late-but-older.ckpt")  # newest file, least progress
-print(common.resume_from(d))
+print(cluster.resume_from(d))
 """
 
 

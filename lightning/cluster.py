@@ -1,0 +1,264 @@
+"""The plumbing of this folder: what the scripts need to run on a cluster, apart from the lesson in recipe.py.
+
+Map:
+    parse_args               the command line every recipe accepts (CONTRACT.md C2); `extra` adds a script's own
+    run                      toolkit.run with `explain`: the entry point's wrapper (signals first, one-line errors)
+    explain, lost_a_peer     a collective that failed because another rank died: one line and exit 1
+    torchrun_layout          (devices, num_nodes) as torchrun started the job, or one line and exit 2
+    join_restarted_attempt   torch 2.13 under torchrun --max-restarts: each attempt meets under its own key prefix
+    check_dataset_fits       the data gives every rank at least one step, or one line and exit 2
+    resume_from              the checkpoint with the most progress (stored global_step), never the newest file
+    reduce_max               the ranks' agreement on preemption (for toolkit.PREEMPTION.agreed)
+    PreemptionSignals        keeps SIGUSR1/SIGTERM ours while Lightning runs (its SIGTERM handler exits 0)
+    Report                   the contract's log lines (CONTRACT.md C3), printed by rank 0
+    StepTimings              per-step wall-clock times for the benchmarks (--timings-file, toolkit.StepTimer)
+    collect_ddp_cycles       frees the DDP wrapper's reference cycles before the process group is destroyed
+"""
+
+import argparse
+import functools
+import gc
+import os
+import re
+import sys
+import time
+from datetime import timedelta
+from pathlib import Path
+
+import torch
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.plugins.environments import TorchElasticEnvironment
+
+import toolkit
+from toolkit import (PREEMPTION, OneLineParser, RecipeError, StepTimer, launcher_rank, log, non_negative_int,
+                     positive_float, positive_int)
+
+
+def parse_args(description: str, extra=None) -> argparse.Namespace:
+    """The command line shared by every script of every folder (CONTRACT.md C2); extra(parser) adds a script's
+    own flags (--nprocs, --devices, --num-nodes)."""
+    p = OneLineParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--epochs", type=positive_int, default=3)
+    p.add_argument("--max-steps", type=positive_int, default=None,
+                   help="stop after this many optimizer steps in total (the LR schedule still spans --epochs)")
+    p.add_argument("--batch-size", type=positive_int, default=64, help="per process")
+    p.add_argument("--lr", type=positive_float, default=0.05)
+    p.add_argument("--data", choices=["synthetic"], default="synthetic",
+                   help="only synthetic data in this folder (MNIST/CIFAR-10 need torchvision: see README.md)")
+    p.add_argument("--data-dir", default=None, help="unused: only synthetic data in this folder")
+    p.add_argument("--dataset-size", type=positive_int, default=4096, help="number of synthetic samples")
+    p.add_argument("--checkpoint-dir", default=None,
+                   help="checkpoints go here and resume from here is automatic (default: none, nothing is saved)")
+    p.add_argument("--save-every", type=positive_int, default=1, help="epochs between checkpoints")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--amp", action="store_true",
+                   help="mixed precision: bf16 on CPUs and GPUs that do it natively (compute capability >= 8.0), "
+                        "else fp16 with loss scaling")
+    p.add_argument("--num-workers", type=non_negative_int, default=0, help="DataLoader worker processes")
+    p.add_argument("--backend", choices=["auto", "nccl", "gloo"], default="auto",
+                   help="auto: nccl with CUDA, gloo without")
+    p.add_argument("--timeout", type=positive_int, default=300,
+                   help="seconds before a rendezvous or collective that cannot complete is an error")
+    p.add_argument("--log-every", type=positive_int, default=50, help="steps between rank-0 progress lines")
+    p.add_argument("--timings-file", help="rank 0 writes per-step end times here (JSON) for the benchmarks")
+    if extra is not None:
+        extra(p)
+    return p.parse_args()
+
+
+def lost_a_peer(error: RuntimeError) -> str:
+    """The gist of a collective that failed because a peer is gone (gloo: "Connection reset/closed by peer",
+    "Timed out waiting ... for recv"; NCCL: a DistBackendError), or "" for any other error."""
+    text = str(error).strip()
+    if not (torch.distributed.is_initialized()
+            and (isinstance(error, torch.distributed.DistError) or "gloo/transport" in text)):
+        return ""
+    text = re.sub(r"^\[[^\]]*\] ", "", text.splitlines()[0] if text else type(error).__name__)  # "[pair.cc:537] "
+    return text.split(". This is typically")[0][:200]
+
+
+def explain(error: Exception):
+    """For toolkit.run: a lost peer is not this rank's fault. Another process of the job (or its node) died and
+    this rank's next all-reduce failed. The checkpoints on disk are whole (Lightning writes them atomically); a
+    requeued or resubmitted run resumes from them. One line and exit 1 instead of a traceback wall."""
+    if isinstance(error, RuntimeError) and (gist := lost_a_peer(error)):
+        return (f"lost contact with another rank ({gist}): a process or node of the job died; see its log. "
+                f"The checkpoints are intact: a requeued or resubmitted run resumes from them"), 1
+    return None
+
+
+run = functools.partial(toolkit.run, explain=explain)
+
+
+def torchrun_layout() -> tuple[int, int]:
+    """(devices, num_nodes) as torchrun started this job: Lightning must agree with the launcher."""
+    if not TorchElasticEnvironment.detect():
+        raise RecipeError("RANK/LOCAL_WORLD_SIZE not set: start this script with torchrun, e.g. "
+                          "`torchrun --standalone --nproc_per_node 2 multigpu_torchrun.py` (or use single_gpu.py)")
+    per_node = int(os.environ["LOCAL_WORLD_SIZE"])
+    return per_node, int(os.environ["WORLD_SIZE"]) // per_node
+
+
+def join_restarted_attempt(args: argparse.Namespace) -> None:
+    """Under `torchrun --max-restarts` on one node: create the process group before Lightning does, in the agent's
+    store under a key prefix of this attempt's own; Lightning then uses it as it is (it skips its own
+    init_process_group when one exists). Across nodes the stock path stays and Slurm requeues (README.md,
+    Troubleshooting)."""
+    if (os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True" or os.environ.get("GROUP_WORLD_SIZE") != "1"
+            or "TORCHELASTIC_RESTART_COUNT" not in os.environ):
+        return
+    rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    timeout = timedelta(seconds=args.timeout)
+    store = torch.distributed.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world_size,
+                                       is_master=False, timeout=timeout)
+    # WORKAROUND(torch 2.13, pytorch/pytorch#167288): a restarted attempt must not read the dead workers' keys
+    store = torch.distributed.PrefixStore(f"attempt-{os.environ['TORCHELASTIC_RESTART_COUNT']}", store)
+    backend = args.backend if args.backend != "auto" else "nccl" if torch.cuda.is_available() else "gloo"
+    torch.distributed.init_process_group(backend, store=store, rank=rank, world_size=world_size, timeout=timeout)
+
+
+def check_dataset_fits(dataset, world_size: int, batch_size: int) -> None:
+    if len(dataset) // (world_size * batch_size) == 0:
+        raise RecipeError(f"--dataset-size {len(dataset)} is too small for one step of {world_size} "
+                          f"processes x --batch-size {batch_size}: lower --batch-size or use more data")
+
+
+def resume_from(checkpoint_dir: str | None) -> str | None:
+    """The checkpoint to resume from: the one that holds the most progress (its stored global_step), or None for a
+    fresh start.
+
+    Never by file time: a checkpoint written late can hold old progress (e.g. one written by a process with a
+    stale copy of the trainer), and copies or restores change mtimes. On a tie the preemption checkpoint wins:
+    after it, Lightning ends the stopped epoch early and ModelCheckpoint saves epoch=E-step=S.ckpt as if that
+    epoch had run to its end, so resuming from that one would skip the rest of the epoch. An unreadable file is
+    skipped with a warning (the next best is used); if none is readable that is an error, not a silent fresh
+    start.
+    """
+    if not checkpoint_dir or not Path(checkpoint_dir).is_dir():
+        return None
+    best, best_key, problems = None, None, []
+    for path in Path(checkpoint_dir).glob("*.ckpt"):
+        try:
+            ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            step = int(ckpt["global_step"])
+        except Exception as e:  # truncated, not a checkpoint, ...
+            problems.append(f"{path} is unreadable ({type(e).__name__})")
+            log(launcher_rank(), f"warning: {problems[-1]}", file=sys.stderr)
+            continue
+        key = (step, path.name.startswith("preempted-"))
+        if best_key is None or key > best_key:
+            best, best_key = str(path), key
+    if best is None and problems:
+        raise RecipeError("no usable checkpoint: " + "; ".join(problems)
+                          + ". Delete or move the damaged file(s) to start over.")
+    return best
+
+
+def reduce_max(trainer, device):
+    """For PREEMPTION.agreed: the flag's maximum over all ranks, by Lightning's all-reduce (every rank enters it)."""
+    return lambda flag: trainer.strategy.reduce(torch.tensor(float(flag), device=device), reduce_op="max").item()
+
+
+class PreemptionSignals(Callback):
+    """SIGUSR1/SIGTERM set toolkit.PREEMPTION's flag (toolkit.run installs its handler before anything else, so a
+    signal during start-up does not kill the process). Installed again at fit start, after Lightning's own
+    handlers (and in ddp_spawn's workers, new processes), and at train start: Lightning installs its own SIGTERM
+    handler after on_fit_start, and that one ends the run at the next batch with exit 0 and no checkpoint
+    (README.md). Ours again: SIGTERM is a preemption like SIGUSR1."""
+
+    def on_fit_start(self, trainer, pl_module):
+        PREEMPTION.install()
+
+    def on_train_start(self, trainer, pl_module):
+        PREEMPTION.install()
+
+
+class Report(Callback):
+    """The contract's log lines (CONTRACT.md C3), printed by rank 0: a progress line every `log_every` steps, one
+    line per epoch with the loss and accuracy averaged over all ranks and the samples/s of the whole job, and
+    where training starts, resumes and ends.
+
+    Kept instead of self.log_dict(..., sync_dist=True): that computes the same averages but its bookkeeping costs
+    about 1 ms every step (4-6 % of this step on CPU, measured: see benchmarks/README.md)."""
+
+    def __init__(self, args: argparse.Namespace):
+        self.args = args
+
+    def _print(self, trainer, message):
+        if trainer.is_global_zero:
+            log(0, message)
+
+    def on_fit_start(self, trainer, pl_module):
+        self.fit_start, self.resume_reported = time.perf_counter(), False
+
+    def _report_resume(self, trainer):
+        if trainer.ckpt_path and not self.resume_reported:
+            self.resume_reported = True
+            self._print(trainer, f"resumed from {trainer.ckpt_path}: epoch {trainer.current_epoch + 1}, "
+                                 f"step {trainer.global_step}")
+
+    def on_train_start(self, trainer, pl_module):
+        batches = trainer.num_training_batches
+        backend = torch.distributed.get_backend() if torch.distributed.is_initialized() else "none"
+        self._print(trainer, f"world size {trainer.world_size} | backend {backend} | device "
+                             f"{pl_module.device} | {len(trainer.datamodule.train)} samples | batch "
+                             f"{self.args.batch_size}/rank | {batches} steps/epoch")
+        self._report_resume(trainer)
+        self.on_train_epoch_start(trainer, pl_module)  # a run resumed mid-epoch starts without that hook
+
+    def on_train_epoch_start(self, trainer, pl_module):
+        self.epoch_start, self.epoch_first_step = time.perf_counter(), trainer.global_step
+        self.sums = torch.zeros(2, device=pl_module.device)  # this rank's loss x samples, correct predictions
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        n = len(batch[1])  # on the device, no sync: nothing is read before the epoch ends
+        self.sums += torch.stack([outputs["loss"].detach().float() * n, outputs["correct"].float()])
+        if trainer.global_step % self.args.log_every == 0:
+            # .item() here waits for rank 0's own step only, and only every log_every steps
+            self._print(trainer, f"epoch {trainer.current_epoch + 1} | batch {batch_idx + 1}/"
+                                 f"{trainer.num_training_batches} | step {trainer.global_step} | "
+                                 f"loss {outputs['loss'].item():.4f}")
+
+    def on_train_epoch_end(self, trainer, pl_module):
+        seconds = time.perf_counter() - self.epoch_start
+        samples = (trainer.global_step - self.epoch_first_step) * self.args.batch_size * trainer.world_size
+        totals = trainer.strategy.reduce(self.sums, reduce_op="sum")  # every rank: one collective per epoch
+        if samples:
+            loss, acc = (totals / samples).tolist()
+            self._print(trainer, f"epoch {trainer.current_epoch + 1}/{self.args.epochs} | step "
+                                 f"{trainer.global_step} | loss {loss:.4f} | acc {acc:.4f} | "
+                                 f"{samples / seconds:.0f} samples/s | {seconds:.1f} s")
+
+    def on_save_checkpoint(self, trainer, pl_module, checkpoint):
+        self._print(trainer, f"snapshot saved to {self.args.checkpoint_dir} (step {trainer.global_step})")
+
+    def on_fit_end(self, trainer, pl_module):
+        self._report_resume(trainer)  # a finished run resumed: Lightning trains nothing and skips on_train_start
+        self._print(trainer, f"done: {trainer.global_step} steps in {time.perf_counter() - self.fit_start:.1f} s")
+
+
+class StepTimings(Callback):
+    """For the benchmark runner: rank 0 records the wall time right after every optimizer step. start_time is
+    taken before the script's heavy imports: the benchmarks count them in the time to first step."""
+
+    def __init__(self, path: str, start_time: float, batch_size: int):
+        self.path = path
+        self.timer = StepTimer(path, start_time=start_time, batch_size=batch_size)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if trainer.is_global_zero:
+            if pl_module.device.type == "cuda":
+                torch.cuda.synchronize(pl_module.device)  # the step's kernels, not just their launch (as pytorch/)
+            self.timer()
+
+    def on_train_end(self, trainer, pl_module):
+        if trainer.is_global_zero:
+            Path(self.path).parent.mkdir(parents=True, exist_ok=True)
+            self.timer.write(world_size=trainer.world_size)
+
+
+def collect_ddp_cycles() -> None:
+    """The DDP wrapper Lightning dropped at teardown sits in reference cycles that hold the gloo process group;
+    left to the interpreter's shutdown they can abort a finished run (README.md, Troubleshooting). Freed now,
+    before Lightning's atexit hook destroys the process group."""
+    gc.collect()
