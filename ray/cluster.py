@@ -21,6 +21,8 @@ Map:
     DriverPump                  the driver's thread beside trainer.fit(): prints those lines, passes signals on
     scratch_storage             Ray Train's storage path: --checkpoint-dir, or a temporary one removed afterwards
     ray_environment             token authentication and no usage statistics, set before `import ray`
+    ray_logs_to_driver          Ray's own messages in the job log only with RAY_RECIPE_LOGS=1
+    OBJECT_STORE_BYTES          256 MiB of object store: small /dev/shm in containers and on small nodes
     local_ray                   a one-node Ray cluster owned by this process (multigpu.py)
     joined_ray                  this driver joined to a running cluster, or one error line by --timeout (multinode.py)
     wait_for_nodes              multinode.py: poll until every node of the job has joined (deadline --timeout)

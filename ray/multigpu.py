@@ -14,8 +14,9 @@ import contextlib
 
 import torch
 
-from cluster import RecipeError, add_ray_flags, check_dataset_fits, local_ray, parse_args, positive_int, run
+from cluster import add_ray_flags, check_dataset_fits, local_ray, parse_args, run
 from recipe import build_dataset, train
+from toolkit import RecipeError, positive_int
 
 
 def add_flags(parser):

@@ -14,9 +14,9 @@ that dies (node lost, process killed) is replaced and training continues from th
 import contextlib
 import os
 
-from cluster import (RecipeError, add_ray_flags, default_workers, joined_ray, parse_args, positive_int, run,
-                     wait_for_nodes)
+from cluster import add_ray_flags, default_workers, joined_ray, parse_args, run, wait_for_nodes
 from recipe import train
+from toolkit import RecipeError, positive_int
 
 
 def add_flags(parser):
