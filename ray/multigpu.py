@@ -10,20 +10,13 @@ lines, and on SIGUSR1/SIGTERM tells them to stop after a snapshot, then exits 75
 ends every Ray process it started, and nothing else.
 """
 
+import contextlib
+
 import torch
 
-from common import (
-    RecipeError,
-    add_ray_flags,
-    catch_stop_signals,
-    build_dataset,
-    check_dataset_fits,
-    fit_on_ray,
-    local_ray,
-    parse_args,
-    positive_int,
-    run,
-)
+from cluster import add_ray_flags, check_dataset_fits, local_ray, parse_args, run
+from recipe import build_dataset, train
+from toolkit import RecipeError, positive_int
 
 
 def add_flags(parser):
@@ -32,15 +25,21 @@ def add_flags(parser):
     add_ray_flags(parser)
 
 
-def main():
-    catch_stop_signals()  # a SIGUSR1/SIGTERM during start-up must not kill the driver before it can pass it on
-    args = parse_args(__doc__, extra=add_flags)
+@contextlib.contextmanager
+def setup(args):
+    """A one-node Ray cluster owned by this process, for the duration of the `with`; yields the worker count."""
     nprocs = args.nprocs or torch.cuda.device_count() or 2
     if torch.cuda.is_available() and nprocs > torch.cuda.device_count():
         raise RecipeError(f"--nprocs {nprocs} but only {torch.cuda.device_count()} GPUs are visible")
     check_dataset_fits(build_dataset(args), nprocs, args.batch_size)  # before Ray starts: bad input fails fast
     with local_ray(num_cpus=nprocs):  # one CPU per worker: Ray schedules exactly --nprocs of them
-        fit_on_ray(args, nprocs)
+        yield nprocs
+
+
+def main():
+    args = parse_args(__doc__, extra=add_flags)
+    with setup(args) as workers:
+        train(args, workers=workers)
 
 
 if __name__ == "__main__":

@@ -11,12 +11,12 @@ SIGUSR1/SIGTERM the workers stop after the same step, rank 0 saves a snapshot, a
 that dies (node lost, process killed) is replaced and training continues from the last snapshot (--max-failures).
 """
 
+import contextlib
 import os
-import time
 
-import torch
-
-from common import RecipeError, add_ray_flags, catch_stop_signals, fit_on_ray, joined_ray, parse_args, positive_int, run
+from cluster import add_ray_flags, default_workers, joined_ray, parse_args, run, wait_for_nodes
+from recipe import train
+from toolkit import RecipeError, positive_int
 
 
 def add_flags(parser):
@@ -29,36 +29,22 @@ def add_flags(parser):
     add_ray_flags(parser)
 
 
-def default_workers():
-    """One worker per device of the cluster: its GPUs, or one per node where there are none."""
-    import ray
-
-    gpus = int(ray.cluster_resources().get("GPU", 0))
-    return gpus if torch.cuda.is_available() and gpus else len([n for n in ray.nodes() if n["Alive"]])
-
-
-def wait_for_nodes(count, timeout):
-    """Poll until `count` nodes are alive: the job script starts them all, but each joins when it is ready."""
-    import ray
-
-    deadline = time.monotonic() + timeout
-    while (alive := [n["NodeManagerAddress"] for n in ray.nodes() if n["Alive"]]) and len(alive) < count:
-        if time.monotonic() > deadline:
-            raise RecipeError(f"only {len(alive)} of {count} nodes joined the Ray cluster within --timeout {timeout} s "
-                              f"(joined: {', '.join(alive)}): see the job log for the nodes' `ray start` output")
-        time.sleep(1)
-    print(f"[rank0] cluster: {len(alive)} nodes ({', '.join(sorted(alive))})", flush=True)
-
-
-def main():
-    catch_stop_signals()  # a SIGUSR1/SIGTERM during start-up must not kill the driver before it can pass it on
-    args = parse_args(__doc__, extra=add_flags)
+@contextlib.contextmanager
+def setup(args):
+    """Join the running Ray cluster (the job script started it) for the duration of the `with`, once all its
+    nodes are there; yields the worker count."""
     if not args.address:
         raise RecipeError("no Ray cluster to join: pass --address HEAD_IP:GCS_PORT or set RAY_ADDRESS "
                           "(multinode.sbatch starts a cluster and does this); on one machine use multigpu.py")
     with joined_ray(args.address, args.timeout):
         wait_for_nodes(args.wait_for_nodes, args.timeout)
-        fit_on_ray(args, args.workers or default_workers())
+        yield args.workers or default_workers()
+
+
+def main():
+    args = parse_args(__doc__, extra=add_flags)
+    with setup(args) as workers:
+        train(args, workers=workers)
 
 
 if __name__ == "__main__":
