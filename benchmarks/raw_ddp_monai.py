@@ -4,9 +4,9 @@
         --batch-size 2 --roi-size 16
 
 Same model, data pipeline (Decathlon folder, CacheDataset, seeded random crops, DistributedSampler), loss
-(DiceLoss) and optimizer (Adam) as monai/, imported from monai/common.py (the runner sets PYTHONPATH=monai) so
-they cannot drift apart. Nothing else: no LR schedule, no loss totals, no validation, no checkpoints, no
-preemption check. It takes monai/'s command line and writes the same --timings-file.
+(DiceLoss) and optimizer (Adam) as monai/, imported from monai/recipe.py and monai/cluster.py (the runner sets
+PYTHONPATH=monai) so they cannot drift apart. Nothing else: no LR schedule, no loss totals, no validation, no
+checkpoints, no preemption check. It takes monai/'s command line and writes the same --timings-file.
 """
 
 import time
@@ -22,7 +22,8 @@ import torch.distributed as dist  # noqa: E402
 from monai.losses import DiceLoss  # noqa: E402
 from torch.nn.parallel import DistributedDataParallel as DDP  # noqa: E402
 
-from common import Ranks, build_data, build_model, parse_args, pick_backend, pick_device  # noqa: E402  (monai/)
+from cluster import Ranks, parse_args, pick_backend, pick_device  # noqa: E402  (monai/)
+from recipe import build_dataset, build_loader, build_model  # noqa: E402  (monai/)
 
 
 def main():
@@ -31,11 +32,12 @@ def main():
     device = pick_device(local_rank)
     dist.init_process_group(pick_backend(args.backend))
     torch.manual_seed(args.seed)
-    data = build_data(args, Ranks(rank, local_rank, world_size, device, distributed=True))
+    data = build_dataset(args, Ranks(rank, local_rank, world_size, device, distributed=True))
+    loader = build_loader(data.train, args, rank, world_size)
     model = DDP(build_model(data).to(device))
     loss_fn = DiceLoss(to_onehot_y=True, softmax=True)
     optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
-    loader, ends, step = data.train_loader, [], 0
+    ends, step = [], 0
     for epoch in range(args.epochs):
         loader.sampler.set_epoch(epoch)
         loader.dataset.set_epoch(epoch)
@@ -56,7 +58,7 @@ def main():
                        "batch_size": args.batch_size}, f)
     # The DDP model first, then the group: freed after destroy_process_group(), DDP's Reducer would drop the
     # group's last reference with the GIL held, and gloo's destructor can deadlock at exit (see
-    # pytorch/common.py, leave_process_group).
+    # monai/README.md, Troubleshooting).
     del model, optimizer
     gc.collect()
     dist.destroy_process_group()

@@ -68,7 +68,7 @@ BASELINE = Recipe("raw DDP", "pytorch", "benchmarks/raw_ddp.py", pythonpath="pyt
 # a machine that cannot scale.
 CEILING = Recipe("no-comm ceiling", "pytorch", "benchmarks/raw_ddp.py", pythonpath="pytorch", args=("--no-ddp",))
 # monai/ trains a 3-D UNet, not the shared ConvNet: its overhead is measured against a raw DDP loop on that UNet
-# (same data pipeline, imported from monai/common.py), with 16^3 crops of 20^3 synthetic volumes, 2 per rank.
+# (same data pipeline, imported from monai/recipe.py), with 16^3 crops of 20^3 synthetic volumes, 2 per rank.
 UNET_ARGS = ("--roi-size", "16")
 RAW_UNET = Recipe("raw DDP (UNet)", "monai", "benchmarks/raw_ddp_monai.py", pythonpath="monai", args=UNET_ARGS,
                   batch_size=2, baseline="raw DDP (UNet)")

@@ -14,47 +14,30 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from torch.nn.parallel import DistributedDataParallel as DDP
 
-from common import (
-    PREEMPTED_EXIT_CODE,
-    InputError,
-    Ranks,
-    RecipeError,
-    check_sizes,
-    fit,
-    init_distributed,
-    leave_process_group,
-    parse_args,
-    pick_device,
-    positive_int,
-    prepare_data,
-    read_task,
-    run,
-)
+from cluster import Ranks, check_dataset_fits, parse_args, pick_device, prepare_data, read_task, run
+from recipe import init_distributed, train
+from toolkit import PREEMPTED_EXIT_CODE, RecipeError, positive_int
+
+
+def setup(args, rank, world_size, port):
+    """One worker per device; it joins the process group through the store the parent hosts (see main)."""
+    device = pick_device(rank)
+    # Connect to the store the parent process is hosting instead of a fixed MASTER_PORT.
+    store = dist.TCPStore("127.0.0.1", port, world_size, is_master=False, timeout=timedelta(seconds=args.timeout))
+    init_distributed(args, rank, world_size, device, store=store)
+    return Ranks(rank, rank, world_size, device, distributed=True)  # train() wraps the model in DDP
 
 
 def worker(rank, world_size, port, args):
-    """What each spawned process runs; mp.spawn passes the rank as the first argument."""
-    run(train, rank, world_size, port, args, rank=rank)
-
-
-def train(rank, world_size, port, args):
-    device = pick_device(rank)
-    # Connect to the store the parent process is hosting (see main) instead of a fixed MASTER_PORT.
-    store = dist.TCPStore("127.0.0.1", port, world_size, is_master=False, timeout=timedelta(seconds=args.timeout))
-    init_distributed(args, rank, world_size, device, store=store)
-    try:
-        ranks = Ranks(rank, rank, world_size, device, distributed=True)
-        fit(args, ranks, wrap=lambda model: DDP(model))  # gradients averaged over ranks in every backward
-    finally:
-        leave_process_group()
+    """What each spawned process runs (mp.spawn passes the rank first): setup, then the same train() as everywhere."""
+    run(lambda: train(args, setup(args, rank, world_size, port)), rank=rank)
 
 
 def check_input(args, world_size):
     """Bad data is found here, once, before any worker starts: one error line instead of one per worker."""
     train_cases, _, _, _ = read_task(prepare_data(args, Ranks()))
-    check_sizes(len(train_cases), world_size, args.batch_size)
+    check_dataset_fits(train_cases, world_size, args.batch_size)
 
 
 def add_nprocs(parser):
@@ -66,7 +49,7 @@ def main():
     args = parse_args(__doc__, extra=add_nprocs)
     world_size = args.nprocs or torch.cuda.device_count() or 2
     if torch.cuda.is_available() and world_size > torch.cuda.device_count():
-        raise InputError(f"--nprocs {world_size} but only {torch.cuda.device_count()} GPUs are visible")
+        raise RecipeError(f"--nprocs {world_size} but only {torch.cuda.device_count()} GPUs are visible")
     check_input(args, world_size)
     # The parent hosts the rendezvous store on a port the OS picks (port 0) and keeps it open while the
     # workers run: no fixed 12355 to collide with another job, and no window between "find a free port" and

@@ -8,22 +8,23 @@ if one fails (--max-restarts), which is why resuming is automatic.
 
 import os
 
-from torch.nn.parallel import DistributedDataParallel as DDP
+from cluster import Ranks, parse_args, pick_device, run, torchrun_env
+from recipe import init_distributed, train
 
-from common import Ranks, fit, init_distributed, launch_env, leave_process_group, parse_args, pick_device, run
+
+def setup(args):
+    """One process per device, ranks from torchrun's variables; every process joins the process group."""
+    rank, local_rank, world_size = torchrun_env(f"launch with `torchrun --nproc_per_node N "
+                                                f"{os.path.basename(__file__)}` (or use single_gpu.py)")
+    device = pick_device(local_rank)
+    init_distributed(args, rank, world_size, device)
+    return Ranks(rank, local_rank, world_size, device, distributed=True)  # train() wraps the model in DDP
 
 
 def main():
     args = parse_args(__doc__)
-    rank, local_rank, world_size = launch_env(f"launch with `torchrun --nproc_per_node N {os.path.basename(__file__)}` "
-                                              f"(or use single_gpu.py)")
-    device = pick_device(local_rank)
-    init_distributed(args, rank, world_size, device)
-    try:
-        ranks = Ranks(rank, local_rank, world_size, device, distributed=True)
-        fit(args, ranks, wrap=lambda model: DDP(model))  # gradients averaged over ranks in every backward
-    finally:
-        leave_process_group()
+    ranks = setup(args)
+    train(args, ranks)
 
 
 if __name__ == "__main__":

@@ -13,13 +13,12 @@ is on, rank 0 saves a snapshot, and the job exits with 75 so its script can requ
 import os
 import socket
 
-from torch.nn.parallel import DistributedDataParallel as DDP
+from cluster import Ranks, parse_args, pick_device, run, torchrun_env
+from recipe import init_distributed, train
+from toolkit import RecipeError, log
 
-from common import (RecipeError, Ranks, fit, init_distributed, launch_env, leave_process_group, log, parse_args,
-                    pick_device, run)
 
-
-def map_srun_env():
+def ranks_from_slurm():
     """Plain `srun python multinode.py` (one task per GPU) sets no RANK: take it from srun's variables. These are
     per-task values, so they must be read here, in each task, never expanded once in the batch script (that makes
     every task rank 0). Under torchrun nothing is changed."""
@@ -34,20 +33,22 @@ def map_srun_env():
                           f"MASTER_PORT=$((15000 + SLURM_JOB_ID % 15000))")
 
 
-def main():
-    args = parse_args(__doc__)
-    map_srun_env()
-    rank, local_rank, world_size = launch_env("launch with torchrun, or with srun inside a Slurm job "
-                                              "(see multinode.sbatch)")
+def setup(args):
+    """One process per device on every node, ranks from torchrun or srun; every process joins the process group."""
+    ranks_from_slurm()
+    rank, local_rank, world_size = torchrun_env("launch with torchrun, or with srun inside a Slurm job "
+                                                "(see multinode.sbatch)")
     device = pick_device(local_rank)
     init_distributed(args, rank, world_size, device)
-    try:
-        # One line per rank: where each rank landed is the first question when a multi-node job misbehaves.
-        log(rank, f"host {socket.gethostname()} | local rank {local_rank} | device {device}")
-        ranks = Ranks(rank, local_rank, world_size, device, distributed=True)
-        fit(args, ranks, wrap=lambda model: DDP(model))  # gradients averaged over ranks in every backward
-    finally:
-        leave_process_group()
+    # One line per rank: where each rank landed is the first question when a multi-node job misbehaves.
+    log(rank, f"host {socket.gethostname()} | local rank {local_rank} | device {device}")
+    return Ranks(rank, local_rank, world_size, device, distributed=True)  # train() wraps the model in DDP
+
+
+def main():
+    args = parse_args(__doc__)
+    ranks = setup(args)
+    train(args, ranks)
 
 
 if __name__ == "__main__":

@@ -6,14 +6,20 @@
 
 import torch
 
-from common import Ranks, fit, parse_args, run
+from cluster import Ranks, parse_args, run
+from recipe import train
+
+
+def setup(args):
+    """One process, one device (the GPU when there is one), no process group."""
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return Ranks(device=device)  # rank 0 of 1
 
 
 def main():
     args = parse_args(__doc__)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    ranks = Ranks(device=device)  # one process: rank 0 of 1, no process group
-    fit(args, ranks)
+    ranks = setup(args)
+    train(args, ranks)
 
 
 if __name__ == "__main__":

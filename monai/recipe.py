@@ -1,0 +1,248 @@
+"""The lesson of monai/: MONAI's 3-D UNet segments a Medical Segmentation Decathlon task under DDP. Top to bottom:
+the process group, the data (MONAI's transforms, CacheDataset, DistributedSampler), the model, the loop (Trainer: Dice
+loss and score, snapshots) and `train`, which every script calls after its `setup`. Plumbing: cluster.py."""
+
+import os
+import time
+from dataclasses import dataclass
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+from monai.data import CacheDataset
+from monai.inferers import sliding_window_inference
+from monai.losses import DiceLoss
+from monai.metrics import compute_dice
+from monai.networks.nets import UNet
+from monai.transforms import (AsDiscrete, Compose, EnsureChannelFirstd, EnsureTyped, LoadImaged, NormalizeIntensityd,
+                              Orientationd, RandFlipd, RandScaleIntensityd, RandSpatialCropd, Spacingd, SpatialPadd)
+from torch.nn.parallel import DistributedDataParallel as DDP
+from torch.utils.data import DataLoader, Dataset
+from torch.utils.data.distributed import DistributedSampler
+
+from cluster import (SeededAugmentation, check_dataset_fits, find_snapshot, mixed_precision, pick_backend, prepare_data,
+                     read_task, rendezvous, restore_rng, rng_state, save_snapshot, step_timer)
+from toolkit import PREEMPTED_EXIT_CODE, PREEMPTION, atomic_write, ignore_preemption_signals, log
+
+SPACING = (1.5, 1.5, 1.5)  # EDIT: voxel size (mm) every volume is resampled to; 1.5 mm suits abdominal CT
+KEYS = ("image", "label")  # the two volumes of every case, as dataset.json names them
+BEST_MODEL = "best_model.pt"  # the weights of the best validation Dice so far, beside the snapshots
+
+
+def init_distributed(args, rank, world_size, device, store=None):
+    """Join the process group; --timeout bounds the rendezvous and every later collective."""
+    backend = pick_backend(args.backend)
+    with rendezvous(args.timeout, rank, world_size):  # a failed or hanging rendezvous is one line, exit 2
+        dist.init_process_group(backend, store=store, rank=rank if store else -1,
+                                world_size=world_size if store else -1, timeout=timedelta(seconds=args.timeout),
+                                device_id=device if backend == "nccl" else None)
+
+
+def preprocessing():
+    """Deterministic transforms, cached once per case: read, channel first, orientation, spacing, intensity."""
+    return Compose([
+        LoadImaged(KEYS, reader="NibabelReader", image_only=True),
+        EnsureChannelFirstd(KEYS),
+        Orientationd(KEYS, axcodes="RAS", labels=(("L", "R"), ("P", "A"), ("I", "S"))),
+        Spacingd(KEYS, pixdim=SPACING, mode=("bilinear", "nearest")),
+        NormalizeIntensityd("image", nonzero=False, channel_wise=True),
+        EnsureTyped(KEYS, track_meta=False),
+    ])
+
+
+def augmentation(roi):
+    """Random transforms, drawn anew for every sample: pad to the crop size, random crop, flip, intensity."""
+    return Compose([
+        SpatialPadd(KEYS, spatial_size=(roi,) * 3),
+        RandSpatialCropd(KEYS, roi_size=(roi,) * 3, random_size=False),
+        RandFlipd(KEYS, prob=0.5, spatial_axis=0),
+        RandScaleIntensityd("image", factors=0.1, prob=0.5),
+    ])
+
+
+@dataclass
+class Task:
+    train: Dataset  # every training case: preprocessed once (CacheDataset), augmented per sample
+    val_cases: list  # this rank's share of the validation cases (rank, rank + world, ...), preprocessed
+    in_channels: int
+    num_classes: int
+    n_val: int  # validation cases over all ranks
+
+
+def build_dataset(args, ranks):
+    """A Decathlon task folder, cached after MONAI's preprocessing: every rank the whole training set (README: Data)."""
+    train_cases, val_cases, in_channels, num_classes = read_task(prepare_data(args, ranks))
+    check_dataset_fits(train_cases, ranks.world_size, args.batch_size)
+    cached = CacheDataset(train_cases, preprocessing(), cache_rate=args.cache_rate, progress=False)
+    mine = CacheDataset(val_cases[ranks.rank::ranks.world_size], preprocessing(), progress=False)
+    return Task(SeededAugmentation(cached, augmentation(args.roi_size), args.seed), [mine[i] for i in range(len(mine))],
+                in_channels, num_classes, len(val_cases))
+
+
+def build_loader(dataset, args, rank=0, world_size=1):
+    """This rank's shard, reshuffled from (seed, epoch), the tail dropped: 2 ranks x batch B == 1 process x 2B."""
+    sampler = DistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=True, seed=args.seed,
+                                 drop_last=True)
+    return DataLoader(dataset, batch_size=args.batch_size, sampler=sampler, num_workers=args.num_workers,
+                      drop_last=True, pin_memory=torch.cuda.is_available(), worker_init_fn=ignore_preemption_signals)
+
+
+def build_model(task):
+    """MONAI's 3-D UNet: residual units, instance norm (no running statistics), no biases (README: Training)."""
+    return UNet(spatial_dims=3, in_channels=task.in_channels, out_channels=task.num_classes,
+                channels=(8, 16, 32), strides=(2, 2), num_res_units=1, bias=False)
+
+
+class Trainer:
+    """The training loop every script runs; `model` is the bare UNet or its DDP wrapper."""
+
+    def __init__(self, model, loader, task, args, ranks):
+        self.model, self.loader, self.task, self.args, self.ranks = model, loader, task, args, ranks
+        self.net = getattr(model, "module", model)  # the UNet itself: saved, loaded, used for validation
+        self.loss_fn = DiceLoss(to_onehot_y=True, softmax=True)
+        self.optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
+        # Over --epochs even with --max-steps: a run cut short and resumed follows the uninterrupted LR curve.
+        self.scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(self.optimizer, T_max=args.epochs * len(loader))
+        self.autocast, self.scaler = mixed_precision(ranks.device, args.amp)
+        self.epoch = self.step = self.batch_in_epoch = 0
+        self.best_dice, self.preempted = -1.0, False
+        self.timer = step_timer(args.timings_file if ranks.rank == 0 else None, ranks.device)  # --timings-file
+
+    def train(self):
+        args, task, loader = self.args, self.task, self.loader
+        self._resume()
+        self._log(f"world size {self.ranks.world_size} | device {self.ranks.device} | {len(task.train)} training + "
+                  f"{task.n_val} validation cases | batch {args.batch_size}/rank | {len(loader)} steps/epoch")
+        start = time.perf_counter()
+        while self._training_left():
+            epoch_start = time.perf_counter()
+            loss_all, seen_all = self.ranks.sum(self._run_epoch())  # metrics over all ranks, not rank 0's
+            elapsed = time.perf_counter() - epoch_start
+            dice = self._validate()
+            if seen_all:
+                self._log(f"epoch {self.epoch + 1}/{args.epochs} | step {self.step} | loss {loss_all / seen_all:.4f}"
+                          f" | dice {dice:.4f} | {seen_all / elapsed:.0f} samples/s | {elapsed:.1f} s")
+                self._log(f"validation dice {dice:.8f} over {task.n_val} cases")
+            if self.batch_in_epoch == len(loader):  # the epoch ran to its end
+                self.epoch, self.batch_in_epoch = self.epoch + 1, 0
+            finished = not self._training_left()
+            if args.checkpoint_dir and (finished or self.preempted or self.epoch % args.save_every == 0):
+                self._save_snapshot(dice)
+            if self.preempted:
+                saved = "snapshot saved" if args.checkpoint_dir else "no --checkpoint-dir, nothing saved"
+                self._log(f"preempted at step {self.step}: {saved}; exiting with {PREEMPTED_EXIT_CODE} "
+                          f"so the job script requeues")
+                raise SystemExit(PREEMPTED_EXIT_CODE)
+        if self.timer:
+            self.timer.write(world_size=self.ranks.world_size, batch_size=args.batch_size)
+        self._log(f"done: {self.step} steps in {time.perf_counter() - start:.1f} s")
+
+    def _training_left(self):
+        return self.epoch < self.args.epochs and not (self.args.max_steps and self.step >= self.args.max_steps)
+
+    def _run_epoch(self):
+        """One pass over this rank's shard; returns (summed loss, samples)."""
+        loader, skip = self.loader, self.batch_in_epoch
+        loader.sampler.set_epoch(self.epoch)  # forget this and every epoch repeats the same order
+        loader.dataset.set_epoch(self.epoch)  # new random crops every epoch
+        self.batch_in_epoch = 0
+        loss_sum, seen = torch.zeros((), device=self.ranks.device), 0
+        for i, batch in enumerate(loader):
+            if i < skip:  # resuming mid-epoch: these batches were trained on before the snapshot
+                continue
+            loss = self._run_batch(batch["image"], batch["label"])
+            self.step, self.batch_in_epoch = self.step + 1, i + 1
+            if self.timer:
+                self.timer()
+            loss_sum, seen = loss_sum + loss * len(batch["image"]), seen + len(batch["image"])
+            if self.step % self.args.log_every == 0:
+                self._log(f"epoch {self.epoch + 1} | batch {i + 1}/{len(loader)} | step {self.step} | "
+                          f"loss {loss.item():.4f}")
+            if self.args.max_steps and self.step >= self.args.max_steps:
+                break
+            if PREEMPTION.agreed(self.step, self.ranks.max):  # all ranks stop at the same step (all_reduce MAX)
+                self.preempted = True
+                break
+        return [loss_sum.item(), seen]
+
+    def _run_batch(self, image, label):
+        image, label = image.to(self.ranks.device, non_blocking=True), label.to(self.ranks.device, non_blocking=True)
+        with self.autocast():
+            logits = self.model(image)
+        loss = self.loss_fn(logits.float(), label)  # the Dice ratio in fp32: bf16 has 3 significant digits
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()  # under DDP the gradients are averaged across ranks here
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.scheduler.step()
+        return loss.detach()
+
+    def _validate(self):
+        """Mean Dice over all validation cases (whole volumes, background excluded, NaN classes left out, as
+        DiceMetric does): each rank scores its own, the sums are added over ranks (README: Training)."""
+        n = self.task.num_classes
+        to_pred, to_label = AsDiscrete(argmax=True, to_onehot=n), AsDiscrete(to_onehot=n)
+        total, count, device = 0.0, 0.0, self.ranks.device
+        self.net.eval()
+        with torch.no_grad(), self.autocast():
+            for case in self.task.val_cases:
+                logits = sliding_window_inference(case["image"].unsqueeze(0).to(device), (self.args.roi_size,) * 3,
+                                                  sw_batch_size=4, predictor=self.net, overlap=0.25)
+                pred = to_pred(logits[0].float()).unsqueeze(0)
+                label = to_label(case["label"].to(device)).unsqueeze(0)
+                dice = compute_dice(pred, label, include_background=False)  # shape (1, classes - 1)
+                valid = ~torch.isnan(dice)
+                total, count = total + dice[valid].double().sum().item(), count + valid.sum().item()
+        self.net.train()
+        total, count = self.ranks.sum([total, count])
+        return total / count if count else float("nan")
+
+    def _save_snapshot(self, dice):
+        """Rank 0 writes (every rank holds the same weights); the others wait until the files are complete."""
+        ckpt = self.args.checkpoint_dir
+        if self.ranks.rank == 0:
+            if dice > self.best_dice:  # the best model by validation Dice, kept apart from the snapshots
+                best = {"model": self.net.state_dict(), "dice": dice, "step": self.step}
+                atomic_write(os.path.join(ckpt, BEST_MODEL), lambda f: torch.save(best, f))
+                log(0, f"best model so far (dice {dice:.4f}) saved to {os.path.join(ckpt, BEST_MODEL)}")
+            self.best_dice = max(self.best_dice, dice)
+            snap = {"model": self.net.state_dict(), "optimizer": self.optimizer.state_dict(),
+                    "scheduler": self.scheduler.state_dict(), "epoch": self.epoch, "step": self.step,
+                    "batch_in_epoch": self.batch_in_epoch, "world_size": self.ranks.world_size,
+                    "best_dice": self.best_dice, "rng": rng_state()}
+            if self.scaler.is_enabled():
+                snap["scaler"] = self.scaler.state_dict()
+            save_snapshot(ckpt, snap)
+            log(0, f"snapshot saved to {ckpt} (step {self.step})")
+        self.best_dice = self.ranks.from_rank0(self.best_dice)
+        self.ranks.barrier()  # nobody reads or restarts before the files are complete
+
+    def _resume(self):
+        # Rank 0 picks the snapshot for all: ranks can disagree about a file on a shared filesystem (then deadlock).
+        path = self.ranks.from_rank0(find_snapshot(self.args.checkpoint_dir) if self.ranks.rank == 0 else None)
+        if path is None:
+            return
+        snap = torch.load(path, map_location=self.ranks.device, weights_only=True)  # a snapshot is data only
+        self.net.load_state_dict(snap["model"])
+        self.optimizer.load_state_dict(snap["optimizer"])
+        self.scheduler.load_state_dict(snap["scheduler"])
+        if self.scaler.is_enabled() and "scaler" in snap:
+            self.scaler.load_state_dict(snap["scaler"])
+        restore_rng(snap["rng"])
+        self.epoch, self.step, self.batch_in_epoch = snap["epoch"], snap["step"], snap["batch_in_epoch"]
+        self.best_dice = snap["best_dice"]
+        self._log(f"resumed from {path}: epoch {self.epoch + 1}, step {self.step}")
+
+    def _log(self, message):
+        if self.ranks.rank == 0:
+            log(0, message)
+
+
+def train(args, ranks):
+    """Everything after setup, the same for every launch pattern: data, model (DDP when distributed), the loop."""
+    torch.manual_seed(args.seed)  # same seed on every rank: identical initial weights
+    task = build_dataset(args, ranks)
+    loader = build_loader(task.train, args, ranks.rank, ranks.world_size)
+    model = build_model(task).to(ranks.device)
+    model = DDP(model) if ranks.distributed else model  # DDP: gradients averaged over ranks in every backward
+    Trainer(model, loader, task, args, ranks).train()
