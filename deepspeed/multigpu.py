@@ -17,46 +17,31 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from common import (
-    PREEMPTED_EXIT_CODE,
-    PreemptionFlag,
-    RecipeError,
-    explained_rendezvous,
-    import_deepspeed,
-    parse_args,
-    pick_backend,
-    pick_device,
-    positive_int,
-    prepare,
-    run,
-    train,
-)
+from cluster import explained_rendezvous, import_deepspeed, parse_args, pick_backend, pick_device, run
+from recipe import prepare, train
+from toolkit import PREEMPTED_EXIT_CODE, RecipeError, positive_int
 
 
-def setup_distributed(rank, world_size, port, args):
+def setup(rank, world_size, port, args):
+    """A spawned worker joins the others through the store its parent hosts (see main), not a fixed port."""
     device = pick_device(rank)
     import_deepspeed()
     os.environ["LOCAL_RANK"] = str(rank)  # DeepSpeed reads it from the environment
-    # Connect to the store the parent process is hosting (see main) instead of a fixed MASTER_PORT.
     with explained_rendezvous(rank, world_size, args.timeout):
         store = dist.TCPStore("127.0.0.1", port, world_size, is_master=False, timeout=timedelta(seconds=args.timeout))
         dist.init_process_group(pick_backend(args.backend), store=store, rank=rank, world_size=world_size,
                                 timeout=timedelta(seconds=args.timeout))
-    return rank, world_size, device
+    return device
 
 
 def worker(rank, world_size, port, args, inputs):
     """What each spawned process runs; mp.spawn passes the rank as the first argument."""
-    preemption = PreemptionFlag()  # first: a signal that arrives during start-up must not kill the worker
-    run(spawned_main, rank, world_size, port, args, inputs, preemption, rank=rank)
+    run(spawned_main, rank, world_size, port, args, inputs, rank=rank)
 
 
-def spawned_main(rank, world_size, port, args, inputs, preemption):
-    rank, world_size, device = setup_distributed(rank, world_size, port, args)
-    try:
-        train(args, inputs, rank, world_size, device, preemption)
-    finally:
-        dist.destroy_process_group()
+def spawned_main(rank, world_size, port, args, inputs):
+    device = setup(rank, world_size, port, args)
+    train(args, inputs, rank, world_size, device)
 
 
 def add_nprocs(parser):

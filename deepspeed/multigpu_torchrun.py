@@ -7,26 +7,26 @@ Both launchers set RANK, LOCAL_RANK, WORLD_SIZE, MASTER_ADDR and MASTER_PORT for
 also appends --local_rank=N to the arguments; its default port is a fixed 29500, hence --master_port).
 """
 
-
-from common import (
-    init_deepspeed_distributed,
-    launch_env,
-    pick_device,
-    prepare,
-    recipe_main,
-    run,
-)
+from cluster import init_distributed, launch_env, parse_args, pick_device, run
+from recipe import prepare, train
 
 
-def setup_distributed(args):
+def setup(args):
+    """The launcher started this process and set its rank and the rendezvous address in the environment."""
     rank, local_rank, world_size = launch_env(
         "launch with `torchrun --nproc_per_node N multigpu_torchrun.py` or `deepspeed --num_gpus N "
         "multigpu_torchrun.py`")
     device = pick_device(local_rank)
     inputs = prepare(args, world_size, device)
-    init_deepspeed_distributed(args, rank, world_size)
+    init_distributed(args, rank, world_size)
     return rank, world_size, device, inputs
 
 
+def main():
+    args = parse_args(__doc__)
+    rank, world_size, device, inputs = setup(args)
+    train(args, inputs, rank, world_size, device)
+
+
 if __name__ == "__main__":
-    run(recipe_main, setup_distributed, __doc__)
+    run(main)

@@ -16,21 +16,14 @@ on, all ranks save their part of a DeepSpeed checkpoint, and the job exits with 
 import os
 import socket
 
-
-from common import (
-    init_deepspeed_distributed,
-    launch_env,
-    log,
-    pick_device,
-    prepare,
-    recipe_main,
-    run,
-)
+from cluster import init_distributed, launch_env, parse_args, pick_device, run
+from recipe import prepare, train
+from toolkit import log
 
 SLURM_TO_TORCH = {"SLURM_PROCID": "RANK", "SLURM_LOCALID": "LOCAL_RANK", "SLURM_NTASKS": "WORLD_SIZE"}
 
 
-def map_slurm_variables():
+def ranks_from_slurm():
     """Under `srun python` (one task per GPU), Slurm's per-task variables are the ranks. They are read here, in
     each task; expanded in the batch script they would be the batch shell's (rank 0 for every task)."""
     if "RANK" in os.environ or "SLURM_PROCID" not in os.environ:
@@ -40,19 +33,26 @@ def map_slurm_variables():
             os.environ[torch_name] = os.environ[slurm]
 
 
-def setup_distributed(args):
-    map_slurm_variables()
+def setup(args):
+    """srun, torchrun or the deepspeed launcher started this process; its rank comes from their variables."""
+    ranks_from_slurm()
     rank, local_rank, world_size = launch_env(
         "launch with srun inside a Slurm job whose script exports MASTER_ADDR=$(scontrol show hostnames "
         "\"$SLURM_JOB_NODELIST\" | head -n 1) and a MASTER_PORT derived from $SLURM_JOB_ID, or with torchrun")
     device = pick_device(local_rank)
     inputs = prepare(args, world_size, device)
-    init_deepspeed_distributed(args, rank, world_size)
+    init_distributed(args, rank, world_size)
     # One line per rank: where each rank landed is the first question when a multi-node job misbehaves.
     log(rank, f"host {socket.gethostname()} | local rank {local_rank} | device {device} | "
               f"nodes {os.environ.get('SLURM_NNODES', '?')}")
     return rank, world_size, device, inputs
 
 
+def main():
+    args = parse_args(__doc__)
+    rank, world_size, device, inputs = setup(args)
+    train(args, inputs, rank, world_size, device)
+
+
 if __name__ == "__main__":
-    run(recipe_main, setup_distributed, __doc__)
+    run(main)

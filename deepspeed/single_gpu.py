@@ -12,17 +12,12 @@ import os
 
 import torch.distributed as dist
 
-from common import (
-    import_deepspeed,
-    pick_backend,
-    pick_device,
-    prepare,
-    recipe_main,
-    run,
-)
+from cluster import import_deepspeed, parse_args, pick_backend, pick_device, run
+from recipe import prepare, train
 
 
-def setup_distributed(args):
+def setup(args):
+    """One process: a process group of one whose store lives in this process (no launcher, no port)."""
     device = pick_device(0)
     import_deepspeed()
     inputs = prepare(args, 1, device)
@@ -31,5 +26,11 @@ def setup_distributed(args):
     return 0, 1, device, inputs
 
 
+def main():
+    args = parse_args(__doc__)
+    rank, world_size, device, inputs = setup(args)
+    train(args, inputs, rank, world_size, device)
+
+
 if __name__ == "__main__":
-    run(recipe_main, setup_distributed, __doc__)
+    run(main)
