@@ -230,7 +230,7 @@ def physicsnemo():
     # WORKAROUND(torchvision 0.28.0, pytorch/vision#8985): declare its operators where its CUDA build cannot load
     declare_torchvision_operators()
     try:
-        # WORKAROUND(warp-lang 1.19.0, no upstream issue): drop Warp's "no CUDA driver" line, printed on every CPU
+        # WORKAROUND(warp-lang 1.19.0, no upstream issue): drop the "no CUDA driver" line Warp prints on CPU
         with without_warp_driver_warning():
             import physicsnemo as pnm
             from physicsnemo.distributed import DistributedManager  # noqa: F401  (submodules the recipes use)
