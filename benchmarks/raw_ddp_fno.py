@@ -2,7 +2,7 @@
 
     PYTHONPATH=modulus torchrun --standalone --nproc_per_node 2 benchmarks/raw_ddp_fno.py --max-steps 60
 
-Same model (modulus/common.py's build_model: physicsnemo's FNO), same synthetic Darcy data, same optimizer
+Same model (modulus/recipe.py's build_model: physicsnemo's FNO), same synthetic Darcy data, same optimizer
 (Adam) and loss (MSE), the same per-rank batch and DistributedSampler + DataLoader as the recipe. Nothing else:
 no DistributedManager, no LR schedule, no validation, no logging, no checkpoints, no preemption check. Like
 raw_ddp.py it accepts the recipes' command line (unused options are ignored), writes the same --timings-file,
@@ -25,7 +25,8 @@ from torch.nn.parallel import DistributedDataParallel as DDP  # noqa: E402
 from torch.utils.data import DataLoader  # noqa: E402
 from torch.utils.data.distributed import DistributedSampler  # noqa: E402
 
-from common import build_model, darcy, normalize  # noqa: E402  (modulus/common.py, via PYTHONPATH)
+import darcy  # noqa: E402  (modulus/darcy.py and modulus/recipe.py, via PYTHONPATH)
+from recipe import build_model  # noqa: E402
 
 
 def parse_args():
@@ -54,7 +55,7 @@ def main():
     dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
                             device_id=device if device.type == "cuda" else None)
     torch.manual_seed(args.seed)
-    dataset = normalize(*darcy.generate(args.dataset_size, 32, seed=1234))  # as the recipe's --data synthetic
+    dataset = darcy.normalize(*darcy.generate(args.dataset_size, 32, seed=1234))  # as the recipe's --data synthetic
     sampler = DistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=True, seed=args.seed,
                                  drop_last=True)
     loader = DataLoader(dataset, batch_size=args.batch_size, sampler=sampler, drop_last=True)

@@ -10,33 +10,30 @@ node; across nodes use torchrun or srun (multinode.py).
 """
 
 import os
-import signal
-import socket
-import sys
 
 import torch
 import torch.multiprocessing as mp
 
-from common import Preemption, parse_args, positive_int, run, start_distributed
-from multigpu_torchrun import train
+from cluster import free_port, join_workers, parse_args, run
+from recipe import init_distributed, train
+from toolkit import positive_int
 
 
-def train_worker(rank, world_size, args):
-    """One worker: the parent handed over its rank; from here on it is multigpu_torchrun.py's train()."""
-    preemption = Preemption()  # first: a signal that arrives during start-up must not kill the process
+def setup(args, rank, world_size):
+    """A spawned worker: the parent handed over its rank; DistributedManager reads it from the variables torchrun
+    would set."""
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size))
-    manager = start_distributed(args, rank_hint=rank)
-    train(args, manager, preemption, launch="spawned")
+    return init_distributed(args)
+
+
+def spawned(rank, world_size, args):
+    manager = setup(args, rank, world_size)
+    train(args, manager.device, manager.rank, manager.world_size, launch="spawned")
 
 
 def worker(rank, world_size, args):
-    run(train_worker, rank, world_size, args, rank=rank)  # a RecipeError: one line and exit 2, as everywhere
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """What each spawned process runs: a RecipeError is one line and exit 2 there too, a signal a snapshot."""
+    run(spawned, rank, world_size, args, rank=rank)
 
 
 def main():
@@ -48,22 +45,8 @@ def main():
     os.environ.setdefault("MASTER_PORT", str(free_port()))
     context = mp.start_processes(worker, args=(args.nprocs, args), nprocs=args.nprocs, join=False,
                                  start_method="spawn")
-
-    def forward(signum, frame):
-        # Slurm's warning (USR1) or a preemption (TERM) reaches this process: the workers decide when to stop.
-        for p in context.processes:
-            if p.is_alive():
-                os.kill(p.pid, signum)
-
-    for sig in (signal.SIGUSR1, signal.SIGTERM):
-        signal.signal(sig, forward)
-    try:
-        while not context.join():
-            pass
-    except mp.ProcessExitedException as e:
-        # 2 (bad input, the worker printed the line) and 75 (preempted after a snapshot) pass through.
-        sys.exit(e.exit_code if e.exit_code in (2, 75) else 1)
+    join_workers(context)  # forwards SIGUSR1/SIGTERM to the workers; their exit 2 or 75 becomes ours
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

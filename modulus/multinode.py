@@ -15,27 +15,27 @@ script requeues it; the requeued job resumes from the snapshot.
 import os
 import socket
 
-from common import Preemption, RecipeError, log, parse_args, run, start_distributed
-from multigpu_torchrun import train
+from cluster import parse_args, require_launcher, run
+from recipe import init_distributed, train
+from toolkit import log
 
 
-def require_launcher():
-    """torchrun's variables, or an srun task's; a clear error otherwise (DistributedManager would quietly train
-    as one process)."""
-    if not any(n in os.environ for n in ("RANK", "SLURM_PROCID")):
-        raise RecipeError("neither torchrun's RANK nor Slurm's SLURM_PROCID is set: start the script with `srun` "
-                          "inside a Slurm job, or with torchrun")
-
-
-def main():
-    preemption = Preemption()  # first: a signal that arrives during start-up must not kill the process
-    args = parse_args(__doc__)
+def setup(args):
+    """srun started this task (Slurm's variables) or torchrun did (RANK...): DistributedManager reads whichever
+    is there and joins the others (recipe.init_distributed)."""
     require_launcher()
-    manager = start_distributed(args, rank_hint=os.environ.get("RANK", os.environ.get("SLURM_PROCID")))
+    manager = init_distributed(args)
     # One line per rank: where each rank landed is the first question when a multi-node job misbehaves.
     log(manager.rank, f"host {socket.gethostname()} | local rank {manager.local_rank} | device {manager.device} | "
                       f"initialised from {manager._initialization_method}")
-    train(args, manager, preemption, launch=f"{os.environ.get('SLURM_NNODES', '?')} nodes")
+    return manager
+
+
+def main():
+    args = parse_args(__doc__)
+    manager = setup(args)
+    train(args, manager.device, manager.rank, manager.world_size, launch=f"{os.environ.get('SLURM_NNODES', '?')} nodes")
+
 
 if __name__ == "__main__":
     run(main)

@@ -119,8 +119,8 @@ def test_single_process_writes_snapshots_and_a_physicsnemo_model(reference):
     assert torch.load(ckpt / "snapshot.prev.pt", weights_only=True)["step"] == 8
     assert not list(ckpt.glob("*.tmp"))
     # The final model in PhysicsNeMo's own format: physicsnemo.Module.from_checkpoint rebuilds the FNO.
-    code = ("import sys, torch, common\n"
-            "m = common.physicsnemo().Module.from_checkpoint(sys.argv[1])\n"  # physicsnemo, as the recipes import it
+    code = ("import sys, torch, cluster\n"
+            "m = cluster.physicsnemo().Module.from_checkpoint(sys.argv[1])\n"  # physicsnemo, as the recipes import it
             "torch.save(m.state_dict(), sys.argv[2])\n")
     python("-c", code, ckpt / "fno.mdlus", ckpt / "from_mdlus.pt", cwd=MOD)
     assert_same_weights(torch.load(ckpt / "from_mdlus.pt", weights_only=True), snap["model"])
@@ -219,12 +219,12 @@ def test_ranks_read_disjoint_shards(tmp_path):
     code = (
         "import sys, types\n"
         "sys.path.insert(0, sys.argv[1])\n"
-        "import torch, common\n"
+        "import torch, recipe\n"
         "args = types.SimpleNamespace(seed=0, batch_size=4, num_workers=0)\n"
         "ds = torch.utils.data.TensorDataset(torch.arange(50))\n"
         "out = []\n"
         "for rank in (0, 1):\n"
-        "    loader = common.build_loader(ds, args, rank, 2)\n"
+        "    loader = recipe.build_loader(ds, args, rank, 2)\n"
         "    for epoch in (0, 1):\n"
         "        loader.sampler.set_epoch(epoch)\n"
         "        out.append(sorted(int(i) for (b,) in loader for i in b))\n"
@@ -296,6 +296,6 @@ def test_busy_port_is_a_clear_error_not_a_hang():
 
 def test_every_recipe_script_is_exercised():
     """Guard: a new script in modulus/ must get a test here."""
-    scripts = {p.name for p in MOD.glob("*.py")} - {"common.py"}
+    scripts = {p.name for p in MOD.glob("*.py")} - {"recipe.py", "cluster.py", "toolkit.py"}
     text = open(__file__).read()
     assert {s for s in scripts if s not in text} == set()
