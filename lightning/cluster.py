@@ -5,7 +5,9 @@ Map:
     run                      toolkit.run with `explain`: the entry point's wrapper (signals first, one-line errors)
     explain, lost_a_peer     a collective that failed because another rank died: one line and exit 1
     torchrun_layout          (devices, num_nodes) as torchrun started the job, or one line and exit 2
-    join_restarted_attempt   torch 2.13 under torchrun --max-restarts: each attempt meets under its own key prefix
+    init_distributed         the process group, made before Lightning's under --timeout: a failed rendezvous
+                             (a busy MASTER_PORT, missing ranks) is one line and exit 2
+    rendezvous_store         where the ranks meet; torch 2.13 under torchrun --max-restarts: a key prefix per attempt
     check_dataset_fits       the data gives every rank at least one step, or one line and exit 2
     resume_from              the checkpoint with the most progress (stored global_step), never the newest file
     reduce_max               the ranks' agreement on preemption (for toolkit.PREEMPTION.agreed)
@@ -16,6 +18,7 @@ Map:
 """
 
 import argparse
+import atexit
 import functools
 import gc
 import os
@@ -27,7 +30,7 @@ from pathlib import Path
 
 import torch
 from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.plugins.environments import TorchElasticEnvironment
+from lightning.pytorch.plugins.environments import SLURMEnvironment, TorchElasticEnvironment
 
 import toolkit
 from toolkit import (PREEMPTION, OneLineParser, RecipeError, StepTimer, launcher_rank, log, non_negative_int,
@@ -99,22 +102,64 @@ def torchrun_layout() -> tuple[int, int]:
     return per_node, int(os.environ["WORLD_SIZE"]) // per_node
 
 
-def join_restarted_attempt(args: argparse.Namespace) -> None:
-    """Under `torchrun --max-restarts` on one node: create the process group before Lightning does, in the agent's
-    store under a key prefix of this attempt's own; Lightning then uses it as it is (it skips its own
-    init_process_group when one exists). Across nodes the stock path stays and Slurm requeues (README.md,
-    Troubleshooting)."""
-    if (os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True" or os.environ.get("GROUP_WORLD_SIZE") != "1"
-            or "TORCHELASTIC_RESTART_COUNT" not in os.environ):
-        return
-    rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-    timeout = timedelta(seconds=args.timeout)
-    store = torch.distributed.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world_size,
-                                       is_master=False, timeout=timeout)
-    # WORKAROUND(torch 2.13, pytorch/pytorch#167288): a restarted attempt must not read the dead workers' keys
-    store = torch.distributed.PrefixStore(f"attempt-{os.environ['TORCHELASTIC_RESTART_COUNT']}", store)
+def init_distributed(args: argparse.Namespace) -> None:
+    """Under srun (multinode.py) or torchrun (multigpu_torchrun.py): create the process group before Lightning does,
+    under a deadline of --timeout; Lightning then uses it as it is (its _init_dist_connection skips
+    init_process_group when a group exists). Called before pl.Trainer(...): a failed rendezvous is the only line.
+
+    Lightning's own init_process_group waits in C++ where no timeout reaches: with MASTER_PORT held by a program
+    that listens but never answers, rank 0 died with a traceback (EADDRINUSE) and the other ranks waited forever
+    in TCPStore's connect (README.md, Troubleshooting). Here each way a rendezvous fails is one line and exit 2.
+    Ranks, world size, MASTER_ADDR/MASTER_PORT come from the ClusterEnvironment Lightning uses for these launches
+    (TorchElasticEnvironment when torchrun started the process, as Lightning checks it first; else multinode.py's
+    SLURMEnvironment, which derives the address and port from the job when they are unset); the backend is
+    Lightning's choice too (nccl with CUDA, else gloo) unless --backend says otherwise."""
+    if TorchElasticEnvironment.detect():
+        environment = TorchElasticEnvironment()
+    elif "SLURM_NTASKS" in os.environ:
+        environment = SLURMEnvironment(auto_requeue=False)
+    else:
+        return  # no launcher: nothing to join
+    rank, world_size = environment.global_rank(), environment.world_size()
+    addr, port = environment.main_address, environment.main_port  # as Lightning reads (and exports) them
     backend = args.backend if args.backend != "auto" else "nccl" if torch.cuda.is_available() else "gloo"
-    torch.distributed.init_process_group(backend, store=store, rank=rank, world_size=world_size, timeout=timeout)
+    timeout = timedelta(seconds=args.timeout)
+    what = (f"rendezvous at {addr}:{port} (are all {world_size} ranks started, MASTER_ADDR reachable from every "
+            f"node, MASTER_PORT used by nothing else?)")
+    try:
+        with toolkit.deadline(args.timeout, rank, what):  # a connect to a port that never answers: no timeout
+            store = rendezvous_store(addr, port, rank, world_size, timeout)
+            device = torch.device("cuda", environment.local_rank()) if backend == "nccl" else None
+            if device is not None:
+                torch.cuda.set_device(device)  # Lightning's root device (it sets it again)
+            torch.distributed.init_process_group(backend, store=store, rank=rank, world_size=world_size,
+                                                 timeout=timeout, device_id=device)
+    except (torch.distributed.DistNetworkError, torch.distributed.DistStoreError) as e:
+        hint = ("another process already listens on that port: choose another MASTER_PORT"
+                if "EADDRINUSE" in str(e) or "address already in use" in str(e).lower()
+                else f"not all {world_size} ranks reached it within --timeout {args.timeout} s")
+        raise RecipeError(f"rendezvous at {addr}:{port} failed: {hint} ({str(e).splitlines()[0][:200]})") from None
+    if backend == "nccl":  # as Lightning does for a group it creates (torch warns about one left undestroyed)
+        atexit.register(lambda: torch.distributed.is_initialized() and torch.distributed.destroy_process_group())
+
+
+def rendezvous_store(addr: str, port: int, rank: int, world_size: int, timeout: timedelta):
+    """The store torch's env:// rendezvous would make: under torchrun the agent hosts it and every worker is a
+    client; under srun rank 0 hosts it.
+
+    Under `torchrun --max-restarts` on one node each attempt meets under a key prefix of its own: the agent's store
+    still holds the keys the failed attempt wrote, and a restarted worker could read a dead worker's address from
+    them (torch 2.13: "Gloo connectFullMesh failed ... Connection refused"). Across nodes the agents count restarts
+    differently (only the one whose worker failed counts it): no prefix there, Slurm requeues (README.md,
+    Troubleshooting)."""
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return torch.distributed.TCPStore(addr, port, world_size, is_master=rank == 0, timeout=timeout,
+                                          multi_tenant=True)
+    store = torch.distributed.TCPStore(addr, port, world_size, is_master=False, timeout=timeout)
+    if os.environ.get("GROUP_WORLD_SIZE") != "1" or "TORCHELASTIC_RESTART_COUNT" not in os.environ:
+        return store
+    # WORKAROUND(torch 2.13, pytorch/pytorch#167288): a restarted attempt must not read the dead workers' keys
+    return torch.distributed.PrefixStore(f"attempt-{os.environ['TORCHELASTIC_RESTART_COUNT']}", store)
 
 
 def check_dataset_fits(dataset, world_size: int, batch_size: int) -> None:

@@ -9,14 +9,15 @@ START_TIME = time.time()  # before the heavy imports: the benchmarks count them 
 
 import lightning.pytorch as pl  # noqa: E402
 
-from cluster import join_restarted_attempt, parse_args, run, torchrun_layout  # noqa: E402
+from cluster import init_distributed, parse_args, run, torchrun_layout  # noqa: E402
 from recipe import ddp, train, trainer_options  # noqa: E402
 
 
 def setup(args):
-    """torchrun started this process: Lightning takes the ranks from torchrun's variables and joins the others."""
+    """torchrun started this process: it joins the others under --timeout (cluster.init_distributed), with the
+    ranks Lightning takes from torchrun's variables; Lightning uses that process group."""
     devices, num_nodes = torchrun_layout()
-    join_restarted_attempt(args)  # torchrun --max-restarts: see cluster.py
+    init_distributed(args)  # a busy MASTER_PORT or missing ranks: one line, exit 2 (and torchrun restarts)
     return pl.Trainer(
         accelerator="auto",  # CUDA -> nccl, else CPU -> gloo
         devices=devices,

@@ -18,7 +18,7 @@ import os  # noqa: E402
 import lightning.pytorch as pl  # noqa: E402
 from lightning.pytorch.plugins.environments import SLURMEnvironment  # noqa: E402
 
-from cluster import parse_args, run  # noqa: E402
+from cluster import init_distributed, parse_args, run  # noqa: E402
 from recipe import ddp, train, trainer_options  # noqa: E402
 from toolkit import RecipeError, positive_int  # noqa: E402
 
@@ -58,8 +58,10 @@ def slurm_layout(args) -> tuple[int, int]:
 
 
 def setup(args):
-    """srun started this process, one task per device: Lightning's SLURMEnvironment takes the ranks from Slurm."""
+    """srun started this process, one task per device: it joins the others under --timeout
+    (cluster.init_distributed), with the ranks Lightning's SLURMEnvironment takes from Slurm."""
     devices, num_nodes = slurm_layout(args)
+    init_distributed(args)  # a busy MASTER_PORT or missing ranks: one line and exit 2, not a hang
     return pl.Trainer(
         accelerator="auto",  # CUDA -> nccl, else CPU -> gloo
         devices=devices,

@@ -170,7 +170,7 @@ def test_torchrun_max_restarts_resumes_from_the_last_checkpoint(tmp_path):
     """A worker killed (kill -9) after the first epoch's checkpoint, and again right after the restart resumed:
     torchrun --max-restarts restarts both workers twice, they resume and end with the uninterrupted run's
     weights. (Before: the restarted workers failed in gloo's connectFullMesh -- torch 2.13's agent store still
-    held the dead workers' addresses -- until the restarts were used up; cluster.join_restarted_attempt gives each
+    held the dead workers' addresses -- until the restarts were used up; cluster.rendezvous_store gives each
     attempt its own key prefix.)"""
     args = ["--epochs", "3", "--dataset-size", "1024", "--batch-size", "32", "--log-every", "1000",
             "--timeout", "60"]
