@@ -133,7 +133,7 @@ RECIPES = {r.folder: r for r in [
     Recipe("monai", ("--epochs", "2", "--dataset-size", "8", "--roi-size", "16", "--log-every", "1"),
            teardown_check=True, **SNAPSHOT_PT, preemption=Preemption(
                # 12 training cases, 2 ranks x batch 1: 6 steps per epoch; the signal as soon as rank 0 is up
-               ("--epochs", "2", "--dataset-size", "8", "--roi-size", "16", "--log-every", "1", "--batch-size", "1"),
+               ("--epochs", "2", "--dataset-size", "12", "--roi-size", "16", "--log-every", "1", "--batch-size", "1"),
                12, 6, when=r"^\[rank0\] host", first_stop=1)),
     Recipe("modulus", ("--epochs", "2", "--dataset-size", "128", "--log-every", "1"), teardown_check=True,
            **SNAPSHOT_PT, preemption=Preemption(

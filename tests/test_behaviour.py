@@ -64,6 +64,7 @@ def uninterrupted(tmp_path_factory):
 
 
 @pytest.mark.parametrize("folder, sig, extra", PREEMPTED)
+@pytest.mark.timeout(600)  # a folder's first signal also runs the shared uninterrupted run: 3 trainings
 def test_preempted_srun_tasks_save_once_exit_75_and_resume_exactly(folder, sig, extra, uninterrupted, tmp_path):
     """Slurm's preemption (CONTRACT.md C7): SIGUSR1 (its warning) or SIGTERM (time limit, scancel, preemption) to
     every process of the step -- each task's process group, DataLoader workers included -- once rank 0 is training.
