@@ -105,3 +105,12 @@ def test_preempted_srun_tasks_save_once_exit_75_and_resume_exactly(folder, sig, 
     assert re.search(rf"^\[rank0\] {resumed}", outs[0], re.M), outs[0]
     assert recipe.step_of(ckpt) == spec.steps
     assert_same_weights(recipe.weights(ckpt), recipe.weights(straight), **spec.tol)
+
+
+def test_every_row_says_why_it_skips_a_behavioural_test():
+    """A folder's row leaves out the srun launch or the preemption run only with the reason (and the test that
+    covers it instead): a new folder cannot drop out of these tests silently."""
+    for folder, recipe in RECIPES.items():
+        assert recipe.no_srun or (recipe.weights and recipe.step_of), f"{folder}: no checkpoint readers"
+        assert recipe.preemption or recipe.no_preemption, f"{folder}: no preemption run and no reason"
+        assert not (recipe.preemption and (recipe.no_preemption or recipe.no_srun)), folder
