@@ -157,6 +157,7 @@ RECIPES = {r.folder: r for r in [
                     JAX_COMPILATION_CACHE_DIR=Path(tempfile.gettempdir()) / "jax-recipes-test-compilation-cache",
                     JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS=0),
            weights=_jax_weights, step_of=lambda d: _jax_npz(d)[1]["step"],
+           busy_port="test_jax.py's test_coordinator_port_in_use (JAX_* launch); this row passes it too (~17 s of CI)",
            no_preemption="test_jax.py's test_preempted_run_saves_exits_75_and_resumes_exactly (SIGTERM to "
                          "multigpu.py, which forwards it; multinode.py resumes) stays"),
     Recipe("ray", no_srun="one driver starts every worker itself (ray.train): covered by test_ray.py",
