@@ -2,34 +2,112 @@
 the per-folder tests start. A new folder adds a row to RECIPES and gets those tests with no other edit.
 
     RECIPES[folder].srun(args, n, port)     n processes started as `srun python multinode.py` starts them
+    RECIPES[folder].weights(ckpt_dir)       the trained weights a run left there, {name: tensor}
+    RECIPES[folder].step_of(ckpt_dir)       the step its newest checkpoint was saved at
+    RECIPES[folder].preemption              a run long enough to be signalled mid-training, and what it must say
     wait_all(procs, timeout)                 their exit codes and outputs, or a test failure naming the hang
 """
 
+import json
+import signal
 import subprocess
+import tempfile
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
+from collections.abc import Callable
 
 import pytest
 from helpers import ROOT, clean_env, env_python, with_teardown_check
+
+
+# ------------------------------------------------------------------------------------------ checkpoint readers
+# Each runs in the tests' environment (torch, numpy): checkpoint dir -> {name: tensor}, or the step it was saved at.
+
+
+def _torch_load(path, **kw):
+    import torch  # only the tests that read checkpoints need torch
+
+    return torch.load(path, map_location="cpu", **{"weights_only": True, **kw})
+
+
+def _snapshot_pt(ckpt_dir):  # pytorch, monai, modulus: snapshot.pt
+    return _torch_load(Path(ckpt_dir) / "snapshot.pt")
+
+
+def _last_ckpt(ckpt_dir):  # lightning: last.ckpt
+    return _torch_load(Path(ckpt_dir) / "last.ckpt")
+
+
+def _nemo_last(ckpt_dir):  # nemo: exp_manager's checkpoints/*-last.ckpt (read as test_nemo.py reads it)
+    from test_nemo import last_checkpoint
+
+    return last_checkpoint(Path(ckpt_dir))
+
+
+def _deepspeed_tag(ckpt_dir):  # deepspeed: the newest complete step-* tag
+    done = sorted(Path(ckpt_dir).glob("step-*/complete.json"))
+    assert done, f"no complete checkpoint in {ckpt_dir}: {sorted(p.name for p in Path(ckpt_dir).iterdir())}"
+    return done[-1].parent
+
+
+def _jax_npz(ckpt_dir):  # jax: snapshot.npz, leaf0.. and a JSON "meta" (jax/ has no torch: numpy arrays)
+    import numpy as np
+
+    with np.load(Path(ckpt_dir) / "snapshot.npz") as z:
+        leaves = {k: z[k] for k in z.files if k.startswith("leaf")}
+        return leaves, json.loads(bytes(z["meta"]).decode())
+
+
+def _jax_weights(ckpt_dir):
+    import torch
+
+    return {k: torch.from_numpy(v) for k, v in _jax_npz(ckpt_dir)[0].items()}
+
+
+# ------------------------------------------------------------------------------------------ the table
+
+
+@dataclass(frozen=True)
+class Preemption:
+    """A preempted srun-style run (test_behaviour.py): `args` train long enough for rank 0's progress lines to pass
+    `when` (a regex) well before the end; then every task's process group gets each of `signals` in turn."""
+    args: tuple  # with --checkpoint-dir and --data-dir added by the test
+    steps: int  # the steps of the whole run
+    steps_per_epoch: int  # the stop must fall mid-epoch: the resume must skip the batches already trained
+    when: str = r"\| step 20 \|"  # rank 0's line after which the signal is sent
+    first_stop: int = 20  # the earliest step the ranks may stop at (the one `when` logs, or 1)
+    signals: tuple = (("usr1", signal.SIGUSR1, ()),)  # (id, signal, extra arguments of the signalled run)
+    tol: dict = field(default_factory=dict)  # weights vs the uninterrupted run: bit-exact unless given
+    resumed: str = r"resumed from {ckpt}/snapshot\.pt: epoch 1, step {step}$"  # rank 0's line, regex
+    expect: tuple = ()  # more lines (substrings) rank 0 must print in the signalled run
 
 
 @dataclass(frozen=True)
 class Recipe:
     folder: str
     small: tuple = ()  # a few seconds of training
-    env: dict = field(default_factory=dict)  # what this folder's tests set besides Slurm's variables
+    env: dict = field(default_factory=dict)  # what this folder's tests set besides Slurm's variables ("{n}", "{port}")
     teardown_check: bool = False  # the folder's processes report their DDP models at destroy_process_group
+    no_srun: str = ""  # why this folder has no per-rank `srun python multinode.py` launch (then srun() is unusable)
+    busy_port: str = ""  # why the busy-port test does not apply, if it does not
+    weights: Callable | None = None  # checkpoint dir -> {name: tensor}
+    step_of: Callable | None = None  # checkpoint dir -> the step of its newest checkpoint
+    preemption: Preemption | None = None
+    no_preemption: str = ""  # why preemption is None: where this folder's preemption is tested instead
 
     def srun(self, args=(), n=2, port=0, *, extra_env=None, drop=(), cwd=None, stderr_apart=False):
         """Start n processes as `srun python multinode.py` does: one task each, Slurm's variables only (no RANK),
         MASTER_ADDR/MASTER_PORT from the job script."""
+        assert not self.no_srun, f"{self.folder}: {self.no_srun}"
         procs = []
+        own = {k: v.format(n=n, port=port) if isinstance(v, str) else v for k, v in self.env.items()}
         for rank in range(n):
             variables = dict(SLURM_PROCID=rank, SLURM_LOCALID=rank, SLURM_NTASKS=n, SLURM_NPROCS=n, SLURM_NNODES=1,
                              SLURM_NTASKS_PER_NODE=n, SLURM_NODEID=0, SLURM_STEP_ID=0, SLURM_NODELIST="localhost",
                              SLURM_JOB_ID=4242, SLURM_JOB_NAME=f"{self.folder}-test",
-                             SLURM_LAUNCH_NODE_IPADDR="127.0.0.1", MASTER_ADDR="127.0.0.1", MASTER_PORT=port,
-                             **self.env, **(extra_env or {}))
+                             SLURM_LAUNCH_NODE_IPADDR="127.0.0.1", MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
+            variables.update(own, **(extra_env or {}))
             env = clean_env(**{k: v for k, v in variables.items() if k not in drop})
             env = with_teardown_check(env) if self.teardown_check else env
             procs.append(subprocess.Popen(
@@ -39,15 +117,53 @@ class Recipe:
         return procs
 
 
+SNAPSHOT_PT = dict(weights=lambda d: _snapshot_pt(d)["model"], step_of=lambda d: _snapshot_pt(d)["step"])
+WORKERS = ("--num-workers", "2")
+
 RECIPES = {r.folder: r for r in [
-    Recipe("pytorch", ("--epochs", "2", "--dataset-size", "512", "--log-every", "1000"), teardown_check=True),
-    Recipe("lightning", ("--epochs", "2", "--dataset-size", "512", "--log-every", "1000")),
+    Recipe("pytorch", ("--epochs", "2", "--dataset-size", "512", "--log-every", "1000"), teardown_check=True,
+           **SNAPSHOT_PT, preemption=Preemption(
+               # 2 ranks x batch 16: 128 steps per epoch
+               ("--epochs", "2", "--dataset-size", "4096", "--batch-size", "16", "--log-every", "10"), 256, 128,
+               signals=(("usr1", signal.SIGUSR1, ()), ("term-2-workers", signal.SIGTERM, WORKERS)))),
+    Recipe("lightning", ("--epochs", "2", "--dataset-size", "512", "--log-every", "1000"),
+           weights=lambda d: _last_ckpt(d)["state_dict"], step_of=lambda d: _last_ckpt(d)["global_step"],
+           no_preemption="test_lightning.py's test_preempted_mid_epoch_resumes_after_the_batches_it_trained "
+                         "(single_gpu.py, USR1 and TERM, Preemption.CHECK_EVERY's step 10) stays"),
     Recipe("monai", ("--epochs", "2", "--dataset-size", "8", "--roi-size", "16", "--log-every", "1"),
-           teardown_check=True),
-    Recipe("modulus", ("--epochs", "2", "--dataset-size", "128", "--log-every", "1"), teardown_check=True),
-    Recipe("deepspeed", ("--epochs", "2", "--dataset-size", "512", "--log-every", "1000")),
-    Recipe("nemo", ("--epochs", "2", "--dataset-size", "512", "--log-every", "1000")),
+           teardown_check=True, **SNAPSHOT_PT,
+           no_preemption="test_monai.py's test_preempted_srun_ranks_save_exit_75_and_resume_exactly stays: it ends "
+                         "bit-exact with the file's torchrun run (srun == torchrun), which this table cannot reuse"),
+    Recipe("modulus", ("--epochs", "2", "--dataset-size", "128", "--log-every", "1"), teardown_check=True,
+           **SNAPSHOT_PT,
+           no_preemption="test_modulus.py's test_srun_tasks_preempted_save_exit_75_and_resume stays: it ends within "
+                         "TOL of the file's single-process run (srun == 1 process), which this table cannot reuse"),
+    Recipe("deepspeed", ("--epochs", "2", "--dataset-size", "512", "--log-every", "1000"),
+           weights=lambda d: _torch_load(_deepspeed_tag(d) / "mp_rank_00_model_states.pt",
+                                         weights_only=False)["module"],
+           step_of=lambda d: json.loads((_deepspeed_tag(d) / "complete.json").read_text())["step"],
+           preemption=Preemption(
+               # ZeRO-2, 2 ranks x batch 16: 128 steps; every rank saves its shard in a step-* tag
+               ("--epochs", "1", "--dataset-size", "4096", "--batch-size", "16", "--log-every", "10",
+                "--num-workers", "1", "--ds-config", ROOT / "deepspeed" / "configs" / "zero2.json"), 128, 128,
+               resumed=r"resumed from {ckpt}/step-{step:08d}: epoch 1, step {step}$")),
+    Recipe("nemo", ("--epochs", "2", "--dataset-size", "512", "--log-every", "1000"),
+           weights=lambda d: _nemo_last(d)["state_dict"], step_of=lambda d: _nemo_last(d)["global_step"],
+           no_preemption="test_nemo.py's test_preemption_checkpoints_exits_75_and_the_rerun_resumes "
+                         "(single_gpu.py, exp_manager's *-last.ckpt) stays"),
+    Recipe("jax", ("--epochs", "2", "--dataset-size", "512", "--log-every", "1000"),
+           # JAX's own Slurm detection: the step's node list and tasks per node; the coordinator's port
+           env=dict(SLURM_STEP_NODELIST="127.0.0.1", SLURM_STEP_TASKS_PER_NODE="{n}", JAX_COORDINATOR_PORT="{port}",
+                    JAX_COMPILATION_CACHE_DIR=Path(tempfile.gettempdir()) / "jax-recipes-test-compilation-cache",
+                    JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS=0),
+           weights=_jax_weights, step_of=lambda d: _jax_npz(d)[1]["step"],
+           busy_port="test_jax.py's test_coordinator_port_in_use (JAX_* launch); this row passes it too (~17 s of CI)",
+           no_preemption="test_jax.py's test_preempted_run_saves_exits_75_and_resumes_exactly (SIGTERM to "
+                         "multigpu.py, which forwards it; multinode.py resumes) stays"),
+    Recipe("ray", no_srun="one driver starts every worker itself (ray.train): covered by test_ray.py",
+           no_preemption="test_ray.py"),
 ]}
+SRUN = sorted(f for f, r in RECIPES.items() if not r.no_srun)
 
 
 def wait_all(procs, timeout=180):

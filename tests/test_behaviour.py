@@ -2,19 +2,21 @@
 adds its row there gets these tests free.
 """
 
+import os
 import re
 import socket
 import time
 
 import pytest
-from recipes import RECIPES, wait_all
+from helpers import assert_same_weights, free_port, teardown_checked
+from recipes import RECIPES, SRUN, wait_all
 
 pytestmark = [pytest.mark.contract, pytest.mark.timeout(300)]
 
 ERROR_LINE = re.compile(r"^(\[rank\d+\] )?error: ")
 
 
-@pytest.mark.parametrize("folder", sorted(RECIPES))
+@pytest.mark.parametrize("folder", [f for f in SRUN if not RECIPES[f].busy_port])
 def test_busy_master_port_is_one_line_and_exit_2_not_a_hang(folder, tmp_path):
     """MASTER_PORT held by another program: rank 0 cannot host the rendezvous there. It must say so in one line and
     exit 2 within --timeout + 30 s (CONTRACT.md C4), and rank 1 must not wait forever either."""
@@ -33,3 +35,82 @@ def test_busy_master_port_is_one_line_and_exit_2_not_a_hang(folder, tmp_path):
     assert ("another process already listens on that port" in errors[0]
             or f"did not finish within {timeout} s" in errors[0]), errors[0]
     assert seconds < timeout + 30 + 60, f"{seconds:.0f} s"  # + 60: interpreters importing a framework on a busy CI core
+
+
+# ------------------------------------------------------------------------------------------ preemption (C7)
+
+
+PREEMPTED = [pytest.param(folder, sig, extra, id=f"{folder}-{name}")
+             for folder in sorted(f for f in SRUN if RECIPES[f].preemption)
+             for name, sig, extra in RECIPES[folder].preemption.signals]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    """folder -> (checkpoint dir, data dir) of one uninterrupted srun-style run of its preemption arguments, shared
+    by every signal the folder is tested with (the data dir too: a folder that writes its data writes it once)."""
+    runs = {}
+
+    def run(folder):
+        if folder not in runs:
+            recipe, base = RECIPES[folder], tmp_path_factory.mktemp(f"{folder}-uninterrupted")
+            args = [*recipe.preemption.args, "--checkpoint-dir", base / "ckpt", "--data-dir", base / "data"]
+            codes, outs = wait_all(recipe.srun(args, 2, free_port()), timeout=240)
+            assert codes == [0, 0], "\n".join(outs)
+            assert recipe.step_of(base / "ckpt") == recipe.preemption.steps, "\n".join(outs)
+            runs[folder] = base / "ckpt", base / "data"
+        return runs[folder]
+    return run
+
+
+@pytest.mark.parametrize("folder, sig, extra", PREEMPTED)
+@pytest.mark.timeout(600)  # a folder's first signal also runs the shared uninterrupted run: 3 trainings
+def test_preempted_srun_tasks_save_once_exit_75_and_resume_exactly(folder, sig, extra, uninterrupted, tmp_path):
+    """Slurm's preemption (CONTRACT.md C7): SIGUSR1 (its warning) or SIGTERM (time limit, scancel, preemption) to
+    every process of the step -- each task's process group, DataLoader workers included -- once rank 0 is training.
+    Every rank finishes the step it is in, they agree on the step to stop at (mid-epoch), one snapshot holds it,
+    every rank exits 75 with no traceback; the rerun resumes there and ends with the uninterrupted run's weights."""
+    recipe, spec = RECIPES[folder], RECIPES[folder].preemption
+    straight, data = uninterrupted(folder)
+    ckpt = tmp_path / "ckpt"
+    args = [*spec.args, *extra, "--checkpoint-dir", ckpt, "--data-dir", data]
+    procs = recipe.srun(args, 2, free_port())
+    head = []
+    for line in procs[0].stdout:  # rank 0 is under way: every rank's handlers are installed
+        head.append(line)
+        if re.search(spec.when, line):
+            break
+    for p in procs:
+        os.killpg(p.pid, sig)  # the task and every process it started, as Slurm signals a step
+    codes, outs = wait_all(procs, timeout=240)
+    outs[0] = "".join(head) + outs[0]
+    everything = "\n".join(outs)
+    assert codes == [75, 75], everything
+    assert "Traceback" not in everything and "DataLoader worker" not in everything, everything
+    if recipe.teardown_check:  # the way out with SystemExit(75) in flight frees the model before the process group
+        assert all(teardown_checked(out, ranks=1) for out in outs), everything
+    for rank, out in enumerate(outs):
+        assert f"[rank{rank}] host" in out, out  # each rank's identity came from SLURM_PROCID
+    for line in spec.expect:
+        assert line in outs[0], outs[0]
+    stops = re.findall(r"^\[rank0\] preempted at step (\d+): snapshot saved", outs[0], re.M)
+    assert len(stops) == 1, outs[0]
+    stopped_at = int(stops[0])
+    assert spec.first_stop <= stopped_at < spec.steps and stopped_at % spec.steps_per_epoch, outs[0]  # mid-epoch
+    assert recipe.step_of(ckpt) == stopped_at
+
+    codes, outs = wait_all(recipe.srun(args, 2, free_port()), timeout=240)
+    assert codes == [0, 0], "\n".join(outs)
+    resumed = spec.resumed.format(ckpt=re.escape(str(ckpt)), step=stopped_at)
+    assert re.search(rf"^\[rank0\] {resumed}", outs[0], re.M), outs[0]
+    assert recipe.step_of(ckpt) == spec.steps
+    assert_same_weights(recipe.weights(ckpt), recipe.weights(straight), **spec.tol)
+
+
+def test_every_row_says_why_it_skips_a_behavioural_test():
+    """A folder's row leaves out the srun launch or the preemption run only with the reason (and the test that
+    covers it instead): a new folder cannot drop out of these tests silently."""
+    for folder, recipe in RECIPES.items():
+        assert recipe.no_srun or (recipe.weights and recipe.step_of), f"{folder}: no checkpoint readers"
+        assert recipe.preemption or recipe.no_preemption, f"{folder}: no preemption run and no reason"
+        assert not (recipe.preemption and (recipe.no_preemption or recipe.no_srun)), folder

@@ -160,36 +160,6 @@ def test_srun_style_bf16_with_gradient_accumulation(tmp_path):
 # ------------------------------------------------------------------------------------------ resume, preemption
 
 
-def test_preempted_run_saves_exits_75_and_resumes_exactly(tmp_path):
-    """SIGUSR1 (Slurm's warning signal) mid-training, ZeRO-2: every rank stops at the same step, every rank saves
-    its shard, exit 75; the rerun resumes and ends with the weights of an uninterrupted run, bit for bit."""
-    args = ["--epochs", "1", "--dataset-size", "4096", "--batch-size", "16", "--log-every", "10",
-            "--num-workers", "1", *config("zero2")]
-    straight = tmp_path / "straight"
-    codes, outs = wait_all(srun_style([*args, "--checkpoint-dir", straight], 2, free_port()))
-    assert codes == [0, 0], "\n".join(outs)
-
-    interrupted = tmp_path / "interrupted"
-    procs = srun_style([*args, "--checkpoint-dir", interrupted], 2, free_port())
-    head = []
-    for line in procs[0].stdout:  # wait until training is under way
-        head.append(line)
-        if "| step 20 |" in line:
-            break
-    for p in procs:  # Slurm signals every process of the step, DataLoader workers included
-        subprocess.run(["pkill", "-USR1", "-s", str(p.pid)], check=False)
-    codes, outs = wait_all(procs)
-    outs[0] = "".join(head) + outs[0]
-    assert codes == [75, 75], "\n".join(outs)
-    stopped_at = int(re.search(r"preempted at step (\d+)", outs[0]).group(1))
-    assert 20 <= stopped_at < 128 and progress(interrupted)["step"] == stopped_at
-
-    codes, outs = wait_all(srun_style([*args, "--checkpoint-dir", interrupted], 2, free_port()))
-    assert codes == [0, 0], "\n".join(outs)
-    assert f"resumed from {interrupted / f'step-{stopped_at:08d}'}: epoch 1, step {stopped_at}" in outs[0]
-    assert_same_weights(weights(interrupted), weights(straight))
-
-
 def test_damaged_newest_checkpoint_falls_back_then_fails_clearly(tmp_path):
     python(DS / "single_gpu.py", *SMALL, *config("zero1"), "--batch-size", "32", "--checkpoint-dir", tmp_path)
     newest = tmp_path / "step-00000032" / "mp_rank_00_model_states.pt"
