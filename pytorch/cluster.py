@@ -37,12 +37,13 @@ import traceback
 import uuid
 from datetime import timedelta
 
-import toolkit
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from toolkit import OneLineParser, RecipeError, StepTimer, deadline, non_negative_int, positive_float, positive_int
 from torch.nn.parallel import DistributedDataParallel as DDP
+
+import toolkit
+from toolkit import OneLineParser, RecipeError, StepTimer, deadline, non_negative_int, positive_float, positive_int
 
 # ---------------------------------------------------------------------------------------------- the command line
 
