@@ -56,7 +56,7 @@ def main():
                        "batch_size": args.batch_size}, f)
     # The DDP model first, then the group: freed after destroy_process_group(), DDP's Reducer would drop the
     # group's last reference with the GIL held, and gloo's destructor can deadlock at exit (see
-    # pytorch/common.py, leave_process_group).
+    # pytorch/cluster.py, leave_process_group, and pytorch/README.md, Troubleshooting).
     del model, optimizer
     gc.collect()
     dist.destroy_process_group()
