@@ -177,7 +177,7 @@ def rendezvous_store(rank, world_size, timeout):
 
 
 @functools.cache
-def rank0_wait_group(io_timeout):
+def _rank0_wait_group(io_timeout):
     return dist.new_group(backend="gloo", timeout=timedelta(seconds=io_timeout))
 
 
@@ -188,7 +188,7 @@ def wait_for_rank0(io_timeout):
     made on first use (every rank gets here at the same points), waits up to --io-timeout."""
     if not dist.is_initialized() or dist.get_world_size() == 1:
         return
-    dist.barrier(group=rank0_wait_group(io_timeout))
+    dist.barrier(group=_rank0_wait_group(io_timeout))
 
 
 # ---------------------------------------------------------------------------------------------- shared directories
@@ -227,7 +227,7 @@ def check_shared_directory(path, rank):
 # ---------------------------------------------------------------------------------------------- data
 
 
-def load_torchvision(name, root, download):
+def _load_torchvision(name, root, download):
     """MNIST or CIFAR-10 training split through torchvision, in its standard on-disk format."""
     import torchvision  # imported here: synthetic runs do not need torchvision at all
     from torchvision import transforms
@@ -251,12 +251,12 @@ def torchvision_dataset(args, rank=0):
     see rank 0's directory (a node-local disk: /tmp, a local scratch, a per-node copy staged by the job); everybody
     else waits (up to --io-timeout), then reads. torchvision skips the download where the files are already there."""
     if not dist.is_initialized():
-        return load_torchvision(args.data, args.data_dir, download=True)
+        return _load_torchvision(args.data, args.data_dir, download=True)
     shared = who_sees(args.data_dir, rank)[rank][0]
     if rank == 0 or (int(os.environ.get("LOCAL_RANK", "0")) == 0 and not shared):
-        load_torchvision(args.data, args.data_dir, download=True)
+        _load_torchvision(args.data, args.data_dir, download=True)
     wait_for_rank0(args.io_timeout)  # a barrier: waits for every downloader, not only rank 0
-    return load_torchvision(args.data, args.data_dir, download=False)
+    return _load_torchvision(args.data, args.data_dir, download=False)
 
 
 def check_dataset_fits(dataset, world_size, batch_size):
