@@ -2,11 +2,11 @@
 
     PYTHONPATH=pytorch torchrun --standalone --nproc_per_node 2 benchmarks/raw_ddp.py --max-steps 60
 
-Same model (pytorch/common.py's ConvNet), same synthetic data, same optimizer (SGD, momentum 0.9), same
+Same model (pytorch/recipe.py's ConvNet), same synthetic data, same optimizer (SGD, momentum 0.9), same
 per-rank batch and the same DistributedSampler + DataLoader as the recipes. Nothing else: no LR schedule, no
 metrics, no logging, no checkpoints. It accepts the recipes' command line (the options it has no use for,
 such as --checkpoint-dir, are accepted and ignored) and writes the same --timings-file, so the runner
-launches it exactly like a recipe. The model and data are imported from pytorch/common.py (the runner sets
+launches it exactly like a recipe. The model and data are imported from pytorch/recipe.py (the runner sets
 PYTHONPATH=pytorch), not copied, so they cannot drift apart.
 
 With --no-ddp every rank trains alone (no process group, no all-reduce): the runner's "ceiling" entry, i.e. the
@@ -29,7 +29,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP  # noqa: E402
 from torch.utils.data import DataLoader  # noqa: E402
 from torch.utils.data.distributed import DistributedSampler  # noqa: E402
 
-from common import ConvNet, synthetic_dataset  # noqa: E402  (pytorch/common.py, via PYTHONPATH)
+from recipe import ConvNet, synthetic_dataset  # noqa: E402  (pytorch/recipe.py, via PYTHONPATH)
 
 
 def parse_args():
@@ -93,7 +93,7 @@ def main():
         dist.barrier()  # every rank is past its last collective
     # torch 2.13 + gloo: a DDP model freed after the process group (here: at interpreter exit) drops the group's
     # last reference with the GIL held, and gloo's destructor can then abort ("terminate called without an active
-    # exception") or deadlock (the recipes free the model first: pytorch/common.py, leave_process_group). A
+    # exception") or deadlock (the recipes free the model first: pytorch/cluster.py, leave_process_group). A
     # baseline has nothing to clean up, so it leaves without running any destructor.
     sys.stdout.flush()
     sys.stderr.flush()

@@ -7,7 +7,7 @@ across ranks and gathers each layer's weights only while that layer runs. The mo
 (shapes, no memory) and sharded before any weight exists on a GPU, so a model larger than one GPU fits; rank 0
 builds the initial weights in host memory and they are scattered to the shards. The checkpoint is sharded too:
 every rank writes its own shard with torch.distributed.checkpoint (DCP), and a job requeued onto another number
-of GPUs resumes from it: DCP reshards on load, and the data position moves as in common.py (or the resume is
+of GPUs resumes from it: DCP reshards on load, and the data position moves as in recipe.py's Trainer (or the resume is
 refused in one line when it cannot continue after the same samples). To get one ordinary file (for inference,
 or to compare):
     python -m torch.distributed.checkpoint.format_utils dcp_to_torch <dir>/step-00000064 model.pt
@@ -28,19 +28,11 @@ from torch.distributed.checkpoint.state_dict import (
 )
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-from common import (
-    RecipeError,
-    Trainer,
-    allow_tf32,
-    bf16_is_native,
-    check_shared_directory,
-    build_model,
-    log,
-    parse_args,
-    run,
-    wait_for_rank0,
-)
-from multigpu_torchrun import data, setup
+from cluster import (adapt_to_another_shape, allow_tf32, bf16_is_native, check_shared_directory, parse_args, run,
+                     wait_for_rank0)
+from multigpu_torchrun import setup
+from recipe import ConvNet, Trainer, build_dataset, build_loader
+from toolkit import RecipeError, atomic_write, log
 
 
 def sharded_model(dataset, args, rank, device):
@@ -53,9 +45,9 @@ def sharded_model(dataset, args, rank, device):
     if args.amp:
         policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16 if bf16_is_native(device) else torch.float16,
                                       reduce_dtype=torch.float32)
-    full = build_model(dataset).state_dict() if rank == 0 else {}  # initial weights, host memory, rank 0 only
+    full = ConvNet(dataset.in_channels).state_dict() if rank == 0 else {}  # initial weights, host memory, rank 0
     with torch.device("meta"):
-        model = build_model(dataset)  # every rank: shapes only, no memory
+        model = ConvNet(dataset.in_channels)  # every rank: shapes only, no memory
     for block in (*model.features, *model.classifier):
         if any(p.requires_grad for p in block.parameters(recurse=False)):
             fully_shard(block, mp_policy=policy)
@@ -96,9 +88,7 @@ class FSDPTrainer(Trainer):
         if self.rank == 0:
             shutil.rmtree(final, ignore_errors=True)
             os.replace(final + ".tmp", final)
-            with open(os.path.join(folder, "latest.tmp"), "w") as f:
-                f.write(name)
-            os.replace(os.path.join(folder, "latest.tmp"), os.path.join(folder, "latest"))
+            atomic_write(os.path.join(folder, "latest"), lambda f: f.write(name.encode()))
             # keep the newest two: the one before the latest is the fallback if the latest is ever damaged
             older = sorted(d for d in os.listdir(folder) if d.startswith("step-") and d != name)
             for d in older[:-1]:
@@ -129,21 +119,27 @@ class FSDPTrainer(Trainer):
             self.scaler.load_state_dict(extra["scaler"])
         torch.set_rng_state(extra["rng"])
         self.epoch, self.step, self.batch_in_epoch = extra["epoch"], extra["step"], extra["batch_in_epoch"]
-        self._adapt_to_another_shape(extra, path)  # DCP resharded the weights; the data position is ours to move
+        adapt_to_another_shape(self, extra, path)  # DCP resharded the weights; the data position is ours to move
         self._log(f"resumed from {path}: epoch {self.epoch + 1}, step {self.step}")
 
 
-def main():
-    args = parse_args(__doc__)
-    rank, world_size, device = setup(args)
+def train_sharded(args, device, rank, world_size):
+    """recipe.train with the model sharded (FSDP2) instead of replicated (DDP), and FSDPTrainer's checkpoint."""
     allow_tf32()
     torch.manual_seed(args.seed)  # rank 0 builds the initial weights from it (see sharded_model)
-    dataset, loader = data(args, rank, world_size)
+    dataset = build_dataset(args, rank)
+    loader = build_loader(dataset, args, rank, world_size)
     model = sharded_model(dataset, args, rank, device)
     if rank == 0:
         log(0, f"world size {world_size} | FSDP2 | backend {dist.get_backend()} | device {device} | "
                f"{len(dataset)} samples | batch {args.batch_size}/rank | {len(loader)} steps/epoch")
     FSDPTrainer(model, loader, args, device, rank, world_size).train()
+
+
+def main():
+    args = parse_args(__doc__)
+    rank, world_size, device = setup(args)  # multigpu_torchrun.py's: ranks from torchrun, init_process_group
+    train_sharded(args, device, rank, world_size)
 
 
 if __name__ == "__main__":

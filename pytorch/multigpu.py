@@ -5,7 +5,7 @@
 
 No launcher is involved: the parent picks the world size, hosts the rendezvous store and gives each worker
 its rank. That is simple on one node; across nodes, use torchrun or srun (multinode.py). The training itself
-is multigpu_torchrun.py's: only the way the processes start differs.
+is recipe.train, as in every script: only the way the processes start differs.
 """
 
 import sys
@@ -15,11 +15,12 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from common import PREEMPTED_EXIT_CODE, RecipeError, parse_args, pick_backend, positive_int, run
-from multigpu_torchrun import train
+from cluster import parse_args, pick_backend, run
+from recipe import train
+from toolkit import PREEMPTED_EXIT_CODE, RecipeError, positive_int
 
 
-def setup(rank, world_size, port, args):
+def setup(args, rank, world_size, port):
     """Join the process group through the store the parent hosts (see main) instead of a fixed MASTER_PORT."""
     if torch.cuda.is_available():
         device = torch.device("cuda", rank)
@@ -36,8 +37,8 @@ def setup(rank, world_size, port, args):
 
 
 def worker(rank, world_size, port, args):
-    """What each spawned process runs; mp.spawn passes the rank as the first argument."""
-    run(lambda: train(args, rank, world_size, setup(rank, world_size, port, args)), rank=rank)
+    """What each spawned process runs (mp.spawn passes the rank first): setup, then the train() of every script."""
+    run(lambda: train(args, setup(args, rank, world_size, port), rank, world_size), rank=rank)
 
 
 def add_nprocs(parser):

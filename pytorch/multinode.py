@@ -8,14 +8,16 @@ Under torchrun the usual RANK/LOCAL_RANK/WORLD_SIZE are set; under plain srun th
 SLURM_PROCID/SLURM_LOCALID/SLURM_NTASKS. Either way MASTER_ADDR/MASTER_PORT come from the job script.
 On SIGUSR1 or SIGTERM (Slurm's warning before a time limit, or preemption) every rank finishes the step it
 is on, rank 0 saves a snapshot, and the job exits with 75 so its script can requeue it (see multinode.sbatch).
-The training itself is multigpu_torchrun.py's: only the way the processes start differs.
+The training itself is recipe.train, as in every script: only the way the processes start differs.
 """
 
 import os
 import socket
 
-from common import RecipeError, log, parse_args, run
-from multigpu_torchrun import setup, train
+from cluster import parse_args, run
+from multigpu_torchrun import setup as join_like_torchrun
+from recipe import train
+from toolkit import RecipeError, log
 
 
 def ranks_from_slurm():
@@ -38,14 +40,20 @@ def ranks_from_slurm():
                           f"from $SLURM_JOB_ID")
 
 
-def main():
-    args = parse_args(__doc__)
+def setup(args):
+    """Ranks from torchrun or from srun, then join the process group as multigpu_torchrun.py does."""
     ranks_from_slurm()
-    rank, world_size, device = setup(args)
+    rank, world_size, device = join_like_torchrun(args)
     # One line per rank: where each rank landed is the first question when a multi-node job misbehaves.
     log(rank, f"host {socket.gethostname()} | local rank {os.environ['LOCAL_RANK']} | device {device} | "
               f"nodes {os.environ.get('SLURM_NNODES', '?')}")
-    train(args, rank, world_size, device)
+    return rank, world_size, device
+
+
+def main():
+    args = parse_args(__doc__)
+    rank, world_size, device = setup(args)
+    train(args, device, rank, world_size)
 
 
 if __name__ == "__main__":

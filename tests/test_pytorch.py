@@ -408,7 +408,7 @@ def test_rendezvous_deadline_is_separate_from_the_collective_one(tmp_path):
 def test_torchrun_max_restarts_resumes_from_the_last_snapshot(ddp_run, tmp_path):
     """A worker killed (kill -9) twice: torchrun --max-restarts restarts both workers, they resume from the last
     snapshot, and the run ends with the weights of the uninterrupted one. Without a key prefix per attempt
-    (common.rendezvous_store) about 2 restarts in 5 failed in gloo's connectFullMesh with "Connection
+    (cluster.rendezvous_store) about 2 restarts in 5 failed in gloo's connectFullMesh with "Connection
     refused" (the restarted workers read the dead ones' addresses from the agent's store)."""
     cmd = [*torchrun("pytorch"), "--standalone", "--nproc_per_node", "2", "--max-restarts", "2",
            PT / "multigpu_torchrun.py", *SMALL, "--batch-size", "16", "--timeout", "60", "--checkpoint-dir", tmp_path]
@@ -456,7 +456,7 @@ def test_amp_bf16_runs_on_cpu(tmp_path):
 AMP_RULE = """
 from unittest import mock
 import torch
-from common import mixed_precision
+from cluster import mixed_precision
 for capability in [(7, 0), (7, 5), (8, 0), (9, 0)]:
     with mock.patch("torch.cuda.get_device_capability", return_value=capability), \\
          mock.patch("torch.cuda.is_bf16_supported", return_value=True):  # True on V100/T4 too (emulation)
@@ -564,6 +564,6 @@ def test_srun_style_without_master_addr():
 
 def test_every_recipe_script_is_exercised():
     """Guard: a new script in pytorch/ must get a test here."""
-    scripts = {p.name for p in PT.glob("*.py")} - {"common.py"}
+    scripts = {p.name for p in PT.glob("*.py")} - {"recipe.py", "cluster.py", "toolkit.py"}
     text = open(__file__).read()
     assert {s for s in scripts if s not in text} == set()
