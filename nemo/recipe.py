@@ -80,14 +80,17 @@ class ToyClassifier(ModelPT):
 
     def __init__(self, cfg: DictConfig, trainer: pl.Trainer | None = None):
         super().__init__(cfg=cfg, trainer=trainer)
-        with open_dict(self._cfg):  # restore_from builds the class it is called on (README: UnsafeTargetError)
+        # ModelPT writes `target: recipe.ToyClassifier` into the config, and restore_from refuses a .nemo whose
+        # target lies outside NeMo's approved namespaces (nemo.*, torch.nn.*, ...: UnsafeTargetError). Without
+        # it, ToyClassifier.restore_from(path) builds the class it is called on.
+        with open_dict(self._cfg):
             self._cfg.pop("target", None)
         self.net = ConvNet()
 
     def __getstate__(self):
         # WORKAROUND(nemo-toolkit 3.0.0, NVIDIA-NeMo/Speech#1594): ddp_spawn cannot pickle training_step's proxy
-        state = dict(super().__getstate__())  # the workers use the plain method (README.md, troubleshooting)
-        state.pop("training_step", None)
+        state = dict(super().__getstate__())  # the proxy only forwards a 'log' key this model never returns,
+        state.pop("training_step", None)  # so the workers use the plain method (README.md, troubleshooting)
         return state
 
     def forward(self, images):
