@@ -17,7 +17,12 @@ script requeues any non-zero exit while SLURM_RESTART_COUNT < --retries, and exp
 import argparse
 import os
 import re
+import signal
 import sys
+
+# toolkit.py is standard library only: this environment (.venvs/nemo-run) has no torch, NeMo or Hydra, so this
+# script imports no other module of the folder.
+from toolkit import OneLineParser, PreemptionFlag, RecipeError, positive_int, run
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 # Lightning's SLURMEnvironment reads MASTER_ADDR/MASTER_PORT when set (as multinode.sbatch does): the first node,
@@ -26,32 +31,16 @@ RENDEZVOUS = ('export MASTER_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST
               "export MASTER_PORT=$((15000 + SLURM_JOB_ID % 15000))")
 
 
-def fail(message):
-    print(f"error: {message}", file=sys.stderr, flush=True)
-    sys.exit(2)
-
-
-def positive_int(text):
-    if not text.isdigit() or int(text) < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
-    return int(text)
-
-
 def slurm_time(text):
     if not re.fullmatch(r"(\d+-)?\d{1,2}:\d{2}(:\d{2})?", text):
         raise argparse.ArgumentTypeError(f"want [D-]HH:MM[:SS], got {text}")
     return text
 
 
-class Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line, not argparse's usage block
-        fail(message)
-
-
 def parse_args(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     split = argv.index("--") if "--" in argv else len(argv)
-    p = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = OneLineParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--nodes", type=positive_int, default=1)
     p.add_argument("--gpus-per-node", type=positive_int, default=1, help="= tasks per node (one task per GPU)")
     p.add_argument("--cpus-per-gpu", type=positive_int, default=8, help="cores per task (srun --cpus-per-task)")
@@ -76,32 +65,36 @@ def import_nemo_run():
     try:
         import nemo_run
     except ImportError as e:
-        fail(f"cannot import nemo_run ({e}): install requirements-run.txt into an environment of its own")
+        raise RecipeError(f"cannot import nemo_run ({e}): install requirements-run.txt into an environment of its "
+                          "own") from None
     return nemo_run
 
 
-def executor(run, args):
+def executor(nemo_run, args):
     """NeMo-Run's SlurmExecutor: one task per GPU, the recipe's rendezvous variables, Slurm's warning signal.
-    run.Packager() ships no code: the job runs multinode.py where it is (a shared filesystem, as on clusters)."""
-    ex = run.SlurmExecutor(
+    nemo_run.Packager() ships no code: the job runs multinode.py where it is (a shared filesystem, as on clusters)."""
+    ex = nemo_run.SlurmExecutor(
         account=args.account, partition=args.partition, nodes=args.nodes, ntasks_per_node=args.gpus_per_node,
         gpus_per_node=args.gpus_per_node, time=args.time, signal="USR1@90",
         # srun does not inherit --cpus-per-task (Slurm >= 22.05): ask for it on the step itself.
         srun_args=[f"--cpus-per-task={args.cpus_per_gpu}"], env_vars={"OMP_NUM_THREADS": str(args.cpus_per_gpu)},
-        setup_lines=RENDEZVOUS, tunnel=run.LocalTunnel(job_dir=""),  # "": the experiment's own directory
-        packager=run.Packager(), poll_estimated_start_time=False,
+        setup_lines=RENDEZVOUS, tunnel=nemo_run.LocalTunnel(job_dir=""),  # "": the experiment's own directory
+        packager=nemo_run.Packager(), poll_estimated_start_time=False,
         job_name_prefix="nemo-run-")  # NeMo-Run's default prefix is made from the account name
     ex.retries = args.retries  # NeMo-Run's script: `scontrol requeue` after a failure while restarts < retries
     return ex
 
 
 def main():
+    # A launcher that saves nothing: SIGUSR1/SIGTERM end it at once (their default), as before run() caught them.
+    for sig in PreemptionFlag.SIGNALS:
+        signal.signal(sig, signal.SIG_DFL)
     args = parse_args()
-    run = import_nemo_run()
-    script = run.Script(path=os.path.join(HERE, "multinode.py"), entrypoint=args.python,
-                        args=["--checkpoint-dir", os.path.abspath(args.checkpoint_dir), *args.overrides])
-    ex = executor(run, args)
-    with run.Experiment(args.name, executor=ex, log_level="WARN") as experiment:
+    nemo_run = import_nemo_run()
+    script = nemo_run.Script(path=os.path.join(HERE, "multinode.py"), entrypoint=args.python,
+                             args=["--checkpoint-dir", os.path.abspath(args.checkpoint_dir), *args.overrides])
+    ex = executor(nemo_run, args)
+    with nemo_run.Experiment(args.name, executor=ex, log_level="WARN") as experiment:
         experiment.add(script, name=args.name)
         if args.dryrun:  # NeMo-Run writes the job script into the experiment's directory: show it as is
             experiment.dryrun(log=False, delete_exp_dir=False)
@@ -112,10 +105,10 @@ def main():
         try:
             experiment.run(detach=True)
         except Exception as e:  # sbatch missing or refusing the job: its message, in one line
-            fail(f"submitting with NeMo-Run failed: {' '.join(str(e).split())[:300]}")
+            raise RecipeError(f"submitting with NeMo-Run failed: {' '.join(str(e).split())[:300]}") from None
         job_id = experiment.jobs[0].handle.rsplit("/", 1)[-1]
     print(f"submitted Slurm job {job_id}; job script and logs under {experiment._exp_dir}", flush=True)
 
 
 if __name__ == "__main__":
-    main()
+    run(main, rank=0)

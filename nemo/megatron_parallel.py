@@ -14,8 +14,7 @@ This script has its own command line (not the contract's: it is a layout and lau
 
 import argparse
 import json
-import os
-import sys
+import signal
 from datetime import timedelta
 from functools import partial
 
@@ -23,11 +22,12 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
 
-import cli
+from cluster import launcher_ranks, run
+from toolkit import OneLineParser, PreemptionFlag, RecipeError
 
 
-def parse_args():
-    p = cli.OneLineParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def parse_args(description):
+    p = OneLineParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--tensor-model-parallel-size", type=int, default=1, help="TP: ranks that split each layer")
     p.add_argument("--pipeline-model-parallel-size", type=int, default=1, help="PP: stages the layers are split into")
     p.add_argument("--steps", type=int, default=10, help="training steps (CUDA only)")
@@ -46,33 +46,15 @@ def parse_args():
     return args
 
 
-def launch_environment() -> tuple[int, int, int]:
-    """(rank, world size, local rank) from torchrun's variables or, under srun, Slurm's."""
-    env = os.environ
-    if "RANK" in env and "WORLD_SIZE" in env:
-        return int(env["RANK"]), int(env["WORLD_SIZE"]), int(env.get("LOCAL_RANK", 0))
-    if "SLURM_PROCID" in env and "SLURM_STEP_ID" in env:
-        env.setdefault("MASTER_PORT", str(15000 + int(env["SLURM_JOB_ID"]) % 15000))  # as the sbatch templates
-        if "MASTER_ADDR" not in env:
-            cli.fail("MASTER_ADDR not set: export it in the job script (see megatron_parallel.sbatch)")
-        return int(env["SLURM_PROCID"]), int(env["SLURM_NTASKS"]), int(env["SLURM_LOCALID"])
-    cli.fail("no launcher variables (RANK/WORLD_SIZE or SLURM_PROCID under srun): start this script with "
-                "`srun` (megatron_parallel.sbatch) or `torchrun --nproc_per_node N megatron_parallel.py`")
-
-
-def check_sizes(args, rank: int, world: int) -> int:
+def check_sizes(args, world: int) -> int:
     """The data-parallel size, or one line (from rank 0) and exit 2 when TP x PP does not fit the world."""
     tp, pp = args.tensor_model_parallel_size, args.pipeline_model_parallel_size
-    problem = None
     if tp * pp > world:
-        problem = (f"tensor {tp} x pipeline {pp} = {tp * pp} model-parallel ranks, but the world size is {world}: "
-                   "lower the sizes or start more processes")
-    elif world % (tp * pp):
-        problem = f"the world size {world} is not a multiple of tensor {tp} x pipeline {pp} = {tp * pp}"
-    if problem:
-        if rank == 0:  # one line, not one per process
-            print(f"[rank0] error: {problem}", file=sys.stderr, flush=True)
-        sys.exit(2)
+        raise RecipeError(f"tensor {tp} x pipeline {pp} = {tp * pp} model-parallel ranks, but the world size is "
+                          f"{world}: lower the sizes or start more processes", every_rank=False)
+    if world % (tp * pp):
+        raise RecipeError(f"the world size {world} is not a multiple of tensor {tp} x pipeline {pp} = {tp * pp}",
+                          every_rank=False)
     return world // (tp * pp)
 
 
@@ -135,10 +117,12 @@ def train(args, rank: int, device: torch.device) -> None:
             print(f"[rank{rank}] step {step} | lm loss {losses[0]['lm loss'].item():.4f}", flush=True)
 
 
-def main():
-    args = parse_args()
-    rank, world, local_rank = launch_environment()
-    dp = check_sizes(args, rank, world)
+def setup(args):
+    """How this process joins the others: its rank from the launcher (torchrun or srun), one process group over
+    the world (rendezvous at MASTER_ADDR/MASTER_PORT), then Megatron-Core's tensor x pipeline x data-parallel
+    groups inside it; rank 0 reports (and with --layout-file writes) which ranks share each group."""
+    rank, world, local_rank = launcher_ranks()
+    dp = check_sizes(args, world)  # before any rendezvous
     cuda = torch.cuda.is_available()
     backend = args.backend if args.backend != "auto" else "nccl" if cuda else "gloo"
     device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
@@ -158,7 +142,16 @@ def main():
         if args.layout_file:
             with open(args.layout_file, "w") as f:
                 json.dump(dict(enumerate(layouts)), f)
-    if cuda:
+    return rank, device
+
+
+def main():
+    # This example saves nothing: SIGUSR1/SIGTERM end it at once (their default), as before run() caught them.
+    for sig in PreemptionFlag.SIGNALS:
+        signal.signal(sig, signal.SIG_DFL)
+    args = parse_args(__doc__)
+    rank, device = setup(args)
+    if device.type == "cuda":
         train(args, rank, device)
     elif rank == 0:
         print("[rank0] no CUDA: the groups are set up and checked; Megatron-Core's GPTModel forward pass needs a "
@@ -168,4 +161,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

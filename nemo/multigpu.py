@@ -8,32 +8,30 @@ import time
 
 START_TIME = time.time()  # before the heavy imports: the benchmarks count them in the time to first step
 
-import cli  # noqa: E402
-
-if __name__ == "__main__":
-    # The flags and overrides, checked now: bad input fails in a second, not after NeMo's imports below.
-    OVERRIDES, _ = cli.command_line(__doc__, nprocs=True)
-
-import lightning.pytorch as pl  # noqa: E402
-import torch  # noqa: E402
-from lightning.pytorch.plugins.environments import LightningEnvironment  # noqa: E402
-from nemo.core.config import hydra_runner  # noqa: E402
-
-import common  # noqa: E402
+from cluster import parse_args, run  # noqa: E402  (light: NeMo is imported once the command line is checked)
 
 
-@hydra_runner(config_path="conf", config_name="config")
-def main(cfg):
-    trainer = pl.Trainer(
-        devices=cfg.trainer.devices or torch.cuda.device_count() or 2,  # --nprocs
-        strategy=common.ddp(cfg, start_method="spawn"),  # Lightning's ddp_spawn: mp.spawn
-        # This script starts its own workers. Without this, inside a Slurm job Lightning picks SLURMEnvironment
-        # (ranks from srun's one task) and the spawned workers collide on one port (EADDRINUSE).
-        plugins=[LightningEnvironment()],
-        **common.trainer_options(cfg, START_TIME),
-    )
-    common.fit(trainer, cfg)
+def setup(args):
+    """This process spawns one worker per device (--nprocs; Lightning's ddp_spawn: mp.spawn), which join each
+    other through Lightning's DDP. This script starts its own workers: LightningEnvironment says so. Without it,
+    inside a Slurm job Lightning picks SLURMEnvironment (ranks from srun's one task) and the spawned workers
+    collide on one port (EADDRINUSE)."""
+    import torch
+    from lightning.pytorch.plugins.environments import LightningEnvironment
+
+    from recipe import ddp
+
+    return {"devices": args.cfg.trainer.devices or torch.cuda.device_count() or 2,
+            "strategy": ddp(args.cfg, start_method="spawn"), "plugins": [LightningEnvironment()]}
+
+
+def main():
+    args = parse_args(__doc__, extra=["--nprocs"])  # bad input fails here, in a second, before NeMo's imports
+    launch = setup(args)
+    from recipe import train
+
+    train(args, START_TIME, **launch)
 
 
 if __name__ == "__main__":  # required: the spawned workers re-import this file
-    cli.run(main, OVERRIDES)
+    run(main)

@@ -8,41 +8,26 @@ import time
 
 START_TIME = time.time()  # before the heavy imports: the benchmarks count them in the time to first step
 
-import os  # noqa: E402
-
-import cli  # noqa: E402
+from cluster import parse_args, run, torchrun_layout  # noqa: E402  (light: NeMo is imported once all is checked)
 
 
-def torchrun_layout() -> tuple[int, int]:
-    """(devices, num_nodes) as torchrun started this job: Lightning must agree with the launcher."""
-    if "RANK" not in os.environ or "LOCAL_WORLD_SIZE" not in os.environ:
-        cli.fail("RANK/LOCAL_WORLD_SIZE not set: start this script with torchrun, e.g. "
-                 "`torchrun --standalone --nproc_per_node 2 multigpu_torchrun.py` (or use single_gpu.py)")
-    per_node = int(os.environ["LOCAL_WORLD_SIZE"])
-    return per_node, int(os.environ["WORLD_SIZE"]) // per_node
+def setup(args):
+    """torchrun started one process per device and told each its place (RANK, LOCAL_RANK, WORLD_SIZE,
+    MASTER_ADDR/MASTER_PORT): Lightning's DDP reads them and joins the others. devices and num_nodes repeat
+    torchrun's layout, which Lightning must agree with."""
+    devices, num_nodes = torchrun_layout()  # started without torchrun: one line, before NeMo's imports
+    from recipe import ddp
+
+    return {"devices": devices, "num_nodes": num_nodes, "strategy": ddp(args.cfg)}
 
 
-if __name__ == "__main__":
-    # The flags, overrides and launch, checked now: bad input fails in a second, not after NeMo's imports below.
-    OVERRIDES, _ = cli.command_line(__doc__)
-    DEVICES, NUM_NODES = torchrun_layout()
+def main():
+    args = parse_args(__doc__)  # bad input fails here, in a second, not after NeMo's imports (several seconds)
+    launch = setup(args)
+    from recipe import train
 
-import lightning.pytorch as pl  # noqa: E402
-from nemo.core.config import hydra_runner  # noqa: E402
-
-import common  # noqa: E402
-
-
-@hydra_runner(config_path="conf", config_name="config")
-def main(cfg):
-    trainer = pl.Trainer(
-        devices=DEVICES,
-        num_nodes=NUM_NODES,
-        strategy=common.ddp(cfg),  # Lightning sees torchrun's variables and takes the ranks from them
-        **common.trainer_options(cfg, START_TIME),
-    )
-    common.fit(trainer, cfg)
+    train(args, START_TIME, **launch)
 
 
 if __name__ == "__main__":
-    cli.run(main, OVERRIDES)
+    run(main)

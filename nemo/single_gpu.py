@@ -9,26 +9,21 @@ import time
 
 START_TIME = time.time()  # before the heavy imports: the benchmarks count them in the time to first step
 
-import cli  # noqa: E402
-
-if __name__ == "__main__":
-    # The flags and overrides, checked now: bad input fails in a second, not after NeMo's imports below.
-    OVERRIDES, _ = cli.command_line(__doc__)
-
-import lightning.pytorch as pl  # noqa: E402
-from nemo.core.config import hydra_runner  # noqa: E402
-
-import common  # noqa: E402
+from cluster import parse_args, run  # noqa: E402  (light: NeMo is imported once the command line is checked)
 
 
-@hydra_runner(config_path="conf", config_name="config")
-def main(cfg):
-    trainer = pl.Trainer(
-        devices=1,
-        **common.trainer_options(cfg, START_TIME),
-    )
-    common.fit(trainer, cfg)
+def setup(args):
+    """One process on one device: nothing to join; Lightning's Trainer is told to use one device."""
+    return {"devices": 1}
+
+
+def main():
+    args = parse_args(__doc__)  # bad input fails here, in a second, not after NeMo's imports (several seconds)
+    launch = setup(args)
+    from recipe import train
+
+    train(args, START_TIME, **launch)
 
 
 if __name__ == "__main__":
-    cli.run(main, OVERRIDES)
+    run(main)

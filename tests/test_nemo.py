@@ -119,8 +119,8 @@ def test_single_process_learns_and_exports_a_loadable_nemo_file(reference):
     assert nemo_file.exists(), sorted(p.name for p in (ckpt / "checkpoints").iterdir())
     # restore_from: the archive's config and weights, the same as the last checkpoint's
     restored = python("-c", f"""
-import torch, common
-model = common.ToyClassifier.restore_from({str(nemo_file)!r}, map_location="cpu")
+import torch, recipe
+model = recipe.ToyClassifier.restore_from({str(nemo_file)!r}, map_location="cpu")
 ckpt = next(__import__("pathlib").Path({str(ckpt / "checkpoints")!r}).glob("*last.ckpt"))
 saved = torch.load(ckpt, map_location="cpu", weights_only=False)["state_dict"]
 assert all(torch.equal(v, saved[k]) for k, v in model.state_dict().items()), "weights differ"

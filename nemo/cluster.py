@@ -1,0 +1,426 @@
+"""nemo/'s plumbing: the contract's flags (CONTRACT.md C2) translated into NeMo's Hydra overrides, composed with
+conf/config.yaml and checked, the launchers' variables, and the callbacks' bookkeeping. recipe.py is the lesson.
+
+Light imports only (the standard library and OmegaConf; Hydra, torch and NeMo inside the functions that need them,
+no Lightning): the scripts check the command line and the launch here before they import NeMo (seconds), so bad
+input is one line and exit 2 at once.
+
+Map:
+    parse_args            the command line: the flags become Hydra overrides, composed and checked; --print-config
+    run                   the entry point's wrapper: toolkit.run as it is (Lightning tears its process group down)
+    run_hydra             fit(cfg) the NeMo way, under @hydra_runner; a RecipeError inside comes out as one line
+    torchrun_layout       (devices, num_nodes) as torchrun started the job, or one line saying how to start it
+    slurm_layout          (devices, num_nodes) from srun's variables, checked against --devices/--num-nodes
+    launcher_ranks        (rank, world size, local rank) from torchrun's or srun's variables (megatron_parallel.py)
+    check_dataset_fits    one line when the data is too small for one step of every rank
+    reduce_max            the ranks' maximum of a flag, for toolkit.PREEMPTION.agreed (the ranks stop together)
+    settle_last_checkpoints  which *-last.ckpt exp_manager resumes from when a killed save left two (NeMo #7948)
+    ReportHooks           the contract's log lines (C3) as Lightning hooks (recipe.Report adds the Callback base)
+    TimingHooks           --timings-file as Lightning hooks, through toolkit.StepTimer (recipe.StepTimings)
+    CONF_DIR, FLAG_TO_KEY  conf/, and the config key each contract flag sets
+"""
+
+import argparse
+import functools
+import os
+import sys
+import time
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf, open_dict
+
+import toolkit
+from toolkit import OneLineParser, RecipeError, StepTimer, launcher_rank, log
+
+CONF_DIR = Path(__file__).resolve().parent / "conf"
+
+run = toolkit.run  # signals first, RecipeError -> one line and exit 2; nothing to clean up: Lightning does
+
+# ------------------------------------------------------------------------------------------ the command line
+
+# The contract's flags (CONTRACT.md C2) and the config key each one sets. The values go into Hydra as overrides,
+# so a flag and its key are one setting, validated once (_validate() below) whichever way it was given.
+FLAG_TO_KEY = {
+    "--epochs": "trainer.max_epochs",
+    "--max-steps": "trainer.max_steps",
+    "--batch-size": "model.train_ds.batch_size",
+    "--lr": "model.optim.lr",
+    "--data": "model.train_ds.data",
+    "--data-dir": "model.train_ds.data_dir",
+    "--dataset-size": "model.train_ds.dataset_size",
+    "--checkpoint-dir": "exp_manager.explicit_log_dir",
+    "--save-every": "exp_manager.checkpoint_callback_params.every_n_epochs",
+    "--seed": "seed",
+    "--num-workers": "model.train_ds.num_workers",
+    "--backend": "recipe.backend",
+    "--timeout": "recipe.timeout",
+    "--log-every": "recipe.log_every",
+    "--timings-file": "recipe.timings_file",
+    "--nprocs": "trainer.devices",
+    "--devices": "trainer.devices",
+    "--num-nodes": "trainer.num_nodes",
+}
+EXTRA_FLAGS = ("--nprocs", "--devices", "--num-nodes")  # only for the scripts that ask for them (extra=...)
+# What each value must be. Keys whose default is null need their type spelled out; the others must keep the type
+# of their default in conf/config.yaml (an int may stand for a float).
+POSITIVE_INT = ["trainer.max_epochs", "model.train_ds.batch_size", "model.train_ds.dataset_size", "recipe.timeout",
+                "exp_manager.checkpoint_callback_params.every_n_epochs", "recipe.log_every", "trainer.devices",
+                "trainer.num_nodes"]
+CHOICES = {"model.train_ds.data": ["synthetic"], "recipe.backend": ["auto", "nccl", "gloo"]}
+STRINGS = ["model.train_ds.data_dir", "exp_manager.explicit_log_dir", "recipe.timings_file"]
+
+HELP = """
+The contract's flags below, or NeMo's Hydra overrides (KEY=VALUE, keys of conf/config.yaml), or both:
+
+    python {script} --epochs 5 model.optim.lr=0.1 trainer.precision=bf16-mixed
+
+Each flag is an override of one key (shown after the flag); setting a key both ways is an error. A bad value or
+an unknown key is one line and exit 2. Print the composed config: --print-config.
+"""
+
+
+def parse_args(description: str, extra=None) -> argparse.Namespace:
+    """The Hydra overrides for this run (`overrides`) and the config they compose to (`cfg`), checked: a bad flag,
+    key or value ends here in one line and exit 2, in about a second, before the script's NeMo imports (which
+    take several). extra: which of --nprocs, --devices, --num-nodes the script takes. --print-config prints the
+    config and exits."""
+    overrides, print_config = _command_line(description, extra or ())
+    cfg = _compose(overrides)
+    if print_config:
+        print(OmegaConf.to_yaml(cfg), end="")
+        sys.exit(0)
+    return argparse.Namespace(overrides=overrides, cfg=cfg)
+
+
+def _command_line(description: str, extra) -> tuple[list[str], bool]:
+    """The contract's flags plus Hydra overrides -> (the overrides for Hydra, whether to only print the config).
+
+    Values stay text: they become overrides and _validate() checks them in the composed config, the same way as
+    an override typed by hand."""
+    p = OneLineParser(description=description + HELP.format(script=Path(sys.argv[0]).name),
+                      formatter_class=argparse.RawDescriptionHelpFormatter)
+    defaults = OmegaConf.load(CONF_DIR / "config.yaml")
+    for flag, key in FLAG_TO_KEY.items():
+        if flag in EXTRA_FLAGS and flag not in extra:
+            continue
+        default = OmegaConf.select(defaults, key)
+        if flag == "--nprocs":
+            default = "one per visible GPU; 2 on a machine without CUDA"
+        p.add_argument(flag, dest=key, default=None, help=f"{key} (default: {default})")
+    p.add_argument("--amp", action="store_true",
+                   help="trainer.precision=bf16-mixed where the device does bf16 natively (CPUs, GPUs of compute "
+                        "capability >= 8.0), else 16-mixed (fp16 with loss scaling)")
+    p.add_argument("--print-config", action="store_true", help="print the composed config and exit")
+    args, rest = p.parse_known_args()
+    bad = [a for a in rest if "=" not in a or a.startswith("-")]
+    if bad:
+        p.error(f"unrecognized arguments: {' '.join(bad)} (Hydra overrides are KEY=VALUE)")
+    typed = {a.split("=", 1)[0].lstrip("+~") for a in rest}
+    overrides = []
+    for key, value in vars(args).items():
+        if value is None or key in ("amp", "print_config"):
+            continue
+        if key in typed:
+            p.error(f"{key} is set twice, by its flag and as an override: keep one")
+        quoted = value.replace("\\", "\\\\").replace("'", "\\'")
+        overrides.append(f"{key}='{quoted}'" if key in STRINGS else f"{key}={value}")
+    if args.amp:
+        if "trainer.precision" in typed:
+            p.error("trainer.precision is set twice, by --amp and as an override: keep one")
+        overrides.append(f"trainer.precision={_amp_precision()}")
+    return overrides + rest, args.print_config
+
+
+def _amp_precision() -> str:
+    """--amp: bf16 where the device does it natively, else fp16 with loss scaling (CONTRACT.md C10).
+    torch.cuda.is_bf16_supported() also says yes on V100/T4, where bf16 is emulated and slow."""
+    import torch  # here: only --amp needs it, and the command line is checked before the slow imports
+
+    if torch.cuda.is_available() and torch.cuda.get_device_capability() < (8, 0):
+        return "16-mixed"
+    return "bf16-mixed"
+
+
+def _compose(overrides: list[str]) -> DictConfig:
+    """The config Hydra will build from conf/config.yaml and these overrides, checked before anything runs.
+    Hydra's own errors (unknown key, bad syntax) are condensed to one line instead of its multi-line report."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    try:
+        with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
+            cfg = hydra_compose(config_name="config", overrides=overrides)
+    except (HydraException, OmegaConfBaseException) as e:
+        causes, cause = [], e
+        while cause is not None:  # Hydra wraps OmegaConf's reason ("Key 'x' is not in struct")
+            causes.append(" ".join(str(cause).split()))
+            cause = cause.__cause__
+        raise RecipeError("invalid override: " + "; ".join(dict.fromkeys(c for c in causes if c))) from None
+    _validate(cfg)
+    return cfg
+
+
+def _validate(cfg: DictConfig) -> None:
+    """Types and ranges of the composed config (Hydra itself accepts `trainer.max_epochs=abc`)."""
+    flag_of = {key: flag for flag, key in FLAG_TO_KEY.items()}
+
+    def name(key):
+        return f"{key} ({flag_of[key]})" if key in flag_of else key
+
+    defaults = OmegaConf.load(CONF_DIR / "config.yaml")
+    for key, default in _flatten(defaults):
+        value = OmegaConf.select(cfg, key)
+        if default is None or value is None:
+            continue
+        want = float if isinstance(default, float) else type(default)
+        if not isinstance(value, want) or isinstance(value, bool) != isinstance(default, bool):
+            if not (want is float and isinstance(value, int) and not isinstance(value, bool)):
+                raise RecipeError(f"{name(key)} must be of type {want.__name__}, got {value!r}")
+    for key in POSITIVE_INT:
+        value = OmegaConf.select(cfg, key)
+        if value is not None and not (isinstance(value, int) and not isinstance(value, bool) and value >= 1):
+            raise RecipeError(f"{name(key)} must be an integer >= 1, got {value!r}")
+    checks = [
+        ("trainer.max_steps", lambda v: isinstance(v, int) and (v == -1 or v >= 1), "an integer >= 1 (or -1: none)"),
+        ("model.optim.lr", lambda v: v > 0, "a number > 0"),
+        ("model.train_ds.num_workers", lambda v: v >= 0, "an integer >= 0"),
+        *[(key, lambda v, c=choices: v in c, f"one of {', '.join(choices)}") for key, choices in CHOICES.items()],
+        *[(key, lambda v: isinstance(v, str), "a path") for key in STRINGS],
+    ]
+    for key, ok, what in checks:
+        value = OmegaConf.select(cfg, key)
+        if value is not None and not ok(value):
+            raise RecipeError(f"{name(key)} must be {what}, got {value!r}")
+
+
+def _flatten(cfg, prefix=""):
+    for key, value in cfg.items():
+        if isinstance(value, DictConfig):
+            yield from _flatten(value, f"{prefix}{key}.")
+        else:
+            yield f"{prefix}{key}", value
+
+
+def run_hydra(task, overrides: list[str]) -> None:
+    """task(cfg) as NeMo's scripts run it: @hydra_runner reads the overrides from sys.argv and composes
+    conf/config.yaml (with hydra.run.dir=.: no outputs/ directories, no change of directory).
+
+    Hydra reports an exception raised inside the task as a traceback and exit 1: a RecipeError is carried out of
+    Hydra instead, for run() to print as one line and exit 2."""
+    from nemo.core.config import hydra_runner
+
+    raised = []
+
+    def guarded(cfg):
+        try:
+            task(cfg)
+        except RecipeError as e:
+            raised.append(e)
+
+    sys.argv = [sys.argv[0], *overrides]
+    hydra_runner(config_path=str(CONF_DIR), config_name="config")(guarded)()
+    if raised:
+        raise raised[0]
+
+
+# ------------------------------------------------------------------------------------------ the launchers
+
+
+def torchrun_layout() -> tuple[int, int]:
+    """(devices, num_nodes) as torchrun started this job: Lightning must agree with the launcher."""
+    if "RANK" not in os.environ or "LOCAL_WORLD_SIZE" not in os.environ:
+        raise RecipeError("RANK/LOCAL_WORLD_SIZE not set: start this script with torchrun, e.g. "
+                          "`torchrun --standalone --nproc_per_node 2 multigpu_torchrun.py` (or use single_gpu.py)")
+    per_node = int(os.environ["LOCAL_WORLD_SIZE"])
+    return per_node, int(os.environ["WORLD_SIZE"]) // per_node
+
+
+def slurm_layout(cfg: DictConfig) -> tuple[int, int]:
+    """(devices, num_nodes) from the job. Lightning's devices must equal --ntasks-per-node and its num_nodes
+    --nodes; a mismatch is the classic hang at "Initializing distributed", so stop with a clear message."""
+    env = os.environ
+    if "SLURM_NTASKS" not in env:
+        raise RecipeError("SLURM_NTASKS not set: multinode.py runs one task per device started by srun: submit "
+                          "multinode.sbatch, or run `srun python multinode.py` inside an allocation")
+    if "SLURM_STEP_ID" not in env and int(env["SLURM_NTASKS"]) > 1:
+        raise RecipeError(f"multinode.py was started without srun, as 1 process of a {env['SLURM_NTASKS']}-task "
+                          "job: it would wait forever for the others. Start it with `srun python multinode.py` "
+                          "(see multinode.sbatch)")
+    if "SLURM_NTASKS_PER_NODE" not in env:
+        raise RecipeError("SLURM_NTASKS_PER_NODE not set: set `#SBATCH --ntasks-per-node` (= devices per node); "
+                          "Lightning needs it (--ntasks alone is not enough)")
+    per_node, nodes = int(env["SLURM_NTASKS_PER_NODE"].split("(")[0]), int(env["SLURM_NNODES"])
+    problems = []
+    if cfg.trainer.devices is not None and cfg.trainer.devices != per_node:
+        problems.append(f"trainer.devices (--devices) {cfg.trainer.devices} but the job has "
+                        f"--ntasks-per-node={per_node}")
+    if cfg.trainer.num_nodes is not None and cfg.trainer.num_nodes != nodes:
+        problems.append(f"trainer.num_nodes (--num-nodes) {cfg.trainer.num_nodes} but the job has --nodes={nodes}")
+    if problems:  # one message (rank 0's), not one per task
+        raise RecipeError("; ".join(problems) + ". Lightning needs one Slurm task per device: make "
+                          "--ntasks-per-node equal the devices per node, or drop --devices/--num-nodes.",
+                          every_rank=False)
+    return per_node, nodes
+
+
+def launcher_ranks() -> tuple[int, int, int]:
+    """(rank, world size, local rank) from torchrun's variables or, under srun, Slurm's."""
+    env = os.environ
+    if "RANK" in env and "WORLD_SIZE" in env:
+        return int(env["RANK"]), int(env["WORLD_SIZE"]), int(env.get("LOCAL_RANK", 0))
+    if "SLURM_PROCID" in env and "SLURM_STEP_ID" in env:
+        env.setdefault("MASTER_PORT", str(15000 + int(env["SLURM_JOB_ID"]) % 15000))  # as the sbatch templates
+        if "MASTER_ADDR" not in env:
+            raise RecipeError("MASTER_ADDR not set: export it in the job script (see megatron_parallel.sbatch)")
+        return int(env["SLURM_PROCID"]), int(env["SLURM_NTASKS"]), int(env["SLURM_LOCALID"])
+    raise RecipeError("no launcher variables (RANK/WORLD_SIZE or SLURM_PROCID under srun): start this script with "
+                      "`srun` (megatron_parallel.sbatch) or `torchrun --nproc_per_node N megatron_parallel.py`")
+
+
+# ------------------------------------------------------------------------------------------ training's plumbing
+
+
+def check_dataset_fits(dataset_size: int, world_size: int, batch_size: int) -> None:
+    if dataset_size // (world_size * batch_size) == 0:
+        raise RecipeError(f"--dataset-size {dataset_size} is too small for one step of {world_size} processes x "
+                          f"--batch-size {batch_size}: lower --batch-size or use more data")
+
+
+def reduce_max(trainer, device):
+    """The maximum of a flag over the ranks (Lightning's strategy: an all-reduce MAX; as is with one process)."""
+    import torch
+
+    return lambda flag: trainer.strategy.reduce(torch.tensor(float(flag), device=device), reduce_op="max").item()
+
+
+def settle_last_checkpoints(exp_cfg: DictConfig) -> DictConfig:
+    """exp_manager's settings, with the checkpoint to resume from chosen here when exp_manager would refuse.
+
+    exp_manager resumes from the one *-last.ckpt in <dir>/checkpoints and stops with "Multiple checkpoints ...
+    that matches *last.ckpt" when a job was killed between writing the new one and deleting the old one (NeMo
+    issue #7948: "manually clean up the checkpoints folder"). Then the readable one with the most progress (its
+    stored global_step, never the file time) is resumed, with a warning; none readable is an error naming them.
+    """
+    import torch
+    from nemo.utils.callbacks import NeMoModelCheckpoint
+
+    directory = Path(exp_cfg.explicit_log_dir) / "checkpoints"
+    candidates = sorted(directory.glob("*last.ckpt")) if directory.is_dir() else []
+    if len(candidates) <= 1:
+        return exp_cfg  # exp_manager's own rule
+    best, best_step, problems = None, -1, []
+    for path in candidates:
+        try:
+            if NeMoModelCheckpoint.is_checkpoint_unfinished(path):
+                raise ValueError("its save never finished")
+            # weights_only=False: a NeMo checkpoint holds its OmegaConf config; these are this run's own files
+            step = int(torch.load(path, map_location="cpu", weights_only=False, mmap=True)["global_step"])
+        except Exception as e:  # truncated, unfinished, not a checkpoint
+            problems.append(f"{path} is unusable ({type(e).__name__}: {e})")
+            continue
+        if step > best_step:
+            best, best_step = path, step
+    if best is None:
+        raise RecipeError("no usable checkpoint: " + "; ".join(problems) + ". Delete or move them to start over.")
+    if launcher_rank() == 0:
+        log(0, f"warning: {len(candidates)} *last.ckpt files in {directory} (a save was interrupted?); "
+               f"resuming from the one with the most progress: {best.name} (step {best_step})", file=sys.stderr)
+    exp_cfg = exp_cfg.copy()
+    with open_dict(exp_cfg):
+        exp_cfg.resume_if_exists, exp_cfg.resume_from_checkpoint = False, str(best)
+    return exp_cfg
+
+
+class ReportHooks:
+    """The contract's log lines (CONTRACT.md C3), printed by rank 0: a progress line every --log-every steps, one
+    line per epoch with the loss and accuracy averaged over all ranks and the samples/s of the whole job, and where
+    training starts, resumes and ends. Lightning's hooks without Lightning's Callback base (recipe.Report adds it:
+    this module must not import Lightning); torch is imported where a hook needs it."""
+
+    def __init__(self, cfg: DictConfig):
+        self.cfg, self.last_snapshot_step = cfg, None
+
+    def _print(self, trainer, message):
+        if trainer.is_global_zero:
+            log(0, message)
+
+    def on_fit_start(self, trainer, pl_module):
+        self.fit_start, self.resume_reported = time.perf_counter(), False
+
+    def _report_resume(self, trainer):
+        if trainer.ckpt_path and not self.resume_reported:
+            self.resume_reported = True
+            self._print(trainer, f"resumed from {trainer.ckpt_path}: epoch {trainer.current_epoch + 1}, "
+                                 f"step {trainer.global_step}")
+
+    def on_train_start(self, trainer, pl_module):
+        import torch
+
+        backend = torch.distributed.get_backend() if torch.distributed.is_initialized() else "none"
+        self._print(trainer, f"world size {trainer.world_size} | backend {backend} | device {pl_module.device} | "
+                             f"{len(pl_module.train_set)} samples | batch {self.cfg.model.train_ds.batch_size}/rank"
+                             f" | {trainer.num_training_batches} steps/epoch")
+        self._report_resume(trainer)
+        self.on_train_epoch_start(trainer, pl_module)  # a run resumed mid-epoch starts without that hook
+
+    def on_train_epoch_start(self, trainer, pl_module):
+        import torch
+
+        self.epoch_start, self.epoch_first_step = time.perf_counter(), trainer.global_step
+        self.sums = torch.zeros(2, device=pl_module.device)  # this rank's loss x samples, correct predictions
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        n = len(batch[1])  # on the device, no sync: nothing is read before the epoch ends
+        self.sums[0] += outputs["loss"].detach().float() * n
+        self.sums[1] += outputs["correct"].float()
+        if trainer.global_step % self.cfg.recipe.log_every == 0:
+            self._print(trainer, f"epoch {trainer.current_epoch + 1} | batch {batch_idx + 1}/"
+                                 f"{trainer.num_training_batches} | step {trainer.global_step} | "
+                                 f"loss {outputs['loss'].item():.4f}")
+
+    def on_train_epoch_end(self, trainer, pl_module):
+        seconds = time.perf_counter() - self.epoch_start
+        samples = (trainer.global_step - self.epoch_first_step) * self.cfg.model.train_ds.batch_size * \
+            trainer.world_size
+        totals = trainer.strategy.reduce(self.sums, reduce_op="sum")  # every rank: one collective per epoch
+        if samples:
+            loss, acc = (totals / samples).tolist()
+            self._print(trainer, f"epoch {trainer.current_epoch + 1}/{trainer.max_epochs} | step "
+                                 f"{trainer.global_step} | loss {loss:.4f} | acc {acc:.4f} | "
+                                 f"{samples / seconds:.0f} samples/s | {seconds:.1f} s")
+
+    def on_save_checkpoint(self, trainer, pl_module, checkpoint):
+        # NeMo's callback writes the top-k file and *-last.ckpt at the same step: one line for both
+        if trainer.global_step != self.last_snapshot_step:
+            self.last_snapshot_step = trainer.global_step
+            self._print(trainer, f"snapshot saved to {self.cfg.exp_manager.explicit_log_dir} "
+                                 f"(step {trainer.global_step})")
+
+    def on_fit_end(self, trainer, pl_module):
+        self._report_resume(trainer)  # a finished run resumed: Lightning trains nothing and skips on_train_start
+        self._print(trainer, f"done: {trainer.global_step} steps in {time.perf_counter() - self.fit_start:.1f} s")
+
+
+class TimingHooks:
+    """--timings-file for the benchmark runner: rank 0 records the wall time right after every optimizer step
+    (toolkit.StepTimer). Lightning's hooks without Lightning's Callback base (recipe.StepTimings adds it)."""
+
+    def __init__(self, path: str, start_time: float, batch_size: int):
+        self.timer = StepTimer(path, start_time=start_time, batch_size=batch_size)
+
+    def on_train_start(self, trainer, pl_module):
+        if pl_module.device.type == "cuda":  # the step's kernels, not just their launch (as pytorch/)
+            import torch
+
+            self.timer.sync = functools.partial(torch.cuda.synchronize, pl_module.device)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if trainer.is_global_zero:
+            self.timer()
+
+    def on_train_end(self, trainer, pl_module):
+        if trainer.is_global_zero:
+            Path(self.timer.path).parent.mkdir(parents=True, exist_ok=True)
+            self.timer.write(world_size=trainer.world_size)
