@@ -1,9 +1,9 @@
 """nemo/'s plumbing: the contract's flags (CONTRACT.md C2) translated into NeMo's Hydra overrides, composed with
 conf/config.yaml and checked, the launchers' variables, and the callbacks' bookkeeping. recipe.py is the lesson.
 
-Light imports only (the standard library and OmegaConf; Hydra, torch and NeMo inside the functions that need them,
-no Lightning): the scripts check the command line and the launch here before they import NeMo (seconds), so bad
-input is one line and exit 2 at once.
+Light imports only (the standard library and OmegaConf; Hydra, torch, NeMo and Lightning's cluster environments
+inside the functions that need them): the scripts check the command line and the launch here before they import
+NeMo (seconds), so bad input is one line and exit 2 at once.
 
 Map:
     parse_args            the command line: the flags become Hydra overrides, composed and checked; --print-config
@@ -12,6 +12,9 @@ Map:
     torchrun_layout       (devices, num_nodes) as torchrun started the job, or one line saying how to start it
     slurm_layout          (devices, num_nodes) from srun's variables, checked against --devices/--num-nodes
     launcher_ranks        (rank, world size, local rank) from torchrun's or srun's variables (megatron_parallel.py)
+    init_distributed      the process group, made before Lightning's under --timeout: a failed rendezvous (a busy
+                          MASTER_PORT, missing ranks) is one line and exit 2
+    rendezvous_store      where the ranks meet; torch 2.13 under torchrun --max-restarts: a key prefix per attempt
     check_dataset_fits    one line when the data is too small for one step of every rank
     reduce_max            the ranks' maximum of a flag, for toolkit.PREEMPTION.agreed (the ranks stop together)
     settle_last_checkpoints  which *-last.ckpt exp_manager resumes from when a killed save left two (NeMo #7948)
@@ -279,6 +282,76 @@ def launcher_ranks() -> tuple[int, int, int]:
                       "`srun` (megatron_parallel.sbatch) or `torchrun --nproc_per_node N megatron_parallel.py`")
 
 
+def init_distributed(cfg: DictConfig) -> None:
+    """Under srun (multinode.py) or torchrun (multigpu_torchrun.py): create the process group before Lightning does,
+    under a deadline of recipe.timeout (--timeout), before Hydra starts; Lightning's DDPStrategy then uses it as it
+    is (its _init_dist_connection skips init_process_group when a group exists). A failed rendezvous is one line.
+
+    Lightning's own init_process_group waits in C++ where no timeout reaches: with MASTER_PORT held by a program
+    that listens but never answers, rank 0 died with a traceback (EADDRINUSE) and the other ranks waited forever
+    in TCPStore's connect (README.md, Troubleshooting). Here each way a rendezvous fails is one line and exit 2.
+    Ranks, world size, MASTER_ADDR/MASTER_PORT come from the ClusterEnvironment Lightning uses for these launches
+    (TorchElasticEnvironment when torchrun started the process, as Lightning checks it first; else multinode.py's
+    SLURMEnvironment, which derives the address and port from the job when they are unset); the backend is
+    Lightning's choice too (nccl with CUDA, else gloo) unless --backend says otherwise. torch and Lightning are
+    imported here, after the command line and the launch were checked (this module stays light)."""
+    import atexit
+    from datetime import timedelta
+
+    import torch
+    from lightning.pytorch.plugins.environments import SLURMEnvironment, TorchElasticEnvironment
+
+    if TorchElasticEnvironment.detect():
+        environment = TorchElasticEnvironment()
+    elif "SLURM_NTASKS" in os.environ:
+        environment = SLURMEnvironment(auto_requeue=False)
+    else:
+        return  # no launcher: nothing to join
+    rank, world_size = environment.global_rank(), environment.world_size()
+    addr, port = environment.main_address, environment.main_port  # as Lightning reads (and exports) them
+    backend = cfg.recipe.backend if cfg.recipe.backend != "auto" else "nccl" if torch.cuda.is_available() else "gloo"
+    seconds = cfg.recipe.timeout
+    timeout = timedelta(seconds=seconds)
+    what = (f"rendezvous at {addr}:{port} (are all {world_size} ranks started, MASTER_ADDR reachable from every "
+            f"node, MASTER_PORT used by nothing else?)")
+    try:
+        with toolkit.deadline(seconds, rank, what):  # a connect to a port that never answers: no timeout
+            store = rendezvous_store(addr, port, rank, world_size, timeout)
+            device = torch.device("cuda", environment.local_rank()) if backend == "nccl" else None
+            if device is not None:
+                torch.cuda.set_device(device)  # Lightning's root device (it sets it again)
+            torch.distributed.init_process_group(backend, store=store, rank=rank, world_size=world_size,
+                                                 timeout=timeout, device_id=device)
+    except (torch.distributed.DistNetworkError, torch.distributed.DistStoreError) as e:
+        hint = ("another process already listens on that port: choose another MASTER_PORT"
+                if "EADDRINUSE" in str(e) or "address already in use" in str(e).lower()
+                else f"not all {world_size} ranks reached it within --timeout {seconds} s")
+        raise RecipeError(f"rendezvous at {addr}:{port} failed: {hint} ({str(e).splitlines()[0][:200]})") from None
+    if backend == "nccl":  # as Lightning does for a group it creates (torch warns about one left undestroyed)
+        atexit.register(lambda: torch.distributed.is_initialized() and torch.distributed.destroy_process_group())
+
+
+def rendezvous_store(addr: str, port: int, rank: int, world_size: int, timeout):
+    """The store torch's env:// rendezvous would make: under torchrun the agent hosts it and every worker is a
+    client; under srun rank 0 hosts it.
+
+    Under `torchrun --max-restarts` on one node each attempt meets under a key prefix of its own: the agent's store
+    still holds the keys the failed attempt wrote, and a restarted worker could read a dead worker's address from
+    them (torch 2.13: "Gloo connectFullMesh failed ... Connection refused"). Across nodes the agents count restarts
+    differently (only the one whose worker failed counts it): no prefix there, Slurm requeues (README.md,
+    Troubleshooting)."""
+    import torch
+
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return torch.distributed.TCPStore(addr, port, world_size, is_master=rank == 0, timeout=timeout,
+                                          multi_tenant=True)
+    store = torch.distributed.TCPStore(addr, port, world_size, is_master=False, timeout=timeout)
+    if os.environ.get("GROUP_WORLD_SIZE") != "1" or "TORCHELASTIC_RESTART_COUNT" not in os.environ:
+        return store
+    # WORKAROUND(torch 2.13, pytorch/pytorch#167288): a restarted attempt must not read the dead workers' keys
+    return torch.distributed.PrefixStore(f"attempt-{os.environ['TORCHELASTIC_RESTART_COUNT']}", store)
+
+
 # ------------------------------------------------------------------------------------------ training's plumbing
 
 
@@ -337,7 +410,7 @@ class ReportHooks:
     """The contract's log lines (CONTRACT.md C3), printed by rank 0: a progress line every --log-every steps, one
     line per epoch with the loss and accuracy averaged over all ranks and the samples/s of the whole job, and where
     training starts, resumes and ends. Lightning's hooks without Lightning's Callback base (recipe.Report adds it:
-    this module must not import Lightning); torch is imported where a hook needs it."""
+    this module imports no Lightning at its top); torch is imported where a hook needs it."""
 
     def __init__(self, cfg: DictConfig):
         self.cfg, self.last_snapshot_step = cfg, None

@@ -8,14 +8,16 @@ import time
 
 START_TIME = time.time()  # before the heavy imports: the benchmarks count them in the time to first step
 
-from cluster import parse_args, run, torchrun_layout  # noqa: E402  (light: NeMo is imported once all is checked)
+from cluster import init_distributed, parse_args, run, torchrun_layout  # noqa: E402  (light: NeMo after the checks)
 
 
 def setup(args):
     """torchrun started one process per device and told each its place (RANK, LOCAL_RANK, WORLD_SIZE,
-    MASTER_ADDR/MASTER_PORT): Lightning's DDP reads them and joins the others. devices and num_nodes repeat
+    MASTER_ADDR/MASTER_PORT): it joins the others under --timeout (cluster.init_distributed), with the ranks
+    Lightning reads from them, and Lightning's DDP uses that process group. devices and num_nodes repeat
     torchrun's layout, which Lightning must agree with."""
     devices, num_nodes = torchrun_layout()  # started without torchrun: one line, before NeMo's imports
+    init_distributed(args.cfg)  # a busy MASTER_PORT or missing ranks: one line, exit 2 (and torchrun restarts)
     from recipe import ddp
 
     return {"devices": devices, "num_nodes": num_nodes, "strategy": ddp(args.cfg)}

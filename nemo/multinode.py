@@ -12,14 +12,16 @@ import time
 
 START_TIME = time.time()  # before the heavy imports: the benchmarks count them in the time to first step
 
-from cluster import parse_args, run, slurm_layout  # noqa: E402  (light: NeMo is imported once all is checked)
+from cluster import init_distributed, parse_args, run, slurm_layout  # noqa: E402  (light: NeMo after the checks)
 
 
 def setup(args):
     """srun started one task per device; Lightning's SLURMEnvironment reads each task's rank from Slurm's
-    variables (SLURM_PROCID, SLURM_LOCALID, SLURM_NODEID) and its DDP joins the others at MASTER_ADDR/MASTER_PORT.
-    devices and num_nodes must equal the job's --ntasks-per-node and --nodes (checked: else a hang)."""
+    variables (SLURM_PROCID, SLURM_LOCALID, SLURM_NODEID), and the task joins the others at MASTER_ADDR/MASTER_PORT
+    under --timeout (cluster.init_distributed); Lightning's DDP uses that process group. devices and num_nodes must
+    equal the job's --ntasks-per-node and --nodes (checked: else a hang)."""
     devices, num_nodes = slurm_layout(args.cfg)  # a bad launch: one line, before NeMo's imports
+    init_distributed(args.cfg)  # a busy MASTER_PORT or missing ranks: one line and exit 2, not a hang
     from lightning.pytorch.plugins.environments import SLURMEnvironment
 
     from recipe import ddp
