@@ -91,6 +91,8 @@ class Recipe:
     teardown_check: bool = False  # the folder's processes report their DDP models at destroy_process_group
     no_srun: str = ""  # why this folder has no per-rank `srun python multinode.py` launch (then srun() is unusable)
     busy_port: str = ""  # why the busy-port test does not apply, if it does not
+    # what rank 0's one error line says then (any of these)
+    busy_port_says: tuple = ("another process already listens on that port: choose another MASTER_PORT",)
     weights: Callable | None = None  # checkpoint dir -> {name: tensor}
     step_of: Callable | None = None  # checkpoint dir -> the step of its newest checkpoint
     preemption: Preemption | None = None
@@ -142,6 +144,8 @@ RECIPES = {r.folder: r for r in [
            weights=lambda d: _torch_load(_deepspeed_tag(d) / "mp_rank_00_model_states.pt",
                                          weights_only=False)["module"],
            step_of=lambda d: json.loads((_deepspeed_tag(d) / "complete.json").read_text())["step"],
+           # deepspeed.init_distributed may meet the busy port as a client first: then the deadline speaks
+           busy_port_says=("another process already listens on that port", "did not finish within 8 s"),
            preemption=Preemption(
                # ZeRO-2, 2 ranks x batch 16: 128 steps; every rank saves its shard in a step-* tag
                ("--epochs", "1", "--dataset-size", "4096", "--batch-size", "16", "--log-every", "10",

@@ -10,7 +10,6 @@ environment; see deepspeed/README.md).
 
 import json
 import re
-import socket
 import subprocess
 import time
 
@@ -18,6 +17,7 @@ import pytest
 import torch
 from data_files import write_mnist
 from helpers import ROOT, assert_same_weights, clean_env, env_python, epoch_lines, free_port, run, torchrun
+from recipes import RECIPES, wait_all
 
 pytestmark = [pytest.mark.deepspeed, pytest.mark.timeout(400)]
 
@@ -57,43 +57,6 @@ def weights(ckpt_dir):
 
 def progress(ckpt_dir):
     return json.loads((latest_tag(ckpt_dir) / "complete.json").read_text())
-
-
-def srun_style(script_args, nproc, port, extra_env=None):
-    """Start `nproc` processes the way `srun python multinode.py` does: only SLURM_* variables, no RANK."""
-    procs = []
-    for rank in range(nproc):
-        env = clean_env(SLURM_PROCID=rank, SLURM_LOCALID=rank, SLURM_NTASKS=nproc, SLURM_NNODES=1,
-                        SLURM_JOB_ID=4242, MASTER_ADDR="127.0.0.1", MASTER_PORT=port, **(extra_env or {}))
-        procs.append(subprocess.Popen([str(env_python("deepspeed")), str(DS / "multinode.py"), *map(str, script_args)],
-                                      env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                      text=True, start_new_session=True))
-    return procs
-
-
-def wait_all(procs, timeout=300):
-    deadline = time.monotonic() + timeout
-    outs = []
-    try:
-        for p in procs:
-            out, _ = p.communicate(timeout=max(1, deadline - time.monotonic()))
-            outs.append(out)
-    except subprocess.TimeoutExpired:
-        for p in procs:
-            p.kill()
-        pytest.fail(f"processes still running after {timeout}s: {[p.args for p in procs]}")
-    return [p.returncode for p in procs], outs
-
-
-# ------------------------------------------------------------------------------------------ launch patterns
-
-
-@pytest.fixture(scope="module")
-def reference(tmp_path_factory):
-    """One process, ZeRO stage 0, batch 32: what every 2-rank run with batch 16 per rank must reproduce."""
-    ckpt = tmp_path_factory.mktemp("single")
-    out = python(DS / "single_gpu.py", *SMALL, *config("zero0"), "--batch-size", "32", "--checkpoint-dir", ckpt).stdout
-    return weights(ckpt), out
 
 
 def test_single_process_learns_and_checkpoints(reference, tmp_path):
@@ -146,8 +109,9 @@ def test_mp_spawn_zero3_and_zero_to_fp32_loads_into_the_plain_model(reference, t
 
 def test_srun_style_bf16_with_gradient_accumulation(tmp_path):
     """multinode.py under srun (ranks from SLURM_PROCID...): ZeRO-2, bf16, 2 micro batches per step, clipping."""
-    codes, outs = wait_all(srun_style([*SMALL, *config("zero2_bf16_accum"), "--batch-size", "8",
-                                       "--checkpoint-dir", tmp_path], 2, free_port()))
+    procs = RECIPES["deepspeed"].srun([*SMALL, *config("zero2_bf16_accum"), "--batch-size", "8",
+                                       "--checkpoint-dir", tmp_path], 2, free_port())
+    codes, outs = wait_all(procs, timeout=300)
     assert codes == [0, 0], "\n".join(outs)
     assert "[rank0] host" in outs[0] and "[rank1] host" in outs[1]
     assert "ZeRO stage 2 | bf16" in outs[0] and "batch 8/rank x 2 accumulation | 16 steps/epoch" in outs[0], outs[0]
@@ -293,7 +257,8 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path, case, message):
 
 def test_world_size_larger_than_the_dataset():
     """Checked on every rank before the rendezvous: both exit 2 at once, neither waits for the other."""
-    codes, outs = wait_all(srun_style(["--dataset-size", "1", "--batch-size", "1"], 2, free_port()), timeout=150)
+    procs = RECIPES["deepspeed"].srun(["--dataset-size", "1", "--batch-size", "1"], 2, free_port())
+    codes, outs = wait_all(procs, timeout=150)
     assert codes == [2, 2], outs
     for rank, out in enumerate(outs):
         assert out.strip() == f"[rank{rank}] error: the dataset has 1 samples but the world size is 2: some ranks " \
@@ -303,16 +268,6 @@ def test_world_size_larger_than_the_dataset():
 def test_torchrun_script_without_the_launcher():
     proc = run_split([env_python("deepspeed"), DS / "multigpu_torchrun.py"], timeout=60)
     one_error_line(proc, "RANK, LOCAL_RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT not set: launch with `torchrun")
-
-
-def test_busy_master_port_is_a_clear_error_not_a_hang():
-    with socket.socket() as busy:
-        busy.bind(("127.0.0.1", 0))
-        busy.listen()
-        port = busy.getsockname()[1]
-        codes, outs = wait_all(srun_style(["--timeout", "5", *SMALL], 2, port), timeout=150)
-    assert codes[0] == 2 and codes[1] != 0, outs
-    assert "another process already listens on that port" in outs[0] or "did not finish within 5 s" in outs[0], outs
 
 
 def test_every_recipe_script_is_exercised():

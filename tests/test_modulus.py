@@ -8,7 +8,6 @@ No test-only shim: the recipes import physicsnemo on this CPU machine by themsel
 
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -18,6 +17,7 @@ import pytest
 import torch
 from helpers import (ROOT, assert_same_weights, clean_env, env_python, epoch_lines, free_port, run, teardown_checked,
                      torchrun, with_teardown_check)
+from recipes import RECIPES, wait_all
 
 pytestmark = [pytest.mark.modulus, pytest.mark.timeout(300)]
 
@@ -53,34 +53,6 @@ def epochs(out):
     rows = epoch_lines(out)
     assert all(e.metric == "rel_l2" for e in rows), rows
     return [(e.epoch, e.step, e.loss, e.value) for e in rows]
-
-
-def srun_style(args, nproc, port, drop=(), **extra):
-    """Start `nproc` processes the way `srun python multinode.py` does: Slurm's variables only, no RANK."""
-    procs = []
-    for rank in range(nproc):
-        variables = dict(SLURM_PROCID=rank, SLURM_LOCALID=rank, SLURM_NPROCS=nproc, SLURM_NTASKS=nproc,
-                         SLURM_NNODES=1, SLURM_JOB_ID=4242, SLURM_LAUNCH_NODE_IPADDR="127.0.0.1", MASTER_PORT=port)
-        variables.update(extra)
-        e = with_teardown_check(env(**{k: v for k, v in variables.items() if k not in drop}))
-        procs.append(subprocess.Popen([str(env_python("modulus")), str(MOD / "multinode.py"), *map(str, args)],
-                                      env=e, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                      start_new_session=True))
-    return procs
-
-
-def wait_all(procs, timeout=240):
-    deadline = time.monotonic() + timeout
-    outs = []
-    try:
-        for p in procs:
-            out, err = p.communicate(timeout=max(1, deadline - time.monotonic()))
-            outs.append((out, err))
-    except subprocess.TimeoutExpired:
-        for p in procs:
-            p.kill()
-        pytest.fail(f"processes still running after {timeout}s: {[p.args for p in procs]}")
-    return [p.returncode for p in procs], outs
 
 
 def bad_input(cmd, timeout=120, **env_extra):
@@ -150,7 +122,7 @@ def test_srun_tasks_preempted_save_exit_75_and_resume(reference, tmp_path):
     launch resumes mid-epoch and ends with the weights of one uninterrupted process over the global batch (the
     tolerance is the 2-ranks-vs-1 rounding; a batch skipped or trained twice moves the weights by ~lr)."""
     args = [*SMALL, "--batch-size", "8", "--checkpoint-dir", tmp_path]
-    procs = srun_style(args, 2, free_port())
+    procs = RECIPES["modulus"].srun(args, 2, free_port(), stderr_apart=True)
     head = []
     for line in procs[0].stdout:  # wait until training is under way
         head.append(line)
@@ -158,7 +130,7 @@ def test_srun_tasks_preempted_save_exit_75_and_resume(reference, tmp_path):
             break
     for p in procs:
         p.send_signal(signal.SIGUSR1)
-    codes, outs = wait_all(procs)
+    codes, outs = wait_all(procs, timeout=240)
     out0 = "".join(head) + outs[0][0]
     assert codes == [75, 75], outs
     # the way out of a preemption (SystemExit(75) in flight) frees the model before the process group too
@@ -168,7 +140,7 @@ def test_srun_tasks_preempted_save_exit_75_and_resume(reference, tmp_path):
     stopped_at = int(re.search(r"preempted at step (\d+): snapshot saved", out0).group(1))
     assert 3 <= stopped_at < 16 and snapshot(tmp_path)["step"] == stopped_at
 
-    codes, outs = wait_all(srun_style(args, 2, free_port()))
+    codes, outs = wait_all(RECIPES["modulus"].srun(args, 2, free_port(), stderr_apart=True), timeout=240)
     assert codes == [0, 0], outs
     assert re.search(rf"resumed from \S+snapshot.pt: epoch \d, step {stopped_at}$", outs[0][0], re.M), outs[0][0]
     assert snapshot(tmp_path)["step"] == 16
@@ -281,17 +253,6 @@ def test_world_size_larger_than_the_data():
                                expect_fail=True, timeout=180)
     said = re.findall(r"^\[rank(\d)\] error: the dataset has 1 samples but the world size is 2", proc.stdout, re.M)
     assert said and "exitcode  : 2" in proc.stdout and "RecipeError" not in proc.stdout, proc.stdout
-
-
-def test_busy_port_is_a_clear_error_not_a_hang():
-    with socket.socket() as busy:
-        busy.bind(("127.0.0.1", 0))
-        busy.listen()
-        port = busy.getsockname()[1]
-        codes, outs = wait_all(srun_style(["--timeout", "5", *SMALL], 2, port), timeout=150)
-    assert codes[0] == 2 and codes[1] != 0, outs
-    lines = outs[0][1].splitlines()
-    assert len(lines) == 1 and "another process already listens on that port: choose another MASTER_PORT" in lines[0]
 
 
 def test_every_recipe_script_is_exercised():

@@ -10,16 +10,15 @@ import json
 import re
 import shutil
 import signal
-import socket
 import struct
 import subprocess
-import time
 
 import numpy as np
 import pytest
 import torch
 from helpers import (ROOT, assert_same_weights, clean_env, env_python, epoch_lines, free_port, run, teardown_checked,
                      torchrun, with_teardown_check)
+from recipes import RECIPES, wait_all
 
 pytestmark = [pytest.mark.monai, pytest.mark.timeout(300)]
 
@@ -48,33 +47,6 @@ def snapshot(ckpt_dir, name="snapshot.pt"):
 
 def validation_dice(out):
     return [float(x) for x in re.findall(r"^\[rank0\] validation dice (\S+) over", out, re.M)]
-
-
-def srun_style(script_args, nproc, port, data_dir):
-    """Start `nproc` processes the way `srun python multinode.py` does: only SLURM_* variables, no RANK."""
-    procs = []
-    for rank in range(nproc):
-        env = with_teardown_check(clean_env(SLURM_PROCID=rank, SLURM_LOCALID=rank, SLURM_NTASKS=nproc,
-                                            SLURM_NNODES=1, SLURM_JOB_ID=4242, MASTER_ADDR="127.0.0.1",
-                                            MASTER_PORT=port))
-        procs.append(subprocess.Popen(
-            [str(env_python("monai")), "multinode.py", *map(str, script_args), "--data-dir", str(data_dir)],
-            env=env, cwd=FOLDER, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True))
-    return procs
-
-
-def wait_all(procs, timeout=180):
-    deadline = time.monotonic() + timeout
-    outs = []
-    try:
-        for p in procs:
-            out, _ = p.communicate(timeout=max(1, deadline - time.monotonic()))
-            outs.append(out)
-    except subprocess.TimeoutExpired:
-        for p in procs:
-            p.kill()
-        pytest.fail(f"processes still running after {timeout}s: {[p.args for p in procs]}")
-    return [p.returncode for p in procs], outs
 
 
 def assert_one_error_line(proc, message):
@@ -240,7 +212,7 @@ def test_preempted_srun_ranks_save_exit_75_and_resume_exactly(ddp_run, data_dir,
     (PREEMPTION.CHECK_EVERY), rank 0 saves, both exit 75; the relaunch resumes mid-epoch and ends with the
     uninterrupted run's weights."""
     args = [*SMALL, "--batch-size", "1", "--checkpoint-dir", tmp_path]
-    procs = srun_style(args, 2, free_port(), data_dir)
+    procs = RECIPES["monai"].srun([*args, "--data-dir", data_dir], 2, free_port())
     head = []
     for line in procs[0].stdout:  # rank 0 is past its rendezvous: both ranks' handlers are installed
         head.append(line)
@@ -256,7 +228,7 @@ def test_preempted_srun_ranks_save_exit_75_and_resume_exactly(ddp_run, data_dir,
     stopped_at = int(re.search(r"preempted at step (\d+): snapshot saved", outs[0]).group(1))
     assert 0 < stopped_at < STEPS and snapshot(tmp_path)["step"] == stopped_at
 
-    codes, outs = wait_all(srun_style(args, 2, free_port(), data_dir))
+    codes, outs = wait_all(RECIPES["monai"].srun([*args, "--data-dir", data_dir], 2, free_port()))
     assert codes == [0, 0], "\n".join(outs)
     assert "[rank0] host" in outs[0] and "[rank1] host" in outs[1]  # ranks came from SLURM_PROCID
     epoch = stopped_at // (STEPS // 2) + 1  # 6 steps per epoch; the check at step 10 is batch 4 of epoch 2
@@ -352,16 +324,6 @@ def test_world_size_larger_than_the_data(data_dir):
 def test_torchrun_script_without_torchrun():
     proc = python("multigpu_torchrun.py", env=clean_env(WORLD_SIZE=2), expect_fail=True, timeout=60)
     assert_one_error_line(proc, "RANK, LOCAL_RANK not set: launch with `torchrun")
-
-
-def test_master_port_in_use_is_a_clear_error_not_a_hang(data_dir):
-    with socket.socket() as busy:
-        busy.bind(("127.0.0.1", 0))
-        busy.listen()
-        port = busy.getsockname()[1]
-        codes, outs = wait_all(srun_style(["--timeout", "8", *SMALL], 2, port, data_dir), timeout=150)
-    assert codes[0] == 2 and codes[1] != 0, outs
-    assert "another process already listens on that port: choose another MASTER_PORT" in outs[0], outs[0]
 
 
 def test_every_recipe_script_is_exercised():

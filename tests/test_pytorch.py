@@ -8,7 +8,6 @@ import json
 import os
 import re
 import signal
-import socket
 import subprocess
 import threading
 import time
@@ -19,6 +18,7 @@ from data_files import cifar_md5_env, write_cifar10, write_mnist
 from helpers import (ROOT, assert_same_weights, clean_env, env_python, epoch_lines, free_port, run,
                      run_killing_a_worker_twice, teardown_checked, torchrun, with_teardown_check,
                      with_torchvision_shim)
+from recipes import RECIPES, wait_all
 
 pytestmark = [pytest.mark.pytorch, pytest.mark.timeout(300)]
 
@@ -42,52 +42,6 @@ def model_of(ckpt_dir):
 
 def losses(out):
     return [e.loss for e in epoch_lines(out)]
-
-
-def srun_style(script_args, nproc, port, extra_env=None, **kw):
-    """Start `nproc` processes the way `srun python multinode.py` does: only SLURM_* variables, no RANK."""
-    procs = []
-    for rank in range(nproc):
-        slurm = dict(SLURM_PROCID=rank, SLURM_LOCALID=rank, SLURM_NTASKS=nproc, SLURM_NNODES=1, SLURM_JOB_ID=4242,
-                     MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
-        env = with_teardown_check(clean_env(**{**slurm, **(extra_env or {})}))
-        procs.append(subprocess.Popen([str(env_python("pytorch")), str(PT / "multinode.py"), *script_args],
-                                      env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                      text=True, start_new_session=True))
-    return procs
-
-
-def wait_all(procs, timeout=180):
-    deadline = time.monotonic() + timeout
-    outs = []
-    try:
-        for p in procs:
-            out, _ = p.communicate(timeout=max(1, deadline - time.monotonic()))
-            outs.append(out)
-    except subprocess.TimeoutExpired:
-        for p in procs:
-            p.kill()
-        pytest.fail(f"processes still running after {timeout}s: {[p.args for p in procs]}")
-    return [p.returncode for p in procs], outs
-
-
-# ------------------------------------------------------------------------------------------ reference runs
-
-
-@pytest.fixture(scope="module")
-def reference(tmp_path_factory):
-    """One process, batch 32: what every 2-rank run with batch 16 per rank must reproduce."""
-    ckpt = tmp_path_factory.mktemp("single")
-    out = python(PT / "single_gpu.py", *SMALL, "--batch-size", "32", "--checkpoint-dir", ckpt).stdout
-    return model_of(ckpt), out
-
-
-@pytest.fixture(scope="module")
-def ddp_run(tmp_path_factory):
-    ckpt = tmp_path_factory.mktemp("ddp")
-    out = torchrun_standalone("multigpu_torchrun.py", 2, *SMALL, "--batch-size", "16", "--checkpoint-dir", ckpt,
-                              env=with_teardown_check(clean_env())).stdout
-    return ckpt, out
 
 
 def test_single_gpu_learns_and_writes_a_complete_snapshot(tmp_path):
@@ -135,7 +89,7 @@ def test_multinode_as_two_torchrun_nodes_on_one_host(reference, tmp_path):
 
 
 def test_multinode_srun_style_maps_slurm_variables(reference, tmp_path):
-    procs = srun_style([*SMALL, "--batch-size", "16", "--checkpoint-dir", str(tmp_path)], 2, free_port())
+    procs = RECIPES["pytorch"].srun([*SMALL, "--batch-size", "16", "--checkpoint-dir", str(tmp_path)], 2, free_port())
     codes, outs = wait_all(procs)
     assert codes == [0, 0], "\n".join(outs)
     assert "[rank0] host" in outs[0] and "[rank1] host" in outs[1]  # ranks came from SLURM_PROCID
@@ -394,7 +348,7 @@ def test_rendezvous_deadline_is_separate_from_the_collective_one(tmp_path):
     deadline for both; rank 0 gave up on the rendezvous after --timeout.)"""
     port = free_port()
     args = [*SMALL, "--batch-size", "16", "--timeout", "8", "--rendezvous-timeout", "90"]
-    procs = srun_style(args, 1, port, extra_env={"SLURM_NTASKS": 2})  # rank 0 of 2
+    procs = RECIPES["pytorch"].srun(args, 1, port, extra_env={"SLURM_NTASKS": 2})  # rank 0 of 2
     time.sleep(20)
     env = with_teardown_check(clean_env(SLURM_PROCID=1, SLURM_LOCALID=1, SLURM_NTASKS=2, MASTER_ADDR="127.0.0.1",
                                         MASTER_PORT=port))
@@ -503,18 +457,6 @@ def test_world_size_without_rank():
     assert "RANK, LOCAL_RANK not set: launch with `torchrun" in proc.stdout and "Traceback" not in proc.stdout
 
 
-def test_master_port_in_use_is_a_clear_error_not_a_hang():
-    with socket.socket() as busy:
-        busy.bind(("127.0.0.1", 0))
-        busy.listen()
-        port = busy.getsockname()[1]
-        start = time.monotonic()
-        codes, outs = wait_all(srun_style(["--timeout", "15", *SMALL], 2, port), timeout=120)
-    assert codes[0] == 2 and codes[1] != 0, outs
-    assert "another process already listens on that port: choose another MASTER_PORT" in outs[0], outs[0]
-    assert time.monotonic() - start < 90
-
-
 def test_checkpoint_dir_not_shared_by_every_rank_is_one_clear_error(tmp_path):
     """A relative --checkpoint-dir resolved in two different working directories stands for a node-local path:
     rank 1 cannot see rank 0's files. Every rank stops with one line naming who cannot see it, not a traceback
@@ -539,8 +481,8 @@ def test_a_rank_lost_mid_training_is_one_clear_line(tmp_path):
     """kill -9 of one rank (its node died): the survivor's next all-reduce fails. It must say so in one line and
     exit non-zero -- not a traceback wall from inside DDP's backward hook. (Before: 40 lines of traceback ending
     in gloo's "Read error ... Connection reset by peer. ... GLHF!")"""
-    procs = srun_style([*SMALL[:-2], "--epochs", "100", "--log-every", "1", "--checkpoint-dir", tmp_path,
-                        "--timeout", "60"], 2, free_port())
+    procs = RECIPES["pytorch"].srun([*SMALL[:-2], "--epochs", "100", "--log-every", "1", "--checkpoint-dir", tmp_path,
+                                     "--timeout", "60"], 2, free_port())
     try:
         for line in procs[0].stdout:
             if "| step 4 |" in line:
