@@ -59,6 +59,17 @@ def progress(ckpt_dir):
     return json.loads((latest_tag(ckpt_dir) / "complete.json").read_text())
 
 
+# ------------------------------------------------------------------------------------------ launch patterns
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """One process, ZeRO stage 0, batch 32: what every 2-rank run with batch 16 per rank must reproduce."""
+    ckpt = tmp_path_factory.mktemp("single")
+    out = python(DS / "single_gpu.py", *SMALL, *config("zero0"), "--batch-size", "32", "--checkpoint-dir", ckpt).stdout
+    return weights(ckpt), out
+
+
 def test_single_process_learns_and_checkpoints(reference, tmp_path):
     model, out = reference
     lines = epoch_lines(out)

@@ -44,6 +44,25 @@ def losses(out):
     return [e.loss for e in epoch_lines(out)]
 
 
+# ------------------------------------------------------------------------------------------ reference runs
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """One process, batch 32: what every 2-rank run with batch 16 per rank must reproduce."""
+    ckpt = tmp_path_factory.mktemp("single")
+    out = python(PT / "single_gpu.py", *SMALL, "--batch-size", "32", "--checkpoint-dir", ckpt).stdout
+    return model_of(ckpt), out
+
+
+@pytest.fixture(scope="module")
+def ddp_run(tmp_path_factory):
+    ckpt = tmp_path_factory.mktemp("ddp")
+    out = torchrun_standalone("multigpu_torchrun.py", 2, *SMALL, "--batch-size", "16", "--checkpoint-dir", ckpt,
+                              env=with_teardown_check(clean_env())).stdout
+    return ckpt, out
+
+
 def test_single_gpu_learns_and_writes_a_complete_snapshot(tmp_path):
     out = python(PT / "single_gpu.py", "--epochs", "3", "--dataset-size", "512", "--batch-size", "16",
                  "--lr", "0.1", "--checkpoint-dir", tmp_path).stdout
