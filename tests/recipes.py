@@ -8,7 +8,9 @@ the per-folder tests start. A new folder adds a row to RECIPES and gets those te
     wait_all(procs, timeout)                 their exit codes and outputs, or a test failure naming the hang
 """
 
+import contextlib
 import json
+import os
 import signal
 import subprocess
 import tempfile
@@ -171,8 +173,10 @@ SRUN = sorted(f for f, r in RECIPES.items() if not r.no_srun)
 
 
 def wait_all(procs, timeout=180):
-    """(exit codes, outputs) of every process; a process still running after `timeout` s is a failure (all are
-    killed): a hang must never stall the suite. With stderr kept apart an output is (stdout, stderr)."""
+    """(exit codes, outputs) of every process; a process still running after `timeout` s is a failure: every task
+    and whatever it started (its process group: the tasks start in sessions of their own) is killed, and the
+    failure shows every task's output. A hang must never stall the suite. With stderr kept apart an output is
+    (stdout, stderr)."""
     deadline = time.monotonic() + timeout
     outs = []
     try:
@@ -181,6 +185,8 @@ def wait_all(procs, timeout=180):
             outs.append(out if err is None else (out, err))
     except subprocess.TimeoutExpired:
         for p in procs:
-            p.kill()
-        pytest.fail(f"processes still running after {timeout}s: {[p.args for p in procs]}")
+            with contextlib.suppress(ProcessLookupError):  # a task that already exited
+                os.killpg(p.pid, signal.SIGKILL)
+        rest = "\n".join(f"--- task {r} ---\n{str(p.communicate()[0])[-3000:]}" for r, p in enumerate(procs))
+        pytest.fail(f"processes still running after {timeout}s: {[p.args for p in procs]}\n{rest}", pytrace=False)
     return [p.returncode for p in procs], outs

@@ -3,7 +3,6 @@
 Tiny data (a few steps per epoch) keeps the whole file to about a minute on two idle cores.
 """
 
-import contextlib
 import json
 import os
 import re
@@ -15,6 +14,7 @@ import pytest
 import torch
 from helpers import (ROOT, assert_same_weights, clean_env, env_python, epoch_lines, free_port, run,
                      run_killing_a_worker_twice, torchrun)
+from recipes import RECIPES, wait_all
 
 pytestmark = [pytest.mark.lightning, pytest.mark.timeout(300)]
 
@@ -36,42 +36,11 @@ def world_size(output):
     return int(re.search(r"^\[rank0\] world size (\d+) \|", output, re.M).group(1))
 
 
-def start_slurm_tasks(args, *, ntasks):
-    """Start `ntasks` processes of multinode.py on this host with the SLURM_* variables srun would give them."""
-    port = free_port()
-    procs = []
-    for rank in range(ntasks):
-        env = clean_env(
-            SLURM_JOB_ID="4242", SLURM_JOB_NAME="lightning-test", SLURM_NTASKS=ntasks,
-            SLURM_NTASKS_PER_NODE=ntasks, SLURM_NNODES=1, SLURM_NODEID=0,
-            SLURM_PROCID=rank, SLURM_LOCALID=rank, SLURM_STEP_ID=0, SLURM_NODELIST="localhost",
-            MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
-        procs.append(subprocess.Popen([str(env_python("lightning")), str(script("multinode.py")), *args],
-                                      cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                      text=True, start_new_session=True))
-    return procs
-
-
-def wait_tasks(procs, timeout=120):
-    """(exit codes, outputs) per task. A hang is a failure with every task's output."""
-    outputs, codes = [], []
-    for rank, proc in enumerate(procs):
-        try:
-            out, _ = proc.communicate(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            for p in procs:
-                with contextlib.suppress(ProcessLookupError):  # a task that already exited
-                    os.killpg(p.pid, signal.SIGKILL)  # each task and anything it started
-            rest = "\n".join(f"--- task {r} ---\n{p.communicate()[0][-3000:]}" for r, p in enumerate(procs))
-            pytest.fail(f"task {rank} of multinode.py still running after {timeout}s\n{rest}", pytrace=False)
-        outputs.append(out)
-        codes.append(proc.returncode)
+def run_slurm_tasks(args, *, ntasks, timeout=120):
+    """multinode.py as `ntasks` srun tasks on this host (tests/recipes.py); (exit codes, outputs)."""
+    codes, outputs = wait_all(RECIPES["lightning"].srun(args, ntasks, free_port()), timeout)
     sys.stdout.write("\n".join(f"--- task {r} ---\n{o[-2000:]}" for r, o in enumerate(outputs)))
     return codes, outputs
-
-
-def run_slurm_tasks(args, *, ntasks, timeout=120):
-    return wait_tasks(start_slurm_tasks(args, ntasks=ntasks), timeout)
 
 
 def test_ddp_two_ranks_equals_one_rank(tmp_path):
@@ -120,14 +89,14 @@ def test_multinode_emulated_slurm_two_tasks(tmp_path):
 def test_a_rank_lost_mid_training_is_one_clear_line(tmp_path):
     """kill -9 of one task (its node died): the survivor's next all-reduce fails; it says so in one line and
     exits 1 instead of printing Lightning's and gloo's traceback wall."""
-    procs = start_slurm_tasks(["--epochs", "100", *SMALL[2:-1], "1", "--timeout", "60"], ntasks=2)
+    procs = RECIPES["lightning"].srun(["--epochs", "100", *SMALL[2:-1], "1", "--timeout", "60"], 2, free_port())
     first = ""
     for line in procs[0].stdout:
         first += line
         if "| step 3 |" in line:
             os.killpg(procs[1].pid, signal.SIGKILL)
             break
-    codes, outputs = wait_tasks(procs)
+    codes, outputs = wait_all(procs, timeout=120)
     out = first + outputs[0]
     errors = [ln for ln in out.splitlines() if re.match(r"\[rank0\] error: ", ln)]
     assert codes[0] == 1 and len(errors) == 1 and "Traceback" not in out, out
