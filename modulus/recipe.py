@@ -176,7 +176,7 @@ class Trainer:
                 self.timer()
             loss_sum += loss * len(y)
             seen += len(y)
-            if self.step % self.args.log_every == 0:
+            if self.rank == 0 and self.step % self.args.log_every == 0:  # .item() syncs: rank 0 only
                 self.log(f"epoch {self.epoch + 1} | batch {i + 1}/{len(self.loader)} | step {self.step} | "
                          f"loss {loss.item():.4f}")
             if PREEMPTION.agreed(self.step, self.reduce_max):  # SIGUSR1/SIGTERM: every rank stops at this step

@@ -155,7 +155,7 @@ class Trainer:
             if self.timer:
                 self.timer()
             loss_sum, seen = loss_sum + loss * len(batch["image"]), seen + len(batch["image"])
-            if self.step % self.args.log_every == 0:
+            if self.ranks.rank == 0 and self.step % self.args.log_every == 0:  # .item() syncs: rank 0 only
                 self._log(f"epoch {self.epoch + 1} | batch {i + 1}/{len(loader)} | step {self.step} | "
                           f"loss {loss.item():.4f}")
             if self.args.max_steps and self.step >= self.args.max_steps:

@@ -7,6 +7,7 @@ Map:
     positive_int, positive_float,
     non_negative_int, OneLineParser       the command line's validators (C2); a parse error is one line
     log                                   every line starts with its rank (C3)
+    launcher_rank                         this process's rank from the launcher's variables (before the framework's)
     run                                   the entry point's wrapper: signals first, one-line errors, cleanup
     deadline                              a block that must finish in time, or one line and exit 2
     PreemptionFlag, PREEMPTION            SIGUSR1/SIGTERM remembered; the ranks agree on a step to stop at (C7)
