@@ -1,13 +1,14 @@
 """ray/ sbatch templates submitted for real to the local two-node Slurm cluster (tests/slurm_fixtures.py), from
 inside ray/ as a user would, interpreter in PYTHON.
 
-All five jobs are submitted at once and waited for together (Ray start-up dominates each; run side by side they
-cost about what the slowest costs): single_gpu.sbatch, multigpu.sbatch (a local Ray cluster inside one task),
-multinode.sbatch twice on the same two nodes at the same time -- a Ray cluster per job, head on n1 and a worker
-node on n2, ports and token of their own -- which must not collide, and multinode.sbatch a third time through
-preemption -> exit 75 -> requeue -> resume. While the multinode jobs run, the
-PIDs of their Ray processes are collected (their command lines name the job's temp dirs, /tmp/ray-JOBID-NODE);
-afterwards none of them may be alive, on either node.
+Four jobs, waited for together (Ray start-up dominates each; run side by side they cost about what the slowest
+costs): multinode.sbatch twice on the same two nodes at the same time -- a Ray cluster per job, head on n1 and a
+worker node on n2, ports and token of their own, which must not collide -- the second of them through preemption
+-> exit 75 -> requeue -> resume; then, once both clusters are up, single_gpu.sbatch and multigpu.sbatch (a local
+Ray cluster inside one task). Not all four at once: Ray gives a starting node 30 s to register with its GCS
+(ray/_private/node.py, not configurable), and eight Ray nodes starting on two cores took longer in CI.
+While the multinode jobs run, the PIDs of their Ray processes are collected (their command lines name the job's
+temp dirs, /tmp/ray-JOBID-NODE); afterwards none of them may be alive, on either node.
 """
 
 import re
@@ -53,20 +54,32 @@ def snapshot_step(ckpt):
 def test_templates_two_clusters_at_once_and_preemption_requeue_resume(slurm_cluster, tmp_path):
     python = {"PYTHON": env_python("ray")}
     jobs = {}
-    for name, template, sbatch_args in [("single", "single_gpu.sbatch", shape(1)),
-                                        ("multigpu", "multigpu.sbatch", shape(1, gpus_per_node=2, cpus=2)),
-                                        ("multinode-a", "multinode.sbatch", shape(2)),
-                                        ("multinode-b", "multinode.sbatch", shape(2)),
-                                        ("preempted", "multinode.sbatch", shape(2))]:
+
+    def submit(name, template, sbatch_args):
         ckpt, out = tmp_path / name / "ckpt", tmp_path / name / "job.out"
         job_id = slurm_cluster.submit(FOLDER / template, *ARGS, "--checkpoint-dir", ckpt, sbatch_args=sbatch_args,
                                       cwd=FOLDER, output=out, env=python)
         jobs[name] = (job_id, ckpt, out)
+
+    submit("straight", "multinode.sbatch", shape(2))
+    submit("preempted", "multinode.sbatch", shape(2))
+    MULTINODE = ("straight", "preempted")
+    LATER = [("single", "single_gpu.sbatch", shape(1)),
+             ("multigpu", "multigpu.sbatch", shape(1, gpus_per_node=2, cpus=2))]
+
+    def submit_later():
+        if "single" not in jobs:
+            for job in LATER:
+                submit(*job)
+
     seen = {}  # pid -> command line, of every Ray process of the multinode jobs seen while they ran
 
     def collect(info, log):
-        for name in ("multinode-a", "multinode-b", "preempted"):
+        for name in MULTINODE:
             seen.update(ray_pids(jobs[name][0]))
+        outs = [jobs[name][2] for name in MULTINODE]
+        if all(out.exists() and "[rank0] cluster: " in out.read_text() for out in outs):
+            submit_later()
 
     events = {"signalled": False, "repeats": 0}
 
@@ -89,6 +102,7 @@ def test_templates_two_clusters_at_once_and_preemption_requeue_resume(slurm_clus
 
     results = {"preempted": slurm_cluster.wait(jobs["preempted"][0], jobs["preempted"][2], timeout=300,
                                                on_poll=preempt, name="preempted")}
+    submit_later()  # (if the clusters never both came up: the failure above says why; these run regardless)
     results.update({name: slurm_cluster.wait(job_id, out, timeout=300, on_poll=collect, name=name)
                     for name, (job_id, ckpt, out) in jobs.items() if name != "preempted"})
     for name, job in results.items():
@@ -96,7 +110,7 @@ def test_templates_two_clusters_at_once_and_preemption_requeue_resume(slurm_clus
         # (the preempted job's epoch 1 is reported twice: up to step 10, then from 10 to 16)
         assert len(re.findall(r"\[rank0\] epoch \d+/2 \|", job.log)) == 2 + (name == "preempted"), job.describe()
     # Preemption: USR1 -> snapshot at step 10 -> exit 75 -> scontrol requeue -> the requeued job starts a new Ray
-    # cluster and resumes -> COMPLETED with the weights of the straight run (multinode-a), bit for bit.
+    # cluster and resumes -> COMPLETED with the weights of the straight run, bit for bit.
     job = results["preempted"]
     assert events["signalled"] and events["repeats"] and job.info["Restarts"] == "1", (events, job.describe())
     # The driver exits 75; the shell may read 138 instead when a repeated USR1 interrupts its `wait` just as the
@@ -106,28 +120,26 @@ def test_templates_two_clusters_at_once_and_preemption_requeue_resume(slurm_clus
                    "run 2 (restart 1 of at most 3)",
                    "resumed from", "epoch 1, step 10", "done: 32 steps"):
         assert needle in job.log, f"{needle!r} missing\n{job.describe()}"
-    straight, resumed = (newest(jobs[name][1])["model"] for name in ("multinode-a", "preempted"))
+    straight, resumed = (newest(jobs[name][1])["model"] for name in MULTINODE)
     assert all(torch.equal(straight[k], resumed[k]) for k in straight), "preempted + resumed != straight"
     # steps: 512 samples / (workers x 16)
     assert snapshot_step(jobs["single"][1]) == 2 * 512 // 16
-    for name in ("multigpu", "multinode-a", "multinode-b", "preempted"):
+    for name in ("multigpu", *MULTINODE):
         assert snapshot_step(jobs[name][1]) == 2 * 512 // 32, results[name].describe()
     ports = set()
-    for name in ("multinode-a", "multinode-b"):
+    for name in MULTINODE:
         job = results[name]
         hosts = dict(re.findall(r"\[rank(\d)\] host (\S+) \|", job.log))
         assert set(hosts) == {"0", "1"} and set(hosts.values()) == {"n1", "n2"}, job.describe()  # one per node
         assert "cluster: 2 nodes (10.77.0.11, 10.77.0.12)" in job.log, job.describe()  # IPs from the nodes
         ports.add(re.search(r"head \S+:(\d+), ports (\d+)-", job.log).groups())
         assert "torn down" in job.log, job.describe()
-    assert len(ports) == 2 and len({p[0] for p in ports}) == 2, f"two jobs, same ports: {ports}"
+    assert len(ports) == 2 and len({p[0] for p in ports}) == 2, f"two jobs at once, same ports: {ports}"
     assert seen, "no Ray process of the multinode jobs was ever seen (is the temp dir in their command lines?)"
     assert any("raylet" in c for c in seen.values()) and any("gcs_server" in c for c in seen.values())
-    left = {pid: c for pid, c in seen.items() if Path(f"/proc/{pid}").exists() and pid in ray_pids_all(jobs)}
+    left = {pid: c for pid, c in seen.items()
+            if Path(f"/proc/{pid}").exists() and pid in {p for name in MULTINODE for p in ray_pids(jobs[name][0])}}
     assert not left, f"Ray processes of the jobs survived them: {left}"
-    for name in ("multinode-a", "multinode-b", "preempted"):
+    for name in MULTINODE:
         assert not list(Path("/tmp").glob(f"ray-{jobs[name][0]}-*")), "a node's Ray temp dir was left behind"
 
-
-def ray_pids_all(jobs):
-    return {pid for name in ("multinode-a", "multinode-b", "preempted") for pid in ray_pids(jobs[name][0])}
