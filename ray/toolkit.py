@@ -1,6 +1,7 @@
 """The plumbing every framework folder carries identically (CONTRACT.md C1): this file is byte-for-byte the same in
 pytorch/, lightning/, monai/, modulus/, nemo/, ray/, deepspeed/ and jax/ (tests/test_contract.py checks), so a fix
-made in one folder fails the test until it reaches all of them. Standard library only: jax/ has no torch.
+made in one folder fails the test until it reaches all of them. Standard library only: jax/ has no torch
+(torch_cuda_problem imports torch when called, and only the torch folders call it).
 
 Map:
     PREEMPTED_EXIT_CODE, RecipeError      exit 75 after a snapshot; bad input as one line and exit 2 (C4)
@@ -10,6 +11,8 @@ Map:
     launcher_rank                         this process's rank from the launcher's variables (before the framework's)
     run                                   the entry point's wrapper: signals first, one-line errors, cleanup
     deadline                              a block that must finish in time, or one line and exit 2
+    gpus_given, refuse_silent_cpu,
+    torch_cuda_problem                    no silent CPU: a job given GPUs that cannot use them stops (C12)
     PreemptionFlag, PREEMPTION            SIGUSR1/SIGTERM remembered; the ranks agree on a step to stop at (C7)
     ignore_preemption_signals             DataLoader workers leave the signals to their parent (C7)
     atomic_write                          temporary file, fsync, rename; the previous file kept (C6)
@@ -144,6 +147,52 @@ def deadline(seconds, rank, what):
     finally:
         timer.cancel()
 
+
+
+def gpus_given(environ=None):
+    """What says this process was given GPUs, as NAME=value ('' when nothing does): the GPUs Slurm gave the job on
+    this node, or CUDA_VISIBLE_DEVICES naming devices (not "", "-1" or Slurm's "NoDevFiles")."""
+    env = os.environ if environ is None else environ
+    count = env.get("SLURM_GPUS_ON_NODE", "").strip()
+    if count.isdigit() and int(count) > 0:
+        return f"SLURM_GPUS_ON_NODE={count}"
+    visible = env.get("CUDA_VISIBLE_DEVICES", "").strip()
+    if visible not in ("", "-1", "NoDevFiles"):
+        return f"CUDA_VISIBLE_DEVICES={visible}"
+    return ""
+
+
+def refuse_silent_cpu(backend, problem, environ=None):
+    """No silent CPU (CONTRACT C12): when the job was given GPUs (gpus_given) or asked for --backend nccl, and
+    problem() -- '' when the GPUs are usable, else why not -- names a reason, stop with one line instead of
+    training on the CPU. --backend gloo asked for explicitly trains on the CPU (the local cluster's fake GPUs)."""
+    if backend == "gloo":
+        return
+    given = "--backend nccl" if backend == "nccl" else gpus_given(environ)
+    if not given:
+        return
+    why = problem()
+    if why:
+        raise RecipeError(f"{given}, but {why}; stopping rather than training on the CPU "
+                          f"(--backend gloo trains on the CPU on purpose)")
+
+
+def torch_cuda_problem():
+    """refuse_silent_cpu's problem() for the torch folders: '' when torch sees a CUDA device, else the cause: a
+    CPU-only build of torch, or what torch said about the driver (too old for the wheel, not loaded, no device)."""
+    import warnings
+
+    import torch
+    if torch.version.cuda is None:
+        return (f"torch {torch.__version__} is a CPU-only build: install a CUDA build of torch "
+                f"(https://pytorch.org/get-started/locally/)")
+    with warnings.catch_warnings(record=True) as said:
+        warnings.simplefilter("always")
+        usable = torch.cuda.is_available()
+    if usable:
+        return ""
+    reason = " ".join(str(said[0].message).split()) if said else "no CUDA device is visible to this process"
+    return f"torch {torch.__version__} (built for CUDA {torch.version.cuda}) cannot use a GPU: {reason}"
 
 class PreemptionFlag:
     """Remembers that Slurm asked us to stop (SIGUSR1 before the time limit, SIGTERM on preemption or scancel);

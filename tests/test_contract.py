@@ -216,6 +216,62 @@ def test_smoke_run_log_lines_and_resume_of_a_finished_run(folder, tmp_path):
     assert not [ln for ln in again.splitlines() if EPOCH_LINE.match(ln)], "a finished run trained again"
 
 
+# ------------------------------------------------------------------------------------------------ C12 devices
+
+
+def multi_process_script(folder: str) -> str:
+    return "multigpu_torchrun.py" if (ROOT / folder / "multigpu_torchrun.py").exists() else "multigpu.py"
+
+
+def test_the_silent_cpu_seam_with_the_gpu_facts_patched_in(monkeypatch):
+    """toolkit's seam on its own (C12): what counts as GPUs given, and the causes a torch folder names -- a CPU
+    build, a driver torch cannot use (its warning quoted), a usable GPU (no problem) -- with torch's answers
+    patched, as a GPU node with a broken install would give them."""
+    sys.path.insert(0, str(ROOT / "pytorch"))
+    try:
+        import toolkit
+    finally:
+        sys.path.pop(0)
+    import torch
+    import warnings
+
+    given = toolkit.gpus_given
+    assert given({}) == "" and given({"SLURM_GPUS_ON_NODE": "0"}) == ""
+    assert given({"CUDA_VISIBLE_DEVICES": ""}) == given({"CUDA_VISIBLE_DEVICES": "-1"}) == ""
+    assert given({"CUDA_VISIBLE_DEVICES": "NoDevFiles"}) == ""  # Slurm's value when gres.conf names no files
+    assert given({"SLURM_GPUS_ON_NODE": "4", "CUDA_VISIBLE_DEVICES": "0,1"}) == "SLURM_GPUS_ON_NODE=4"
+    assert given({"CUDA_VISIBLE_DEVICES": "GPU-6f2a"}) == "CUDA_VISIBLE_DEVICES=GPU-6f2a"
+
+    def refused(backend, problem, environ):
+        try:
+            toolkit.refuse_silent_cpu(backend, lambda: problem, environ)
+        except toolkit.RecipeError as e:
+            return str(e)
+        return ""
+
+    gpus = {"SLURM_GPUS_ON_NODE": "8"}
+    assert refused("auto", "no driver", gpus).startswith("SLURM_GPUS_ON_NODE=8, but no driver; stopping")
+    assert refused("nccl", "no driver", {}).startswith("--backend nccl, but no driver")
+    assert refused("gloo", "no driver", gpus) == ""  # asked for explicitly
+    assert refused("auto", "no driver", {}) == ""  # a CPU machine, a CPU job
+    assert refused("auto", "", gpus) == ""  # the GPUs work
+
+    monkeypatch.setattr(torch.version, "cuda", None)
+    assert "CPU-only build" in toolkit.torch_cuda_problem()
+    monkeypatch.setattr(torch.version, "cuda", "13.0")
+
+    def old_driver():
+        warnings.warn("CUDA initialization: The NVIDIA driver on your system is too old (found version 12020).",
+                      stacklevel=2)
+        return False
+
+    monkeypatch.setattr(torch.cuda, "is_available", old_driver)
+    problem = toolkit.torch_cuda_problem()
+    assert "built for CUDA 13.0" in problem and "driver on your system is too old" in problem, problem
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert toolkit.torch_cuda_problem() == ""
+
+
 # ------------------------------------------------------------------------------------------------ C8 templates
 
 
