@@ -44,7 +44,9 @@ def parse_args():
     p.add_argument("--no-ddp", action="store_true",
                    help="every rank trains alone: no process group, no gradient all-reduce (the machine's ceiling "
                         "for scaling: what W ranks achieve when they do not communicate at all)")
-    # accepted so that every entry of the runner gets one command line; unused here
+    # accepted so that every entry of the runner gets one command line; unused here (the runner passes the
+    # backend it measures, gloo or nccl, and the device follows from CUDA being there)
+    p.add_argument("--backend", choices=["auto", "nccl", "gloo"], default="auto")
     p.add_argument("--log-every", type=int, default=0)
     p.add_argument("--checkpoint-dir", default=None)
     return p.parse_args()

@@ -38,7 +38,9 @@ def parse_args():
     p.add_argument("--dataset-size", type=int, default=512)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--timings-file", default=None)
-    # accepted so that every entry of the runner gets one command line; unused here
+    # accepted so that every entry of the runner gets one command line; unused here (the runner passes the
+    # backend it measures, gloo or nccl, and the device follows from CUDA being there)
+    p.add_argument("--backend", choices=["auto", "nccl", "gloo"], default="auto")
     p.add_argument("--log-every", type=int, default=0)
     p.add_argument("--checkpoint-dir", default=None)
     return p.parse_args()

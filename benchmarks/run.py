@@ -268,7 +268,9 @@ def launch_command(args, recipe: Recipe, world_size: int, launch_id: int, timing
 def common_args(args, recipe: Recipe, world_size: int, timings: Path, ckpt: Path) -> list[str]:
     # One epoch that is exactly --steps long: no epoch boundary (metrics, checkpoints) among the timed steps.
     batch = recipe.batch_size or args.batch_size
-    return ["--epochs", "1", "--max-steps", str(args.steps), "--batch-size", str(batch),
+    # The backend measured, asked for explicitly: on a CPU machine inside a GPU job (the local Slurm cluster's
+    # fake GPUs) the recipes would otherwise refuse to train on the CPU (CONTRACT C12).
+    return ["--backend", args.backend, "--epochs", "1", "--max-steps", str(args.steps), "--batch-size", str(batch),
             "--dataset-size", str(args.steps * world_size * batch), "--log-every", "1000000",
             "--timings-file", str(timings), "--checkpoint-dir", str(ckpt)]
 
@@ -483,7 +485,7 @@ def main(argv=None):
     info = versions(BASELINE.env, devices=True)  # the baseline's torch decides: CUDA -> nccl, else gloo
     for env in dict.fromkeys(e.env for e in args.recipes):
         info.update({k: v for k, v in versions(env, devices=False).items() if k not in info})
-    backend = "nccl" if info["cuda"] else "gloo"
+    backend = args.backend = "nccl" if info["cuda"] else "gloo"
     if args.launcher == "local" and info["cuda"] and max(args.world_sizes) > len(info["gpus"]):
         sys.exit(f"error: {len(info['gpus'])} GPU(s) here, world sizes {args.world_sizes} asked for")
     quiet = wait_until_quiet(args.wait_quiet, args.quiet_cores) if args.wait_quiet and not info["cuda"] else None

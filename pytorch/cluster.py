@@ -2,7 +2,7 @@
 folder shares (signals, exit codes, validators, deadlines, the atomic write) is toolkit.py's.
 
 Map:
-    parse_args                    the command line (CONTRACT.md C2); bad input is one line and exit 2
+    parse_args                    the command line (C2): bad input is one line and exit 2; no silent CPU (C12)
     run                           the entry point's wrapper: toolkit.run + explain + leave_process_group
     explain                       a collective that failed because a peer died: one line and exit 1, no traceback
     leave_process_group           free the DDP model, then destroy the process group (or the exit can hang)
@@ -87,6 +87,7 @@ def parse_args(description, extra=None):
     args.rendezvous_timeout = args.rendezvous_timeout or args.timeout
     if args.data != "synthetic" and not args.data_dir:
         p.error(f"--data {args.data} needs --data-dir (the directory that holds, or will hold, the dataset)")
+    toolkit.refuse_silent_cpu(args.backend, toolkit.torch_cuda_problem)  # given GPUs it cannot use: stop (C12)
     return args
 
 

@@ -181,7 +181,7 @@ class Trainer:
             dist.broadcast_object_list(choice, src=0)
         if choice[0] is None:
             return
-        snap = torch.load(choice[0], map_location=self.device, weights_only=True)  # to this rank's device; data only
+        snap = torch.load(choice[0], map_location="cpu", weights_only=True)  # data only; load_state_dict copies it over
         (self.model.module if isinstance(self.model, DDP) else self.model).load_state_dict(snap["model"])
         self.optimizer.load_state_dict(snap["optimizer"])
         self.scheduler.load_state_dict(snap["scheduler"])

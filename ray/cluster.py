@@ -1,7 +1,7 @@
 """ray/'s plumbing: what the lesson (recipe.py) needs around it on a real cluster, apart from what it teaches.
 
 Map:
-    parse_args, add_ray_flags   the command line (CONTRACT.md C2); --max-failures of the scripts that use Ray
+    parse_args, add_ray_flags   the command line (C2; no silent CPU, C12); --max-failures of the scripts on Ray
     run                         toolkit.run, the driver (or single_gpu.py's one process) speaking as rank 0
     pick_backend                --backend auto: nccl with CUDA, gloo without
     npz_dataset                 --data npz: DATA_DIR/train.npz, checked; a bad file is one error line (C4)
@@ -86,6 +86,9 @@ def parse_args(description, extra=None):
         p.error(f"--data {args.data} needs --data-dir (the directory that holds train.npz)")
     if args.checkpoint_dir:  # Ray needs an absolute storage path; the workers may run in another directory
         args.checkpoint_dir = os.path.abspath(args.checkpoint_dir)
+    # Given GPUs it cannot use: stop (C12). The driver checks its own node; Ray then places GPU workers only on
+    # nodes whose `ray start` counted GPUs (ray_node.sh: --num-gpus from Slurm).
+    toolkit.refuse_silent_cpu(args.backend, toolkit.torch_cuda_problem)
     return args
 
 

@@ -166,13 +166,13 @@ class Trainer:
         path = self.session.resume_from()
         if path is None:
             return
-        snap = torch.load(os.path.join(path, SNAPSHOT), map_location=self.device, weights_only=True)  # data only
+        snap = torch.load(os.path.join(path, SNAPSHOT), map_location="cpu", weights_only=True)  # data only
         (self.model.module if isinstance(self.model, DDP) else self.model).load_state_dict(snap["model"])
         self.optimizer.load_state_dict(snap["optimizer"])
         self.scheduler.load_state_dict(snap["scheduler"])
         if self.scaler is not None and "scaler" in snap:
             self.scaler.load_state_dict(snap["scaler"])
-        torch.set_rng_state(snap["rng"]["torch"].cpu())
+        torch.set_rng_state(snap["rng"]["torch"])
         self.epoch, self.step, self.batch_in_epoch = snap["epoch"], snap["step"], snap["batch_in_epoch"]
         self.log(f"resumed from {path}: epoch {self.epoch + 1}, step {self.step}")
 

@@ -10,7 +10,7 @@ import re
 import pytest
 import torch
 from helpers import ROOT, env_python, epoch_lines
-from slurm_fixtures import shape
+from slurm_fixtures import GLOO, shape
 
 pytestmark = [pytest.mark.lightning, pytest.mark.slurm, pytest.mark.timeout(400)]
 
@@ -77,7 +77,7 @@ def test_missing_srun_fails_fast_with_a_clear_error(slurm_cluster, tmp_path):
     would wait for the second process until its 30-minute timeout; multinode.py stops at once."""
     job_script = tmp_path / "no_srun.sbatch"
     job_script.write_text(NO_SRUN_JOB)
-    job = slurm_cluster.run(job_script, *TINY, "--checkpoint-dir", tmp_path / "ckpt", cwd=FOLDER,
+    job = slurm_cluster.run(job_script, *TINY, *GLOO, "--checkpoint-dir", tmp_path / "ckpt", cwd=FOLDER,
                             output=tmp_path / "job.out", env={"PYTHON": env_python("lightning")}, timeout=90)
     assert job.state == "FAILED", job.describe()
     assert "error: multinode.py was started without srun, as 1 process of a 2-task job" in job.log, job.describe()

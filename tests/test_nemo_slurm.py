@@ -12,7 +12,7 @@ import subprocess
 
 import pytest
 from helpers import ROOT, env_python, epoch_lines
-from slurm_fixtures import LOCAL_CLUSTER, cluster_env, shape
+from slurm_fixtures import GLOO, LOCAL_CLUSTER, cluster_env, shape
 from test_nemo import last_checkpoint  # reads a NeMo checkpoint without NeMo
 
 pytestmark = [pytest.mark.nemo, pytest.mark.slurm, pytest.mark.timeout(400)]
@@ -48,7 +48,7 @@ def test_template_runs(slurm_cluster, tmp_path, template, sbatch_args, world_siz
 
 def test_megatron_parallel_two_nodes_tensor_parallel_across_them(slurm_cluster, tmp_path):
     """srun one task per (fake) GPU on 2 nodes, TP 2: the tensor-parallel group spans the two tasks."""
-    job = slurm_cluster.run(FOLDER / "megatron_parallel.sbatch", "--tensor-model-parallel-size", 2, cwd=FOLDER,
+    job = slurm_cluster.run(FOLDER / "megatron_parallel.sbatch", "--tensor-model-parallel-size", 2, *GLOO, cwd=FOLDER,
                             sbatch_args=shape(2, 1), output=tmp_path / "job.out",
                             env={"PYTHON": env_python("nemo")}, timeout=200)
     job.assert_ok()
@@ -92,7 +92,7 @@ def test_nemo_run_submits_multinode_and_the_job_completes(slurm_cluster, tmp_pat
     env = cluster_env(PATH=f"{bin_dir}:{os.environ['PATH']}", NEMORUN_HOME=home, COLUMNS=400)
     proc = subprocess.run([str(env_python("nemo-run")), "launch_nemo_run.py", "--nodes", "2", "--gpus-per-node", "1",
                            "--cpus-per-gpu", "1", "--time", "00:05:00", "--python", str(env_python("nemo")),
-                           "--checkpoint-dir", str(ckpt), "--", *map(str, TINY)],
+                           "--checkpoint-dir", str(ckpt), "--", *map(str, TINY), *GLOO],
                           cwd=FOLDER, env=env, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=180)
     submitted = re.search(r"^submitted Slurm job (\d+);", proc.stdout, re.M)
     assert proc.returncode == 0 and submitted, proc.stdout[-3000:] + proc.stderr[-3000:]

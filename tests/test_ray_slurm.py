@@ -17,12 +17,12 @@ from pathlib import Path
 import pytest
 import torch
 from helpers import ROOT, env_python
-from slurm_fixtures import shape  # one task per node: `ray start`
+from slurm_fixtures import GLOO, shape  # one task per node: `ray start`
 
 pytestmark = [pytest.mark.ray, pytest.mark.slurm, pytest.mark.timeout(400)]
 
 FOLDER = ROOT / "ray"
-ARGS = ["--epochs", 2, "--dataset-size", 512, "--batch-size", 16, "--log-every", 8]
+ARGS = ["--epochs", 2, "--dataset-size", 512, "--batch-size", 16, "--log-every", 8, *GLOO]
 
 
 def ray_pids(job_id):

@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from helpers import ROOT, env_python
-from slurm_fixtures import cluster_env, progress_step
+from slurm_fixtures import GLOO, cluster_env, progress_step
 from test_slurm_templates import STOPPABLE  # a program that exits 75 on USR1
 
 pytestmark = pytest.mark.slurm
@@ -34,7 +34,7 @@ TINY = ["--epochs", 2, "--dataset-size", 512, "--batch-size", 16, "--log-every",
 # growing to 3.6e-3 by the end after a mid-epoch resume), also under plain torchrun without Slurm -- most likely
 # the first step after a restart reduces gradients in a different order (DDP rebuilds its buckets after the
 # first step, and gloo's ring sums four values in a chunk-dependent order).
-LONG = ["--epochs", 3, "--dataset-size", 2048, "--batch-size", 16, "--log-every", 8, "--seed", 0]
+LONG = ["--epochs", 3, "--dataset-size", 2048, "--batch-size", 16, "--log-every", 8, "--seed", 0, *GLOO]
 LONG_STEPS = 192
 ONE_PER_NODE = ["--nodes=2", "--ntasks-per-node=1", "--gpus-per-node=1", "--cpus-per-task=1"]
 
@@ -149,7 +149,7 @@ def test_array_sweep(slurm_cluster, pytorch_python, tmp_path):
     """slurm_templates/array_sweep.sbatch over pytorch/single_gpu.py: 4 array tasks, own port and directory."""
     sweep = tmp_path / "sweep"
     job_id = slurm_cluster.submit(TEMPLATES / "array_sweep.sbatch", PYTORCH / "single_gpu.py", "--epochs", 1,
-                                  "--dataset-size", 256, "--batch-size", 16, "--seed", 0,
+                                  "--dataset-size", 256, "--batch-size", 16, "--seed", 0, *GLOO,
                                   sbatch_args=["--cpus-per-task=1"], output=tmp_path / "sweep-%a.out",
                                   env={"PYTHON": pytorch_python, "SWEEP_DIR": sweep})
     jobs = slurm_cluster.wait_array(job_id, lambda i: tmp_path / f"sweep-{i}.out", tasks=4)

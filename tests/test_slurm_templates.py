@@ -11,7 +11,7 @@ import subprocess
 
 import pytest
 from helpers import ROOT
-from slurm_fixtures import LOCAL_NET
+from slurm_fixtures import GLOO, LOCAL_NET
 
 pytestmark = pytest.mark.slurm
 
@@ -44,7 +44,7 @@ FIX = "export SRUN_CPUS_PER_TASK=$SLURM_CPUS_PER_TASK\n"
 def affinity_job(cluster, python, tmp_path, template):
     """`template` + doctor.py on 2 nodes x 1 rank x CORES cores; every rank reports os.sched_getaffinity(0)."""
     shape = ["--nodes=2", "--ntasks-per-node=1", "--gpus-per-node=1", f"--cpus-per-task={CORES}", "--time=00:05:00"]
-    return cluster.run(template, TOOLS / "doctor.py", "--report-dir", tmp_path / "report", "--timeout", 60,
+    return cluster.run(template, TOOLS / "doctor.py", *GLOO, "--report-dir", tmp_path / "report", "--timeout", 60,
                        sbatch_args=shape, output=tmp_path / "job.out", env={"PYTHON": python}, timeout=90)
 
 
@@ -97,7 +97,7 @@ def test_no_gpu_count_fails_before_launching(template, tmp_path):
 
 
 def test_doctor_job(slurm_cluster, slurm_python, tmp_path):
-    job = slurm_cluster.run(TOOLS / "doctor.sbatch", "--report-dir", tmp_path / "report", "--timeout", 60,
+    job = slurm_cluster.run(TOOLS / "doctor.sbatch", *GLOO, "--report-dir", tmp_path / "report", "--timeout", 60,
                             sbatch_args=SMALL, cwd=TOOLS, output=tmp_path / "job.out",
                             env={"PYTHON": slurm_python}).assert_ok()
     assert ranks_and_hosts(job.log) == {0: "n1", 1: "n1", 2: "n2", 3: "n2"}, job.describe()
@@ -130,7 +130,7 @@ def test_doctor_reports_broken_launch(slurm_cluster, slurm_python, tmp_path, mas
     """Classic launch bugs end in a clear FAIL line and a non-zero exit, not a 30-minute hang."""
     script = tmp_path / "broken.sbatch"
     script.write_text(BROKEN_JOB.replace("@MASTER@", master).replace("@WORLD@", world))
-    job = slurm_cluster.run(script, TOOLS / "doctor.py", "--timeout", 8, output=tmp_path / "job.out",
+    job = slurm_cluster.run(script, TOOLS / "doctor.py", *GLOO, "--timeout", 8, output=tmp_path / "job.out",
                             env={"PYTHON": slurm_python}, timeout=90)
     assert job.state == "FAILED" and job.exit_code != 0, job.describe()
     assert "[doctor] FAIL: rank " in job.log and expect in job.log, job.describe()
@@ -152,7 +152,7 @@ def test_allreduce_bench_job(slurm_cluster, slurm_python, tmp_path):
 
 def test_torchrun_per_node(slurm_cluster, slurm_python, tmp_path):
     """One torchrun per node, c10d rendezvous on n1; torchrun starts SLURM_GPUS_ON_NODE=2 ranks per node."""
-    job = slurm_cluster.run(TEMPLATES / "torchrun_per_node.sbatch", TOOLS / "doctor.py",
+    job = slurm_cluster.run(TEMPLATES / "torchrun_per_node.sbatch", TOOLS / "doctor.py", *GLOO,
                             "--report-dir", tmp_path / "report", sbatch_args=[*SMALL, "--ntasks-per-node=1"],
                             output=tmp_path / "job.out", env={"PYTHON": slurm_python}).assert_ok()
     assert "torchrun_per_node: 2 nodes x 2 processes, rendezvous n1:" in job.log
@@ -164,7 +164,7 @@ def test_torchrun_per_node(slurm_cluster, slurm_python, tmp_path):
 
 
 def test_srun_per_gpu(slurm_cluster, slurm_python, tmp_path):
-    job = slurm_cluster.run(TEMPLATES / "srun_per_gpu.sbatch", TOOLS / "doctor.py",
+    job = slurm_cluster.run(TEMPLATES / "srun_per_gpu.sbatch", TOOLS / "doctor.py", *GLOO,
                             "--report-dir", tmp_path / "report", sbatch_args=SMALL,
                             output=tmp_path / "job.out", env={"PYTHON": slurm_python}).assert_ok()
     assert ranks_and_hosts(job.log) == {0: "n1", 1: "n1", 2: "n2", 3: "n2"}, job.describe()

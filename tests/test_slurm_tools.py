@@ -61,6 +61,17 @@ def test_doctor_checks(monkeypatch, env, problem):
         assert any(problem in p for p in problems), problems
 
 
+def test_doctor_fails_a_job_given_gpus_that_torch_cannot_use():
+    """CONTRACT C12 in the doctor: given GPUs, --backend auto and no usable CUDA (this machine) is a problem;
+    --backend gloo asked for, or no GPUs given, is not."""
+    problem = doctor.gpus_unusable("auto", False, {"SLURM_GPUS_ON_NODE": "4"})
+    assert problem.startswith("SLURM_GPUS_ON_NODE=4 but torch ") and "cannot use a GPU" in problem, problem
+    assert "CUDA_VISIBLE_DEVICES=0,1 but" in doctor.gpus_unusable("auto", False, {"CUDA_VISIBLE_DEVICES": "0,1"})
+    assert doctor.gpus_unusable("gloo", False, {"SLURM_GPUS_ON_NODE": "4"}) == ""
+    assert doctor.gpus_unusable("auto", True, {"SLURM_GPUS_ON_NODE": "4"}) == ""
+    assert doctor.gpus_unusable("auto", False, {"CUDA_VISIBLE_DEVICES": "NoDevFiles"}) == ""
+
+
 def test_cpu_list():
     assert doctor.cpu_list({0, 1, 2, 5, 7, 8}) == "0-2,5,7-8" and doctor.cpu_list([3]) == "3"
 

@@ -6,7 +6,9 @@
 Every rank prints one line (rank, node, hostname, the CPU cores it may run on, visible devices, versions);
 rank 0 prints the NCCL/Gloo environment. A rank bound to fewer cores than SLURM_CPUS_PER_TASK fails (srun
 without SRUN_CPUS_PER_TASK on Slurm >= 22.05 runs every task on one core). Then a short all-reduce health
-check runs across all ranks under a watchdog. Exit code 0 means "this launch configuration works"; otherwise
+check runs across all ranks under a watchdog. A job given GPUs (SLURM_GPUS_ON_NODE, CUDA_VISIBLE_DEVICES) that
+torch cannot use fails, as the recipes refuse it (CONTRACT.md C12); --backend gloo checks the CPU path on purpose.
+Exit code 0 means "this launch configuration works"; otherwise
 a line starting with "[doctor] FAIL" says what is wrong.
 With --report-dir each rank also writes doctor-rank<R>.json there.
 """
@@ -92,6 +94,21 @@ def checks(info: dict) -> list[str]:
     return problems
 
 
+def gpus_unusable(backend_choice: str, cuda: bool, env=os.environ) -> str:
+    """The recipes' no-silent-CPU rule (CONTRACT.md C12, toolkit.gpus_given): a problem when this process was given
+    GPUs, --backend was left to auto, and torch cannot use a GPU ('' otherwise)."""
+    count = env.get("SLURM_GPUS_ON_NODE", "").strip()
+    visible = env.get("CUDA_VISIBLE_DEVICES", "").strip()
+    given = (f"SLURM_GPUS_ON_NODE={count}" if count.isdigit() and int(count) > 0
+             else f"CUDA_VISIBLE_DEVICES={visible}" if visible not in ("", "-1", "NoDevFiles") else "")
+    if backend_choice != "auto" or cuda or not given:
+        return ""
+    import torch
+    why = "a CPU-only build" if torch.version.cuda is None else f"built for CUDA {torch.version.cuda}, no usable GPU"
+    return (f"{given} but torch {torch.__version__} cannot use a GPU ({why}): the recipes refuse to train on the "
+            "CPU here; fix the driver/module/wheel (or pass --backend gloo to check the CPU path on purpose)")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--backend", choices=["auto", "gloo", "nccl"], default="auto")
@@ -131,7 +148,7 @@ def main() -> None:
         log(f"slurm: job {os.environ.get('SLURM_JOB_ID', '-')} nodes {os.environ.get('SLURM_JOB_NODELIST', '-')} "
             f"tasks {os.environ.get('SLURM_NTASKS', '-')} gpus/node {os.environ.get('SLURM_GPUS_ON_NODE', '-')}")
 
-    problems = checks(info)
+    problems = checks(info) + [p for p in [gpus_unusable(args.backend, cuda)] if p]
     if backend == "nccl":
         if not cuda:
             problems.append("backend nccl but torch sees no CUDA device")
