@@ -144,21 +144,31 @@ def torchrun_env():
 
 
 @contextlib.contextmanager
-def explained_rendezvous(rank, world_size, timeout):
+def explained_rendezvous(rank, world_size, timeout, io_timeout=None):
     """Around init_process_group: turn the ways a rendezvous fails into one line that says what to check. The
     deadline covers failures that block inside C++ where no timeout reaches (a MASTER_PORT that another program
-    listens on: the rank waits for an answer forever)."""
+    listens on: the rank waits for an answer forever). With io_timeout, the gloo group of wait_for_rank0 is
+    connected here too, at start-up: a node whose hostname resolves to an address the others cannot reach
+    (127.0.1.1 in /etc/hosts) fails now, not at the end of the first epoch (then after every requeue)."""
     addr = f"{os.environ.get('MASTER_ADDR', '?')}:{os.environ.get('MASTER_PORT', '?')}"
     what = (f"rendezvous at {addr} (are all {world_size} ranks started, MASTER_ADDR reachable from every node, "
             f"MASTER_PORT used by nothing else?)")
     try:
         with deadline(timeout, rank, what):
             yield
+            if io_timeout is not None and world_size > 1:
+                _rank0_wait_group(io_timeout)
     except (torch.distributed.DistNetworkError, torch.distributed.DistStoreError) as e:
         hint = ("another process already listens on that port: choose another MASTER_PORT"
                 if "EADDRINUSE" in str(e) or "address already in use" in str(e).lower()
                 else f"not all {world_size} ranks reached it within --rendezvous-timeout {timeout}s")
         raise RecipeError(f"rendezvous at {addr} failed: {hint} ({str(e).splitlines()[0][:200]})") from None
+    except RuntimeError as e:
+        if "gloo" not in str(e).lower():
+            raise
+        raise RecipeError(f"the ranks met at {addr} but cannot connect to each other over gloo: does every node's "
+                          f"hostname resolve to an address the others reach (not 127.0.1.1)? Else set "
+                          f"GLOO_SOCKET_IFNAME to the interface they share ({str(e).splitlines()[0][:200]})") from None
 
 
 def rendezvous_store(rank, world_size, timeout):
@@ -186,7 +196,8 @@ def wait_for_rank0(io_timeout):
     """Where the other ranks wait while rank 0 alone downloads the data or writes a snapshot. Not a barrier on
     the training process group: its --timeout is the watchdog for collectives (a dead peer must be an error
     within it), and a download or a save to a slow shared filesystem can take longer. A gloo group of its own,
-    made on first use (every rank gets here at the same points), waits up to --io-timeout."""
+    connected at start-up by explained_rendezvous (else on first use: every rank gets here at the same points),
+    waits up to --io-timeout."""
     if not dist.is_initialized() or dist.get_world_size() == 1:
         return
     dist.barrier(group=_rank0_wait_group(io_timeout))

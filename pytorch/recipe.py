@@ -226,7 +226,7 @@ def init_distributed(args, rank, world_size, device):
     """Join the process group at MASTER_ADDR:MASTER_PORT. Two deadlines: --rendezvous-timeout for all ranks to
     arrive, --timeout for every later collective (a dead peer becomes an error, not a hang)."""
     backend = pick_backend(args.backend)
-    with explained_rendezvous(rank, world_size, args.rendezvous_timeout):
+    with explained_rendezvous(rank, world_size, args.rendezvous_timeout, args.io_timeout):
         dist.init_process_group(backend, timeout=timedelta(seconds=args.timeout),
                                 device_id=device if backend == "nccl" else None,
                                 **rendezvous_store(rank, world_size, args.rendezvous_timeout))

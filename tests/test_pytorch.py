@@ -528,3 +528,39 @@ def test_every_recipe_script_is_exercised():
     scripts = {p.name for p in PT.glob("*.py")} - {"recipe.py", "cluster.py", "toolkit.py"}
     text = open(__file__).read()
     assert {s for s in scripts if s not in text} == set()
+
+
+def pytorch_module(name, monkeypatch):
+    """pytorch/<name>.py imported in this process (its own `cluster`/`toolkit`, not another folder's)."""
+    import importlib
+    import sys
+    monkeypatch.syspath_prepend(str(PT))
+    for module in ("cluster", "toolkit", "recipe", name):
+        monkeypatch.delitem(sys.modules, module, raising=False)
+    return importlib.import_module(name)
+
+
+def test_the_io_wait_group_is_connected_at_start_up(monkeypatch):
+    """#22: the gloo group the ranks wait in while rank 0 writes a snapshot was made lazily, at the first snapshot:
+    the first cross-node gloo connection of a GPU job came at the end of epoch 1, and a node whose hostname
+    resolves to 127.0.1.1 failed there, after an epoch of work, and again after every requeue. It is now
+    connected with the process group, and a gloo connection that fails is one line (torch's answers patched)."""
+    from datetime import timedelta
+
+    cluster = pytorch_module("cluster", monkeypatch)
+    made = []
+    monkeypatch.setattr(cluster.dist, "new_group", lambda **kw: made.append(kw) or object())
+    cluster._rank0_wait_group.cache_clear()
+    with cluster.explained_rendezvous(0, 2, 30, io_timeout=1800):
+        assert not made, "connected before the process group exists"
+    assert made == [{"backend": "gloo", "timeout": timedelta(seconds=1800)}]
+
+    def refused(**kw):
+        raise RuntimeError("Gloo connectFullMesh failed with [../gloo/transport/tcp/pair.cc:144] Connection refused")
+
+    monkeypatch.setattr(cluster.dist, "new_group", refused)
+    cluster._rank0_wait_group.cache_clear()
+    with pytest.raises(cluster.RecipeError, match="cannot connect to each other over gloo: does every node's host"):
+        with cluster.explained_rendezvous(0, 2, 30, io_timeout=1800):
+            pass
+    cluster._rank0_wait_group.cache_clear()
