@@ -10,7 +10,7 @@ Map:
     torchrun_env                  (rank, local_rank, world_size) from torchrun's variables, or one clear line
     explained_rendezvous          around init_process_group: a deadline, and one line that says what to check
     rendezvous_store              where the ranks meet: MASTER_ADDR:MASTER_PORT (a key prefix per torchrun restart)
-    wait_for_rank0                the others wait (up to --io-timeout) while rank 0 alone downloads or saves
+    io_group, wait_for_rank0      a gloo group for I/O waits (--io-timeout), connected at start-up; the wait in it
     who_sees                      which ranks see what rank 0 writes into a directory (a probe file)
     check_shared_directory        --checkpoint-dir must be seen by every rank
     torchvision_dataset           MNIST/CIFAR-10 through torchvision, downloaded once per copy of --data-dir
@@ -157,7 +157,7 @@ def explained_rendezvous(rank, world_size, timeout, io_timeout=None):
         with deadline(timeout, rank, what):
             yield
             if io_timeout is not None and world_size > 1:
-                _rank0_wait_group(io_timeout)
+                io_group(io_timeout)
     except (torch.distributed.DistNetworkError, torch.distributed.DistStoreError) as e:
         hint = ("another process already listens on that port: choose another MASTER_PORT"
                 if "EADDRINUSE" in str(e) or "address already in use" in str(e).lower()
@@ -188,7 +188,7 @@ def rendezvous_store(rank, world_size, timeout):
 
 
 @functools.cache
-def _rank0_wait_group(io_timeout):
+def io_group(io_timeout):
     return dist.new_group(backend="gloo", timeout=timedelta(seconds=io_timeout))
 
 
@@ -200,7 +200,7 @@ def wait_for_rank0(io_timeout):
     waits up to --io-timeout."""
     if not dist.is_initialized() or dist.get_world_size() == 1:
         return
-    dist.barrier(group=_rank0_wait_group(io_timeout))
+    dist.barrier(group=io_group(io_timeout))
 
 
 # ---------------------------------------------------------------------------------------------- shared directories

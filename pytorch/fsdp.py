@@ -28,8 +28,8 @@ from torch.distributed.checkpoint.state_dict import (
 )
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-from cluster import (adapt_to_another_shape, allow_tf32, bf16_is_native, check_shared_directory, parse_args, run,
-                     wait_for_rank0)
+from cluster import (adapt_to_another_shape, allow_tf32, bf16_is_native, check_shared_directory, io_group, parse_args,
+                     run, wait_for_rank0)
 from multigpu_torchrun import setup
 from recipe import ConvNet, Trainer, build_dataset, build_loader
 from toolkit import RecipeError, atomic_write, log
@@ -83,8 +83,10 @@ class FSDPTrainer(Trainer):
     def _save_snapshot(self):
         folder, name = self.args.checkpoint_dir, f"step-{self.step:08d}"
         final = os.path.join(folder, name)
-        dcp.save(self._state(), checkpoint_id=final + ".tmp")  # collective: every rank writes its shard
-        dist.barrier()
+        # Collective: every rank writes its shard. DCP's own collectives and the wait after it go over the gloo I/O
+        # group: a save to a slow filesystem is bounded by --io-timeout, not by the NCCL watchdog's --timeout.
+        dcp.save(self._state(), checkpoint_id=final + ".tmp", process_group=io_group(self.args.io_timeout))
+        wait_for_rank0(self.args.io_timeout)
         if self.rank == 0:
             shutil.rmtree(final, ignore_errors=True)
             os.replace(final + ".tmp", final)
@@ -108,7 +110,8 @@ class FSDPTrainer(Trainer):
         path = os.path.join(self.args.checkpoint_dir, choice[0])
         state = self._state()
         try:
-            dcp.load(state, checkpoint_id=path)  # in place: each rank reads only the shards it owns
+            # in place: each rank reads only the shards it owns
+            dcp.load(state, checkpoint_id=path, process_group=io_group(self.args.io_timeout))
         except Exception as e:
             raise RecipeError(f"cannot load the sharded checkpoint {path}: {str(e).splitlines()[0][:300]}") from None
         set_state_dict(self.model, self.optimizer, model_state_dict=state["model"],

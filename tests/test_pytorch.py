@@ -550,7 +550,7 @@ def test_the_io_wait_group_is_connected_at_start_up(monkeypatch):
     cluster = pytorch_module("cluster", monkeypatch)
     made = []
     monkeypatch.setattr(cluster.dist, "new_group", lambda **kw: made.append(kw) or object())
-    cluster._rank0_wait_group.cache_clear()
+    cluster.io_group.cache_clear()
     with cluster.explained_rendezvous(0, 2, 30, io_timeout=1800):
         assert not made, "connected before the process group exists"
     assert made == [{"backend": "gloo", "timeout": timedelta(seconds=1800)}]
@@ -559,8 +559,37 @@ def test_the_io_wait_group_is_connected_at_start_up(monkeypatch):
         raise RuntimeError("Gloo connectFullMesh failed with [../gloo/transport/tcp/pair.cc:144] Connection refused")
 
     monkeypatch.setattr(cluster.dist, "new_group", refused)
-    cluster._rank0_wait_group.cache_clear()
+    cluster.io_group.cache_clear()
     with pytest.raises(cluster.RecipeError, match="cannot connect to each other over gloo: does every node's host"):
         with cluster.explained_rendezvous(0, 2, 30, io_timeout=1800):
             pass
-    cluster._rank0_wait_group.cache_clear()
+    cluster.io_group.cache_clear()
+
+
+SLOW_SAVE = """
+import os, runpy, sys, time
+import torch.distributed.checkpoint as dcp
+_save = dcp.save
+def slow_save(*args, **kwargs):
+    if os.environ["RANK"] == "1":
+        time.sleep(float(os.environ["SLOW_SAVE_S"]))  # a slow shared filesystem, on one rank
+    return _save(*args, **kwargs)
+dcp.save = slow_save
+script = sys.argv[1]
+sys.argv = sys.argv[1:]
+sys.path.insert(0, os.path.dirname(script))
+runpy.run_path(script, run_name="__main__")
+"""
+
+
+def test_fsdp_checkpoint_waits_are_bounded_by_io_timeout_not_timeout(tmp_path):
+    """#22: DCP's save and the wait after it ran on the training process group, so a shard write slower than
+    --timeout (the NCCL watchdog's deadline on GPUs; gloo's here) killed the job mid-save. They now go over the
+    gloo I/O group, bounded by --io-timeout: one rank's save 20 s late with --timeout 8 completes."""
+    wrapper = tmp_path / "slow_save.py"
+    wrapper.write_text(SLOW_SAVE)
+    out = run([*torchrun("pytorch"), "--standalone", "--nproc_per_node", "2", wrapper, PT / "fsdp.py", "--epochs", "1",
+               "--dataset-size", "64", "--batch-size", "16", "--log-every", "1000", "--timeout", "8",
+               "--rendezvous-timeout", "120", "--checkpoint-dir", tmp_path / "ckpt"],
+              env=clean_env(SLOW_SAVE_S=20), timeout=180).stdout
+    assert "sharded checkpoint saved" in out and "done: 2 steps" in out, out[-3000:]
