@@ -314,8 +314,8 @@ def allow_tf32():
     """fp32 matmuls and convolutions in TF32 on Ampere+ GPUs: inputs rounded to a 10-bit mantissa, accumulation
     in fp32 -- about twice the matmul throughput for a precision loss training does not notice. No effect on
     CPUs or older GPUs."""
-    torch.backends.cuda.matmul.allow_tf32 = True
-    torch.backends.cudnn.allow_tf32 = True
+    torch.backends.cuda.matmul.fp32_precision = "tf32"  # torch >= 2.9's API (allow_tf32 is the legacy one)
+    torch.backends.cudnn.conv.fp32_precision = "tf32"
 
 
 def step_timer(args, device, rank, world_size):

@@ -593,3 +593,16 @@ def test_fsdp_checkpoint_waits_are_bounded_by_io_timeout_not_timeout(tmp_path):
                "--rendezvous-timeout", "120", "--checkpoint-dir", tmp_path / "ckpt"],
               env=clean_env(SLOW_SAVE_S=20), timeout=180).stdout
     assert "sharded checkpoint saved" in out and "done: 2 steps" in out, out[-3000:]
+
+
+def test_tf32_is_on_for_fp32_matmuls_and_convolutions(monkeypatch):
+    """C10: allow_tf32() puts fp32 matmuls (off by default) and convolutions in TF32, read back through torch
+    2.13's fp32_precision settings (the recipe sets them so; the legacy allow_tf32 flags map onto the same state)."""
+    cluster = pytorch_module("cluster", monkeypatch)
+    matmul, conv = torch.backends.cuda.matmul, torch.backends.cudnn.conv
+    before = matmul.fp32_precision, conv.fp32_precision
+    try:
+        cluster.allow_tf32()
+        assert (matmul.fp32_precision, conv.fp32_precision) == ("tf32", "tf32")
+    finally:
+        matmul.fp32_precision, conv.fp32_precision = before
