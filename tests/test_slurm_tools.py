@@ -30,6 +30,14 @@ def test_bus_bandwidth_uses_nccl_tests_definition():
     assert bench.bus_bandwidth(10.0, 1) == 10.0
 
 
+def test_the_default_sweep_reaches_the_sizes_where_a_fabric_shows_its_bandwidth():
+    """#22: the default sweep stopped at 4 MB, where a healthy InfiniBand/NVLink fabric is still latency-bound
+    and looks broken; it now ends at 1 GB, as nccl-tests' usual sweep does."""
+    args = bench.build_parser().parse_args([])
+    swept = bench.sizes(bench.parse_size(args.min_bytes), bench.parse_size(args.max_bytes), args.factor)
+    assert swept[0] == 4096 and swept[-1] == 1 << 30, swept
+
+
 def test_sizes():
     assert bench.parse_size("4K") == 4096 and bench.parse_size("1MB") == 1 << 20 and bench.parse_size("512") == 512
     assert bench.sizes(1024, 16384, 4) == [1024, 4096, 16384]

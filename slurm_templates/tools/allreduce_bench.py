@@ -37,17 +37,24 @@ def bus_bandwidth(algbw: float, world_size: int) -> float:
     return algbw * 2 * (world_size - 1) / world_size if world_size > 1 else algbw
 
 
-def main() -> None:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--backend", choices=["auto", "gloo", "nccl"], default="auto")
     parser.add_argument("--min-bytes", default="4K")
-    parser.add_argument("--max-bytes", default="4M")
+    # Up to 1 GB by default, as nccl-tests' usual sweep: an InfiniBand/NVLink fabric reaches its bus bandwidth only
+    # with messages of tens to hundreds of MB; a sweep that stops at a few MB makes a healthy fabric look broken.
+    # On CPUs (gloo) pass a smaller --max-bytes.
+    parser.add_argument("--max-bytes", default="1G")
     parser.add_argument("--factor", type=int, default=4)
     parser.add_argument("--iters", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--timeout", type=float, default=120)
     parser.add_argument("--json", help="rank 0 writes the results here")
-    args = parser.parse_args()
+    return parser
+
+
+def main() -> None:
+    args = build_parser().parse_args()
 
     import torch
     import torch.distributed as dist
