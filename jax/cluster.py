@@ -9,7 +9,8 @@ Map:
     parse_args, nprocs_flag      the command line every recipe takes (C2), no silent CPU (C12); multigpu.py's --nprocs
     gpu_problem                  C12's probe: why JAX cannot use GPUs here ('' when it can), from the installed
                                  packages and device files alone (cuda_plugins, NVIDIA_DEVICES)
-    visible_gpus                 CUDA_VISIBLE_DEVICES as a list
+    visible_gpus, process_gpu    the GPUs this process may use (CUDA_VISIBLE_DEVICES, else the driver's list);
+                                 multigpu.py's one GPU per process and its share of the memory preallocation
     select_platform              --backend in JAX's terms (CUDA demanded, or CPU devices with gloo collectives): only
                                  configuration, since jax.distributed.initialize refuses to run after a device was used
     platform_start               the first device use, where JAX starts CUDA: its failure becomes the C12 line
@@ -121,6 +122,7 @@ def nprocs_flag(p):
 
 
 NVIDIA_DEVICES = ("/dev/nvidia0", "/dev/nvidiactl", "/dev/dxg")  # JAX starts CUDA only where one exists (WSL2: dxg)
+NVIDIA_GPU_LIST = "/proc/driver/nvidia/gpus"  # the NVIDIA driver: one entry per GPU of the node
 
 
 def cuda_plugins():
@@ -155,7 +157,30 @@ def gpu_problem():
 
 
 def visible_gpus():
-    return [d for d in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if d]
+    """The GPUs this process may use, as CUDA numbers them for it: CUDA_VISIBLE_DEVICES's entries or, where it is
+    unset, every GPU the NVIDIA driver lists (no CUDA call: JAX must not start before jax.distributed.initialize)."""
+    if "CUDA_VISIBLE_DEVICES" in os.environ:
+        listed = [d.strip() for d in os.environ["CUDA_VISIBLE_DEVICES"].split(",") if d.strip()]
+        return [] if listed[:1] in (["-1"], ["NoDevFiles"]) else listed
+    try:
+        return [str(i) for i in range(len(os.listdir(NVIDIA_GPU_LIST)))]
+    except OSError:  # no NVIDIA driver
+        return []
+
+
+def process_gpu(process_id, nprocs):
+    """multigpu.py: the GPU process `process_id` of `nprocs` drives (local_device_ids, [i] of visible_gpus()), None
+    without GPUs. Left to itself each process would start every visible GPU and preallocate 75 % of each one's
+    memory (XLA's default): the second process runs out of memory. Processes that share a GPU (--nprocs above the
+    GPUs) split the 75 %, unless the user set XLA's memory variables."""
+    gpus = visible_gpus()
+    if not gpus:
+        return None
+    sharing = -(-nprocs // len(gpus))
+    users = ("XLA_CLIENT_MEM_FRACTION", "XLA_PYTHON_CLIENT_MEM_FRACTION", "XLA_PYTHON_CLIENT_PREALLOCATE")
+    if sharing > 1 and not any(n in os.environ for n in users):
+        os.environ["XLA_CLIENT_MEM_FRACTION"] = f"{0.75 / sharing:.3g}"  # read when JAX starts CUDA, later
+    return [process_id % len(gpus)]
 
 
 def select_platform(backend):

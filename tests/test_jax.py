@@ -455,6 +455,34 @@ def test_gpus_without_a_cuda_jaxlib_stop_with_one_line(tmp_path, script, argv, e
     assert not ckpt.exists() or not any(ckpt.iterdir())
 
 
+def test_multigpu_gives_each_process_its_own_gpu(tmp_path):
+    """multigpu.py's processes each drive one GPU (local_device_ids), also without CUDA_VISIBLE_DEVICES (the
+    driver's GPU list counts them): without it every process started every GPU and preallocated 75 % of each
+    one's memory -- the second process ran out of memory. --nprocs above the GPUs: the sharers split the 75 %."""
+    listed = tmp_path / "gpus"  # /proc/driver/nvidia/gpus: one directory per GPU, named by its PCI address
+    for i in range(4):
+        (listed / f"0000:{i + 1:02x}:00.0").mkdir(parents=True)
+
+    def processes(environ, nprocs=None):
+        fake = FakeJax()
+        with jax_folder(fake, environ) as m, \
+                mock.patch.object(m.cluster, "NVIDIA_GPU_LIST", str(listed), create=True), \
+                mock.patch.object(m.recipe, "rendezvous", lambda *a: contextlib.nullcontext()):
+            nprocs = nprocs or m.cluster.default_nprocs()
+            plan = []
+            for i in range(nprocs):
+                fake.used.clear()
+                m.multigpu.setup(argparse.Namespace(backend="auto", timeout=5), i, nprocs, "127.0.0.1:1")
+                plan.append((fake.initialized[-1]["local_device_ids"], os.environ.get("XLA_CLIENT_MEM_FRACTION")))
+            return plan
+
+    assert processes({}) == [([i], None) for i in range(4)]  # no CUDA_VISIBLE_DEVICES: the node's 4 GPUs
+    assert processes({"CUDA_VISIBLE_DEVICES": "GPU-a,GPU-b,GPU-c,GPU-d"}) == [([i], None) for i in range(4)]
+    assert processes({"CUDA_VISIBLE_DEVICES": "6,7"}, nprocs=4) == [([i % 2], "0.375") for i in range(4)]
+    assert processes({"CUDA_VISIBLE_DEVICES": "6,7", "XLA_PYTHON_CLIENT_PREALLOCATE": "false"}, nprocs=4) == \
+        [([i % 2], None) for i in range(4)]  # the user's own memory settings win
+
+
 def test_every_recipe_script_is_exercised():
     """Guard: a new script in jax/ must get a test here."""
     scripts = {p.name for p in FOLDER.glob("*.py")} - {"recipe.py", "cluster.py", "toolkit.py"}
