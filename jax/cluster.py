@@ -149,7 +149,7 @@ def gpu_problem():
     if not plugins:
         jaxlib, pin = (f"jaxlib {version}", f"=={version}") if version else ("jaxlib", "")
         return (f"{jaxlib} has no CUDA plugin (requirements.txt installs the CPU build): "
-                f"pip install \"jax[cuda12]{pin}\" (jax[cuda13] for a CUDA 13 driver)")
+                f"pip install \"jax[cuda13]{pin}\" (jax[cuda12] where the driver predates CUDA 13)")
     if not any(os.path.exists(d) for d in NVIDIA_DEVICES):
         return (f"JAX's CUDA plugin ({', '.join(plugins)}) finds no NVIDIA device here (none of "
                 f"{', '.join(NVIDIA_DEVICES)}: is the driver loaded, are the GPUs passed into the container?)")

@@ -429,7 +429,7 @@ def test_gpu_probe_reads_the_installed_plugins_without_touching_a_device(tmp_pat
     with jax_folder(fake, {}) as m:
         with mock.patch("importlib.metadata.entry_points", return_value=[]):
             problem = m.cluster.gpu_problem()
-        assert "has no CUDA plugin" in problem and 'pip install "jax[cuda12]' in problem, problem
+        assert "has no CUDA plugin" in problem and 'pip install "jax[cuda13]' in problem, problem
         with mock.patch("importlib.metadata.entry_points", return_value=[plugin]), \
                 mock.patch.object(m.cluster, "NVIDIA_DEVICES", (str(node),), create=True):
             problem = m.cluster.gpu_problem()
@@ -451,7 +451,7 @@ def test_gpus_without_a_cuda_jaxlib_stop_with_one_line(tmp_path, script, argv, e
     line, _ = failing(script, "--epochs", "2", "--dataset-size", "16", "--batch-size", "4", "--log-every", "1",
                       "--checkpoint-dir", ckpt, *argv, env=jax_env(**environ))
     assert line.startswith(f"[rank0] error: {given}, but jaxlib 0.10.2 has no CUDA plugin"), line
-    assert 'pip install "jax[cuda12]==0.10.2"' in line and "rather than training on the CPU" in line, line
+    assert 'pip install "jax[cuda13]==0.10.2"' in line and "rather than training on the CPU" in line, line
     assert not ckpt.exists() or not any(ckpt.iterdir())
 
 
