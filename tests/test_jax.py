@@ -439,20 +439,31 @@ def test_gpu_probe_reads_the_installed_plugins_without_touching_a_device(tmp_pat
     assert fake.used == [] and fake.settings == {}
 
 
-@pytest.mark.parametrize("script, argv, environ, given", [
-    ("single_gpu.py", [], {"SLURM_GPUS_ON_NODE": "2"}, "SLURM_GPUS_ON_NODE=2"),
-    ("multigpu.py", ["--backend", "nccl"], {}, "--backend nccl"),
-    ("multinode.py", ["--backend", "nccl"], {}, "--backend nccl"),  # before "JAX_COORDINATOR_ADDRESS ... not set"
-], ids=["gpus-given", "nccl-spawner", "nccl-no-launcher"])
-def test_gpus_without_a_cuda_jaxlib_stop_with_one_line(tmp_path, script, argv, environ, given):
-    """No silent CPU (C12): this machine's jaxlib is requirements.txt's CPU build; given GPUs or asked for nccl,
-    the recipe stops before JAX starts (it trained on the CPU without a word), and writes nothing."""
+SMOKE = ["--epochs", "2", "--dataset-size", "16", "--batch-size", "4", "--log-every", "1"]
+
+
+def test_gpus_without_a_cuda_jaxlib_stop_with_one_line(tmp_path):
+    """No silent CPU (C12): this machine's jaxlib is requirements.txt's CPU build. Given GPUs, single_gpu.py stops
+    with one line naming them and the cause, and writes nothing (it trained on the CPU without a word)."""
     ckpt = tmp_path / "D"
-    line, _ = failing(script, "--epochs", "2", "--dataset-size", "16", "--batch-size", "4", "--log-every", "1",
-                      "--checkpoint-dir", ckpt, *argv, env=jax_env(**environ))
-    assert line.startswith(f"[rank0] error: {given}, but jaxlib 0.10.2 has no CUDA plugin"), line
+    line, _ = failing("single_gpu.py", *SMOKE, "--checkpoint-dir", ckpt, env=jax_env(SLURM_GPUS_ON_NODE=2))
+    assert line.startswith("[rank0] error: SLURM_GPUS_ON_NODE=2, but jaxlib 0.10.2 has no CUDA plugin"), line
     assert 'pip install "jax[cuda13]==0.10.2"' in line and "rather than training on the CPU" in line, line
-    assert not ckpt.exists() or not any(ckpt.iterdir())
+    assert not ckpt.exists()
+
+
+def test_backend_nccl_without_a_cuda_jaxlib_stops_before_anything_else(tmp_path):
+    """--backend nccl: the spawner stops before it starts a process, multinode.py before it looks for its launch
+    variables (none set here) -- the refusal comes first, right after the command line (in this process: cheap)."""
+    for script in ("multigpu", "multinode"):
+        with jax_folder(FakeJax(), {}) as m, \
+                mock.patch.object(sys, "argv", [f"{script}.py", *SMOKE, "--backend", "nccl",
+                                                "--checkpoint-dir", str(tmp_path / "D")]), \
+                mock.patch.object(m.multigpu, "spawn", side_effect=AssertionError("spawned")):
+            with pytest.raises(m.toolkit.RecipeError) as refused:
+                getattr(m, script).main()
+        assert str(refused.value).startswith("--backend nccl, but jaxlib"), str(refused.value)
+        assert "has no CUDA plugin" in str(refused.value) and not (tmp_path / "D").exists()
 
 
 def test_multigpu_gives_each_process_its_own_gpu(tmp_path):
