@@ -6,9 +6,14 @@ own error line.
 
 Map:
     run                          toolkit.run with hard_exit: os._exit, JAX's shutdown barrier must not wait for the dead
-    parse_args, nprocs_flag      the command line every recipe takes (C2); multigpu.py's --nprocs
-    visible_gpus                 CUDA_VISIBLE_DEVICES as a list
-    select_platform              --backend in JAX's terms: GPUs, or CPU devices with gloo collectives
+    parse_args, nprocs_flag      the command line every recipe takes (C2), no silent CPU (C12); multigpu.py's --nprocs
+    gpu_problem                  C12's probe: why JAX cannot use GPUs here ('' when it can), from the installed
+                                 packages and device files alone (cuda_plugins, NVIDIA_DEVICES)
+    visible_gpus, process_gpu    the GPUs this process may use (CUDA_VISIBLE_DEVICES, else the driver's list);
+                                 multigpu.py's one GPU per process and its share of the memory preallocation
+    select_platform              --backend in JAX's terms (CUDA demanded, or CPU devices with gloo collectives): only
+                                 configuration, since jax.distributed.initialize refuses to run after a device was used
+    platform_start               the first device use, where JAX starts CUDA: its failure becomes the C12 line
     rendezvous                   around jax.distributed.initialize: a busy port, an unreachable coordinator or a
                                  missing peer become one line within --timeout (parse_address, check_coordinator)
     launch_plan                  multinode.py: coordinator, process count, process id and GPUs from JAX_* or SLURM_*
@@ -30,10 +35,13 @@ Map:
 import argparse
 import functools
 import gzip
+import importlib.metadata
+import importlib.util
 import json
 import multiprocessing
 import os
 import pickle
+import pkgutil
 import signal
 import socket
 import struct
@@ -100,6 +108,8 @@ def parse_args(description, extra=None):
     args = p.parse_args()
     if args.data != "synthetic" and not args.data_dir:
         p.error(f"--data {args.data} needs --data-dir (the directory that holds the dataset's files)")
+    # No silent CPU (C12): GPUs given or --backend nccl, and JAX cannot use them -> one line, before JAX starts.
+    toolkit.refuse_silent_cpu(args.backend, gpu_problem)
     return args
 
 
@@ -111,21 +121,92 @@ def nprocs_flag(p):
 # ---------------------------------------------------------------------------------------------------- devices
 
 
+NVIDIA_DEVICES = ("/dev/nvidia0", "/dev/nvidiactl", "/dev/dxg")  # JAX starts CUDA only where one exists (WSL2: dxg)
+NVIDIA_GPU_LIST = "/proc/driver/nvidia/gpus"  # the NVIDIA driver: one entry per GPU of the node
+
+
+def cuda_plugins():
+    """The CUDA plugins installed for jaxlib (jax[cuda12] brings xla_cuda12, jax[cuda13] xla_cuda13), found where JAX
+    looks for plugins -- the jax_plugins entry points and namespace package -- without importing them."""
+    names = {ep.value.rpartition(".")[2] for ep in importlib.metadata.entry_points(group="jax_plugins")}
+    spec = importlib.util.find_spec("jax_plugins")
+    if spec is not None and spec.submodule_search_locations:
+        names |= {m.name for m in pkgutil.iter_modules(spec.submodule_search_locations)}
+    return sorted(n for n in names if n.startswith("xla_cuda"))
+
+
+def gpu_problem():
+    """toolkit.refuse_silent_cpu's probe for JAX: '' when JAX can start CUDA here, else the cause.
+
+    It reads installed packages and device files only: it runs before jax.distributed.initialize, which refuses to
+    run once anything used a device. Whether CUDA then starts (driver version, CUDA libraries) JAX says when it
+    starts it: select_platform demands the cuda platform, platform_start turns JAX's error into the same line."""
+    try:
+        version = importlib.metadata.version("jaxlib")
+    except importlib.metadata.PackageNotFoundError:
+        version = ""
+    plugins = cuda_plugins()
+    if not plugins:
+        jaxlib, pin = (f"jaxlib {version}", f"=={version}") if version else ("jaxlib", "")
+        return (f"{jaxlib} has no CUDA plugin (requirements.txt installs the CPU build): "
+                f"pip install \"jax[cuda13]{pin}\" (jax[cuda12] where the driver predates CUDA 13)")
+    if not any(os.path.exists(d) for d in NVIDIA_DEVICES):
+        return (f"JAX's CUDA plugin ({', '.join(plugins)}) finds no NVIDIA device here (none of "
+                f"{', '.join(NVIDIA_DEVICES)}: is the driver loaded, are the GPUs passed into the container?)")
+    return ""
+
+
 def visible_gpus():
-    return [d for d in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if d]
+    """The GPUs this process may use, as CUDA numbers them for it: CUDA_VISIBLE_DEVICES's entries or, where it is
+    unset, every GPU the NVIDIA driver lists (no CUDA call: JAX must not start before jax.distributed.initialize)."""
+    if "CUDA_VISIBLE_DEVICES" in os.environ:
+        listed = [d.strip() for d in os.environ["CUDA_VISIBLE_DEVICES"].split(",") if d.strip()]
+        return [] if listed[:1] in (["-1"], ["NoDevFiles"]) else listed
+    try:
+        return [str(i) for i in range(len(os.listdir(NVIDIA_GPU_LIST)))]
+    except OSError:  # no NVIDIA driver
+        return []
+
+
+def process_gpu(process_id, nprocs):
+    """multigpu.py: the GPU process `process_id` of `nprocs` drives (local_device_ids, [i] of visible_gpus()), None
+    without GPUs. Left to itself each process would start every visible GPU and preallocate 75 % of each one's
+    memory (XLA's default): the second process runs out of memory. Processes that share a GPU (--nprocs above the
+    GPUs) split the 75 %, unless the user set XLA's memory variables."""
+    gpus = visible_gpus()
+    if not gpus:
+        return None
+    sharing = -(-nprocs // len(gpus))
+    users = ("XLA_CLIENT_MEM_FRACTION", "XLA_PYTHON_CLIENT_MEM_FRACTION", "XLA_PYTHON_CLIENT_PREALLOCATE")
+    if sharing > 1 and not any(n in os.environ for n in users):
+        os.environ["XLA_CLIENT_MEM_FRACTION"] = f"{0.75 / sharing:.3g}"  # read when JAX starts CUDA, later
+    return [process_id % len(gpus)]
 
 
 def select_platform(backend):
-    """--backend, in JAX's terms: which device platform; set before the first use of any device."""
+    """--backend, in JAX's terms, as configuration only: nothing here may use a device, because
+    jax.distributed.initialize refuses to run after that. GPUs given (C12) or nccl: the cuda platform is demanded,
+    so that JAX fails loudly where it would otherwise warn and fall back to the CPU; gloo: CPU devices."""
     import jax
 
     if backend == "gloo":
         jax.config.update("jax_platforms", "cpu")
+    elif backend == "nccl" or toolkit.gpus_given():
+        jax.config.update("jax_platforms", "cuda")
     # WORKAROUND(jax 0.10.2, jax-ml/jax#11182): CPU devices of several processes have no collectives by default: gloo
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
-    if backend == "nccl" and jax.default_backend() != "gpu":
-        raise RecipeError("--backend nccl needs GPUs, and JAX sees none (is the CUDA plugin installed: "
-                          "pip install \"jax[cuda12]\"?)", every_rank=False)
+
+
+@contextmanager
+def platform_start(backend):
+    """Around the first use of a device, where JAX starts the platform select_platform chose: CUDA that will not
+    start (a driver too old for the plugin, CUDA libraries missing, no usable device) is C12's one line."""
+    try:
+        yield
+    except RuntimeError as e:
+        said = str(e).strip().splitlines()[0].split(" (set JAX_PLATFORMS=")[0] if str(e).strip() else repr(e)
+        toolkit.refuse_silent_cpu(backend, lambda: f"JAX cannot start CUDA: {said[:300].rstrip('. ')}")
+        raise
 
 
 # ---------------------------------------------------------------------------------------------------- rendezvous

@@ -10,7 +10,7 @@ exactly as multinode.py does. (On a single GPU node a single process that drives
 simpler option: srun one task per node with multinode.py.)
 """
 
-from cluster import check_dataset_fits, default_nprocs, nprocs_flag, parse_args, run, spawn, visible_gpus
+from cluster import check_dataset_fits, default_nprocs, nprocs_flag, parse_args, process_gpu, run, spawn
 from recipe import build_dataset, init_distributed, train
 
 
@@ -18,8 +18,7 @@ def setup(args, process_id, num_processes, coordinator):
     """One JAX process: what multinode.py does, with the coordinator and the ids handed over explicitly."""
     import jax  # here, not at the top: after cluster has quieted XLA's logs
 
-    gpus = visible_gpus()
-    device_ids = [process_id % len(gpus)] if gpus else None  # one GPU each; on CPU each has one CPU device
+    device_ids = process_gpu(process_id, num_processes)  # one GPU each, not all of them; on CPU one CPU device
     rank, world_size = init_distributed(args, coordinator, num_processes, process_id, device_ids)
     return rank, world_size, jax.devices()
 

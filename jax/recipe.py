@@ -12,8 +12,8 @@ import time
 
 import numpy as np
 from cluster import (PREVIOUS_SNAPSHOT, SNAPSHOT, Dataset, ShardedLoader, barrier, broadcast, check_dataset_fits,
-                     find_snapshot, host_leaves, local_value, read_cifar10, read_mnist, read_snapshot, reduce_max,
-                     rendezvous, replicate, select_platform)
+                     find_snapshot, host_leaves, local_value, platform_start, read_cifar10, read_mnist, read_snapshot,
+                     reduce_max, rendezvous, replicate, select_platform)
 from toolkit import PREEMPTED_EXIT_CODE, PREEMPTION, RecipeError, StepTimer, atomic_write, log
 
 import jax  # after cluster: importing it quiets XLA's C++ logs, which jax reads once, at import
@@ -88,14 +88,15 @@ def build_loader(dataset, args, rank=0, world_size=1, local_devices=1):
 def init_distributed(args, coordinator=None, num_processes=None, process_id=None, local_device_ids=None):
     """jax.distributed.initialize: process 0 runs the coordinator service, the others connect to it. Arguments
     left None are auto-detected by JAX (under srun from the SLURM_* variables)."""
-    select_platform(args.backend)
+    select_platform(args.backend)  # configuration only: initialize() refuses to run once a device was used
     with rendezvous(coordinator, process_id, args.timeout):  # what goes wrong: one line within --timeout
         jax.distributed.initialize(coordinator, num_processes, process_id, local_device_ids,
                                    initialization_timeout=args.timeout + 60,
                                    heartbeat_timeout_seconds=max(args.timeout, 10))
     # initialize() starts XLA's preemption sync manager, which takes SIGTERM over in C++: the run would train on.
     PREEMPTION.install()  # take it back: TERM and USR1 both end in a snapshot
-    rank, world_size = jax.process_index(), jax.process_count()
+    with platform_start(args.backend):  # the first use of a device: JAX starts CUDA here, or says why not
+        rank, world_size = jax.process_index(), jax.process_count()
     # One line per process: where each one landed is the first question when a multi-node job misbehaves.
     log(rank, f"host {socket.gethostname()} | process {rank} of {world_size} | "
               f"local devices {[d.id for d in jax.local_devices()]} | coordinator {coordinator}")

@@ -3,7 +3,7 @@
     python single_gpu.py --epochs 3 --checkpoint-dir checkpoints/single
 """
 
-from cluster import parse_args, run, select_platform
+from cluster import parse_args, platform_start, run, select_platform
 from recipe import train
 
 
@@ -12,7 +12,8 @@ def setup(args):
     import jax  # here, not at the top: after cluster has quieted XLA's logs
 
     select_platform(args.backend)
-    return 0, 1, jax.devices()[:1]
+    with platform_start(args.backend):  # the first use of a device: JAX starts CUDA here, or says why not
+        return 0, 1, jax.devices()[:1]
 
 
 def main():

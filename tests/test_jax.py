@@ -1,6 +1,9 @@
 """jax/ recipes, launched for real on CPU (gloo collectives, 2 processes): every launch pattern, equivalence with
 one process, resume and preemption, real data formats, bad input."""
 
+import argparse
+import contextlib
+import importlib.metadata
 import importlib.util
 import json
 import os
@@ -12,6 +15,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from types import ModuleType, SimpleNamespace
 from unittest import mock
 
 import numpy as np
@@ -296,6 +300,198 @@ def test_srun_without_coordinator_port():
     env = srun_envs(1)[0]
     del env["JAX_COORDINATOR_PORT"]
     assert "JAX_COORDINATOR_PORT not set" in failing("multinode.py", env=env)[0]
+
+
+# ------------------------------------------------------------------------------------------ GPU facts (#22)
+# This machine has no GPU: the GPU seams run in this process against a fake JAX that answers as a GPU node does,
+# and keeps the one rule of real JAX that matters here -- jax.distributed.initialize refuses once anything used a
+# device ("must be called before any JAX calls that might initialise the XLA backend").
+
+
+class FakeJax(ModuleType):
+    """JAX on a node with `gpus` CUDA devices, as far as the recipes' seams ask it; `start_error`: what starting the
+    platform raises instead (a driver too old for the plugin, no device JAX can use)."""
+
+    def __init__(self, gpus=4, start_error=None):
+        super().__init__("jax")
+        self.gpus, self.start_error = gpus, start_error
+        self.used, self.settings, self.initialized = [], {}, []
+        self.numpy = ModuleType("jax.numpy")
+        self.config = SimpleNamespace(update=self.settings.__setitem__)
+        self.distributed = SimpleNamespace(initialize=self._initialize, shutdown=lambda: None)
+
+    def _use(self, what):
+        self.used.append(what)
+        if self.start_error is not None:
+            raise self.start_error
+
+    def default_backend(self):
+        self._use("default_backend")
+        return "gpu"
+
+    def devices(self, backend=None):
+        self._use("devices")
+        return [SimpleNamespace(id=i, platform="gpu") for i in range(self.gpus)]
+
+    def local_devices(self):
+        self._use("local_devices")
+        return self.devices()[:1]
+
+    def process_index(self):
+        self._use("process_index")
+        return self.initialized[-1]["process_id"] if self.initialized else 0
+
+    def process_count(self):
+        self._use("process_count")
+        return self.initialized[-1]["num_processes"] if self.initialized else 1
+
+    def _initialize(self, coordinator=None, num_processes=None, process_id=None, local_device_ids=None, **kw):
+        if self.used:
+            raise RuntimeError("jax.distributed.initialize() must be called before any JAX calls that might "
+                               f"initialise the XLA backend (already called: {self.used})")
+        self.initialized.append(dict(coordinator=coordinator, num_processes=num_processes, process_id=process_id,
+                                     local_device_ids=local_device_ids, platforms=self.settings.get("jax_platforms")))
+
+
+@contextlib.contextmanager
+def jax_folder(fake, environ):
+    """jax/'s modules (toolkit, cluster, recipe and the three scripts), loaded in this process with `fake` in place
+    of JAX and `environ` as the launcher's variables; sys.modules, the environment and the signal handlers as they
+    were afterwards."""
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGUSR1, signal.SIGTERM)}
+    launcher = [k for k in os.environ if k.startswith(("SLURM_", "JAX_", "CUDA_", "XLA_"))]
+    with mock.patch.dict(sys.modules), mock.patch.dict(os.environ):
+        for k in launcher:
+            del os.environ[k]
+        os.environ.update(environ)
+        sys.modules.update({"jax": fake, "jax.numpy": fake.numpy, "optax": ModuleType("optax")})
+        modules = {}
+        for name in ("toolkit", "cluster", "recipe", "single_gpu", "multigpu", "multinode"):
+            spec = importlib.util.spec_from_file_location(name, FOLDER / f"{name}.py")
+            sys.modules[name] = modules[name] = importlib.util.module_from_spec(spec)
+            spec.loader.exec_module(modules[name])
+        try:
+            yield SimpleNamespace(**modules)
+        finally:
+            for s, h in handlers.items():
+                signal.signal(s, h)
+
+
+def test_backend_nccl_initializes_jax_distributed_before_anything_uses_a_device():
+    """--backend nccl on a GPU node: select_platform only configures (CUDA demanded), jax.distributed.initialize
+    runs, and only then does anything ask JAX for a device. (It asked jax.default_backend() first: initialize
+    refused, and every --backend nccl launch failed.)"""
+    fake = FakeJax()
+    env = {"JAX_COORDINATOR_ADDRESS": f"127.0.0.1:{free_port()}", "JAX_NUM_PROCESSES": "1", "JAX_PROCESS_ID": "0",
+           "CUDA_VISIBLE_DEVICES": "0"}
+    with jax_folder(fake, env) as m:
+        rank, world_size, devices = m.multinode.setup(argparse.Namespace(backend="nccl", timeout=5))
+    assert (rank, world_size, len(devices)) == (0, 1, 4)
+    (init,) = fake.initialized
+    assert init["process_id"] == 0 and init["platforms"] == "cuda"  # CUDA asked for before initialize, not after
+    assert fake.used[:2] == ["process_index", "process_count"]  # the first device use came after initialize
+
+
+def test_cuda_that_jax_cannot_start_is_one_line_not_a_cpu_run():
+    """GPUs given (SLURM_GPUS_ON_NODE) and a CUDA plugin installed, but JAX cannot start CUDA: the recipe demands
+    the cuda platform (JAX's default would log a warning and train on the CPU) and JAX's error becomes the C12
+    line -- in single_gpu.py and after jax.distributed.initialize alike. Without GPUs given JAX picks; gloo: CPU."""
+    error = RuntimeError("Unable to initialize backend 'cuda': FAILED_PRECONDITION: No visible GPU devices. "
+                         "(set JAX_PLATFORMS='' to automatically choose an available backend)")
+    for setup in ("single_gpu", "multigpu"):
+        fake = FakeJax(start_error=error)
+        with jax_folder(fake, {"SLURM_GPUS_ON_NODE": "2"}) as m:
+            with mock.patch.object(m.recipe, "rendezvous", lambda *a: contextlib.nullcontext()):
+                with pytest.raises(m.toolkit.RecipeError) as refused:
+                    if setup == "single_gpu":
+                        m.single_gpu.setup(argparse.Namespace(backend="auto", timeout=5))
+                    else:
+                        m.multigpu.setup(argparse.Namespace(backend="auto", timeout=5), 1, 2, "127.0.0.1:1")
+        assert fake.settings["jax_platforms"] == "cuda", setup
+        line = str(refused.value)
+        assert line.startswith("SLURM_GPUS_ON_NODE=2, but JAX cannot start CUDA: Unable to initialize backend "
+                               "'cuda': FAILED_PRECONDITION: No visible GPU devices;"), line
+        assert "rather than training on the CPU" in line and "JAX_PLATFORMS" not in line and "\n" not in line
+    for backend, environ, platforms in (("auto", {}, None), ("gloo", {"SLURM_GPUS_ON_NODE": "2"}, "cpu")):
+        fake = FakeJax()
+        with jax_folder(fake, environ) as m:
+            m.single_gpu.setup(argparse.Namespace(backend=backend, timeout=5))
+        assert fake.settings.get("jax_platforms") == platforms, backend
+
+
+def test_gpu_probe_reads_the_installed_plugins_without_touching_a_device(tmp_path):
+    """C12's probe for JAX: which cause it names -- no CUDA plugin installed (the CPU jaxlib of requirements.txt),
+    a plugin but no NVIDIA device node (what JAX checks before starting CUDA) -- or none, from package metadata and
+    device files alone: it runs before jax.distributed.initialize, which refuses once a device was used."""
+    fake = FakeJax()
+    plugin = importlib.metadata.EntryPoint("xla_cuda12", "jax_plugins.xla_cuda12", "jax_plugins")
+    node = tmp_path / "nvidia0"
+    with jax_folder(fake, {}) as m:
+        with mock.patch("importlib.metadata.entry_points", return_value=[]):
+            problem = m.cluster.gpu_problem()
+        assert "has no CUDA plugin" in problem and 'pip install "jax[cuda13]' in problem, problem
+        with mock.patch("importlib.metadata.entry_points", return_value=[plugin]), \
+                mock.patch.object(m.cluster, "NVIDIA_DEVICES", (str(node),), create=True):
+            problem = m.cluster.gpu_problem()
+            assert "xla_cuda12" in problem and "no NVIDIA device" in problem and str(node) in problem, problem
+            node.touch()
+            assert m.cluster.gpu_problem() == ""
+    assert fake.used == [] and fake.settings == {}
+
+
+SMOKE = ["--epochs", "2", "--dataset-size", "16", "--batch-size", "4", "--log-every", "1"]
+
+
+def test_gpus_without_a_cuda_jaxlib_stop_with_one_line(tmp_path):
+    """No silent CPU (C12): this machine's jaxlib is requirements.txt's CPU build. Given GPUs, single_gpu.py stops
+    with one line naming them and the cause, and writes nothing (it trained on the CPU without a word)."""
+    ckpt = tmp_path / "D"
+    line, _ = failing("single_gpu.py", *SMOKE, "--checkpoint-dir", ckpt, env=jax_env(SLURM_GPUS_ON_NODE=2))
+    assert line.startswith("[rank0] error: SLURM_GPUS_ON_NODE=2, but jaxlib 0.10.2 has no CUDA plugin"), line
+    assert 'pip install "jax[cuda13]==0.10.2"' in line and "rather than training on the CPU" in line, line
+    assert not ckpt.exists()
+
+
+def test_backend_nccl_without_a_cuda_jaxlib_stops_before_anything_else(tmp_path):
+    """--backend nccl: the spawner stops before it starts a process, multinode.py before it looks for its launch
+    variables (none set here) -- the refusal comes first, right after the command line (in this process: cheap)."""
+    for script in ("multigpu", "multinode"):
+        with jax_folder(FakeJax(), {}) as m, \
+                mock.patch.object(sys, "argv", [f"{script}.py", *SMOKE, "--backend", "nccl",
+                                                "--checkpoint-dir", str(tmp_path / "D")]), \
+                mock.patch.object(m.multigpu, "spawn", side_effect=AssertionError("spawned")):
+            with pytest.raises(m.toolkit.RecipeError) as refused:
+                getattr(m, script).main()
+        assert str(refused.value).startswith("--backend nccl, but jaxlib"), str(refused.value)
+        assert "has no CUDA plugin" in str(refused.value) and not (tmp_path / "D").exists()
+
+
+def test_multigpu_gives_each_process_its_own_gpu(tmp_path):
+    """multigpu.py's processes each drive one GPU (local_device_ids), also without CUDA_VISIBLE_DEVICES (the
+    driver's GPU list counts them): without it every process started every GPU and preallocated 75 % of each
+    one's memory -- the second process ran out of memory. --nprocs above the GPUs: the sharers split the 75 %."""
+    listed = tmp_path / "gpus"  # /proc/driver/nvidia/gpus: one directory per GPU, named by its PCI address
+    for i in range(4):
+        (listed / f"0000:{i + 1:02x}:00.0").mkdir(parents=True)
+
+    def processes(environ, nprocs=None):
+        fake = FakeJax()
+        with jax_folder(fake, environ) as m, \
+                mock.patch.object(m.cluster, "NVIDIA_GPU_LIST", str(listed), create=True), \
+                mock.patch.object(m.recipe, "rendezvous", lambda *a: contextlib.nullcontext()):
+            nprocs = nprocs or m.cluster.default_nprocs()
+            plan = []
+            for i in range(nprocs):
+                fake.used.clear()
+                m.multigpu.setup(argparse.Namespace(backend="auto", timeout=5), i, nprocs, "127.0.0.1:1")
+                plan.append((fake.initialized[-1]["local_device_ids"], os.environ.get("XLA_CLIENT_MEM_FRACTION")))
+            return plan
+
+    assert processes({}) == [([i], None) for i in range(4)]  # no CUDA_VISIBLE_DEVICES: the node's 4 GPUs
+    assert processes({"CUDA_VISIBLE_DEVICES": "GPU-a,GPU-b,GPU-c,GPU-d"}) == [([i], None) for i in range(4)]
+    assert processes({"CUDA_VISIBLE_DEVICES": "6,7"}, nprocs=4) == [([i % 2], "0.375") for i in range(4)]
+    assert processes({"CUDA_VISIBLE_DEVICES": "6,7", "XLA_PYTHON_CLIENT_PREALLOCATE": "false"}, nprocs=4) == \
+        [([i % 2], None) for i in range(4)]  # the user's own memory settings win
 
 
 def test_every_recipe_script_is_exercised():
