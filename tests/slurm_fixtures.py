@@ -218,6 +218,25 @@ def progress_step(log: str, epoch: int | None = None) -> int:
                default=0)
 
 
+def requeued_once(job: "Job", events: dict, at_step: int, total_steps: int,
+                  requeue_line: str = "after checkpointing; requeueing job") -> tuple[str, str, int]:
+    """What every preempted template job must show (C7, C8): signalled once training reached `at_step`; the
+    signal forwarded; the ranks stopped at a step they agreed on (a multiple of toolkit's CHECK_EVERY, 10) and
+    saved; the template requeued the job once and the requeued run started and completed; no traceback and no
+    DataLoader worker killed by the signal. Returns (log before the requeue, log after it, the step stopped at)."""
+    job.assert_ok()
+    assert events["signalled"], f"training never reached step {at_step}\n{job.describe()}"
+    assert job.info["Restarts"] == "1", job.describe()
+    first, _, second = job.log.partition("restart 1 of at most 3")
+    assert second, f"the requeued run never started\n{job.describe()}"
+    for needle in ("requeue: got USR1, forwarding it", "preempted at step", requeue_line):
+        assert needle in first, f"{needle!r} missing before the requeue\n{job.describe()}"
+    assert "DataLoader worker" not in job.log and "Traceback" not in job.log, job.describe()
+    stopped = int(re.search(r"preempted at step (\d+)", first).group(1))
+    assert at_step <= stopped < total_steps and stopped % 10 == 0, job.describe()
+    return first, second, stopped
+
+
 # The local cluster's GPUs are fake (/dev/null devices in gres.conf): its jobs are given GPUs that torch cannot use,
 # and a recipe given GPUs it cannot use stops rather than train on the CPU (CONTRACT C12) -- unless it is asked for
 # gloo explicitly, as every test job here is.
@@ -229,6 +248,18 @@ def shape(nodes: int, tasks_per_node: int = 1, gpus_per_node: int | None = None,
     """sbatch options for a job of `nodes` x `tasks_per_node` (one task per GPU unless gpus_per_node says)."""
     return [f"--nodes={nodes}", f"--ntasks-per-node={tasks_per_node}",
             f"--gpus-per-node={gpus_per_node or tasks_per_node}", f"--cpus-per-task={cpus}", f"--time={time}"]
+
+
+# test_template_runs' rows that the torch folders share, as pytest parameters (template, sbatch args, world size):
+# one GPU, then mp.spawn and torchrun on 2 (fake) GPUs of one node -- 2 CPU workers under --backend gloo -- and
+# multinode.sbatch one task per GPU on one node or across two. A folder adds its own rows.
+ONE_NODE = [
+    pytest.param("single_gpu.sbatch", shape(1, 1), 1, id="single_gpu"),
+    pytest.param("multigpu.sbatch", shape(1, 1, gpus_per_node=2), 2, id="spawn"),
+    pytest.param("multigpu_torchrun.sbatch", shape(1, 1, gpus_per_node=2), 2, id="torchrun"),  # SLURM_GPUS_ON_NODE
+]
+MULTINODE_1X2 = pytest.param("multinode.sbatch", shape(1, 2), 2, id="multinode-1x2")
+MULTINODE_2X1 = pytest.param("multinode.sbatch", shape(2, 1), 2, id="multinode-2x1")
 
 
 @pytest.fixture(scope="session")

@@ -10,7 +10,7 @@ import re
 import pytest
 import torch
 from helpers import ROOT, env_python, epoch_lines
-from slurm_fixtures import GLOO, shape
+from slurm_fixtures import GLOO, MULTINODE_1X2, MULTINODE_2X1, ONE_NODE, requeued_once, shape
 
 pytestmark = [pytest.mark.lightning, pytest.mark.slurm, pytest.mark.timeout(400)]
 
@@ -35,13 +35,7 @@ def world_size_of(log):
     return int(re.search(r"^0: \[rank0\] world size (\d+) \|", log, re.M).group(1))
 
 
-@pytest.mark.parametrize("template, sbatch_args, world_size", [
-    ("single_gpu.sbatch", shape(1, 1), 1),
-    ("multigpu.sbatch", shape(1, 1, gpus_per_node=2), 2),  # the fake GPUs are not CUDA: 2 CPU workers
-    ("multigpu_torchrun.sbatch", shape(1, 1, gpus_per_node=2), 2),  # --nproc_per_node = SLURM_GPUS_ON_NODE
-    ("multinode.sbatch", shape(1, 2), 2),
-    ("multinode.sbatch", shape(2, 1), 2),
-], ids=["single_gpu", "spawn", "torchrun", "multinode-1x2", "multinode-2x1"])
+@pytest.mark.parametrize("template, sbatch_args, world_size", [*ONE_NODE, MULTINODE_1X2, MULTINODE_2X1])
 def test_template_runs(slurm_cluster, tmp_path, template, sbatch_args, world_size):
     job, ckpt = submit(slurm_cluster, tmp_path, template, sbatch_args, timeout=150)
     job.assert_ok()
@@ -93,17 +87,7 @@ def test_preemption_requeue_resume(slurm_cluster, tmp_path):
     # full: the batch shell (as --signal=B:USR1@90 does) and every task and worker of the step.
     job, ckpt = submit(slurm_cluster, tmp_path, "multinode.sbatch", shape(1, 2), args=[*LONG, "--num-workers", 2],
                        timeout=300, on_poll=slurm_cluster.preempt_at(96, full=True, events=events))
-    job.assert_ok()
-    assert events["signalled"], f"training never reached step 96\n{job.describe()}"
-    assert job.info["Restarts"] == "1", job.describe()
-    first, _, second = job.log.partition("restart 1 of at most 3")
-    assert second, f"the requeued run never started\n{job.describe()}"
-    for needle in ("requeue: got USR1, forwarding it", "preempted at step",
-                   "after checkpointing; requeueing job"):
-        assert needle in first, f"{needle!r} missing before the requeue\n{job.describe()}"
-    assert "DataLoader worker" not in job.log and "Traceback" not in job.log, job.describe()
-    preempted = int(re.search(r"preempted at step (\d+)", first).group(1))
-    assert 96 <= preempted < LONG_STEPS and preempted % 10 == 0, job.describe()
+    first, second, preempted = requeued_once(job, events, 96, LONG_STEPS)
     # 64 steps per epoch; the signal lands at step 96 or, if the ranks agree later, in epoch 3
     epoch = preempted // 64 + 1
     assert re.search(rf"resumed from \S+/preempted-step={preempted}\.ckpt: epoch {epoch}, step {preempted}", second), \

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 from helpers import ROOT, env_python, epoch_lines
-from slurm_fixtures import shape
+from slurm_fixtures import MULTINODE_2X1, ONE_NODE, shape
 
 pytestmark = [pytest.mark.modulus, pytest.mark.slurm, pytest.mark.timeout(400)]
 
@@ -34,12 +34,10 @@ def submit(cluster, tmp_path, template, sbatch_args, args=TINY, **kwargs):
 
 
 @pytest.mark.parametrize("template, sbatch_args, world_size", [
-    ("single_gpu.sbatch", shape(1, 1), 1),
-    ("multigpu.sbatch", shape(1, 1, gpus_per_node=2), 2),  # the fake GPUs are not CUDA: 2 CPU workers
-    ("multigpu_torchrun.sbatch", shape(1, 1, gpus_per_node=2), 2),  # --nproc_per_node = SLURM_GPUS_ON_NODE
-    ("multinode.sbatch", shape(2, 1), 2),  # srun, one task per node: DistributedManager's SLURM method
-    ("multinode_torchrun.sbatch", shape(2, 1, gpus_per_node=1), 2),  # srun torchrun, one launcher per node
-], ids=["single_gpu", "spawn", "torchrun", "multinode-2x1", "multinode_torchrun-2x1"])
+    *ONE_NODE,
+    MULTINODE_2X1,  # srun, one task per node: DistributedManager's SLURM method
+    pytest.param("multinode_torchrun.sbatch", shape(2, 1, gpus_per_node=1), 2, id="multinode_torchrun-2x1"),
+])
 def test_template_runs(slurm_cluster, tmp_path, template, sbatch_args, world_size):
     job, ckpt = submit(slurm_cluster, tmp_path, template, sbatch_args, timeout=200)
     job.assert_ok()

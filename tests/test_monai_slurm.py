@@ -11,7 +11,7 @@ import re
 import pytest
 import torch
 from helpers import ROOT, epoch_lines
-from slurm_fixtures import shape
+from slurm_fixtures import MULTINODE_1X2, ONE_NODE, shape
 
 pytestmark = [pytest.mark.monai, pytest.mark.slurm, pytest.mark.timeout(400)]
 
@@ -41,12 +41,7 @@ def check_run(job, ckpt, world_size):
     assert (ckpt / "best_model.pt").exists() and (ckpt / "snapshot.prev.pt").exists()
 
 
-@pytest.mark.parametrize("template, sbatch_args, world_size", [
-    ("single_gpu.sbatch", shape(1, 1), 1),
-    ("multigpu.sbatch", shape(1, 1, gpus_per_node=2), 2),  # the fake GPUs are not CUDA: 2 CPU workers
-    ("multigpu_torchrun.sbatch", shape(1, 1, gpus_per_node=2), 2),  # --nproc_per_node = SLURM_GPUS_ON_NODE
-    ("multinode.sbatch", shape(1, 2), 2),
-], ids=["single_gpu", "spawn", "torchrun", "multinode-1x2"])
+@pytest.mark.parametrize("template, sbatch_args, world_size", [*ONE_NODE, MULTINODE_1X2])
 def test_template_runs(slurm_cluster, tmp_path, template, sbatch_args, world_size):
     job, ckpt = submit(slurm_cluster, tmp_path, template, sbatch_args, timeout=240)
     check_run(job, ckpt, world_size)

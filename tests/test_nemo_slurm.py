@@ -12,7 +12,8 @@ import subprocess
 
 import pytest
 from helpers import ROOT, env_python, epoch_lines
-from slurm_fixtures import GLOO, LOCAL_CLUSTER, cluster_env, shape
+from slurm_fixtures import (GLOO, LOCAL_CLUSTER, MULTINODE_1X2, MULTINODE_2X1, ONE_NODE, cluster_env, requeued_once,
+                            shape)
 from test_nemo import last_checkpoint  # reads a NeMo checkpoint without NeMo
 
 pytestmark = [pytest.mark.nemo, pytest.mark.slurm, pytest.mark.timeout(400)]
@@ -28,13 +29,7 @@ def submit(cluster, tmp_path, template, sbatch_args, args=TINY, **kwargs):
     return cluster.recipe("nemo", template, tmp_path, sbatch_args, *args, **kwargs)
 
 
-@pytest.mark.parametrize("template, sbatch_args, world_size", [
-    ("single_gpu.sbatch", shape(1, 1), 1),
-    ("multigpu.sbatch", shape(1, 1, gpus_per_node=2), 2),  # the fake GPUs are not CUDA: 2 CPU workers
-    ("multigpu_torchrun.sbatch", shape(1, 1, gpus_per_node=2), 2),  # --nproc_per_node = SLURM_GPUS_ON_NODE
-    ("multinode.sbatch", shape(1, 2), 2),
-    ("multinode.sbatch", shape(2, 1), 2),
-], ids=["single_gpu", "spawn", "torchrun", "multinode-1x2", "multinode-2x1"])
+@pytest.mark.parametrize("template, sbatch_args, world_size", [*ONE_NODE, MULTINODE_1X2, MULTINODE_2X1])
 def test_template_runs(slurm_cluster, tmp_path, template, sbatch_args, world_size):
     job, ckpt = submit(slurm_cluster, tmp_path, template, sbatch_args, timeout=200)
     job.assert_ok()
@@ -63,17 +58,7 @@ def test_preemption_requeue_resume(slurm_cluster, tmp_path):
     events = {}
     job, ckpt = submit(slurm_cluster, tmp_path, "multinode.sbatch", shape(1, 2), args=[*LONG, "--num-workers", 1],
                        timeout=300, on_poll=slurm_cluster.preempt_at(40, full=True, events=events))
-    job.assert_ok()
-    assert events["signalled"], f"training never reached step 40\n{job.describe()}"
-    assert job.info["Restarts"] == "1", job.describe()
-    first, _, second = job.log.partition("restart 1 of at most 3")
-    assert second, f"the requeued run never started\n{job.describe()}"
-    for needle in ("requeue: got USR1, forwarding it", "preempted at step",
-                   "after checkpointing; requeueing job"):
-        assert needle in first, f"{needle!r} missing before the requeue\n{job.describe()}"
-    assert "DataLoader worker" not in job.log and "Traceback" not in job.log, job.describe()
-    preempted = int(re.search(r"preempted at step (\d+)", first).group(1))
-    assert 40 <= preempted < LONG_STEPS and preempted % 10 == 0, job.describe()
+    first, second, preempted = requeued_once(job, events, 40, LONG_STEPS)
     assert re.search(rf"resumed from \S+-last\.ckpt: epoch 1, step {preempted}$", second, re.M), job.describe()
     assert last_checkpoint(ckpt)["global_step"] == LONG_STEPS
 

@@ -170,6 +170,14 @@ def test_fsdp_resume_with_another_world_size(reference, tmp_path):
 # ------------------------------------------------------------------------------------------ data
 
 
+# The tail of a wrapper script: run the recipe script given as its first argument, as `python script ...` would.
+RUN_THE_SCRIPT = """
+script = sys.argv[1]
+sys.argv = sys.argv[1:]
+sys.path.insert(0, os.path.dirname(script))
+runpy.run_path(script, run_name="__main__")
+"""
+
 RECORDER = """
 import json, os, runpy, sys
 from torch.utils.data.distributed import DistributedSampler
@@ -180,11 +188,7 @@ def recording_iter(self):
         f.write(json.dumps({"epoch": self.epoch, "indices": indices}) + "\\n")
     return iter(indices)
 DistributedSampler.__iter__ = recording_iter
-script = sys.argv[1]
-sys.argv = sys.argv[1:]
-sys.path.insert(0, os.path.dirname(script))
-runpy.run_path(script, run_name="__main__")
-"""
+""" + RUN_THE_SCRIPT
 
 
 def test_ranks_see_disjoint_shards_reshuffled_every_epoch(tmp_path):
@@ -575,11 +579,7 @@ def slow_save(*args, **kwargs):
         time.sleep(float(os.environ["SLOW_SAVE_S"]))  # a slow shared filesystem, on one rank
     return _save(*args, **kwargs)
 dcp.save = slow_save
-script = sys.argv[1]
-sys.argv = sys.argv[1:]
-sys.path.insert(0, os.path.dirname(script))
-runpy.run_path(script, run_name="__main__")
-"""
+""" + RUN_THE_SCRIPT
 
 
 def test_fsdp_checkpoint_waits_are_bounded_by_io_timeout_not_timeout(tmp_path):
