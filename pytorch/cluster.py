@@ -314,8 +314,9 @@ def allow_tf32():
     """fp32 matmuls and convolutions in TF32 on Ampere+ GPUs: inputs rounded to a 10-bit mantissa, accumulation
     in fp32 -- about twice the matmul throughput for a precision loss training does not notice. No effect on
     CPUs or older GPUs."""
-    torch.backends.cuda.matmul.fp32_precision = "tf32"  # torch >= 2.9's API (allow_tf32 is the legacy one)
-    torch.backends.cudnn.conv.fp32_precision = "tf32"
+    # The one call that sets matmuls and convolutions alike: a per-backend fp32_precision (torch >= 2.9) mixed with
+    # the defaults makes torch.get_float32_matmul_precision() raise, and Lightning and torch.compile call it.
+    torch.set_float32_matmul_precision("high")
 
 
 def step_timer(args, device, rank, world_size):

@@ -596,13 +596,15 @@ def test_fsdp_checkpoint_waits_are_bounded_by_io_timeout_not_timeout(tmp_path):
 
 
 def test_tf32_is_on_for_fp32_matmuls_and_convolutions(monkeypatch):
-    """C10: allow_tf32() puts fp32 matmuls (off by default) and convolutions in TF32, read back through torch
-    2.13's fp32_precision settings (the recipe sets them so; the legacy allow_tf32 flags map onto the same state)."""
+    """C10: allow_tf32() puts fp32 matmuls (off by default) and convolutions in TF32, and leaves torch's global
+    setting readable: per-backend fp32_precision settings made torch.get_float32_matmul_precision() raise ("mix
+    of the legacy and new APIs"), which Lightning and torch.compile call on GPUs."""
     cluster = pytorch_module("cluster", monkeypatch)
     matmul, conv = torch.backends.cuda.matmul, torch.backends.cudnn.conv
-    before = matmul.fp32_precision, conv.fp32_precision
+    before = torch.get_float32_matmul_precision()
     try:
         cluster.allow_tf32()
         assert (matmul.fp32_precision, conv.fp32_precision) == ("tf32", "tf32")
+        assert torch.get_float32_matmul_precision() == "high"
     finally:
-        matmul.fp32_precision, conv.fp32_precision = before
+        torch.set_float32_matmul_precision(before)
