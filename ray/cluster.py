@@ -154,8 +154,11 @@ def step_timer(args, device, rank, world_size):
 
 def mixed_precision(device, enabled):
     """(autocast context factory, GradScaler or None) for --amp: bf16 where native (CPUs, GPUs of compute
-    capability >= 8.0), else fp16 + GradScaler (CONTRACT.md C10)."""
+    capability >= 8.0), else fp16 + GradScaler (CONTRACT.md C10). Without --amp on a GPU: fp32 with TF32 matmuls
+    and convolutions (C10), set in the worker process that trains."""
     if not enabled:
+        if device.type == "cuda":
+            torch.set_float32_matmul_precision("high")
         return contextlib.nullcontext, None
     if device.type != "cuda" or torch.cuda.get_device_capability(device) >= (8, 0):
         return (lambda: torch.autocast(device.type, dtype=torch.bfloat16)), None

@@ -300,3 +300,21 @@ def test_npz_data_trains(tmp_path):
     launch = Launch("single_gpu.py", "--data", "npz", "--data-dir", tmp_path / "data", "--epochs", 1,
                     "--batch-size", 16)
     assert "[rank0] done: 4 steps" in finished(launch, timeout=120)
+
+
+def test_fp32_on_a_gpu_uses_tf32_and_amp_picks_by_the_gpu():
+    """C10/#22 with the GPU facts patched in, in ray's own environment: a worker training fp32 on a CUDA device
+    turns TF32 on (ray/ never did); --amp gives bf16 without a scaler on Ampere+ and fp16 with a GradScaler below."""
+    probe = """
+import torch, cluster
+torch.cuda.get_device_capability = lambda device=None: CAPABILITY  # read when called: the loop's value
+autocast, scaler = cluster.mixed_precision(torch.device("cuda", 0), False)
+print("fp32", torch.get_float32_matmul_precision(), scaler)
+for CAPABILITY in ((9, 0), (7, 0)):
+    autocast, scaler = cluster.mixed_precision(torch.device("cuda", 0), True)
+    print("amp", CAPABILITY[0], type(scaler).__name__)
+"""
+    out = subprocess.run([str(env_python("ray")), "-c", probe], cwd=ROOT / "ray",
+                         env=clean_env(), capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.split("\n")[:3] == ["fp32 high None", "amp 9 NoneType", "amp 7 GradScaler"], out.stdout
