@@ -8,7 +8,7 @@ PYTEST_ARGS ?=
 # to one core that mostly wait on the scheduler, and the other test files use the idle core meanwhile.
 TEST_WORKERS ?= 2
 
-.PHONY: help envs system-deps demo test lint bench soak clean
+.PHONY: help envs system-deps demo test lint bench soak gpu-check clean
 
 help:
 	@echo "make demo   - build .venvs/pytorch and run a 2-process torchrun recipe on this machine"
@@ -17,6 +17,7 @@ help:
 	@echo "make lint   - ruff + shellcheck + the sbatch linter"
 	@echo "make bench  - benchmarks: scaling, overhead vs raw DDP, time to first step"
 	@echo "make soak   - fault soak: random kill -9/SIGTERM/SIGUSR1 into pytorch+lightning runs (SOAK_ARGS)"
+	@echo "make gpu-check - on a GPU node: every folder's CUDA paths, tiny runs, table in runs/gpu-check/ (exit 4: no GPU)"
 	@echo "make clean  - remove .venvs/, runs/ and caches"
 
 envs:
@@ -51,6 +52,12 @@ SOAK_ARGS ?= --n 50 --seed 1
 soak:
 	tools/envs.sh tests pytorch lightning
 	$(PY) tests/soak.py --out runs/soak $(SOAK_ARGS)
+
+# The CUDA paths of every folder on a GPU machine (issue #22): tools/gpu_check.py (stdlib only; --help). Exit 4 and
+# one line where there is no CUDA GPU. E.g. srun --gpus-per-node=8 make gpu-check GPU_CHECK_ARGS="--only pytorch/".
+GPU_CHECK_ARGS ?=
+gpu-check:
+	python3 tools/gpu_check.py --out runs/gpu-check $(GPU_CHECK_ARGS)
 
 clean:
 	rm -rf .venvs runs .pytest_cache .ruff_cache
