@@ -110,6 +110,9 @@ def parse_args(description, extra=None):
         p.error(f"--data {args.data} is for --model {wants}")
     if args.lr is None:
         args.lr = 0.05 if args.model == "convnet" else 3e-4
+    # C12: GPUs given (or --backend nccl) but torch cannot use them: one line, before DeepSpeed's accelerator
+    # detection would quietly settle on its CPU accelerator.
+    toolkit.refuse_silent_cpu(args.backend, toolkit.torch_cuda_problem)
     return args
 
 

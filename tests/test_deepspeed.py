@@ -93,10 +93,11 @@ def test_torchrun_zero1_equals_one_process_and_pytorch_ddp(reference, tmp_path):
 
 
 def test_deepspeed_launcher_zero2_equals_one_process(reference, tmp_path):
-    """`deepspeed --num_gpus 2` on CPU: it passes --local_rank=N and sets RANK/LOCAL_RANK/WORLD_SIZE."""
+    """`deepspeed --num_gpus 2` on CPU: it passes --local_rank=N and sets RANK/LOCAL_RANK/WORLD_SIZE -- and
+    CUDA_VISIBLE_DEVICES=0,1 even without CUDA, so the CPU is asked for with --backend gloo (C12)."""
     launcher = env_python("deepspeed").parent / "deepspeed"
     out = run([launcher, "--num_gpus", "2", "--master_port", free_port(), DS / "multigpu_torchrun.py", *SMALL,
-               *config("zero2"), "--batch-size", "16", "--checkpoint-dir", tmp_path]).stdout
+               *config("zero2"), "--batch-size", "16", "--checkpoint-dir", tmp_path, "--backend", "gloo"]).stdout
     assert "[rank0] world size 2 | backend gloo | device cpu | ZeRO stage 2" in out, out
     assert_same_weights(weights(tmp_path), reference[0], **TOL)
 
@@ -286,3 +287,23 @@ def test_every_recipe_script_is_exercised():
     scripts = {p.name for p in DS.glob("*.py")} - {"recipe.py", "cluster.py", "toolkit.py", "gpt.py"}
     text = open(__file__).read()
     assert {s for s in scripts if s not in text} == set()
+
+
+# ------------------------------------------------------------------------------------------ GPUs (issue #22)
+# This machine has no GPU: what CUDA would answer is patched in, and the recipe's seams and DeepSpeed's own code
+# (the engine, its process group, its launcher) are driven with those answers.
+
+
+@pytest.mark.parametrize("script, env, flags, given", [
+    ("single_gpu.py", {"SLURM_GPUS_ON_NODE": "2"}, [], "SLURM_GPUS_ON_NODE=2"),
+    ("multigpu_torchrun.py", {}, ["--backend", "nccl"], "--backend nccl"),
+    ("multigpu.py", {"CUDA_VISIBLE_DEVICES": "0,1"}, [], "CUDA_VISIBLE_DEVICES=0,1"),
+], ids=["slurm-gpus", "nccl-without-launcher", "visible-devices"])
+def test_gpus_given_to_a_torch_without_cuda_is_refused(tmp_path, script, env, flags, given):
+    """C12: given GPUs (or asked for nccl) where torch has no CUDA: one line, exit 2, nothing written -- before
+    DeepSpeed's accelerator detection and before the check for torchrun's variables."""
+    ckpt = tmp_path / "ckpt"
+    proc = run_split([env_python("deepspeed"), DS / script, "--epochs", "2", "--dataset-size", "16", "--batch-size",
+                      "4", "--log-every", "1", "--checkpoint-dir", ckpt, *flags], env=clean_env(**env), timeout=60)
+    one_error_line(proc, given)
+    assert "rather than training on the CPU" in proc.stderr and not ckpt.exists() and not proc.stdout
