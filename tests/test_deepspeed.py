@@ -8,10 +8,14 @@ the offload test steps a client torch optimizer (DeepSpeedCPUAdam would cost a ~
 environment; see deepspeed/README.md).
 """
 
+import importlib.util
 import json
+import os
 import re
 import subprocess
+import sys
 import time
+from unittest import mock
 
 import pytest
 import torch
@@ -292,6 +296,107 @@ def test_every_recipe_script_is_exercised():
 # ------------------------------------------------------------------------------------------ GPUs (issue #22)
 # This machine has no GPU: what CUDA would answer is patched in, and the recipe's seams and DeepSpeed's own code
 # (the engine, its process group, its launcher) are driven with those answers.
+
+
+def load_folder(*names):
+    """deepspeed/'s own modules (cluster.py, recipe.py: torch and toolkit at the top, DeepSpeed imported late),
+    loaded in this process; sys.modules and the environment as they were afterwards."""
+    modules = {}
+    with mock.patch.dict(sys.modules), mock.patch.dict(os.environ):
+        for name in ("toolkit", "cluster", "gpt", "recipe"):
+            spec = importlib.util.spec_from_file_location(name, DS / f"{name}.py")
+            sys.modules[name] = modules[name] = importlib.util.module_from_spec(spec)
+            spec.loader.exec_module(modules[name])
+            if name == names[-1]:
+                break
+    return [modules[n] for n in names]
+
+
+@pytest.mark.parametrize("visible, local_rank, device", [(1, 3, "cuda:0"), (4, 3, "cuda:3")],
+                         ids=["gpus-per-task", "all-gpus-visible"])
+def test_the_recipe_tells_deepspeed_its_device(monkeypatch, visible, local_rank, device):
+    """pick_device's choice is the one DeepSpeed reads: LOCAL_RANK is set to the device index (srun
+    --gpus-per-task: task 3 of a node sees one GPU, cuda:0, and DeepSpeed must not ask for cuda:3)."""
+    (cluster,) = load_folder("cluster")
+    chosen = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: visible)
+    monkeypatch.setattr(torch.cuda, "set_device", chosen.append)
+    monkeypatch.setenv("LOCAL_RANK", str(local_rank))
+    assert str(cluster.pick_device(local_rank)) == device and [str(d) for d in chosen] == [device]
+    assert os.environ["LOCAL_RANK"] == str(torch.device(device).index)  # what DeepSpeed reads
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert str(cluster.pick_device(local_rank)) == "cpu" and os.environ["LOCAL_RANK"] == str(local_rank)
+
+
+# Run by the deepspeed environment's python (DeepSpeed is not installed where the tests run): DeepSpeed's own
+# code with CUDA's answers patched in and its CUDA accelerator set. argv: deepspeed/, the output
+# file.
+GPU_PROBE = r"""
+import json, os, sys, types
+from datetime import timedelta
+from unittest import mock
+import torch
+folder, out_file = sys.argv[1:]
+sys.path.insert(0, folder)
+import cluster
+from deepspeed.accelerator import get_accelerator, set_accelerator
+from deepspeed.accelerator.cuda_accelerator import CUDA_Accelerator
+from deepspeed.comm.torch import TorchBackend
+from deepspeed.runtime import engine as engine_module
+
+result = {"devices": {}}
+cuda_accelerator = CUDA_Accelerator()
+
+
+def as_device(d):
+    return str(torch.device("cuda", d) if isinstance(d, int) else torch.device(d))
+
+
+for visible, local_rank in ((1, 3), (4, 3)):
+    calls, bound = [], {}
+
+    def init_process_group(backend, *, timeout=None, init_method=None, rank=-1, world_size=-1, device_id=None):
+        bound["device_id"] = str(device_id)
+
+    set_accelerator(cuda_accelerator)
+    with mock.patch.multiple(torch.cuda, is_available=lambda: True, device_count=lambda: visible,
+                             set_device=lambda d: calls.append(as_device(d))), \
+            mock.patch.multiple(torch.distributed, is_initialized=lambda: False,
+                                init_process_group=init_process_group, get_backend=lambda *a: "nccl"), \
+            mock.patch.multiple(engine_module.dist, get_world_size=lambda *a: 8, get_rank=lambda *a: local_rank):
+        os.environ["LOCAL_RANK"] = str(local_rank)
+        recipe = str(cluster.pick_device(local_rank))
+        TorchBackend.init_process_group(types.SimpleNamespace(), "nccl", timedelta(seconds=5), "env://",
+                                        local_rank, 8)
+        engine = types.SimpleNamespace()
+        engine_module.DeepSpeedEngine._configure_with_arguments(engine, None, None)
+        engine_module.DeepSpeedEngine._set_distributed_vars(engine, None)
+        zero3 = str(torch.device(get_accelerator().device_name(os.environ["LOCAL_RANK"])))  # zero.Init's device
+    result["devices"][f"{visible}/{local_rank}"] = {"recipe": recipe, "set_device": calls, "engine": str(engine.device),
+                                                    "nccl device_id": bound.get("device_id"), "zero3": zero3}
+
+json.dump(result, open(out_file, "w"))
+"""
+
+
+@pytest.fixture(scope="module")
+def deepspeed_on_gpus(tmp_path_factory):
+    """GPU_PROBE's findings: the devices DeepSpeed picks next to the recipe's."""
+    tmp = tmp_path_factory.mktemp("gpu_probe")
+    (tmp / "probe.py").write_text(GPU_PROBE)
+    python(tmp / "probe.py", DS, tmp / "out.json", timeout=120)
+    return json.loads((tmp / "out.json").read_text())
+
+@pytest.mark.parametrize("layout, device", [("1/3", "cuda:0"), ("4/3", "cuda:3")],
+                         ids=["gpus-per-task", "all-gpus-visible"])
+def test_deepspeed_picks_the_recipes_device(deepspeed_on_gpus, layout, device):
+    """DeepSpeed's engine (_set_distributed_vars: set_device and the model's device), the device NCCL binds in
+    init_process_group and ZeRO-3's gather device, all from LOCAL_RANK: the recipe's device (visible GPUs/local rank:
+    1/3 is srun --gpus-per-task, where cuda:3 would be an invalid device ordinal)."""
+    seen = deepspeed_on_gpus["devices"][layout]
+    assert seen == {"recipe": device, "set_device": [device] * 2, "engine": device, "nccl device_id": device,
+                    "zero3": device}, seen
 
 
 @pytest.mark.parametrize("script, env, flags, given", [
