@@ -330,23 +330,24 @@ def test_the_recipe_tells_deepspeed_its_device(monkeypatch, visible, local_rank,
 
 
 # Run by the deepspeed environment's python (DeepSpeed is not installed where the tests run): DeepSpeed's own
-# code with CUDA's answers patched in and its CUDA accelerator set. argv: deepspeed/, the output
-# file.
+# code with CUDA's answers patched in and its CUDA accelerator set. argv: deepspeed/, a JSON file of launcher
+# cases [[argv, CUDA_VISIBLE_DEVICES, torch sees CUDA], ...], the output file.
 GPU_PROBE = r"""
-import json, os, sys, types
+import base64, json, os, subprocess, sys, types
 from datetime import timedelta
 from unittest import mock
 import torch
-folder, out_file = sys.argv[1:]
+folder, cases_file, out_file = sys.argv[1:]
 sys.path.insert(0, folder)
 import cluster
+import deepspeed.launcher.runner as runner
 from deepspeed.accelerator import get_accelerator, set_accelerator
 from deepspeed.accelerator.cuda_accelerator import CUDA_Accelerator
 from deepspeed.comm.torch import TorchBackend
 from deepspeed.runtime import engine as engine_module
 
-result = {"devices": {}}
-cuda_accelerator = CUDA_Accelerator()
+result = {"devices": {}, "launcher": []}
+cpu_accelerator, cuda_accelerator = get_accelerator(), CUDA_Accelerator()
 
 
 def as_device(d):
@@ -376,17 +377,66 @@ for visible, local_rank in ((1, 3), (4, 3)):
     result["devices"][f"{visible}/{local_rank}"] = {"recipe": recipe, "set_device": calls, "engine": str(engine.device),
                                                     "nccl device_id": bound.get("device_id"), "zero3": zero3}
 
+
+class Started:
+    returncode = 0
+
+    def wait(self):
+        pass
+
+
+for argv, visible, cuda in json.load(open(cases_file)):
+    set_accelerator(cuda_accelerator if cuda else cpu_accelerator)
+    started = []
+    fake = types.SimpleNamespace(**{k: getattr(subprocess, k) for k in dir(subprocess) if not k.startswith("__")})
+    fake.Popen = lambda cmd, env: started.append(cmd) or Started()
+    os.environ["CUDA_VISIBLE_DEVICES"] = visible
+    try:
+        with mock.patch.object(runner, "subprocess", fake), mock.patch.object(torch.cuda, "device_count", lambda: 8):
+            runner.main(argv)
+        info = next(a for a in started[0] if a.startswith("--world_info=")).split("=", 1)[1]
+        slots = json.loads(base64.urlsafe_b64decode(info))["localhost"]
+        child = {}
+        get_accelerator().set_visible_devices_envs(child, slots)  # what launch.py gives each worker
+        result["launcher"].append(child["CUDA_VISIBLE_DEVICES"])
+    except Exception as e:
+        result["launcher"].append(f"{type(e).__name__}: {e}")
 json.dump(result, open(out_file, "w"))
 """
+
+FAKE_SRUN = '#!/bin/bash\nwhile [[ $1 == -* ]]; do shift; done\nexec "$@"\n'  # srun's options off, then the step
+FAKE_LAUNCHER = '#!/bin/bash\nprintf "%s\\n" "$@" >"$ARGV_FILE"\n'  # the deepspeed launcher: its arguments kept
+FAKE_PYTHON = '#!/bin/bash\nexit "$NO_CUDA"\n'  # the template's "does torch see CUDA?" answered
+
+
+def launcher_argv(tmp_path, visible, cuda):
+    """multigpu_torchrun_deepspeed.sbatch run by bash in a 2-GPU job (srun, the launcher and the interpreter
+    faked): the arguments it hands DeepSpeed's launcher."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir(exist_ok=True)
+    for name, text in (("srun", FAKE_SRUN), ("deepspeed", FAKE_LAUNCHER), ("python", FAKE_PYTHON)):
+        (bin_dir / name).write_text(text)
+        (bin_dir / name).chmod(0o755)
+    argv_file = tmp_path / f"argv-{visible}"
+    env = clean_env(PATH=f"{bin_dir}:{os.environ['PATH']}", PYTHON=bin_dir / "python", ARGV_FILE=argv_file,
+                    NO_CUDA=int(not cuda), SLURM_JOB_NAME="ds", SLURM_JOB_ID=4242, SLURM_CPUS_PER_TASK=4,
+                    SLURM_GPUS_ON_NODE=2, CUDA_VISIBLE_DEVICES=visible)
+    run(["bash", DS / "multigpu_torchrun_deepspeed.sbatch", "--epochs", "1"], env=env, cwd=tmp_path, timeout=30)
+    return argv_file.read_text().splitlines()
 
 
 @pytest.fixture(scope="module")
 def deepspeed_on_gpus(tmp_path_factory):
-    """GPU_PROBE's findings: the devices DeepSpeed picks next to the recipe's."""
+    """GPU_PROBE's findings: the devices DeepSpeed picks next to the recipe's, and the CUDA_VISIBLE_DEVICES the
+    deepspeed launcher gives its workers for the template's arguments (a GPU node whose job holds GPUs 4,5 of 8;
+    the local test cluster: fake GPUs 0,1, no CUDA)."""
     tmp = tmp_path_factory.mktemp("gpu_probe")
+    cases = [[launcher_argv(tmp, "4,5", True), "4,5", True], [launcher_argv(tmp, "0,1", False), "0,1", False]]
+    (tmp / "cases.json").write_text(json.dumps(cases))
     (tmp / "probe.py").write_text(GPU_PROBE)
-    python(tmp / "probe.py", DS, tmp / "out.json", timeout=120)
+    python(tmp / "probe.py", DS, tmp / "cases.json", tmp / "out.json", timeout=120)
     return json.loads((tmp / "out.json").read_text())
+
 
 @pytest.mark.parametrize("layout, device", [("1/3", "cuda:0"), ("4/3", "cuda:3")],
                          ids=["gpus-per-task", "all-gpus-visible"])
@@ -397,6 +447,13 @@ def test_deepspeed_picks_the_recipes_device(deepspeed_on_gpus, layout, device):
     seen = deepspeed_on_gpus["devices"][layout]
     assert seen == {"recipe": device, "set_device": [device] * 2, "engine": device, "nccl device_id": device,
                     "zero3": device}, seen
+
+
+def test_deepspeed_launcher_keeps_the_jobs_gpus(deepspeed_on_gpus):
+    """multigpu_torchrun_deepspeed.sbatch in a job holding GPUs 4,5: the launcher's workers get CUDA_VISIBLE_DEVICES
+    4,5 (--num_gpus 2 gave them 0,1: another job's GPUs on a shared node); where torch has no CUDA (the local test
+    cluster) it still starts 2 workers."""
+    assert deepspeed_on_gpus["launcher"] == ["4,5", "0,1"], deepspeed_on_gpus["launcher"]
 
 
 @pytest.mark.parametrize("script, env, flags, given", [
