@@ -437,7 +437,8 @@ def model_state_bytes(engine):
 def report_memory(engine, rank):
     """Bytes per rank of the three model states next to the ZeRO paper's formula for this stage."""
     measured = model_state_bytes(engine)
-    totals = torch.tensor([measured[k] for k in ("params", "grads", "optimizer")], dtype=torch.float64)
+    totals = torch.tensor([measured[k] for k in ("params", "grads", "optimizer")], dtype=torch.float64,
+                          device=engine.device)  # NCCL gathers CUDA tensors only
     gathered = [torch.zeros_like(totals) for _ in range(dist.get_world_size())]
     dist.all_gather(gathered, totals)
     if rank == 0:

@@ -15,6 +15,7 @@ import re
 import subprocess
 import sys
 import time
+import types
 from unittest import mock
 
 import pytest
@@ -454,6 +455,20 @@ def test_deepspeed_launcher_keeps_the_jobs_gpus(deepspeed_on_gpus):
     4,5 (--num_gpus 2 gave them 0,1: another job's GPUs on a shared node); where torch has no CUDA (the local test
     cluster) it still starts 2 workers."""
     assert deepspeed_on_gpus["launcher"] == ["4,5", "0,1"], deepspeed_on_gpus["launcher"]
+
+
+def test_memory_report_gathers_on_the_engines_device(monkeypatch):
+    """--memory-report's all_gather (NCCL takes CUDA tensors only) gets tensors on the engine's device; a meta
+    device stands in for the GPU here."""
+    (cluster,) = load_folder("cluster")
+    gathered = []
+    monkeypatch.setattr(cluster, "model_state_bytes", lambda engine: {"params": 1, "grads": 2, "optimizer": 3})
+    monkeypatch.setattr(cluster.dist, "get_world_size", lambda: 2)
+    monkeypatch.setattr(cluster.dist, "all_gather", lambda outputs, t: gathered.append([t.device, *(o.device for o in
+                                                                                                    outputs)]))
+    engine = types.SimpleNamespace(device=torch.device("meta"), zero_optimization_stage=lambda: 2)
+    cluster.report_memory(engine, rank=1)
+    assert gathered == [[torch.device("meta")] * 3]
 
 
 @pytest.mark.parametrize("script, env, flags, given", [
