@@ -121,7 +121,8 @@ def test_mp_spawn_zero3_and_zero_to_fp32_loads_into_the_plain_model(reference, t
                           "print(m.load_state_dict(sd, strict=True)); torch.save(m.state_dict(), sys.argv[3])",
                     tmp_path, tag.name, tmp_path / "plain.pt", cwd=DS).stdout
     assert "<All keys matched successfully>" in loaded
-    assert_same_weights(torch.load(tmp_path / "plain.pt", weights_only=True), reference[0], **TOL)
+    assert_same_weights(torch.load(tmp_path / "plain.pt", map_location="cpu", weights_only=True), reference[0],
+                        **TOL)
 
 
 def test_srun_style_bf16_with_gradient_accumulation(tmp_path):
@@ -469,6 +470,31 @@ def test_memory_report_gathers_on_the_engines_device(monkeypatch):
     engine = types.SimpleNamespace(device=torch.device("meta"), zero_optimization_stage=lambda: 2)
     cluster.report_memory(engine, rank=1)
     assert gathered == [[torch.device("meta")] * 3]
+
+
+def test_resume_restores_the_rng_from_a_state_loaded_elsewhere(monkeypatch, tmp_path):
+    """torch.set_rng_state takes a CPU ByteTensor: the RNG state in DeepSpeed's client_state is moved there
+    whatever device the checkpoint was loaded to (a mock GPU tensor here)."""
+    (recipe,) = load_folder("recipe")
+    state = torch.manual_seed(7).get_state()
+    on_gpu = mock.Mock(spec=torch.Tensor, device=torch.device("cuda", 0))
+    on_gpu.cpu.return_value = state
+    client = {"rng": on_gpu, "epoch": 1, "step": 4, "batch_in_epoch": 0}
+    trainer = recipe.Trainer.__new__(recipe.Trainer)
+    trainer.args, trainer.rank = types.SimpleNamespace(checkpoint_dir=str(tmp_path)), 0
+    trainer.engine = types.SimpleNamespace(load_checkpoint=lambda d, tag: (f"{d}/{tag}", client))
+    monkeypatch.setattr(recipe, "find_snapshot", lambda d: "step-00000004")
+    monkeypatch.setattr(recipe.dist, "broadcast_object_list", lambda objects, src: None)
+    set_rng_state = torch.set_rng_state  # which crashes the interpreter when handed anything but a tensor
+
+    def cpu_bytes_only(new_state):
+        assert isinstance(new_state, torch.Tensor) and new_state.device.type == "cpu", f"handed {new_state!r}"
+        set_rng_state(new_state)
+
+    monkeypatch.setattr(torch, "set_rng_state", cpu_bytes_only)
+    torch.manual_seed(0)
+    trainer._resume()
+    assert torch.equal(torch.get_rng_state(), state) and trainer.step == 4
 
 
 @pytest.mark.parametrize("script, env, flags, given", [
