@@ -6,7 +6,8 @@ Map:
     run, leave_process_group           the entry point's wrapper (toolkit.run); the process group left on the way out
     import_deepspeed                   DeepSpeed imported late and quiet, its accelerator named before the import
     launch_env                         RANK, LOCAL_RANK, WORLD_SIZE from the launcher, or one line naming it
-    pick_device, pick_backend          this rank's device; nccl with CUDA, gloo without
+    device_index, pick_device          this rank's GPU from (LOCAL_RANK, GPUs visible), and DeepSpeed told the same
+    pick_backend                       nccl with CUDA, gloo without
     init_distributed                   deepspeed.init_distributed from the launcher's variables
     explained_rendezvous               a rendezvous under a deadline, its failures as one line saying what to check
     reduce_max                         the ranks' agreement on preemption (for toolkit.PREEMPTION.agreed)
@@ -110,6 +111,9 @@ def parse_args(description, extra=None):
         p.error(f"--data {args.data} is for --model {wants}")
     if args.lr is None:
         args.lr = 0.05 if args.model == "convnet" else 3e-4
+    # C12: GPUs given (or --backend nccl) but torch cannot use them: one line, before DeepSpeed's accelerator
+    # detection would quietly settle on its CPU accelerator.
+    toolkit.refuse_silent_cpu(args.backend, toolkit.torch_cuda_problem)
     return args
 
 
@@ -159,13 +163,24 @@ def launch_env(how):
     return [int(os.environ[n]) for n in names[:3]]
 
 
+def device_index(local_rank, visible):
+    """The GPU (index among the `visible` ones) of the process with this LOCAL_RANK: its local rank where every
+    process of the node sees all GPUs, 0 where each sees only its own (srun --gpus-per-task)."""
+    return local_rank % visible
+
+
 def pick_device(local_rank):
-    if torch.cuda.is_available():
-        # With --gpus-per-task each process may see only one device (always "cuda:0").
-        device = torch.device("cuda", local_rank % torch.cuda.device_count())
-        torch.cuda.set_device(device)
-        return device
-    return torch.device("cpu")
+    """This rank's device, and DeepSpeed told the same one. DeepSpeed takes the GPU index from LOCAL_RANK itself:
+    the engine calls set_device(LOCAL_RANK) and puts the model there, init_process_group binds cuda:LOCAL_RANK,
+    ZeRO-3 gathers parameters there. LOCAL_RANK is therefore set to the device index (0 for every task that sees
+    only its own GPU): left at the local rank, rank 3 of a node would ask for a cuda:3 it cannot see."""
+    if not torch.cuda.is_available():
+        os.environ["LOCAL_RANK"] = str(local_rank)  # DeepSpeed insists on it, even for one process
+        return torch.device("cpu")
+    device = torch.device("cuda", device_index(local_rank, torch.cuda.device_count()))
+    torch.cuda.set_device(device)
+    os.environ["LOCAL_RANK"] = str(device.index)
+    return device
 
 
 def pick_backend(choice):
@@ -422,7 +437,8 @@ def model_state_bytes(engine):
 def report_memory(engine, rank):
     """Bytes per rank of the three model states next to the ZeRO paper's formula for this stage."""
     measured = model_state_bytes(engine)
-    totals = torch.tensor([measured[k] for k in ("params", "grads", "optimizer")], dtype=torch.float64)
+    totals = torch.tensor([measured[k] for k in ("params", "grads", "optimizer")], dtype=torch.float64,
+                          device=engine.device)  # NCCL gathers CUDA tensors only
     gathered = [torch.zeros_like(totals) for _ in range(dist.get_world_size())]
     dist.all_gather(gathered, totals)
     if rank == 0:

@@ -24,9 +24,8 @@ from toolkit import PREEMPTED_EXIT_CODE, RecipeError, positive_int
 
 def setup(rank, world_size, port, args):
     """A spawned worker joins the others through the store its parent hosts (see main), not a fixed port."""
-    device = pick_device(rank)
+    device = pick_device(rank)  # and LOCAL_RANK, which DeepSpeed reads
     import_deepspeed()
-    os.environ["LOCAL_RANK"] = str(rank)  # DeepSpeed reads it from the environment
     with explained_rendezvous(rank, world_size, args.timeout):
         store = dist.TCPStore("127.0.0.1", port, world_size, is_master=False, timeout=timedelta(seconds=args.timeout))
         dist.init_process_group(pick_backend(args.backend), store=store, rank=rank, world_size=world_size,

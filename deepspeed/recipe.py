@@ -234,7 +234,7 @@ class Trainer:
         path, client = self.engine.load_checkpoint(self.args.checkpoint_dir, tag=tag)
         if path is None:
             raise RecipeError(f"DeepSpeed could not load checkpoint {tag} from {self.args.checkpoint_dir}")
-        torch.set_rng_state(client["rng"])
+        torch.set_rng_state(client["rng"].cpu())  # the CPU generator takes a CPU ByteTensor, wherever it loaded
         self.epoch, self.step, self.batch_in_epoch = client["epoch"], client["step"], client["batch_in_epoch"]
         self._log(f"resumed from {Path(self.args.checkpoint_dir) / tag}: epoch {self.epoch + 1}, step {self.step}")
 

@@ -8,8 +8,6 @@ this process: no launcher, no MASTER_ADDR/MASTER_PORT. One process still gains f
 optimizer states (and parameters) to CPU memory fits a model the GPU alone cannot hold.
 """
 
-import os
-
 import torch.distributed as dist
 
 from cluster import import_deepspeed, parse_args, pick_backend, pick_device, run
@@ -18,10 +16,9 @@ from recipe import prepare, train
 
 def setup(args):
     """One process: a process group of one whose store lives in this process (no launcher, no port)."""
-    device = pick_device(0)
+    device = pick_device(0)  # and LOCAL_RANK, which DeepSpeed reads even for one process
     import_deepspeed()
     inputs = prepare(args, 1, device)
-    os.environ.setdefault("LOCAL_RANK", "0")  # DeepSpeed reads it from the environment, even for one process
     dist.init_process_group(pick_backend(args.backend), store=dist.HashStore(), rank=0, world_size=1)
     return 0, 1, device, inputs
 

@@ -8,10 +8,15 @@ the offload test steps a client torch optimizer (DeepSpeedCPUAdam would cost a ~
 environment; see deepspeed/README.md).
 """
 
+import importlib.util
 import json
+import os
 import re
 import subprocess
+import sys
 import time
+import types
+from unittest import mock
 
 import pytest
 import torch
@@ -93,10 +98,11 @@ def test_torchrun_zero1_equals_one_process_and_pytorch_ddp(reference, tmp_path):
 
 
 def test_deepspeed_launcher_zero2_equals_one_process(reference, tmp_path):
-    """`deepspeed --num_gpus 2` on CPU: it passes --local_rank=N and sets RANK/LOCAL_RANK/WORLD_SIZE."""
+    """`deepspeed --num_gpus 2` on CPU: it passes --local_rank=N and sets RANK/LOCAL_RANK/WORLD_SIZE -- and
+    CUDA_VISIBLE_DEVICES=0,1 even without CUDA, so the CPU is asked for with --backend gloo (C12)."""
     launcher = env_python("deepspeed").parent / "deepspeed"
     out = run([launcher, "--num_gpus", "2", "--master_port", free_port(), DS / "multigpu_torchrun.py", *SMALL,
-               *config("zero2"), "--batch-size", "16", "--checkpoint-dir", tmp_path]).stdout
+               *config("zero2"), "--batch-size", "16", "--checkpoint-dir", tmp_path, "--backend", "gloo"]).stdout
     assert "[rank0] world size 2 | backend gloo | device cpu | ZeRO stage 2" in out, out
     assert_same_weights(weights(tmp_path), reference[0], **TOL)
 
@@ -115,7 +121,8 @@ def test_mp_spawn_zero3_and_zero_to_fp32_loads_into_the_plain_model(reference, t
                           "print(m.load_state_dict(sd, strict=True)); torch.save(m.state_dict(), sys.argv[3])",
                     tmp_path, tag.name, tmp_path / "plain.pt", cwd=DS).stdout
     assert "<All keys matched successfully>" in loaded
-    assert_same_weights(torch.load(tmp_path / "plain.pt", weights_only=True), reference[0], **TOL)
+    assert_same_weights(torch.load(tmp_path / "plain.pt", map_location="cpu", weights_only=True), reference[0],
+                        **TOL)
 
 
 def test_srun_style_bf16_with_gradient_accumulation(tmp_path):
@@ -286,3 +293,220 @@ def test_every_recipe_script_is_exercised():
     scripts = {p.name for p in DS.glob("*.py")} - {"recipe.py", "cluster.py", "toolkit.py", "gpt.py"}
     text = open(__file__).read()
     assert {s for s in scripts if s not in text} == set()
+
+
+# ------------------------------------------------------------------------------------------ GPUs (issue #22)
+# This machine has no GPU: what CUDA would answer is patched in, and the recipe's seams and DeepSpeed's own code
+# (the engine, its process group, its launcher) are driven with those answers.
+
+
+def load_folder(*names):
+    """deepspeed/'s own modules (cluster.py, recipe.py: torch and toolkit at the top, DeepSpeed imported late),
+    loaded in this process; sys.modules and the environment as they were afterwards."""
+    modules = {}
+    with mock.patch.dict(sys.modules), mock.patch.dict(os.environ):
+        for name in ("toolkit", "cluster", "gpt", "recipe"):
+            spec = importlib.util.spec_from_file_location(name, DS / f"{name}.py")
+            sys.modules[name] = modules[name] = importlib.util.module_from_spec(spec)
+            spec.loader.exec_module(modules[name])
+            if name == names[-1]:
+                break
+    return [modules[n] for n in names]
+
+
+@pytest.mark.parametrize("visible, local_rank, device", [(1, 3, "cuda:0"), (4, 3, "cuda:3")],
+                         ids=["gpus-per-task", "all-gpus-visible"])
+def test_the_recipe_tells_deepspeed_its_device(monkeypatch, visible, local_rank, device):
+    """pick_device's choice is the one DeepSpeed reads: LOCAL_RANK is set to the device index (srun
+    --gpus-per-task: task 3 of a node sees one GPU, cuda:0, and DeepSpeed must not ask for cuda:3)."""
+    (cluster,) = load_folder("cluster")
+    chosen = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: visible)
+    monkeypatch.setattr(torch.cuda, "set_device", chosen.append)
+    monkeypatch.setenv("LOCAL_RANK", str(local_rank))
+    assert str(cluster.pick_device(local_rank)) == device and [str(d) for d in chosen] == [device]
+    assert os.environ["LOCAL_RANK"] == str(torch.device(device).index)  # what DeepSpeed reads
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert str(cluster.pick_device(local_rank)) == "cpu" and os.environ["LOCAL_RANK"] == str(local_rank)
+
+
+# Run by the deepspeed environment's python (DeepSpeed is not installed where the tests run): DeepSpeed's own
+# code with CUDA's answers patched in and its CUDA accelerator set. argv: deepspeed/, a JSON file of launcher
+# cases [[argv, CUDA_VISIBLE_DEVICES, torch sees CUDA], ...], the output file.
+GPU_PROBE = r"""
+import base64, json, os, subprocess, sys, types
+from datetime import timedelta
+from unittest import mock
+import torch
+folder, cases_file, out_file = sys.argv[1:]
+sys.path.insert(0, folder)
+import cluster
+import deepspeed.launcher.runner as runner
+from deepspeed.accelerator import get_accelerator, set_accelerator
+from deepspeed.accelerator.cuda_accelerator import CUDA_Accelerator
+from deepspeed.comm.torch import TorchBackend
+from deepspeed.runtime import engine as engine_module
+
+result = {"devices": {}, "launcher": []}
+cpu_accelerator, cuda_accelerator = get_accelerator(), CUDA_Accelerator()
+
+
+def as_device(d):
+    return str(torch.device("cuda", d) if isinstance(d, int) else torch.device(d))
+
+
+for visible, local_rank in ((1, 3), (4, 3)):
+    calls, bound = [], {}
+
+    def init_process_group(backend, *, timeout=None, init_method=None, rank=-1, world_size=-1, device_id=None):
+        bound["device_id"] = str(device_id)
+
+    set_accelerator(cuda_accelerator)
+    with mock.patch.multiple(torch.cuda, is_available=lambda: True, device_count=lambda: visible,
+                             set_device=lambda d: calls.append(as_device(d))), \
+            mock.patch.multiple(torch.distributed, is_initialized=lambda: False,
+                                init_process_group=init_process_group, get_backend=lambda *a: "nccl"), \
+            mock.patch.multiple(engine_module.dist, get_world_size=lambda *a: 8, get_rank=lambda *a: local_rank):
+        os.environ["LOCAL_RANK"] = str(local_rank)
+        recipe = str(cluster.pick_device(local_rank))
+        TorchBackend.init_process_group(types.SimpleNamespace(), "nccl", timedelta(seconds=5), "env://",
+                                        local_rank, 8)
+        engine = types.SimpleNamespace()
+        engine_module.DeepSpeedEngine._configure_with_arguments(engine, None, None)
+        engine_module.DeepSpeedEngine._set_distributed_vars(engine, None)
+        zero3 = str(torch.device(get_accelerator().device_name(os.environ["LOCAL_RANK"])))  # zero.Init's device
+    result["devices"][f"{visible}/{local_rank}"] = {"recipe": recipe, "set_device": calls, "engine": str(engine.device),
+                                                    "nccl device_id": bound.get("device_id"), "zero3": zero3}
+
+
+class Started:
+    returncode = 0
+
+    def wait(self):
+        pass
+
+
+for argv, visible, cuda in json.load(open(cases_file)):
+    set_accelerator(cuda_accelerator if cuda else cpu_accelerator)
+    started = []
+    fake = types.SimpleNamespace(**{k: getattr(subprocess, k) for k in dir(subprocess) if not k.startswith("__")})
+    fake.Popen = lambda cmd, env: started.append(cmd) or Started()
+    os.environ["CUDA_VISIBLE_DEVICES"] = visible
+    try:
+        with mock.patch.object(runner, "subprocess", fake), mock.patch.object(torch.cuda, "device_count", lambda: 8):
+            runner.main(argv)
+        info = next(a for a in started[0] if a.startswith("--world_info=")).split("=", 1)[1]
+        slots = json.loads(base64.urlsafe_b64decode(info))["localhost"]
+        child = {}
+        get_accelerator().set_visible_devices_envs(child, slots)  # what launch.py gives each worker
+        result["launcher"].append(child["CUDA_VISIBLE_DEVICES"])
+    except Exception as e:
+        result["launcher"].append(f"{type(e).__name__}: {e}")
+json.dump(result, open(out_file, "w"))
+"""
+
+FAKE_SRUN = '#!/bin/bash\nwhile [[ $1 == -* ]]; do shift; done\nexec "$@"\n'  # srun's options off, then the step
+FAKE_LAUNCHER = '#!/bin/bash\nprintf "%s\\n" "$@" >"$ARGV_FILE"\n'  # the deepspeed launcher: its arguments kept
+FAKE_PYTHON = '#!/bin/bash\nexit "$NO_CUDA"\n'  # the template's "does torch see CUDA?" answered
+
+
+def launcher_argv(tmp_path, visible, cuda):
+    """multigpu_torchrun_deepspeed.sbatch run by bash in a 2-GPU job (srun, the launcher and the interpreter
+    faked): the arguments it hands DeepSpeed's launcher."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir(exist_ok=True)
+    for name, text in (("srun", FAKE_SRUN), ("deepspeed", FAKE_LAUNCHER), ("python", FAKE_PYTHON)):
+        (bin_dir / name).write_text(text)
+        (bin_dir / name).chmod(0o755)
+    argv_file = tmp_path / f"argv-{visible}"
+    env = clean_env(PATH=f"{bin_dir}:{os.environ['PATH']}", PYTHON=bin_dir / "python", ARGV_FILE=argv_file,
+                    NO_CUDA=int(not cuda), SLURM_JOB_NAME="ds", SLURM_JOB_ID=4242, SLURM_CPUS_PER_TASK=4,
+                    SLURM_GPUS_ON_NODE=2, CUDA_VISIBLE_DEVICES=visible)
+    run(["bash", DS / "multigpu_torchrun_deepspeed.sbatch", "--epochs", "1"], env=env, cwd=tmp_path, timeout=30)
+    return argv_file.read_text().splitlines()
+
+
+@pytest.fixture(scope="module")
+def deepspeed_on_gpus(tmp_path_factory):
+    """GPU_PROBE's findings: the devices DeepSpeed picks next to the recipe's, and the CUDA_VISIBLE_DEVICES the
+    deepspeed launcher gives its workers for the template's arguments (a GPU node whose job holds GPUs 4,5 of 8;
+    the local test cluster: fake GPUs 0,1, no CUDA)."""
+    tmp = tmp_path_factory.mktemp("gpu_probe")
+    cases = [[launcher_argv(tmp, "4,5", True), "4,5", True], [launcher_argv(tmp, "0,1", False), "0,1", False]]
+    (tmp / "cases.json").write_text(json.dumps(cases))
+    (tmp / "probe.py").write_text(GPU_PROBE)
+    python(tmp / "probe.py", DS, tmp / "cases.json", tmp / "out.json", timeout=120)
+    return json.loads((tmp / "out.json").read_text())
+
+
+@pytest.mark.parametrize("layout, device", [("1/3", "cuda:0"), ("4/3", "cuda:3")],
+                         ids=["gpus-per-task", "all-gpus-visible"])
+def test_deepspeed_picks_the_recipes_device(deepspeed_on_gpus, layout, device):
+    """DeepSpeed's engine (_set_distributed_vars: set_device and the model's device), the device NCCL binds in
+    init_process_group and ZeRO-3's gather device, all from LOCAL_RANK: the recipe's device (visible GPUs/local rank:
+    1/3 is srun --gpus-per-task, where cuda:3 would be an invalid device ordinal)."""
+    seen = deepspeed_on_gpus["devices"][layout]
+    assert seen == {"recipe": device, "set_device": [device] * 2, "engine": device, "nccl device_id": device,
+                    "zero3": device}, seen
+
+
+def test_deepspeed_launcher_keeps_the_jobs_gpus(deepspeed_on_gpus):
+    """multigpu_torchrun_deepspeed.sbatch in a job holding GPUs 4,5: the launcher's workers get CUDA_VISIBLE_DEVICES
+    4,5 (--num_gpus 2 gave them 0,1: another job's GPUs on a shared node); where torch has no CUDA (the local test
+    cluster) it still starts 2 workers."""
+    assert deepspeed_on_gpus["launcher"] == ["4,5", "0,1"], deepspeed_on_gpus["launcher"]
+
+
+def test_memory_report_gathers_on_the_engines_device(monkeypatch):
+    """--memory-report's all_gather (NCCL takes CUDA tensors only) gets tensors on the engine's device; a meta
+    device stands in for the GPU here."""
+    (cluster,) = load_folder("cluster")
+    gathered = []
+    monkeypatch.setattr(cluster, "model_state_bytes", lambda engine: {"params": 1, "grads": 2, "optimizer": 3})
+    monkeypatch.setattr(cluster.dist, "get_world_size", lambda: 2)
+    monkeypatch.setattr(cluster.dist, "all_gather", lambda outputs, t: gathered.append([t.device, *(o.device for o in
+                                                                                                    outputs)]))
+    engine = types.SimpleNamespace(device=torch.device("meta"), zero_optimization_stage=lambda: 2)
+    cluster.report_memory(engine, rank=1)
+    assert gathered == [[torch.device("meta")] * 3]
+
+
+def test_resume_restores_the_rng_from_a_state_loaded_elsewhere(monkeypatch, tmp_path):
+    """torch.set_rng_state takes a CPU ByteTensor: the RNG state in DeepSpeed's client_state is moved there
+    whatever device the checkpoint was loaded to (a mock GPU tensor here)."""
+    (recipe,) = load_folder("recipe")
+    state = torch.manual_seed(7).get_state()
+    on_gpu = mock.Mock(spec=torch.Tensor, device=torch.device("cuda", 0))
+    on_gpu.cpu.return_value = state
+    client = {"rng": on_gpu, "epoch": 1, "step": 4, "batch_in_epoch": 0}
+    trainer = recipe.Trainer.__new__(recipe.Trainer)
+    trainer.args, trainer.rank = types.SimpleNamespace(checkpoint_dir=str(tmp_path)), 0
+    trainer.engine = types.SimpleNamespace(load_checkpoint=lambda d, tag: (f"{d}/{tag}", client))
+    monkeypatch.setattr(recipe, "find_snapshot", lambda d: "step-00000004")
+    monkeypatch.setattr(recipe.dist, "broadcast_object_list", lambda objects, src: None)
+    set_rng_state = torch.set_rng_state  # which crashes the interpreter when handed anything but a tensor
+
+    def cpu_bytes_only(new_state):
+        assert isinstance(new_state, torch.Tensor) and new_state.device.type == "cpu", f"handed {new_state!r}"
+        set_rng_state(new_state)
+
+    monkeypatch.setattr(torch, "set_rng_state", cpu_bytes_only)
+    torch.manual_seed(0)
+    trainer._resume()
+    assert torch.equal(torch.get_rng_state(), state) and trainer.step == 4
+
+
+@pytest.mark.parametrize("script, env, flags, given", [
+    ("single_gpu.py", {"SLURM_GPUS_ON_NODE": "2"}, [], "SLURM_GPUS_ON_NODE=2"),
+    ("multigpu_torchrun.py", {}, ["--backend", "nccl"], "--backend nccl"),
+    ("multigpu.py", {"CUDA_VISIBLE_DEVICES": "0,1"}, [], "CUDA_VISIBLE_DEVICES=0,1"),
+], ids=["slurm-gpus", "nccl-without-launcher", "visible-devices"])
+def test_gpus_given_to_a_torch_without_cuda_is_refused(tmp_path, script, env, flags, given):
+    """C12: given GPUs (or asked for nccl) where torch has no CUDA: one line, exit 2, nothing written -- before
+    DeepSpeed's accelerator detection and before the check for torchrun's variables."""
+    ckpt = tmp_path / "ckpt"
+    proc = run_split([env_python("deepspeed"), DS / script, "--epochs", "2", "--dataset-size", "16", "--batch-size",
+                      "4", "--log-every", "1", "--checkpoint-dir", ckpt, *flags], env=clean_env(**env), timeout=60)
+    one_error_line(proc, given)
+    assert "rather than training on the CPU" in proc.stderr and not ckpt.exists() and not proc.stdout
