@@ -3,17 +3,21 @@ launchers' variables, PhysicsNeMo's import and start-up shims, one-line errors, 
 recipes teach; each version workaround is one tagged line, its story in README.md's troubleshooting.
 
 Map:
-    parse_args              the command line every recipe in this repository accepts (CONTRACT.md C2)
+    parse_args              the command line every recipe in this repository accepts (CONTRACT.md C2), then no
+                            silent CPU (C12: toolkit.refuse_silent_cpu)
     run                     toolkit.run with this folder's cleanup (stop_distributed): the scripts' entry point
     require_torchrun        multigpu_torchrun.py without torchrun's variables: one line, not a silent single process
     require_launcher        multinode.py without torchrun's or srun's variables (or without srun's address): the same
     free_port               a free TCP port for multigpu.py's rendezvous
     join_workers            multigpu.py's parent: forwards SIGUSR1/SIGTERM to its workers, passes their exit code on
     physicsnemo             the PhysicsNeMo package (or nvidia-modulus 0.9), imported on first use, with its shims
-    rendezvous              around DistributedManager.initialize(): --timeout, --backend, a deadline, one-line errors
+    rendezvous              around DistributedManager.initialize(): --timeout, --backend, the device (device_index),
+                            a deadline, one-line errors
+    device_index            a local rank's GPU among those the process sees (one GPU per task: cuda:0 everywhere)
     reduce_max              the ranks' maximum of the preemption flag (PREEMPTION.agreed's reduce_max)
     stop_distributed        process-group teardown in the order that cannot hang at exit (run's cleanup)
     mixed_precision         --amp by CONTRACT.md C10: (autocast, GradScaler), bf16 or fp16 by what the device does
+    spectral_layers_in_fp32 the FNO's FFTs in fp32 under --amp (CUDA has no bf16 FFT, fp16 only for powers of two)
     read_darcy              the Darcy .npz files of --data-dir, checked: a missing or wrong file is one clear line
     check_dataset_fits      a world size or a batch larger than the data is one clear line
 """
@@ -86,6 +90,9 @@ def parse_args(description, extra=None):
     if args.data != "synthetic" and not args.data_dir:
         p.error(f"--data {args.data} needs --data-dir (the directory that holds {darcy.TRAIN_FILE} and "
                 f"{darcy.VAL_FILE})")
+    # C12: given GPUs (or --backend nccl) that torch cannot use: one line, before DistributedManager or the
+    # scripts pick the CPU as the device
+    toolkit.refuse_silent_cpu(args.backend, toolkit.torch_cuda_problem)
     return args
 
 
@@ -253,11 +260,24 @@ def physicsnemo():
     return pnm
 
 
+def device_index(local_rank):
+    """The GPU a process with this local rank uses: its local rank among the devices it sees. Every GPU of the node
+    visible (--gpus-per-node): cuda:<local rank>; one per task (--gpus-per-task=1): cuda:0 on every rank."""
+    return local_rank % torch.cuda.device_count()
+
+
 @contextlib.contextmanager
 def process_group_options(args):
-    """What DistributedManager.initialize() cannot be told, passed to the one init_process_group call its setup()
-    makes (backend, rank=, world_size=, device_id=): for the duration of that call only."""
-    real = dist.init_process_group
+    """What DistributedManager.initialize() cannot be told, passed to the one setup() and init_process_group call
+    it makes (backend, rank=, world_size=, device_id=): for the duration of that call only."""
+    real, manager = dist.init_process_group, physicsnemo().distributed.DistributedManager
+    real_setup = manager.setup
+
+    def setup(rank=0, world_size=1, local_rank=None, **kwargs):
+        if local_rank is not None and torch.cuda.is_available():
+            # WORKAROUND(physicsnemo 2.2.2, NVIDIA/physicsnemo#115): a device this task sees, not cuda:<local rank>
+            local_rank = device_index(local_rank)
+        return real_setup(rank=rank, world_size=world_size, local_rank=local_rank, **kwargs)
 
     def init_process_group(backend=None, **kwargs):
         if args.backend != "auto":
@@ -272,11 +292,11 @@ def process_group_options(args):
         os.environ["TORCH_NCCL_ASYNC_ERROR_HANDLING"] = "1"
         return real(backend, **kwargs)
 
-    dist.init_process_group = init_process_group
+    dist.init_process_group, manager.setup = init_process_group, staticmethod(setup)
     try:
         yield
     finally:
-        dist.init_process_group = real
+        dist.init_process_group, manager.setup = real, staticmethod(real_setup)
 
 
 @contextlib.contextmanager
@@ -332,6 +352,22 @@ def mixed_precision(device, enabled):
         return contextlib.nullcontext, scaler
     dtype = torch.float16 if fp16 else torch.bfloat16
     return (lambda: torch.autocast(device.type, dtype=dtype)), scaler
+
+
+def spectral_layers_in_fp32(model):
+    """The FNO's spectral convolutions in fp32 under --amp, their FFTs included. CPU autocast casts FFTs to fp32 by
+    itself; CUDA autocast does not: bf16 has no cuFFT kernel and fp16 needs power-of-two grids (the padded one is
+    40), so the first step would fail. The pointwise layers around them still run in bf16/fp16. Returns the model."""
+    for layer in model.modules():
+        if type(layer).__name__.startswith("SpectralConv"):  # SpectralConv1d ... 4d (physicsnemo.nn.module)
+            # WORKAROUND(torch 2.13, pytorch/pytorch#139313): no bf16 FFT on CUDA; fp16 only for powers of two
+            layer.forward = functools.partial(_fp32_forward, layer.forward)
+    return model
+
+
+def _fp32_forward(forward, x):
+    with torch.autocast(x.device.type, enabled=False):
+        return forward(x.float())
 
 
 # ---------------------------------------------------------------------------------------------------- data checks

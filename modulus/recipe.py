@@ -14,7 +14,8 @@ from torch.utils.data import DataLoader
 from torch.utils.data.distributed import DistributedSampler
 
 import darcy
-from cluster import check_dataset_fits, mixed_precision, physicsnemo, read_darcy, reduce_max, rendezvous
+from cluster import (check_dataset_fits, mixed_precision, physicsnemo, read_darcy, reduce_max, rendezvous,
+                     spectral_layers_in_fp32)
 from toolkit import PREEMPTED_EXIT_CODE, PREEMPTION, RecipeError, StepTimer, atomic_write, log
 from toolkit import ignore_preemption_signals  # DataLoader workers leave SIGUSR1/SIGTERM to their parent
 
@@ -46,8 +47,9 @@ def build_loader(dataset, args, rank=0, world_size=1):
 def build_model():
     """PhysicsNeMo's Fourier Neural Operator, small enough for a CPU smoke test (~264k parameters)."""
     FNO = physicsnemo().models.fno.FNO
-    return FNO(in_channels=1, out_channels=1, dimension=2, latent_channels=16, num_fno_layers=4, num_fno_modes=8,
-               padding=8, decoder_layers=1, decoder_layer_size=32)
+    model = FNO(in_channels=1, out_channels=1, dimension=2, latent_channels=16, num_fno_layers=4, num_fno_modes=8,
+                padding=8, decoder_layers=1, decoder_layer_size=32)
+    return spectral_layers_in_fp32(model)  # its FFTs in fp32 under --amp (cluster.py: CUDA has no bf16 FFT)
 
 
 def save_snapshot(checkpoint_dir, snapshot):
@@ -95,8 +97,7 @@ class Trainer:
         train, self.val = datasets
         self.loader = build_loader(train, args, rank, world_size)
         self.optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
-        # The schedule spans --epochs: --max-steps only stops early, so a run cut short (by it, a crash or a
-        # preemption) and then resumed follows exactly the same learning-rate curve as an uninterrupted one.
+        # Over --epochs even with --max-steps: a run cut short and resumed follows the uninterrupted LR curve.
         self.scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(self.optimizer, args.epochs * len(self.loader))
         self.autocast, self.scaler = mixed_precision(device, args.amp)
         self.reduce_max = functools.partial(reduce_max, device=device) if world_size > 1 else None
@@ -133,7 +134,7 @@ class Trainer:
             dist.broadcast_object_list(choice, src=0)
         if choice[0] is None:
             return
-        snap = torch.load(choice[0], map_location=self.device, weights_only=True)  # each rank onto its own device
+        snap = torch.load(choice[0], map_location="cpu", weights_only=True)  # load_state_dict copies to the device
         self.module.load_state_dict(snap["model"])
         self.optimizer.load_state_dict(snap["optimizer"])
         self.scheduler.load_state_dict(snap["scheduler"])
@@ -209,10 +210,9 @@ class Trainer:
             elapsed = time.perf_counter() - epoch_start
             loss_all, seen_all = totals.tolist()
             if seen_all and not preempted:
-                rel_l2 = self._validate()
-                self.log(f"epoch {self.epoch + 1}/{self.args.epochs} | step {self.step} | "
-                         f"loss {loss_all / seen_all:.4f} | rel_l2 {rel_l2:.4f} | "
-                         f"{seen_all / elapsed:.0f} samples/s | {elapsed:.1f} s")
+                rel_l2, loss = self._validate(), loss_all / seen_all
+                self.log(f"epoch {self.epoch + 1}/{self.args.epochs} | step {self.step} | loss {loss:.4f} "
+                         f"| rel_l2 {rel_l2:.4f} | {seen_all / elapsed:.0f} samples/s | {elapsed:.1f} s")
             if self.batch_in_epoch == len(self.loader):  # the epoch ran to its end (not cut short)
                 self.epoch, self.batch_in_epoch = self.epoch + 1, 0
             finished = not self._training_left()

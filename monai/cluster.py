@@ -1,7 +1,8 @@
 """monai/'s plumbing: what running on a cluster needs around the lesson in recipe.py, and the synthetic data.
 
 Map:
-    parse_args                  the command line (CONTRACT.md C2, plus --roi-size and --cache-rate)
+    parse_args                  the command line (CONTRACT.md C2, plus --roi-size and --cache-rate), then no silent
+                                CPU (C12: toolkit.refuse_silent_cpu)
     run                         toolkit.run that leaves the process group on the way out (no try/finally in scripts)
     leave_process_group         the DDP model freed, then the process group destroyed (README: Troubleshooting)
     torchrun_env                (rank, local_rank, world_size) from RANK, LOCAL_RANK, WORLD_SIZE, or one line on how
@@ -15,7 +16,7 @@ Map:
     check_dataset_fits          enough training cases for the world size and the batch size
     save_snapshot               snapshot.pt written atomically, the previous one kept as snapshot.prev.pt
     find_snapshot               the newest readable snapshot; a damaged one named, the other one used
-    rng_state, restore_rng      the random generators' state, saved in and restored from a snapshot
+    rng_state, restore_rng      the CPU's and this process's GPU's random state, saved in and restored from a snapshot
     SeededAugmentation          random augmentation seeded per (seed, epoch, case): crops independent of ranks/workers
     mixed_precision             --amp's autocast and GradScaler: bf16 where the device has it, else fp16 (C10)
     step_timer                  toolkit.StepTimer for --timings-file on rank 0 (None otherwise)
@@ -100,6 +101,8 @@ def parse_args(description, extra=None):
     args = p.parse_args()
     if args.data != "synthetic" and not args.data_dir:
         p.error(f"--data {args.data} needs --data-dir (the task folder that holds dataset.json)")
+    # C12: given GPUs (or --backend nccl) that torch cannot use: one line, before a script picks the CPU as device
+    toolkit.refuse_silent_cpu(args.backend, toolkit.torch_cuda_problem)
     return args
 
 
@@ -372,17 +375,27 @@ def find_snapshot(checkpoint_dir):
     return None
 
 
-def rng_state():
+def rng_state(device):
+    """The CPU generator's state and this process's own GPU's (not every visible GPU's: a job requeued with fewer
+    GPUs, or one GPU per task, has fewer to restore, and touching the others puts a CUDA context on each)."""
     state = {"torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
     return state
 
 
-def restore_rng(state):
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+def restore_rng(state, device):
+    """From CPU tensors (torch.set_rng_state takes nothing else); the GPU state onto this process's device only."""
+    torch.set_rng_state(state["torch"].cpu())
+    cuda = state.get("cuda")
+    if cuda is None or device.type != "cuda":
+        return
+    if isinstance(cuda, (list, tuple)):  # written by an older release: every visible GPU's state, in order
+        index = torch.cuda.current_device() if device.index is None else device.index
+        if index >= len(cuda):
+            return
+        cuda = cuda[index]
+    torch.cuda.set_rng_state(cuda.cpu(), device)
 
 
 # ---------------------------------------------------------------------------------------------------- training aids

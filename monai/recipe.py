@@ -209,7 +209,7 @@ class Trainer:
             snap = {"model": self.net.state_dict(), "optimizer": self.optimizer.state_dict(),
                     "scheduler": self.scheduler.state_dict(), "epoch": self.epoch, "step": self.step,
                     "batch_in_epoch": self.batch_in_epoch, "world_size": self.ranks.world_size,
-                    "best_dice": self.best_dice, "rng": rng_state()}
+                    "best_dice": self.best_dice, "rng": rng_state(self.ranks.device)}
             if self.scaler.is_enabled():
                 snap["scaler"] = self.scaler.state_dict()
             save_snapshot(ckpt, snap)
@@ -222,13 +222,13 @@ class Trainer:
         path = self.ranks.from_rank0(find_snapshot(self.args.checkpoint_dir) if self.ranks.rank == 0 else None)
         if path is None:
             return
-        snap = torch.load(path, map_location=self.ranks.device, weights_only=True)  # a snapshot is data only
+        snap = torch.load(path, map_location="cpu", weights_only=True)  # load_state_dict copies to the device
         self.net.load_state_dict(snap["model"])
         self.optimizer.load_state_dict(snap["optimizer"])
         self.scheduler.load_state_dict(snap["scheduler"])
         if self.scaler.is_enabled() and "scaler" in snap:
             self.scaler.load_state_dict(snap["scaler"])
-        restore_rng(snap["rng"])
+        restore_rng(snap["rng"], self.ranks.device)
         self.epoch, self.step, self.batch_in_epoch = snap["epoch"], snap["step"], snap["batch_in_epoch"]
         self.best_dice = snap["best_dice"]
         self._log(f"resumed from {path}: epoch {self.epoch + 1}, step {self.step}")

@@ -260,3 +260,234 @@ def test_every_recipe_script_is_exercised():
     scripts = {p.name for p in MOD.glob("*.py")} - {"recipe.py", "cluster.py", "toolkit.py"}
     text = open(__file__).read()
     assert {s for s in scripts if s not in text} == set()
+
+
+# ------------------------------------------------------------------------------------------ GPU facts, patched in
+
+# What a GPU node would answer, patched into the recipes' own code in one process of modulus/'s environment (this
+# machine has no GPU; importing physicsnemo once costs most of the time): each check returns what it found, or
+# the exception it raised, as JSON on the last line.
+GPU_PROBE = r'''
+import json, os, sys, tempfile, types
+from unittest import mock
+import torch
+import torch.distributed as dist
+import cluster, recipe, toolkit
+
+results = {}
+
+def check(fn):
+    try:
+        results[fn.__name__] = fn()
+    except BaseException as e:
+        results[fn.__name__] = {"raised": f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"}
+    return fn
+
+def tiny_args(**kw):
+    defaults = dict(data="synthetic", dataset_size=16, batch_size=4, seed=0, num_workers=0, lr=1e-3, epochs=2,
+                    max_steps=None, amp=False, timings_file=None, checkpoint_dir=None, log_every=1, save_every=1,
+                    backend="auto", timeout=30)
+    return types.SimpleNamespace(**{**defaults, **kw})
+
+@check
+def resume_on_a_gpu():
+    """A snapshot saved, then resumed by a rank whose device is cuda:0: torch.load honours map_location the way
+    it does on a GPU node -- tensors it puts on a device that is not the CPU are not CPU ByteTensors (meta here:
+    torch.set_rng_state rejects them with the same TypeError as a CUDA tensor)."""
+    ckpt = tempfile.mkdtemp()
+    args = tiny_args(checkpoint_dir=ckpt)
+    torch.manual_seed(0)
+    first = recipe.Trainer(recipe.build_model(), recipe.build_dataset(args), args, 0, 1, torch.device("cpu"))
+    first.step, first.epoch = 3, 1
+    first._save_snapshot()
+    saved_rng = torch.get_rng_state().clone()
+    torch.manual_seed(123)  # another state: the resume must bring the saved one back
+    trainer = recipe.Trainer(recipe.build_model(), recipe.build_dataset(args), args, 0, 1, torch.device("cpu"))
+    trainer.device = torch.device("cuda", 0)  # the device a GPU rank resumes on
+    real_load, seen = torch.load, []
+
+    def load(path, map_location=None, **kw):
+        seen.append(str(map_location))
+        snap = real_load(path, map_location="cpu", **kw)
+        if torch.device(map_location).type != "cpu":
+            snap = torch.utils._pytree.tree_map(lambda v: v.to("meta") if torch.is_tensor(v) else v, snap)
+        return snap
+
+    with mock.patch.object(torch, "load", load):
+        trainer._resume()
+    return {"map_locations": seen, "step": trainer.step, "rng_restored": torch.equal(torch.get_rng_state(), saved_rng)}
+
+@check
+def set_rng_state_from_a_device_tensor():
+    try:
+        torch.set_rng_state(torch.get_rng_state().to("meta"))
+    except TypeError as e:
+        return str(e)
+    return "accepted"
+
+def init_on_fake_gpus(env, visible):
+    """recipe.init_distributed as a rank with `visible` CUDA devices (CUDA facts and the process group patched):
+    the devices DistributedManager, torch.cuda.set_device and init_process_group's device_id got."""
+    calls = {"set_device": [], "device_id": []}
+
+    def set_device(device):
+        calls["set_device"].append(str(device))
+        if torch.device(device).index >= visible:
+            raise RuntimeError("CUDA error: invalid device ordinal")
+
+    def init_process_group(backend=None, **kw):
+        calls["device_id"].append(str(kw.get("device_id")))
+
+    manager = cluster.physicsnemo().distributed.DistributedManager
+    manager._shared_state = {}
+    with mock.patch.dict(os.environ, env), mock.patch.object(torch.cuda, "is_available", lambda: True), \
+            mock.patch.object(torch.cuda, "device_count", lambda: visible), \
+            mock.patch.object(torch.cuda, "set_device", set_device), \
+            mock.patch.object(torch.cuda, "empty_cache", lambda: None), \
+            mock.patch.object(dist, "init_process_group", init_process_group):
+        try:
+            got = recipe.init_distributed(tiny_args())
+            calls.update(recipe=str(got.device), manager=str(manager().device), local_rank=got.local_rank)
+        finally:
+            manager._shared_state = {}
+    return calls
+
+@check
+def srun_task_with_one_gpu():
+    return init_on_fake_gpus(dict(SLURM_PROCID="3", SLURM_NPROCS="4", SLURM_LOCALID="3",
+                                  SLURM_LAUNCH_NODE_IPADDR="127.0.0.1", MASTER_PORT="29999"), visible=1)
+
+@check
+def torchrun_rank_with_two_gpus():
+    return init_on_fake_gpus(dict(RANK="5", LOCAL_RANK="5", WORLD_SIZE="8", MASTER_ADDR="127.0.0.1",
+                                  MASTER_PORT="29999"), visible=2)
+
+@check
+def torchrun_rank_with_every_gpu():
+    return init_on_fake_gpus(dict(RANK="5", LOCAL_RANK="5", WORLD_SIZE="8", MASTER_ADDR="127.0.0.1",
+                                  MASTER_PORT="29999"), visible=8)
+
+@check
+def amp_dtypes_on_cuda():
+    """The mixed-precision seam given a CUDA device: the autocast dtype by compute capability (C10)."""
+    found = {}
+    for capability in ((9, 0), (7, 0)):
+        with mock.patch.object(torch.cuda, "get_device_capability", lambda device=None: capability), \
+                mock.patch.object(torch.cuda, "is_available", lambda: True), \
+                mock.patch.object(torch.cuda, "is_bf16_supported", lambda *a, **k: True):
+            autocast, _ = cluster.mixed_precision(torch.device("cuda", 0), True)
+            ctx = autocast()
+            found[str(capability)] = [ctx.device, str(ctx.fast_dtype)]
+    return found
+
+def cufft(real):
+    """torch.fft.rfft2 with cuFFT's rules: no bf16, fp16 only on power-of-two sizes (pytorch#139313)."""
+    def rfft2(x, *a, **kw):
+        sizes = x.shape[-2:]
+        if x.dtype == torch.bfloat16:
+            raise RuntimeError("Unsupported dtype BFloat16")
+        if x.dtype == torch.float16 and any(n & (n - 1) for n in sizes):
+            raise RuntimeError(f"cuFFT only supports dimensions whose sizes are powers of two, got {tuple(sizes)}")
+        return real(x, *a, **kw)
+    return rfft2
+
+@check
+def amp_step_under_cufft_rules():
+    """One forward and backward of the recipe's FNO under autocast in each dtype the seam picks on a GPU, with
+    cuFFT's rules: the spectral layers must get fp32."""
+    found = {}
+    x, y = torch.randn(2, 1, 32, 32), torch.randn(2, 1, 32, 32)
+    for dtype in (torch.bfloat16, torch.float16):
+        torch.manual_seed(0)
+        model = recipe.build_model()
+        try:
+            with mock.patch.object(torch.fft, "rfft2", cufft(torch.fft.rfft2)), torch.autocast("cpu", dtype=dtype):
+                loss = torch.nn.functional.mse_loss(model(x).float(), y)
+            loss.backward()
+            grads = [p.grad for p in model.parameters() if p.grad is not None]  # the lift's biases get none
+            found[str(dtype)] = bool(torch.isfinite(loss)) and len(grads) > 10 and all(
+                bool(torch.isfinite(g).all()) for g in grads)
+        except RuntimeError as e:
+            found[str(dtype)] = f"RuntimeError: {str(e).splitlines()[0]}"
+    return found
+
+@check
+def amp_on_cpu_unchanged():
+    """CPU autocast already runs FFTs in fp32: the same output as PhysicsNeMo's FNO without the shim."""
+    x = torch.randn(2, 1, 32, 32)
+    torch.manual_seed(0)
+    ours = recipe.build_model()
+    plain = cluster.physicsnemo().models.fno.FNO(**ours._args["__args__"])
+    plain.load_state_dict(ours.state_dict())
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        return torch.equal(ours(x), plain(x))
+
+@check
+def given_gpus_that_torch_cannot_use():
+    """C12 in parse_args, where every script starts: one RecipeError, or None where training goes on."""
+    def parse(argv, env, problem="torch 2.13.0+cpu is a CPU-only build"):
+        with mock.patch.object(sys, "argv", ["single_gpu.py", *argv]), mock.patch.dict(os.environ, env), \
+                mock.patch.object(toolkit, "torch_cuda_problem", lambda: problem):
+            for name in ("SLURM_GPUS_ON_NODE", "CUDA_VISIBLE_DEVICES"):
+                if name not in env:
+                    os.environ.pop(name, None)
+            try:
+                cluster.parse_args("probe")
+            except toolkit.RecipeError as e:
+                return str(e)
+    return {"slurm": parse([], {"SLURM_GPUS_ON_NODE": "2"}), "nccl": parse(["--backend", "nccl"], {}),
+            "visible": parse([], {"CUDA_VISIBLE_DEVICES": "0,1"}),
+            "gloo": parse(["--backend", "gloo"], {"SLURM_GPUS_ON_NODE": "2"}),
+            "usable": parse([], {"SLURM_GPUS_ON_NODE": "2"}, problem=""), "cpu_job": parse([], {})}
+
+print(json.dumps(results))
+'''
+
+
+@pytest.fixture(scope="module")
+def gpu_probe():
+    out = python("-c", GPU_PROBE, cwd=MOD, timeout=180).stdout
+    return __import__("json").loads(out.strip().splitlines()[-1])
+
+
+def test_resume_on_a_gpu_loads_the_snapshot_to_the_cpu(gpu_probe):
+    """A requeued GPU job's first resume: the snapshot is loaded to the CPU (model and optimizer copy it onto the
+    device), so torch.set_rng_state gets the CPU ByteTensor it requires -- a device tensor is a TypeError."""
+    found = gpu_probe["resume_on_a_gpu"]
+    assert "raised" not in found, found
+    assert found["map_locations"] == ["cpu", "cpu"], found  # find_snapshot's look at the step, then the resume
+    assert found["step"] == 3 and found["rng_restored"], found
+    assert "RNG state must be a torch.ByteTensor" in gpu_probe["set_rng_state_from_a_device_tensor"]
+
+
+@pytest.mark.parametrize("case, device", [("srun_task_with_one_gpu", "cuda:0"),
+                                          ("torchrun_rank_with_two_gpus", "cuda:1"),
+                                          ("torchrun_rank_with_every_gpu", "cuda:5")])
+def test_the_device_is_the_local_rank_among_the_visible_gpus(gpu_probe, case, device):
+    """--gpus-per-task=1 (each task sees one device): DistributedManager's cuda:<SLURM_LOCALID> does not exist on
+    ranks > 0 (NVIDIA/physicsnemo#115). The recipe's device, DistributedManager's, set_device's and the process
+    group's are the local rank modulo the visible devices."""
+    found = gpu_probe[case]
+    assert "raised" not in found, found
+    assert found["recipe"] == found["manager"] == device, found
+    assert found["set_device"] == [device] and found["device_id"] == [device], found
+
+
+def test_amp_keeps_the_fno_spectral_layers_in_fp32(gpu_probe):
+    """--amp on a GPU: bf16 (Ampere+) or fp16 (older) autocast, and the FNO's FFTs in fp32 -- CUDA has no bf16 FFT
+    and fp16 cuFFT needs power-of-two sizes (the padded grid is 40); CPU autocast already does so, and the CPU
+    result does not change."""
+    assert gpu_probe["amp_dtypes_on_cuda"] == {"(9, 0)": ["cuda", "torch.bfloat16"],
+                                               "(7, 0)": ["cuda", "torch.float16"]}
+    assert gpu_probe["amp_step_under_cufft_rules"] == {"torch.bfloat16": True, "torch.float16": True}
+    assert gpu_probe["amp_on_cpu_unchanged"] is True
+
+
+def test_given_gpus_it_cannot_use_it_stops_rather_than_train_on_the_cpu(gpu_probe):
+    """C12, wired into parse_args (every script, before DistributedManager picks a device)."""
+    found = gpu_probe["given_gpus_that_torch_cannot_use"]
+    assert found["slurm"].startswith("SLURM_GPUS_ON_NODE=2, but torch 2.13.0+cpu is a CPU-only build"), found
+    assert "rather than training on the CPU" in found["slurm"]
+    assert found["nccl"].startswith("--backend nccl, but"), found
+    assert found["visible"].startswith("CUDA_VISIBLE_DEVICES=0,1, but"), found
+    assert found["gloo"] is None and found["usable"] is None and found["cpu_job"] is None, found

@@ -331,3 +331,163 @@ def test_every_recipe_script_is_exercised():
     scripts = {p.name for p in FOLDER.glob("*.py")} - {"recipe.py", "cluster.py", "toolkit.py"}
     text = open(__file__).read()
     assert {s for s in scripts if s not in text} == set()
+
+
+# ------------------------------------------------------------------------------------------ GPU facts, patched in
+
+# What a GPU node would answer, patched into the recipes' own code in one process of monai/'s environment (this
+# machine has no GPU; importing MONAI once is most of the time): each check returns what it found, or the exception
+# it raised, as JSON on the last line.
+GPU_PROBE = r'''
+import contextlib, json, os, sys, tempfile, types
+from unittest import mock
+import torch
+import cluster, recipe, toolkit
+
+results = {}
+
+def check(fn):
+    try:
+        results[fn.__name__] = fn()
+    except BaseException as e:
+        results[fn.__name__] = {"raised": f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"}
+    return fn
+
+def trainer(ckpt, device):
+    """A Trainer of the recipe (a tiny UNet, 4 steps per epoch) on the CPU, then moved in thought to `device`."""
+    args = types.SimpleNamespace(lr=1e-3, epochs=2, max_steps=None, amp=False, timings_file=None, checkpoint_dir=ckpt,
+                                 save_every=1, log_every=1, roi_size=16, batch_size=1)
+    task = recipe.Task(train=list(range(4)), val_cases=[], in_channels=1, num_classes=2, n_val=0)
+    t = recipe.Trainer(recipe.build_model(task), list(range(4)), task, args, cluster.Ranks())
+    t.ranks = cluster.Ranks(device=device)
+    return t
+
+@contextlib.contextmanager
+def gpus(visible):
+    """torch.cuda as a node with `visible` GPUs answers it: a distinct RNG state per device; a device index that
+    does not exist fails as it does there (torch.cuda.default_generators[index]: IndexError)."""
+    calls = {"get": [], "set": []}
+
+    def index(device):
+        device = torch.device("cuda", device) if isinstance(device, int) else torch.device(device)
+        if (device.index or 0) >= visible:
+            raise IndexError("tuple index out of range")
+        return device.index or 0
+
+    def get_rng_state(device="cuda"):
+        calls["get"].append(index(device))
+        return torch.full((16,), 100 + index(device), dtype=torch.uint8)
+
+    def set_rng_state(state, device="cuda"):
+        calls["set"].append([index(device), int(state[0]), str(state.device), str(state.dtype)])
+
+    with contextlib.ExitStack() as stack:
+        for module in (torch.cuda, torch.cuda.random):
+            for name, value in (("get_rng_state", get_rng_state), ("set_rng_state", set_rng_state),
+                                ("device_count", lambda: visible)):
+                stack.enter_context(mock.patch.object(module, name, value))
+        stack.enter_context(mock.patch.object(torch.cuda, "is_available", lambda: True))
+        yield calls
+
+def emulated_load(real_load, seen, device_tensors):
+    """torch.load, recording map_location; tensors mapped to a device other than the CPU are not CPU ByteTensors
+    (meta here: torch.set_rng_state rejects them with the TypeError a CUDA tensor gets) if device_tensors."""
+    def load(path, map_location=None, **kw):
+        seen.append(str(map_location))
+        snap = real_load(path, map_location="cpu", **kw)
+        if device_tensors and torch.device(map_location).type != "cpu":
+            snap = torch.utils._pytree.tree_map(lambda v: v.to("meta") if torch.is_tensor(v) else v, snap)
+        return snap
+    return load
+
+@check
+def resume_on_a_gpu():
+    ckpt = tempfile.mkdtemp()
+    first = trainer(ckpt, torch.device("cpu"))
+    first.step = 3
+    first._save_snapshot(0.5)
+    saved = torch.get_rng_state().clone()
+    torch.manual_seed(123)
+    t, seen = trainer(ckpt, torch.device("cuda", 0)), []
+    with gpus(1), mock.patch.object(torch, "load", emulated_load(torch.load, seen, device_tensors=True)):
+        t._resume()
+    return {"map_locations": seen, "step": t.step, "rng_restored": torch.equal(torch.get_rng_state(), saved)}
+
+@check
+def requeued_onto_fewer_gpus():
+    """Saved by rank 0 on a node with 8 visible GPUs (device cuda:0); resumed on cuda:0 of a node (or a task) that
+    sees 1 (torch.load loading to the CPU, to look at the RNG alone)."""
+    ckpt = tempfile.mkdtemp()
+    with gpus(8) as saving:
+        first = trainer(ckpt, torch.device("cuda", 0))
+        first.step = 3
+        first._save_snapshot(0.5)
+    t = trainer(ckpt, torch.device("cuda", 0))
+    with gpus(1) as resuming, mock.patch.object(torch, "load", emulated_load(torch.load, [], device_tensors=False)):
+        t._resume()
+    return {"saved_from": saving["get"], "restored": resuming["set"], "step": t.step}
+
+@check
+def old_snapshot_with_every_gpus_state():
+    """A snapshot of the previous release (get_rng_state_all: 8 states) resumed by local rank 2 of a task that
+    sees 4 GPUs: its own device's state, onto its own device only."""
+    state = {"torch": torch.get_rng_state(), "cuda": [torch.full((16,), 100 + i, dtype=torch.uint8) for i in range(8)]}
+    with gpus(4) as calls:
+        cluster.restore_rng(state, torch.device("cuda", 2))
+    return calls["set"]
+
+@check
+def given_gpus_that_torch_cannot_use():
+    """C12 in parse_args, where every script starts: one RecipeError, or None where training goes on."""
+    def parse(argv, env, problem="torch 2.13.0+cpu is a CPU-only build"):
+        with mock.patch.object(sys, "argv", ["single_gpu.py", *argv]), mock.patch.dict(os.environ, env), \
+                mock.patch.object(toolkit, "torch_cuda_problem", lambda: problem):
+            for name in ("SLURM_GPUS_ON_NODE", "CUDA_VISIBLE_DEVICES"):
+                if name not in env:
+                    os.environ.pop(name, None)
+            try:
+                cluster.parse_args("probe")
+            except toolkit.RecipeError as e:
+                return str(e)
+    return {"slurm": parse([], {"SLURM_GPUS_ON_NODE": "2"}), "nccl": parse(["--backend", "nccl"], {}),
+            "visible": parse([], {"CUDA_VISIBLE_DEVICES": "0,1"}),
+            "gloo": parse(["--backend", "gloo"], {"SLURM_GPUS_ON_NODE": "2"}),
+            "usable": parse([], {"SLURM_GPUS_ON_NODE": "2"}, problem=""), "cpu_job": parse([], {})}
+
+print(json.dumps(results))
+'''
+
+
+@pytest.fixture(scope="module")
+def gpu_probe():
+    out = run([env_python("monai"), "-c", GPU_PROBE], cwd=FOLDER, timeout=180).stdout
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def test_resume_on_a_gpu_loads_the_snapshot_to_the_cpu(gpu_probe):
+    """A requeued GPU job's first resume: the snapshot is loaded to the CPU (model and optimizer copy it onto the
+    device), so torch.set_rng_state gets the CPU ByteTensor it requires."""
+    found = gpu_probe["resume_on_a_gpu"]
+    assert "raised" not in found, found
+    assert found["map_locations"] == ["cpu", "cpu"], found  # find_snapshot's look at the step, then the resume
+    assert found["step"] == 3 and found["rng_restored"], found
+
+
+def test_a_job_requeued_onto_fewer_gpus_restores_its_own_gpus_rng(gpu_probe):
+    """Only this process's GPU's RNG state is saved and restored: 8 GPUs visible when saved, 1 when resumed (or one
+    GPU per task) restores one state onto cuda:0 -- every GPU's state would set devices that do not exist."""
+    found = gpu_probe["requeued_onto_fewer_gpus"]
+    assert "raised" not in found, found
+    assert found["saved_from"] == [0] and found["step"] == 3, found
+    assert found["restored"] == [[0, 100, "cpu", "torch.uint8"]], found  # device 0's state, from a CPU ByteTensor
+    assert gpu_probe["old_snapshot_with_every_gpus_state"] == [[2, 102, "cpu", "torch.uint8"]]
+
+
+def test_given_gpus_it_cannot_use_it_stops_rather_than_train_on_the_cpu(gpu_probe):
+    """C12, wired into parse_args (every script, before it picks a device)."""
+    found = gpu_probe["given_gpus_that_torch_cannot_use"]
+    assert found["slurm"].startswith("SLURM_GPUS_ON_NODE=2, but torch 2.13.0+cpu is a CPU-only build"), found
+    assert "rather than training on the CPU" in found["slurm"]
+    assert found["nccl"].startswith("--backend nccl, but"), found
+    assert found["visible"].startswith("CUDA_VISIBLE_DEVICES=0,1, but"), found
+    assert found["gloo"] is None and found["usable"] is None and found["cpu_job"] is None, found
