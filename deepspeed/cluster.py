@@ -180,6 +180,7 @@ def pick_device(local_rank):
     device = torch.device("cuda", device_index(local_rank, torch.cuda.device_count()))
     torch.cuda.set_device(device)
     os.environ["LOCAL_RANK"] = str(device.index)
+    torch.set_float32_matmul_precision("high")  # fp32 (no bf16/fp16 section): TF32 matmuls on Ampere+ (C10)
     return device
 
 

@@ -349,6 +349,8 @@ def mixed_precision(device, enabled):
     fp16 = enabled and device.type == "cuda" and torch.cuda.get_device_capability(device) < (8, 0)
     scaler = torch.amp.GradScaler(device.type, enabled=fp16)
     if not enabled:
+        if device.type == "cuda":
+            torch.set_float32_matmul_precision("high")  # fp32: matmuls and convolutions in TF32 on Ampere+ (C10)
         return contextlib.nullcontext, scaler
     dtype = torch.float16 if fp16 else torch.bfloat16
     return (lambda: torch.autocast(device.type, dtype=dtype)), scaler

@@ -325,7 +325,12 @@ def test_the_recipe_tells_deepspeed_its_device(monkeypatch, visible, local_rank,
     monkeypatch.setattr(torch.cuda, "device_count", lambda: visible)
     monkeypatch.setattr(torch.cuda, "set_device", chosen.append)
     monkeypatch.setenv("LOCAL_RANK", str(local_rank))
-    assert str(cluster.pick_device(local_rank)) == device and [str(d) for d in chosen] == [device]
+    precision = torch.get_float32_matmul_precision()
+    try:
+        assert str(cluster.pick_device(local_rank)) == device and [str(d) for d in chosen] == [device]
+        assert torch.get_float32_matmul_precision() == "high"  # C10: fp32 matmuls in TF32 on the GPU
+    finally:
+        torch.set_float32_matmul_precision(precision)
     assert os.environ["LOCAL_RANK"] == str(torch.device(device).index)  # what DeepSpeed reads
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert str(cluster.pick_device(local_rank)) == "cpu" and os.environ["LOCAL_RANK"] == str(local_rank)

@@ -440,6 +440,13 @@ def given_gpus_that_torch_cannot_use():
             "gloo": parse(["--backend", "gloo"], {"SLURM_GPUS_ON_NODE": "2"}),
             "usable": parse([], {"SLURM_GPUS_ON_NODE": "2"}, problem=""), "cpu_job": parse([], {})}
 
+@check
+def tf32_for_fp32_on_cuda():
+    """fp32 (no --amp) on a GPU: matmuls and convolutions in TF32 (C10), torch's global setting left readable."""
+    before = torch.get_float32_matmul_precision()
+    cluster.mixed_precision(torch.device("cuda", 0), False)
+    return [before, torch.get_float32_matmul_precision()]
+
 print(json.dumps(results))
 '''
 
@@ -491,3 +498,8 @@ def test_given_gpus_it_cannot_use_it_stops_rather_than_train_on_the_cpu(gpu_prob
     assert found["nccl"].startswith("--backend nccl, but"), found
     assert found["visible"].startswith("CUDA_VISIBLE_DEVICES=0,1, but"), found
     assert found["gloo"] is None and found["usable"] is None and found["cpu_job"] is None, found
+
+
+def test_fp32_on_a_gpu_uses_tf32(gpu_probe):
+    """C10/#22: an fp32 run on a GPU puts matmuls and convolutions in TF32 (the folder never did)."""
+    assert gpu_probe["tf32_for_fp32_on_cuda"] == ["highest", "high"], gpu_probe["tf32_for_fp32_on_cuda"]
