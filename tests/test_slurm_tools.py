@@ -80,6 +80,14 @@ def test_doctor_fails_a_job_given_gpus_that_torch_cannot_use():
     assert doctor.gpus_unusable("auto", False, {"CUDA_VISIBLE_DEVICES": "NoDevFiles"}) == ""
 
 
+def test_one_gpu_per_task_is_a_valid_layout_and_more_tasks_than_gpus_is_not():
+    """#22: the doctor failed --gpus-per-task layouts the recipes support (task 3 sees one GPU: cuda:0, not an
+    'invalid device ordinal'); what does fail is more tasks than the GPUs they all see."""
+    assert not doctor.shared_gpu(3, 1)  # --gpus-per-task=1: each task its own GPU
+    assert not doctor.shared_gpu(3, 4)  # 4 tasks, 4 GPUs visible to each
+    assert doctor.shared_gpu(5, 4)  # 8 tasks, 4 GPUs: ranks 4..7 would share
+
+
 def test_cpu_list():
     assert doctor.cpu_list({0, 1, 2, 5, 7, 8}) == "0-2,5,7-8" and doctor.cpu_list([3]) == "3"
 

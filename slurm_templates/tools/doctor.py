@@ -94,6 +94,13 @@ def checks(info: dict) -> list[str]:
     return problems
 
 
+def shared_gpu(local_rank: int, visible: int) -> bool:
+    """Would this rank share a GPU with another? The recipes take GPU local_rank % visible: with one GPU visible
+    per task (--gpus-per-task, --gpu-bind) every task has its own cuda:0; with all of a node's GPUs visible a
+    local rank beyond their count lands on a GPU a lower rank already has."""
+    return visible > 1 and local_rank >= visible
+
+
 def gpus_unusable(backend_choice: str, cuda: bool, env=os.environ) -> str:
     """The recipes' no-silent-CPU rule (CONTRACT.md C12, toolkit.gpus_given): a problem when this process was given
     GPUs, --backend was left to auto, and torch cannot use a GPU ('' otherwise)."""
@@ -152,19 +159,24 @@ def main() -> None:
     if backend == "nccl":
         if not cuda:
             problems.append("backend nccl but torch sees no CUDA device")
-        elif info["local_rank"] >= ndev:
-            problems.append(f"local_rank {info['local_rank']} but only {ndev} visible GPU(s) on {host}: "
-                            "'invalid device ordinal' ahead (--gpus-per-task/--gpu-bind, or more tasks than GPUs)")
+        elif shared_gpu(info["local_rank"], ndev):
+            problems.append(f"local_rank {info['local_rank']} but only {ndev} GPUs visible to every task on {host}: "
+                            "more tasks than GPUs, two ranks would share one (NCCL: 'Duplicate GPU detected')")
     if problems:
         fail(f"rank {rank} on {host}: " + "; ".join(problems))
 
     if info["world_size"] > 1:
-        if cuda:
-            torch.cuda.set_device(info["local_rank"] % ndev)
+        # The recipes' rule: the local rank among the visible GPUs (one task per GPU sees only its own, cuda:0).
+        device = torch.device("cuda", info["local_rank"] % ndev) if backend == "nccl" else torch.device("cpu")
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
         dist.init_process_group(backend, rank=rank, world_size=info["world_size"],
-                                timeout=datetime.timedelta(seconds=args.timeout))
-        device = torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else torch.device("cpu")
+                                timeout=datetime.timedelta(seconds=args.timeout),
+                                device_id=device if device.type == "cuda" else None)
         x = torch.full((1024,), float(rank + 1), device=device)
+        dist.all_reduce(x.clone())  # the first collective sets up the communicator: not part of the time
+        if device.type == "cuda":
+            torch.cuda.synchronize()
         start = time.monotonic()
         dist.all_reduce(x)
         if device.type == "cuda":
