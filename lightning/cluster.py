@@ -1,7 +1,8 @@
 """The plumbing of this folder: what the scripts need to run on a cluster, apart from the lesson in recipe.py.
 
 Map:
-    parse_args               the command line every recipe accepts (CONTRACT.md C2); `extra` adds a script's own
+    parse_args               the command line every recipe accepts (CONTRACT.md C2); `extra` adds a script's own;
+                             a process given GPUs it cannot use stops here (CONTRACT.md C12)
     run                      toolkit.run with `explain`: the entry point's wrapper (signals first, one-line errors)
     explain, lost_a_peer     a collective that failed because another rank died: one line and exit 1
     torchrun_layout          (devices, num_nodes) as torchrun started the job, or one line and exit 2
@@ -39,7 +40,11 @@ from toolkit import (PREEMPTION, OneLineParser, RecipeError, StepTimer, launcher
 
 def parse_args(description: str, extra=None) -> argparse.Namespace:
     """The command line shared by every script of every folder (CONTRACT.md C2); extra(parser) adds a script's
-    own flags (--nprocs, --devices, --num-nodes)."""
+    own flags (--nprocs, --devices, --num-nodes).
+
+    No silent CPU (CONTRACT.md C12): a process given GPUs (SLURM_GPUS_ON_NODE, CUDA_VISIBLE_DEVICES) or asked for
+    --backend nccl whose torch cannot use a GPU stops here, with one line and exit 2, before Lightning's
+    accelerator="auto" would quietly pick the CPU. --backend gloo trains on the CPU on purpose."""
     p = OneLineParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--epochs", type=positive_int, default=3)
     p.add_argument("--max-steps", type=positive_int, default=None,
@@ -66,7 +71,9 @@ def parse_args(description: str, extra=None) -> argparse.Namespace:
     p.add_argument("--timings-file", help="rank 0 writes per-step end times here (JSON) for the benchmarks")
     if extra is not None:
         extra(p)
-    return p.parse_args()
+    args = p.parse_args()
+    toolkit.refuse_silent_cpu(args.backend, toolkit.torch_cuda_problem)
+    return args
 
 
 def lost_a_peer(error: RuntimeError) -> str:

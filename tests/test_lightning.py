@@ -249,3 +249,55 @@ def test_resume_takes_the_most_progress_and_the_preemption_checkpoint_on_a_tie(t
     writes after a mid-epoch stop claims the epoch ran to its end (a resumed run then skipped its rest)."""
     out = run([env_python("lightning"), "-c", RESUME_CHOICE, tmp_path], cwd=FOLDER).stdout.strip().splitlines()
     assert out[-1] == str(tmp_path / "preempted-step=130.ckpt")
+
+
+# ---------------------------------------------------------------------------------- GPU truth (issue #22), on CPU
+# One process of .venvs/lightning checks the seams with torch's GPU answers patched in (this machine has no GPU);
+# each check prints one JSON line {check: result} (an exception is a result too), the tests below read them.
+GPU_FACTS = r"""
+import json, os, sys, warnings
+from types import SimpleNamespace
+from unittest import mock
+import torch
+import lightning.pytorch as pl
+import cluster, recipe, toolkit
+
+def check(name):
+    def wrap(f):
+        try:
+            result = f()
+        except BaseException as e:
+            result = f"{type(e).__name__}: {e}"
+        print(json.dumps({name: result}, default=str), flush=True)
+    return wrap
+
+def refused(script, argv, env):  # the script's main() up to where it stops; torch is a CPU-only build here
+    module = __import__(script)
+    with mock.patch.object(sys, "argv", [f"{script}.py", *argv]), mock.patch.dict(os.environ, env):
+        try:
+            module.main()
+        except toolkit.RecipeError as e:
+            return f"RecipeError: {e}"
+    return "trained"
+
+SMOKE = ["--epochs", "1", "--dataset-size", "16", "--batch-size", "4", "--max-steps", "1", "--log-every", "1"]
+check("c12_slurm_gpus")(lambda: refused("single_gpu", SMOKE, {"SLURM_GPUS_ON_NODE": "2"}))
+check("c12_nccl_before_torchrun")(lambda: refused("multigpu_torchrun", [*SMOKE, "--backend", "nccl"], {}))
+check("c12_gloo_trains")(lambda: refused("single_gpu", [*SMOKE, "--backend", "gloo"], {"SLURM_GPUS_ON_NODE": "2"}))
+"""
+
+
+@pytest.fixture(scope="module")
+def gpu_facts():
+    out = run([env_python("lightning"), "-c", GPU_FACTS], cwd=FOLDER, timeout=120).stdout
+    print(out[-4000:])
+    return {k: v for line in out.splitlines() if line.startswith("{") for k, v in json.loads(line).items()}
+
+
+def test_no_silent_cpu_stops_before_the_launch_checks(gpu_facts):
+    """CONTRACT.md C12 with torch a CPU-only build: given GPUs (SLURM_GPUS_ON_NODE) or --backend nccl, the script
+    stops in parse_args, before Lightning picks the CPU and before multigpu_torchrun.py's 'start with torchrun'."""
+    assert gpu_facts["c12_slurm_gpus"].startswith("RecipeError: SLURM_GPUS_ON_NODE=2, but torch ")
+    assert "rather than training on the CPU" in gpu_facts["c12_slurm_gpus"]
+    assert gpu_facts["c12_nccl_before_torchrun"].startswith("RecipeError: --backend nccl, but torch ")
+    assert gpu_facts["c12_gloo_trains"] == "trained"
