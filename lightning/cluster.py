@@ -6,8 +6,11 @@ Map:
     run                      toolkit.run with `explain`: the entry point's wrapper (signals first, one-line errors)
     explain, lost_a_peer     a collective that failed because another rank died: one line and exit 1
     torchrun_layout          (devices, num_nodes) as torchrun started the job, or one line and exit 2
+    local_device             this process's GPU: local rank modulo the GPUs it sees (one per task: cuda:0)
+    parallel_devices         Lightning's devices for a launcher's processes, the same GPUs as local_device
     init_distributed         the process group, made before Lightning's under --timeout: a failed rendezvous
-                             (a busy MASTER_PORT, missing ranks) is one line and exit 2
+                             (a busy MASTER_PORT, missing ranks) is one line and exit 2; on the GPU the
+                             process's device is set first and NCCL bound to it (device_id)
     rendezvous_store         where the ranks meet; torch 2.13 under torchrun --max-restarts: a key prefix per attempt
     check_dataset_fits       the data gives every rank at least one step, or one line and exit 2
     resume_from              the checkpoint with the most progress (stored global_step), never the newest file
@@ -109,6 +112,21 @@ def torchrun_layout() -> tuple[int, int]:
     return per_node, int(os.environ["WORLD_SIZE"]) // per_node
 
 
+def local_device(local_rank: int) -> torch.device:
+    """This process's GPU: its local rank modulo the GPUs it sees. Where every process sees the node's GPUs
+    (torchrun; srun with --gpus-per-node, as multinode.sbatch) that is cuda:<local rank>; a process that was
+    given only its own GPU (CUDA_VISIBLE_DEVICES set per process) uses cuda:0, its only device, not
+    cuda:<local rank>, which does not exist there. (Under srun Lightning itself refuses that layout: README.md.)"""
+    return torch.device("cuda", local_rank % torch.cuda.device_count())
+
+
+def parallel_devices(per_node: int) -> list[torch.device] | None:
+    """Lightning's parallel_devices for one process per device on each node (DDPStrategy(parallel_devices=...)):
+    its root device is parallel_devices[local rank], so this makes it local_device(local rank), the GPU
+    init_distributed chose, instead of Lightning's own cuda:<local rank>. None without CUDA (Lightning's CPUs)."""
+    return [local_device(i) for i in range(per_node)] if torch.cuda.is_available() else None
+
+
 def init_distributed(args: argparse.Namespace) -> None:
     """Under srun (multinode.py) or torchrun (multigpu_torchrun.py): create the process group before Lightning does,
     under a deadline of --timeout; Lightning then uses it as it is (its _init_dist_connection skips
@@ -120,7 +138,11 @@ def init_distributed(args: argparse.Namespace) -> None:
     Ranks, world size, MASTER_ADDR/MASTER_PORT come from the ClusterEnvironment Lightning uses for these launches
     (TorchElasticEnvironment when torchrun started the process, as Lightning checks it first; else multinode.py's
     SLURMEnvironment, which derives the address and port from the job when they are unset); the backend is
-    Lightning's choice too (nccl with CUDA, else gloo) unless --backend says otherwise."""
+    Lightning's choice too (nccl with CUDA, else gloo) unless --backend says otherwise.
+
+    On the GPU the process's device is set first (local_device, the root device parallel_devices gives Lightning)
+    and NCCL's communicator is bound to it (device_id=): made at once on the right GPU, not lazily on whichever
+    device is current at the first collective (cuda:0 for every rank)."""
     if TorchElasticEnvironment.detect():
         environment = TorchElasticEnvironment()
     elif "SLURM_NTASKS" in os.environ:
@@ -136,9 +158,9 @@ def init_distributed(args: argparse.Namespace) -> None:
     try:
         with toolkit.deadline(args.timeout, rank, what):  # a connect to a port that never answers: no timeout
             store = rendezvous_store(addr, port, rank, world_size, timeout)
-            device = torch.device("cuda", environment.local_rank()) if backend == "nccl" else None
-            if device is not None:
-                torch.cuda.set_device(device)  # Lightning's root device (it sets it again)
+            if torch.cuda.is_available():
+                torch.cuda.set_device(local_device(environment.local_rank()))  # Lightning's root device too
+            device = local_device(environment.local_rank()) if backend == "nccl" else None
             torch.distributed.init_process_group(backend, store=store, rank=rank, world_size=world_size,
                                                  timeout=timeout, device_id=device)
     except (torch.distributed.DistNetworkError, torch.distributed.DistStoreError) as e:

@@ -20,8 +20,8 @@ from torch import nn
 from torch.nn import functional as F
 from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
-from cluster import (PreemptionSignals, Report, StepTimings, check_dataset_fits, collect_ddp_cycles, reduce_max,
-                     resume_from)
+from cluster import (PreemptionSignals, Report, StepTimings, check_dataset_fits, collect_ddp_cycles,
+                     parallel_devices, reduce_max, resume_from)
 from toolkit import PREEMPTED_EXIT_CODE, PREEMPTION, ignore_preemption_signals, log
 
 NUM_CLASSES = 10
@@ -147,11 +147,13 @@ def mixed_precision(args) -> str:
     return "bf16-mixed"
 
 
-def ddp(args, start_method: str = "popen") -> DDPStrategy:
-    """Lightning's DDP with the contract's --backend and --timeout (rendezvous and collectives)."""
+def ddp(args, start_method: str = "popen", per_node: int | None = None) -> DDPStrategy:
+    """Lightning's DDP with the contract's --backend and --timeout (rendezvous and collectives). per_node: a
+    launcher started one process per device (torchrun, srun); each uses the GPU init_distributed chose."""
     backend = None if args.backend == "auto" else args.backend  # None: nccl with CUDA, gloo without
     return DDPStrategy(start_method=start_method, process_group_backend=backend,
-                       timeout=timedelta(seconds=args.timeout))
+                       timeout=timedelta(seconds=args.timeout),
+                       parallel_devices=parallel_devices(per_node) if per_node else None)
 
 
 class Preemption(PreemptionSignals):

@@ -260,6 +260,7 @@ from types import SimpleNamespace
 from unittest import mock
 import torch
 import lightning.pytorch as pl
+from lightning.fabric.accelerators import cuda as fabric_cuda
 import cluster, recipe, toolkit
 
 def check(name):
@@ -270,6 +271,52 @@ def check(name):
             result = f"{type(e).__name__}: {e}"
         print(json.dumps({name: result}, default=str), flush=True)
     return wrap
+
+def gpus(count):  # torch and Lightning see `count` CUDA devices; set_device only records
+    calls = []
+    patches = [mock.patch("torch.cuda.is_available", return_value=True),
+               mock.patch("torch.cuda.device_count", return_value=count),
+               mock.patch.object(fabric_cuda, "num_cuda_devices", return_value=count),
+               mock.patch("torch.cuda.set_device", side_effect=lambda d: calls.append(("set_device", str(d))))]
+    return patches, calls
+
+TORCHRUN = dict(RANK="3", LOCAL_RANK="3", GROUP_RANK="0", WORLD_SIZE="4", LOCAL_WORLD_SIZE="4",
+                MASTER_ADDR="127.0.0.1", MASTER_PORT="29999", TORCHELASTIC_RUN_ID="test")
+
+def init_distributed(visible):
+    patches, calls = gpus(visible)
+    def fake_init(backend, **kwargs):
+        calls.append(("init_process_group", backend, str(kwargs.get("device_id"))))
+    patches += [mock.patch.dict(os.environ, TORCHRUN), mock.patch.object(cluster, "rendezvous_store"),
+                mock.patch("torch.distributed.init_process_group", side_effect=fake_init),
+                mock.patch("atexit.register")]
+    for p in patches:
+        p.start()
+    try:
+        cluster.init_distributed(SimpleNamespace(backend="auto", timeout=5))
+    finally:
+        for p in reversed(patches):
+            p.stop()
+    return calls
+
+def root_device(visible):
+    patches, _ = gpus(visible)
+    patches.append(mock.patch.dict(os.environ, TORCHRUN))
+    for p in patches:
+        p.start()
+    try:
+        args = SimpleNamespace(backend="auto", timeout=5)
+        trainer = pl.Trainer(accelerator="auto", devices=4, num_nodes=1, strategy=recipe.ddp(args, per_node=4),
+                             logger=False, enable_checkpointing=False, enable_progress_bar=False)
+        return str(trainer.strategy.root_device)
+    finally:
+        for p in reversed(patches):
+            p.stop()
+
+check("init_one_visible")(lambda: init_distributed(1))
+check("init_four_visible")(lambda: init_distributed(4))
+check("root_one_visible")(lambda: root_device(1))
+check("root_four_visible")(lambda: root_device(4))
 
 def refused(script, argv, env):  # the script's main() up to where it stops; torch is a CPU-only build here
     module = __import__(script)
@@ -292,6 +339,20 @@ def gpu_facts():
     out = run([env_python("lightning"), "-c", GPU_FACTS], cwd=FOLDER, timeout=120).stdout
     print(out[-4000:])
     return {k: v for line in out.splitlines() if line.startswith("{") for k, v in json.loads(line).items()}
+
+
+def test_torchrun_process_sets_its_gpu_then_binds_nccl_to_it(gpu_facts):
+    """torch.cuda.set_device before init_process_group, and NCCL's communicator bound to that GPU (device_id=),
+    which is local rank modulo the GPUs the process sees: LOCAL_RANK 3 that sees one GPU is cuda:0, not cuda:3."""
+    assert gpu_facts["init_one_visible"] == [["set_device", "cuda:0"], ["init_process_group", "nccl", "cuda:0"]]
+    assert gpu_facts["init_four_visible"] == [["set_device", "cuda:3"], ["init_process_group", "nccl", "cuda:3"]]
+
+
+def test_lightning_root_device_is_the_gpu_init_distributed_chose(gpu_facts):
+    """Lightning's DDP reuses the process group; its root device (parallel_devices[local rank]) must be the GPU the
+    group's communicator was bound to, not Lightning's own cuda:<local rank>."""
+    assert gpu_facts["root_one_visible"] == "cuda:0"
+    assert gpu_facts["root_four_visible"] == "cuda:3"
 
 
 def test_no_silent_cpu_stops_before_the_launch_checks(gpu_facts):
