@@ -19,6 +19,7 @@ Map:
     Report                   the contract's log lines (CONTRACT.md C3), printed by rank 0
     StepTimings              per-step wall-clock times for the benchmarks (--timings-file, toolkit.StepTimer)
     collect_ddp_cycles       frees the DDP wrapper's reference cycles before the process group is destroyed
+    allow_tf32, TF32         TF32 matmuls and convolutions for fp32 runs on a GPU (CONTRACT.md C10)
 """
 
 import argparse
@@ -336,3 +337,26 @@ def collect_ddp_cycles() -> None:
     left to the interpreter's shutdown they can abort a finished run (README.md, Troubleshooting). Freed now,
     before Lightning's atexit hook destroys the process group."""
     gc.collect()
+
+
+def allow_tf32(device: torch.device, precision: str) -> bool:
+    """fp32 runs on a GPU: matmuls and convolutions in TF32 on Ampere+ (inputs rounded to a 10-bit mantissa,
+    accumulation in fp32: about twice the matmul speed, CONTRACT.md C10); True when set. Not on the CPU, where
+    the "high" matmul setting would reach oneDNN's matmuls too, nor under --amp (autocast does bf16/fp16).
+
+    torch.set_float32_matmul_precision("high"), not torch 2.13's torch.backends.cuda.matmul.fp32_precision: with
+    that one alone torch.get_float32_matmul_precision() raises ("mix of the legacy and new APIs"), and Lightning
+    calls it when it sets up an Ampere GPU."""
+    if device.type != "cuda" or precision != "32-true":
+        return False
+    torch.set_float32_matmul_precision("high")
+    torch.backends.cudnn.conv.fp32_precision = "tf32"  # torch's default; said here
+    return True
+
+
+class TF32(Callback):
+    """allow_tf32 on the Trainer's device, in every process that trains (also ddp_spawn's workers, new processes
+    that do not inherit the flags)."""
+
+    def setup(self, trainer, pl_module, stage):
+        allow_tf32(trainer.strategy.root_device, trainer.precision)

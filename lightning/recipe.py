@@ -20,7 +20,7 @@ from torch import nn
 from torch.nn import functional as F
 from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
-from cluster import (PreemptionSignals, Report, StepTimings, check_dataset_fits, collect_ddp_cycles,
+from cluster import (TF32, PreemptionSignals, Report, StepTimings, check_dataset_fits, collect_ddp_cycles,
                      parallel_devices, reduce_max, resume_from)
 from toolkit import PREEMPTED_EXIT_CODE, PREEMPTION, ignore_preemption_signals, log
 
@@ -96,9 +96,11 @@ def build_loader(dataset, args, rank=0, world_size=1, trainer=None):
                                  drop_last=True)
     # Workers ignore SIGUSR1/SIGTERM: Slurm signals every process of the step, and a forked worker would run
     # the signal handler on its stale copy of the trainer (or die and make the main process raise).
+    # On a GPU the batches come from pinned memory: their copy to the device is faster and can overlap.
+    on_gpu = trainer is not None and trainer.strategy.root_device.type == "cuda"
     return ResumableLoader(dataset, batch_size=args.batch_size, sampler=sampler, drop_last=True,
                            num_workers=args.num_workers, persistent_workers=args.num_workers > 0,
-                           worker_init_fn=ignore_preemption_signals, trainer=trainer)
+                           worker_init_fn=ignore_preemption_signals, pin_memory=on_gpu, trainer=trainer)
 
 
 class SyntheticData(pl.LightningDataModule):
@@ -180,7 +182,7 @@ class Preemption(PreemptionSignals):
 
 def trainer_options(args, start_time: float) -> dict:
     """Everything about the Trainer that does not depend on how the run is distributed."""
-    callbacks = [Report(args), Preemption(args.checkpoint_dir)]
+    callbacks = [Report(args), Preemption(args.checkpoint_dir), TF32()]
     if args.checkpoint_dir:
         # Keeps the newest epoch=E-step=S.ckpt and last.ckpt, a link to it. (With save_top_k=0 Lightning
         # writes last.ckpt only when training ends, which is no use to a job that gets killed.) No version

@@ -318,6 +318,32 @@ check("init_four_visible")(lambda: init_distributed(4))
 check("root_one_visible")(lambda: root_device(1))
 check("root_four_visible")(lambda: root_device(4))
 
+def tf32(device, precision):
+    torch.set_float32_matmul_precision("highest")
+    with warnings.catch_warnings(record=True) as said:
+        warnings.simplefilter("always")
+        callback = [c for c in recipe.trainer_options(SimpleNamespace(
+            checkpoint_dir=None, timings_file=None, log_every=1, epochs=1, max_steps=None, amp=False), 0.0
+        )["callbacks"] if type(c).__name__ == "TF32"][0]
+        callback.setup(SimpleNamespace(strategy=SimpleNamespace(root_device=torch.device(device)),
+                                       precision=precision), None, "fit")
+        result = [torch.get_float32_matmul_precision(), torch.backends.cuda.matmul.fp32_precision,
+                  torch.backends.cudnn.conv.fp32_precision, [str(w.message) for w in said]]
+    torch.set_float32_matmul_precision("highest")
+    return result
+
+check("tf32_cuda_fp32")(lambda: tf32("cuda:0", "32-true"))
+check("tf32_cuda_bf16")(lambda: tf32("cuda:0", "bf16-mixed"))
+check("tf32_cpu_fp32")(lambda: tf32("cpu", "32-true"))
+
+def pinned(device):
+    args = SimpleNamespace(seed=0, batch_size=4, num_workers=0)
+    trainer = SimpleNamespace(strategy=SimpleNamespace(root_device=torch.device(device)))
+    return recipe.build_loader(recipe.synthetic_dataset(16), args, 0, 1, trainer).pin_memory
+
+check("pin_cuda")(lambda: pinned("cuda:0"))
+check("pin_cpu")(lambda: pinned("cpu"))
+
 def refused(script, argv, env):  # the script's main() up to where it stops; torch is a CPU-only build here
     module = __import__(script)
     with mock.patch.object(sys, "argv", [f"{script}.py", *argv]), mock.patch.dict(os.environ, env):
@@ -353,6 +379,18 @@ def test_lightning_root_device_is_the_gpu_init_distributed_chose(gpu_facts):
     group's communicator was bound to, not Lightning's own cuda:<local rank>."""
     assert gpu_facts["root_one_visible"] == "cuda:0"
     assert gpu_facts["root_four_visible"] == "cuda:3"
+
+
+def test_tf32_for_fp32_runs_on_the_gpu_only_and_without_warnings(gpu_facts):
+    """CONTRACT.md C10: TF32 matmuls and convolutions for fp32 on a GPU, through the API whose state Lightning can
+    still read (torch.get_float32_matmul_precision), with no warning; nothing under --amp or on the CPU."""
+    assert gpu_facts["tf32_cuda_fp32"] == ["high", "tf32", "tf32", []]
+    assert gpu_facts["tf32_cuda_bf16"][0] == "highest"
+    assert gpu_facts["tf32_cpu_fp32"][0] == "highest"
+
+
+def test_loader_pins_memory_on_the_gpu_only(gpu_facts):
+    assert (gpu_facts["pin_cuda"], gpu_facts["pin_cpu"]) == (True, False)
 
 
 def test_no_silent_cpu_stops_before_the_launch_checks(gpu_facts):
