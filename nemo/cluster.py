@@ -6,7 +6,8 @@ inside the functions that need them): the scripts check the command line and the
 NeMo (seconds), so bad input is one line and exit 2 at once.
 
 Map:
-    parse_args            the command line: the flags become Hydra overrides, composed and checked; --print-config
+    parse_args            the command line: the flags become Hydra overrides, composed and checked; --print-config;
+                          a process given GPUs it cannot use stops here (CONTRACT.md C12)
     run                   the entry point's wrapper: toolkit.run as it is (Lightning tears its process group down)
     run_hydra             fit(cfg) the NeMo way, under @hydra_runner; a RecipeError inside comes out as one line
     torchrun_layout       (devices, num_nodes) as torchrun started the job, or one line saying how to start it
@@ -86,12 +87,18 @@ def parse_args(description: str, extra=None) -> argparse.Namespace:
     """The Hydra overrides for this run (`overrides`) and the config they compose to (`cfg`), checked: a bad flag,
     key or value ends here in one line and exit 2, in about a second, before the script's NeMo imports (which
     take several). extra: which of --nprocs, --devices, --num-nodes the script takes. --print-config prints the
-    config and exits."""
+    config and exits.
+
+    No silent CPU (CONTRACT.md C12): a process given GPUs (SLURM_GPUS_ON_NODE, CUDA_VISIBLE_DEVICES) or asked for
+    nccl (--backend nccl or recipe.backend=nccl: the composed config's value) whose torch cannot use a GPU stops
+    here, with one line and exit 2, before NeMo and Lightning's accelerator=auto would quietly pick the CPU.
+    recipe.backend=gloo trains on the CPU on purpose."""
     overrides, print_config = _command_line(description, extra or ())
     cfg = _compose(overrides)
     if print_config:
         print(OmegaConf.to_yaml(cfg), end="")
         sys.exit(0)
+    toolkit.refuse_silent_cpu(cfg.recipe.backend, toolkit.torch_cuda_problem)
     return argparse.Namespace(overrides=overrides, cfg=cfg)
 
 
@@ -137,9 +144,14 @@ def _command_line(description: str, extra) -> tuple[list[str], bool]:
 def _amp_precision() -> str:
     """--amp: bf16 where the device does it natively, else fp16 with loss scaling (CONTRACT.md C10).
     torch.cuda.is_bf16_supported() also says yes on V100/T4, where bf16 is emulated and slow."""
+    import warnings
+
     import torch  # here: only --amp needs it, and the command line is checked before the slow imports
 
-    if torch.cuda.is_available() and torch.cuda.get_device_capability() < (8, 0):
+    with warnings.catch_warnings():  # a driver too old for torch: parse_args says so in its one line (C12)
+        warnings.simplefilter("ignore")
+        cuda = torch.cuda.is_available()
+    if cuda and torch.cuda.get_device_capability() < (8, 0):
         return "16-mixed"
     return "bf16-mixed"
 

@@ -8,7 +8,9 @@ parallel_state splitting the world into tensor x pipeline x data parallel groups
 
 It prints (and with --layout-file writes) which ranks share each group, then trains a tiny GPTModel for
 --steps steps with Megatron-Core's pipeline schedule. The training step needs CUDA (Megatron-Core's GPTModel
-forward pass does); without CUDA the script sets up the groups on gloo, reports the layout and stops there.
+forward pass does); without CUDA the script sets up the groups on gloo, reports the layout and stops there --
+where the job was given GPUs (SLURM_GPUS_ON_NODE, CUDA_VISIBLE_DEVICES) only with --backend gloo: else a torch
+that cannot use them is one line and exit 2 (CONTRACT.md C12, no silent CPU).
 This script has its own command line (not the contract's: it is a layout and launch example, not a recipe).
 """
 
@@ -22,6 +24,7 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
 
+import toolkit
 from cluster import launcher_ranks, run
 from toolkit import OneLineParser, PreemptionFlag, RecipeError
 
@@ -43,6 +46,7 @@ def parse_args(description):
                  "seq_length", "timeout"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    toolkit.refuse_silent_cpu(args.backend, toolkit.torch_cuda_problem)
     return args
 
 

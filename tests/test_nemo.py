@@ -250,6 +250,30 @@ def test_launch_without_the_launcher_is_one_line(script, env, message):
     assert proc.returncode == 2 and message in proc.stdout and "Traceback" not in proc.stdout
 
 
+# ------------------------------------------------------------------------------- GPU truth (issue #22), on CPU
+
+SMOKE = ["--epochs", "2", "--dataset-size", "16", "--batch-size", "4", "--log-every", "1"]
+
+
+@pytest.mark.parametrize("script, args, env, given", [
+    ("single_gpu.py", SMOKE, {"SLURM_GPUS_ON_NODE": "2"}, "SLURM_GPUS_ON_NODE=2"),
+    ("single_gpu.py", [*SMOKE, "recipe.backend=nccl"], {}, "--backend nccl"),
+    ("multigpu_torchrun.py", [*SMOKE, "--backend", "nccl"], {}, "--backend nccl"),
+    ("megatron_parallel.py", [], {"SLURM_GPUS_ON_NODE": "1"}, "SLURM_GPUS_ON_NODE=1"),
+], ids=["slurm-gpus", "nccl-override", "nccl-before-torchrun", "megatron"])
+def test_no_silent_cpu_is_one_line_and_exit_2(tmp_path, script, args, env, given):
+    """CONTRACT.md C12 with this CPU-only torch: given GPUs or nccl (by the flag or its Hydra override: the
+    composed config's value), the script stops right after its command line (before NeMo's imports, before
+    multigpu_torchrun.py's torchrun check), with one line and nothing written."""
+    ckpt = [] if script == "megatron_parallel.py" else ["--checkpoint-dir", str(tmp_path / "c")]
+    proc = subprocess.run([str(env_python("nemo")), script, *args, *ckpt], cwd=FOLDER, env=clean_env(**env),
+                          capture_output=True, text=True, timeout=120)
+    errors = [ln for ln in proc.stderr.splitlines() if ERROR_LINE.match(ln)]
+    assert proc.returncode == 2 and len(errors) == 1, proc.stderr[-3000:]
+    assert given in errors[0] and "rather than training on the CPU" in errors[0], errors[0]
+    assert "Traceback" not in proc.stderr + proc.stdout and not (tmp_path / "c").exists()
+
+
 # ------------------------------------------------------------------------------------------ Megatron-Core
 
 
