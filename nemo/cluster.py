@@ -13,8 +13,11 @@ Map:
     torchrun_layout       (devices, num_nodes) as torchrun started the job, or one line saying how to start it
     slurm_layout          (devices, num_nodes) from srun's variables, checked against --devices/--num-nodes
     launcher_ranks        (rank, world size, local rank) from torchrun's or srun's variables (megatron_parallel.py)
+    local_device          this process's GPU: local rank modulo the GPUs it sees (one GPU per process: cuda:0)
+    parallel_devices      Lightning's devices for a launcher's processes, the same GPUs as local_device
     init_distributed      the process group, made before Lightning's under --timeout: a failed rendezvous (a busy
-                          MASTER_PORT, missing ranks) is one line and exit 2
+                          MASTER_PORT, missing ranks) is one line and exit 2; on the GPU the process's device is
+                          set first and NCCL bound to it (device_id)
     rendezvous_store      where the ranks meet; torch 2.13 under torchrun --max-restarts: a key prefix per attempt
     check_dataset_fits    one line when the data is too small for one step of every rank
     reduce_max            the ranks' maximum of a flag, for toolkit.PREEMPTION.agreed (the ranks stop together)
@@ -294,6 +297,25 @@ def launcher_ranks() -> tuple[int, int, int]:
                       "`srun` (megatron_parallel.sbatch) or `torchrun --nproc_per_node N megatron_parallel.py`")
 
 
+def local_device(local_rank: int):
+    """This process's GPU: its local rank modulo the GPUs it sees. Where every process sees the node's GPUs
+    (torchrun; srun with --gpus-per-node, as the templates) that is cuda:<local rank>; a process that was given
+    only its own GPU (CUDA_VISIBLE_DEVICES set per process) uses cuda:0, its only device, not cuda:<local rank>,
+    which does not exist there. (Under srun Lightning itself refuses that layout for multinode.py: README.md.)"""
+    import torch
+
+    return torch.device("cuda", local_rank % torch.cuda.device_count())
+
+
+def parallel_devices(per_node: int):
+    """Lightning's parallel_devices for one process per device on each node (DDPStrategy(parallel_devices=...)):
+    its root device is parallel_devices[local rank], so this makes it local_device(local rank), the GPU
+    init_distributed chose, instead of Lightning's own cuda:<local rank>. None without CUDA (Lightning's CPUs)."""
+    import torch
+
+    return [local_device(i) for i in range(per_node)] if torch.cuda.is_available() else None
+
+
 def init_distributed(cfg: DictConfig) -> None:
     """Under srun (multinode.py) or torchrun (multigpu_torchrun.py): create the process group before Lightning does,
     under a deadline of recipe.timeout (--timeout), before Hydra starts; Lightning's DDPStrategy then uses it as it
@@ -306,7 +328,11 @@ def init_distributed(cfg: DictConfig) -> None:
     (TorchElasticEnvironment when torchrun started the process, as Lightning checks it first; else multinode.py's
     SLURMEnvironment, which derives the address and port from the job when they are unset); the backend is
     Lightning's choice too (nccl with CUDA, else gloo) unless --backend says otherwise. torch and Lightning are
-    imported here, after the command line and the launch were checked (this module stays light)."""
+    imported here, after the command line and the launch were checked (this module stays light).
+
+    On the GPU the process's device is set first (local_device, the root device parallel_devices gives Lightning)
+    and NCCL's communicator is bound to it (device_id=): made at once on the right GPU, not lazily on whichever
+    device is current at the first collective (cuda:0 for every rank)."""
     import atexit
     from datetime import timedelta
 
@@ -329,9 +355,9 @@ def init_distributed(cfg: DictConfig) -> None:
     try:
         with toolkit.deadline(seconds, rank, what):  # a connect to a port that never answers: no timeout
             store = rendezvous_store(addr, port, rank, world_size, timeout)
-            device = torch.device("cuda", environment.local_rank()) if backend == "nccl" else None
-            if device is not None:
-                torch.cuda.set_device(device)  # Lightning's root device (it sets it again)
+            if torch.cuda.is_available():
+                torch.cuda.set_device(local_device(environment.local_rank()))  # Lightning's root device too
+            device = local_device(environment.local_rank()) if backend == "nccl" else None
             torch.distributed.init_process_group(backend, store=store, rank=rank, world_size=world_size,
                                                  timeout=timeout, device_id=device)
     except (torch.distributed.DistNetworkError, torch.distributed.DistStoreError) as e:

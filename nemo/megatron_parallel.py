@@ -25,7 +25,7 @@ import torch.distributed as dist
 from megatron.core import parallel_state
 
 import toolkit
-from cluster import launcher_ranks, run
+from cluster import launcher_ranks, local_device, run
 from toolkit import OneLineParser, PreemptionFlag, RecipeError
 
 
@@ -129,11 +129,11 @@ def setup(args):
     dp = check_sizes(args, world)  # before any rendezvous
     cuda = torch.cuda.is_available()
     backend = args.backend if args.backend != "auto" else "nccl" if cuda else "gloo"
-    device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
+    device = local_device(local_rank) if cuda else torch.device("cpu")  # one GPU per task: cuda:0
     if cuda:
-        torch.cuda.set_device(device)
+        torch.cuda.set_device(device)  # before the group: NCCL's communicator is bound to it (device_id)
     dist.init_process_group(backend, rank=rank, world_size=world, timeout=timedelta(seconds=args.timeout),
-                            init_method="env://")
+                            init_method="env://", device_id=device if backend == "nccl" else None)
     parallel_state.initialize_model_parallel(tensor_model_parallel_size=args.tensor_model_parallel_size,
                                              pipeline_model_parallel_size=args.pipeline_model_parallel_size)
     layouts = [None] * world

@@ -21,7 +21,8 @@ from torch import nn
 from torch.nn import functional as F
 from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
-from cluster import ReportHooks, TimingHooks, check_dataset_fits, reduce_max, run_hydra, settle_last_checkpoints
+from cluster import (ReportHooks, TimingHooks, check_dataset_fits, parallel_devices, reduce_max, run_hydra,
+                     settle_last_checkpoints)
 from toolkit import PREEMPTED_EXIT_CODE, PREEMPTION, ignore_preemption_signals, log
 
 NUM_CLASSES = 10
@@ -174,11 +175,13 @@ class StepTimings(TimingHooks, Callback):
 # ------------------------------------------------------------------------------------------ training
 
 
-def ddp(cfg: DictConfig, start_method: str = "popen") -> DDPStrategy:
-    """Lightning's DDP with the contract's --backend and --timeout (rendezvous and collectives)."""
+def ddp(cfg: DictConfig, start_method: str = "popen", per_node: int | None = None) -> DDPStrategy:
+    """Lightning's DDP with the contract's --backend and --timeout (rendezvous and collectives). per_node: a
+    launcher started one process per device (torchrun, srun); each uses the GPU init_distributed chose."""
     backend = None if cfg.recipe.backend == "auto" else cfg.recipe.backend  # None: nccl with CUDA, gloo without
     return DDPStrategy(start_method=start_method, process_group_backend=backend,
-                       timeout=timedelta(seconds=cfg.recipe.timeout))
+                       timeout=timedelta(seconds=cfg.recipe.timeout),
+                       parallel_devices=parallel_devices(per_node) if per_node else None)
 
 
 def train(args, start_time: float, **launch) -> None:

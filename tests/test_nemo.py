@@ -274,6 +274,108 @@ def test_no_silent_cpu_is_one_line_and_exit_2(tmp_path, script, args, env, given
     assert "Traceback" not in proc.stderr + proc.stdout and not (tmp_path / "c").exists()
 
 
+# One process of .venvs/nemo checks the seams with torch's GPU answers patched in (this machine has no GPU); each
+# check prints one JSON line {check: result} (an exception is a result too), the tests below read them.
+GPU_FACTS = r"""
+import json, os, sys, warnings
+from types import SimpleNamespace
+from unittest import mock
+import torch
+import lightning.pytorch as pl
+from lightning.fabric.accelerators import cuda as fabric_cuda
+from omegaconf import OmegaConf
+import cluster, recipe
+
+def check(name):
+    def wrap(f):
+        try:
+            result = f()
+        except BaseException as e:
+            result = f"{type(e).__name__}: {e}"
+        print(json.dumps({name: result}, default=str), flush=True)
+    return wrap
+
+def gpus(count, calls):  # torch and Lightning see `count` CUDA devices; set_device only records
+    return [mock.patch("torch.cuda.is_available", return_value=True),
+            mock.patch("torch.cuda.device_count", return_value=count),
+            mock.patch.object(fabric_cuda, "num_cuda_devices", return_value=count),
+            mock.patch("torch.cuda.set_device", side_effect=lambda d: calls.append(("set_device", str(d))))]
+
+TORCHRUN = dict(RANK="3", LOCAL_RANK="3", GROUP_RANK="0", WORLD_SIZE="4", LOCAL_WORLD_SIZE="4",
+                MASTER_ADDR="127.0.0.1", MASTER_PORT="29999", TORCHELASTIC_RUN_ID="test")
+
+def patched(visible, extra, f):
+    calls = []
+    patches = [*gpus(visible, calls), mock.patch.dict(os.environ, TORCHRUN), *extra(calls)]
+    for p in patches:
+        p.start()
+    try:
+        return f(calls)
+    finally:
+        for p in reversed(patches):
+            p.stop()
+
+def fake_init(calls):
+    def init(backend, **kwargs):
+        calls.append(("init_process_group", backend, str(kwargs.get("device_id"))))
+    return [mock.patch.object(cluster, "rendezvous_store"), mock.patch("atexit.register"),
+            mock.patch("torch.distributed.init_process_group", side_effect=init)]
+
+def init_distributed(visible):
+    cfg = SimpleNamespace(recipe=SimpleNamespace(backend="auto", timeout=5))
+    return patched(visible, fake_init, lambda calls: (cluster.init_distributed(cfg), calls)[1])
+
+def root_device(visible):
+    cfg = OmegaConf.create({"recipe": {"backend": "auto", "timeout": 5}})
+    return patched(visible, lambda calls: [], lambda calls: str(pl.Trainer(
+        accelerator="auto", devices=4, num_nodes=1, strategy=recipe.ddp(cfg, per_node=4), logger=False,
+        enable_checkpointing=False, enable_progress_bar=False).strategy.root_device))
+
+def megatron(visible):
+    import megatron_parallel
+    def stop(backend, **kwargs):
+        raise RuntimeError(f"init_process_group {backend} device_id={kwargs.get('device_id')}")
+    args = SimpleNamespace(tensor_model_parallel_size=1, pipeline_model_parallel_size=1, backend="auto", timeout=5)
+    def go(calls):
+        try:
+            megatron_parallel.setup(args)
+        except RuntimeError as e:
+            return [*calls, str(e)]
+    return patched(visible, lambda calls: [mock.patch("torch.distributed.init_process_group", side_effect=stop)],
+                   go)
+
+check("init_one_visible")(lambda: init_distributed(1))
+check("init_four_visible")(lambda: init_distributed(4))
+check("root_one_visible")(lambda: root_device(1))
+check("root_four_visible")(lambda: root_device(4))
+check("megatron_one_visible")(lambda: megatron(1))
+
+"""
+
+
+@pytest.fixture(scope="module")
+def gpu_facts():
+    out = python("-c", GPU_FACTS, timeout=180).stdout
+    print(out[-4000:])
+    return {k: v for line in out.splitlines() if line.startswith("{") for k, v in json.loads(line).items()}
+
+
+def test_torchrun_process_sets_its_gpu_then_binds_nccl_to_it(gpu_facts):
+    """torch.cuda.set_device before init_process_group, and NCCL's communicator bound to that GPU (device_id=),
+    which is local rank modulo the GPUs the process sees: LOCAL_RANK 3 that sees one GPU is cuda:0, not cuda:3.
+    megatron_parallel.py too."""
+    assert gpu_facts["init_one_visible"] == [["set_device", "cuda:0"], ["init_process_group", "nccl", "cuda:0"]]
+    assert gpu_facts["init_four_visible"] == [["set_device", "cuda:3"], ["init_process_group", "nccl", "cuda:3"]]
+    assert gpu_facts["megatron_one_visible"] == [["set_device", "cuda:0"], "init_process_group nccl device_id=cuda:0"]
+
+
+def test_lightning_root_device_is_the_gpu_init_distributed_chose(gpu_facts):
+    """Lightning's DDP reuses the process group; its root device (parallel_devices[local rank]) must be the GPU the
+    group's communicator was bound to, not Lightning's own cuda:<local rank>."""
+    assert gpu_facts["root_one_visible"] == "cuda:0"
+    assert gpu_facts["root_four_visible"] == "cuda:3"
+
+
 # ------------------------------------------------------------------------------------------ Megatron-Core
 
 
