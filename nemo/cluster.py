@@ -24,6 +24,7 @@ Map:
     settle_last_checkpoints  which *-last.ckpt exp_manager resumes from when a killed save left two (NeMo #7948)
     ReportHooks           the contract's log lines (C3) as Lightning hooks (recipe.Report adds the Callback base)
     TimingHooks           --timings-file as Lightning hooks, through toolkit.StepTimer (recipe.StepTimings)
+    allow_tf32, TF32Hooks  TF32 matmuls and convolutions for fp32 runs on a GPU (CONTRACT.md C10; recipe.TF32)
     CONF_DIR, FLAG_TO_KEY  conf/, and the config key each contract flag sets
 """
 
@@ -535,3 +536,28 @@ class TimingHooks:
         if trainer.is_global_zero:
             Path(self.timer.path).parent.mkdir(parents=True, exist_ok=True)
             self.timer.write(world_size=trainer.world_size)
+
+
+def allow_tf32(device, precision: str) -> bool:
+    """fp32 runs on a GPU: matmuls and convolutions in TF32 on Ampere+ (inputs rounded to a 10-bit mantissa,
+    accumulation in fp32: about twice the matmul speed, CONTRACT.md C10); True when set. Not on the CPU, where
+    the "high" matmul setting would reach oneDNN's matmuls too, nor under --amp (autocast does bf16/fp16).
+
+    torch.set_float32_matmul_precision("high"), not torch 2.13's torch.backends.cuda.matmul.fp32_precision: with
+    that one alone torch.get_float32_matmul_precision() raises ("mix of the legacy and new APIs"), and Lightning
+    calls it when it sets up an Ampere GPU."""
+    import torch
+
+    if device.type != "cuda" or precision != "32-true":
+        return False
+    torch.set_float32_matmul_precision("high")
+    torch.backends.cudnn.conv.fp32_precision = "tf32"  # torch's default; said here
+    return True
+
+
+class TF32Hooks:
+    """allow_tf32 on the Trainer's device, in every process that trains (also ddp_spawn's workers, new processes
+    that do not inherit the flags). Lightning's hook without Lightning's Callback base (recipe.TF32 adds it)."""
+
+    def setup(self, trainer, pl_module, stage):
+        allow_tf32(trainer.strategy.root_device, trainer.precision)

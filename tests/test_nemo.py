@@ -350,6 +350,42 @@ check("root_one_visible")(lambda: root_device(1))
 check("root_four_visible")(lambda: root_device(4))
 check("megatron_one_visible")(lambda: megatron(1))
 
+def tf32_in_fit(device, precision):  # the callbacks fit() gives the Trainer, their setup hook on this device
+    torch.set_float32_matmul_precision("highest")
+    captured = {}
+    def trainer(**kwargs):
+        captured.update(kwargs)
+        raise KeyboardInterrupt  # stop fit() here
+    cfg = cluster._compose([])
+    with mock.patch.object(recipe.pl, "Trainer", side_effect=trainer):
+        try:
+            recipe.fit(cfg, 0.0, devices=1)
+        except KeyboardInterrupt:
+            pass
+    fake = SimpleNamespace(strategy=SimpleNamespace(root_device=torch.device(device)), precision=precision)
+    with warnings.catch_warnings(record=True) as said:
+        warnings.simplefilter("always")
+        for callback in captured["callbacks"]:
+            if hasattr(callback, "setup"):
+                callback.setup(fake, None, "fit")
+        result = [torch.get_float32_matmul_precision(), torch.backends.cuda.matmul.fp32_precision,
+                  torch.backends.cudnn.conv.fp32_precision, [str(w.message) for w in said]]
+    torch.set_float32_matmul_precision("highest")
+    return result
+
+check("tf32_cuda_fp32")(lambda: tf32_in_fit("cuda:0", "32-true"))
+check("tf32_cuda_bf16")(lambda: tf32_in_fit("cuda:0", "bf16-mixed"))
+check("tf32_cpu_fp32")(lambda: tf32_in_fit("cpu", "32-true"))
+
+def pinned(device):  # the loader ToyClassifier builds for a Trainer on this device
+    cfg = cluster._compose(["model.train_ds.dataset_size=16", "model.train_ds.batch_size=4"])
+    model = recipe.ToyClassifier(OmegaConf.create(OmegaConf.to_container(cfg.model, resolve=True)))
+    trainer = SimpleNamespace(global_rank=0, world_size=1, strategy=SimpleNamespace(root_device=torch.device(device)))
+    with mock.patch.object(type(model), "trainer", trainer):
+        return model.train_dataloader().pin_memory
+
+check("pin_cuda")(lambda: pinned("cuda:0"))
+check("pin_cpu")(lambda: pinned("cpu"))
 """
 
 
@@ -374,6 +410,19 @@ def test_lightning_root_device_is_the_gpu_init_distributed_chose(gpu_facts):
     group's communicator was bound to, not Lightning's own cuda:<local rank>."""
     assert gpu_facts["root_one_visible"] == "cuda:0"
     assert gpu_facts["root_four_visible"] == "cuda:3"
+
+
+def test_tf32_for_fp32_runs_on_the_gpu_only_and_without_warnings(gpu_facts):
+    """CONTRACT.md C10, through the callbacks fit() gives the Trainer: TF32 matmuls and convolutions for fp32 on a
+    GPU, by the API whose state Lightning can still read (torch.get_float32_matmul_precision), with no warning;
+    nothing under --amp or on the CPU."""
+    assert gpu_facts["tf32_cuda_fp32"] == ["high", "tf32", "tf32", []]
+    assert gpu_facts["tf32_cuda_bf16"][0] == "highest"
+    assert gpu_facts["tf32_cpu_fp32"][0] == "highest"
+
+
+def test_loader_pins_memory_on_the_gpu_only(gpu_facts):
+    assert (gpu_facts["pin_cuda"], gpu_facts["pin_cpu"]) == (True, False)
 
 
 # ------------------------------------------------------------------------------------------ Megatron-Core
