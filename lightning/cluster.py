@@ -1,12 +1,16 @@
 """The plumbing of this folder: what the scripts need to run on a cluster, apart from the lesson in recipe.py.
 
 Map:
-    parse_args               the command line every recipe accepts (CONTRACT.md C2); `extra` adds a script's own
+    parse_args               the command line every recipe accepts (CONTRACT.md C2); `extra` adds a script's own;
+                             a process given GPUs it cannot use stops here (CONTRACT.md C12)
     run                      toolkit.run with `explain`: the entry point's wrapper (signals first, one-line errors)
     explain, lost_a_peer     a collective that failed because another rank died: one line and exit 1
     torchrun_layout          (devices, num_nodes) as torchrun started the job, or one line and exit 2
+    local_device             this process's GPU: local rank modulo the GPUs it sees (one per task: cuda:0)
+    parallel_devices         Lightning's devices for a launcher's processes, the same GPUs as local_device
     init_distributed         the process group, made before Lightning's under --timeout: a failed rendezvous
-                             (a busy MASTER_PORT, missing ranks) is one line and exit 2
+                             (a busy MASTER_PORT, missing ranks) is one line and exit 2; on the GPU the
+                             process's device is set first and NCCL bound to it (device_id)
     rendezvous_store         where the ranks meet; torch 2.13 under torchrun --max-restarts: a key prefix per attempt
     check_dataset_fits       the data gives every rank at least one step, or one line and exit 2
     resume_from              the checkpoint with the most progress (stored global_step), never the newest file
@@ -15,6 +19,7 @@ Map:
     Report                   the contract's log lines (CONTRACT.md C3), printed by rank 0
     StepTimings              per-step wall-clock times for the benchmarks (--timings-file, toolkit.StepTimer)
     collect_ddp_cycles       frees the DDP wrapper's reference cycles before the process group is destroyed
+    allow_tf32, TF32         TF32 matmuls and convolutions for fp32 runs on a GPU (CONTRACT.md C10)
 """
 
 import argparse
@@ -39,7 +44,11 @@ from toolkit import (PREEMPTION, OneLineParser, RecipeError, StepTimer, launcher
 
 def parse_args(description: str, extra=None) -> argparse.Namespace:
     """The command line shared by every script of every folder (CONTRACT.md C2); extra(parser) adds a script's
-    own flags (--nprocs, --devices, --num-nodes)."""
+    own flags (--nprocs, --devices, --num-nodes).
+
+    No silent CPU (CONTRACT.md C12): a process given GPUs (SLURM_GPUS_ON_NODE, CUDA_VISIBLE_DEVICES) or asked for
+    --backend nccl whose torch cannot use a GPU stops here, with one line and exit 2, before Lightning's
+    accelerator="auto" would quietly pick the CPU. --backend gloo trains on the CPU on purpose."""
     p = OneLineParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--epochs", type=positive_int, default=3)
     p.add_argument("--max-steps", type=positive_int, default=None,
@@ -66,7 +75,9 @@ def parse_args(description: str, extra=None) -> argparse.Namespace:
     p.add_argument("--timings-file", help="rank 0 writes per-step end times here (JSON) for the benchmarks")
     if extra is not None:
         extra(p)
-    return p.parse_args()
+    args = p.parse_args()
+    toolkit.refuse_silent_cpu(args.backend, toolkit.torch_cuda_problem)
+    return args
 
 
 def lost_a_peer(error: RuntimeError) -> str:
@@ -102,6 +113,21 @@ def torchrun_layout() -> tuple[int, int]:
     return per_node, int(os.environ["WORLD_SIZE"]) // per_node
 
 
+def local_device(local_rank: int) -> torch.device:
+    """This process's GPU: its local rank modulo the GPUs it sees. Where every process sees the node's GPUs
+    (torchrun; srun with --gpus-per-node, as multinode.sbatch) that is cuda:<local rank>; a process that was
+    given only its own GPU (CUDA_VISIBLE_DEVICES set per process) uses cuda:0, its only device, not
+    cuda:<local rank>, which does not exist there. (Under srun Lightning itself refuses that layout: README.md.)"""
+    return torch.device("cuda", local_rank % torch.cuda.device_count())
+
+
+def parallel_devices(per_node: int) -> list[torch.device] | None:
+    """Lightning's parallel_devices for one process per device on each node (DDPStrategy(parallel_devices=...)):
+    its root device is parallel_devices[local rank], so this makes it local_device(local rank), the GPU
+    init_distributed chose, instead of Lightning's own cuda:<local rank>. None without CUDA (Lightning's CPUs)."""
+    return [local_device(i) for i in range(per_node)] if torch.cuda.is_available() else None
+
+
 def init_distributed(args: argparse.Namespace) -> None:
     """Under srun (multinode.py) or torchrun (multigpu_torchrun.py): create the process group before Lightning does,
     under a deadline of --timeout; Lightning then uses it as it is (its _init_dist_connection skips
@@ -113,7 +139,11 @@ def init_distributed(args: argparse.Namespace) -> None:
     Ranks, world size, MASTER_ADDR/MASTER_PORT come from the ClusterEnvironment Lightning uses for these launches
     (TorchElasticEnvironment when torchrun started the process, as Lightning checks it first; else multinode.py's
     SLURMEnvironment, which derives the address and port from the job when they are unset); the backend is
-    Lightning's choice too (nccl with CUDA, else gloo) unless --backend says otherwise."""
+    Lightning's choice too (nccl with CUDA, else gloo) unless --backend says otherwise.
+
+    On the GPU the process's device is set first (local_device, the root device parallel_devices gives Lightning)
+    and NCCL's communicator is bound to it (device_id=): made at once on the right GPU, not lazily on whichever
+    device is current at the first collective (cuda:0 for every rank)."""
     if TorchElasticEnvironment.detect():
         environment = TorchElasticEnvironment()
     elif "SLURM_NTASKS" in os.environ:
@@ -129,9 +159,9 @@ def init_distributed(args: argparse.Namespace) -> None:
     try:
         with toolkit.deadline(args.timeout, rank, what):  # a connect to a port that never answers: no timeout
             store = rendezvous_store(addr, port, rank, world_size, timeout)
-            device = torch.device("cuda", environment.local_rank()) if backend == "nccl" else None
-            if device is not None:
-                torch.cuda.set_device(device)  # Lightning's root device (it sets it again)
+            if torch.cuda.is_available():
+                torch.cuda.set_device(local_device(environment.local_rank()))  # Lightning's root device too
+            device = local_device(environment.local_rank()) if backend == "nccl" else None
             torch.distributed.init_process_group(backend, store=store, rank=rank, world_size=world_size,
                                                  timeout=timeout, device_id=device)
     except (torch.distributed.DistNetworkError, torch.distributed.DistStoreError) as e:
@@ -307,3 +337,26 @@ def collect_ddp_cycles() -> None:
     left to the interpreter's shutdown they can abort a finished run (README.md, Troubleshooting). Freed now,
     before Lightning's atexit hook destroys the process group."""
     gc.collect()
+
+
+def allow_tf32(device: torch.device, precision: str) -> bool:
+    """fp32 runs on a GPU: matmuls and convolutions in TF32 on Ampere+ (inputs rounded to a 10-bit mantissa,
+    accumulation in fp32: about twice the matmul speed, CONTRACT.md C10); True when set. Not on the CPU, where
+    the "high" matmul setting would reach oneDNN's matmuls too, nor under --amp (autocast does bf16/fp16).
+
+    torch.set_float32_matmul_precision("high"), not torch 2.13's torch.backends.cuda.matmul.fp32_precision: with
+    that one alone torch.get_float32_matmul_precision() raises ("mix of the legacy and new APIs"), and Lightning
+    calls it when it sets up an Ampere GPU."""
+    if device.type != "cuda" or precision != "32-true":
+        return False
+    torch.set_float32_matmul_precision("high")
+    torch.backends.cudnn.conv.fp32_precision = "tf32"  # torch's default; said here
+    return True
+
+
+class TF32(Callback):
+    """allow_tf32 on the Trainer's device, in every process that trains (also ddp_spawn's workers, new processes
+    that do not inherit the flags)."""
+
+    def setup(self, trainer, pl_module, stage):
+        allow_tf32(trainer.strategy.root_device, trainer.precision)

@@ -22,7 +22,7 @@ def setup(args):
         accelerator="auto",  # CUDA -> nccl, else CPU -> gloo
         devices=devices,
         num_nodes=num_nodes,
-        strategy=ddp(args),  # Lightning sees torchrun's variables and takes the ranks from them
+        strategy=ddp(args, per_node=devices),  # ranks from torchrun's variables, the GPUs init_distributed chose
         **trainer_options(args, START_TIME),
     )
 

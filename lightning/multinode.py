@@ -66,7 +66,7 @@ def setup(args):
         accelerator="auto",  # CUDA -> nccl, else CPU -> gloo
         devices=devices,
         num_nodes=num_nodes,
-        strategy=ddp(args),
+        strategy=ddp(args, per_node=devices),  # the GPUs init_distributed chose
         # Explicit, so that a job named "bash" or "interactive" (which turns Lightning's Slurm detection off)
         # cannot make Lightning start extra processes itself. No auto-requeue: recipe.Preemption saves at a step
         # boundary and exits 75, and the job script requeues.

@@ -20,8 +20,8 @@ from torch import nn
 from torch.nn import functional as F
 from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
-from cluster import (PreemptionSignals, Report, StepTimings, check_dataset_fits, collect_ddp_cycles, reduce_max,
-                     resume_from)
+from cluster import (TF32, PreemptionSignals, Report, StepTimings, check_dataset_fits, collect_ddp_cycles,
+                     parallel_devices, reduce_max, resume_from)
 from toolkit import PREEMPTED_EXIT_CODE, PREEMPTION, ignore_preemption_signals, log
 
 NUM_CLASSES = 10
@@ -96,9 +96,11 @@ def build_loader(dataset, args, rank=0, world_size=1, trainer=None):
                                  drop_last=True)
     # Workers ignore SIGUSR1/SIGTERM: Slurm signals every process of the step, and a forked worker would run
     # the signal handler on its stale copy of the trainer (or die and make the main process raise).
+    # On a GPU the batches come from pinned memory: their copy to the device is faster and can overlap.
+    on_gpu = trainer is not None and trainer.strategy.root_device.type == "cuda"
     return ResumableLoader(dataset, batch_size=args.batch_size, sampler=sampler, drop_last=True,
                            num_workers=args.num_workers, persistent_workers=args.num_workers > 0,
-                           worker_init_fn=ignore_preemption_signals, trainer=trainer)
+                           worker_init_fn=ignore_preemption_signals, pin_memory=on_gpu, trainer=trainer)
 
 
 class SyntheticData(pl.LightningDataModule):
@@ -147,11 +149,13 @@ def mixed_precision(args) -> str:
     return "bf16-mixed"
 
 
-def ddp(args, start_method: str = "popen") -> DDPStrategy:
-    """Lightning's DDP with the contract's --backend and --timeout (rendezvous and collectives)."""
+def ddp(args, start_method: str = "popen", per_node: int | None = None) -> DDPStrategy:
+    """Lightning's DDP with the contract's --backend and --timeout (rendezvous and collectives). per_node: a
+    launcher started one process per device (torchrun, srun); each uses the GPU init_distributed chose."""
     backend = None if args.backend == "auto" else args.backend  # None: nccl with CUDA, gloo without
     return DDPStrategy(start_method=start_method, process_group_backend=backend,
-                       timeout=timedelta(seconds=args.timeout))
+                       timeout=timedelta(seconds=args.timeout),
+                       parallel_devices=parallel_devices(per_node) if per_node else None)
 
 
 class Preemption(PreemptionSignals):
@@ -178,7 +182,7 @@ class Preemption(PreemptionSignals):
 
 def trainer_options(args, start_time: float) -> dict:
     """Everything about the Trainer that does not depend on how the run is distributed."""
-    callbacks = [Report(args), Preemption(args.checkpoint_dir)]
+    callbacks = [Report(args), Preemption(args.checkpoint_dir), TF32()]
     if args.checkpoint_dir:
         # Keeps the newest epoch=E-step=S.ckpt and last.ckpt, a link to it. (With save_top_k=0 Lightning
         # writes last.ckpt only when training ends, which is no use to a job that gets killed.) No version

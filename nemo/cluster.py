@@ -6,20 +6,25 @@ inside the functions that need them): the scripts check the command line and the
 NeMo (seconds), so bad input is one line and exit 2 at once.
 
 Map:
-    parse_args            the command line: the flags become Hydra overrides, composed and checked; --print-config
+    parse_args            the command line: the flags become Hydra overrides, composed and checked; --print-config;
+                          a process given GPUs it cannot use stops here (CONTRACT.md C12)
     run                   the entry point's wrapper: toolkit.run as it is (Lightning tears its process group down)
     run_hydra             fit(cfg) the NeMo way, under @hydra_runner; a RecipeError inside comes out as one line
     torchrun_layout       (devices, num_nodes) as torchrun started the job, or one line saying how to start it
     slurm_layout          (devices, num_nodes) from srun's variables, checked against --devices/--num-nodes
     launcher_ranks        (rank, world size, local rank) from torchrun's or srun's variables (megatron_parallel.py)
+    local_device          this process's GPU: local rank modulo the GPUs it sees (one GPU per process: cuda:0)
+    parallel_devices      Lightning's devices for a launcher's processes, the same GPUs as local_device
     init_distributed      the process group, made before Lightning's under --timeout: a failed rendezvous (a busy
-                          MASTER_PORT, missing ranks) is one line and exit 2
+                          MASTER_PORT, missing ranks) is one line and exit 2; on the GPU the process's device is
+                          set first and NCCL bound to it (device_id)
     rendezvous_store      where the ranks meet; torch 2.13 under torchrun --max-restarts: a key prefix per attempt
     check_dataset_fits    one line when the data is too small for one step of every rank
     reduce_max            the ranks' maximum of a flag, for toolkit.PREEMPTION.agreed (the ranks stop together)
     settle_last_checkpoints  which *-last.ckpt exp_manager resumes from when a killed save left two (NeMo #7948)
     ReportHooks           the contract's log lines (C3) as Lightning hooks (recipe.Report adds the Callback base)
     TimingHooks           --timings-file as Lightning hooks, through toolkit.StepTimer (recipe.StepTimings)
+    allow_tf32, TF32Hooks  TF32 matmuls and convolutions for fp32 runs on a GPU (CONTRACT.md C10; recipe.TF32)
     CONF_DIR, FLAG_TO_KEY  conf/, and the config key each contract flag sets
 """
 
@@ -86,12 +91,18 @@ def parse_args(description: str, extra=None) -> argparse.Namespace:
     """The Hydra overrides for this run (`overrides`) and the config they compose to (`cfg`), checked: a bad flag,
     key or value ends here in one line and exit 2, in about a second, before the script's NeMo imports (which
     take several). extra: which of --nprocs, --devices, --num-nodes the script takes. --print-config prints the
-    config and exits."""
+    config and exits.
+
+    No silent CPU (CONTRACT.md C12): a process given GPUs (SLURM_GPUS_ON_NODE, CUDA_VISIBLE_DEVICES) or asked for
+    nccl (--backend nccl or recipe.backend=nccl: the composed config's value) whose torch cannot use a GPU stops
+    here, with one line and exit 2, before NeMo and Lightning's accelerator=auto would quietly pick the CPU.
+    recipe.backend=gloo trains on the CPU on purpose."""
     overrides, print_config = _command_line(description, extra or ())
     cfg = _compose(overrides)
     if print_config:
         print(OmegaConf.to_yaml(cfg), end="")
         sys.exit(0)
+    toolkit.refuse_silent_cpu(cfg.recipe.backend, toolkit.torch_cuda_problem)
     return argparse.Namespace(overrides=overrides, cfg=cfg)
 
 
@@ -137,9 +148,14 @@ def _command_line(description: str, extra) -> tuple[list[str], bool]:
 def _amp_precision() -> str:
     """--amp: bf16 where the device does it natively, else fp16 with loss scaling (CONTRACT.md C10).
     torch.cuda.is_bf16_supported() also says yes on V100/T4, where bf16 is emulated and slow."""
+    import warnings
+
     import torch  # here: only --amp needs it, and the command line is checked before the slow imports
 
-    if torch.cuda.is_available() and torch.cuda.get_device_capability() < (8, 0):
+    with warnings.catch_warnings():  # a driver too old for torch: parse_args says so in its one line (C12)
+        warnings.simplefilter("ignore")
+        cuda = torch.cuda.is_available()
+    if cuda and torch.cuda.get_device_capability() < (8, 0):
         return "16-mixed"
     return "bf16-mixed"
 
@@ -282,6 +298,25 @@ def launcher_ranks() -> tuple[int, int, int]:
                       "`srun` (megatron_parallel.sbatch) or `torchrun --nproc_per_node N megatron_parallel.py`")
 
 
+def local_device(local_rank: int):
+    """This process's GPU: its local rank modulo the GPUs it sees. Where every process sees the node's GPUs
+    (torchrun; srun with --gpus-per-node, as the templates) that is cuda:<local rank>; a process that was given
+    only its own GPU (CUDA_VISIBLE_DEVICES set per process) uses cuda:0, its only device, not cuda:<local rank>,
+    which does not exist there. (Under srun Lightning itself refuses that layout for multinode.py: README.md.)"""
+    import torch
+
+    return torch.device("cuda", local_rank % torch.cuda.device_count())
+
+
+def parallel_devices(per_node: int):
+    """Lightning's parallel_devices for one process per device on each node (DDPStrategy(parallel_devices=...)):
+    its root device is parallel_devices[local rank], so this makes it local_device(local rank), the GPU
+    init_distributed chose, instead of Lightning's own cuda:<local rank>. None without CUDA (Lightning's CPUs)."""
+    import torch
+
+    return [local_device(i) for i in range(per_node)] if torch.cuda.is_available() else None
+
+
 def init_distributed(cfg: DictConfig) -> None:
     """Under srun (multinode.py) or torchrun (multigpu_torchrun.py): create the process group before Lightning does,
     under a deadline of recipe.timeout (--timeout), before Hydra starts; Lightning's DDPStrategy then uses it as it
@@ -294,7 +329,11 @@ def init_distributed(cfg: DictConfig) -> None:
     (TorchElasticEnvironment when torchrun started the process, as Lightning checks it first; else multinode.py's
     SLURMEnvironment, which derives the address and port from the job when they are unset); the backend is
     Lightning's choice too (nccl with CUDA, else gloo) unless --backend says otherwise. torch and Lightning are
-    imported here, after the command line and the launch were checked (this module stays light)."""
+    imported here, after the command line and the launch were checked (this module stays light).
+
+    On the GPU the process's device is set first (local_device, the root device parallel_devices gives Lightning)
+    and NCCL's communicator is bound to it (device_id=): made at once on the right GPU, not lazily on whichever
+    device is current at the first collective (cuda:0 for every rank)."""
     import atexit
     from datetime import timedelta
 
@@ -317,9 +356,9 @@ def init_distributed(cfg: DictConfig) -> None:
     try:
         with toolkit.deadline(seconds, rank, what):  # a connect to a port that never answers: no timeout
             store = rendezvous_store(addr, port, rank, world_size, timeout)
-            device = torch.device("cuda", environment.local_rank()) if backend == "nccl" else None
-            if device is not None:
-                torch.cuda.set_device(device)  # Lightning's root device (it sets it again)
+            if torch.cuda.is_available():
+                torch.cuda.set_device(local_device(environment.local_rank()))  # Lightning's root device too
+            device = local_device(environment.local_rank()) if backend == "nccl" else None
             torch.distributed.init_process_group(backend, store=store, rank=rank, world_size=world_size,
                                                  timeout=timeout, device_id=device)
     except (torch.distributed.DistNetworkError, torch.distributed.DistStoreError) as e:
@@ -497,3 +536,28 @@ class TimingHooks:
         if trainer.is_global_zero:
             Path(self.timer.path).parent.mkdir(parents=True, exist_ok=True)
             self.timer.write(world_size=trainer.world_size)
+
+
+def allow_tf32(device, precision: str) -> bool:
+    """fp32 runs on a GPU: matmuls and convolutions in TF32 on Ampere+ (inputs rounded to a 10-bit mantissa,
+    accumulation in fp32: about twice the matmul speed, CONTRACT.md C10); True when set. Not on the CPU, where
+    the "high" matmul setting would reach oneDNN's matmuls too, nor under --amp (autocast does bf16/fp16).
+
+    torch.set_float32_matmul_precision("high"), not torch 2.13's torch.backends.cuda.matmul.fp32_precision: with
+    that one alone torch.get_float32_matmul_precision() raises ("mix of the legacy and new APIs"), and Lightning
+    calls it when it sets up an Ampere GPU."""
+    import torch
+
+    if device.type != "cuda" or precision != "32-true":
+        return False
+    torch.set_float32_matmul_precision("high")
+    torch.backends.cudnn.conv.fp32_precision = "tf32"  # torch's default; said here
+    return True
+
+
+class TF32Hooks:
+    """allow_tf32 on the Trainer's device, in every process that trains (also ddp_spawn's workers, new processes
+    that do not inherit the flags). Lightning's hook without Lightning's Callback base (recipe.TF32 adds it)."""
+
+    def setup(self, trainer, pl_module, stage):
+        allow_tf32(trainer.strategy.root_device, trainer.precision)

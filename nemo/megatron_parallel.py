@@ -8,7 +8,9 @@ parallel_state splitting the world into tensor x pipeline x data parallel groups
 
 It prints (and with --layout-file writes) which ranks share each group, then trains a tiny GPTModel for
 --steps steps with Megatron-Core's pipeline schedule. The training step needs CUDA (Megatron-Core's GPTModel
-forward pass does); without CUDA the script sets up the groups on gloo, reports the layout and stops there.
+forward pass does); without CUDA the script sets up the groups on gloo, reports the layout and stops there --
+where the job was given GPUs (SLURM_GPUS_ON_NODE, CUDA_VISIBLE_DEVICES) only with --backend gloo: else a torch
+that cannot use them is one line and exit 2 (CONTRACT.md C12, no silent CPU).
 This script has its own command line (not the contract's: it is a layout and launch example, not a recipe).
 """
 
@@ -22,7 +24,8 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
 
-from cluster import launcher_ranks, run
+import toolkit
+from cluster import launcher_ranks, local_device, run
 from toolkit import OneLineParser, PreemptionFlag, RecipeError
 
 
@@ -43,6 +46,7 @@ def parse_args(description):
                  "seq_length", "timeout"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    toolkit.refuse_silent_cpu(args.backend, toolkit.torch_cuda_problem)
     return args
 
 
@@ -125,11 +129,11 @@ def setup(args):
     dp = check_sizes(args, world)  # before any rendezvous
     cuda = torch.cuda.is_available()
     backend = args.backend if args.backend != "auto" else "nccl" if cuda else "gloo"
-    device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
+    device = local_device(local_rank) if cuda else torch.device("cpu")  # one GPU per task: cuda:0
     if cuda:
-        torch.cuda.set_device(device)
+        torch.cuda.set_device(device)  # before the group: NCCL's communicator is bound to it (device_id)
     dist.init_process_group(backend, rank=rank, world_size=world, timeout=timedelta(seconds=args.timeout),
-                            init_method="env://")
+                            init_method="env://", device_id=device if backend == "nccl" else None)
     parallel_state.initialize_model_parallel(tensor_model_parallel_size=args.tensor_model_parallel_size,
                                              pipeline_model_parallel_size=args.pipeline_model_parallel_size)
     layouts = [None] * world

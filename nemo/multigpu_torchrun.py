@@ -20,7 +20,7 @@ def setup(args):
     init_distributed(args.cfg)  # a busy MASTER_PORT or missing ranks: one line, exit 2 (and torchrun restarts)
     from recipe import ddp
 
-    return {"devices": devices, "num_nodes": num_nodes, "strategy": ddp(args.cfg)}
+    return {"devices": devices, "num_nodes": num_nodes, "strategy": ddp(args.cfg, per_node=devices)}
 
 
 def main():

@@ -29,7 +29,7 @@ def setup(args):
     # Explicit, so that a job named "bash" or "interactive" (which turns Lightning's Slurm detection off) cannot
     # make Lightning start extra processes itself. No auto-requeue: recipe.Preemption saves at a step boundary
     # and exits 75, and the job script requeues.
-    return {"devices": devices, "num_nodes": num_nodes, "strategy": ddp(args.cfg),
+    return {"devices": devices, "num_nodes": num_nodes, "strategy": ddp(args.cfg, per_node=devices),
             "plugins": [SLURMEnvironment(auto_requeue=False)]}
 
 

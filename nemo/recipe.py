@@ -21,7 +21,8 @@ from torch import nn
 from torch.nn import functional as F
 from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
-from cluster import ReportHooks, TimingHooks, check_dataset_fits, reduce_max, run_hydra, settle_last_checkpoints
+from cluster import (ReportHooks, TF32Hooks, TimingHooks, check_dataset_fits, parallel_devices, reduce_max,
+                     run_hydra, settle_last_checkpoints)
 from toolkit import PREEMPTED_EXIT_CODE, PREEMPTION, ignore_preemption_signals, log
 
 NUM_CLASSES = 10
@@ -63,15 +64,16 @@ def build_dataset(ds: DictConfig) -> TensorDataset:
     return synthetic_dataset(ds.dataset_size)  # --data synthetic is the only choice (cluster.py checks)
 
 
-def build_loader(dataset, ds: DictConfig, rank: int = 0, world_size: int = 1) -> DataLoader:
+def build_loader(dataset, ds: DictConfig, rank: int = 0, world_size: int = 1, pin_memory: bool = False) -> DataLoader:
     """Each rank reads its own shard, reshuffled every epoch from (seed, epoch) (Lightning calls set_epoch); also
     on one device, so that a resumed run sees the batches an uninterrupted run would. Workers ignore
-    SIGUSR1/SIGTERM: Slurm signals every process of the step; the parent decides."""
+    SIGUSR1/SIGTERM: Slurm signals every process of the step; the parent decides. pin_memory on a GPU: the copy
+    to the device is faster and can overlap."""
     sampler = DistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=True, seed=ds.seed,
                                  drop_last=True)
     return DataLoader(dataset, batch_size=ds.batch_size, sampler=sampler, drop_last=True,
                       num_workers=ds.num_workers, persistent_workers=ds.num_workers > 0,
-                      worker_init_fn=ignore_preemption_signals)
+                      worker_init_fn=ignore_preemption_signals, pin_memory=pin_memory)
 
 
 class ToyClassifier(ModelPT):
@@ -113,7 +115,8 @@ class ToyClassifier(ModelPT):
 
     def train_dataloader(self):
         self.train_set = build_dataset(self._train_config)
-        return build_loader(self.train_set, self._train_config, self.trainer.global_rank, self.trainer.world_size)
+        return build_loader(self.train_set, self._train_config, self.trainer.global_rank, self.trainer.world_size,
+                            pin_memory=self.trainer.strategy.root_device.type == "cuda")
 
     def configure_optimizers(self):
         # The optimizer from NeMo's registry (model.optim: name, lr, momentum). The cosine schedule spans
@@ -171,14 +174,20 @@ class StepTimings(TimingHooks, Callback):
     """--timings-file: rank 0 records the wall time after every optimizer step, for the benchmarks."""
 
 
+class TF32(TF32Hooks, Callback):
+    """fp32 runs on a GPU: TF32 matmuls and convolutions (CONTRACT.md C10)."""
+
+
 # ------------------------------------------------------------------------------------------ training
 
 
-def ddp(cfg: DictConfig, start_method: str = "popen") -> DDPStrategy:
-    """Lightning's DDP with the contract's --backend and --timeout (rendezvous and collectives)."""
+def ddp(cfg: DictConfig, start_method: str = "popen", per_node: int | None = None) -> DDPStrategy:
+    """Lightning's DDP with the contract's --backend and --timeout (rendezvous and collectives). per_node: a
+    launcher started one process per device (torchrun, srun); each uses the GPU init_distributed chose."""
     backend = None if cfg.recipe.backend == "auto" else cfg.recipe.backend  # None: nccl with CUDA, gloo without
     return DDPStrategy(start_method=start_method, process_group_backend=backend,
-                       timeout=timedelta(seconds=cfg.recipe.timeout))
+                       timeout=timedelta(seconds=cfg.recipe.timeout),
+                       parallel_devices=parallel_devices(per_node) if per_node else None)
 
 
 def train(args, start_time: float, **launch) -> None:
@@ -194,7 +203,7 @@ def fit(cfg: DictConfig, start_time: float, **launch) -> None:
     from nemo.utils.exp_manager import exp_manager
 
     preemption, ds = Preemption(), cfg.model.train_ds
-    callbacks = [Report(cfg), preemption]
+    callbacks = [Report(cfg), preemption, TF32()]
     if cfg.recipe.timings_file:
         callbacks.append(StepTimings(cfg.recipe.timings_file, start_time, ds.batch_size))
     options = OmegaConf.to_container(cfg.trainer, resolve=True)  # the config's trainer section, less the launch

@@ -249,3 +249,154 @@ def test_resume_takes_the_most_progress_and_the_preemption_checkpoint_on_a_tie(t
     writes after a mid-epoch stop claims the epoch ran to its end (a resumed run then skipped its rest)."""
     out = run([env_python("lightning"), "-c", RESUME_CHOICE, tmp_path], cwd=FOLDER).stdout.strip().splitlines()
     assert out[-1] == str(tmp_path / "preempted-step=130.ckpt")
+
+
+# ---------------------------------------------------------------------------------- GPU truth (issue #22), on CPU
+# One process of .venvs/lightning checks the seams with torch's GPU answers patched in (this machine has no GPU);
+# each check prints one JSON line {check: result} (an exception is a result too), the tests below read them.
+GPU_FACTS = r"""
+import json, os, sys, warnings
+from types import SimpleNamespace
+from unittest import mock
+import torch
+import lightning.pytorch as pl
+from lightning.fabric.accelerators import cuda as fabric_cuda
+import cluster, recipe, toolkit
+
+def check(name):
+    def wrap(f):
+        try:
+            result = f()
+        except BaseException as e:
+            result = f"{type(e).__name__}: {e}"
+        print(json.dumps({name: result}, default=str), flush=True)
+    return wrap
+
+def gpus(count):  # torch and Lightning see `count` CUDA devices; set_device only records
+    calls = []
+    patches = [mock.patch("torch.cuda.is_available", return_value=True),
+               mock.patch("torch.cuda.device_count", return_value=count),
+               mock.patch.object(fabric_cuda, "num_cuda_devices", return_value=count),
+               mock.patch("torch.cuda.set_device", side_effect=lambda d: calls.append(("set_device", str(d))))]
+    return patches, calls
+
+TORCHRUN = dict(RANK="3", LOCAL_RANK="3", GROUP_RANK="0", WORLD_SIZE="4", LOCAL_WORLD_SIZE="4",
+                MASTER_ADDR="127.0.0.1", MASTER_PORT="29999", TORCHELASTIC_RUN_ID="test")
+
+def init_distributed(visible):
+    patches, calls = gpus(visible)
+    def fake_init(backend, **kwargs):
+        calls.append(("init_process_group", backend, str(kwargs.get("device_id"))))
+    patches += [mock.patch.dict(os.environ, TORCHRUN), mock.patch.object(cluster, "rendezvous_store"),
+                mock.patch("torch.distributed.init_process_group", side_effect=fake_init),
+                mock.patch("atexit.register")]
+    for p in patches:
+        p.start()
+    try:
+        cluster.init_distributed(SimpleNamespace(backend="auto", timeout=5))
+    finally:
+        for p in reversed(patches):
+            p.stop()
+    return calls
+
+def root_device(visible):
+    patches, _ = gpus(visible)
+    patches.append(mock.patch.dict(os.environ, TORCHRUN))
+    for p in patches:
+        p.start()
+    try:
+        args = SimpleNamespace(backend="auto", timeout=5)
+        trainer = pl.Trainer(accelerator="auto", devices=4, num_nodes=1, strategy=recipe.ddp(args, per_node=4),
+                             logger=False, enable_checkpointing=False, enable_progress_bar=False)
+        return str(trainer.strategy.root_device)
+    finally:
+        for p in reversed(patches):
+            p.stop()
+
+check("init_one_visible")(lambda: init_distributed(1))
+check("init_four_visible")(lambda: init_distributed(4))
+check("root_one_visible")(lambda: root_device(1))
+check("root_four_visible")(lambda: root_device(4))
+
+def tf32(device, precision):
+    torch.set_float32_matmul_precision("highest")
+    with warnings.catch_warnings(record=True) as said:
+        warnings.simplefilter("always")
+        callback = [c for c in recipe.trainer_options(SimpleNamespace(
+            checkpoint_dir=None, timings_file=None, log_every=1, epochs=1, max_steps=None, amp=False), 0.0
+        )["callbacks"] if type(c).__name__ == "TF32"][0]
+        callback.setup(SimpleNamespace(strategy=SimpleNamespace(root_device=torch.device(device)),
+                                       precision=precision), None, "fit")
+        result = [torch.get_float32_matmul_precision(), torch.backends.cuda.matmul.fp32_precision,
+                  torch.backends.cudnn.conv.fp32_precision, [str(w.message) for w in said]]
+    torch.set_float32_matmul_precision("highest")
+    return result
+
+check("tf32_cuda_fp32")(lambda: tf32("cuda:0", "32-true"))
+check("tf32_cuda_bf16")(lambda: tf32("cuda:0", "bf16-mixed"))
+check("tf32_cpu_fp32")(lambda: tf32("cpu", "32-true"))
+
+def pinned(device):
+    args = SimpleNamespace(seed=0, batch_size=4, num_workers=0)
+    trainer = SimpleNamespace(strategy=SimpleNamespace(root_device=torch.device(device)))
+    return recipe.build_loader(recipe.synthetic_dataset(16), args, 0, 1, trainer).pin_memory
+
+check("pin_cuda")(lambda: pinned("cuda:0"))
+check("pin_cpu")(lambda: pinned("cpu"))
+
+def refused(script, argv, env):  # the script's main() up to where it stops; torch is a CPU-only build here
+    module = __import__(script)
+    with mock.patch.object(sys, "argv", [f"{script}.py", *argv]), mock.patch.dict(os.environ, env):
+        try:
+            module.main()
+        except toolkit.RecipeError as e:
+            return f"RecipeError: {e}"
+    return "trained"
+
+SMOKE = ["--epochs", "1", "--dataset-size", "16", "--batch-size", "4", "--max-steps", "1", "--log-every", "1"]
+check("c12_slurm_gpus")(lambda: refused("single_gpu", SMOKE, {"SLURM_GPUS_ON_NODE": "2"}))
+check("c12_nccl_before_torchrun")(lambda: refused("multigpu_torchrun", [*SMOKE, "--backend", "nccl"], {}))
+check("c12_gloo_trains")(lambda: refused("single_gpu", [*SMOKE, "--backend", "gloo"], {"SLURM_GPUS_ON_NODE": "2"}))
+"""
+
+
+@pytest.fixture(scope="module")
+def gpu_facts():
+    out = run([env_python("lightning"), "-c", GPU_FACTS], cwd=FOLDER, timeout=120).stdout
+    print(out[-4000:])
+    return {k: v for line in out.splitlines() if line.startswith("{") for k, v in json.loads(line).items()}
+
+
+def test_torchrun_process_sets_its_gpu_then_binds_nccl_to_it(gpu_facts):
+    """torch.cuda.set_device before init_process_group, and NCCL's communicator bound to that GPU (device_id=),
+    which is local rank modulo the GPUs the process sees: LOCAL_RANK 3 that sees one GPU is cuda:0, not cuda:3."""
+    assert gpu_facts["init_one_visible"] == [["set_device", "cuda:0"], ["init_process_group", "nccl", "cuda:0"]]
+    assert gpu_facts["init_four_visible"] == [["set_device", "cuda:3"], ["init_process_group", "nccl", "cuda:3"]]
+
+
+def test_lightning_root_device_is_the_gpu_init_distributed_chose(gpu_facts):
+    """Lightning's DDP reuses the process group; its root device (parallel_devices[local rank]) must be the GPU the
+    group's communicator was bound to, not Lightning's own cuda:<local rank>."""
+    assert gpu_facts["root_one_visible"] == "cuda:0"
+    assert gpu_facts["root_four_visible"] == "cuda:3"
+
+
+def test_tf32_for_fp32_runs_on_the_gpu_only_and_without_warnings(gpu_facts):
+    """CONTRACT.md C10: TF32 matmuls and convolutions for fp32 on a GPU, through the API whose state Lightning can
+    still read (torch.get_float32_matmul_precision), with no warning; nothing under --amp or on the CPU."""
+    assert gpu_facts["tf32_cuda_fp32"] == ["high", "tf32", "tf32", []]
+    assert gpu_facts["tf32_cuda_bf16"][0] == "highest"
+    assert gpu_facts["tf32_cpu_fp32"][0] == "highest"
+
+
+def test_loader_pins_memory_on_the_gpu_only(gpu_facts):
+    assert (gpu_facts["pin_cuda"], gpu_facts["pin_cpu"]) == (True, False)
+
+
+def test_no_silent_cpu_stops_before_the_launch_checks(gpu_facts):
+    """CONTRACT.md C12 with torch a CPU-only build: given GPUs (SLURM_GPUS_ON_NODE) or --backend nccl, the script
+    stops in parse_args, before Lightning picks the CPU and before multigpu_torchrun.py's 'start with torchrun'."""
+    assert gpu_facts["c12_slurm_gpus"].startswith("RecipeError: SLURM_GPUS_ON_NODE=2, but torch ")
+    assert "rather than training on the CPU" in gpu_facts["c12_slurm_gpus"]
+    assert gpu_facts["c12_nccl_before_torchrun"].startswith("RecipeError: --backend nccl, but torch ")
+    assert gpu_facts["c12_gloo_trains"] == "trained"

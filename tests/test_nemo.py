@@ -250,6 +250,181 @@ def test_launch_without_the_launcher_is_one_line(script, env, message):
     assert proc.returncode == 2 and message in proc.stdout and "Traceback" not in proc.stdout
 
 
+# ------------------------------------------------------------------------------- GPU truth (issue #22), on CPU
+
+SMOKE = ["--epochs", "2", "--dataset-size", "16", "--batch-size", "4", "--log-every", "1"]
+
+
+@pytest.mark.parametrize("script, args, env, given", [
+    ("single_gpu.py", SMOKE, {"SLURM_GPUS_ON_NODE": "2"}, "SLURM_GPUS_ON_NODE=2"),
+    ("single_gpu.py", [*SMOKE, "recipe.backend=nccl"], {}, "--backend nccl"),
+    ("multigpu_torchrun.py", [*SMOKE, "--backend", "nccl"], {}, "--backend nccl"),
+    ("megatron_parallel.py", [], {"SLURM_GPUS_ON_NODE": "1"}, "SLURM_GPUS_ON_NODE=1"),
+], ids=["slurm-gpus", "nccl-override", "nccl-before-torchrun", "megatron"])
+def test_no_silent_cpu_is_one_line_and_exit_2(tmp_path, script, args, env, given):
+    """CONTRACT.md C12 with this CPU-only torch: given GPUs or nccl (by the flag or its Hydra override: the
+    composed config's value), the script stops right after its command line (before NeMo's imports, before
+    multigpu_torchrun.py's torchrun check), with one line and nothing written."""
+    ckpt = [] if script == "megatron_parallel.py" else ["--checkpoint-dir", str(tmp_path / "c")]
+    proc = subprocess.run([str(env_python("nemo")), script, *args, *ckpt], cwd=FOLDER, env=clean_env(**env),
+                          capture_output=True, text=True, timeout=120)
+    errors = [ln for ln in proc.stderr.splitlines() if ERROR_LINE.match(ln)]
+    assert proc.returncode == 2 and len(errors) == 1, proc.stderr[-3000:]
+    assert given in errors[0] and "rather than training on the CPU" in errors[0], errors[0]
+    assert "Traceback" not in proc.stderr + proc.stdout and not (tmp_path / "c").exists()
+
+
+# One process of .venvs/nemo checks the seams with torch's GPU answers patched in (this machine has no GPU); each
+# check prints one JSON line {check: result} (an exception is a result too), the tests below read them.
+GPU_FACTS = r"""
+import json, os, sys, warnings
+from types import SimpleNamespace
+from unittest import mock
+import torch
+import lightning.pytorch as pl
+from lightning.fabric.accelerators import cuda as fabric_cuda
+from omegaconf import OmegaConf
+import cluster, recipe
+
+def check(name):
+    def wrap(f):
+        try:
+            result = f()
+        except BaseException as e:
+            result = f"{type(e).__name__}: {e}"
+        print(json.dumps({name: result}, default=str), flush=True)
+    return wrap
+
+def gpus(count, calls):  # torch and Lightning see `count` CUDA devices; set_device only records
+    return [mock.patch("torch.cuda.is_available", return_value=True),
+            mock.patch("torch.cuda.device_count", return_value=count),
+            mock.patch.object(fabric_cuda, "num_cuda_devices", return_value=count),
+            mock.patch("torch.cuda.set_device", side_effect=lambda d: calls.append(("set_device", str(d))))]
+
+TORCHRUN = dict(RANK="3", LOCAL_RANK="3", GROUP_RANK="0", WORLD_SIZE="4", LOCAL_WORLD_SIZE="4",
+                MASTER_ADDR="127.0.0.1", MASTER_PORT="29999", TORCHELASTIC_RUN_ID="test")
+
+def patched(visible, extra, f):
+    calls = []
+    patches = [*gpus(visible, calls), mock.patch.dict(os.environ, TORCHRUN), *extra(calls)]
+    for p in patches:
+        p.start()
+    try:
+        return f(calls)
+    finally:
+        for p in reversed(patches):
+            p.stop()
+
+def fake_init(calls):
+    def init(backend, **kwargs):
+        calls.append(("init_process_group", backend, str(kwargs.get("device_id"))))
+    return [mock.patch.object(cluster, "rendezvous_store"), mock.patch("atexit.register"),
+            mock.patch("torch.distributed.init_process_group", side_effect=init)]
+
+def init_distributed(visible):
+    cfg = SimpleNamespace(recipe=SimpleNamespace(backend="auto", timeout=5))
+    return patched(visible, fake_init, lambda calls: (cluster.init_distributed(cfg), calls)[1])
+
+def root_device(visible):
+    cfg = OmegaConf.create({"recipe": {"backend": "auto", "timeout": 5}})
+    return patched(visible, lambda calls: [], lambda calls: str(pl.Trainer(
+        accelerator="auto", devices=4, num_nodes=1, strategy=recipe.ddp(cfg, per_node=4), logger=False,
+        enable_checkpointing=False, enable_progress_bar=False).strategy.root_device))
+
+def megatron(visible):
+    import megatron_parallel
+    def stop(backend, **kwargs):
+        raise RuntimeError(f"init_process_group {backend} device_id={kwargs.get('device_id')}")
+    args = SimpleNamespace(tensor_model_parallel_size=1, pipeline_model_parallel_size=1, backend="auto", timeout=5)
+    def go(calls):
+        try:
+            megatron_parallel.setup(args)
+        except RuntimeError as e:
+            return [*calls, str(e)]
+    return patched(visible, lambda calls: [mock.patch("torch.distributed.init_process_group", side_effect=stop)],
+                   go)
+
+check("init_one_visible")(lambda: init_distributed(1))
+check("init_four_visible")(lambda: init_distributed(4))
+check("root_one_visible")(lambda: root_device(1))
+check("root_four_visible")(lambda: root_device(4))
+check("megatron_one_visible")(lambda: megatron(1))
+
+def tf32_in_fit(device, precision):  # the callbacks fit() gives the Trainer, their setup hook on this device
+    torch.set_float32_matmul_precision("highest")
+    captured = {}
+    def trainer(**kwargs):
+        captured.update(kwargs)
+        raise KeyboardInterrupt  # stop fit() here
+    cfg = cluster._compose([])
+    with mock.patch.object(recipe.pl, "Trainer", side_effect=trainer):
+        try:
+            recipe.fit(cfg, 0.0, devices=1)
+        except KeyboardInterrupt:
+            pass
+    fake = SimpleNamespace(strategy=SimpleNamespace(root_device=torch.device(device)), precision=precision)
+    with warnings.catch_warnings(record=True) as said:
+        warnings.simplefilter("always")
+        for callback in captured["callbacks"]:
+            if hasattr(callback, "setup"):
+                callback.setup(fake, None, "fit")
+        result = [torch.get_float32_matmul_precision(), torch.backends.cuda.matmul.fp32_precision,
+                  torch.backends.cudnn.conv.fp32_precision, [str(w.message) for w in said]]
+    torch.set_float32_matmul_precision("highest")
+    return result
+
+check("tf32_cuda_fp32")(lambda: tf32_in_fit("cuda:0", "32-true"))
+check("tf32_cuda_bf16")(lambda: tf32_in_fit("cuda:0", "bf16-mixed"))
+check("tf32_cpu_fp32")(lambda: tf32_in_fit("cpu", "32-true"))
+
+def pinned(device):  # the loader ToyClassifier builds for a Trainer on this device
+    cfg = cluster._compose(["model.train_ds.dataset_size=16", "model.train_ds.batch_size=4"])
+    model = recipe.ToyClassifier(OmegaConf.create(OmegaConf.to_container(cfg.model, resolve=True)))
+    trainer = SimpleNamespace(global_rank=0, world_size=1, strategy=SimpleNamespace(root_device=torch.device(device)))
+    with mock.patch.object(type(model), "trainer", trainer):
+        return model.train_dataloader().pin_memory
+
+check("pin_cuda")(lambda: pinned("cuda:0"))
+check("pin_cpu")(lambda: pinned("cpu"))
+"""
+
+
+@pytest.fixture(scope="module")
+def gpu_facts():
+    out = python("-c", GPU_FACTS, timeout=180).stdout
+    print(out[-4000:])
+    return {k: v for line in out.splitlines() if line.startswith("{") for k, v in json.loads(line).items()}
+
+
+def test_torchrun_process_sets_its_gpu_then_binds_nccl_to_it(gpu_facts):
+    """torch.cuda.set_device before init_process_group, and NCCL's communicator bound to that GPU (device_id=),
+    which is local rank modulo the GPUs the process sees: LOCAL_RANK 3 that sees one GPU is cuda:0, not cuda:3.
+    megatron_parallel.py too."""
+    assert gpu_facts["init_one_visible"] == [["set_device", "cuda:0"], ["init_process_group", "nccl", "cuda:0"]]
+    assert gpu_facts["init_four_visible"] == [["set_device", "cuda:3"], ["init_process_group", "nccl", "cuda:3"]]
+    assert gpu_facts["megatron_one_visible"] == [["set_device", "cuda:0"], "init_process_group nccl device_id=cuda:0"]
+
+
+def test_lightning_root_device_is_the_gpu_init_distributed_chose(gpu_facts):
+    """Lightning's DDP reuses the process group; its root device (parallel_devices[local rank]) must be the GPU the
+    group's communicator was bound to, not Lightning's own cuda:<local rank>."""
+    assert gpu_facts["root_one_visible"] == "cuda:0"
+    assert gpu_facts["root_four_visible"] == "cuda:3"
+
+
+def test_tf32_for_fp32_runs_on_the_gpu_only_and_without_warnings(gpu_facts):
+    """CONTRACT.md C10, through the callbacks fit() gives the Trainer: TF32 matmuls and convolutions for fp32 on a
+    GPU, by the API whose state Lightning can still read (torch.get_float32_matmul_precision), with no warning;
+    nothing under --amp or on the CPU."""
+    assert gpu_facts["tf32_cuda_fp32"] == ["high", "tf32", "tf32", []]
+    assert gpu_facts["tf32_cuda_bf16"][0] == "highest"
+    assert gpu_facts["tf32_cpu_fp32"][0] == "highest"
+
+
+def test_loader_pins_memory_on_the_gpu_only(gpu_facts):
+    assert (gpu_facts["pin_cuda"], gpu_facts["pin_cpu"]) == (True, False)
+
+
 # ------------------------------------------------------------------------------------------ Megatron-Core
 
 
