@@ -223,6 +223,23 @@ def multi_process_script(folder: str) -> str:
     return "multigpu_torchrun.py" if (ROOT / folder / "multigpu_torchrun.py").exists() else "multigpu.py"
 
 
+@pytest.mark.parametrize("folder", FOLDERS)
+def test_no_silent_cpu(folder, tmp_path):
+    """A job given GPUs that the framework cannot use -- this machine has none: exactly the case of a CPU wheel or
+    a dead driver on a GPU node -- stops with one line naming what gave it GPUs, exit 2, before writing anything:
+    single_gpu.py under Slurm's SLURM_GPUS_ON_NODE, the multi-process script asked for --backend nccl. (The
+    other side, --backend gloo with GPUs given, trains: every job of the Slurm tests, on the local cluster's
+    fake GPUs.)"""
+    ckpt = tmp_path / "ckpt"
+    for script, flags, env, says in [
+            ("single_gpu.py", [], clean_env(SLURM_GPUS_ON_NODE=2), "SLURM_GPUS_ON_NODE=2"),
+            (multi_process_script(folder), ["--backend", "nccl"], None, "--backend nccl")]:
+        proc = run_split(folder, script, *SMOKE, *flags, "--checkpoint-dir", ckpt, env=env, timeout=180)
+        assert_one_error_line(proc, f"{folder}/{script} given GPUs it cannot use ({says})")
+        assert says in proc.stderr and "rather than training on the CPU" in proc.stderr, proc.stderr[-2000:]
+    assert not ckpt.exists(), "a refused run must not write anything"
+
+
 def test_the_silent_cpu_seam_with_the_gpu_facts_patched_in(monkeypatch):
     """toolkit's seam on its own (C12): what counts as GPUs given, and the causes a torch folder names -- a CPU
     build, a driver torch cannot use (its warning quoted), a usable GPU (no problem) -- with torch's answers
@@ -270,6 +287,21 @@ def test_the_silent_cpu_seam_with_the_gpu_facts_patched_in(monkeypatch):
     assert "built for CUDA 13.0" in problem and "driver on your system is too old" in problem, problem
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     assert toolkit.torch_cuda_problem() == ""
+
+
+@pytest.mark.parametrize("folder", FOLDERS)
+def test_snapshots_are_loaded_to_the_cpu(folder):
+    """C6: every torch.load of a folder names map_location="cpu". A snapshot loaded onto the GPU breaks resume there
+    and only there: torch.set_rng_state(<a CUDA tensor>) raises "RNG state must be a torch.ByteTensor" (#22:
+    monai/ and modulus/ died so on every requeue); load_state_dict copies CPU tensors onto the device anyway."""
+    wrong = []
+    for path in sorted((ROOT / folder).glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Call) and ast.unparse(node.func) == "torch.load":
+                where = {k.arg: ast.unparse(k.value) for k in node.keywords}.get("map_location")
+                if where not in ("'cpu'", '"cpu"'):
+                    wrong.append(f"{path.name}:{node.lineno} map_location={where}")
+    assert not wrong, f"{folder}: snapshots loaded elsewhere than to the CPU: {wrong}"
 
 
 # ------------------------------------------------------------------------------------------------ C8 templates
