@@ -73,9 +73,11 @@ def parse_args(description, extra=None):
     p.add_argument("--lr", type=positive_float, default=None, help="default: 0.05 (convnet, SGD), 3e-4 (gpt, AdamW)")
     p.add_argument("--data", choices=["synthetic", "mnist", "text"], default="synthetic",
                    help="mnist: the raw IDX files (convnet); text: *.txt files as bytes (gpt)")
-    p.add_argument("--data-dir", default=None, help="the directory that holds the mnist or text files")
+    p.add_argument("--data-dir", type=toolkit.directory, default=None,
+                   help="the directory that holds the mnist or text files")
     p.add_argument("--dataset-size", type=positive_int, default=4096, help="samples of synthetic data")
-    p.add_argument("--checkpoint-dir", default=None, help="DeepSpeed checkpoints go here; resume is automatic")
+    p.add_argument("--checkpoint-dir", type=toolkit.directory, default=None,
+                   help="DeepSpeed checkpoints go here; resume is automatic")
     p.add_argument("--save-every", type=positive_int, default=1, help="epochs between snapshots")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--amp", action="store_true",

@@ -86,10 +86,11 @@ def parse_args(description, extra=None):
                    help="per device (= per process when each process drives one device)")
     p.add_argument("--lr", type=positive_float, default=0.05)
     p.add_argument("--data", choices=["synthetic", "mnist", "cifar10"], default="synthetic")
-    p.add_argument("--data-dir", default=None,
+    p.add_argument("--data-dir", type=toolkit.directory, default=None,
                    help="holds MNIST/raw/*-ubyte[.gz] or cifar-10-batches-py/ (read in place, never downloaded)")
     p.add_argument("--dataset-size", type=positive_int, default=4096, help="samples of synthetic data")
-    p.add_argument("--checkpoint-dir", default=None, help="snapshots go here; resume is automatic")
+    p.add_argument("--checkpoint-dir", type=toolkit.directory, default=None,
+                   help="snapshots go here; resume is automatic")
     p.add_argument("--save-every", type=positive_int, default=1, help="epochs between snapshots")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--amp", action="store_true", help="bf16 compute (parameters, gradients and loss stay fp32)")

@@ -57,9 +57,10 @@ def parse_args(description: str, extra=None) -> argparse.Namespace:
     p.add_argument("--lr", type=positive_float, default=0.05)
     p.add_argument("--data", choices=["synthetic"], default="synthetic",
                    help="only synthetic data in this folder (MNIST/CIFAR-10 need torchvision: see README.md)")
-    p.add_argument("--data-dir", default=None, help="unused: only synthetic data in this folder")
+    p.add_argument("--data-dir", type=toolkit.directory, default=None,
+                   help="unused: only synthetic data in this folder")
     p.add_argument("--dataset-size", type=positive_int, default=4096, help="number of synthetic samples")
-    p.add_argument("--checkpoint-dir", default=None,
+    p.add_argument("--checkpoint-dir", type=toolkit.directory, default=None,
                    help="checkpoints go here and resume from here is automatic (default: none, nothing is saved)")
     p.add_argument("--save-every", type=positive_int, default=1, help="epochs between checkpoints")
     p.add_argument("--seed", type=int, default=0)

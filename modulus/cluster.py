@@ -69,10 +69,12 @@ def parse_args(description, extra=None):
     p.add_argument("--data", choices=["synthetic", "darcy"], default="synthetic",
                    help="synthetic: Darcy samples solved in memory at start-up; darcy: the .npz files in --data-dir "
                         "(write them with `python darcy.py DIR`)")
-    p.add_argument("--data-dir", default=None, help=f"holds {darcy.TRAIN_FILE} and {darcy.VAL_FILE} (--data darcy)")
+    p.add_argument("--data-dir", type=toolkit.directory, default=None,
+                   help=f"holds {darcy.TRAIN_FILE} and {darcy.VAL_FILE} (--data darcy)")
     p.add_argument("--dataset-size", type=positive_int, default=512,
                    help="training samples of synthetic data (plus 1/8 as many for validation)")
-    p.add_argument("--checkpoint-dir", default=None, help="snapshots go here; resume is automatic")
+    p.add_argument("--checkpoint-dir", type=toolkit.directory, default=None,
+                   help="snapshots go here; resume is automatic")
     p.add_argument("--save-every", type=positive_int, default=1, help="epochs between snapshots")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--amp", action="store_true", help="bf16 autocast (fp16 + GradScaler on GPUs without bf16)")

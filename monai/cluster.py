@@ -75,7 +75,7 @@ def parse_args(description, extra=None):
     p.add_argument("--data", choices=["synthetic", "decathlon"], default="synthetic",
                    help="decathlon: a Medical Segmentation Decathlon task folder (dataset.json, imagesTr/, "
                         "labelsTr/); synthetic: such a folder written first, so the same loader runs")
-    p.add_argument("--data-dir", default=None,
+    p.add_argument("--data-dir", type=toolkit.directory, default=None,
                    help="the task folder (--data decathlon), or where synthetic data is written "
                         "(default: the system's temporary directory, per node)")
     p.add_argument("--dataset-size", type=positive_int, default=64,
@@ -84,7 +84,8 @@ def parse_args(description, extra=None):
                    help="edge of the random training crops and of the sliding window (voxels, multiple of 4)")
     p.add_argument("--cache-rate", type=fraction, default=1.0,
                    help="fraction of the preprocessed training volumes each rank keeps in memory")
-    p.add_argument("--checkpoint-dir", default=None, help="snapshots go here; resume is automatic")
+    p.add_argument("--checkpoint-dir", type=toolkit.directory, default=None,
+                   help="snapshots go here; resume is automatic")
     p.add_argument("--save-every", type=positive_int, default=1, help="epochs between snapshots")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--amp", action="store_true", help="bf16 autocast (fp16 + GradScaler on GPUs without bf16)")

@@ -30,6 +30,7 @@ Map:
 
 import argparse
 import functools
+import math
 import os
 import sys
 import time
@@ -203,7 +204,7 @@ def _validate(cfg: DictConfig) -> None:
             raise RecipeError(f"{name(key)} must be an integer >= 1, got {value!r}")
     checks = [
         ("trainer.max_steps", lambda v: isinstance(v, int) and (v == -1 or v >= 1), "an integer >= 1 (or -1: none)"),
-        ("model.optim.lr", lambda v: v > 0, "a number > 0"),
+        ("model.optim.lr", lambda v: math.isfinite(v) and v > 0, "a finite number > 0"),
         ("model.train_ds.num_workers", lambda v: v >= 0, "an integer >= 0"),
         *[(key, lambda v, c=choices: v in c, f"one of {', '.join(choices)}") for key, choices in CHOICES.items()],
         *[(key, lambda v: isinstance(v, str), "a path") for key in STRINGS],
@@ -212,6 +213,12 @@ def _validate(cfg: DictConfig) -> None:
         value = OmegaConf.select(cfg, key)
         if value is not None and not ok(value):
             raise RecipeError(f"{name(key)} must be {what}, got {value!r}")
+    for key in ("model.train_ds.data_dir", "exp_manager.explicit_log_dir"):
+        value = OmegaConf.select(cfg, key)
+        try:
+            toolkit.directory(value) if value is not None else None
+        except argparse.ArgumentTypeError as e:
+            raise RecipeError(f"{name(key)} {e}") from None
 
 
 def _flatten(cfg, prefix=""):

@@ -6,7 +6,8 @@ made in one folder fails the test until it reaches all of them. Standard library
 Map:
     PREEMPTED_EXIT_CODE, RecipeError      exit 75 after a snapshot; bad input as one line and exit 2 (C4)
     positive_int, positive_float,
-    non_negative_int, OneLineParser       the command line's validators (C2); a parse error is one line
+    non_negative_int, directory,
+    OneLineParser                         the command line's validators (C2); a parse error is one line
     log                                   every line starts with its rank (C3)
     launcher_rank                         this process's rank from the launcher's variables (before the framework's)
     run                                   the entry point's wrapper: signals first, one-line errors, cleanup
@@ -22,6 +23,7 @@ Map:
 import argparse
 import contextlib
 import json
+import math
 import os
 import signal
 import sys
@@ -52,9 +54,23 @@ def positive_int(text):
 
 def positive_float(text):
     value = float(text)
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"must be a positive number, got {text}")
+    if not (math.isfinite(value) and value > 0):  # nan, inf and 1e999 (= inf) are no learning rate
+        raise argparse.ArgumentTypeError(f"must be a positive finite number, got {text}")
     return value
+
+
+def directory(text):
+    """A directory, or a path where one can be made (--checkpoint-dir, --data-dir): not an existing file, nor a
+    path below one -- both would end in a traceback when the first snapshot is written or the data is read."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("must be a directory, got an empty path")
+    existing = text
+    while existing and not os.path.lexists(existing):
+        existing = os.path.dirname(existing.rstrip("/"))
+    if existing and not os.path.isdir(existing):
+        what = "is a file" if existing == text else f"is below {existing}, which is a file"
+        raise argparse.ArgumentTypeError(f"must be a directory, but {text} {what}")
+    return text
 
 
 def non_negative_int(text):

@@ -62,9 +62,10 @@ def parse_args(description, extra=None):
     p.add_argument("--lr", type=positive_float, default=0.05)
     p.add_argument("--data", choices=["synthetic", "npz"], default="synthetic",
                    help="npz: DATA_DIR/train.npz with `images` (N, C, H, W) float and `labels` (N,) int")
-    p.add_argument("--data-dir", default=None, help="directory that holds train.npz (--data npz)")
+    p.add_argument("--data-dir", type=toolkit.directory, default=None,
+                   help="directory that holds train.npz (--data npz)")
     p.add_argument("--dataset-size", type=positive_int, default=4096, help="samples of synthetic data")
-    p.add_argument("--checkpoint-dir", default=None,
+    p.add_argument("--checkpoint-dir", type=toolkit.directory, default=None,
                    help="snapshots go here and resume from here is automatic (default: none, nothing is saved)")
     p.add_argument("--save-every", type=positive_int, default=1, help="epochs between snapshots")
     p.add_argument("--seed", type=int, default=0)

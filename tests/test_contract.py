@@ -152,7 +152,7 @@ def test_help_lists_the_common_flags(folder):
 
 # ------------------------------------------------------------------------------------------------ C4 exit codes
 
-BAD_FLAGS = [["--epochs", "0"], ["--batch-size", "0"], ["--lr", "-1"], ["--num-workers", "-1"],
+BAD_FLAGS = [["--epochs", "0"], ["--batch-size", "0"], ["--lr", "-1"], ["--lr", "inf"], ["--num-workers", "-1"],
              ["--log-every", "0"], ["--data", "no-such-format"]]
 
 
@@ -182,6 +182,35 @@ def test_bad_input_is_one_line_and_exit_2(folder, tmp_path):
         proc = run_split(folder, "single_gpu.py", *flags, "--checkpoint-dir", tmp_path / "ckpt")
         assert_one_error_line(proc, f"{folder}/single_gpu.py {' '.join(flags)}")
     assert not (tmp_path / "ckpt").exists(), "a rejected run must not write anything"
+    # A --checkpoint-dir that is a file (a traceback at the first snapshot in all eight folders, #27).
+    (tmp_path / "a-file").write_text("not a directory")
+    proc = run_split(folder, "single_gpu.py", "--checkpoint-dir", tmp_path / "a-file")
+    assert_one_error_line(proc, f"{folder}/single_gpu.py --checkpoint-dir <a file>")
+    assert "a-file is a file" in proc.stderr, proc.stderr[-2000:]
+
+
+def test_the_validators_refuse_the_neighbours_of_bad_input(tmp_path):
+    """toolkit's validators (C2), with the neighbours of each case the subprocess test sends: every non-finite
+    number (nan, inf, -inf, 1e999 which is inf), and every path that cannot become a directory (a file, a path
+    below a file, an empty path); a directory that exists or can be made passes."""
+    sys.path.insert(0, str(ROOT / "pytorch"))
+    try:
+        import toolkit
+    finally:
+        sys.path.pop(0)
+    from argparse import ArgumentTypeError
+
+    for text in ("nan", "inf", "-inf", "1e999", "0", "-1e-9"):
+        with pytest.raises(ArgumentTypeError, match="positive finite number"):
+            toolkit.positive_float(text)
+    assert toolkit.positive_float("3e-4") == 3e-4
+    (tmp_path / "f").write_text("")
+    for text, says in ((tmp_path / "f", "is a file"), (tmp_path / "f" / "sub" / "dir", "which is a file"),
+                       ("  ", "empty path")):
+        with pytest.raises(ArgumentTypeError, match=says):
+            toolkit.directory(str(text))
+    for text in (tmp_path, tmp_path / "new" / "deeper", "relative/new"):
+        assert toolkit.directory(str(text)) == str(text)
 
 
 @pytest.mark.parametrize("folder", FOLDERS)
