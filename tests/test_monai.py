@@ -371,16 +371,16 @@ def trainer(ckpt, device, loader=None, **flags):
     return t
 
 class Counting(torch.utils.data.Dataset):
-    """Cases of 16^3 zeros that record which were loaded (the index) and when (the epoch)."""
+    """Cases of 8^3 zeros (the least the UNet takes) that record which were loaded."""
     def __init__(self, n):
-        self.n, self.epoch, self.loaded = n, 0, []
+        self.n, self.loaded = n, []
     def set_epoch(self, epoch):
-        self.epoch = epoch
+        pass
     def __len__(self):
         return self.n
     def __getitem__(self, i):
         self.loaded.append(i)
-        return {"image": torch.zeros(1, 16, 16, 16), "label": torch.zeros(1, 16, 16, 16)}
+        return {"image": torch.zeros(1, 8, 8, 8), "label": torch.zeros(1, 8, 8, 8)}
 
 def argv(*flags):
     with mock.patch.object(sys, "argv", ["single_gpu.py", *flags]):
@@ -508,7 +508,7 @@ def resumed_epoch_loads_only_the_batches_left():
 @check
 def validates_every_n_epochs():
     """--epochs 5 --val-every 2: the epochs after which the (patched) validation ran."""
-    t = trainer(None, torch.device("cpu"), loader=lambda args: recipe.build_loader(Counting(2), args), epochs=5,
+    t = trainer(None, torch.device("cpu"), loader=lambda args: recipe.build_loader(Counting(1), args), epochs=5,
                 val_every=2)
     validated = []
     t._validate = lambda: validated.append(t.epoch) or 0.5
