@@ -77,8 +77,8 @@ def build_dataset(args, ranks):
     tutorials do: shuffled once from --seed, split evenly, the tail dropped (README: Data)."""
     train_cases, val_cases, in_channels, num_classes, ct = read_task(prepare_data(args, ranks))
     check_dataset_fits(train_cases, ranks.world_size, args.batch_size)
-    ids = partition_dataset(range(len(train_cases)), num_partitions=ranks.world_size, shuffle=True, seed=args.seed,
-                            drop_last=True, even_divisible=True)[ranks.rank]  # disjoint; same on every rank
+    ids = partition_dataset(range(len(train_cases)), num_partitions=ranks.world_size, shuffle=True,
+                            seed=args.seed % 2**32, drop_last=True, even_divisible=True)[ranks.rank]  # disjoint
     workers = len(os.sched_getaffinity(0))  # cache with every CPU this task has (MONAI's default is 1 thread)
     cached = CacheDataset([train_cases[i] for i in ids], preprocessing(ct), cache_rate=args.cache_rate,
                           num_workers=workers, progress=False)
