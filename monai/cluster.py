@@ -1,8 +1,8 @@
 """monai/'s plumbing: what running on a cluster needs around the lesson in recipe.py, and the synthetic data.
 
 Map:
-    parse_args                  the command line (CONTRACT.md C2, plus --roi-size and --cache-rate), then no silent
-                                CPU (C12: toolkit.refuse_silent_cpu)
+    parse_args                  the command line (CONTRACT.md C2, plus --roi-size, --cache-rate and --val-every; batch 2
+                                per rank by default: 3-D volumes), then no silent CPU (C12: toolkit.refuse_silent_cpu)
     run                         toolkit.run that leaves the process group on the way out (no try/finally in scripts)
     leave_process_group         the DDP model freed, then the process group destroyed (README: Troubleshooting)
     torchrun_env                (rank, local_rank, world_size) from RANK, LOCAL_RANK, WORLD_SIZE, or one line on how
@@ -12,11 +12,16 @@ Map:
                                 reduce_max of the ranks' agreement on preemption (toolkit.PREEMPTION.agreed)
     prepare_data                the task folder to read; --data synthetic: one rank per node writes it, the rest wait
     write_synthetic_decathlon   data preparation: a Decathlon task folder of balls in noise (moved from the lesson)
-    read_task                   a Decathlon task folder's cases, checked from the NIfTI headers: each problem one line
-    check_dataset_fits          enough training cases for the world size and the batch size
+    read_task                   a Decathlon task folder's cases, checked from the NIfTI headers: each problem one line;
+                                whether it is CT (dataset.json's modality: recipe.preprocessing windows its intensities)
+    check_dataset_fits          enough training cases for the world size and the batch size: ⌊⌊N / world⌋ / batch⌋ >= 1
     save_snapshot               snapshot.pt written atomically, the previous one kept as snapshot.prev.pt
+    save_best_model             best_model.pt (weights, Dice, step) written atomically when the validation Dice improves
+    exit_preempted              the preemption line, then exit 75 (after the snapshot; no validation in between)
     find_snapshot               the newest readable snapshot; a damaged one named, the other one used
     rng_state, restore_rng      the CPU's and this process's GPU's random state, saved in and restored from a snapshot
+    EpochSampler                this rank's cached partition in a new order every epoch from (seed, epoch, rank), whole
+                                batches only; a mid-epoch resume starts at its batch (skipped cases never loaded)
     SeededAugmentation          random augmentation seeded per (seed, epoch, case): crops independent of ranks/workers
     mixed_precision             --amp's autocast and GradScaler: bf16 where the device has it, else fp16 (C10)
     step_timer                  toolkit.StepTimer for --timings-file on rank 0 (None otherwise)
@@ -39,7 +44,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from monai.data import load_decathlon_datalist
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, Sampler
 
 import toolkit
 from toolkit import (OneLineParser, RecipeError, StepTimer, atomic_write, deadline, non_negative_int, positive_float,
@@ -69,8 +74,10 @@ def parse_args(description, extra=None):
     p.add_argument("--max-steps", type=positive_int, default=None,
                    help="stop after this many optimizer steps in total, resumed ones included "
                         "(the LR schedule still spans --epochs)")
-    p.add_argument("--batch-size", type=positive_int, default=64,
-                   help="crops per process and step (real 3-D volumes need 2-4 per GPU)")
+    # 2, not the contract's 64: a 3-D volume is a batch of its own (2 cases x 4 crops fill a GPU at 96^3), and the
+    # bare command of every launch pattern must fit the 64 default cases at 16 ranks: 64 // 16 // 2 = 2 steps.
+    p.add_argument("--batch-size", type=positive_int, default=2,
+                   help="cases per process and step, each giving recipe.CROPS_PER_CASE crops (default 2)")
     p.add_argument("--lr", type=positive_float, default=1e-3)
     p.add_argument("--data", choices=["synthetic", "decathlon"], default="synthetic",
                    help="decathlon: a Medical Segmentation Decathlon task folder (dataset.json, imagesTr/, "
@@ -87,6 +94,8 @@ def parse_args(description, extra=None):
     p.add_argument("--checkpoint-dir", type=toolkit.directory, default=None,
                    help="snapshots go here; resume is automatic")
     p.add_argument("--save-every", type=positive_int, default=1, help="epochs between snapshots")
+    p.add_argument("--val-every", type=positive_int, default=2,
+                   help="epochs between validations (whole volumes, sliding window); the last epoch always validates")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--amp", action="store_true", help="bf16 autocast (fp16 + GradScaler on GPUs without bf16)")
     p.add_argument("--num-workers", type=non_negative_int, default=0, help="DataLoader worker processes")
@@ -276,10 +285,11 @@ def prepare_data(args, ranks):
 def read_task(folder):
     """The (image, label) cases of a Decathlon task folder, checked so that every problem is one clear line.
 
-    Returns (training cases, validation cases, in_channels, num_classes). The validation cases are dataset.json's
-    "validation" list where it has one, else the last fifth of "training" (the Decathlon's own files list only
-    "training"). Only NIfTI headers are read here, not the voxels. Every rank finds a problem alike, so only
-    rank 0 reports it (every_rank=False): one line per job, not one per rank.
+    Returns (training cases, validation cases, in_channels, num_classes, ct): ct when every modality of
+    dataset.json is "CT" (Hounsfield units: an absolute scale, windowed rather than normalised per volume).
+    The validation cases are dataset.json's "validation" list where it has one, else the last fifth of "training"
+    (the Decathlon's own files list only "training"). Only NIfTI headers are read here, not the voxels. Every rank
+    finds a problem alike, so only rank 0 reports it (every_rank=False): one line per job, not one per rank.
     """
     def bad(message):
         return RecipeError(message, every_rank=False)
@@ -322,7 +332,8 @@ def read_task(folder):
                       f"they must cover the same voxels")
     in_channels = shapes["image"][3] if len(shapes["image"]) == 4 else 1  # multi-modal tasks are 4-D
     num_classes = max(2, len(meta.get("labels", {})))
-    return train, val, in_channels, num_classes
+    modalities = list((meta.get("modality") or {}).values())
+    return train, val, in_channels, num_classes, bool(modalities) and all(m.upper() == "CT" for m in modalities)
 
 
 def check_dataset_fits(dataset, world_size, batch_size):
@@ -339,7 +350,7 @@ def check_dataset_fits(dataset, world_size, batch_size):
 # ---------------------------------------------------------------------------------------------------- snapshots
 
 
-SNAPSHOT, PREVIOUS_SNAPSHOT = "snapshot.pt", "snapshot.prev.pt"
+SNAPSHOT, PREVIOUS_SNAPSHOT, BEST_MODEL = "snapshot.pt", "snapshot.prev.pt", "best_model.pt"
 
 
 def save_snapshot(checkpoint_dir, snapshot):
@@ -347,6 +358,22 @@ def save_snapshot(checkpoint_dir, snapshot):
     damaged later still leaves one to use."""
     atomic_write(os.path.join(checkpoint_dir, SNAPSHOT), lambda f: torch.save(snapshot, f),
                  previous=os.path.join(checkpoint_dir, PREVIOUS_SNAPSHOT))
+
+
+def save_best_model(checkpoint_dir, best):
+    """best_model.pt: the weights of the best validation Dice so far, beside the snapshots (rank 0)."""
+    path = os.path.join(checkpoint_dir, BEST_MODEL)
+    atomic_write(path, lambda f: torch.save(best, f))
+    toolkit.log(0, f"best model so far (dice {best['dice']:.4f}) saved to {path}")
+
+
+def exit_preempted(rank, step, checkpoint_dir):
+    """After the snapshot (recipe.Trainer.train saves before anything else): say so, exit 75 so the job requeues."""
+    saved = "snapshot saved" if checkpoint_dir else "no --checkpoint-dir, nothing saved"
+    if rank == 0:
+        toolkit.log(0, f"preempted at step {step}: {saved}; exiting with {toolkit.PREEMPTED_EXIT_CODE} "
+                       f"so the job script requeues")
+    raise SystemExit(toolkit.PREEMPTED_EXIT_CODE)
 
 
 def find_snapshot(checkpoint_dir):
@@ -402,16 +429,41 @@ def restore_rng(state, device):
 # ---------------------------------------------------------------------------------------------------- training aids
 
 
+class EpochSampler(Sampler):
+    """This rank's partition (its cached cases, 0..n-1) in a new order every epoch, drawn from (seed, epoch, rank),
+    cut to whole batches (the tail dropped: every rank takes the same number of steps).
+
+    The partition is fixed (each rank caches only its own cases): the epochs reshuffle *within* it, never across
+    ranks. set_epoch(epoch, skip) starts the epoch `skip` cases in, so a mid-epoch resume takes up the same order
+    where the snapshot left it without loading (reading, augmenting) the cases it had already trained on.
+    """
+
+    def __init__(self, n, args, rank):
+        self.n, self.batch_size, self.seed, self.rank, self.epoch, self.skip = n, args.batch_size, args.seed, rank, 0, 0
+
+    def set_epoch(self, epoch, skip=0):
+        self.epoch, self.skip = epoch, skip
+
+    def __len__(self):  # the whole epoch, also when resumed mid-way: len(loader) is the epoch's steps
+        return self.n // self.batch_size * self.batch_size
+
+    def __iter__(self):
+        order = np.random.default_rng([self.seed % 2**32, self.epoch, self.rank]).permutation(self.n)
+        return iter(order[self.skip:len(self)].tolist())
+
+
 class SeededAugmentation(Dataset):
-    """The cached, preprocessed cases with random augmentation drawn from (seed, epoch, case).
+    """The cached, preprocessed cases with random augmentation drawn from (seed, epoch, case); `ids` are the cases'
+    indices in the whole training list (this rank caches its partition only).
 
     MONAI's random transforms draw from their own numpy generator, which is per process and per DataLoader
     worker: the crops would depend on the number of ranks and workers, and a resumed run would crop differently
     from an uninterrupted one. Seeding them per sample makes a sample's crop the same wherever it is loaded.
     """
 
-    def __init__(self, cached, transform, seed):
+    def __init__(self, cached, transform, seed, ids=None):
         self.cached, self.transform, self.seed, self.epoch = cached, transform, seed, 0
+        self.ids = list(range(len(cached))) if ids is None else list(ids)
 
     def set_epoch(self, epoch):
         self.epoch = epoch  # DataLoader workers are started anew every epoch (not persistent) and see this
@@ -420,7 +472,8 @@ class SeededAugmentation(Dataset):
         return len(self.cached)
 
     def __getitem__(self, index):
-        self.transform.set_random_state(seed=(self.seed * 1_000_003 + self.epoch * 10_007 + index) % 2**32)
+        case = self.ids[index]
+        self.transform.set_random_state(seed=(self.seed * 1_000_003 + self.epoch * 10_007 + case) % 2**32)
         return self.transform(self.cached[index])  # CacheDataset hands out a copy: the cache stays clean
 
 

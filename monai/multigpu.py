@@ -36,7 +36,7 @@ def worker(rank, world_size, port, args):
 
 def check_input(args, world_size):
     """Bad data is found here, once, before any worker starts: one error line instead of one per worker."""
-    train_cases, _, _, _ = read_task(prepare_data(args, Ranks()))
+    train_cases = read_task(prepare_data(args, Ranks()))[0]
     check_dataset_fits(train_cases, world_size, args.batch_size)
 
 

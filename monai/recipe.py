@@ -1,6 +1,5 @@
-"""The lesson of monai/: MONAI's 3-D UNet segments a Medical Segmentation Decathlon task under DDP. Top to bottom:
-the process group, the data (MONAI's transforms, CacheDataset, DistributedSampler), the model, the loop (Trainer: Dice
-loss and score, snapshots) and `train`, which every script calls after its `setup`. Plumbing: cluster.py."""
+"""The lesson of monai/: MONAI's 3-D UNet segments a Medical Segmentation Decathlon task under DDP. Top to bottom: the
+process group, the data (transforms, partition_dataset, CacheDataset), the model, the loop (Trainer) and `train`."""
 
 import os
 import time
@@ -9,24 +8,26 @@ from datetime import timedelta
 
 import torch
 import torch.distributed as dist
-from monai.data import CacheDataset
+from monai.data import CacheDataset, list_data_collate, partition_dataset
 from monai.inferers import sliding_window_inference
-from monai.losses import DiceLoss
+from monai.losses import DiceCELoss
 from monai.metrics import compute_dice
 from monai.networks.nets import UNet
 from monai.transforms import (AsDiscrete, Compose, EnsureChannelFirstd, EnsureTyped, LoadImaged, NormalizeIntensityd,
-                              Orientationd, RandFlipd, RandScaleIntensityd, RandSpatialCropd, Spacingd, SpatialPadd)
+                              Orientationd, RandCropByPosNegLabeld, RandFlipd, RandScaleIntensityd,
+                              ScaleIntensityRanged, Spacingd, SpatialPadd)
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader, Dataset
-from torch.utils.data.distributed import DistributedSampler
 
-from cluster import (SeededAugmentation, check_dataset_fits, find_snapshot, mixed_precision, pick_backend, prepare_data,
-                     read_task, rendezvous, restore_rng, rng_state, save_snapshot, step_timer)
-from toolkit import PREEMPTED_EXIT_CODE, PREEMPTION, atomic_write, ignore_preemption_signals, log
+from cluster import (EpochSampler, SeededAugmentation, check_dataset_fits, exit_preempted, find_snapshot,
+                     mixed_precision, pick_backend, prepare_data, read_task, rendezvous, restore_rng, rng_state,
+                     save_best_model, save_snapshot, step_timer)
+from toolkit import PREEMPTION, ignore_preemption_signals, log
 
 SPACING = (1.5, 1.5, 1.5)  # EDIT: voxel size (mm) every volume is resampled to; 1.5 mm suits abdominal CT
+HU_WINDOW = (-57.0, 164.0)  # EDIT: CT intensity window (Hounsfield units) mapped to [0, 1]: MONAI's spleen tutorial
+CROPS_PER_CASE = 4  # foreground-balanced crops drawn from every case per step (RandCropByPosNegLabeld num_samples)
 KEYS = ("image", "label")  # the two volumes of every case, as dataset.json names them
-BEST_MODEL = "best_model.pt"  # the weights of the best validation Dice so far, beside the snapshots
 
 
 def init_distributed(args, rank, world_size, device, store=None):
@@ -38,53 +39,60 @@ def init_distributed(args, rank, world_size, device, store=None):
                                 device_id=device if backend == "nccl" else None)
 
 
-def preprocessing():
-    """Deterministic transforms, cached once per case: read, channel first, orientation, spacing, intensity."""
+def preprocessing(ct):
+    """Deterministic transforms, cached once per case: read, channel first, orientation, spacing, intensity (CT: a
+    fixed Hounsfield window, clipped; other modalities, e.g. MRI, have no absolute scale: each volume normalised)."""
     return Compose([
-        LoadImaged(KEYS, reader="NibabelReader", image_only=True),
-        EnsureChannelFirstd(KEYS),
+        LoadImaged(KEYS, reader="NibabelReader", image_only=True), EnsureChannelFirstd(KEYS),
         Orientationd(KEYS, axcodes="RAS", labels=(("L", "R"), ("P", "A"), ("I", "S"))),
         Spacingd(KEYS, pixdim=SPACING, mode=("bilinear", "nearest")),
-        NormalizeIntensityd("image", nonzero=False, channel_wise=True),
+        ScaleIntensityRanged("image", *HU_WINDOW, b_min=0.0, b_max=1.0, clip=True) if ct
+        else NormalizeIntensityd("image", nonzero=True, channel_wise=True),
         EnsureTyped(KEYS, track_meta=False),
     ])
 
 
 def augmentation(roi):
-    """Random transforms, drawn anew for every sample: pad to the crop size, random crop, flip, intensity."""
+    """Random transforms, drawn anew for every sample: pad to the crop size, CROPS_PER_CASE crops centred on
+    foreground and background voxels 1:1 (a small organ would rarely be hit by uniform crops), flip, intensity."""
     return Compose([
         SpatialPadd(KEYS, spatial_size=(roi,) * 3),
-        RandSpatialCropd(KEYS, roi_size=(roi,) * 3, random_size=False),
-        RandFlipd(KEYS, prob=0.5, spatial_axis=0),
-        RandScaleIntensityd("image", factors=0.1, prob=0.5),
+        RandCropByPosNegLabeld(KEYS, "label", (roi,) * 3, num_samples=CROPS_PER_CASE, image_key="image"),
+        RandFlipd(KEYS, prob=0.5, spatial_axis=0), RandScaleIntensityd("image", factors=0.1, prob=0.5),
     ])
 
 
 @dataclass
 class Task:
-    train: Dataset  # every training case: preprocessed once (CacheDataset), augmented per sample
+    train: Dataset  # this rank's partition of the training cases: preprocessed once (CacheDataset), augmented
     val_cases: list  # this rank's share of the validation cases (rank, rank + world, ...), preprocessed
     in_channels: int
     num_classes: int
+    n_train: int  # training cases over all ranks (dataset.json's, before the partition drops its tail)
     n_val: int  # validation cases over all ranks
 
 
 def build_dataset(args, ranks):
-    """A Decathlon task folder, cached after MONAI's preprocessing: every rank the whole training set (README: Data)."""
-    train_cases, val_cases, in_channels, num_classes = read_task(prepare_data(args, ranks))
+    """A Decathlon task folder; each rank caches only its own partition of the training cases, as MONAI's DDP
+    tutorials do: shuffled once from --seed, split evenly, the tail dropped (README: Data)."""
+    train_cases, val_cases, in_channels, num_classes, ct = read_task(prepare_data(args, ranks))
     check_dataset_fits(train_cases, ranks.world_size, args.batch_size)
-    cached = CacheDataset(train_cases, preprocessing(), cache_rate=args.cache_rate, progress=False)
-    mine = CacheDataset(val_cases[ranks.rank::ranks.world_size], preprocessing(), progress=False)
-    return Task(SeededAugmentation(cached, augmentation(args.roi_size), args.seed), [mine[i] for i in range(len(mine))],
-                in_channels, num_classes, len(val_cases))
+    ids = partition_dataset(range(len(train_cases)), num_partitions=ranks.world_size, shuffle=True,
+                            seed=args.seed % 2**32, drop_last=True, even_divisible=True)[ranks.rank]  # disjoint
+    workers = len(os.sched_getaffinity(0))  # cache with every CPU this task has (MONAI's default is 1 thread)
+    cached = CacheDataset([train_cases[i] for i in ids], preprocessing(ct), cache_rate=args.cache_rate,
+                          num_workers=workers, progress=False)
+    mine = CacheDataset(val_cases[ranks.rank::ranks.world_size], preprocessing(ct), num_workers=workers, progress=False)
+    return Task(SeededAugmentation(cached, augmentation(args.roi_size), args.seed, ids),
+                [mine[i] for i in range(len(mine))], in_channels, num_classes, len(train_cases), len(val_cases))
 
 
 def build_loader(dataset, args, rank=0, world_size=1):
-    """This rank's shard, reshuffled from (seed, epoch), the tail dropped: 2 ranks x batch B == 1 process x 2B."""
-    sampler = DistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=True, seed=args.seed,
-                                 drop_last=True)
-    return DataLoader(dataset, batch_size=args.batch_size, sampler=sampler, num_workers=args.num_workers,
-                      drop_last=True, pin_memory=torch.cuda.is_available(), worker_init_fn=ignore_preemption_signals)
+    """This rank's partition in a new order every epoch, whole batches only; the crops of a batch's cases go
+    into one tensor (list_data_collate). A resumed epoch starts at its batch in the sampler: nothing re-loaded."""
+    return DataLoader(dataset, batch_size=args.batch_size, sampler=EpochSampler(len(dataset), args, rank),
+                      num_workers=args.num_workers, drop_last=True, collate_fn=list_data_collate,
+                      pin_memory=torch.cuda.is_available(), worker_init_fn=ignore_preemption_signals)
 
 
 def build_model(task):
@@ -99,40 +107,42 @@ class Trainer:
     def __init__(self, model, loader, task, args, ranks):
         self.model, self.loader, self.task, self.args, self.ranks = model, loader, task, args, ranks
         self.net = getattr(model, "module", model)  # the UNet itself: saved, loaded, used for validation
-        self.loss_fn = DiceLoss(to_onehot_y=True, softmax=True)
+        self.loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)
         self.optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
         # Over --epochs even with --max-steps: a run cut short and resumed follows the uninterrupted LR curve.
         self.scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(self.optimizer, T_max=args.epochs * len(loader))
         self.autocast, self.scaler = mixed_precision(ranks.device, args.amp)
-        self.epoch = self.step = self.batch_in_epoch = 0
-        self.best_dice, self.preempted = -1.0, False
+        self.epoch, self.step, self.batch_in_epoch, self.best_dice, self.preempted = 0, 0, 0, -1.0, False
         self.timer = step_timer(args.timings_file if ranks.rank == 0 else None, ranks.device)  # --timings-file
 
     def train(self):
         args, task, loader = self.args, self.task, self.loader
         self._resume()
-        self._log(f"world size {self.ranks.world_size} | device {self.ranks.device} | {len(task.train)} training + "
-                  f"{task.n_val} validation cases | batch {args.batch_size}/rank | {len(loader)} steps/epoch")
+        self._log(f"world size {self.ranks.world_size} | device {self.ranks.device} | {task.n_train} training + "
+                  f"{task.n_val} validation cases | {len(task.train)} cached per rank | batch {args.batch_size}/rank "
+                  f"x {CROPS_PER_CASE} crops | {len(loader)} steps/epoch")
         start = time.perf_counter()
         while self._training_left():
             epoch_start = time.perf_counter()
             loss_all, seen_all = self.ranks.sum(self._run_epoch())  # metrics over all ranks, not rank 0's
             elapsed = time.perf_counter() - epoch_start
-            dice = self._validate()
-            if seen_all:
-                self._log(f"epoch {self.epoch + 1}/{args.epochs} | step {self.step} | loss {loss_all / seen_all:.4f}"
-                          f" | dice {dice:.4f} | {seen_all / elapsed:.0f} samples/s | {elapsed:.1f} s")
-                self._log(f"validation dice {dice:.8f} over {task.n_val} cases")
+            if self.preempted:  # save first: the seconds before the kill are for the snapshot, not for validation
+                if args.checkpoint_dir:
+                    self._save_snapshot(float("nan"))
+                exit_preempted(self.ranks.rank, self.step, args.checkpoint_dir)  # exit 75: the job script requeues
             if self.batch_in_epoch == len(loader):  # the epoch ran to its end
                 self.epoch, self.batch_in_epoch = self.epoch + 1, 0
             finished = not self._training_left()
-            if args.checkpoint_dir and (finished or self.preempted or self.epoch % args.save_every == 0):
+            validate = finished or self.epoch % args.val_every == 0
+            dice = self._validate() if validate else float("nan")  # nan: not validated this epoch (--val-every)
+            if seen_all:
+                self._log(f"epoch {self.epoch + (self.batch_in_epoch > 0)}/{args.epochs} | step {self.step} | "
+                          f"loss {loss_all / seen_all:.4f} | dice {dice:.4f} | {seen_all / elapsed:.0f} samples/s | "
+                          f"{elapsed:.1f} s")
+            if validate:
+                self._log(f"validation dice {dice:.8f} over {task.n_val} cases")
+            if args.checkpoint_dir and (finished or self.epoch % args.save_every == 0):
                 self._save_snapshot(dice)
-            if self.preempted:
-                saved = "snapshot saved" if args.checkpoint_dir else "no --checkpoint-dir, nothing saved"
-                self._log(f"preempted at step {self.step}: {saved}; exiting with {PREEMPTED_EXIT_CODE} "
-                          f"so the job script requeues")
-                raise SystemExit(PREEMPTED_EXIT_CODE)
         if self.timer:
             self.timer.write(world_size=self.ranks.world_size, batch_size=args.batch_size)
         self._log(f"done: {self.step} steps in {time.perf_counter() - start:.1f} s")
@@ -143,13 +153,10 @@ class Trainer:
     def _run_epoch(self):
         """One pass over this rank's shard; returns (summed loss, samples)."""
         loader, skip = self.loader, self.batch_in_epoch
-        loader.sampler.set_epoch(self.epoch)  # forget this and every epoch repeats the same order
+        loader.sampler.set_epoch(self.epoch, skip=skip * self.args.batch_size)  # resumed: trained batches not loaded
         loader.dataset.set_epoch(self.epoch)  # new random crops every epoch
-        self.batch_in_epoch = 0
         loss_sum, seen = torch.zeros((), device=self.ranks.device), 0
-        for i, batch in enumerate(loader):
-            if i < skip:  # resuming mid-epoch: these batches were trained on before the snapshot
-                continue
+        for i, batch in enumerate(loader, start=skip):
             loss = self._run_batch(batch["image"], batch["label"])
             self.step, self.batch_in_epoch = self.step + 1, i + 1
             if self.timer:
@@ -180,9 +187,8 @@ class Trainer:
     def _validate(self):
         """Mean Dice over all validation cases (whole volumes, background excluded, NaN classes left out, as
         DiceMetric does): each rank scores its own, the sums are added over ranks (README: Training)."""
-        n = self.task.num_classes
+        total, count, device, n = 0.0, 0.0, self.ranks.device, self.task.num_classes
         to_pred, to_label = AsDiscrete(argmax=True, to_onehot=n), AsDiscrete(to_onehot=n)
-        total, count, device = 0.0, 0.0, self.ranks.device
         self.net.eval()
         with torch.no_grad(), self.autocast():
             for case in self.task.val_cases:
@@ -202,17 +208,13 @@ class Trainer:
         ckpt = self.args.checkpoint_dir
         if self.ranks.rank == 0:
             if dice > self.best_dice:  # the best model by validation Dice, kept apart from the snapshots
-                best = {"model": self.net.state_dict(), "dice": dice, "step": self.step}
-                atomic_write(os.path.join(ckpt, BEST_MODEL), lambda f: torch.save(best, f))
-                log(0, f"best model so far (dice {dice:.4f}) saved to {os.path.join(ckpt, BEST_MODEL)}")
+                save_best_model(ckpt, {"model": self.net.state_dict(), "dice": dice, "step": self.step})
             self.best_dice = max(self.best_dice, dice)
             snap = {"model": self.net.state_dict(), "optimizer": self.optimizer.state_dict(),
                     "scheduler": self.scheduler.state_dict(), "epoch": self.epoch, "step": self.step,
                     "batch_in_epoch": self.batch_in_epoch, "world_size": self.ranks.world_size,
                     "best_dice": self.best_dice, "rng": rng_state(self.ranks.device)}
-            if self.scaler.is_enabled():
-                snap["scaler"] = self.scaler.state_dict()
-            save_snapshot(ckpt, snap)
+            save_snapshot(ckpt, {**snap, "scaler": self.scaler.state_dict()} if self.scaler.is_enabled() else snap)
             log(0, f"snapshot saved to {ckpt} (step {self.step})")
         self.best_dice = self.ranks.from_rank0(self.best_dice)
         self.ranks.barrier()  # nobody reads or restarts before the files are complete
