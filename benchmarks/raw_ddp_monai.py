@@ -3,8 +3,8 @@
     PYTHONPATH=monai torchrun --standalone --nproc_per_node 2 benchmarks/raw_ddp_monai.py --max-steps 60 \
         --batch-size 2 --roi-size 16
 
-Same model, data pipeline (Decathlon folder, CacheDataset, seeded random crops, DistributedSampler), loss
-(DiceLoss) and optimizer (Adam) as monai/, imported from monai/recipe.py and monai/cluster.py (the runner sets
+Same model, data pipeline (Decathlon folder, each rank's cached partition, seeded crops, its EpochSampler), loss
+(DiceCELoss) and optimizer (Adam) as monai/, imported from monai/recipe.py and monai/cluster.py (the runner sets
 PYTHONPATH=monai) so they cannot drift apart. Nothing else: no LR schedule, no loss totals, no validation, no
 checkpoints, no preemption check. It takes monai/'s command line and writes the same --timings-file.
 """
@@ -19,7 +19,7 @@ import os  # noqa: E402
 
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
-from monai.losses import DiceLoss  # noqa: E402
+from monai.losses import DiceCELoss  # noqa: E402
 from torch.nn.parallel import DistributedDataParallel as DDP  # noqa: E402
 
 from cluster import Ranks, parse_args, pick_backend, pick_device  # noqa: E402  (monai/)
@@ -35,7 +35,7 @@ def main():
     data = build_dataset(args, Ranks(rank, local_rank, world_size, device, distributed=True))
     loader = build_loader(data.train, args, rank, world_size)
     model = DDP(build_model(data).to(device))
-    loss_fn = DiceLoss(to_onehot_y=True, softmax=True)
+    loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)
     optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
     ends, step = [], 0
     for epoch in range(args.epochs):
