@@ -600,4 +600,4 @@ def test_the_physicsnemo_model_file_is_written_atomically(gpu_probe):
     assert "fno.mdlus.tmp" in found["synced"], found
     assert "No space left on device" in found.get("raised", ""), found
     assert found["intact"] is True, found
-    assert found["files"] == ["fno.mdlus", "snapshot.pt", "snapshot.prev.pt"], found
+    assert found["files"] == ["fno.mdlus", "snapshot.prev.pt", "snapshot.pt"], found
