@@ -1,6 +1,7 @@
 """modulus/'s plumbing: what a run on a cluster needs around the lesson in recipe.py -- the command line, the
-launchers' variables, PhysicsNeMo's import and start-up shims, one-line errors, teardown. Nothing here is what the
-recipes teach; each version workaround is one tagged line, its story in README.md's troubleshooting.
+launchers' variables, the rendezvous, one-line errors, teardown -- and, in one section at the end, every shim
+PhysicsNeMo 2.2.2 (and torch, torchvision, Warp) needs: each version workaround is one tagged line there, its story
+in README.md's troubleshooting. Nothing here is what the recipes teach.
 
 Map:
     parse_args              the command line every recipe in this repository accepts (CONTRACT.md C2), then no
@@ -10,16 +11,24 @@ Map:
     require_launcher        multinode.py without torchrun's or srun's variables (or without srun's address): the same
     free_port               a free TCP port for multigpu.py's rendezvous
     join_workers            multigpu.py's parent: forwards SIGUSR1/SIGTERM to its workers, passes their exit code on
-    physicsnemo             the PhysicsNeMo package (or nvidia-modulus 0.9), imported on first use, with its shims
     rendezvous              around DistributedManager.initialize(): --timeout, --backend, the device (device_index),
                             a deadline, one-line errors
-    device_index            a local rank's GPU among those the process sees (one GPU per task: cuda:0 everywhere)
     reduce_max              the ranks' maximum of the preemption flag (PREEMPTION.agreed's reduce_max)
     stop_distributed        process-group teardown in the order that cannot hang at exit (run's cleanup)
     mixed_precision         --amp by CONTRACT.md C10: (autocast, GradScaler), bf16 or fp16 by what the device does
-    spectral_layers_in_fp32 the FNO's FFTs in fp32 under --amp (CUDA has no bf16 FFT, fp16 only for powers of two)
     read_darcy              the Darcy .npz files of --data-dir, checked: a missing or wrong file is one clear line
     check_dataset_fits      a world size or a batch larger than the data is one clear line
+  compatibility (every monkeypatch, private field and version workaround of the folder; delete as releases fix them):
+    physicsnemo             the PhysicsNeMo package (or nvidia-modulus 0.9), imported on first use, with its import
+                            shims (declare_torchvision_operators, without_warp_driver_warning)
+    process_group_options   DistributedManager.setup and dist.init_process_group patched for initialize()'s one call:
+                            --backend, --timeout, the device (device_index), no CPU device_id, NCCL errors raised
+    device_index            a local rank's GPU among those the process sees (one GPU per task: cuda:0 everywhere)
+    require_srun_address    Slurm's rank variables without srun's address: one line, not a TypeError in setup()
+    forget_failed_initialization  DistributedManager's private state cleared after a failed rendezvous
+    initialization_method   how DistributedManager initialised (a private field), for multinode.py's log line
+    free_ddp_models         the DDP models freed before the process group (stop_distributed)
+    spectral_layers_in_fp32 the FNO's FFTs in fp32 under --amp (CUDA has no bf16 FFT, fp16 only for powers of two)
 """
 
 import argparse
@@ -115,15 +124,8 @@ def require_launcher():
     if not any(n in os.environ for n in ("RANK", "SLURM_PROCID")):
         raise RecipeError("neither torchrun's RANK nor Slurm's SLURM_PROCID is set: start the script with `srun` "
                           "inside a Slurm job, or with torchrun")
-    if "RANK" in os.environ:
-        return
-    # WORKAROUND(physicsnemo 2.2.2, NVIDIA/physicsnemo#819): without srun's address, say so instead of a TypeError
-    needed = ("SLURM_PROCID", "SLURM_NPROCS", "SLURM_LOCALID", "SLURM_LAUNCH_NODE_IPADDR")
-    missing = [n for n in needed if n not in os.environ]
-    if missing:
-        raise RecipeError(f"{', '.join(missing)} not set: DistributedManager reads the rank from Slurm and the "
-                          f"rendezvous address from SLURM_LAUNCH_NODE_IPADDR, which only srun sets -- start the "
-                          f"script with `srun` inside the job (or with torchrun)")
+    if "RANK" not in os.environ:
+        require_srun_address()
 
 
 def free_port():
@@ -151,7 +153,112 @@ def join_workers(context):
         sys.exit(e.exit_code if e.exit_code in (2, PREEMPTED_EXIT_CODE) else 1)
 
 
-# ---------------------------------------------------------------------------------------------------- PhysicsNeMo
+# -------------------------------------------------------------------------------------- rendezvous and teardown
+
+
+@contextlib.contextmanager
+def rendezvous(args):
+    """Around DistributedManager.initialize(): process_group_options (in the compatibility section), a deadline (a
+    rank that connected to a port some other program listens on waits forever, in C++), and a failed rendezvous as
+    one line that says what to change."""
+    addr = os.environ.get("MASTER_ADDR", os.environ.get("SLURM_LAUNCH_NODE_IPADDR", "localhost"))
+    where = f"{addr}:{os.environ.get('MASTER_PORT', '12355')}"
+    what = f"rendezvous at {where} (are all ranks started, the address reachable, the port used by nothing else?)"
+    try:
+        with process_group_options(args), deadline(args.timeout, launcher_rank(), what):
+            yield
+    except (dist.DistNetworkError, dist.DistStoreError) as e:
+        forget_failed_initialization()  # else DistributedManager's atexit cleanup buries this error under its own
+        hint = ("another process already listens on that port: choose another MASTER_PORT"
+                if "EADDRINUSE" in str(e) or "address already in use" in str(e).lower()
+                else f"not every rank reached it within --timeout {args.timeout}s")
+        raise RecipeError(f"rendezvous at {where} failed: {hint} ({str(e).splitlines()[0][:200]})") from None
+
+
+def reduce_max(flag, device):
+    """The largest `flag` over all ranks (one all_reduce MAX): if any rank got the signal, every rank stops after
+    the same step -- the ones still training would otherwise wait for the others' gradients forever."""
+    value = torch.tensor(float(flag), device=device)
+    dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return value.item()
+
+
+def stop_distributed():
+    """Destroy the process group, if there is one, after the DDP model that uses it is gone (see README.md's
+    troubleshooting: a finished run that hangs at exit)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    free_ddp_models()
+    physicsnemo().distributed.DistributedManager.cleanup()
+
+
+run = functools.partial(toolkit.run, cleanup=stop_distributed)
+
+
+# ---------------------------------------------------------------------------------------------------- training
+
+
+def mixed_precision(device, enabled):
+    """(autocast, scaler) for --amp: bf16 autocast where bf16 exists (CPUs, Ampere+ GPUs), fp16 with an enabled
+    GradScaler on older GPUs. Without fp16 the scaler is disabled: scale(), step() and update() pass through."""
+    fp16 = enabled and device.type == "cuda" and torch.cuda.get_device_capability(device) < (8, 0)
+    scaler = torch.amp.GradScaler(device.type, enabled=fp16)
+    if not enabled:
+        if device.type == "cuda":
+            torch.set_float32_matmul_precision("high")  # fp32: matmuls and convolutions in TF32 on Ampere+ (C10)
+        return contextlib.nullcontext, scaler
+    dtype = torch.float16 if fp16 else torch.bfloat16
+    return (lambda: torch.autocast(device.type, dtype=dtype)), scaler
+
+
+# ---------------------------------------------------------------------------------------------------- data checks
+
+
+def read_split(path):
+    """One .npz split, checked: a wrong file is one clear line here, not a shape error deep inside the FNO."""
+    if not os.path.isfile(path):
+        raise RecipeError(f"{path} not found: write the Darcy data with `python darcy.py {os.path.dirname(path)}`")
+    try:
+        with np.load(path) as f:
+            arrays = {k: f[k] for k in ("coeff", "sol") if k in f.files}
+            keys = f.files
+    except (OSError, ValueError) as e:
+        raise RecipeError(f"{path} is not a readable .npz file ({str(e).splitlines()[0][:120]})") from None
+    if len(arrays) < 2:
+        raise RecipeError(f"{path} holds {keys}; a Darcy file holds 'coeff' and 'sol'")
+    coeff, sol = arrays["coeff"], arrays["sol"]
+    if coeff.ndim != 3 or coeff.shape != sol.shape or coeff.shape[1] != coeff.shape[2] or coeff.shape[1] < 4:
+        raise RecipeError(f"{path}: coeff {coeff.shape} and sol {sol.shape} must both be (samples, R, R) with the "
+                          f"same square grid")
+    if not (np.isfinite(coeff).all() and np.isfinite(sol).all()):
+        raise RecipeError(f"{path} contains NaN or infinite values")
+    return coeff.astype(np.float32), sol.astype(np.float32)
+
+
+def read_darcy(data_dir):
+    """(train, val) (coeff, sol) arrays from data_dir's two .npz files, on the same grid."""
+    if not os.path.isdir(data_dir):
+        raise RecipeError(f"--data-dir {data_dir} does not exist: write the Darcy data with "
+                          f"`python darcy.py {data_dir}`")
+    train = read_split(os.path.join(data_dir, darcy.TRAIN_FILE))
+    val = read_split(os.path.join(data_dir, darcy.VAL_FILE))
+    if train[0].shape[1:] != val[0].shape[1:]:
+        raise RecipeError(f"{data_dir}: training grid {train[0].shape[1:]} differs from validation grid "
+                          f"{val[0].shape[1:]}")
+    return train, val
+
+
+def check_dataset_fits(dataset, world_size, batch_size):
+    n = len(dataset)
+    if n < world_size:
+        raise RecipeError(f"the dataset has {n} samples but the world size is {world_size}: "
+                          f"some ranks would get no data")
+    if n // world_size // batch_size == 0:
+        raise RecipeError(f"the dataset has {n} samples, too few for one step of {world_size} ranks x "
+                          f"batch size {batch_size}: lower --batch-size or use more data")
+
+
+# ------------------ compatibility: every shim and version workaround, one tagged line each (stories: README.md)
 
 
 @contextlib.contextmanager
@@ -301,61 +408,35 @@ def process_group_options(args):
         dist.init_process_group, manager.setup = real, staticmethod(real_setup)
 
 
-@contextlib.contextmanager
-def rendezvous(args):
-    """Around DistributedManager.initialize(): the options above, a deadline (a rank that connected to a port some
-    other program listens on waits forever, in C++), and a failed rendezvous as one line that says what to change."""
-    addr = os.environ.get("MASTER_ADDR", os.environ.get("SLURM_LAUNCH_NODE_IPADDR", "localhost"))
-    where = f"{addr}:{os.environ.get('MASTER_PORT', '12355')}"
-    what = f"rendezvous at {where} (are all ranks started, the address reachable, the port used by nothing else?)"
-    try:
-        with process_group_options(args), deadline(args.timeout, launcher_rank(), what):
-            yield
-    except (dist.DistNetworkError, dist.DistStoreError) as e:
-        # WORKAROUND(physicsnemo 2.2.2, NVIDIA/physicsnemo#1936): forget the failed setup, or atexit buries this error
-        physicsnemo().distributed.DistributedManager._shared_state = {}
-        hint = ("another process already listens on that port: choose another MASTER_PORT"
-                if "EADDRINUSE" in str(e) or "address already in use" in str(e).lower()
-                else f"not every rank reached it within --timeout {args.timeout}s")
-        raise RecipeError(f"rendezvous at {where} failed: {hint} ({str(e).splitlines()[0][:200]})") from None
+def require_srun_address():
+    """An srun task's variables without srun's address (`python multinode.py` in the batch shell): one line."""
+    # WORKAROUND(physicsnemo 2.2.2, NVIDIA/physicsnemo#819): without srun's address, say so instead of a TypeError
+    needed = ("SLURM_PROCID", "SLURM_NPROCS", "SLURM_LOCALID", "SLURM_LAUNCH_NODE_IPADDR")
+    missing = [n for n in needed if n not in os.environ]
+    if missing:
+        raise RecipeError(f"{', '.join(missing)} not set: DistributedManager reads the rank from Slurm and the "
+                          f"rendezvous address from SLURM_LAUNCH_NODE_IPADDR, which only srun sets -- start the "
+                          f"script with `srun` inside the job (or with torchrun)")
 
 
-def reduce_max(flag, device):
-    """The largest `flag` over all ranks (one all_reduce MAX): if any rank got the signal, every rank stops after
-    the same step -- the ones still training would otherwise wait for the others' gradients forever."""
-    value = torch.tensor(float(flag), device=device)
-    dist.all_reduce(value, op=dist.ReduceOp.MAX)
-    return value.item()
+def forget_failed_initialization():
+    """After a failed rendezvous: DistributedManager's state back to uninitialised, so that its atexit cleanup does
+    not raise `Process group cannot be None` over the first error."""
+    # WORKAROUND(physicsnemo 2.2.2, NVIDIA/physicsnemo#1936): forget the failed setup, or atexit buries the error
+    physicsnemo().distributed.DistributedManager._shared_state = {}
 
 
-def stop_distributed():
-    """Destroy the process group, if there is one, after the DDP model that uses it is gone (see README.md's
-    troubleshooting: a finished run that hangs at exit)."""
-    if not (dist.is_available() and dist.is_initialized()):
-        return
+def initialization_method(manager):
+    """How DistributedManager initialised (ENV, SLURM, OPENMPI), for the log: it keeps that in a private field."""
+    # WORKAROUND(physicsnemo 2.2.2, no upstream issue): no public accessor; str(manager) says it among other things
+    return getattr(manager, "_initialization_method", "?")
+
+
+def free_ddp_models():
+    """Before the process group is destroyed: free the DDP models that use it (stop_distributed)."""
     # WORKAROUND(torch 2.13, pytorch/pytorch#56297): free the DDP model first, or gloo's destructor can deadlock
     traceback.clear_frames(sys.exc_info()[2])  # an exception in flight (exit 75) still holds the model; None: none
     gc.collect()
-    physicsnemo().distributed.DistributedManager.cleanup()
-
-
-run = functools.partial(toolkit.run, cleanup=stop_distributed)
-
-
-# ---------------------------------------------------------------------------------------------------- training
-
-
-def mixed_precision(device, enabled):
-    """(autocast, scaler) for --amp: bf16 autocast where bf16 exists (CPUs, Ampere+ GPUs), fp16 with an enabled
-    GradScaler on older GPUs. Without fp16 the scaler is disabled: scale(), step() and update() pass through."""
-    fp16 = enabled and device.type == "cuda" and torch.cuda.get_device_capability(device) < (8, 0)
-    scaler = torch.amp.GradScaler(device.type, enabled=fp16)
-    if not enabled:
-        if device.type == "cuda":
-            torch.set_float32_matmul_precision("high")  # fp32: matmuls and convolutions in TF32 on Ampere+ (C10)
-        return contextlib.nullcontext, scaler
-    dtype = torch.float16 if fp16 else torch.bfloat16
-    return (lambda: torch.autocast(device.type, dtype=dtype)), scaler
 
 
 def spectral_layers_in_fp32(model):
@@ -372,50 +453,3 @@ def spectral_layers_in_fp32(model):
 def _fp32_forward(forward, x):
     with torch.autocast(x.device.type, enabled=False):
         return forward(x.float())
-
-
-# ---------------------------------------------------------------------------------------------------- data checks
-
-
-def read_split(path):
-    """One .npz split, checked: a wrong file is one clear line here, not a shape error deep inside the FNO."""
-    if not os.path.isfile(path):
-        raise RecipeError(f"{path} not found: write the Darcy data with `python darcy.py {os.path.dirname(path)}`")
-    try:
-        with np.load(path) as f:
-            arrays = {k: f[k] for k in ("coeff", "sol") if k in f.files}
-            keys = f.files
-    except (OSError, ValueError) as e:
-        raise RecipeError(f"{path} is not a readable .npz file ({str(e).splitlines()[0][:120]})") from None
-    if len(arrays) < 2:
-        raise RecipeError(f"{path} holds {keys}; a Darcy file holds 'coeff' and 'sol'")
-    coeff, sol = arrays["coeff"], arrays["sol"]
-    if coeff.ndim != 3 or coeff.shape != sol.shape or coeff.shape[1] != coeff.shape[2] or coeff.shape[1] < 4:
-        raise RecipeError(f"{path}: coeff {coeff.shape} and sol {sol.shape} must both be (samples, R, R) with the "
-                          f"same square grid")
-    if not (np.isfinite(coeff).all() and np.isfinite(sol).all()):
-        raise RecipeError(f"{path} contains NaN or infinite values")
-    return coeff.astype(np.float32), sol.astype(np.float32)
-
-
-def read_darcy(data_dir):
-    """(train, val) (coeff, sol) arrays from data_dir's two .npz files, on the same grid."""
-    if not os.path.isdir(data_dir):
-        raise RecipeError(f"--data-dir {data_dir} does not exist: write the Darcy data with "
-                          f"`python darcy.py {data_dir}`")
-    train = read_split(os.path.join(data_dir, darcy.TRAIN_FILE))
-    val = read_split(os.path.join(data_dir, darcy.VAL_FILE))
-    if train[0].shape[1:] != val[0].shape[1:]:
-        raise RecipeError(f"{data_dir}: training grid {train[0].shape[1:]} differs from validation grid "
-                          f"{val[0].shape[1:]}")
-    return train, val
-
-
-def check_dataset_fits(dataset, world_size, batch_size):
-    n = len(dataset)
-    if n < world_size:
-        raise RecipeError(f"the dataset has {n} samples but the world size is {world_size}: "
-                          f"some ranks would get no data")
-    if n // world_size // batch_size == 0:
-        raise RecipeError(f"the dataset has {n} samples, too few for one step of {world_size} ranks x "
-                          f"batch size {batch_size}: lower --batch-size or use more data")

@@ -15,7 +15,7 @@ script requeues it; the requeued job resumes from the snapshot.
 import os
 import socket
 
-from cluster import parse_args, require_launcher, run
+from cluster import initialization_method, parse_args, require_launcher, run
 from recipe import init_distributed, train
 from toolkit import log
 
@@ -27,7 +27,7 @@ def setup(args):
     manager = init_distributed(args)
     # One line per rank: where each rank landed is the first question when a multi-node job misbehaves.
     log(manager.rank, f"host {socket.gethostname()} | local rank {manager.local_rank} | device {manager.device} | "
-                      f"initialised from {manager._initialization_method}")
+                      f"initialised from {initialization_method(manager)}")
     return manager
 
 

@@ -5,6 +5,7 @@ validation, snapshots, resume, preemption), the same for 1 and N processes. The 
 import functools
 import os
 import sys
+import tempfile
 import time
 
 import torch
@@ -19,15 +20,13 @@ from cluster import (check_dataset_fits, mixed_precision, physicsnemo, read_darc
 from toolkit import PREEMPTED_EXIT_CODE, PREEMPTION, RecipeError, StepTimer, atomic_write, log
 from toolkit import ignore_preemption_signals  # DataLoader workers leave SIGUSR1/SIGTERM to their parent
 
-SNAPSHOT, PREVIOUS_SNAPSHOT = "snapshot.pt", "snapshot.prev.pt"
-MODEL_FILE = "fno.mdlus"  # the trained model in PhysicsNeMo's own format (physicsnemo.Module.from_checkpoint)
+SNAPSHOT, PREVIOUS_SNAPSHOT, MODEL_FILE = "snapshot.pt", "snapshot.prev.pt", "fno.mdlus"  # MODEL_FILE: save_model
 
 
 def build_dataset(args):
     """(train, validation) datasets of normalised (permeability, pressure) pairs, the same on every rank."""
     if args.data == "synthetic":
-        # Solved in memory from fixed seeds: every rank and every run gets identical samples, no files needed.
-        train = darcy.generate(args.dataset_size, 32, seed=1234)
+        train = darcy.generate(args.dataset_size, 32, seed=1234)  # solved in memory from fixed seeds: no files
         val = darcy.generate(max(8, args.dataset_size // 8), 32, seed=4321)
     else:
         train, val = read_darcy(args.data_dir)  # cluster.py: DIR/train.npz and DIR/val.npz (coeff, sol), checked
@@ -37,8 +36,7 @@ def build_dataset(args):
 def build_loader(dataset, args, rank=0, world_size=1):
     """Each rank reads a disjoint 1/world_size of the data (the uneven tail dropped), reshuffled every epoch by
     set_epoch(). One process reads it all, in the order a 2-rank run interleaves (so the tests can compare them)."""
-    sampler = DistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=True, seed=args.seed,
-                                 drop_last=True)
+    sampler = DistributedSampler(dataset, num_replicas=world_size, rank=rank, seed=args.seed, drop_last=True)
     return DataLoader(dataset, batch_size=args.batch_size, sampler=sampler, num_workers=args.num_workers,
                       pin_memory=torch.cuda.is_available(), drop_last=True, persistent_workers=args.num_workers > 0,
                       worker_init_fn=ignore_preemption_signals if args.num_workers else None)
@@ -56,6 +54,14 @@ def save_snapshot(checkpoint_dir, snapshot):
     """Atomically: a crash mid-write leaves the last good one; the one before is kept as snapshot.prev.pt."""
     atomic_write(os.path.join(checkpoint_dir, SNAPSHOT), lambda f: torch.save(snapshot, f),
                  previous=os.path.join(checkpoint_dir, PREVIOUS_SNAPSHOT))
+
+
+def save_model(checkpoint_dir, module):
+    """The trained FNO in PhysicsNeMo's own format: physicsnemo.Module.from_checkpoint(path) rebuilds it."""
+    with tempfile.TemporaryDirectory() as scratch:  # Module.save writes the path it is given in place: a scratch
+        module.save(staged := os.path.join(scratch, MODEL_FILE))  # copy, then atomic_write: never half a file
+        with open(staged, "rb") as f:
+            atomic_write(os.path.join(checkpoint_dir, MODEL_FILE), lambda out: out.write(f.read()))
 
 
 def find_snapshot(checkpoint_dir):
@@ -104,10 +110,7 @@ class Trainer:
         self.epoch = self.step = self.batch_in_epoch = 0
         sync = functools.partial(torch.cuda.synchronize, device) if device.type == "cuda" else None
         self.timer = StepTimer(args.timings_file, sync) if rank == 0 and args.timings_file else None
-
-    def log(self, message):
-        if self.rank == 0:
-            log(0, message)
+        self.log = functools.partial(log, 0) if rank == 0 else (lambda message: None)  # rank 0 speaks for all
 
     def all_reduce(self, tensor):
         if self.world_size > 1:
@@ -206,9 +209,8 @@ class Trainer:
         while self._training_left():
             epoch_start = time.perf_counter()
             loss_sum, seen, preempted = self._run_epoch()
-            totals = self.all_reduce(torch.stack([loss_sum, torch.tensor(float(seen), device=self.device)]))
-            elapsed = time.perf_counter() - epoch_start
-            loss_all, seen_all = totals.tolist()
+            loss_all, seen_all = self.all_reduce(torch.stack([loss_sum, loss_sum.new_tensor(float(seen))])).tolist()
+            elapsed = time.perf_counter() - epoch_start  # after the reduction's .tolist(): the device has finished
             if seen_all and not preempted:
                 rel_l2, loss = self._validate(), loss_all / seen_all
                 self.log(f"epoch {self.epoch + 1}/{self.args.epochs} | step {self.step} | loss {loss:.4f} "
@@ -226,9 +228,7 @@ class Trainer:
         if self.timer:
             self.timer.write(world_size=self.world_size, batch_size=self.args.batch_size)
         if self.rank == 0 and self.args.checkpoint_dir:
-            # PhysicsNeMo's format (Module.from_checkpoint rebuilds the FNO); saved under a temporary name, renamed
-            self.module.save(tmp := os.path.join(self.args.checkpoint_dir, "fno.tmp.mdlus"))
-            os.replace(tmp, os.path.join(self.args.checkpoint_dir, MODEL_FILE))
+            save_model(self.args.checkpoint_dir, self.module)
         self.log(f"done: {self.step} steps in {time.perf_counter() - start:.1f} s")
 
 

@@ -89,7 +89,7 @@ def test_single_process_writes_snapshots_and_a_physicsnemo_model(reference):
     assert {"model", "optimizer", "scheduler", "epoch", "step", "batch_in_epoch", "world_size", "rng"} <= snap.keys()
     assert (snap["epoch"], snap["step"], snap["world_size"]) == (2, 16, 1)
     assert torch.load(ckpt / "snapshot.prev.pt", weights_only=True)["step"] == 8
-    assert not list(ckpt.glob("*.tmp"))
+    assert not [p.name for p in ckpt.iterdir() if "tmp" in p.name]  # no temporary file left (snapshot, fno.mdlus)
     # The final model in PhysicsNeMo's own format: physicsnemo.Module.from_checkpoint rebuilds the FNO.
     code = ("import sys, torch, cluster\n"
             "m = cluster.physicsnemo().Module.from_checkpoint(sys.argv[1])\n"  # physicsnemo, as the recipes import it
@@ -265,8 +265,9 @@ def test_every_recipe_script_is_exercised():
 # ------------------------------------------------------------------------------------------ GPU facts, patched in
 
 # What a GPU node would answer, patched into the recipes' own code in one process of modulus/'s environment (this
-# machine has no GPU; importing physicsnemo once costs most of the time): each check returns what it found, or
-# the exception it raised, as JSON on the last line.
+# machine has no GPU; importing physicsnemo once costs most of the time), and in the same process the loop's
+# collectives counted and the model file's writer failing: each check returns what it found, or the exception it
+# raised, as JSON on the last line.
 GPU_PROBE = r'''
 import json, os, sys, tempfile, types
 from unittest import mock
@@ -447,6 +448,76 @@ def tf32_for_fp32_on_cuda():
     cluster.mixed_precision(torch.device("cuda", 0), False)
     return [before, torch.get_float32_matmul_precision()]
 
+@check
+def epochs_and_model_file():
+    """Two epochs of 5 steps as rank 0 of 2 (the collectives faked: identity, counted), progress every 5 steps:
+    the all_reduces and the recipe's host reads of tensor values (.item(), .tolist(): a device sync each on a GPU)
+    per epoch, each epoch line's loss next to the exact mean of that epoch's batch losses; the files fsynced. Then
+    the finished run resumed (0 steps), whose model writer fails half-way (a full disk): what is left of fno.mdlus."""
+    ckpt = tempfile.mkdtemp()
+    args = tiny_args(dataset_size=10, batch_size=1, epochs=2, log_every=5, checkpoint_dir=ckpt)  # batch 1: cheap
+    counts, epochs, batches, synced = {"all_reduce": 0, "item": 0, "tolist": 0}, [], [], []
+    real_item, real_tolist, real_fsync = torch.Tensor.item, torch.Tensor.tolist, os.fsync
+
+    def counted(name, real):
+        def read(self, *a, **kw):
+            if os.path.basename(sys._getframe(1).f_code.co_filename) in ("recipe.py", "cluster.py", "toolkit.py"):
+                counts[name] += 1  # the recipe's reads, not the sampler's (randperm(...).tolist() on the CPU)
+            return real(self, *a, **kw)
+        return read
+
+    def all_reduce(tensor, *a, **kw):
+        counts["all_reduce"] += 1
+
+    def fsync(fd):
+        synced.append(os.path.basename(os.readlink(f"/proc/self/fd/{fd}")))
+        return real_fsync(fd)
+
+    torch.manual_seed(0)
+    trainer = recipe.Trainer(recipe.build_model(), recipe.build_dataset(args), args, 0, 2, torch.device("cpu"))
+    run_batch = trainer._run_batch
+
+    def batch(x, y):
+        loss = run_batch(x, y)
+        batches.append((real_item(loss), len(y)))
+        return loss
+
+    def log(message):  # Trainer.log: rank 0's lines
+        if message.startswith("epoch ") and "/" in message.split()[1]:
+            epochs.append((message, dict(counts), list(batches)))
+            batches.clear()
+
+    trainer._run_batch, trainer.log = batch, log
+    with mock.patch.object(dist, "all_reduce", all_reduce), mock.patch.object(dist, "broadcast_object_list"), \
+            mock.patch.object(dist, "barrier"), mock.patch.object(os, "fsync", fsync):
+        with mock.patch.object(torch.Tensor, "item", counted("item", real_item)), \
+                mock.patch.object(torch.Tensor, "tolist", counted("tolist", real_tolist)):
+            trainer.train()
+        found, before = {"epochs": [], "synced": synced}, {k: 0 for k in counts}
+        for message, after, losses in epochs:
+            found["epochs"].append({"steps": len(losses), "logged_loss": float(message.split("| loss ")[1].split()[0]),
+                                    "exact_loss": sum(v * n for v, n in losses) / sum(n for _, n in losses),
+                                    **{k: after[k] - before[k] for k in counts}})
+            before = after
+        path = os.path.join(ckpt, recipe.MODEL_FILE)
+        with open(path, "rb") as f:
+            good = f.read()
+
+        def half_written(self, file_name=None, *a, **kw):
+            with open(file_name, "wb") as f:
+                f.write(good[: len(good) // 2])
+            raise OSError(28, "No space left on device")
+
+        with mock.patch.object(cluster.physicsnemo().Module, "save", half_written):
+            try:
+                trainer.train()  # again: resumes the finished run, trains 0 steps, writes the model file again
+            except OSError as e:
+                found["raised"] = str(e)
+    with open(path, "rb") as f:
+        found["intact"] = f.read() == good
+    found["files"] = sorted(os.listdir(ckpt))
+    return found
+
 print(json.dumps(results))
 '''
 
@@ -503,3 +574,30 @@ def test_given_gpus_it_cannot_use_it_stops_rather_than_train_on_the_cpu(gpu_prob
 def test_fp32_on_a_gpu_uses_tf32(gpu_probe):
     """C10/#22: an fp32 run on a GPU puts matmuls and convolutions in TF32 (the folder never did)."""
     assert gpu_probe["tf32_for_fp32_on_cuda"] == ["highest", "high"], gpu_probe["tf32_for_fp32_on_cuda"]
+
+
+def test_metrics_are_read_at_log_points_and_epoch_ends_only(gpu_probe):
+    """#26: no all_reduce and no host read of a device value per step (each is a GPU sync): per epoch, the reads of
+    the progress lines (every --log-every steps, rank 0), the preemption check's all_reduce (every
+    PreemptionFlag.CHECK_EVERY = 10 steps), and two at the epoch's end (the loss totals, the validation error).
+    The epoch line's loss is the exact mean over the epoch's samples (C3)."""
+    found = gpu_probe["epochs_and_model_file"]
+    assert "epochs" in found and len(found["epochs"]) == 2, found  # else the probe itself raised
+    # steps 1-5 and 6-10: one progress line each; the preemption check (all_reduce + .item()) at step 10 only
+    assert [e["steps"] for e in found["epochs"]] == [5, 5], found
+    assert [e["all_reduce"] for e in found["epochs"]] == [0 + 2, 1 + 2], found
+    assert [e["item"] for e in found["epochs"]] == [1 + 0, 1 + 1], found
+    assert [e["tolist"] for e in found["epochs"]] == [2, 2], found
+    for epoch in found["epochs"]:
+        assert abs(epoch["logged_loss"] - epoch["exact_loss"]) <= 5e-5 + 1e-7, found
+
+
+def test_the_physicsnemo_model_file_is_written_atomically(gpu_probe):
+    """#26: fno.mdlus is fsynced before it takes its name, and a write that fails half-way leaves the previous file
+    as it was and no temporary file beside it."""
+    found = gpu_probe["epochs_and_model_file"]
+    assert "synced" in found, found  # else the probe itself raised
+    assert "fno.mdlus.tmp" in found["synced"], found
+    assert "No space left on device" in found.get("raised", ""), found
+    assert found["intact"] is True, found
+    assert found["files"] == ["fno.mdlus", "snapshot.prev.pt", "snapshot.pt"], found
