@@ -2,11 +2,13 @@
 inside ray/ as a user would, interpreter in PYTHON.
 
 Four jobs, waited for together (Ray start-up dominates each; run side by side they cost about what the slowest
-costs): multinode.sbatch twice on the same two nodes at the same time -- a Ray cluster per job, head on n1 and a
-worker node on n2, ports and token of their own, which must not collide -- the second of them through preemption
--> exit 75 -> requeue -> resume; then, once both clusters are up, single_gpu.sbatch and multigpu.sbatch (a local
-Ray cluster inside one task). Not all four at once: Ray gives a starting node 30 s to register with its GCS
-(ray/_private/node.py, not configurable), and eight Ray nodes starting on two cores took longer in CI.
+costs): multinode.sbatch through preemption -> exit 75 -> requeue -> resume; once it has been signalled,
+multinode.sbatch again, uninterrupted, on the same two nodes while the first runs -- a Ray cluster per job, head on
+n1 and a worker node on n2, ports and token of their own, which must not collide; once that one is up,
+single_gpu.sbatch and multigpu.sbatch (a local Ray cluster inside one task). Staggered, not all at once: Ray gives a
+starting node 30 s to register with its GCS (ray/_private/node.py, not configurable), and eight Ray nodes starting
+on two cores took longer in CI; and a USR1 sent to one job's batch shell reached the other's too when both batch
+shells started in the same instant on n1 (seen once in a local-cluster run: the uninterrupted job requeued).
 While the multinode jobs run, the PIDs of their Ray processes are collected (their command lines name the job's
 temp dirs, /tmp/ray-JOBID-NODE); afterwards none of them may be alive, on either node.
 """
@@ -61,11 +63,14 @@ def test_templates_two_clusters_at_once_and_preemption_requeue_resume(slurm_clus
                                       cwd=FOLDER, output=out, env=python)
         jobs[name] = (job_id, ckpt, out)
 
-    submit("straight", "multinode.sbatch", shape(2))
     submit("preempted", "multinode.sbatch", shape(2))
     MULTINODE = ("straight", "preempted")
     LATER = [("single", "single_gpu.sbatch", shape(1)),
              ("multigpu", "multigpu.sbatch", shape(1, gpus_per_node=2, cpus=2))]
+
+    def submit_straight():
+        if "straight" not in jobs:
+            submit("straight", "multinode.sbatch", shape(2))
 
     def submit_later():
         if "single" not in jobs:
@@ -76,9 +81,10 @@ def test_templates_two_clusters_at_once_and_preemption_requeue_resume(slurm_clus
 
     def collect(info, log):
         for name in MULTINODE:
-            seen.update(ray_pids(jobs[name][0]))
-        outs = [jobs[name][2] for name in MULTINODE]
-        if all(out.exists() and "[rank0] cluster: " in out.read_text() for out in outs):
+            if name in jobs:
+                seen.update(ray_pids(jobs[name][0]))
+        straight = jobs.get("straight")
+        if straight and straight[2].exists() and "[rank0] cluster: " in straight[2].read_text():
             submit_later()
 
     events = {"signalled": False, "repeats": 0}
@@ -98,11 +104,13 @@ def test_templates_two_clusters_at_once_and_preemption_requeue_resume(slurm_clus
             slurm_cluster.client("scancel", "--batch", "--signal=USR1", info["JobId"], check=False, timeout=3)
             events["repeats"] += 1
         if events["signalled"]:
+            submit_straight()
             slurm_cluster.release_requeued(info, events)
 
     results = {"preempted": slurm_cluster.wait(jobs["preempted"][0], jobs["preempted"][2], timeout=300,
                                                on_poll=preempt, name="preempted")}
-    submit_later()  # (if the clusters never both came up: the failure above says why; these run regardless)
+    submit_straight()  # (if the preempted job never got that far: the failure above says why; these run regardless)
+    submit_later()
     results.update({name: slurm_cluster.wait(job_id, out, timeout=300, on_poll=collect, name=name)
                     for name, (job_id, ckpt, out) in jobs.items() if name != "preempted"})
     for name, job in results.items():
