@@ -155,6 +155,11 @@ class Preemption(Callback):
         PREEMPTION.requested |= self.requested
         PREEMPTION.install()  # again, after Lightning's own handlers, so that ours are the ones that run
 
+    def on_train_start(self, trainer, pl_module):
+        # and again: fit() installs Lightning's SIGTERM handler after on_fit_start, and that one ends the run at the
+        # next batch with exit 0 and no checkpoint of ours (issue #27; README.md, troubleshooting)
+        PREEMPTION.install()
+
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         if not PREEMPTION.agreed(trainer.global_step, reduce_max(trainer, pl_module.device)):
             return
@@ -167,6 +172,7 @@ class Preemption(Callback):
 
             _flush_in_flight_batch_progress(trainer)
             checkpoint._save_last_checkpoint(trainer, checkpoint._monitor_candidates(trainer))
+            checkpoint.save_nemo_on_train_end = False  # the .nemo archive at the real end only, not in the warning
         trainer.should_stop = True
 
 

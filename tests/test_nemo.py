@@ -184,33 +184,50 @@ def test_resume_through_exp_manager_equals_the_uninterrupted_run(reference, tmp_
     assert "[rank0] done: 8 steps" in third
 
 
-def test_preemption_checkpoints_exits_75_and_the_rerun_resumes(tmp_path):
-    """SIGUSR1 to every process of the run (as Slurm signals a step), DataLoader workers included: the step ends,
-    *-last.ckpt is saved, exit 75; the rerun resumes from it through exp_manager and finishes the schedule."""
-    args = ["--epochs", "1", "--dataset-size", "1024", "--batch-size", "8", "--log-every", "10", "--num-workers", "2",
-            "--checkpoint-dir", tmp_path]  # 128 steps
+def preempted_run(args, sig, at_step):
+    """single_gpu.py, `sig` to every process of the run (as Slurm signals a step: the script and its DataLoader
+    workers) once it reports step `at_step`; (exit code, output)."""
     proc = subprocess.Popen([str(env_python("nemo")), "single_gpu.py", *map(str, args)], cwd=FOLDER, env=clean_env(),
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
     lines, deadline = [], time.monotonic() + 180
     try:
         for line in proc.stdout:
             lines.append(line)
-            if re.match(r"\[rank0\] epoch 1 \| batch \d+/128 \| step 20 ", line):
-                os.killpg(proc.pid, signal.SIGUSR1)  # the script, its DataLoader workers
+            if re.match(rf"\[rank0\] epoch 1 \| batch \d+/128 \| step {at_step} ", line):
+                os.killpg(proc.pid, sig)  # the script, its DataLoader workers
             assert time.monotonic() < deadline, "".join(lines[-50:])
         proc.wait(timeout=60)
     finally:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGKILL)
-    out = "".join(lines)
-    assert proc.returncode == 75, out[-3000:]
-    step = int(re.search(r"^\[rank0\] preempted at step (\d+): checkpoint saved", out, re.M).group(1))
-    assert 20 <= step < 128 and step % 10 == 0, out[-3000:]
-    assert "Traceback" not in out and "DataLoader worker" not in out, out[-3000:]
-    assert last_checkpoint(tmp_path)["global_step"] == step
+    return proc.returncode, "".join(lines)
+
+
+def test_preemption_checkpoints_exits_75_and_the_rerun_resumes(tmp_path):
+    """SIGUSR1 to every process of the run (as Slurm signals a step), DataLoader workers included: the step ends,
+    *-last.ckpt is saved, exit 75; the rerun resumes from it through exp_manager. SIGTERM (a time limit, scancel)
+    to every process of the rerun does the same (issue #27: Lightning's own SIGTERM handler ended the run with exit
+    0 and no checkpoint of ours, so nothing requeued it); the third run finishes the schedule. The .nemo archive is
+    exported at the real end of training only, not inside the 90 s warning."""
+    args = ["--epochs", "1", "--dataset-size", "1024", "--batch-size", "8", "--log-every", "10", "--num-workers", "2",
+            "--checkpoint-dir", tmp_path]  # 128 steps
+    nemo_file, resumed_from = tmp_path / "checkpoints" / "nemo-toy.nemo", 0
+    for sig, at_step in (signal.SIGUSR1, 20), (signal.SIGTERM, None):
+        at_step = at_step or resumed_from + 20
+        code, out = preempted_run(args, sig, at_step)
+        assert code == 75, out[-3000:]
+        if resumed_from:
+            assert re.search(rf"^\[rank0\] resumed from \S+-last\.ckpt: epoch 1, step {resumed_from}$", out, re.M), \
+                out[-3000:]
+        step = int(re.search(r"^\[rank0\] preempted at step (\d+): checkpoint saved", out, re.M).group(1))
+        assert at_step <= step < 128 and step % 10 == 0, out[-3000:]  # the step of the line, or a later one
+        assert not any(s in out for s in ("Traceback", "DataLoader worker", "Received SIGTERM")), out[-3000:]
+        assert last_checkpoint(tmp_path)["global_step"] == step and not nemo_file.exists()
+        resumed_from = step
     again = python("single_gpu.py", *map(str, args)).stdout
     assert re.search(rf"^\[rank0\] resumed from \S+-last\.ckpt: epoch 1, step {step}$", again, re.M), again[-3000:]
     assert "[rank0] done: 128 steps" in again and last_checkpoint(tmp_path)["global_step"] == 128
+    assert nemo_file.exists()
 
 
 # ------------------------------------------------------------------------------------------ Hydra overrides
