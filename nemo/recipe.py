@@ -199,7 +199,7 @@ def ddp(cfg: DictConfig, start_method: str = "popen", per_node: int | None = Non
 def train(args, start_time: float, **launch) -> None:
     """Every script ends here, with its launch arguments for Lightning's Trainer (devices, num_nodes, strategy,
     plugins): @hydra_runner composes the config from the command line's overrides and runs fit()."""
-    run_hydra(partial(fit, start_time=start_time, **launch), args.overrides)
+    run_hydra(partial(fit, start_time=start_time, **launch), args)
 
 
 def fit(cfg: DictConfig, start_time: float, **launch) -> None:

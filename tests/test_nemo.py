@@ -106,16 +106,23 @@ def slurm_tasks(args, ntasks=2, timeout=180):
 
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
-    """One process, batch 16: what every 2-rank run with batch 8 per rank must reproduce."""
-    ckpt = tmp_path_factory.mktemp("single")
-    return ckpt, python("single_gpu.py", *ONE, "--checkpoint-dir", ckpt).stdout
+    """One process, batch 16: what every 2-rank run with batch 8 per rank must reproduce. It reads a user's own
+    config, with Hydra's --config-path (relative: from the script's directory, as Hydra reads it) and
+    --config-name: conf/config.yaml copied with another experiment name, which names the files it writes."""
+    ckpt, conf = tmp_path_factory.mktemp("single"), tmp_path_factory.mktemp("conf")
+    text = (FOLDER / "conf" / "config.yaml").read_text()
+    (conf / "mine.yaml").write_text(text.replace("\nname: nemo-toy ", "\nname: mine-toy ", 1))
+    return ckpt, python("single_gpu.py", *ONE, "--checkpoint-dir", ckpt, "--config-path",
+                        os.path.relpath(conf, FOLDER), "--config-name", "mine").stdout
 
 
 def test_single_process_learns_and_exports_a_loadable_nemo_file(reference):
     ckpt, out = reference
     assert epochs(out) == [(1, 2, 4), (2, 2, 8)] and world_size(out) == 1, out[-3000:]
     assert last_checkpoint(ckpt)["global_step"] == 8
-    nemo_file = ckpt / "checkpoints" / "nemo-toy.nemo"
+    # the user's config (--config-name mine) named the files
+    assert [p.name for p in (ckpt / "checkpoints").glob("*last.ckpt")] == ["mine-toy--step=8-last.ckpt"]
+    nemo_file = ckpt / "checkpoints" / "mine-toy.nemo"
     assert nemo_file.exists(), sorted(p.name for p in (ckpt / "checkpoints").iterdir())
     # restore_from: the archive's config and weights, the same as the last checkpoint's
     restored = python("-c", f"""
@@ -245,8 +252,17 @@ def test_flags_and_overrides_compose_into_one_config():
     (["trainer.max_epochs=three"], "trainer.max_epochs (--epochs) must be of type int, got 'three'"),
     (["model.train_ds.batch_size=0"], "model.train_ds.batch_size (--batch-size) must be an integer >= 1"),
     (["--epochs", "2", "trainer.max_epochs=3"], "trainer.max_epochs is set twice"),
-], ids=["unknown-key", "wrong-type", "out-of-range", "set-twice"])
+    (["--config-path", "{tmp}/none"], "--config-path {tmp}/none: no such directory"),
+    (["--config-path", "{tmp}", "--config-name", "nope"], "--config-name nope: there is no {tmp}/nope.yaml"),
+    (["-cp", "{tmp}", "-cn", "thin"], "{tmp}/thin.yaml lacks 41 key(s) of conf/config.yaml that the recipe reads: "
+                                      "seed, trainer.devices"),
+    (["-cp", "{tmp}", "-cn", "broken"], "{tmp}/broken.yaml is not valid YAML: while parsing a flow sequence"),
+], ids=["unknown-key", "wrong-type", "out-of-range", "set-twice", "config-path", "config-name", "config-keys",
+        "config-yaml"])
 def test_bad_config_is_one_line_and_exit_2(tmp_path, args, message):
+    (tmp_path / "thin.yaml").write_text("name: thin\n")  # a config of the user's own without the recipe's keys
+    (tmp_path / "broken.yaml").write_text("name: [thin\n")
+    args, message = [a.format(tmp=tmp_path) for a in args], message.format(tmp=tmp_path)
     proc = subprocess.run([str(env_python("nemo")), "single_gpu.py", *args, "--checkpoint-dir", str(tmp_path / "c")],
                           cwd=FOLDER, env=clean_env(), capture_output=True, text=True, timeout=120)
     errors = [ln for ln in proc.stderr.splitlines() if ERROR_LINE.match(ln)]
