@@ -245,6 +245,9 @@ def _validate(cfg: DictConfig) -> None:
         ("trainer.max_steps", lambda v: isinstance(v, int) and (v == -1 or v >= 1), "an integer >= 1 (or -1: none)"),
         ("model.optim.lr", lambda v: v > 0, "a number > 0"),
         ("model.train_ds.num_workers", lambda v: v >= 0, "an integer >= 0"),
+        # on a GPU it would take SIGTERM from recipe.Preemption and exit 0: a time limit would look like success
+        ("exp_manager.create_preemption_callback", lambda v: v is False,
+         "false (recipe.Preemption handles SIGUSR1/SIGTERM and exits 75; exp_manager's callback exits 0)"),
         *[(key, lambda v, c=choices: v in c, f"one of {', '.join(choices)}") for key, choices in CHOICES.items()],
         *[(key, lambda v: isinstance(v, str), "a path") for key in STRINGS],
     ]

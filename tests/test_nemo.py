@@ -257,8 +257,9 @@ def test_flags_and_overrides_compose_into_one_config():
     (["-cp", "{tmp}", "-cn", "thin"], "{tmp}/thin.yaml lacks 41 key(s) of conf/config.yaml that the recipe reads: "
                                       "seed, trainer.devices"),
     (["-cp", "{tmp}", "-cn", "broken"], "{tmp}/broken.yaml is not valid YAML: while parsing a flow sequence"),
+    (["exp_manager.create_preemption_callback=true"], "exp_manager.create_preemption_callback must be false"),
 ], ids=["unknown-key", "wrong-type", "out-of-range", "set-twice", "config-path", "config-name", "config-keys",
-        "config-yaml"])
+        "config-yaml", "nemo-preemption-callback"])
 def test_bad_config_is_one_line_and_exit_2(tmp_path, args, message):
     (tmp_path / "thin.yaml").write_text("name: thin\n")  # a config of the user's own without the recipe's keys
     (tmp_path / "broken.yaml").write_text("name: [thin\n")
