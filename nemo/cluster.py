@@ -22,6 +22,8 @@ Map:
     rendezvous_store      where the ranks meet; torch 2.13 under torchrun --max-restarts: a key prefix per attempt
     check_dataset_fits    one line when the data is too small for one step of every rank
     reduce_max            the ranks' maximum of a flag, for toolkit.PREEMPTION.agreed (the ranks stop together)
+    save_last_checkpoint  the preemption checkpoint (*-last.ckpt) as NeMo's PreemptionCallback saves it: the one
+                          place nemo/ uses NeMo's and Lightning's private API
     settle_last_checkpoints  which *-last.ckpt exp_manager resumes from when a killed save left two (NeMo #7948)
     ReportHooks           the contract's log lines (C3) as Lightning hooks (recipe.Report adds the Callback base)
     TimingHooks           --timings-file as Lightning hooks, through toolkit.StepTimer (recipe.StepTimings)
@@ -449,6 +451,18 @@ def reduce_max(trainer, device):
     import torch
 
     return lambda flag: trainer.strategy.reduce(torch.tensor(float(flag), device=device), reduce_op="max").item()
+
+
+def save_last_checkpoint(trainer, checkpoint) -> None:
+    """*-last.ckpt now, through exp_manager's checkpoint callback (the file exp_manager resumes from), as NeMo's own
+    PreemptionCallback saves it: the in-flight batch counted as completed first (Lightning counts it only after
+    on_train_batch_end, so the resumed run would replay it). Neither has a public API: NeMo's helper and Lightning's
+    ModelCheckpoint methods are private, so they are called here alone (checked with lightning 2.4.0)."""
+    from nemo.utils.exp_manager import _flush_in_flight_batch_progress
+
+    # WORKAROUND(nemo-toolkit 3.0.0, nemo/utils/callbacks/preemption.py): private helpers, as PreemptionCallback
+    _flush_in_flight_batch_progress(trainer)
+    checkpoint._save_last_checkpoint(trainer, checkpoint._monitor_candidates(trainer))
 
 
 def settle_last_checkpoints(exp_cfg: DictConfig) -> DictConfig:

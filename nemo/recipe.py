@@ -22,7 +22,7 @@ from torch.nn import functional as F
 from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
 from cluster import (ReportHooks, TF32Hooks, TimingHooks, check_dataset_fits, parallel_devices, reduce_max,
-                     run_hydra, settle_last_checkpoints)
+                     run_hydra, save_last_checkpoint, settle_last_checkpoints)
 from toolkit import PREEMPTED_EXIT_CODE, PREEMPTION, ignore_preemption_signals, log
 
 NUM_CLASSES = 10
@@ -166,12 +166,7 @@ class Preemption(Callback):
         self.preempted = True
         checkpoint = trainer.checkpoint_callback
         if checkpoint is not None:  # the checkpoint exp_manager resumes from; Lightning then adds no epoch-end one
-            # As NeMo's PreemptionCallback: count this batch as completed (Lightning does so only after this hook),
-            # or the resumed run would replay it.
-            from nemo.utils.exp_manager import _flush_in_flight_batch_progress
-
-            _flush_in_flight_batch_progress(trainer)
-            checkpoint._save_last_checkpoint(trainer, checkpoint._monitor_candidates(trainer))
+            save_last_checkpoint(trainer, checkpoint)  # as NeMo's PreemptionCallback saves it
             checkpoint.save_nemo_on_train_end = False  # the .nemo archive at the real end only, not in the warning
         trainer.should_stop = True
 
