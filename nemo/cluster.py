@@ -7,6 +7,7 @@ NeMo (seconds), so bad input is one line and exit 2 at once.
 
 Map:
     parse_args            the command line: the flags become Hydra overrides, composed and checked; --print-config;
+                          Hydra's --config-path/--config-name (a config of the user's own, checked the same way);
                           a process given GPUs it cannot use stops here (CONTRACT.md C12)
     run                   the entry point's wrapper: toolkit.run as it is (Lightning tears its process group down)
     run_hydra             fit(cfg) the NeMo way, under @hydra_runner; a RecipeError inside comes out as one line
@@ -21,6 +22,8 @@ Map:
     rendezvous_store      where the ranks meet; torch 2.13 under torchrun --max-restarts: a key prefix per attempt
     check_dataset_fits    one line when the data is too small for one step of every rank
     reduce_max            the ranks' maximum of a flag, for toolkit.PREEMPTION.agreed (the ranks stop together)
+    save_last_checkpoint  the preemption checkpoint (*-last.ckpt) as NeMo's PreemptionCallback saves it: the one
+                          place nemo/ uses NeMo's and Lightning's private API
     settle_last_checkpoints  which *-last.ckpt exp_manager resumes from when a killed save left two (NeMo #7948)
     ReportHooks           the contract's log lines (C3) as Lightning hooks (recipe.Report adds the Callback base)
     TimingHooks           --timings-file as Lightning hooks, through toolkit.StepTimer (recipe.StepTimings)
@@ -84,7 +87,8 @@ The contract's flags below, or NeMo's Hydra overrides (KEY=VALUE, keys of conf/c
     python {script} --epochs 5 model.optim.lr=0.1 trainer.precision=bf16-mixed
 
 Each flag is an override of one key (shown after the flag); setting a key both ways is an error. A bad value or
-an unknown key is one line and exit 2. Print the composed config: --print-config.
+an unknown key is one line and exit 2. Print the composed config: --print-config. Your own config instead of
+conf/config.yaml (a copy of it, with every key): Hydra's --config-path DIR --config-name NAME.
 """
 
 
@@ -97,18 +101,24 @@ def parse_args(description: str, extra=None) -> argparse.Namespace:
     No silent CPU (CONTRACT.md C12): a process given GPUs (SLURM_GPUS_ON_NODE, CUDA_VISIBLE_DEVICES) or asked for
     nccl (--backend nccl or recipe.backend=nccl: the composed config's value) whose torch cannot use a GPU stops
     here, with one line and exit 2, before NeMo and Lightning's accelerator=auto would quietly pick the CPU.
-    recipe.backend=gloo trains on the CPU on purpose."""
-    overrides, print_config = _command_line(description, extra or ())
-    cfg = _compose(overrides)
-    if print_config:
+    recipe.backend=gloo trains on the CPU on purpose.
+
+    Hydra's --config-path DIR (absolute, or relative to the script's directory as Hydra reads it) and --config-name
+    NAME select the config instead of conf/config.yaml (`config_dir`, `config_name`: run_hydra hands them to
+    @hydra_runner); a missing directory or file is one line and exit 2, and the config is checked as conf/'s is."""
+    overrides, options = _command_line(description, extra or ())
+    config_dir, config_name = _config_source(options.config_path, options.config_name)
+    cfg = _compose(overrides, config_dir, config_name)
+    if options.print_config:
         print(OmegaConf.to_yaml(cfg), end="")
         sys.exit(0)
     toolkit.refuse_silent_cpu(cfg.recipe.backend, toolkit.torch_cuda_problem)
-    return argparse.Namespace(overrides=overrides, cfg=cfg)
+    return argparse.Namespace(overrides=overrides, cfg=cfg, config_dir=config_dir, config_name=config_name)
 
 
-def _command_line(description: str, extra) -> tuple[list[str], bool]:
-    """The contract's flags plus Hydra overrides -> (the overrides for Hydra, whether to only print the config).
+def _command_line(description: str, extra) -> tuple[list[str], argparse.Namespace]:
+    """The contract's flags plus Hydra overrides -> (the overrides for Hydra, the options that are not overrides:
+    print_config, config_path, config_name).
 
     Values stay text: they become overrides and _validate() checks them in the composed config, the same way as
     an override typed by hand."""
@@ -126,14 +136,18 @@ def _command_line(description: str, extra) -> tuple[list[str], bool]:
                    help="trainer.precision=bf16-mixed where the device does bf16 natively (CPUs, GPUs of compute "
                         "capability >= 8.0), else 16-mixed (fp16 with loss scaling)")
     p.add_argument("--print-config", action="store_true", help="print the composed config and exit")
+    p.add_argument("--config-path", "-cp", help="Hydra's: the config's directory, absolute or relative to the "
+                                                "script's directory (default: conf)")
+    p.add_argument("--config-name", "-cn", help="Hydra's: the config's name in it (default: config)")
     args, rest = p.parse_known_args()
+    options = argparse.Namespace(**{k: vars(args).pop(k) for k in ("print_config", "config_path", "config_name")})
     bad = [a for a in rest if "=" not in a or a.startswith("-")]
     if bad:
         p.error(f"unrecognized arguments: {' '.join(bad)} (Hydra overrides are KEY=VALUE)")
     typed = {a.split("=", 1)[0].lstrip("+~") for a in rest}
     overrides = []
     for key, value in vars(args).items():
-        if value is None or key in ("amp", "print_config"):
+        if value is None or key == "amp":
             continue
         if key in typed:
             p.error(f"{key} is set twice, by its flag and as an override: keep one")
@@ -143,7 +157,20 @@ def _command_line(description: str, extra) -> tuple[list[str], bool]:
         if "trainer.precision" in typed:
             p.error("trainer.precision is set twice, by --amp and as an override: keep one")
         overrides.append(f"trainer.precision={_amp_precision()}")
-    return overrides + rest, args.print_config
+    return overrides + rest, options
+
+
+def _config_source(path: str | None, name: str | None) -> tuple[Path, str]:
+    """(directory, name) of the config Hydra composes: conf/config.yaml, or Hydra's --config-path/--config-name.
+    A relative --config-path is read from the script's directory, as Hydra itself does."""
+    directory = CONF_DIR if path is None else (Path(sys.argv[0]).resolve().parent / path).resolve()
+    name = "config" if name is None else name.removesuffix(".yaml")
+    if not directory.is_dir():
+        raise RecipeError(f"--config-path {path}: no such directory ({directory}; a relative path is read from the "
+                          f"script's directory, as Hydra does)")
+    if not (directory / f"{name}.yaml").is_file():
+        raise RecipeError(f"--config-name {name}: there is no {directory / name}.yaml")
+    return directory, name
 
 
 def _amp_precision() -> str:
@@ -161,25 +188,40 @@ def _amp_precision() -> str:
     return "bf16-mixed"
 
 
-def _compose(overrides: list[str]) -> DictConfig:
-    """The config Hydra will build from conf/config.yaml and these overrides, checked before anything runs.
+def _compose(overrides: list[str], config_dir: Path = CONF_DIR, config_name: str = "config") -> DictConfig:
+    """The config Hydra will build from conf/config.yaml (or --config-path/--config-name) and these overrides,
+    checked before anything runs.
     Hydra's own errors (unknown key, bad syntax) are condensed to one line instead of its multi-line report."""
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
+    from yaml import YAMLError
 
     try:
-        with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
-            cfg = hydra_compose(config_name="config", overrides=overrides)
+        with initialize_config_dir(config_dir=str(config_dir), version_base=None):
+            if (config_dir, config_name) != (CONF_DIR, "config"):  # a missing key first, not an override's error
+                _check_keys(hydra_compose(config_name=config_name), config_dir / f"{config_name}.yaml")
+            cfg = hydra_compose(config_name=config_name, overrides=overrides)
     except (HydraException, OmegaConfBaseException) as e:
         causes, cause = [], e
         while cause is not None:  # Hydra wraps OmegaConf's reason ("Key 'x' is not in struct")
             causes.append(" ".join(str(cause).split()))
             cause = cause.__cause__
         raise RecipeError("invalid override: " + "; ".join(dict.fromkeys(c for c in causes if c))) from None
+    except YAMLError as e:  # a config of the user's own (--config-name)
+        raise RecipeError(f"{config_dir / config_name}.yaml is not valid YAML: {' '.join(str(e).split())}") from None
     _validate(cfg)
     return cfg
+
+
+def _check_keys(cfg: DictConfig, source: Path) -> None:
+    """A config of the user's own (--config-name) must have every key of conf/config.yaml: the recipe reads them."""
+    defaults = OmegaConf.load(CONF_DIR / "config.yaml")
+    missing = [key for key, _ in _flatten(defaults) if OmegaConf.select(cfg, key, default=KeyError) is KeyError]
+    if missing:
+        raise RecipeError(f"{source} lacks {len(missing)} key(s) of conf/config.yaml that the recipe reads: "
+                          f"{', '.join(missing[:5])}{', ...' if len(missing) > 5 else ''} (start from a copy of it)")
 
 
 def _validate(cfg: DictConfig) -> None:
@@ -206,6 +248,9 @@ def _validate(cfg: DictConfig) -> None:
         ("trainer.max_steps", lambda v: isinstance(v, int) and (v == -1 or v >= 1), "an integer >= 1 (or -1: none)"),
         ("model.optim.lr", lambda v: math.isfinite(v) and v > 0, "a finite number > 0"),
         ("model.train_ds.num_workers", lambda v: v >= 0, "an integer >= 0"),
+        # on a GPU it would take SIGTERM from recipe.Preemption and exit 0: a time limit would look like success
+        ("exp_manager.create_preemption_callback", lambda v: v is False,
+         "false (recipe.Preemption handles SIGUSR1/SIGTERM and exits 75; exp_manager's callback exits 0)"),
         *[(key, lambda v, c=choices: v in c, f"one of {', '.join(choices)}") for key, choices in CHOICES.items()],
         *[(key, lambda v: isinstance(v, str), "a path") for key in STRINGS],
     ]
@@ -229,9 +274,10 @@ def _flatten(cfg, prefix=""):
             yield f"{prefix}{key}", value
 
 
-def run_hydra(task, overrides: list[str]) -> None:
+def run_hydra(task, args: argparse.Namespace) -> None:
     """task(cfg) as NeMo's scripts run it: @hydra_runner reads the overrides from sys.argv and composes
-    conf/config.yaml (with hydra.run.dir=.: no outputs/ directories, no change of directory).
+    conf/config.yaml, or the config parse_args checked (with hydra.run.dir=.: no outputs/ directories, no change
+    of directory).
 
     Hydra reports an exception raised inside the task as a traceback and exit 1: a RecipeError is carried out of
     Hydra instead, for run() to print as one line and exit 2."""
@@ -245,8 +291,8 @@ def run_hydra(task, overrides: list[str]) -> None:
         except RecipeError as e:
             raised.append(e)
 
-    sys.argv = [sys.argv[0], *overrides]
-    hydra_runner(config_path=str(CONF_DIR), config_name="config")(guarded)()
+    sys.argv = [sys.argv[0], *args.overrides]
+    hydra_runner(config_path=str(args.config_dir), config_name=args.config_name)(guarded)()
     if raised:
         raise raised[0]
 
@@ -412,6 +458,18 @@ def reduce_max(trainer, device):
     import torch
 
     return lambda flag: trainer.strategy.reduce(torch.tensor(float(flag), device=device), reduce_op="max").item()
+
+
+def save_last_checkpoint(trainer, checkpoint) -> None:
+    """*-last.ckpt now, through exp_manager's checkpoint callback (the file exp_manager resumes from), as NeMo's own
+    PreemptionCallback saves it: the in-flight batch counted as completed first (Lightning counts it only after
+    on_train_batch_end, so the resumed run would replay it). Neither has a public API: NeMo's helper and Lightning's
+    ModelCheckpoint methods are private, so they are called here alone (checked with lightning 2.4.0)."""
+    from nemo.utils.exp_manager import _flush_in_flight_batch_progress
+
+    # WORKAROUND(nemo-toolkit 3.0.0, nemo/utils/callbacks/preemption.py): private helpers, as PreemptionCallback
+    _flush_in_flight_batch_progress(trainer)
+    checkpoint._save_last_checkpoint(trainer, checkpoint._monitor_candidates(trainer))
 
 
 def settle_last_checkpoints(exp_cfg: DictConfig) -> DictConfig:

@@ -85,6 +85,11 @@ def executor(nemo_run, args):
     return ex
 
 
+def exp_dir(experiment):
+    """The experiment's directory, where NeMo-Run writes the job script and the logs: no public name for it."""
+    return experiment._exp_dir  # WORKAROUND(nemo-run 0.11.1, no public accessor): the private attribute
+
+
 def main():
     # A launcher that saves nothing: SIGUSR1/SIGTERM end it at once (their default), as before run() caught them.
     for sig in PreemptionFlag.SIGNALS:
@@ -98,7 +103,7 @@ def main():
         experiment.add(script, name=args.name)
         if args.dryrun:  # NeMo-Run writes the job script into the experiment's directory: show it as is
             experiment.dryrun(log=False, delete_exp_dir=False)
-            path = os.path.join(experiment._exp_dir, f"{args.name}_sbatch.sh")  # no public name for the dir
+            path = os.path.join(exp_dir(experiment), f"{args.name}_sbatch.sh")
             print(open(path).read(), flush=True)
             print(f"dry run: job script written to {path}; nothing submitted", flush=True)
             return
@@ -107,7 +112,7 @@ def main():
         except Exception as e:  # sbatch missing or refusing the job: its message, in one line
             raise RecipeError(f"submitting with NeMo-Run failed: {' '.join(str(e).split())[:300]}") from None
         job_id = experiment.jobs[0].handle.rsplit("/", 1)[-1]
-    print(f"submitted Slurm job {job_id}; job script and logs under {experiment._exp_dir}", flush=True)
+    print(f"submitted Slurm job {job_id}; job script and logs under {exp_dir(experiment)}", flush=True)
 
 
 if __name__ == "__main__":

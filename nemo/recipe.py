@@ -22,7 +22,7 @@ from torch.nn import functional as F
 from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
 from cluster import (ReportHooks, TF32Hooks, TimingHooks, check_dataset_fits, parallel_devices, reduce_max,
-                     run_hydra, settle_last_checkpoints)
+                     run_hydra, save_last_checkpoint, settle_last_checkpoints)
 from toolkit import PREEMPTED_EXIT_CODE, PREEMPTION, ignore_preemption_signals, log
 
 NUM_CLASSES = 10
@@ -155,18 +155,19 @@ class Preemption(Callback):
         PREEMPTION.requested |= self.requested
         PREEMPTION.install()  # again, after Lightning's own handlers, so that ours are the ones that run
 
+    def on_train_start(self, trainer, pl_module):
+        # and again: fit() installs Lightning's SIGTERM handler after on_fit_start, and that one ends the run at the
+        # next batch with exit 0 and no checkpoint of ours (issue #27; README.md, troubleshooting)
+        PREEMPTION.install()
+
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         if not PREEMPTION.agreed(trainer.global_step, reduce_max(trainer, pl_module.device)):
             return
         self.preempted = True
         checkpoint = trainer.checkpoint_callback
         if checkpoint is not None:  # the checkpoint exp_manager resumes from; Lightning then adds no epoch-end one
-            # As NeMo's PreemptionCallback: count this batch as completed (Lightning does so only after this hook),
-            # or the resumed run would replay it.
-            from nemo.utils.exp_manager import _flush_in_flight_batch_progress
-
-            _flush_in_flight_batch_progress(trainer)
-            checkpoint._save_last_checkpoint(trainer, checkpoint._monitor_candidates(trainer))
+            save_last_checkpoint(trainer, checkpoint)  # as NeMo's PreemptionCallback saves it
+            checkpoint.save_nemo_on_train_end = False  # the .nemo archive at the real end only, not in the warning
         trainer.should_stop = True
 
 
@@ -193,7 +194,7 @@ def ddp(cfg: DictConfig, start_method: str = "popen", per_node: int | None = Non
 def train(args, start_time: float, **launch) -> None:
     """Every script ends here, with its launch arguments for Lightning's Trainer (devices, num_nodes, strategy,
     plugins): @hydra_runner composes the config from the command line's overrides and runs fit()."""
-    run_hydra(partial(fit, start_time=start_time, **launch), args.overrides)
+    run_hydra(partial(fit, start_time=start_time, **launch), args)
 
 
 def fit(cfg: DictConfig, start_time: float, **launch) -> None:

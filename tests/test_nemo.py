@@ -106,16 +106,23 @@ def slurm_tasks(args, ntasks=2, timeout=180):
 
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
-    """One process, batch 16: what every 2-rank run with batch 8 per rank must reproduce."""
-    ckpt = tmp_path_factory.mktemp("single")
-    return ckpt, python("single_gpu.py", *ONE, "--checkpoint-dir", ckpt).stdout
+    """One process, batch 16: what every 2-rank run with batch 8 per rank must reproduce. It reads a user's own
+    config, with Hydra's --config-path (relative: from the script's directory, as Hydra reads it) and
+    --config-name: conf/config.yaml copied with another experiment name, which names the files it writes."""
+    ckpt, conf = tmp_path_factory.mktemp("single"), tmp_path_factory.mktemp("conf")
+    text = (FOLDER / "conf" / "config.yaml").read_text()
+    (conf / "mine.yaml").write_text(text.replace("\nname: nemo-toy ", "\nname: mine-toy ", 1))
+    return ckpt, python("single_gpu.py", *ONE, "--checkpoint-dir", ckpt, "--config-path",
+                        os.path.relpath(conf, FOLDER), "--config-name", "mine").stdout
 
 
 def test_single_process_learns_and_exports_a_loadable_nemo_file(reference):
     ckpt, out = reference
     assert epochs(out) == [(1, 2, 4), (2, 2, 8)] and world_size(out) == 1, out[-3000:]
     assert last_checkpoint(ckpt)["global_step"] == 8
-    nemo_file = ckpt / "checkpoints" / "nemo-toy.nemo"
+    # the user's config (--config-name mine) named the files
+    assert [p.name for p in (ckpt / "checkpoints").glob("*last.ckpt")] == ["mine-toy--step=8-last.ckpt"]
+    nemo_file = ckpt / "checkpoints" / "mine-toy.nemo"
     assert nemo_file.exists(), sorted(p.name for p in (ckpt / "checkpoints").iterdir())
     # restore_from: the archive's config and weights, the same as the last checkpoint's
     restored = python("-c", f"""
@@ -184,33 +191,50 @@ def test_resume_through_exp_manager_equals_the_uninterrupted_run(reference, tmp_
     assert "[rank0] done: 8 steps" in third
 
 
-def test_preemption_checkpoints_exits_75_and_the_rerun_resumes(tmp_path):
-    """SIGUSR1 to every process of the run (as Slurm signals a step), DataLoader workers included: the step ends,
-    *-last.ckpt is saved, exit 75; the rerun resumes from it through exp_manager and finishes the schedule."""
-    args = ["--epochs", "1", "--dataset-size", "1024", "--batch-size", "8", "--log-every", "10", "--num-workers", "2",
-            "--checkpoint-dir", tmp_path]  # 128 steps
+def preempted_run(args, sig, at_step):
+    """single_gpu.py, `sig` to every process of the run (as Slurm signals a step: the script and its DataLoader
+    workers) once it reports step `at_step`; (exit code, output)."""
     proc = subprocess.Popen([str(env_python("nemo")), "single_gpu.py", *map(str, args)], cwd=FOLDER, env=clean_env(),
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
     lines, deadline = [], time.monotonic() + 180
     try:
         for line in proc.stdout:
             lines.append(line)
-            if re.match(r"\[rank0\] epoch 1 \| batch \d+/128 \| step 20 ", line):
-                os.killpg(proc.pid, signal.SIGUSR1)  # the script, its DataLoader workers
+            if re.match(rf"\[rank0\] epoch 1 \| batch \d+/128 \| step {at_step} ", line):
+                os.killpg(proc.pid, sig)  # the script, its DataLoader workers
             assert time.monotonic() < deadline, "".join(lines[-50:])
         proc.wait(timeout=60)
     finally:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGKILL)
-    out = "".join(lines)
-    assert proc.returncode == 75, out[-3000:]
-    step = int(re.search(r"^\[rank0\] preempted at step (\d+): checkpoint saved", out, re.M).group(1))
-    assert 20 <= step < 128 and step % 10 == 0, out[-3000:]
-    assert "Traceback" not in out and "DataLoader worker" not in out, out[-3000:]
-    assert last_checkpoint(tmp_path)["global_step"] == step
+    return proc.returncode, "".join(lines)
+
+
+def test_preemption_checkpoints_exits_75_and_the_rerun_resumes(tmp_path):
+    """SIGUSR1 to every process of the run (as Slurm signals a step), DataLoader workers included: the step ends,
+    *-last.ckpt is saved, exit 75; the rerun resumes from it through exp_manager. SIGTERM (a time limit, scancel)
+    to every process of the rerun does the same (issue #27: Lightning's own SIGTERM handler ended the run with exit
+    0 and no checkpoint of ours, so nothing requeued it); the third run finishes the schedule. The .nemo archive is
+    exported at the real end of training only, not inside the 90 s warning."""
+    args = ["--epochs", "1", "--dataset-size", "1024", "--batch-size", "8", "--log-every", "10", "--num-workers", "2",
+            "--checkpoint-dir", tmp_path]  # 128 steps
+    nemo_file, resumed_from = tmp_path / "checkpoints" / "nemo-toy.nemo", 0
+    for sig, at_step in (signal.SIGUSR1, 20), (signal.SIGTERM, None):
+        at_step = at_step or resumed_from + 20
+        code, out = preempted_run(args, sig, at_step)
+        assert code == 75, out[-3000:]
+        if resumed_from:
+            assert re.search(rf"^\[rank0\] resumed from \S+-last\.ckpt: epoch 1, step {resumed_from}$", out, re.M), \
+                out[-3000:]
+        step = int(re.search(r"^\[rank0\] preempted at step (\d+): checkpoint saved", out, re.M).group(1))
+        assert at_step <= step < 128 and step % 10 == 0, out[-3000:]  # the step of the line, or a later one
+        assert not any(s in out for s in ("Traceback", "DataLoader worker", "Received SIGTERM")), out[-3000:]
+        assert last_checkpoint(tmp_path)["global_step"] == step and not nemo_file.exists()
+        resumed_from = step
     again = python("single_gpu.py", *map(str, args)).stdout
     assert re.search(rf"^\[rank0\] resumed from \S+-last\.ckpt: epoch 1, step {step}$", again, re.M), again[-3000:]
     assert "[rank0] done: 128 steps" in again and last_checkpoint(tmp_path)["global_step"] == 128
+    assert nemo_file.exists()
 
 
 # ------------------------------------------------------------------------------------------ Hydra overrides
@@ -228,8 +252,18 @@ def test_flags_and_overrides_compose_into_one_config():
     (["trainer.max_epochs=three"], "trainer.max_epochs (--epochs) must be of type int, got 'three'"),
     (["model.train_ds.batch_size=0"], "model.train_ds.batch_size (--batch-size) must be an integer >= 1"),
     (["--epochs", "2", "trainer.max_epochs=3"], "trainer.max_epochs is set twice"),
-], ids=["unknown-key", "wrong-type", "out-of-range", "set-twice"])
+    (["--config-path", "{tmp}/none"], "--config-path {tmp}/none: no such directory"),
+    (["--config-path", "{tmp}", "--config-name", "nope"], "--config-name nope: there is no {tmp}/nope.yaml"),
+    (["-cp", "{tmp}", "-cn", "thin"], "{tmp}/thin.yaml lacks 41 key(s) of conf/config.yaml that the recipe reads: "
+                                      "seed, trainer.devices"),
+    (["-cp", "{tmp}", "-cn", "broken"], "{tmp}/broken.yaml is not valid YAML: while parsing a flow sequence"),
+    (["exp_manager.create_preemption_callback=true"], "exp_manager.create_preemption_callback must be false"),
+], ids=["unknown-key", "wrong-type", "out-of-range", "set-twice", "config-path", "config-name", "config-keys",
+        "config-yaml", "nemo-preemption-callback"])
 def test_bad_config_is_one_line_and_exit_2(tmp_path, args, message):
+    (tmp_path / "thin.yaml").write_text("name: thin\n")  # a config of the user's own without the recipe's keys
+    (tmp_path / "broken.yaml").write_text("name: [thin\n")
+    args, message = [a.format(tmp=tmp_path) for a in args], message.format(tmp=tmp_path)
     proc = subprocess.run([str(env_python("nemo")), "single_gpu.py", *args, "--checkpoint-dir", str(tmp_path / "c")],
                           cwd=FOLDER, env=clean_env(), capture_output=True, text=True, timeout=120)
     errors = [ln for ln in proc.stderr.splitlines() if ERROR_LINE.match(ln)]
