@@ -13,6 +13,7 @@ Map:
     reduce_max                         the ranks' agreement on preemption (for toolkit.PREEMPTION.agreed)
     device_sync                        what the benchmarks' StepTimer waits for after each step (the GPU)
     load_ds_config                     the JSON config completed from the flags, checked before DeepSpeed sees it
+    learning_rate, SCHEDULER_LR_KEYS   --lr into a JSON optimizer only when given; a JSON scheduler honoured
     config_errors                      DeepSpeed's own rejections of a config (asserts, pydantic) as one line
     precision_of                       bf16, fp16 or fp32: what the engine computes in
     check_dataset_fits                 enough samples for one step of every rank, checked before any rank waits
@@ -109,6 +110,7 @@ def parse_args(description, extra=None):
     wants = {"mnist": "convnet", "text": "gpt"}.get(args.data)
     if wants and args.model != wants:
         p.error(f"--data {args.data} is for --model {wants}")
+    args.lr_given = args.lr is not None  # only a given --lr overrides the lr of a config's "optimizer" section
     if args.lr is None:
         args.lr = 0.05 if args.model == "convnet" else 3e-4
     # C12: GPUs given (or --backend nccl) but torch cannot use them: one line, before DeepSpeed's accelerator
@@ -272,6 +274,7 @@ def load_ds_config(args, world_size, device):
                           f"fp16 on {device.type}; use bf16 (--amp, or \"bf16\": {{\"enabled\": true}}) instead")
     if config.get("bf16", {}).get("enabled") and config.get("fp16", {}).get("enabled"):
         raise RecipeError(f"--ds-config {path} enables both bf16 and fp16: choose one")
+    learning_rate(args, config, path)
     # DeepSpeed 0.19 clips gradients to norm 1.0 unless the config says otherwise: a silent difference from a
     # plain training loop. Here clipping happens only where a config asks for it (zero2_bf16_accum.json).
     config.setdefault("gradient_clipping", 0.0)
@@ -279,6 +282,31 @@ def load_ds_config(args, world_size, device):
     config.setdefault("steps_per_print", 10**9)
     config.setdefault("zero_allow_untested_optimizer", True)
     return config
+
+
+# The scheduler sections of DeepSpeed's own schedules that set the learning rate themselves (WarmupCosineLR scales
+# the optimizer's lr instead); a WarmupLR without warmup_max_lr warms up to the optimizer's lr.
+SCHEDULER_LR_KEYS = {"WarmupLR": "warmup_max_lr", "WarmupDecayLR": "warmup_max_lr", "OneCycle": "cycle_max_lr",
+                     "LRRangeTest": "lr_range_test_min_lr"}
+
+
+def learning_rate(args, config, path):
+    """--lr merged into the config, never silently: an "optimizer" section keeps its own lr unless --lr was given
+    on the command line (it gets the recipe's default only if it names none); a "scheduler" section is left to
+    DeepSpeed, and --lr together with one that sets the lr itself is refused rather than ignored."""
+    if isinstance(config.get("optimizer"), dict):
+        params = config["optimizer"].setdefault("params", {})
+        if args.lr_given or "lr" not in params:
+            params["lr"] = args.lr
+    scheduler = config.get("scheduler")
+    if scheduler is None:
+        return
+    if not isinstance(scheduler, dict) or not isinstance(scheduler.get("params", {}), dict):
+        raise RecipeError(f"--ds-config {path}: \"scheduler\" must be an object with \"type\" and \"params\"")
+    key = SCHEDULER_LR_KEYS.get(scheduler.get("type"))
+    if args.lr_given and key in scheduler.get("params", {}):
+        raise RecipeError(f"--ds-config {path}: its {scheduler['type']} scheduler sets the learning rate itself "
+                          f"({key}), which would replace --lr {args.lr}: drop --lr or {key}")
 
 
 @contextlib.contextmanager

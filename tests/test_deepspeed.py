@@ -182,10 +182,19 @@ def test_gpt_on_text_files_with_zero3_offload(tmp_path):
 
 
 def test_mnist_idx_files(tmp_path):
+    """Also a JSON "scheduler" section honoured (issue #25 item 4): the checkpoint holds DeepSpeed's WarmupLR, not
+    the recipe's cosine that used to replace it silently."""
     write_mnist(tmp_path)
+    cfg = json.loads((CONFIGS / "zero1.json").read_text())
+    cfg["scheduler"] = {"type": "WarmupLR", "params": {"warmup_num_steps": 4}}
+    (tmp_path / "warmup.json").write_text(json.dumps(cfg))
     out = python(DS / "single_gpu.py", "--data", "mnist", "--data-dir", tmp_path, "--epochs", "1",
-                 "--batch-size", "32", "--num-workers", "1", *config("zero1")).stdout
+                 "--batch-size", "32", "--num-workers", "1", "--ds-config", tmp_path / "warmup.json",
+                 "--checkpoint-dir", tmp_path / "ckpt").stdout
     assert "256 samples" in out and "8 steps/epoch" in out and "samples/s" in out
+    state = torch.load(latest_tag(tmp_path / "ckpt") / "mp_rank_00_model_states.pt", map_location="cpu",
+                       weights_only=False)
+    assert state["lr_scheduler"] == {"last_batch_iteration": 7}, state["lr_scheduler"]  # 8 steps of WarmupLR
 
 
 # ------------------------------------------------------------------------------------------ memory vs the paper
@@ -515,3 +524,55 @@ def test_gpus_given_to_a_torch_without_cuda_is_refused(tmp_path, script, env, fl
                       "4", "--log-every", "1", "--checkpoint-dir", ckpt, *flags], env=clean_env(**env), timeout=60)
     one_error_line(proc, given)
     assert "rather than training on the CPU" in proc.stderr and not ckpt.exists() and not proc.stdout
+
+
+# ------------------------------------------------------------------------------ the command line vs the config
+# (issue #25 item 4) A JSON optimizer's lr is overridden only by an --lr given on the command line; a JSON
+# "scheduler" section is built by DeepSpeed as written, never silently replaced by the recipe's cosine.
+
+
+def merged_config(monkeypatch, tmp_path, section, *argv):
+    """parse_args on this command line, then what the recipe hands deepspeed.initialize: the config (load_ds_config)
+    and the client optimizer and scheduler (build_model_and_optimizer)."""
+    cluster, recipe = load_folder("cluster", "recipe")
+    path = tmp_path / "cfg.json"
+    path.write_text(json.dumps({"zero_optimization": {"stage": 1}, **section}))
+    monkeypatch.setattr(sys, "argv", ["single_gpu.py", "--ds-config", str(path), *argv])
+    args = cluster.parse_args("test")
+    cfg = cluster.load_ds_config(args, 1, torch.device("cpu"))
+    dataset = types.SimpleNamespace(in_channels=1)
+    _, optimizer, scheduler = recipe.build_model_and_optimizer(args, dataset, 16, cfg)
+    return cfg, optimizer, scheduler
+
+
+@pytest.mark.parametrize("argv, lr", [((), 3e-4), (("--lr", "0.01"), 0.01)], ids=["file-lr", "flag-lr"])
+def test_json_optimizer_lr_is_overridden_only_by_a_given_lr(monkeypatch, tmp_path, argv, lr):
+    section = {"optimizer": {"type": "AdamW", "params": {"lr": 3e-4, "weight_decay": 0.01}}}
+    cfg, optimizer, _ = merged_config(monkeypatch, tmp_path, section, *argv)
+    assert optimizer is None and cfg["optimizer"]["params"] == {"lr": lr, "weight_decay": 0.01}
+
+
+def test_json_optimizer_without_lr_gets_the_recipes_default(monkeypatch, tmp_path):
+    cfg, _, _ = merged_config(monkeypatch, tmp_path, {"optimizer": {"type": "SGD", "params": {"momentum": 0.9}}})
+    assert cfg["optimizer"]["params"] == {"lr": 0.05, "momentum": 0.9}
+
+
+def test_json_scheduler_is_honoured(monkeypatch, tmp_path):
+    """No client scheduler is passed: DeepSpeed builds the config's own (_configure_lr_scheduler ignores the
+    "scheduler" section whenever a client one is given). The run itself: test_mnist_idx_files."""
+    section = {"scheduler": {"type": "WarmupLR", "params": {"warmup_num_steps": 4}}}
+    cfg, optimizer, scheduler = merged_config(monkeypatch, tmp_path, section, "--lr", "0.01")
+    assert scheduler is None and cfg["scheduler"] == section["scheduler"]
+    assert optimizer.param_groups[0]["lr"] == 0.01  # WarmupLR without warmup_max_lr warms up to the optimizer's lr
+
+
+def test_lr_given_with_a_scheduler_that_sets_the_lr_is_refused(monkeypatch, tmp_path):
+    """WarmupLR's warmup_max_lr (OneCycle's cycle_max_lr ...) would replace --lr after the first step: one line,
+    exit 2, instead of a flag that silently does nothing."""
+    section = {"scheduler": {"type": "WarmupLR", "params": {"warmup_max_lr": 0.1, "warmup_num_steps": 4}}}
+    with pytest.raises(Exception) as caught:
+        merged_config(monkeypatch, tmp_path, section, "--lr", "0.01")
+    assert type(caught.value).__name__ == "RecipeError", caught.value
+    assert "warmup_max_lr" in str(caught.value) and "--lr" in str(caught.value)
+    cfg, _, scheduler = merged_config(monkeypatch, tmp_path, section)  # without --lr: the file's schedule rules
+    assert scheduler is None and cfg["scheduler"]["params"]["warmup_max_lr"] == 0.1
