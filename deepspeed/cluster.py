@@ -444,27 +444,31 @@ def flat_tensors(groups):
 def model_state_bytes(engine):
     """Bytes this rank holds of parameters, gradients and optimizer states (after backward, before step).
 
-    Read from DeepSpeed's own bookkeeping: under ZeRO-3 a parameter's local shard is `ds_tensor` (p.data is an
-    empty placeholder outside forward/backward); the fp32 master weights are single_partition_of_fp32_groups
-    (ZeRO-1/2), fp32_partitioned_groups_flat (ZeRO-3) or fp32_groups (bf16/fp16 without ZeRO); ZeRO-1/2/3 keep
-    the reduced gradient shards in averaged_gradients, stage 0 on the parameters.
+    Read from DeepSpeed's own bookkeeping: under ZeRO-3 a parameter's local shard is `ds_tensor`, and p.data is an
+    empty placeholder outside forward/backward -- except for the parameters of at most
+    stage3_param_persistence_threshold elements (ds_persist), which every rank keeps whole besides its shard: both
+    are resident, both counted ("whole": the elements held so). The fp32 master weights are
+    single_partition_of_fp32_groups (ZeRO-1/2), fp32_partitioned_groups_flat (ZeRO-3) or fp32_groups (bf16/fp16
+    without ZeRO); ZeRO-1/2/3 keep the reduced gradient shards in averaged_gradients, stage 0 on the parameters.
     """
     params = list(engine.module.parameters())
     opt = engine.optimizer
     stage = engine.zero_optimization_stage()
-    p_bytes = tensor_bytes(p.ds_tensor if stage == 3 else p.data for p in params)
+    resident = [t for p in params for t in ((p.ds_tensor, p.data) if stage == 3 else (p.data,))]
+    whole = sum(p.ds_numel for p in params if p.data.numel() > 0) if stage == 3 else 0
     inner = getattr(opt, "optimizer", opt)  # ZeRO and mixed-precision wrappers keep the torch optimizer inside
     states = [v for s in inner.state.values() for v in s.values() if torch.is_tensor(v) and v.dim() > 0]
     masters = [t for name in ("single_partition_of_fp32_groups", "fp32_partitioned_groups_flat", "fp32_groups")
                for t in flat_tensors(getattr(opt, name, None))]
     averaged = getattr(opt, "averaged_gradients", None)
     grads = flat_tensors(averaged.values()) if averaged else (p.grad for p in params)
-    return {"params": p_bytes, "grads": tensor_bytes(grads), "optimizer": tensor_bytes(states + masters),
-            "numel": sum(p.ds_numel if stage == 3 else p.numel() for p in params)}
+    return {"params": tensor_bytes(resident), "grads": tensor_bytes(grads), "optimizer": tensor_bytes(states + masters),
+            "numel": sum(p.ds_numel if stage == 3 else p.numel() for p in params), "whole": whole}
 
 
 def report_memory(engine, rank):
-    """Bytes per rank of the three model states next to the ZeRO paper's formula for this stage."""
+    """Bytes per rank of the three model states (the most any rank holds), to set beside the ZeRO paper's formula;
+    under ZeRO-3 also the parameter elements every rank keeps whole (stage3_param_persistence_threshold)."""
     measured = model_state_bytes(engine)
     totals = torch.tensor([measured[k] for k in ("params", "grads", "optimizer")], dtype=torch.float64,
                           device=engine.device)  # NCCL gathers CUDA tensors only
@@ -473,5 +477,6 @@ def report_memory(engine, rank):
     if rank == 0:
         worst = torch.stack(gathered).max(0).values.tolist()
         log(0, "memory per rank | stage {} | world {} | params {} | param bytes {:.0f} | grad bytes {:.0f} | "
-               "optimizer bytes {:.0f}".format(engine.zero_optimization_stage(), dist.get_world_size(),
-                                               measured["numel"], *worst))
+               "optimizer bytes {:.0f} | params held whole {}".format(
+                   engine.zero_optimization_stage(), dist.get_world_size(), measured["numel"], *worst,
+                   measured["whole"]))

@@ -108,9 +108,17 @@ def test_deepspeed_launcher_zero2_equals_one_process(reference, tmp_path):
 
 
 def test_mp_spawn_zero3_and_zero_to_fp32_loads_into_the_plain_model(reference, tmp_path):
-    out = python(DS / "multigpu.py", "--nprocs", "2", *SMALL, *config("zero3"), "--batch-size", "16",
-                 "--checkpoint-dir", tmp_path).stdout
+    """ZeRO-3 that partitions on CPU (zero3_cpu_test.json: stage3_param_persistence_threshold 0; zero3.json's 1e5
+    keeps every tensor of this 71.7k-parameter model whole on every rank, and nothing is fetched or released): each
+    of the 2 ranks holds half of the parameters after backward, and the 32 steps end with the one-process weights."""
+    out = python(DS / "multigpu.py", "--nprocs", "2", *SMALL, *config("zero3_cpu_test"), "--batch-size", "16",
+                 "--memory-report", "--checkpoint-dir", tmp_path).stdout
     assert "[rank0] world size 2 | backend gloo | device cpu | ZeRO stage 3" in out, out
+    line = re.search(r"memory per rank \| stage 3 \| world 2 \| params (\d+) \| param bytes (\d+) \| .* \| "
+                     r"params held whole (\d+)$", out, re.M)
+    assert line, out
+    psi, param_bytes, whole = map(int, line.groups())
+    assert psi == 71754 and whole == 0 and param_bytes == pytest.approx(4 * psi / 2, rel=0.02), line.group(0)
     tag = latest_tag(tmp_path)
     # Under ZeRO-3 each rank saved only its shard; DeepSpeed's zero_to_fp32 (also copied into every checkpoint
     # directory as a script) gathers them into one plain fp32 state dict that loads with strict=True.
@@ -215,10 +223,12 @@ def test_memory_per_rank_matches_the_zero_paper(stage, ranks):
     """A 1M-parameter GPT in bf16 with AdamW: bytes per rank measured inside the run (from the engine's own
     tensors, after backward) == the paper's formula within 2 % (DeepSpeed pads each partition to an alignment).
     One documented difference: DeepSpeed's stage 1 also keeps only its 1/N slice of the reduced gradients once
-    they are reduced (the paper's stage 1 keeps all 2 bytes; during backward DeepSpeed holds them too)."""
+    they are reduced (the paper's stage 1 keeps all 2 bytes; during backward DeepSpeed holds them too). Stage 3
+    with zero3_cpu_test.json, which partitions every parameter (zero3.json keeps those of up to 1e5 elements whole
+    on every rank: the README's table has both)."""
     out = torchrun_standalone("multigpu_torchrun.py", ranks, "--model", "gpt", "--gpt-params", "1M", "--amp",
                               "--memory-report", "--max-steps", "2", "--dataset-size", "256", "--batch-size", "4",
-                              *config(f"zero{stage}"), timeout=300).stdout
+                              *config("zero3_cpu_test" if stage == 3 else f"zero{stage}"), timeout=300).stdout
     line = re.search(r"memory per rank \| stage (\d) \| world (\d+) \| params (\d+) \| param bytes (\d+) \| "
                      r"grad bytes (\d+) \| optimizer bytes (\d+)", out)
     assert line, out
@@ -477,13 +487,30 @@ def test_memory_report_gathers_on_the_engines_device(monkeypatch):
     device stands in for the GPU here."""
     (cluster,) = load_folder("cluster")
     gathered = []
-    monkeypatch.setattr(cluster, "model_state_bytes", lambda engine: {"params": 1, "grads": 2, "optimizer": 3})
+    monkeypatch.setattr(cluster, "model_state_bytes", lambda engine: {"params": 1, "grads": 2, "optimizer": 3,
+                                                                     "numel": 4, "whole": 0})
     monkeypatch.setattr(cluster.dist, "get_world_size", lambda: 2)
     monkeypatch.setattr(cluster.dist, "all_gather", lambda outputs, t: gathered.append([t.device, *(o.device for o in
                                                                                                     outputs)]))
     engine = types.SimpleNamespace(device=torch.device("meta"), zero_optimization_stage=lambda: 2)
     cluster.report_memory(engine, rank=1)
     assert gathered == [[torch.device("meta")] * 3]
+
+
+def test_memory_report_counts_the_whole_parameters_zero3_keeps(monkeypatch):
+    """ZeRO-3 keeps a parameter of at most stage3_param_persistence_threshold elements whole on every rank (ds_persist:
+    p.data stays gathered) besides its shard (ds_tensor): both are resident and counted. The report used to read
+    ds_tensor alone and showed 1/N of the parameters where every rank held them all (zero3.json on the ConvNet)."""
+    (cluster,) = load_folder("cluster")
+    layer = torch.nn.Linear(4, 4)  # weight 16 elements: partitioned; bias 4: persistent
+    for p, persist in ((layer.weight, False), (layer.bias, True)):
+        p.ds_numel, p.ds_persist, p.ds_tensor = p.numel(), persist, torch.zeros(p.numel() // 2)
+        if not persist:
+            p.data = torch.empty(0)  # released: what ZeRO-3 leaves outside forward/backward
+    engine = types.SimpleNamespace(module=layer, optimizer=types.SimpleNamespace(state={}),
+                                   zero_optimization_stage=lambda: 3)
+    measured = cluster.model_state_bytes(engine)
+    assert measured["params"] == (8 + 2 + 4) * 4 and measured["numel"] == 20 and measured["whole"] == 4, measured
 
 
 def test_resume_restores_the_rng_from_a_state_loaded_elsewhere(monkeypatch, tmp_path):
