@@ -451,6 +451,41 @@ def launcher_argv(tmp_path, visible, cuda):
     return argv_file.read_text().splitlines()
 
 
+# The deepspeed launcher in a preempted job: it records which signals it ignores (SigIgn in /proc: USR1 is bit 9,
+# TERM bit 14), then Slurm's USR1 reaches the batch shell (once its trap is set), which forwards it to the step --
+# to this process, which the real launcher's two processes would die of -- and the workers save and exit 75.
+PREEMPTED_LAUNCHER = """#!/bin/bash
+awk '/^SigIgn/ {print $2}' /proc/$$/status >"$FAKE_SLURM_DIR/ignored"
+for _ in $(seq 400); do
+  (( 16#$(awk '/^SigCgt/ {print $2}' "/proc/$PPID/status") & 1 << 9 )) && break; sleep 0.05
+done
+kill -USR1 "$PPID"; sleep 0.5; echo saved >"$FAKE_SLURM_DIR/saved"; exit 75
+"""
+FAKE_SCONTROL = '#!/bin/bash\n[ "$1" = requeue ] && echo "$2" >"$FAKE_SLURM_DIR/requeued"\n'
+
+
+def test_deepspeed_launcher_template_forwards_usr1_and_requeues(tmp_path):
+    """multigpu_torchrun_deepspeed.sbatch (issue #25 item 6): Slurm's USR1 to the batch shell is forwarded to the
+    step, whose launcher ignores USR1 and TERM (deepspeed.launcher.launch handles only INT/TERM: a USR1 killed it
+    and the workers with it, and the batch shell itself died of the USR1: no checkpoint, no requeue); the workers'
+    exit 75 is requeued."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for name, text in (("srun", FAKE_SRUN), ("deepspeed", PREEMPTED_LAUNCHER), ("python", FAKE_PYTHON),
+                       ("scontrol", FAKE_SCONTROL)):
+        (bin_dir / name).write_text(text)
+        (bin_dir / name).chmod(0o755)
+    env = clean_env(PATH=f"{bin_dir}:{os.environ['PATH']}", PYTHON=bin_dir / "python", FAKE_SLURM_DIR=tmp_path,
+                    NO_CUDA=1, SLURM_JOB_NAME="ds", SLURM_JOB_ID=4242, SLURM_CPUS_PER_TASK=4, SLURM_GPUS_ON_NODE=2,
+                    CUDA_VISIBLE_DEVICES="0,1")
+    proc = run(["bash", DS / "multigpu_torchrun_deepspeed.sbatch", "--epochs", "1"], env=env, cwd=tmp_path,
+               timeout=60, check=False)
+    assert proc.returncode == 0 and "requeue: got USR1, forwarding it" in proc.stdout, proc.stdout
+    ignored = int((tmp_path / "ignored").read_text(), 16)
+    assert ignored & (1 << 9) and ignored & (1 << 14), f"the launcher does not ignore USR1 and TERM: {ignored:x}"
+    assert (tmp_path / "saved").exists() and (tmp_path / "requeued").read_text().strip() == "4242", proc.stdout
+
+
 @pytest.fixture(scope="module")
 def deepspeed_on_gpus(tmp_path_factory):
     """GPU_PROBE's findings: the devices DeepSpeed picks next to the recipe's, and the CUDA_VISIBLE_DEVICES the
