@@ -622,16 +622,18 @@ def test_json_optimizer_without_lr_gets_the_recipes_default(monkeypatch, tmp_pat
 def test_json_scheduler_is_honoured(monkeypatch, tmp_path):
     """No client scheduler is passed: DeepSpeed builds the config's own (_configure_lr_scheduler ignores the
     "scheduler" section whenever a client one is given). The run itself: test_mnist_idx_files."""
-    section = {"scheduler": {"type": "WarmupLR", "params": {"warmup_num_steps": 4}}}
-    cfg, optimizer, scheduler = merged_config(monkeypatch, tmp_path, section, "--lr", "0.01")
+    section = {"optimizer": {"type": "SGD", "params": {"momentum": 0.9}},  # no torch optimizer built here: cheap
+               "scheduler": {"type": "WarmupLR", "params": {"warmup_num_steps": 4}}}
+    cfg, _, scheduler = merged_config(monkeypatch, tmp_path, section, "--lr", "0.01")
     assert scheduler is None and cfg["scheduler"] == section["scheduler"]
-    assert optimizer.param_groups[0]["lr"] == 0.01  # WarmupLR without warmup_max_lr warms up to the optimizer's lr
+    assert cfg["optimizer"]["params"]["lr"] == 0.01  # WarmupLR without warmup_max_lr warms up to the optimizer's lr
 
 
 def test_lr_given_with_a_scheduler_that_sets_the_lr_is_refused(monkeypatch, tmp_path):
     """WarmupLR's warmup_max_lr (OneCycle's cycle_max_lr ...) would replace --lr after the first step: one line,
     exit 2, instead of a flag that silently does nothing."""
-    section = {"scheduler": {"type": "WarmupLR", "params": {"warmup_max_lr": 0.1, "warmup_num_steps": 4}}}
+    section = {"optimizer": {"type": "SGD", "params": {"momentum": 0.9}},
+               "scheduler": {"type": "WarmupLR", "params": {"warmup_max_lr": 0.1, "warmup_num_steps": 4}}}
     with pytest.raises(Exception) as caught:
         merged_config(monkeypatch, tmp_path, section, "--lr", "0.01")
     assert type(caught.value).__name__ == "RecipeError", caught.value
