@@ -13,6 +13,7 @@ Map:
     reduce_max                         the ranks' agreement on preemption (for toolkit.PREEMPTION.agreed)
     device_sync                        what the benchmarks' StepTimer waits for after each step (the GPU)
     load_ds_config                     the JSON config completed from the flags, checked before DeepSpeed sees it
+    learning_rate, SCHEDULER_LR_KEYS   --lr into a JSON optimizer only when given; a JSON scheduler honoured
     config_errors                      DeepSpeed's own rejections of a config (asserts, pydantic) as one line
     precision_of                       bf16, fp16 or fp32: what the engine computes in
     check_dataset_fits                 enough samples for one step of every rank, checked before any rank waits
@@ -111,6 +112,7 @@ def parse_args(description, extra=None):
     wants = {"mnist": "convnet", "text": "gpt"}.get(args.data)
     if wants and args.model != wants:
         p.error(f"--data {args.data} is for --model {wants}")
+    args.lr_given = args.lr is not None  # only a given --lr overrides the lr of a config's "optimizer" section
     if args.lr is None:
         args.lr = 0.05 if args.model == "convnet" else 3e-4
     # C12: GPUs given (or --backend nccl) but torch cannot use them: one line, before DeepSpeed's accelerator
@@ -274,6 +276,7 @@ def load_ds_config(args, world_size, device):
                           f"fp16 on {device.type}; use bf16 (--amp, or \"bf16\": {{\"enabled\": true}}) instead")
     if config.get("bf16", {}).get("enabled") and config.get("fp16", {}).get("enabled"):
         raise RecipeError(f"--ds-config {path} enables both bf16 and fp16: choose one")
+    learning_rate(args, config, path)
     # DeepSpeed 0.19 clips gradients to norm 1.0 unless the config says otherwise: a silent difference from a
     # plain training loop. Here clipping happens only where a config asks for it (zero2_bf16_accum.json).
     config.setdefault("gradient_clipping", 0.0)
@@ -281,6 +284,31 @@ def load_ds_config(args, world_size, device):
     config.setdefault("steps_per_print", 10**9)
     config.setdefault("zero_allow_untested_optimizer", True)
     return config
+
+
+# The scheduler sections of DeepSpeed's own schedules that set the learning rate themselves (WarmupCosineLR scales
+# the optimizer's lr instead); a WarmupLR without warmup_max_lr warms up to the optimizer's lr.
+SCHEDULER_LR_KEYS = {"WarmupLR": "warmup_max_lr", "WarmupDecayLR": "warmup_max_lr", "OneCycle": "cycle_max_lr",
+                     "LRRangeTest": "lr_range_test_min_lr"}
+
+
+def learning_rate(args, config, path):
+    """--lr merged into the config, never silently: an "optimizer" section keeps its own lr unless --lr was given
+    on the command line (it gets the recipe's default only if it names none); a "scheduler" section is left to
+    DeepSpeed, and --lr together with one that sets the lr itself is refused rather than ignored."""
+    if isinstance(config.get("optimizer"), dict):
+        params = config["optimizer"].setdefault("params", {})
+        if args.lr_given or "lr" not in params:
+            params["lr"] = args.lr
+    scheduler = config.get("scheduler")
+    if scheduler is None:
+        return
+    if not isinstance(scheduler, dict) or not isinstance(scheduler.get("params", {}), dict):
+        raise RecipeError(f"--ds-config {path}: \"scheduler\" must be an object with \"type\" and \"params\"")
+    key = SCHEDULER_LR_KEYS.get(scheduler.get("type"))
+    if args.lr_given and key in scheduler.get("params", {}):
+        raise RecipeError(f"--ds-config {path}: its {scheduler['type']} scheduler sets the learning rate itself "
+                          f"({key}), which would replace --lr {args.lr}: drop --lr or {key}")
 
 
 @contextlib.contextmanager
@@ -418,27 +446,31 @@ def flat_tensors(groups):
 def model_state_bytes(engine):
     """Bytes this rank holds of parameters, gradients and optimizer states (after backward, before step).
 
-    Read from DeepSpeed's own bookkeeping: under ZeRO-3 a parameter's local shard is `ds_tensor` (p.data is an
-    empty placeholder outside forward/backward); the fp32 master weights are single_partition_of_fp32_groups
-    (ZeRO-1/2), fp32_partitioned_groups_flat (ZeRO-3) or fp32_groups (bf16/fp16 without ZeRO); ZeRO-1/2/3 keep
-    the reduced gradient shards in averaged_gradients, stage 0 on the parameters.
+    Read from DeepSpeed's own bookkeeping: under ZeRO-3 a parameter's local shard is `ds_tensor`, and p.data is an
+    empty placeholder outside forward/backward -- except for the parameters of at most
+    stage3_param_persistence_threshold elements (ds_persist), which every rank keeps whole besides its shard: both
+    are resident, both counted ("whole": the elements held so). The fp32 master weights are
+    single_partition_of_fp32_groups (ZeRO-1/2), fp32_partitioned_groups_flat (ZeRO-3) or fp32_groups (bf16/fp16
+    without ZeRO); ZeRO-1/2/3 keep the reduced gradient shards in averaged_gradients, stage 0 on the parameters.
     """
     params = list(engine.module.parameters())
     opt = engine.optimizer
     stage = engine.zero_optimization_stage()
-    p_bytes = tensor_bytes(p.ds_tensor if stage == 3 else p.data for p in params)
+    resident = [t for p in params for t in ((p.ds_tensor, p.data) if stage == 3 else (p.data,))]
+    whole = sum(p.ds_numel for p in params if p.data.numel() > 0) if stage == 3 else 0
     inner = getattr(opt, "optimizer", opt)  # ZeRO and mixed-precision wrappers keep the torch optimizer inside
     states = [v for s in inner.state.values() for v in s.values() if torch.is_tensor(v) and v.dim() > 0]
     masters = [t for name in ("single_partition_of_fp32_groups", "fp32_partitioned_groups_flat", "fp32_groups")
                for t in flat_tensors(getattr(opt, name, None))]
     averaged = getattr(opt, "averaged_gradients", None)
     grads = flat_tensors(averaged.values()) if averaged else (p.grad for p in params)
-    return {"params": p_bytes, "grads": tensor_bytes(grads), "optimizer": tensor_bytes(states + masters),
-            "numel": sum(p.ds_numel if stage == 3 else p.numel() for p in params)}
+    return {"params": tensor_bytes(resident), "grads": tensor_bytes(grads), "optimizer": tensor_bytes(states + masters),
+            "numel": sum(p.ds_numel if stage == 3 else p.numel() for p in params), "whole": whole}
 
 
 def report_memory(engine, rank):
-    """Bytes per rank of the three model states next to the ZeRO paper's formula for this stage."""
+    """Bytes per rank of the three model states (the most any rank holds), to set beside the ZeRO paper's formula;
+    under ZeRO-3 also the parameter elements every rank keeps whole (stage3_param_persistence_threshold)."""
     measured = model_state_bytes(engine)
     totals = torch.tensor([measured[k] for k in ("params", "grads", "optimizer")], dtype=torch.float64,
                           device=engine.device)  # NCCL gathers CUDA tensors only
@@ -447,5 +479,6 @@ def report_memory(engine, rank):
     if rank == 0:
         worst = torch.stack(gathered).max(0).values.tolist()
         log(0, "memory per rank | stage {} | world {} | params {} | param bytes {:.0f} | grad bytes {:.0f} | "
-               "optimizer bytes {:.0f}".format(engine.zero_optimization_stage(), dist.get_world_size(),
-                                               measured["numel"], *worst))
+               "optimizer bytes {:.0f} | params held whole {}".format(
+                   engine.zero_optimization_stage(), dist.get_world_size(), measured["numel"], *worst,
+                   measured["whole"]))

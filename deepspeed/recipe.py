@@ -86,11 +86,11 @@ def prepare(args, world_size, device):
 
 def build_model_and_optimizer(args, dataset, steps_per_epoch, config):
     """The model; a client optimizer unless the config has an "optimizer" section (DeepSpeed then builds it, e.g.
-    DeepSpeedCPUAdam for offload); the LR schedule as a function DeepSpeed calls with the optimizer it steps."""
+    DeepSpeedCPUAdam for offload); the LR schedule as a function DeepSpeed calls with the optimizer it steps --
+    or None where the config has a "scheduler" section: DeepSpeed then builds that one (a client one wins)."""
     model = GPT(args.gpt_params) if args.model == "gpt" else ConvNet(in_channels=dataset.in_channels, num_classes=10)
-    if "optimizer" in config:
+    if "optimizer" in config:  # its lr: the file's, unless --lr was given (cluster.learning_rate)
         optimizer = None
-        config["optimizer"].setdefault("params", {})["lr"] = args.lr
     elif args.model == "convnet":  # the same optimizer as pytorch/ and the raw DDP baseline
         optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9)
     else:  # Adam's two moments are what the ZeRO paper's 12 bytes per parameter count
@@ -100,7 +100,7 @@ def build_model_and_optimizer(args, dataset, steps_per_epoch, config):
     def scheduler(opt):
         return torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=args.epochs * steps_per_epoch)
 
-    return model, optimizer, scheduler
+    return model, optimizer, None if "scheduler" in config else scheduler
 
 
 # ------------------------------------------------------------------------------------------------ snapshots, the loop

@@ -108,9 +108,17 @@ def test_deepspeed_launcher_zero2_equals_one_process(reference, tmp_path):
 
 
 def test_mp_spawn_zero3_and_zero_to_fp32_loads_into_the_plain_model(reference, tmp_path):
-    out = python(DS / "multigpu.py", "--nprocs", "2", *SMALL, *config("zero3"), "--batch-size", "16",
-                 "--checkpoint-dir", tmp_path).stdout
+    """ZeRO-3 that partitions on CPU (zero3_cpu_test.json: stage3_param_persistence_threshold 0; zero3.json's 1e5
+    keeps every tensor of this 71.7k-parameter model whole on every rank, and nothing is fetched or released): each
+    of the 2 ranks holds half of the parameters after backward, and the 32 steps end with the one-process weights."""
+    out = python(DS / "multigpu.py", "--nprocs", "2", *SMALL, *config("zero3_cpu_test"), "--batch-size", "16",
+                 "--memory-report", "--checkpoint-dir", tmp_path).stdout
     assert "[rank0] world size 2 | backend gloo | device cpu | ZeRO stage 3" in out, out
+    line = re.search(r"memory per rank \| stage 3 \| world 2 \| params (\d+) \| param bytes (\d+) \| .* \| "
+                     r"params held whole (\d+)$", out, re.M)
+    assert line, out
+    psi, param_bytes, whole = map(int, line.groups())
+    assert psi == 71754 and whole == 0 and param_bytes == pytest.approx(4 * psi / 2, rel=0.02), line.group(0)
     tag = latest_tag(tmp_path)
     # Under ZeRO-3 each rank saved only its shard; DeepSpeed's zero_to_fp32 (also copied into every checkpoint
     # directory as a script) gathers them into one plain fp32 state dict that loads with strict=True.
@@ -182,10 +190,19 @@ def test_gpt_on_text_files_with_zero3_offload(tmp_path):
 
 
 def test_mnist_idx_files(tmp_path):
+    """Also a JSON "scheduler" section honoured (issue #25 item 4): the checkpoint holds DeepSpeed's WarmupLR, not
+    the recipe's cosine that used to replace it silently."""
     write_mnist(tmp_path)
+    cfg = json.loads((CONFIGS / "zero1.json").read_text())
+    cfg["scheduler"] = {"type": "WarmupLR", "params": {"warmup_num_steps": 4}}
+    (tmp_path / "warmup.json").write_text(json.dumps(cfg))
     out = python(DS / "single_gpu.py", "--data", "mnist", "--data-dir", tmp_path, "--epochs", "1",
-                 "--batch-size", "32", "--num-workers", "1", *config("zero1")).stdout
+                 "--batch-size", "32", "--num-workers", "1", "--ds-config", tmp_path / "warmup.json",
+                 "--checkpoint-dir", tmp_path / "ckpt").stdout
     assert "256 samples" in out and "8 steps/epoch" in out and "samples/s" in out
+    state = torch.load(latest_tag(tmp_path / "ckpt") / "mp_rank_00_model_states.pt", map_location="cpu",
+                       weights_only=False)
+    assert state["lr_scheduler"] == {"last_batch_iteration": 7}, state["lr_scheduler"]  # 8 steps of WarmupLR
 
 
 # ------------------------------------------------------------------------------------------ memory vs the paper
@@ -206,10 +223,12 @@ def test_memory_per_rank_matches_the_zero_paper(stage, ranks):
     """A 1M-parameter GPT in bf16 with AdamW: bytes per rank measured inside the run (from the engine's own
     tensors, after backward) == the paper's formula within 2 % (DeepSpeed pads each partition to an alignment).
     One documented difference: DeepSpeed's stage 1 also keeps only its 1/N slice of the reduced gradients once
-    they are reduced (the paper's stage 1 keeps all 2 bytes; during backward DeepSpeed holds them too)."""
+    they are reduced (the paper's stage 1 keeps all 2 bytes; during backward DeepSpeed holds them too). Stage 3
+    with zero3_cpu_test.json, which partitions every parameter (zero3.json keeps those of up to 1e5 elements whole
+    on every rank: the README's table has both)."""
     out = torchrun_standalone("multigpu_torchrun.py", ranks, "--model", "gpt", "--gpt-params", "1M", "--amp",
                               "--memory-report", "--max-steps", "2", "--dataset-size", "256", "--batch-size", "4",
-                              *config(f"zero{stage}"), timeout=300).stdout
+                              *config("zero3_cpu_test" if stage == 3 else f"zero{stage}"), timeout=300).stdout
     line = re.search(r"memory per rank \| stage (\d) \| world (\d+) \| params (\d+) \| param bytes (\d+) \| "
                      r"grad bytes (\d+) \| optimizer bytes (\d+)", out)
     assert line, out
@@ -432,6 +451,41 @@ def launcher_argv(tmp_path, visible, cuda):
     return argv_file.read_text().splitlines()
 
 
+# The deepspeed launcher in a preempted job: it records which signals it ignores (SigIgn in /proc: USR1 is bit 9,
+# TERM bit 14), then Slurm's USR1 reaches the batch shell (once its trap is set), which forwards it to the step --
+# to this process, which the real launcher's two processes would die of -- and the workers save and exit 75.
+PREEMPTED_LAUNCHER = """#!/bin/bash
+awk '/^SigIgn/ {print $2}' /proc/$$/status >"$FAKE_SLURM_DIR/ignored"
+for _ in $(seq 400); do
+  (( 16#$(awk '/^SigCgt/ {print $2}' "/proc/$PPID/status") & 1 << 9 )) && break; sleep 0.05
+done
+kill -USR1 "$PPID"; sleep 0.5; echo saved >"$FAKE_SLURM_DIR/saved"; exit 75
+"""
+FAKE_SCONTROL = '#!/bin/bash\n[ "$1" = requeue ] && echo "$2" >"$FAKE_SLURM_DIR/requeued"\n'
+
+
+def test_deepspeed_launcher_template_forwards_usr1_and_requeues(tmp_path):
+    """multigpu_torchrun_deepspeed.sbatch (issue #25 item 6): Slurm's USR1 to the batch shell is forwarded to the
+    step, whose launcher ignores USR1 and TERM (deepspeed.launcher.launch handles only INT/TERM: a USR1 killed it
+    and the workers with it, and the batch shell itself died of the USR1: no checkpoint, no requeue); the workers'
+    exit 75 is requeued."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for name, text in (("srun", FAKE_SRUN), ("deepspeed", PREEMPTED_LAUNCHER), ("python", FAKE_PYTHON),
+                       ("scontrol", FAKE_SCONTROL)):
+        (bin_dir / name).write_text(text)
+        (bin_dir / name).chmod(0o755)
+    env = clean_env(PATH=f"{bin_dir}:{os.environ['PATH']}", PYTHON=bin_dir / "python", FAKE_SLURM_DIR=tmp_path,
+                    NO_CUDA=1, SLURM_JOB_NAME="ds", SLURM_JOB_ID=4242, SLURM_CPUS_PER_TASK=4, SLURM_GPUS_ON_NODE=2,
+                    CUDA_VISIBLE_DEVICES="0,1")
+    proc = run(["bash", DS / "multigpu_torchrun_deepspeed.sbatch", "--epochs", "1"], env=env, cwd=tmp_path,
+               timeout=60, check=False)
+    assert proc.returncode == 0 and "requeue: got USR1, forwarding it" in proc.stdout, proc.stdout
+    ignored = int((tmp_path / "ignored").read_text(), 16)
+    assert ignored & (1 << 9) and ignored & (1 << 14), f"the launcher does not ignore USR1 and TERM: {ignored:x}"
+    assert (tmp_path / "saved").exists() and (tmp_path / "requeued").read_text().strip() == "4242", proc.stdout
+
+
 @pytest.fixture(scope="module")
 def deepspeed_on_gpus(tmp_path_factory):
     """GPU_PROBE's findings: the devices DeepSpeed picks next to the recipe's, and the CUDA_VISIBLE_DEVICES the
@@ -468,13 +522,30 @@ def test_memory_report_gathers_on_the_engines_device(monkeypatch):
     device stands in for the GPU here."""
     (cluster,) = load_folder("cluster")
     gathered = []
-    monkeypatch.setattr(cluster, "model_state_bytes", lambda engine: {"params": 1, "grads": 2, "optimizer": 3})
+    monkeypatch.setattr(cluster, "model_state_bytes", lambda engine: {"params": 1, "grads": 2, "optimizer": 3,
+                                                                     "numel": 4, "whole": 0})
     monkeypatch.setattr(cluster.dist, "get_world_size", lambda: 2)
     monkeypatch.setattr(cluster.dist, "all_gather", lambda outputs, t: gathered.append([t.device, *(o.device for o in
                                                                                                     outputs)]))
     engine = types.SimpleNamespace(device=torch.device("meta"), zero_optimization_stage=lambda: 2)
     cluster.report_memory(engine, rank=1)
     assert gathered == [[torch.device("meta")] * 3]
+
+
+def test_memory_report_counts_the_whole_parameters_zero3_keeps(monkeypatch):
+    """ZeRO-3 keeps a parameter of at most stage3_param_persistence_threshold elements whole on every rank (ds_persist:
+    p.data stays gathered) besides its shard (ds_tensor): both are resident and counted. The report used to read
+    ds_tensor alone and showed 1/N of the parameters where every rank held them all (zero3.json on the ConvNet)."""
+    (cluster,) = load_folder("cluster")
+    layer = torch.nn.Linear(4, 4)  # weight 16 elements: partitioned; bias 4: persistent
+    for p, persist in ((layer.weight, False), (layer.bias, True)):
+        p.ds_numel, p.ds_persist, p.ds_tensor = p.numel(), persist, torch.zeros(p.numel() // 2)
+        if not persist:
+            p.data = torch.empty(0)  # released: what ZeRO-3 leaves outside forward/backward
+    engine = types.SimpleNamespace(module=layer, optimizer=types.SimpleNamespace(state={}),
+                                   zero_optimization_stage=lambda: 3)
+    measured = cluster.model_state_bytes(engine)
+    assert measured["params"] == (8 + 2 + 4) * 4 and measured["numel"] == 20 and measured["whole"] == 4, measured
 
 
 def test_resume_restores_the_rng_from_a_state_loaded_elsewhere(monkeypatch, tmp_path):
@@ -515,3 +586,57 @@ def test_gpus_given_to_a_torch_without_cuda_is_refused(tmp_path, script, env, fl
                       "4", "--log-every", "1", "--checkpoint-dir", ckpt, *flags], env=clean_env(**env), timeout=60)
     one_error_line(proc, given)
     assert "rather than training on the CPU" in proc.stderr and not ckpt.exists() and not proc.stdout
+
+
+# ------------------------------------------------------------------------------ the command line vs the config
+# (issue #25 item 4) A JSON optimizer's lr is overridden only by an --lr given on the command line; a JSON
+# "scheduler" section is built by DeepSpeed as written, never silently replaced by the recipe's cosine.
+
+
+def merged_config(monkeypatch, tmp_path, section, *argv):
+    """parse_args on this command line, then what the recipe hands deepspeed.initialize: the config (load_ds_config)
+    and the client optimizer and scheduler (build_model_and_optimizer)."""
+    cluster, recipe = load_folder("cluster", "recipe")
+    path = tmp_path / "cfg.json"
+    path.write_text(json.dumps({"zero_optimization": {"stage": 1}, **section}))
+    monkeypatch.setattr(sys, "argv", ["single_gpu.py", "--ds-config", str(path), *argv])
+    args = cluster.parse_args("test")
+    cfg = cluster.load_ds_config(args, 1, torch.device("cpu"))
+    dataset = types.SimpleNamespace(in_channels=1)
+    _, optimizer, scheduler = recipe.build_model_and_optimizer(args, dataset, 16, cfg)
+    return cfg, optimizer, scheduler
+
+
+@pytest.mark.parametrize("argv, lr", [((), 3e-4), (("--lr", "0.01"), 0.01)], ids=["file-lr", "flag-lr"])
+def test_json_optimizer_lr_is_overridden_only_by_a_given_lr(monkeypatch, tmp_path, argv, lr):
+    section = {"optimizer": {"type": "AdamW", "params": {"lr": 3e-4, "weight_decay": 0.01}}}
+    cfg, optimizer, _ = merged_config(monkeypatch, tmp_path, section, *argv)
+    assert optimizer is None and cfg["optimizer"]["params"] == {"lr": lr, "weight_decay": 0.01}
+
+
+def test_json_optimizer_without_lr_gets_the_recipes_default(monkeypatch, tmp_path):
+    cfg, _, _ = merged_config(monkeypatch, tmp_path, {"optimizer": {"type": "SGD", "params": {"momentum": 0.9}}})
+    assert cfg["optimizer"]["params"] == {"lr": 0.05, "momentum": 0.9}
+
+
+def test_json_scheduler_is_honoured(monkeypatch, tmp_path):
+    """No client scheduler is passed: DeepSpeed builds the config's own (_configure_lr_scheduler ignores the
+    "scheduler" section whenever a client one is given). The run itself: test_mnist_idx_files."""
+    section = {"optimizer": {"type": "SGD", "params": {"momentum": 0.9}},  # no torch optimizer built here: cheap
+               "scheduler": {"type": "WarmupLR", "params": {"warmup_num_steps": 4}}}
+    cfg, _, scheduler = merged_config(monkeypatch, tmp_path, section, "--lr", "0.01")
+    assert scheduler is None and cfg["scheduler"] == section["scheduler"]
+    assert cfg["optimizer"]["params"]["lr"] == 0.01  # WarmupLR without warmup_max_lr warms up to the optimizer's lr
+
+
+def test_lr_given_with_a_scheduler_that_sets_the_lr_is_refused(monkeypatch, tmp_path):
+    """WarmupLR's warmup_max_lr (OneCycle's cycle_max_lr ...) would replace --lr after the first step: one line,
+    exit 2, instead of a flag that silently does nothing."""
+    section = {"optimizer": {"type": "SGD", "params": {"momentum": 0.9}},
+               "scheduler": {"type": "WarmupLR", "params": {"warmup_max_lr": 0.1, "warmup_num_steps": 4}}}
+    with pytest.raises(Exception) as caught:
+        merged_config(monkeypatch, tmp_path, section, "--lr", "0.01")
+    assert type(caught.value).__name__ == "RecipeError", caught.value
+    assert "warmup_max_lr" in str(caught.value) and "--lr" in str(caught.value)
+    cfg, _, scheduler = merged_config(monkeypatch, tmp_path, section)  # without --lr: the file's schedule rules
+    assert scheduler is None and cfg["scheduler"]["params"]["warmup_max_lr"] == 0.1
