@@ -30,6 +30,11 @@ import sys
 import threading
 import time
 
+# Seconds a rank > 0 waits before leaving with an error that only rank 0 prints (RecipeError(every_rank=False)):
+# every rank finds it alike, and under srun --kill-on-bad-exit the first task to exit ends the others -- a rank 1
+# that left first killed rank 0 before its line was out (seen in a local-cluster job: exit 2, no line).
+QUIET_RANKS_WAIT_S = 5
+
 # Exit status of a run that stopped early because the scheduler asked it to (SIGUSR1/SIGTERM) after saving
 # a snapshot. 75 is EX_TEMPFAIL from sysexits.h: "try again later". Job scripts requeue on it.
 PREEMPTED_EXIT_CODE = 75
@@ -38,7 +43,8 @@ PREEMPTED_EXIT_CODE = 75
 class RecipeError(Exception):
     """A problem with the launch, the input or the files, reported as one clear line instead of a traceback.
 
-    every_rank=False: only rank 0 prints it (an error every rank finds alike, e.g. a bad dataset shape)."""
+    every_rank=False: only rank 0 prints it (an error every rank finds alike, e.g. a bad dataset shape); the
+    others wait QUIET_RANKS_WAIT_S before they exit, so that under srun rank 0's line gets out first."""
 
     def __init__(self, message, *, every_rank=True):
         super().__init__(message)
@@ -122,6 +128,8 @@ def run(main, *args, rank=None, explain=None, cleanup=None, hard_exit=False):
     except RecipeError as e:
         if e.every_rank or rank == 0:
             log(rank, f"error: {e}", file=sys.stderr)
+        else:  # srun --kill-on-bad-exit ends the step at the first task's exit: let rank 0 say it first
+            time.sleep(QUIET_RANKS_WAIT_S)
         code = 2
     except SystemExit as e:
         if not (hard_exit and e.code == PREEMPTED_EXIT_CODE):

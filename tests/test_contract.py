@@ -189,6 +189,37 @@ def test_bad_input_is_one_line_and_exit_2(folder, tmp_path):
     assert "a-file is a file" in proc.stderr, proc.stderr[-2000:]
 
 
+def test_an_error_only_rank_0_prints_gets_out_before_the_other_ranks_leave(monkeypatch, capsys):
+    """RecipeError(every_rank=False): rank 0 prints the line and exits 2 at once; a rank > 0 prints nothing and
+    waits QUIET_RANKS_WAIT_S before it exits 2 -- under srun --kill-on-bad-exit a rank 1 that left first ended the
+    step before rank 0's line was out (lightning's --devices mismatch job: FAILED with no line, seen in CI's
+    rehearsal). time.sleep is patched: what is checked is that the wait happens, not how long it takes."""
+    sys.path.insert(0, str(ROOT / "pytorch"))
+    try:
+        import toolkit
+    finally:
+        sys.path.pop(0)
+    slept = []
+    monkeypatch.setattr(toolkit.time, "sleep", slept.append)
+
+    def main():
+        raise toolkit.RecipeError("every rank finds this", every_rank=False)
+
+    import signal
+    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGUSR1, signal.SIGTERM)}  # run() installs its own
+    try:
+        for rank in (0, 1):
+            with pytest.raises(SystemExit) as leaving:
+                toolkit.run(main, rank=rank)
+            assert leaving.value.code == 2
+    finally:
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
+    err = capsys.readouterr().err
+    assert err.splitlines() == ["[rank0] error: every rank finds this"], err
+    assert slept == [toolkit.QUIET_RANKS_WAIT_S] and toolkit.QUIET_RANKS_WAIT_S > 0
+
+
 def test_the_validators_refuse_the_neighbours_of_bad_input(tmp_path):
     """toolkit's validators (C2), with the neighbours of each case the subprocess test sends: every non-finite
     number (nan, inf, -inf, 1e999 which is inf), and every path that cannot become a directory (a file, a path
