@@ -114,6 +114,8 @@ def parse_args(argv=None):
                         "job, c10d rendezvous at MASTER_ADDR:MASTER_PORT (bench.sbatch sets both)")
     p.add_argument("--gpus-per-node", type=int, default=0,
                    help="ranks per node with --launcher srun (world sizes above it span nodes)")
+    p.add_argument("--backend", choices=["auto", "nccl", "gloo"], default="auto",
+                   help="passed to every entry; auto: nccl where the baseline's torch has CUDA, else gloo")
     p.add_argument("--launch-timeout", type=float, default=600, help="seconds before a launch counts as hung")
     p.add_argument("--wait-quiet", type=float, default=0, metavar="SECONDS",
                    help="before every launch, wait up to this long for other processes to use under --quiet-cores "
@@ -485,7 +487,7 @@ def main(argv=None):
     info = versions(BASELINE.env, devices=True)  # the baseline's torch decides: CUDA -> nccl, else gloo
     for env in dict.fromkeys(e.env for e in args.recipes):
         info.update({k: v for k, v in versions(env, devices=False).items() if k not in info})
-    backend = args.backend = "nccl" if info["cuda"] else "gloo"
+    backend = args.backend = args.backend if args.backend != "auto" else "nccl" if info["cuda"] else "gloo"
     if args.launcher == "local" and info["cuda"] and max(args.world_sizes) > len(info["gpus"]):
         sys.exit(f"error: {len(info['gpus'])} GPU(s) here, world sizes {args.world_sizes} asked for")
     quiet = wait_until_quiet(args.wait_quiet, args.quiet_cores) if args.wait_quiet and not info["cuda"] else None

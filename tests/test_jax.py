@@ -249,7 +249,7 @@ def failing(script, *args, env=None, timeout=90):
 
 @pytest.mark.parametrize("script, argv, message", [
     ("single_gpu.py", ["--batch-size", "0"], "must be a positive integer, got 0"),
-    ("single_gpu.py", ["--lr", "-1"], "must be a positive number, got -1"),
+    ("single_gpu.py", ["--lr", "-1"], "must be a positive finite number, got -1"),
     ("single_gpu.py", ["--data", "mnist"], "--data mnist needs --data-dir"),
     ("multigpu.py", ["--nprocs", "2", "--dataset-size", "1", "--batch-size", "1"],
      "the dataset has 1 samples but the world size is 2"),

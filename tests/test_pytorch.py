@@ -570,7 +570,7 @@ def test_the_io_wait_group_is_connected_at_start_up(monkeypatch):
     cluster.io_group.cache_clear()
 
 
-SLOW_SAVE = """
+SLOW_DCP_SAVE = """
 import os, runpy, sys, time
 import torch.distributed.checkpoint as dcp
 _save = dcp.save
@@ -587,7 +587,7 @@ def test_fsdp_checkpoint_waits_are_bounded_by_io_timeout_not_timeout(tmp_path):
     --timeout (the NCCL watchdog's deadline on GPUs; gloo's here) killed the job mid-save. They now go over the
     gloo I/O group, bounded by --io-timeout: one rank's save 20 s late with --timeout 8 completes."""
     wrapper = tmp_path / "slow_save.py"
-    wrapper.write_text(SLOW_SAVE)
+    wrapper.write_text(SLOW_DCP_SAVE)
     out = run([*torchrun("pytorch"), "--standalone", "--nproc_per_node", "2", wrapper, PT / "fsdp.py", "--epochs", "1",
                "--dataset-size", "64", "--batch-size", "16", "--log-every", "1000", "--timeout", "8",
                "--rendezvous-timeout", "120", "--checkpoint-dir", tmp_path / "ckpt"],
