@@ -487,7 +487,9 @@ def main(argv=None):
     info = versions(BASELINE.env, devices=True)  # the baseline's torch decides: CUDA -> nccl, else gloo
     for env in dict.fromkeys(e.env for e in args.recipes):
         info.update({k: v for k, v in versions(env, devices=False).items() if k not in info})
-    backend = args.backend = args.backend if args.backend != "auto" else "nccl" if info["cuda"] else "gloo"
+    if args.backend == "auto":
+        args.backend = "nccl" if info["cuda"] else "gloo"
+    backend = args.backend
     if args.launcher == "local" and info["cuda"] and max(args.world_sizes) > len(info["gpus"]):
         sys.exit(f"error: {len(info['gpus'])} GPU(s) here, world sizes {args.world_sizes} asked for")
     quiet = wait_until_quiet(args.wait_quiet, args.quiet_cores) if args.wait_quiet and not info["cuda"] else None

@@ -42,6 +42,16 @@ EXCEPTIONS = {(folder, rule) for folder, rule in
 SMOKE = ["--epochs", "2", "--dataset-size", "16", "--batch-size", "4", "--log-every", "1"]
 
 
+def import_toolkit():
+    """toolkit.py imported into this process (the same file in every folder: pytorch/'s copy)."""
+    sys.path.insert(0, str(ROOT / "pytorch"))
+    try:
+        import toolkit
+    finally:
+        sys.path.pop(0)
+    return toolkit
+
+
 def excepted(folder: str, rule: str) -> bool:
     """True when CONTRACT.md's exceptions table excuses `folder` from `rule` (e.g. C1:multigpu.py) or its whole
     rule (C1)."""
@@ -194,11 +204,7 @@ def test_an_error_only_rank_0_prints_gets_out_before_the_other_ranks_leave(monke
     waits QUIET_RANKS_WAIT_S before it exits 2 -- under srun --kill-on-bad-exit a rank 1 that left first ended the
     step before rank 0's line was out (lightning's --devices mismatch job: FAILED with no line, seen in CI's
     rehearsal). time.sleep is patched: what is checked is that the wait happens, not how long it takes."""
-    sys.path.insert(0, str(ROOT / "pytorch"))
-    try:
-        import toolkit
-    finally:
-        sys.path.pop(0)
+    toolkit = import_toolkit()
     slept = []
     monkeypatch.setattr(toolkit.time, "sleep", slept.append)
 
@@ -224,11 +230,7 @@ def test_the_validators_refuse_the_neighbours_of_bad_input(tmp_path):
     """toolkit's validators (C2), with the neighbours of each case the subprocess test sends: every non-finite
     number (nan, inf, -inf, 1e999 which is inf), and every path that cannot become a directory (a file, a path
     below a file, an empty path); a directory that exists or can be made passes."""
-    sys.path.insert(0, str(ROOT / "pytorch"))
-    try:
-        import toolkit
-    finally:
-        sys.path.pop(0)
+    toolkit = import_toolkit()
     from argparse import ArgumentTypeError
 
     for text in ("nan", "inf", "-inf", "1e999", "0", "-1e-9"):
@@ -304,11 +306,7 @@ def test_the_silent_cpu_seam_with_the_gpu_facts_patched_in(monkeypatch):
     """toolkit's seam on its own (C12): what counts as GPUs given, and the causes a torch folder names -- a CPU
     build, a driver torch cannot use (its warning quoted), a usable GPU (no problem) -- with torch's answers
     patched, as a GPU node with a broken install would give them."""
-    sys.path.insert(0, str(ROOT / "pytorch"))
-    try:
-        import toolkit
-    finally:
-        sys.path.pop(0)
+    toolkit = import_toolkit()
     import torch
     import warnings
 
