@@ -48,6 +48,7 @@ echo $SLURM_PROCID
 EOF
 """
 
+ONE = HEADER.replace("--ntasks-per-node=8", "--ntasks-per-node=1")
 BROKEN = {
     "SB001 space": (HEADER + "# SBATCH --gpus-per-node=4\n" + GOOD_BODY, "SB001", 6),
     "SB001 lowercase": (HEADER + "#sbatch --time=1:00:00\n" + GOOD_BODY, "SB001", 6),
@@ -82,6 +83,36 @@ BROKEN = {
     "SB106 cpus": (HEADER + "#SBATCH --cpus-per-task=4\n" + GOOD_BODY, "SB106", 12),
     "SB107 sourced": (HEADER + "source ./env_cluster.sh\n" + GOOD_BODY, "SB107", 6),
     "SB108 kill": (HEADER + GOOD_BODY + "trap 'kill -TERM \"$STEP_PID\"' TERM\n", "SB108", 17),
+    # issue 24's misses: default ports, training commands beyond python/torchrun, a PID of another shell
+    "SB101 accelerate default port": (ONE + "srun --kill-on-bad-exit=1 bash -c 'accelerate launch --num_machines 2 "
+                                      "--num_processes 16 --machine_rank \"$SLURM_NODEID\" train.py'\n", "SB101", 6),
+    "SB101 torchrun default port": (ONE + "srun --kill-on-bad-exit=1 bash -c 'torchrun --nnodes 2 --nproc-per-node 8 "
+                                    "--node-rank \"$SLURM_NODEID\" --master-addr \"$MASTER_ADDR\" train.py'\n",
+                                    "SB101", 6),
+    "SB101 c10d default port": (ONE + "srun --kill-on-bad-exit=1 torchrun --nnodes 2 --nproc-per-node 8 \\\n"
+                                "  --rdzv-backend c10d --rdzv-endpoint \"$(hostname)\" train.py\n", "SB101", 6),
+    "SB104 nemo": (HEADER + "srun nemo llm pretrain --factory llama3_8b\n", "SB104", 6),
+    "SB106 ray start": (ONE + "#SBATCH --cpus-per-task=4\nsrun --kill-on-bad-exit=1 ray start --address=h:6379 "
+                        "--block\n", "SB106", 7),
+    "SB108 assigned in the step's shell": (HEADER + "srun --kill-on-bad-exit=1 bash -c \"python3 train.py & "
+                                           "child=\\$!; wait \\$child\" &\ntrap 'kill -TERM \"$child\"' TERM\n",
+                                           "SB108", 7),
+}
+# issue 24's false alarms: each was reported before the fix.
+CLEAN = {
+    "kill-on-bad-exit in a multi-line SRUN_ARGS": HEADER + 'SRUN_ARGS="--wait=60 \\\n  --kill-on-bad-exit=1"\n'
+    "# shellcheck disable=SC2086\nsrun $SRUN_ARGS python3 train.py\n",
+    "srun helper in a command substitution": HEADER + "set -eu\nip=$(srun -N1 -n1 hostname -I | cut -d' ' -f1)\n"
+    "srun --kill-on-bad-exit=1 python3 train.py --host \"$ip\"\n",
+    "${SLURM_NNODES:-1} branch": ONE + 'if [ "${SLURM_NNODES:-1}" -gt 1 ]; then\n'
+    '  srun --kill-on-bad-exit=1 torchrun --nnodes 2 --nproc-per-node 8 --rdzv-backend c10d \\\n'
+    '    --rdzv-endpoint "$(hostname):$((15000 + SLURM_JOB_ID % 15000))" train.py\n'
+    "else\n  torchrun --standalone --nproc-per-node 8 train.py\nfi\n",
+    "launcher variable echoed for the log": ONE + 'CMD="torchrun --nnodes 2 --nproc-per-node 8 --rdzv-backend c10d '
+    '--rdzv-endpoint $(hostname):$((15000 + SLURM_JOB_ID % 15000)) train.py"\necho "running: $CMD"\n'
+    'srun --kill-on-bad-exit=1 bash -c "$CMD"\n',
+    "single-node torchrun takes a free port": ONE.replace("--nodes=2", "--nodes=1")
+    + "srun --kill-on-bad-exit=1 torchrun --nproc-per-node 8 train.py\n",
 }
 
 
@@ -105,6 +136,49 @@ def test_rule_fires(tmp_path, name):
     findings = lint(tmp_path, text)
     relevant = [(f.code, f.line) for f in findings if f.code == code or f.severity == "error"]
     assert relevant == [(code, line)], "\n".join(map(str, findings))
+
+
+@pytest.mark.lint
+@pytest.mark.parametrize("name", CLEAN)
+def test_no_false_alarm(tmp_path, name):
+    assert lint(tmp_path, CLEAN[name]) == []
+
+
+SB106_JOB = HEADER + "#SBATCH --cpus-per-task=4\n" + GOOD_BODY
+
+
+@pytest.mark.lint
+def test_sb106_names_the_slurm_versions(tmp_path):
+    """srun stopped inheriting --cpus-per-task in 22.05; later releases are reported to read it again: the finding
+    names the releases when the version is unknown, and only a release inside them reports it."""
+    (tmp_path / "train.py").write_text("")
+    path = tmp_path / "job.sbatch"
+    path.write_text(SB106_JOB)
+
+    def sb106(version):
+        return [f.message for f in sbatch_lint.lint_file(path, slurm_version=version) if f.code == "SB106"]
+
+    (unknown,) = sb106(None)
+    assert "22.05-23.x" in unknown and "srun --version" in unknown, unknown
+    (known,) = sb106((23, 2))
+    assert "on Slurm 23.02 srun does not inherit it" in known, known
+    assert sb106((21, 8)) == [] and sb106((24, 11)) == []
+
+
+@pytest.mark.lint
+def test_slurm_version_from_srun_or_the_option(tmp_path):
+    """Without --slurm-version the linter asks `srun --version`; the option wins over it."""
+    (tmp_path / "train.py").write_text("")
+    (tmp_path / "job.sbatch").write_text(SB106_JOB)
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    (fake / "srun").write_text("#!/bin/sh\necho 'slurm 24.11.5'\n")
+    (fake / "srun").chmod(0o755)
+    env = {**os.environ, "PATH": f"{fake}{os.pathsep}{os.environ['PATH']}"}
+    rc, out, _ = lint_cli(tmp_path / "job.sbatch", "--no-shellcheck", "--strict", env=env)
+    assert rc == 0 and "SB106" not in out, out
+    rc, out, _ = lint_cli(tmp_path / "job.sbatch", "--no-shellcheck", "--slurm-version", "22.05", env=env)
+    assert rc == 0 and ":12: SB106 warning" in out and "on Slurm 22.05 srun" in out, out
 
 
 @pytest.mark.lint
@@ -180,7 +254,7 @@ def test_cli_exit_codes(tmp_path):
 
 @pytest.mark.lint
 @pytest.mark.parametrize("args", [["does/not/exist.sbatch"], ["--format", "xml", "x"], ["--root", "nowhere", "."],
-                                  ["--bogus"], ["EMPTY"]])
+                                  ["--bogus"], ["EMPTY"], ["--slurm-version", "latest", "x"]])
 def test_cli_bad_input_is_one_error_line(tmp_path, args):
     (tmp_path / "notes.txt").write_text("no job scripts here\n")
     args = [str(tmp_path) if a == "EMPTY" else a for a in args]
@@ -235,10 +309,11 @@ def test_json_format(tmp_path):
 @pytest.mark.lint
 def test_shellcheck_runs_from_the_linter(tmp_path):
     """`kill "$pid"` of a never-assigned variable: SB108 always; shellcheck's SC2154 too when it is installed,
-    and when it is not, the linter says to install it."""
+    and when it is not, the linter says to install it. Shellcheck's style findings (SC2155 `export X=$(...)`) only
+    with --shellcheck-all."""
     job = tmp_path / "job.sbatch"
     job.write_text('#!/bin/bash\n#SBATCH --time=00:05:00\nset -euo pipefail\npython3 -c "print(1)" &\n'
-                   'trap \'kill -USR1 "$pid"\' USR1\nwait\n')
+                   'trap \'kill -USR1 "$pid"\' USR1\nwait\nexport HOST=$(hostname)\n')
     bare = tmp_path / "bin"
     bare.mkdir()
     os.symlink(shutil.which("bash"), bare / "bash")
@@ -248,6 +323,7 @@ def test_shellcheck_runs_from_the_linter(tmp_path):
         unavailable("shellcheck not installed (tools/system_deps.sh installs it)")
     rc, out, err = lint_cli(job, "--strict")
     assert rc == 1 and ":5: SC2154 warning" in out and "not installed" not in err, (out, err)
+    assert "SC2155" not in out and ":7: SC2155 warning" in lint_cli(job, "--strict", "--shellcheck-all")[1], out
     assert "SC2154" not in lint_cli(job, "--strict", "--no-shellcheck")[1]
 
 
