@@ -4,6 +4,7 @@ tools under plain torchrun (so they are exercised even where the local cluster c
 import importlib.util
 import json
 import os
+import re
 
 import pytest
 
@@ -126,6 +127,18 @@ NICS = ["docker0", "eth0", "ibp65s0", "ibs1", "lo"]
 ])
 def test_nccl_socket_ifname_is_a_prefix_list(spec, selected):
     assert doctor.nccl_selects(spec, NICS) == selected
+
+
+def test_the_templates_hint_an_nccl_socket_ifname_that_selects_ipoib_interfaces_by_any_name():
+    """#23: the templates' commented hint was the exact name ib0, which IPoIB interfaces named after their PCI slot
+    (ibp65s0, ibs1) do not have; as a prefix, `ib` selects them all."""
+    hints = {}
+    for script in [*ROOT.glob("*/*.sbatch"), *ROOT.glob("slurm_templates/tools/*.sbatch")]:
+        for spec in re.findall(r"^# export NCCL_SOCKET_IFNAME=(\S+)", script.read_text(), re.M):
+            hints[script.relative_to(ROOT).as_posix()] = spec
+    assert len(hints) >= 10, hints
+    for script, spec in hints.items():
+        assert doctor.nccl_selects(spec, ["eth0", "ib0", "ibp65s0", "ibs1", "lo"]) == ["ib0", "ibp65s0", "ibs1"], script
 
 
 @pytest.mark.parametrize("env, problem", [
