@@ -4,6 +4,7 @@ tools under plain torchrun (so they are exercised even where the local cluster c
 import importlib.util
 import json
 import os
+import re
 
 import pytest
 
@@ -43,6 +44,25 @@ def test_sizes():
     assert bench.sizes(1024, 16384, 4) == [1024, 4096, 16384]
 
 
+def clean_launch_env(monkeypatch):
+    for key in list(os.environ):
+        if key.startswith(("SLURM_", "TORCHELASTIC_")) or key in {
+                "RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "NCCL_SOCKET_IFNAME",
+                "GLOO_SOCKET_IFNAME"}:
+            monkeypatch.delenv(key)
+
+
+def fake_dns(monkeypatch, table, host):
+    """Name resolution as a node with this /etc/hosts would answer it; this machine's hostname is `host`."""
+    def getaddrinfo(name, *args, **kwargs):
+        if name not in table:
+            raise doctor.socket.gaierror(-2, "Name or service not known")
+        family = doctor.socket.AF_INET6 if ":" in table[name] else doctor.socket.AF_INET
+        return [(family, doctor.socket.SOCK_STREAM, 6, "", (table[name], 0))]
+    monkeypatch.setattr(doctor.socket, "getaddrinfo", getaddrinfo)
+    monkeypatch.setattr(doctor.socket, "gethostname", lambda: host)
+
+
 @pytest.mark.parametrize("env, problem", [
     ({"RANK": "0", "WORLD_SIZE": "4", "MASTER_PORT": "1"}, "MASTER_ADDR is not set"),
     ({"RANK": "0", "WORLD_SIZE": "4", "MASTER_ADDR": "localhost", "MASTER_PORT": "1", "SLURM_NNODES": "2"},
@@ -57,16 +77,151 @@ def test_sizes():
       "SLURM_CPUS_PER_TASK": str(len(os.sched_getaffinity(0)))}, None),
 ], ids=["no-master-addr", "localhost", "double-launch", "too-few-cores", "ok"])
 def test_doctor_checks(monkeypatch, env, problem):
-    for key in list(os.environ):
-        if key.startswith(("SLURM_", "TORCHELASTIC_")) or key in {"RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"}:
-            monkeypatch.delenv(key)
+    clean_launch_env(monkeypatch)
     for key, value in env.items():
         monkeypatch.setenv(key, value)
+    fake_dns(monkeypatch, {"n1": "10.0.0.1", "localhost": "127.0.0.1"}, host="n1")
     problems = doctor.checks(doctor.launch_env())
     if problem is None:
         assert problems == []
     else:
         assert any(problem in p for p in problems), problems
+
+
+# A Debian/Ubuntu node: its own name on 127.0.1.1 in /etc/hosts, the other node's name on the network.
+DEBIAN_N1 = {"n1": "127.0.1.1", "n2": "10.0.0.2", "localhost": "127.0.0.1", "ip6-localhost": "::1"}
+
+
+@pytest.mark.parametrize("nnodes, env, problem", [
+    (2, {"MASTER_ADDR": "n1"}, "MASTER_ADDR=n1 with 2 nodes: other nodes cannot reach it: it resolves to "
+                               "127.0.1.1 on n1 (an /etc/hosts line `127.0.1.1 n1`"),
+    (2, {"MASTER_ADDR": "ip6-localhost", "GLOO_SOCKET_IFNAME": "eth0"}, "it resolves to ::1 on n1"),
+    (2, {"MASTER_ADDR": "n2"}, "this node's hostname n1 with 2 nodes: other nodes cannot reach it: it resolves "
+                               "to 127.0.1.1 on n1"),
+    (1, {"MASTER_ADDR": "n3"}, "MASTER_ADDR=n3 does not resolve on n1"),
+    (1, {"MASTER_ADDR": "n1"}, None),  # one node: loopback is where everyone is
+    (2, {"MASTER_ADDR": "n2", "GLOO_SOCKET_IFNAME": "eth0"}, None),  # gloo binds to eth0, not the hostname
+], ids=["master-127.0.1.1", "master-::1", "own-hostname-127.0.1.1", "unresolvable", "one-node", "gloo-ifname"])
+def test_doctor_fails_addresses_other_nodes_cannot_reach(monkeypatch, nnodes, env, problem):
+    """#23: a name that resolves to loopback on a node of a multi-node job is unreachable from the others (the
+    rendezvous at MASTER_ADDR, or gloo's address from the hostname); a name that does not resolve ends the
+    rendezvous before it starts. Each is a FAIL naming the host, the address and the fix."""
+    fake_dns(monkeypatch, DEBIAN_N1, host="n1")
+    problems = doctor.address_problems(nnodes, "n1", env)
+    if problem is None:
+        assert problems == []
+    else:
+        assert len(problems) == 1 and problem in problems[0], problems
+        assert "export " in problems[0] or "set MASTER_ADDR" in problems[0], problems
+
+
+NICS = ["docker0", "eth0", "ibp65s0", "ibs1", "lo"]
+
+
+@pytest.mark.parametrize("spec, selected", [
+    ("ib", ["ibp65s0", "ibs1"]),  # a prefix, as NCCL reads it
+    ("ib0", []),  # the old template hint: no interface of an IPoIB node with PCI names
+    ("=ibs1", ["ibs1"]), ("=ib", []),  # '=': exact names
+    ("^docker,lo", ["eth0", "ibp65s0", "ibs1"]), ("^=eth0", ["docker0", "ibp65s0", "ibs1", "lo"]),  # '^': all but
+    ("eth,ibs", ["eth0", "ibs1"]),
+])
+def test_nccl_socket_ifname_is_a_prefix_list(spec, selected):
+    assert doctor.nccl_selects(spec, NICS) == selected
+
+
+def test_the_templates_hint_an_nccl_socket_ifname_that_selects_ipoib_interfaces_by_any_name():
+    """#23: the templates' commented hint was the exact name ib0, which IPoIB interfaces named after their PCI slot
+    (ibp65s0, ibs1) do not have; as a prefix, `ib` selects them all."""
+    hints = {}
+    for script in [*ROOT.glob("*/*.sbatch"), *ROOT.glob("slurm_templates/tools/*.sbatch")]:
+        for spec in re.findall(r"^# export NCCL_SOCKET_IFNAME=(\S+)", script.read_text(), re.M):
+            hints[script.relative_to(ROOT).as_posix()] = spec
+    assert len(hints) >= 10, hints
+    for script, spec in hints.items():
+        assert doctor.nccl_selects(spec, ["eth0", "ib0", "ibp65s0", "ibs1", "lo"]) == ["ib0", "ibp65s0", "ibs1"], script
+
+
+@pytest.mark.parametrize("env, problem", [
+    ({"NCCL_SOCKET_IFNAME": "ib0"}, "NCCL_SOCKET_IFNAME=ib0 selects none of the interfaces of n1 (docker0, eth0, "
+                                    "ibp65s0, ibs1, lo): NCCL reads each name as a prefix"),
+    ({"GLOO_SOCKET_IFNAME": "eth0,ib"}, "GLOO_SOCKET_IFNAME=eth0,ib: no interface ib on n1 (docker0, eth0, "
+                                        "ibp65s0, ibs1, lo); gloo takes exact names"),
+    ({"NCCL_SOCKET_IFNAME": "ib", "GLOO_SOCKET_IFNAME": "ibs1,eth0"}, None),
+], ids=["nccl-ib0", "gloo-prefix", "both-fine"])
+def test_doctor_fails_a_socket_ifname_that_names_no_interface_here(monkeypatch, env, problem):
+    monkeypatch.setattr(doctor.socket, "if_nameindex", lambda: list(enumerate(reversed(NICS), 1)))
+    problems = doctor.interface_problems("n1", env)
+    assert problems == ([] if problem is None else [problems[0]]) and (problem is None or problem in problems[0])
+
+
+def fake_sys(monkeypatch, tmp_path, files):
+    """A /sys of the files given (path -> content) for the doctor to read."""
+    for path, text in files.items():
+        (tmp_path / path).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / path).write_text(text + "\n")
+    monkeypatch.setattr(doctor, "SYS", str(tmp_path))
+
+
+def test_doctor_warns_of_a_memlock_limit_only_where_infiniband_is(monkeypatch, tmp_path):
+    monkeypatch.setattr(doctor.resource, "getrlimit", lambda what: (65536, 65536))
+    fake_sys(monkeypatch, tmp_path, {"class/net/eth0/mtu": "1500"})
+    assert doctor.memlock_warning() == ""  # no InfiniBand: the limit does not matter
+    fake_sys(monkeypatch, tmp_path, {"class/infiniband/mlx5_0/node_type": "1: CA"})
+    warning = doctor.memlock_warning()
+    assert warning.startswith("locked-memory limit 64 KiB (ulimit -l) with InfiniBand here (mlx5_0)"), warning
+    assert "ibv_reg_mr failed" in warning and "ulimit -l unlimited" in warning and "MEMLOCK" in warning
+    unlimited = doctor.resource.RLIM_INFINITY
+    monkeypatch.setattr(doctor.resource, "getrlimit", lambda what: (unlimited, unlimited))
+    assert doctor.memlock_warning() == ""
+
+
+def test_doctor_warns_of_a_rank_far_from_its_gpu(monkeypatch, tmp_path):
+    """The GPU on NUMA node 1 (cores 32-63): a rank on cores 0-1 has no core near it."""
+    fake_sys(monkeypatch, tmp_path, {"bus/pci/devices/0000:dc:00.0/numa_node": "1",
+                                     "bus/pci/devices/0000:1b:00.0/numa_node": "-1",
+                                     "devices/system/node/node1/cpulist": "32-63"})
+    warning = doctor.numa_warning("0000:dc:00.0", {0, 1})
+    assert warning.startswith("GPU 0000:dc:00.0 is on NUMA node 1 (cores 32-63) but this rank runs on cores "
+                              "0-1"), warning
+    assert "torchrun --numa-binding=node" in warning
+    assert doctor.numa_warning("0000:dc:00.0", {1, 33}) == ""  # one core near is enough
+    assert doctor.numa_warning("0000:1b:00.0", {0}) == ""  # -1: the firmware does not say
+    assert doctor.numa_warning(None, {0}) == ""  # a torch that gives no PCI address
+    assert doctor.parse_cpu_list("0-2,5,7-8") == {0, 1, 2, 5, 7, 8}
+
+
+class NoWatchdog:
+    def __init__(self, *args):
+        self.daemon = False
+
+    def start(self):
+        pass
+
+    def cancel(self):
+        pass
+
+
+def test_doctor_prints_warn_and_fail_lines_in_its_format(monkeypatch, tmp_path, capsys):
+    """The new checks through main(), one process: WARN lines leave the exit code alone, a FAIL line exits 3."""
+    clean_launch_env(monkeypatch)
+    monkeypatch.setattr("sys.argv", ["doctor.py", "--backend", "gloo"])
+    monkeypatch.setattr(doctor.threading, "Timer", NoWatchdog)  # a FAIL here leaves main() before it is cancelled
+    monkeypatch.setattr(doctor.resource, "getrlimit", lambda what: (65536, 65536))
+    fake_sys(monkeypatch, tmp_path, {"class/infiniband/mlx5_0/node_type": "1: CA"})
+    monkeypatch.setattr(doctor.socket, "gethostname", lambda: "n1")
+    doctor.main()
+    out = capsys.readouterr().out
+    assert "[doctor] WARN: rank 0 on n1: locked-memory limit 64 KiB" in out, out
+    assert "[doctor] OK: 1 ranks on 1 host(s)" in out, out
+
+    def exit_now(code):
+        raise SystemExit(code)
+    monkeypatch.setattr(doctor.os, "_exit", exit_now)
+    monkeypatch.setenv("NCCL_SOCKET_IFNAME", "no-such-nic")
+    with pytest.raises(SystemExit) as ended:
+        doctor.main()
+    assert ended.value.code == doctor.EXIT_FAIL
+    assert "[doctor] FAIL: rank 0 on n1: NCCL_SOCKET_IFNAME=no-such-nic selects none" in capsys.readouterr().out
 
 
 def test_doctor_fails_a_job_given_gpus_that_torch_cannot_use():

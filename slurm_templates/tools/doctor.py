@@ -5,25 +5,32 @@
 
 Every rank prints one line (rank, node, hostname, the CPU cores it may run on, visible devices, versions);
 rank 0 prints the NCCL/Gloo environment. A rank bound to fewer cores than SLURM_CPUS_PER_TASK fails (srun
-without SRUN_CPUS_PER_TASK on Slurm >= 22.05 runs every task on one core). Then a short all-reduce health
-check runs across all ranks under a watchdog. A job given GPUs (SLURM_GPUS_ON_NODE, CUDA_VISIBLE_DEVICES) that
+without SRUN_CPUS_PER_TASK on Slurm >= 22.05 runs every task on one core), and so does, in a job of several
+nodes, a MASTER_ADDR or a hostname that resolves to a loopback address (127.0.1.1 from a Debian/Ubuntu
+/etc/hosts) or not at all, and a GLOO_SOCKET_IFNAME/NCCL_SOCKET_IFNAME that names no interface of this node.
+"[doctor] WARN" lines (exit code unchanged) flag a locked-memory limit that InfiniBand cannot work with and a
+rank whose cores are all on another NUMA node than its GPU. Then a short all-reduce health check runs across
+all ranks under a watchdog. A job given GPUs (SLURM_GPUS_ON_NODE, CUDA_VISIBLE_DEVICES) that
 torch cannot use fails, as the recipes refuse it (CONTRACT.md C12); --backend gloo checks the CPU path on purpose.
-Exit code 0 means "this launch configuration works"; otherwise
+Exit code 0 means "this launch configuration works" (WARN lines included); otherwise
 a line starting with "[doctor] FAIL" says what is wrong.
 With --report-dir each rank also writes doctor-rank<R>.json there.
 """
 
 import argparse
 import datetime
+import ipaddress
 import json
 import os
 import platform
+import resource
 import socket
 import sys
 import threading
 import time
 
 EXIT_FAIL = 3
+SYS = "/sys"  # the tests point this at a fake tree
 
 
 def log(msg: str) -> None:
@@ -65,6 +72,131 @@ def cpu_list(cores) -> str:
     return ",".join(f"{a}-{b}" if a != b else f"{a}" for a, b in ranges)
 
 
+def parse_cpu_list(text: str) -> set[int]:
+    """'0-2,5' -> {0, 1, 2, 5}: the notation of /sys/devices/system/node/node<N>/cpulist."""
+    cores = set()
+    for part in filter(None, text.strip().split(",")):
+        first, _, last = part.partition("-")
+        cores.update(range(int(first), int(last or first) + 1))
+    return cores
+
+
+def sysfs(path: str) -> str | None:
+    """A file under /sys, stripped; None where it does not exist (a VM, a container, a CPU-only node)."""
+    try:
+        with open(os.path.join(SYS, path)) as f:
+            return f.read().strip()
+    except OSError:
+        return None
+
+
+def resolve(name: str) -> list[str]:
+    """The addresses `name` resolves to on this node, in the order a connect or a bind tries them ([]: none)."""
+    try:
+        found = [info[4][0] for info in socket.getaddrinfo(name, None, type=socket.SOCK_STREAM)]
+    except (OSError, UnicodeError):
+        return []
+    return list(dict.fromkeys(found))
+
+
+def loopback(addresses: list[str]) -> str:
+    """The first loopback address among `addresses` ('' when none is): 127.x or ::1 reach only this node."""
+    return next((a for a in addresses if ipaddress.ip_address(a.split("%")[0]).is_loopback), "")
+
+
+def address_problems(nnodes: int, host: str, env=os.environ) -> list[str]:
+    """Names that other nodes cannot use. MASTER_ADDR is where every rank meets; this node's own hostname is
+    what gloo binds to and tells the others to connect to, unless GLOO_SOCKET_IFNAME names an interface (the
+    recipes' gloo groups exist under NCCL too). With one node, loopback is fine."""
+    problems = []
+    master = env.get("MASTER_ADDR", "")
+    names = [(f"MASTER_ADDR={master}", master, "set MASTER_ADDR to the first of `scontrol show hostnames` (with "
+              "its network address in /etc/hosts or DNS) or to that node's IP address")] if master else []
+    if nnodes > 1 and not env.get("GLOO_SOCKET_IFNAME") and host != master:
+        names.append((f"this node's hostname {host}", host, "give it the node's network address in /etc/hosts or "
+                      "DNS, or export GLOO_SOCKET_IFNAME=<the interface between nodes> (gloo binds to the address "
+                      "of the hostname otherwise)"))
+    for label, name, fix in names:
+        addresses = resolve(name)
+        if not addresses:
+            problems.append(f"{label} does not resolve on {host}: {fix}")
+            continue
+        lo = loopback(addresses)
+        if nnodes > 1 and lo:
+            hosts_line = ("" if name == "localhost" or lo == name else f" (an /etc/hosts line `{lo} {name}`? "
+                          "Debian and Ubuntu write `127.0.1.1 <own hostname>` there)")
+            problems.append(f"{label} with {nnodes} nodes: other nodes cannot reach it: it resolves to {lo} on "
+                            f"{host}{hosts_line}; {fix}")
+    return problems
+
+
+def nccl_selects(spec: str, names: list[str]) -> list[str]:
+    """The interfaces among `names` that NCCL_SOCKET_IFNAME selects, as NCCL reads it: a comma list of name
+    PREFIXES (ib matches ib0, ibp65s0, ibs1), '=' before the list for exact names, '^' before that to exclude."""
+    exclude = spec.startswith("^")
+    spec = spec[exclude:]
+    exact = spec.startswith("=")
+    wanted = [w.split(":")[0] for w in spec[exact:].split(",") if w]
+    return [n for n in names if any(n == w if exact else n.startswith(w) for w in wanted) != exclude]
+
+
+def interface_problems(host: str, env=os.environ) -> list[str]:
+    """NCCL_SOCKET_IFNAME/GLOO_SOCKET_IFNAME that name no interface here: NCCL fails at its bootstrap ("no
+    socket interface found"), gloo at init ("Unable to find address for")."""
+    # socket.if_nameindex, not /sys/class/net: that shows the namespace /sys was mounted in, not this process's.
+    names = sorted(name for _, name in socket.if_nameindex())
+    present = ", ".join(names)
+    problems = []
+    nccl = env.get("NCCL_SOCKET_IFNAME", "")
+    if nccl and not nccl_selects(nccl, names):
+        problems.append(f"NCCL_SOCKET_IFNAME={nccl} selects none of the interfaces of {host} ({present}): NCCL "
+                        "reads each name as a prefix (ib matches ib0, ibp65s0), '=' first for exact names, '^' "
+                        "first to exclude")
+    gloo = [n for n in env.get("GLOO_SOCKET_IFNAME", "").split(",") if n]
+    missing = [n for n in gloo if n not in names]
+    if missing:
+        problems.append(f"GLOO_SOCKET_IFNAME={env['GLOO_SOCKET_IFNAME']}: no interface {', '.join(missing)} on "
+                        f"{host} ({present}); gloo takes exact names (a comma list), not prefixes")
+    return problems
+
+
+def memlock_warning() -> str:
+    """InfiniBand needs pinned memory: under a low `ulimit -l` NCCL's IB transport fails ("ibv_reg_mr failed")."""
+    try:
+        hcas = sorted(os.listdir(os.path.join(SYS, "class", "infiniband")))
+    except OSError:
+        return ""
+    soft, _ = resource.getrlimit(resource.RLIMIT_MEMLOCK)
+    if not hcas or soft == resource.RLIM_INFINITY:
+        return ""
+    return (f"locked-memory limit {soft // 1024} KiB (ulimit -l) with InfiniBand here ({', '.join(hcas)}): NCCL "
+            "can fail with 'ibv_reg_mr failed'. Put `ulimit -l unlimited` before srun (if the hard limit allows), "
+            "or ask for slurm.conf PropagateResourceLimitsExcept=MEMLOCK and slurmd's LimitMEMLOCK=infinity")
+
+
+def gpu_pci_address(index: int) -> str | None:
+    """GPU `index` as sysfs names it ('0000:dc:00.0'), built as torch.numa.binding does; None if torch lacks it."""
+    import torch
+    props = torch.cuda.get_device_properties(index)
+    try:
+        return f"{props.pci_domain_id:04x}:{props.pci_bus_id:02x}:{props.pci_device_id:02x}.0"
+    except AttributeError:
+        return None
+
+
+def numa_warning(pci: str | None, cores) -> str:
+    """A rank whose cores are all on another NUMA node than its GPU: every copy to the GPU crosses sockets."""
+    node = sysfs(f"bus/pci/devices/{pci}/numa_node") if pci else None
+    if node is None or int(node) < 0:  # -1: one NUMA node, or the firmware does not say
+        return ""
+    near = parse_cpu_list(sysfs(f"devices/system/node/node{node}/cpulist") or "")
+    if not near or near & set(cores):
+        return ""
+    return (f"GPU {pci} is on NUMA node {node} (cores {cpu_list(near)}) but this rank runs on cores "
+            f"{cpu_list(cores)}, all on another node; bind ranks near their GPU: `torchrun --numa-binding=node`, "
+            "or with srun per GPU the GPUs' Cores= in gres.conf (AutoDetect=nvml fills them)")
+
+
 def checks(info: dict) -> list[str]:
     """Configuration mistakes that make a job hang, crash or crawl later, found before any collective runs."""
     problems = []
@@ -80,9 +212,8 @@ def checks(info: dict) -> list[str]:
         for var in ("MASTER_ADDR", "MASTER_PORT"):
             if not env.get(var):
                 problems.append(f"{var} is not set (set it in the job script from `scontrol show hostnames`)")
-        if nnodes > 1 and env.get("MASTER_ADDR", "") in {"localhost", "127.0.0.1", "::1"}:
-            problems.append(f"MASTER_ADDR={env['MASTER_ADDR']} with {nnodes} nodes: other nodes cannot reach it "
-                            "(use the first hostname of $SLURM_JOB_NODELIST)")
+        problems += address_problems(nnodes, socket.gethostname(), env)
+    problems += interface_problems(socket.gethostname(), env)
     if info["source"] == "torchrun" and "SLURM_STEP_ID" in env:
         step_tasks = int(env.get("SLURM_STEP_NUM_TASKS", env.get("SLURM_NTASKS", 1)))
         step_nodes = int(env.get("SLURM_STEP_NUM_NODES", nnodes))
@@ -162,6 +293,10 @@ def main() -> None:
         elif shared_gpu(info["local_rank"], ndev):
             problems.append(f"local_rank {info['local_rank']} but only {ndev} GPUs visible to every task on {host}: "
                             "more tasks than GPUs, two ranks would share one (NCCL: 'Duplicate GPU detected')")
+    near_gpu = numa_warning(gpu_pci_address(info["local_rank"] % ndev), cores) if backend == "nccl" and ndev else ""
+    warnings = [w for w in (memlock_warning(), near_gpu) if w]
+    for warning in warnings:
+        log(f"WARN: rank {rank} on {host}: {warning}")
     if problems:
         fail(f"rank {rank} on {host}: " + "; ".join(problems))
 
@@ -196,7 +331,8 @@ def main() -> None:
     if args.report_dir:
         os.makedirs(args.report_dir, exist_ok=True)
         report = dict(info, host=host, hosts=hosts, cpu_affinity=sorted(cores), backend=backend,
-                      torch=torch.__version__, cuda_visible_devices=visible, allreduce_seconds=took)
+                      torch=torch.__version__, cuda_visible_devices=visible, allreduce_seconds=took,
+                      warnings=warnings)
         with open(os.path.join(args.report_dir, f"doctor-rank{rank}.json"), "w") as f:
             json.dump(report, f, indent=1)
     if rank == 0:
