@@ -17,7 +17,8 @@ Map:
     rendezvous                   around jax.distributed.initialize: a busy port, an unreachable coordinator or a
                                  missing peer become one line within --timeout (parse_address, check_coordinator)
     launch_plan                  multinode.py: coordinator, process count, process id and GPUs from JAX_* or SLURM_*
-                                 (first_host, local_device_ids)
+                                 (the coordinator's address from JAX's own Slurm detection; local_device_ids,
+                                 tasks_per_node: uneven layouts such as '2(x3),1')
     spawn                        multigpu.py's spawner: N processes, signals forwarded, their exit codes combined
                                  (free_port, default_nprocs, verdict)
     reduce_max                   the ranks' agreement on preemption: toolkit.PREEMPTION.agreed(step, reduce_max)
@@ -276,13 +277,13 @@ def rendezvous(coordinator, process_id, timeout):
 EXPLICIT = ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID")
 
 
-def first_host(nodelist):
-    """n[01-04],m7 -> n01: the first node of a Slurm host list, where process 0 runs the coordinator."""
-    head = nodelist.split(",")[0] if "[" not in nodelist.split(",")[0] else nodelist.split("]")[0] + "]"
-    if "[" not in head:
-        return head
-    prefix, ranges = head[:-1].split("[")
-    return prefix + ranges.split(",")[0].split("-")[0]
+def tasks_per_node(layout):
+    """Slurm's compressed list of tasks per node, node by node: '2(x3),1' -> [2, 2, 2, 1]."""
+    counts = []
+    for part in layout.split(","):
+        count, _, times = part.partition("(x")
+        counts += [int(count)] * int(times.rstrip(")") or 1)
+    return counts
 
 
 def local_device_ids():
@@ -291,7 +292,9 @@ def local_device_ids():
     One task per node: all of them. One GPU visible to this task (srun --gpus-per-task, --gpu-bind): that one.
     """
     visible = visible_gpus()
-    tasks_here = int(os.environ.get("SLURM_STEP_TASKS_PER_NODE", "1").split("(")[0].split(",")[0])
+    # SLURM_NODEID: this node's place in the step's node list, whose task counts may differ ('2(x3),1')
+    layout = tasks_per_node(os.environ.get("SLURM_STEP_TASKS_PER_NODE", "1"))
+    tasks_here = layout[min(int(os.environ.get("SLURM_NODEID", "0")), len(layout) - 1)]
     if visible and tasks_here == 1:
         return list(range(len(visible)))
     if len(visible) == 1:
@@ -320,8 +323,11 @@ def launch_plan():
                               "JAX_COORDINATOR_PORT=$((15000 + SLURM_JOB_ID % 15000)) (JAX's own default, "
                               "61440 + job id % 4096, lies in the ephemeral range and collides now and then)",
                               every_rank=False)
-        address = f"{first_host(os.environ['SLURM_STEP_NODELIST'])}:{port}"
-        return address, None, None, local_device_ids()
+        # The address JAX's Slurm detection would compute (first node of SLURM_STEP_NODELIST), asked of JAX itself
+        # rather than parsed again here: the rendezvous checks that very address before initialize() uses it.
+        from jax._src.clusters.slurm_cluster import SlurmCluster
+
+        return SlurmCluster.get_coordinator_address(None, port), None, None, local_device_ids()
     present = [n for n in EXPLICIT if n in os.environ]
     raise RecipeError(f"{', '.join(n for n in EXPLICIT if n not in present)} not set: start multinode.py with srun "
                       f"inside a Slurm job, or set all of {', '.join(EXPLICIT)} (multigpu.py does that for "

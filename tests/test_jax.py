@@ -369,6 +369,33 @@ def test_srun_without_coordinator_port():
     assert "JAX_COORDINATOR_PORT not set" in failing("multinode.py", env=env)[0]
 
 
+def test_srun_tasks_per_node_of_an_uneven_layout():
+    """SLURM_STEP_TASKS_PER_NODE '2(x3),1': 3 nodes with 2 tasks, then 1 node with one task, which drives all of
+    its GPUs (the first count alone, 2, left it to JAX: GPU number SLURM_LOCALID, 1 of 4)."""
+    cluster = load_common()
+    assert cluster.tasks_per_node("2(x3),1") == [2, 2, 2, 1] and cluster.tasks_per_node("8") == [8]
+    layout = {"SLURM_STEP_TASKS_PER_NODE": "2(x3),1", "CUDA_VISIBLE_DEVICES": "0,1,2,3"}
+    with mock.patch.dict(os.environ, layout | {"SLURM_NODEID": "3"}):
+        assert cluster.local_device_ids() == [0, 1, 2, 3]
+    with mock.patch.dict(os.environ, layout | {"SLURM_NODEID": "0"}):
+        assert cluster.local_device_ids() is None  # 2 tasks, 4 GPUs: JAX's own choice (SLURM_LOCALID)
+
+
+def test_multinode_template_wants_one_task_per_gpu(tmp_path):
+    """multinode.sbatch starts one process per GPU: 1 task per node on 8 GPUs would train on one GPU of each node
+    (4 tasks on 2 GPUs: two processes asking for a GPU that is not there) -- one line and exit 2 before srun."""
+    env = clean_env(SLURM_JOB_ID="7", SLURM_JOB_NAME="t", SLURM_CPUS_PER_TASK="1", SLURM_NNODES="2",
+                    SLURM_NTASKS="2", SLURM_JOB_NODELIST="n[1-2]", SLURM_GPUS_ON_NODE="8", SLURM_NTASKS_PER_NODE="1",
+                    SLURM_TASKS_PER_NODE="1(x2)", PATH=f"{tmp_path}:{os.environ['PATH']}")
+    (tmp_path / "srun").write_text("#!/bin/sh\necho srun started\n")  # what would run, were the check missing
+    (tmp_path / "srun").chmod(0o755)
+    proc = subprocess.run(["bash", "multinode.sbatch"], cwd=FOLDER, env=env, capture_output=True, text=True,
+                          timeout=30)
+    assert proc.returncode == 2 and "srun started" not in proc.stdout, (proc.returncode, proc.stdout, proc.stderr)
+    assert proc.stderr.strip() == ("error: 1 tasks per node for 8 GPUs per node: multinode.sbatch starts one process "
+                                   "per GPU, set #SBATCH --ntasks-per-node=8 (or use multinode_pernode.sbatch)")
+
+
 # ------------------------------------------------------------------------------------------ GPU facts (#22)
 # This machine has no GPU: the GPU seams run in this process against a fake JAX that answers as a GPU node does,
 # and keeps the one rule of real JAX that matters here -- jax.distributed.initialize refuses once anything used a
