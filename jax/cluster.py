@@ -33,7 +33,7 @@ Map:
                                  the newest 2 kept, saved in the background, atomic by Orbax's own finalize
     restore_checkpoint           a step read back with every array placed (sharded or replicated) as the live one is;
                                  a different model or a damaged step is one line
-    read_checkpoint              the newest step as numpy, whole arrays, in one process: `python cluster.py DIR OUT.npz`
+    read_checkpoint              the newest step as numpy, whole arrays, in one process (tools, tests)
 """
 
 import argparse
@@ -41,7 +41,6 @@ import functools
 import gzip
 import importlib.metadata
 import importlib.util
-import json
 import multiprocessing
 import os
 import pickle
@@ -609,7 +608,8 @@ def restore_checkpoint(manager, step, like):
 
 def read_checkpoint(directory):
     """(leaves as numpy, progress) of the newest step in `directory`, in one process and without its devices:
-    every array assembled whole from the shards all processes wrote. For tools: python cluster.py DIR OUT.npz."""
+    every array assembled whole from the shards all processes wrote (for tools and tests; the job's processes
+    restore with restore_checkpoint)."""
     import jax
     import orbax.checkpoint as ocp
 
@@ -625,8 +625,3 @@ def read_checkpoint(directory):
                                                                  progress=ocp.args.JsonRestore()))
     return [np.asarray(a) for a in jax.tree_util.tree_leaves(restored["state"])], restored["progress"]
 
-
-if __name__ == "__main__":  # python cluster.py CHECKPOINT_DIR OUT.npz: the newest step as numpy's .npz
-    leaves, progress = read_checkpoint(sys.argv[1])
-    np.savez(sys.argv[2], progress=np.frombuffer(json.dumps(progress).encode(), np.uint8),
-             **{f"leaf{i}": a for i, a in enumerate(leaves)})

@@ -458,7 +458,10 @@ def jax_folder(fake, environ):
         for k in launcher:
             del os.environ[k]
         os.environ.update(environ)
-        sys.modules.update({"jax": fake, "jax.numpy": fake.numpy, "optax": ModuleType("optax")})
+        orbax = ModuleType("orbax")
+        orbax.checkpoint = ModuleType("orbax.checkpoint")
+        sys.modules.update({"jax": fake, "jax.numpy": fake.numpy, "optax": ModuleType("optax"), "orbax": orbax,
+                            "orbax.checkpoint": orbax.checkpoint})
         modules = {}
         for name in ("toolkit", "cluster", "recipe", "single_gpu", "multigpu", "multinode"):
             spec = importlib.util.spec_from_file_location(name, FOLDER / f"{name}.py")
