@@ -1,0 +1,165 @@
+"""The templates' preemption handling outside Slurm (CONTRACT.md C7, C8; issues #21, #27).
+
+Every template that trains carries the same preemption block, and the block does what it says when bash runs the
+real template file with stand-ins for srun and scontrol: Slurm's USR1 reaches the step, a step that saved (exit 75)
+is requeued, any other end is passed on. The copies are checked for identity, so a fix made in one template fails
+here until it reaches all."""
+
+import os
+import re
+import signal
+import subprocess
+import time
+
+import pytest
+from helpers import ROOT, clean_env
+
+FOLDERS = ["pytorch", "lightning", "monai", "modulus", "nemo", "deepspeed", "jax", "ray"]
+REFERENCE = ROOT / "pytorch" / "multinode.sbatch"
+BEGIN = "# --- preemption block: identical in every template (tests/test_templates.py checks it) ---\n"
+END = "# --- end of the preemption block ---\n"
+# The lines around the block that belong to it, word for word too: the signal's lead time (the one line to edit,
+# with its guidance), requeue permission, an appending log, and the cap on requeues.
+HEADER = """\
+# The signal's lead time is finishing a step plus the save: about checkpoint GB / (filesystem GB/s per node)
+# + one step; 90 s fits a checkpoint under 10 GB at 1 GB/s. B: = to this batch shell, which forwards it (below).
+#SBATCH --signal=B:USR1@90           # EDIT: seconds before the time limit (see above)
+#SBATCH --requeue                    # allow `scontrol requeue`
+#SBATCH --open-mode=append           # a requeued run appends to the log instead of truncating it
+"""
+RESTARTS = """\
+MAX_RESTARTS=${MAX_RESTARTS:-3}      # EDIT: requeues before giving up (a crash loop must not run forever)
+restarts=${SLURM_RESTART_COUNT:-0}
+"""
+# Templates without the block; each folder README says why.
+NO_PREEMPTION = {
+    "modulus/darcy.sbatch": "writes a data set: nothing to resume",
+    "nemo/megatron_parallel.sbatch": "a layout example that saves no snapshot",
+    "deepspeed/multinode_deepspeed.sbatch": "the launcher runs srun itself and passes no USR1 on",
+    "ray/multigpu.sbatch": "srun would signal Ray's own processes; only the driver takes the signal",
+}
+# Templates with the forwarding half only, their decision being their own (and said so in the template).
+OWN_DECISION = {
+    "pytorch/multinode_torchrun.sbatch": "also requeues a crash after new progress",
+    "ray/multinode.sbatch": "tears the Ray cluster down between the step's end and the requeue",
+}
+TEMPLATES = sorted(f"{p.parent.name}/{p.name}" for folder in FOLDERS for p in (ROOT / folder).glob("*.sbatch"))
+BLOCKED = [t for t in TEMPLATES if t not in NO_PREEMPTION and t not in OWN_DECISION]
+
+
+def block(text: str) -> str | None:
+    found = re.search(re.escape(BEGIN) + r"(.*?)" + re.escape(END), text, re.S)
+    return found.group(1) if found else None
+
+
+def test_the_exceptions_are_templates_and_their_readmes_say_why():
+    for template in [*NO_PREEMPTION, *OWN_DECISION]:
+        assert template in TEMPLATES, f"{template}: no such template (a stale exception)"
+    for template in NO_PREEMPTION:
+        folder, name = template.split("/")
+        paragraphs = (ROOT / folder / "README.md").read_text().split("\n\n")
+        assert any(name in p and "no preemption block" in " ".join(p.lower().split()) for p in paragraphs), \
+            f"{folder}/README.md does not say that (and why) {name} has no preemption block"
+
+
+@pytest.mark.parametrize("template", TEMPLATES)
+def test_every_training_template_carries_the_one_preemption_block(template):
+    """Five messages for one event were five copies drifting apart (#21); single_gpu, multigpu*, fsdp had no
+    --signal at all, so nothing was saved under a real preemption (#27)."""
+    if template in NO_PREEMPTION:
+        pytest.skip(NO_PREEMPTION[template])
+    reference = block(REFERENCE.read_text())
+    assert reference and reference.startswith("step=$! preempted=0\n") and reference.endswith('exit "$rc"\n')
+    text = (ROOT / template).read_text()
+    assert HEADER in text and RESTARTS in text, f"{template}: the --signal/--requeue lines or MAX_RESTARTS differ"
+    if template in OWN_DECISION:
+        forward = reference[:reference.index("trap '' USR1 TERM\n")]
+        assert forward in text, f"{template}: the signal forwarding differs from {REFERENCE.relative_to(ROOT)}'s"
+    else:
+        assert block(text) == reference, f"{template}: the preemption block differs from {REFERENCE.name}'s"
+        assert text.endswith(END), f"{template}: something runs after the preemption block's exit"
+
+
+# Stand-ins: srun is the step (it records its command line and the signals it gets, and saves -- exits 75 -- on
+# USR1/TERM, or exits FAKE_STEP_EXIT at once); scontrol names two nodes and records a requeue; python has no CUDA.
+FAKES = {
+    "srun": """#!/bin/bash
+printf '%s\\n' "$*" >>"$FAKE_DIR/srun.args"
+trap 'echo USR1 >>"$FAKE_DIR/step.signals"; exit 75' USR1
+trap 'echo TERM >>"$FAKE_DIR/step.signals"; exit 75' TERM
+[ "$FAKE_STEP_EXIT" = wait ] || exit "$FAKE_STEP_EXIT"
+touch "$FAKE_DIR/step.started"
+while :; do sleep 0.02; done
+""",
+    "scontrol": """#!/bin/bash
+case "$1" in
+  show) echo n1; echo n2 ;;
+  requeue) echo "$*" >>"$FAKE_DIR/requeued" ;;
+  *) echo "fake scontrol: $*" >&2; exit 1 ;;
+esac
+""",
+    "python": "#!/bin/bash\nexit 1\n",
+}
+
+
+def start(template, tmp_path, step_exit, **slurm):
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir(exist_ok=True)
+    for name, text in FAKES.items():
+        (bin_dir / name).write_text(text)
+        (bin_dir / name).chmod(0o755)
+    env = clean_env(PATH=f"{bin_dir}:{os.environ['PATH']}", PYTHON=bin_dir / "python", FAKE_DIR=tmp_path,
+                    FAKE_STEP_EXIT=step_exit, SLURM_JOB_ID=4242, SLURM_JOB_NAME="t", SLURM_JOB_NODELIST="n[1-2]",
+                    SLURM_NNODES=2, SLURM_NTASKS=2, SLURM_NTASKS_PER_NODE=1, SLURM_CPUS_PER_TASK=2,
+                    SLURM_GPUS_ON_NODE=1, CUDA_VISIBLE_DEVICES=0, **slurm)
+    return subprocess.Popen(["bash", ROOT / template, "--epochs", "1"], cwd=tmp_path, env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+
+def catches_usr1(pid: int) -> bool:
+    status = open(f"/proc/{pid}/status").read()
+    return bool(int(re.search(r"^SigCgt:\s*(\w+)", status, re.M).group(1), 16) & 1 << 9)
+
+
+def read(path) -> str:
+    return path.read_text() if path.exists() else ""
+
+
+@pytest.mark.parametrize("template", BLOCKED + ["pytorch/multinode_torchrun.sbatch"])
+def test_usr1_reaches_the_step_and_the_job_is_requeued(template, tmp_path):
+    """Slurm's USR1 (--signal=B:) to the batch shell: the shell passes it to the step, which saves and exits 75,
+    and the job is requeued; the shell ends 0. A torchrun launcher must handle USR1 itself (by default it dies of it)
+    and give its workers less time to save than the signal's lead time."""
+    proc = start(template, tmp_path, "wait")
+    for _ in range(1000):  # polled, not timed: the step is up and the shell's trap is set
+        if proc.poll() is not None or (tmp_path / "step.started").exists() and catches_usr1(proc.pid):
+            break
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGUSR1)
+    out, err = proc.communicate(timeout=30)
+    assert proc.returncode == 0, f"{template}: exit {proc.returncode}\n{out}\n{err}"
+    assert read(tmp_path / "step.signals") == "USR1\n", f"{template}: the step did not get USR1 once\n{out}"
+    assert read(tmp_path / "requeued") == "requeue 4242\n", f"{template}: not requeued\n{out}\n{err}"
+    assert "requeue: got USR1, forwarding it" in out, out
+    command = read(tmp_path / "srun.args")
+    if "torch.distributed.run" in command:
+        handled = re.search(r"--signals-to-handle (\S+)", command)
+        assert handled and "SIGUSR1" in handled.group(1).split(","), f"{template}: torchrun dies of USR1\n{command}"
+        lead = int(re.search(r"^#SBATCH --signal=B:USR1@(\d+)", (ROOT / template).read_text(), re.M).group(1))
+        shutdown = re.search(r"--shutdown-timeout (\d+)", command)
+        assert shutdown and int(shutdown.group(1)) < lead, f"{template}: the workers' time to save exceeds the lead"
+
+
+@pytest.mark.parametrize("template", BLOCKED)
+def test_the_block_passes_on_what_is_not_a_preemption(template, tmp_path):
+    """A finished step ends the job 0, not requeued; a failure without a signal is passed on, not requeued (no
+    crash loop); a step that saved (75) after MAX_RESTARTS requeues gives up with one line, exit 1."""
+    for case, (step_exit, restart, code) in {"done": (0, 0, 0), "failed": (1, 0, 1), "cap": (75, 3, 1)}.items():
+        case_dir = tmp_path / case
+        case_dir.mkdir()
+        proc = start(template, case_dir, step_exit, SLURM_RESTART_COUNT=restart)
+        out, err = proc.communicate(timeout=30)
+        assert proc.returncode == code, f"{template} ({case}): exit {proc.returncode}\n{out}\n{err}"
+        assert not (case_dir / "requeued").exists(), f"{template} ({case}): requeued\n{out}"
+        if case == "cap":
+            assert "requeue: checkpointed, but restarted 3 times already (MAX_RESTARTS=3): giving up" in err, err
