@@ -71,6 +71,7 @@ def test_every_training_template_carries_the_one_preemption_block(template):
     assert reference and reference.startswith("step=$! preempted=0\n") and reference.endswith('exit "$rc"\n')
     text = (ROOT / template).read_text()
     assert HEADER in text and RESTARTS in text, f"{template}: the --signal/--requeue lines or MAX_RESTARTS differ"
+    assert "of at most $MAX_RESTARTS" in text, f"{template}: its log does not say which restart this run is"
     if template in OWN_DECISION:
         forward = reference[:reference.index("trap '' USR1 TERM\n")]
         assert forward in text, f"{template}: the signal forwarding differs from {REFERENCE.relative_to(ROOT)}'s"
