@@ -95,6 +95,14 @@ def test_torchrun_zero1_equals_one_process_and_pytorch_ddp(reference, tmp_path):
          *SMALL, "--batch-size", "16", "--checkpoint-dir", tmp_path / "ddp"])
     plain = torch.load(tmp_path / "ddp" / "snapshot.pt", map_location="cpu", weights_only=True)["model"]
     assert_same_weights(weights(tmp_path / "zero1"), plain, **TOL)
+    # Resumed by 1 rank (issue #25 item 3): SGD's momentum is no state DeepSpeed's universal converter knows, so
+    # one line, exit 2 -- it was ZeRORuntimeException's traceback, exit 1.
+    proc = run_split([env_python("deepspeed"), DS / "single_gpu.py", *SMALL, "--epochs", "3", *config("zero1"),
+                      "--batch-size", "32", "--checkpoint-dir", tmp_path / "zero1"], timeout=180)
+    one_error_line(proc, "step-00000032 was written by 2 ranks, this job has 1, and DeepSpeed's ds_to_universal "
+                         "could not convert it (KeyError: 'exp_avg', the converter knows only Adam's optimizer "
+                         "states): resume with 2 ranks")
+    assert sorted(p.name for p in (tmp_path / "zero1").glob("step-*")) == ["step-00000016", "step-00000032"]
 
 
 def test_deepspeed_launcher_zero2_equals_one_process(reference, tmp_path):
@@ -163,6 +171,28 @@ def test_damaged_newest_checkpoint_falls_back_then_fails_clearly(tmp_path):
     proc = python(DS / "single_gpu.py", *SMALL, *config("zero1"), "--epochs", "4", "--batch-size", "32",
                   "--checkpoint-dir", tmp_path, expect_fail=True, timeout=120)
     assert proc.returncode == 2 and "error: no usable checkpoint" in proc.stdout and "Traceback" not in proc.stdout
+
+
+def test_zero1_adamw_resumed_by_another_world_size_through_a_universal_checkpoint(tmp_path):
+    """Issue #25 item 3: a GPT with AdamW saved by 2 ranks x batch 8 mid-epoch (step 10 of 8 per epoch: 32 samples of
+    epoch 2), resumed by 1 rank x batch 8 (16 steps per epoch). DeepSpeed raised ZeRORuntimeException (exit 1);
+    now rank 0 converts the tag once with ds_to_universal, the engine loads it with load_universal, and the run
+    continues after the same 32 samples (batch 5 of 16, step 21 in this layout) on the cosine rebuilt for 16 steps
+    per epoch, to the end of epoch 2."""
+    gpt = ["--model", "gpt", "--gpt-params", "200k", "--dataset-size", "128", "--epochs", "2", "--log-every", "1",
+           *config("zero1"), "--batch-size", "8", "--checkpoint-dir", tmp_path]
+    torchrun_standalone("multigpu_torchrun.py", 2, *gpt, "--max-steps", "10")
+    assert progress(tmp_path) == {"epoch": 1, "step": 10, "batch_in_epoch": 2, "batch_size": 8,
+                                  "samples_in_epoch": 32, "world_size": 2}
+    out = python(DS / "single_gpu.py", *gpt).stdout
+    assert "[rank0] snapshot written by 2 rank(s) x batch 8, resuming as 1 x 8: epoch 2 after 32 samples " \
+           "(step 20)" in out, out
+    assert f"[rank0] resumed from {tmp_path / 'step-00000010_universal'}: epoch 2, step 20" in out
+    first = re.search(r"^\[rank0\] epoch \d+ \| batch .*$", out, re.M).group(0)
+    assert first.startswith("[rank0] epoch 2 | batch 5/16 | step 21 |") and "done: 32 steps" in out, out
+    state = torch.load(latest_tag(tmp_path) / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)
+    assert (state["lr_scheduler"]["T_max"], state["lr_scheduler"]["last_epoch"]) == (32, 32), state["lr_scheduler"]
+    assert not list(tmp_path.glob(".converting-*"))
 
 
 # ------------------------------------------------------------------------------------------ models, offload, data
