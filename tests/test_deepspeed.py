@@ -10,6 +10,7 @@ environment; see deepspeed/README.md).
 
 import importlib.util
 import json
+import math
 import os
 import re
 import subprocess
@@ -587,10 +588,10 @@ def test_resume_restores_the_rng_from_a_state_loaded_elsewhere(monkeypatch, tmp_
     on_gpu.cpu.return_value = state
     client = {"rng": on_gpu, "epoch": 1, "step": 4, "batch_in_epoch": 0}
     trainer = recipe.Trainer.__new__(recipe.Trainer)
-    trainer.args, trainer.rank = types.SimpleNamespace(checkpoint_dir=str(tmp_path)), 0
+    trainer.args, trainer.rank, trainer.world_size = types.SimpleNamespace(checkpoint_dir=str(tmp_path),
+                                                                           batch_size=4), 0, 1
+    trainer.snapshot = ("step-00000004", {"world_size": 1, "batch_in_epoch": 0})
     trainer.engine = types.SimpleNamespace(load_checkpoint=lambda d, tag: (f"{d}/{tag}", client))
-    monkeypatch.setattr(recipe, "find_snapshot", lambda d: "step-00000004")
-    monkeypatch.setattr(recipe.dist, "broadcast_object_list", lambda objects, src: None)
     set_rng_state = torch.set_rng_state  # which crashes the interpreter when handed anything but a tensor
 
     def cpu_bytes_only(new_state):
@@ -601,6 +602,32 @@ def test_resume_restores_the_rng_from_a_state_loaded_elsewhere(monkeypatch, tmp_
     torch.manual_seed(0)
     trainer._resume()
     assert torch.equal(torch.get_rng_state(), state) and trainer.step == 4
+
+
+def test_progress_in_samples_at_another_world_size():
+    """The resume arithmetic behind both resume tests, in-process, with the recipe's cosine: 2 ranks x batch 16 that
+    trained 3 batches of epoch 2 (96 samples) continue as 1 x 32 after 3 batches (step 16 + 3 of 16 per epoch, the
+    cosine rebuilt for 32 steps at step 19); as 1 x 64 (96 is not a whole step) the resume is refused in one line.
+    Stage 0 loads at any world size: the old count (3 per-rank batches, 48 of 96 samples at 1 x 16) trained half
+    of them twice."""
+    (cluster,) = load_folder("cluster")
+    weight = torch.nn.Parameter(torch.zeros(1))
+    optimizer = torch.optim.SGD([weight], lr=0.05)
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=2 * 8)
+    saved = {"epoch": 1, "step": 11, "batch_in_epoch": 3, "batch_size": 16, "samples_in_epoch": 96, "world_size": 2}
+    for batch, steps_per_epoch in ((32, 16), (64, 8)):
+        trainer = types.SimpleNamespace(args=types.SimpleNamespace(batch_size=batch, epochs=2), world_size=1,
+                                        accumulation=1, steps_per_epoch=steps_per_epoch, epoch=1, step=11,
+                                        batch_in_epoch=3, engine=types.SimpleNamespace(lr_scheduler=schedule),
+                                        _log=print)
+        if batch == 64:
+            with pytest.raises(cluster.RecipeError, match="after 96 samples of epoch 2, not a whole number of steps"):
+                cluster.resume_on_another_shape(trainer, saved, "ckpt/step-00000011")
+            continue
+        cluster.resume_on_another_shape(trainer, saved, "ckpt/step-00000011")
+        assert (trainer.batch_in_epoch, trainer.step, schedule.T_max, schedule.last_epoch) == (3, 19, 32, 19)
+        uninterrupted = 0.05 * (1 + math.cos(math.pi * 19 / 32)) / 2
+        assert optimizer.param_groups[0]["lr"] == pytest.approx(uninterrupted, rel=1e-12)
 
 
 @pytest.mark.parametrize("script, env, flags, given", [
