@@ -480,9 +480,9 @@ def to_universal(checkpoint_dir, tag, saved_ranks, world_size):
         why = f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
         if "exp_avg" in why:
             why += ", the converter knows only Adam's optimizer states"
-        raise RecipeError(f"checkpoint {checkpoint_dir / tag} was written by {saved_ranks} ranks, this job has "
+        raise RecipeError(f"checkpoint {checkpoint_dir / tag} was written by {saved_ranks} rank(s), this job has "
                           f"{world_size}, and DeepSpeed's ds_to_universal could not convert it ({why}): resume "
-                          f"with {saved_ranks} ranks") from None
+                          f"with {saved_ranks} rank(s)") from None
     os.replace(scratch / target.name, target)
     shutil.rmtree(scratch)
     return target.name

@@ -100,9 +100,9 @@ def test_torchrun_zero1_equals_one_process_and_pytorch_ddp(reference, tmp_path):
     # one line, exit 2 -- it was ZeRORuntimeException's traceback, exit 1.
     proc = run_split([env_python("deepspeed"), DS / "single_gpu.py", *SMALL, "--epochs", "3", *config("zero1"),
                       "--batch-size", "32", "--checkpoint-dir", tmp_path / "zero1"], timeout=180)
-    one_error_line(proc, "step-00000032 was written by 2 ranks, this job has 1, and DeepSpeed's ds_to_universal "
+    one_error_line(proc, "step-00000032 was written by 2 rank(s), this job has 1, and DeepSpeed's ds_to_universal "
                          "could not convert it (KeyError: 'exp_avg', the converter knows only Adam's optimizer "
-                         "states): resume with 2 ranks")
+                         "states): resume with 2 rank(s)")
     assert sorted(p.name for p in (tmp_path / "zero1").glob("step-*")) == ["step-00000016", "step-00000032"]
 
 
