@@ -21,6 +21,9 @@ Map:
     TAG_PREFIX, COMPLETE               checkpoint tags are step-NNNNNNNN; complete.json marks a finished one
     mark_complete                      rank 0 marks a tag complete (atomically) and keeps the newest two
     find_snapshot, damaged_files       the newest complete and readable tag; damaged ones skipped with a warning
+    snapshot_to_load, to_universal     the tag every rank resumes; written by another number of ranks: DeepSpeed's
+                                       universal checkpoint (ds_to_universal, once, by rank 0) or one line, exit 2
+    resume_on_another_shape            the data position in samples and the LR schedule, at the new world size
     report_memory, model_state_bytes,
     tensor_bytes, flat_tensors         --memory-report: bytes per rank of parameters, gradients, optimizer states
 """
@@ -29,10 +32,12 @@ import argparse
 import contextlib
 import functools
 import gc
+import io
 import json
 import logging
 import math
 import os
+import shutil
 import sys
 import warnings
 import zipfile
@@ -49,6 +54,7 @@ from toolkit import OneLineParser, RecipeError, deadline, log, non_negative_int,
 HERE = Path(__file__).resolve().parent
 TAG_PREFIX = "step-"
 COMPLETE = "complete.json"  # written into a checkpoint tag once every rank has written its part
+UNIVERSAL = "_universal"  # step-NNNNNNNN_universal: that tag converted by ds_to_universal (any world size loads it)
 
 # ------------------------------------------------------------------------------------------------ command line, run
 
@@ -376,10 +382,9 @@ def mark_complete(checkpoint_dir, tag, progress):
     marker = json.dumps(progress).encode()
     toolkit.atomic_write(str(Path(checkpoint_dir) / tag / COMPLETE), lambda f: f.write(marker))
     done = sorted(p.parent for p in Path(checkpoint_dir).glob(f"{TAG_PREFIX}*/{COMPLETE}"))
-    for old in done[:-2]:  # keep the newest and the previous one
-        for f in sorted(old.rglob("*"), reverse=True):
-            f.unlink() if f.is_file() else f.rmdir()
-        old.rmdir()
+    for old in done[:-2]:  # keep the newest and the previous one (and their universal conversions)
+        for folder in filter(Path.is_dir, (old, old.with_name(old.name + UNIVERSAL))):
+            shutil.rmtree(folder)
 
 
 def damaged_files(tag_dir):
@@ -421,6 +426,94 @@ def find_snapshot(checkpoint_dir):
         raise RecipeError("no usable checkpoint: " + " | ".join(problems) +
                           ". Delete or move the damaged tag(s) to start over.")
     return None
+
+
+# ------------------------------------------------------------------------------------------------ another world size
+
+
+def snapshot_to_load(checkpoint_dir, world_size, config, rank):
+    """(tag, progress from its complete.json) of the snapshot every rank resumes, or None. Rank 0 decides and tells
+    the others: on a shared filesystem ranks can disagree about whether a file exists, and a job where only some
+    ranks resume deadlocks.
+
+    A tag whose optimizer states were partitioned over another number of ranks (ZeRO-1/2/3, and bf16's optimizer
+    at stage 0: one *zero_pp_rank_* file per rank) cannot be loaded as it is (DeepSpeed raises
+    ZeRORuntimeException): rank 0 converts it once into DeepSpeed's universal checkpoint, which any world size
+    loads ("checkpoint": {"load_universal": true}, set here in the config). Stage 0 in fp32 saved one whole copy
+    (mp_rank_00): it loads as it is."""
+    choice = [None]
+    if rank == 0 and (tag := find_snapshot(checkpoint_dir)):
+        progress = json.loads((Path(checkpoint_dir) / tag / COMPLETE).read_text())
+        shards = len(list((Path(checkpoint_dir) / tag).glob("*zero_pp_rank_*optim_states.pt")))
+        try:
+            if shards and shards != world_size:
+                tag = to_universal(Path(checkpoint_dir), tag, shards, world_size)
+            choice = [(tag, progress)]
+        except RecipeError as e:
+            choice = [str(e)]  # every rank stops, none waits for a rank that has left; rank 0 says why
+    dist.broadcast_object_list(choice, src=0)
+    if isinstance(choice[0], str):
+        raise RecipeError(choice[0], every_rank=False)
+    if choice[0] and choice[0][0].endswith(UNIVERSAL):
+        config["checkpoint"] = {**config.get("checkpoint", {}), "load_universal": True}
+    return choice[0]
+
+
+def to_universal(checkpoint_dir, tag, saved_ranks, world_size):
+    """DeepSpeed's own converter (python -m deepspeed.checkpoint.ds_to_universal), run in this process with its
+    output kept off the log, into a temporary folder renamed when complete: a conversion cut short is never used."""
+    from deepspeed.checkpoint import ds_to_universal
+
+    target = checkpoint_dir / (tag + UNIVERSAL)
+    if target.is_dir():  # converted by an earlier attempt at this world size
+        return target.name
+    scratch = checkpoint_dir / f".converting-{tag}"
+    shutil.rmtree(scratch, ignore_errors=True)
+    options = argparse.Namespace(input_folder=str(checkpoint_dir / tag), output_folder=str(scratch / target.name),
+                                 num_extract_workers=1, num_merge_workers=1, keep_temp_folder=False, strict=True,
+                                 inject_missing_state=True)  # universal_checkpoint_info: what Megatron saves
+    try:
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+            ds_to_universal.main(options)
+    except Exception as e:  # the converter's asserts, KeyErrors, ...: what it could not convert
+        shutil.rmtree(scratch, ignore_errors=True)
+        why = f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
+        if "exp_avg" in why:
+            why += ", the converter knows only Adam's optimizer states"
+        raise RecipeError(f"checkpoint {checkpoint_dir / tag} was written by {saved_ranks} rank(s), this job has "
+                          f"{world_size}, and DeepSpeed's ds_to_universal could not convert it ({why}): resume "
+                          f"with {saved_ranks} rank(s)") from None
+    os.replace(scratch / target.name, target)
+    shutil.rmtree(scratch)
+    return target.name
+
+
+def resume_on_another_shape(trainer, saved, path):
+    """The progress of a snapshot written by another number of ranks or another per-rank batch, in this run's
+    terms. Every layout reads an epoch's samples in the same seeded order (rank r takes every world_size-th), so
+    the samples trained so far are a prefix of that order, counted in samples: skip the same prefix when it is a
+    whole number of this run's optimizer steps, and continue the learning-rate curve at the same point; otherwise
+    refuse. Counting the old per-rank batches under the new layout would silently train on the wrong samples."""
+    t, args = trainer, trainer.args
+    old = (saved.get("world_size", t.world_size), saved.get("batch_size", args.batch_size))
+    done = saved.get("samples_in_epoch", saved["batch_in_epoch"] * old[0] * old[1])
+    if old == (t.world_size, args.batch_size):
+        return
+    per_step = t.world_size * args.batch_size * t.accumulation
+    if done % per_step:
+        raise RecipeError(f"{path} was written by {old[0]} rank(s) x batch {old[1]} after {done} samples of epoch "
+                          f"{t.epoch + 1}, not a whole number of steps of {t.world_size} x {args.batch_size} x "
+                          f"{t.accumulation} accumulation: resume with {old[0]} rank(s) x batch {old[1]}",
+                          every_rank=False)  # every rank finds the same: rank 0 says it
+    t.batch_in_epoch, t.step = done // (t.world_size * args.batch_size), t.epoch * t.steps_per_epoch + done // per_step
+    schedule = t.engine.lr_scheduler
+    if isinstance(schedule, torch.optim.lr_scheduler.CosineAnnealingLR):  # the recipe's: it spans --epochs
+        schedule.T_max, schedule.last_epoch = args.epochs * t.steps_per_epoch, t.step
+        at = (1 + math.cos(math.pi * t.step / schedule.T_max)) / 2  # its closed form; step() goes on from there
+        for group, base in zip(schedule.optimizer.param_groups, schedule.base_lrs, strict=True):
+            group["lr"] = schedule.eta_min + (base - schedule.eta_min) * at
+    t._log(f"snapshot written by {old[0]} rank(s) x batch {old[1]}, resuming as {t.world_size} x {args.batch_size}: "
+           f"epoch {t.epoch + 1} after {done} samples (step {t.step})")
 
 
 # ------------------------------------------------------------------------------------------------ memory report

@@ -14,8 +14,9 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, TensorDataset
 from torch.utils.data.distributed import DistributedSampler
 
-from cluster import (TAG_PREFIX, check_dataset_fits, config_errors, device_sync, find_snapshot, import_deepspeed,
-                     load_ds_config, mark_complete, mnist_dataset, precision_of, reduce_max, report_memory)
+from cluster import (TAG_PREFIX, check_dataset_fits, config_errors, device_sync, import_deepspeed, load_ds_config,
+                     mark_complete, mnist_dataset, precision_of, reduce_max, report_memory, resume_on_another_shape,
+                     snapshot_to_load)
 from gpt import GPT, synthetic_text, text_dataset
 from toolkit import PREEMPTED_EXIT_CODE, PREEMPTION, RecipeError, StepTimer, ignore_preemption_signals, log
 
@@ -129,6 +130,7 @@ class Trainer:
         self.loader = build_loader(self.dataset, args, rank, world_size)
         self.steps_per_epoch = len(self.loader) // self.accumulation
         self.model, optimizer, scheduler = build_model_and_optimizer(args, self.dataset, self.steps_per_epoch, config)
+        self.snapshot = snapshot_to_load(args.checkpoint_dir, world_size, config, rank)  # another world size: universal
         with config_errors(args.ds_config):  # the engine owns optimizer, schedule, precision and ZeRO's partitions
             self.engine, *_ = deepspeed.initialize(model=self.model, optimizer=optimizer, lr_scheduler=scheduler,
                                                    model_parameters=self.model.parameters(), config=config)
@@ -220,22 +222,22 @@ class Trainer:
         return loss.detach(), hits, y.numel()
 
     def _save_snapshot(self):
-        progress = {"epoch": self.epoch, "step": self.step, "batch_in_epoch": self.batch_in_epoch}
+        samples = self.batch_in_epoch * self.args.batch_size * self.world_size  # of this epoch, by all ranks
+        progress = {"epoch": self.epoch, "step": self.step, "batch_in_epoch": self.batch_in_epoch,
+                    "batch_size": self.args.batch_size, "samples_in_epoch": samples}
         save_snapshot(self.engine, self.args.checkpoint_dir, progress)  # collective: every rank writes its shard
         self._log(f"snapshot saved to {self.args.checkpoint_dir} (step {self.step})")
 
     def _resume(self):
-        # Rank 0 decides which tag to use and tells the others: on a shared filesystem ranks can disagree about
-        # whether a file exists, and a job where only some ranks resume deadlocks.
-        choice = [find_snapshot(self.args.checkpoint_dir) if self.rank == 0 else None]
-        dist.broadcast_object_list(choice, src=0)
-        if (tag := choice[0]) is None:
+        if self.snapshot is None:  # (tag, progress): chosen by rank 0 for every rank, in __init__
             return
+        tag, saved = self.snapshot
         path, client = self.engine.load_checkpoint(self.args.checkpoint_dir, tag=tag)
         if path is None:
             raise RecipeError(f"DeepSpeed could not load checkpoint {tag} from {self.args.checkpoint_dir}")
         torch.set_rng_state(client["rng"].cpu())  # the CPU generator takes a CPU ByteTensor, wherever it loaded
         self.epoch, self.step, self.batch_in_epoch = client["epoch"], client["step"], client["batch_in_epoch"]
+        resume_on_another_shape(self, saved, Path(self.args.checkpoint_dir) / tag)  # another world size or batch
         self._log(f"resumed from {Path(self.args.checkpoint_dir) / tag}: epoch {self.epoch + 1}, step {self.step}")
 
     def _log(self, message):
