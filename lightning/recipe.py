@@ -175,6 +175,7 @@ class Preemption(PreemptionSignals):
         if not PREEMPTION.agreed(trainer.global_step, reduce_max(trainer, pl_module.device)):
             return
         self.preempted = True
+        trainer.callback_metrics["preempted_at_step"] = torch.tensor(trainer.global_step)  # ddp_spawn: to the parent
         if self.checkpoint_dir:
             trainer.save_checkpoint(str(Path(self.checkpoint_dir) / f"preempted-step={trainer.global_step}.ckpt"))
         trainer.should_stop = True
@@ -222,7 +223,8 @@ def train(args, trainer: pl.Trainer) -> None:
     collect_ddp_cycles()
     if preempted:
         if trainer.is_global_zero:
-            log(0, f"preempted at step {trainer.global_step}: "
+            step = int(trainer.callback_metrics.get("preempted_at_step", trainer.global_step))
+            log(0, f"preempted at step {step}: "
                    f"{'checkpoint saved' if args.checkpoint_dir else 'no --checkpoint-dir, nothing saved'}; "
                    f"exiting with {PREEMPTED_EXIT_CODE} so the job script requeues")
         sys.exit(PREEMPTED_EXIT_CODE)

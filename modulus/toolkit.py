@@ -236,6 +236,7 @@ class PreemptionFlag:
     def install(self):
         for sig in self.SIGNALS:
             signal.signal(sig, self._handler)
+        shield_the_resource_tracker()
 
     def _handler(self, signum, frame):
         self.requested = True
@@ -247,6 +248,22 @@ class PreemptionFlag:
 
 
 PREEMPTION = PreemptionFlag()
+
+
+def shield_the_resource_tracker():
+    """Slurm signals every process of a step. multiprocessing's resource tracker (the helper process that spawn
+    launchers and spawn-context queues use) ignores SIGINT and SIGTERM but dies of SIGUSR1, and is then relaunched
+    with a warning, KeyError tracebacks and leaked semaphores (seen: lightning/multigpu.sbatch preempted under the
+    local Slurm). Started here with SIGUSR1 blocked -- the mask survives exec -- it never acts on one; a USR1 sent
+    to this process meanwhile stays pending and is delivered when unblocked."""
+    from multiprocessing import resource_tracker
+
+    # WORKAROUND(python 3.11, multiprocessing/resource_tracker.py _IGNORED_SIGNALS): the tracker shields only INT/TERM
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGUSR1})
+    try:
+        resource_tracker.ensure_running()
+    finally:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGUSR1})
 
 
 def ignore_preemption_signals(worker_id=None):

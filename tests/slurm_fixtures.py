@@ -219,7 +219,8 @@ def progress_step(log: str, epoch: int | None = None) -> int:
 
 
 def requeued_once(job: "Job", events: dict, at_step: int, total_steps: int,
-                  requeue_line: str = "after checkpointing; requeueing job") -> tuple[str, str, int]:
+                  requeue_line: str = "after checkpointing; requeueing job",
+                  torchrun: bool = False) -> tuple[str, str, int]:
     """What every preempted template job must show (C7, C8): signalled once training reached `at_step`; the
     signal forwarded; the ranks stopped at a step they agreed on (a multiple of toolkit's CHECK_EVERY, 10) and
     saved; the template requeued the job once and the requeued run started and completed; no traceback and no
@@ -231,7 +232,10 @@ def requeued_once(job: "Job", events: dict, at_step: int, total_steps: int,
     assert second, f"the requeued run never started\n{job.describe()}"
     for needle in ("requeue: got USR1, forwarding it", "preempted at step", requeue_line):
         assert needle in first, f"{needle!r} missing before the requeue\n{job.describe()}"
-    assert "DataLoader worker" not in job.log and "Traceback" not in job.log, job.describe()
+    # torchrun's agent ends a handled signal with its own SignalException traceback (torch 2.13), one per agent;
+    # any other traceback is the recipe's.
+    agents = len(re.findall(r"SignalException: Process \d+ got signal", job.log)) if torchrun else 0
+    assert "DataLoader worker" not in job.log and job.log.count("Traceback") == agents, job.describe()
     stopped = int(re.search(r"preempted at step (\d+)", first).group(1))
     assert at_step <= stopped < total_steps and stopped % 10 == 0, job.describe()
     return first, second, stopped

@@ -78,6 +78,21 @@ def test_missing_srun_fails_fast_with_a_clear_error(slurm_cluster, tmp_path):
     assert "Traceback" not in job.log, job.describe()
 
 
+def test_spawn_template_preempted_requeues_and_resumes(slurm_cluster, tmp_path):
+    """#27: multigpu.sbatch (Lightning's ddp_spawn) had no --signal and no requeue. Preempted now, it saves, exits
+    75, is requeued and resumes. Two bugs this found: multiprocessing's resource tracker (started by the spawn)
+    died of Slurm's USR1 and came back with KeyError tracebacks; the spawn parent, which never trains, said
+    "preempted at step 0" (the step now comes back from the workers in callback_metrics)."""
+    events = {}
+    job, ckpt = submit(slurm_cluster, tmp_path, "multigpu.sbatch", shape(1, 1, gpus_per_node=2, cpus=2),
+                       args=LONG, timeout=300, on_poll=slurm_cluster.preempt_at(16, epoch=1, events=events))
+    _, second, preempted = requeued_once(job, events, 16, LONG_STEPS)
+    assert "resource_tracker" not in job.log, job.describe()
+    assert re.search(rf"resumed from \S+/preempted-step={preempted}\.ckpt: epoch 1, step {preempted}", second), \
+        job.describe()
+    assert checkpoint(ckpt)["global_step"] == LONG_STEPS
+
+
 def test_preemption_requeue_resume(slurm_cluster, tmp_path):
     """USR1 to the batch shell and to every process of the step, DataLoader workers included (what Slurm's
     signals do): the ranks agree on a step, save preempted-step=N.ckpt and exit 75, multinode.sbatch requeues,

@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from helpers import ROOT, env_python
-from slurm_fixtures import GLOO, cluster_env, progress_step
+from slurm_fixtures import GLOO, cluster_env, progress_step, requeued_once
 from test_slurm_templates import STOPPABLE  # a program that exits 75 on USR1
 
 pytestmark = pytest.mark.slurm
@@ -200,6 +200,24 @@ def test_preemption_requeue_resume(preempted_run, reference_run):
     resumed, reference = snapshot(folder / "checkpoints" / "exp1"), snapshot(reference_run[1])
     assert resumed["step"] == reference["step"] == LONG_STEPS
     assert resumed["model"].keys() == reference["model"].keys()
+    for name, tensor in reference["model"].items():
+        assert torch.equal(resumed["model"][name], tensor), f"{name} differs after preempt/requeue/resume"
+
+
+def test_one_node_torchrun_template_preempted_requeues_and_resumes_exactly(slurm_cluster, reference_run, tmp_path):
+    """#27: multigpu_torchrun.sbatch had no --signal and no requeue, so a preempted one-node job saved nothing. Now
+    USR1 (--signal=B:USR1@90) -> the batch shell -> srun -> torchrun's agent (--signals-to-handle ... SIGUSR1)
+    and its workers -> snapshot -> requeue -> the resumed run ends with the uninterrupted run's weights, bit for
+    bit (2 ranks, as the reference)."""
+    events = {}
+    job, ckpt = slurm_cluster.recipe("pytorch", "multigpu_torchrun.sbatch", tmp_path,
+                                     ["--nodes=1", "--gpus-per-node=2", "--cpus-per-task=2", "--time=00:10:00"],
+                                     *LONG, timeout=300, on_poll=slurm_cluster.preempt_at(16, epoch=1, events=events))
+    _, second, stopped = requeued_once(job, events, 16, LONG_STEPS, torchrun=True)
+    assert "User defined signal 1" not in job.log, f"torchrun's agent died of USR1\n{job.describe()}"
+    assert re.search(rf"resumed from \S+: epoch \d, step {stopped}", second), job.describe()
+    resumed, reference = snapshot(ckpt), snapshot(reference_run[1])
+    assert resumed["step"] == reference["step"] == LONG_STEPS
     for name, tensor in reference["model"].items():
         assert torch.equal(resumed["model"][name], tensor), f"{name} differs after preempt/requeue/resume"
 
