@@ -252,18 +252,28 @@ PREEMPTION = PreemptionFlag()
 
 def shield_the_resource_tracker():
     """Slurm signals every process of a step. multiprocessing's resource tracker (the helper process that spawn
-    launchers and spawn-context queues use) ignores SIGINT and SIGTERM but dies of SIGUSR1, and is then relaunched
+    launchers and spawn-context queues start) ignores SIGINT and SIGTERM but dies of SIGUSR1, and is then relaunched
     with a warning, KeyError tracebacks and leaked semaphores (seen: lightning/multigpu.sbatch preempted under the
-    local Slurm). Started here with SIGUSR1 blocked -- the mask survives exec -- it never acts on one; a USR1 sent
-    to this process meanwhile stays pending and is delivered when unblocked."""
+    local Slurm). Whenever multiprocessing starts it, it now starts with SIGUSR1 blocked -- the mask survives exec,
+    so it never acts on one; a USR1 sent to this process meanwhile stays pending and is delivered when unblocked.
+    Nothing is started here: a process that spawns nothing gets no tracker."""
     from multiprocessing import resource_tracker
 
+    tracker = resource_tracker._resource_tracker
+    start = tracker.ensure_running
+    if getattr(start, "shielded", False):
+        return
+
+    def ensure_running():
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGUSR1})
+        try:
+            start()
+        finally:
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGUSR1})
+
+    ensure_running.shielded = True
     # WORKAROUND(python 3.11, multiprocessing/resource_tracker.py _IGNORED_SIGNALS): the tracker shields only INT/TERM
-    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGUSR1})
-    try:
-        resource_tracker.ensure_running()
-    finally:
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGUSR1})
+    tracker.ensure_running = resource_tracker.ensure_running = ensure_running
 
 
 def ignore_preemption_signals(worker_id=None):

@@ -229,11 +229,13 @@ def test_an_error_only_rank_0_prints_gets_out_before_the_other_ranks_leave(monke
 def test_the_resource_tracker_outlives_the_preemption_signal():
     """Slurm signals every process of a step: multiprocessing's resource tracker, started by spawn launchers, died
     of SIGUSR1 (it ignores only SIGINT/SIGTERM) and came back with KeyError tracebacks in the log of a preempted
-    lightning/multigpu.sbatch job. toolkit's signal set-up starts it with USR1 blocked. In a fresh process: the
-    tracker this test process may already have cannot say how it was started."""
+    lightning/multigpu.sbatch job. After toolkit's signal set-up, multiprocessing starts it with USR1 blocked (and
+    only when something spawns). In a fresh process: this test process may already have a tracker."""
     code = ("import os, signal, sys, time; sys.path.insert(0, sys.argv[1]); import toolkit\n"
             "toolkit.PREEMPTION.install()\n"
             "from multiprocessing import resource_tracker\n"
+            "assert resource_tracker._resource_tracker._pid is None, 'a tracker nothing asked for'\n"
+            "resource_tracker.ensure_running()  # as a spawn does\n"
             "pid = resource_tracker._resource_tracker._pid\n"
             "os.kill(pid, signal.SIGUSR1); time.sleep(1)\n"
             "print(os.waitpid(pid, os.WNOHANG))")
