@@ -209,7 +209,7 @@ def test_sbatch_templates_pair_tasks_with_lightning():
     for path in templates:
         text = path.read_text()
         assert f'{path.stem}.py --checkpoint-dir "checkpoints/$RUN" "$@"' in text, path.name
-        assert ("#SBATCH --requeue" in text) == (path.stem == "multinode"), path.name
+        assert "#SBATCH --requeue" in text, path.name  # every template that trains is preemption-safe (C8)
         if path.stem != "multinode":
             assert "#SBATCH --ntasks-per-node=1 " in text, path.name
 
