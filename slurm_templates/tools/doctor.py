@@ -200,7 +200,7 @@ def numa_warning(pci: str | None, cores) -> str:
 def checks(info: dict) -> list[str]:
     """Configuration mistakes that make a job hang, crash or crawl later, found before any collective runs."""
     problems = []
-    env = os.environ
+    env, host = os.environ, socket.gethostname()
     cores = os.sched_getaffinity(0)
     wanted = int(env.get("SLURM_CPUS_PER_TASK", 0))
     if len(cores) < wanted:
@@ -212,8 +212,8 @@ def checks(info: dict) -> list[str]:
         for var in ("MASTER_ADDR", "MASTER_PORT"):
             if not env.get(var):
                 problems.append(f"{var} is not set (set it in the job script from `scontrol show hostnames`)")
-        problems += address_problems(nnodes, socket.gethostname(), env)
-    problems += interface_problems(socket.gethostname(), env)
+        problems += address_problems(nnodes, host, env)
+    problems += interface_problems(host, env)
     if info["source"] == "torchrun" and "SLURM_STEP_ID" in env:
         step_tasks = int(env.get("SLURM_STEP_NUM_TASKS", env.get("SLURM_NTASKS", 1)))
         step_nodes = int(env.get("SLURM_STEP_NUM_NODES", nnodes))
