@@ -1,14 +1,17 @@
 """slurm_templates/tools without Slurm: the benchmark's arithmetic, the doctor's configuration checks, and both
-tools under plain torchrun (so they are exercised even where the local cluster cannot run)."""
+tools under plain torchrun (so they are exercised even where the local cluster cannot run); stacks.py with
+stand-ins for scontrol and srun, and once against a real job of the local cluster (marked slurm)."""
 
 import importlib.util
 import json
 import os
 import re
+import subprocess
+import sys
 
 import pytest
 
-from helpers import ROOT, clean_env, free_port, run, torchrun
+from helpers import ROOT, clean_env, free_port, run, torchrun, unavailable
 
 TOOLS = ROOT / "slurm_templates" / "tools"
 
@@ -22,6 +25,7 @@ def load(name):
 
 bench = load("allreduce_bench")
 doctor = load("doctor")
+stacks = load("stacks")
 
 
 def test_bus_bandwidth_uses_nccl_tests_definition():
@@ -269,3 +273,109 @@ def test_local_cluster_declares_the_cores_this_machine_has_whatever_omp_num_thre
     declared = run(["bash", "-c", '. "$1"; echo "$LC_CPUS"', "_", ROOT / "slurm_templates/local_cluster/common.sh"],
                    env=clean_env(OMP_NUM_THREADS=1)).stdout.split()[-1]
     assert int(declared) == cores
+
+
+# stacks.py: a "rank" that waits in a function named after it, and says when it is there.
+STUCK = """import time
+def {name}():
+    print("ready", flush=True)
+    time.sleep(300)
+{name}()
+"""
+PY_SPY = ROOT / ".venvs" / "slurm_templates" / "bin" / "py-spy"
+
+
+def fake_slurm(monkeypatch, tmp_path, scontrol: str):
+    """scontrol answers `scontrol`; srun runs its command here, once (the node part on this one "node")."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir(exist_ok=True)
+    for name, body in {"scontrol": scontrol, "srun": 'while [ "${1#--}" != "$1" ]; do shift; done; exec "$@"'}.items():
+        (bin_dir / name).write_text(f"#!/bin/bash\n{body}\n")
+        (bin_dir / name).chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
+
+
+def test_stacks_writes_one_file_per_rank_and_says_where_each_rank_is(monkeypatch, tmp_path, capsys):
+    """#23: the stacks of a running job's ranks on demand: each process with SLURM_JOB_ID=<job> gets a file named
+    after its rank (RANK, else SLURM_PROCID; host and pid without either) holding py-spy's dump, and one line says
+    which function its main thread is in. Where py-spy may not attach, one line says what to do."""
+    if not PY_SPY.exists():
+        unavailable(f"{PY_SPY} missing: run tools/envs.sh slurm_templates")
+    clean_launch_env(monkeypatch)
+    job = str(900000000 + os.getpid())  # no real job has it
+    fake_slurm(monkeypatch, tmp_path, f"echo JobId={job} JobName=t JobState=RUNNING NumNodes=1 WorkDir={tmp_path}")
+    ranks = [({"RANK": "0"}, "wait_for_peers"), ({"SLURM_PROCID": "1"}, "save_snapshot"), ({}, "no_rank_here")]
+    procs = []
+    try:
+        for env, name in ranks:
+            (tmp_path / f"{name}.py").write_text(STUCK.format(name=name))
+            procs.append(subprocess.Popen([sys.executable, tmp_path / f"{name}.py"], stdout=subprocess.PIPE,
+                                          text=True, env={**os.environ, "SLURM_JOB_ID": job, **env}))
+        assert [p.stdout.readline() for p in procs] == ["ready\n"] * 3
+        code = stacks.main([job, "--py-spy", str(PY_SPY)])
+        out = capsys.readouterr().out
+        (tmp_path / "py-spy").write_text("#!/bin/sh\necho 'Error: Permission denied (os error 13)' >&2\nexit 1\n")
+        (tmp_path / "py-spy").chmod(0o755)
+        refused = stacks.main([job, "--py-spy", str(tmp_path / "py-spy"), "--out", str(tmp_path / "refused")])
+        refused_out = capsys.readouterr().out
+    finally:
+        for p in procs:
+            p.kill()
+            p.wait()
+    assert code == 0, out
+    dumps = tmp_path / "stacks" / job
+    host = stacks.socket.gethostname()
+    files = ["rank0.txt", "rank1.txt", f"{host}-pid{procs[2].pid}.txt"]
+    assert sorted(f.name for f in dumps.iterdir()) == files
+    for (_, name), file in zip(ranks, files):
+        assert f"{name} ({name}.py:4)" in (dumps / file).read_text()
+    assert out.splitlines() == [
+        f"rank 0 ({host} pid {procs[0].pid}): in wait_for_peers (wait_for_peers.py:4)",
+        f"rank 1 ({host} pid {procs[1].pid}): in save_snapshot (save_snapshot.py:4)",
+        f"no rank ({host} pid {procs[2].pid}): in no_rank_here (no_rank_here.py:4)",
+        f"stacks of job {job}: {dumps}"], out
+    assert refused == 1
+    assert f"rank 0 ({host} pid {procs[0].pid}): py-spy failed: Error: Permission denied" in refused_out
+    hint = [line for line in refused_out.splitlines() if "ptrace" in line]
+    assert len(hint) == 1 and "ptrace_scope" in hint[0] and "CAP_SYS_PTRACE" in hint[0], refused_out
+
+
+@pytest.mark.parametrize("args, scontrol, said", [
+    (["12x"], "exit 99", "'12x' is not a job id"),
+    (["123"], "echo 'slurm_load_jobs error: Invalid job id specified' >&2; exit 1",
+     "no job 123: scontrol says: slurm_load_jobs error: Invalid job id specified"),
+    (["123"], "echo JobId=123 JobState=PENDING NumNodes=2", "job 123 is PENDING, not running"),
+    ([], "exit 99", "the following arguments are required: job"),
+], ids=["not-a-job-id", "no-such-job", "pending", "no-job"])
+def test_stacks_bad_input_is_one_line_and_exit_2(monkeypatch, tmp_path, capsys, args, scontrol, said):
+    fake_slurm(monkeypatch, tmp_path, scontrol)
+    assert stacks.main(args) == 2
+    captured = capsys.readouterr()
+    assert captured.out == "" and captured.err.startswith(f"error: {said}") and captured.err.count("\n") == 1, \
+        captured.err
+
+
+@pytest.mark.slurm
+def test_stacks_of_a_running_two_node_job(slurm_cluster, slurm_python, tmp_path):
+    """stacks.py against a real job of 2 nodes (srun_per_gpu.sbatch, one rank per node) that waits in a known
+    function: one file per rank with that function, and one line per rank naming it and its node."""
+    (tmp_path / "stuck.py").write_text(STUCK.format(name="wait_for_peers"))
+    log = tmp_path / "job.out"
+    shape = ["--nodes=2", "--ntasks-per-node=1", "--gpus-per-node=1", "--cpus-per-task=1", "--time=00:05:00"]
+    job_id = slurm_cluster.submit(ROOT / "slurm_templates" / "srun_per_gpu.sbatch", tmp_path / "stuck.py",
+                                  sbatch_args=shape, cwd=tmp_path, output=log, env={"PYTHON": slurm_python})
+    dumped = {}
+
+    def on_poll(info, text):
+        if not dumped and info.get("JobState") == "RUNNING" and text.count("ready") == 2:  # both ranks inside
+            dumped["run"] = slurm_cluster.client(slurm_python, TOOLS / "stacks.py", job_id, "--out",
+                                                 tmp_path / "stacks", timeout=150, check=False)
+            slurm_cluster.client("scancel", job_id, check=False)
+
+    job = slurm_cluster.wait(job_id, log, timeout=180, on_poll=on_poll)
+    assert dumped, f"the ranks never reached wait_for_peers\n{job.describe()}"
+    out = dumped["run"].stdout
+    assert dumped["run"].returncode == 0, out
+    for rank, host in ((0, "n1"), (1, "n2")):
+        assert "wait_for_peers (" in (tmp_path / "stacks" / f"rank{rank}.txt").read_text(), out
+        assert re.search(rf"^rank {rank} \({host} pid \d+\): in wait_for_peers \(stuck.py:4\)$", out, re.M), out
