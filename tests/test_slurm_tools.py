@@ -5,6 +5,7 @@ stand-ins for scontrol and srun, and once against a real job of the local cluste
 import importlib.util
 import json
 import os
+import pickle
 import re
 import subprocess
 import sys
@@ -26,6 +27,7 @@ def load(name):
 bench = load("allreduce_bench")
 doctor = load("doctor")
 stacks = load("stacks")
+fr_report = load("fr_report")
 
 
 def test_bus_bandwidth_uses_nccl_tests_definition():
@@ -353,6 +355,62 @@ def test_stacks_bad_input_is_one_line_and_exit_2(monkeypatch, tmp_path, capsys, 
     captured = capsys.readouterr()
     assert captured.out == "" and captured.err.startswith(f"error: {said}") and captured.err.count("\n") == 1, \
         captured.err
+
+
+def fr_entry(seq: int, name: str, state: str, sizes=((4,),)) -> dict:
+    """One collective as torch 2.13's Flight Recorder dumps it (the keys of a real gloo dump; NCCL's are the same)."""
+    return {"record_id": seq - 1, "pg_id": 0, "process_group": ("0", "default_pg"), "thread_name": "python",
+            "thread_id": "1", "collective_seq_id": seq, "p2p_seq_id": 0, "op_id": seq, "profiling_name": name,
+            "time_created_ns": seq, "input_sizes": [list(s) for s in sizes], "input_dtypes": ["Float"],
+            "output_sizes": [list(s) for s in sizes], "output_dtypes": ["Float"], "state": state,
+            "time_discovered_started_ns": None, "time_discovered_completed_ns": None, "retired": state == "completed",
+            "timeout_ms": 600000, "is_p2p": False, "duration_ms": None,
+            "frames": [{"name": name.split(":")[1], "filename": "/venv/lib/python3.11/site-packages/torch/distributed/"
+                        "distributed_c10d.py", "line": 3245}, {"name": "train_step", "filename": "/job/recipe.py",
+                                                               "line": 88}]}
+
+
+def write_fr_dumps(folder, entries_by_rank: dict, ranks: str = "[0, 1]"):
+    folder.mkdir(parents=True, exist_ok=True)
+    for rank, entries in entries_by_rank.items():
+        dump = {"version": "2.10", "comm_lib_version": "2.27.5", "entries": entries,
+                "pg_config": {"0": {"name": "0", "desc": "default_pg", "ranks": ranks}},
+                "pg_status": {"0": {"last_enqueued_collective": entries[-1]["collective_seq_id"]}}}
+        (folder / f"nccl_trace_rank_{rank}").write_bytes(pickle.dumps(dump))
+
+
+def test_fr_report_names_the_rank_that_is_behind_and_the_collective_the_others_wait_in(tmp_path, capsys):
+    """#23: rank 1 completed collective #2 and never entered #3, where rank 0 waits: the report says so in one
+    line, by sequence id, with the code that issued each; torch's own analyser runs after it."""
+    done = [fr_entry(1, "nccl:broadcast", "completed"), fr_entry(2, "nccl:all_reduce", "completed")]
+    write_fr_dumps(tmp_path / "debug", {0: [*done, fr_entry(3, "nccl:_allgather_base", "started")], 1: done})
+    fake = tmp_path / "torchfrtrace"
+    fake.write_text('#!/bin/sh\necho "torchfrtrace got $*"\n')
+    fake.chmod(0o755)
+    assert fr_report.main([str(tmp_path / "debug"), "--torchfrtrace", str(fake)]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[1] == ("rank 1 is behind in process group 0 (default_pg): its last collective is #2 nccl:all_reduce "
+                      "(completed) from train_step (recipe.py:88), 1 behind ranks 0, which wait in #3 "
+                      "nccl:_allgather_base (started) from train_step (recipe.py:88)"), out
+    assert out[-1] == f"torchfrtrace got {tmp_path / 'debug'} --prefix nccl_trace_rank_", out
+    # The other shapes of a hang: different collectives at one id; every rank inside one; a rank with no dump.
+    lines = fr_report.report({0: {"entries": [*done, fr_entry(3, "nccl:all_reduce", "started")], "pg_config": {},
+                                  "version": "2.10"},
+                              1: {"entries": [*done, fr_entry(3, "nccl:broadcast", "started")], "pg_config": {},
+                                  "version": "2.10"}}, tmp_path)
+    assert lines[1].startswith("ranks disagree in process group 0 (default_pg) at #3 (a desync"), lines
+    write_fr_dumps(tmp_path / "all", {0: done[:1], 1: [*done[:1], fr_entry(2, "nccl:all_reduce", "started")]},
+                   ranks="[0, 1, 2]")
+    lines = fr_report.report(fr_report.load(tmp_path / "all", "nccl_trace_rank_"), tmp_path / "all")
+    assert lines[1].startswith("no dump from ranks 2: "), lines
+    assert lines[2].startswith("rank 0 is behind"), lines
+
+
+def test_fr_report_without_dumps_is_one_line_and_exit_2(tmp_path, capsys):
+    assert fr_report.main([str(tmp_path), "--torchfrtrace", "off"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: no Flight Recorder dumps (nccl_trace_rank_<rank>) in {tmp_path}: ") and \
+        err.count("\n") == 1, err
 
 
 @pytest.mark.slurm
