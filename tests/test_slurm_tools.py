@@ -425,7 +425,7 @@ def test_stacks_of_a_running_two_node_job(slurm_cluster, slurm_python, tmp_path)
     dumped = {}
 
     def on_poll(info, text):
-        if not dumped and info.get("JobState") == "RUNNING" and text.count("ready") == 2:  # both ranks inside
+        if not dumped and len(re.findall(r"^\d: ready$", text, re.M)) == 2:  # both ranks inside
             dumped["run"] = slurm_cluster.client(slurm_python, TOOLS / "stacks.py", job_id, "--out",
                                                  tmp_path / "stacks", timeout=150, check=False)
             slurm_cluster.client("scancel", job_id, check=False)

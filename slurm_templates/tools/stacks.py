@@ -220,10 +220,11 @@ def collect(job_id: str, out: Path | None, py_spy: str | None, include_agents: b
     out.mkdir(parents=True, exist_ok=True)
     for old in [*out.glob("rank*.txt"), *out.glob("*-pid*.txt")]:  # a previous dump of this job
         old.unlink()
-    helper = [sys.executable, str(Path(__file__).resolve()), job_id, "--node", "--out", str(out)]
+    raw = info.get("JobId", job_id)  # an array task's own id (its SLURM_JOB_ID), not ARRAYJOB_TASK
+    helper = [sys.executable, str(Path(__file__).resolve()), raw, "--node", "--out", str(out)]
     helper += ["--py-spy", py_spy] if py_spy else []
     helper += ["--include-agents"] if include_agents else []
-    srun = ["srun", "--overlap", f"--jobid={job_id}", f"--nodes={nodes}", f"--ntasks={nodes}",
+    srun = ["srun", "--overlap", f"--jobid={raw}", f"--nodes={nodes}", f"--ntasks={nodes}",
             "--ntasks-per-node=1", *helper]
     try:
         proc = subprocess.run(srun, capture_output=True, text=True, timeout=SRUN_TIMEOUT)
