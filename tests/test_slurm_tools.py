@@ -318,7 +318,8 @@ def test_stacks_writes_one_file_per_rank_and_says_where_each_rank_is(monkeypatch
         out = capsys.readouterr().out
         (tmp_path / "py-spy").write_text("#!/bin/sh\necho 'Error: Permission denied (os error 13)' >&2\nexit 1\n")
         (tmp_path / "py-spy").chmod(0o755)
-        refused = stacks.main([job, "--py-spy", str(tmp_path / "py-spy"), "--out", str(tmp_path / "refused")])
+        # ... named as an array task this time: its processes carry the task's own id (scontrol's JobId).
+        refused = stacks.main([f"{job}_7", "--py-spy", str(tmp_path / "py-spy"), "--out", str(tmp_path / "refused")])
         refused_out = capsys.readouterr().out
     finally:
         for p in procs:
