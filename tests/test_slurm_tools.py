@@ -7,6 +7,7 @@ import json
 import os
 import pickle
 import re
+import signal
 import subprocess
 import sys
 
@@ -277,10 +278,12 @@ def test_local_cluster_declares_the_cores_this_machine_has_whatever_omp_num_thre
     assert int(declared) == cores
 
 
-# stacks.py: a "rank" that waits in a function named after it, and says when it is there.
-STUCK = """import time
+# stacks.py: a "rank" that waits in a function named after it (line 5), and says when it is there; with
+# fork="os.fork()" a child does the same (a DataLoader worker: another process with the rank's environment).
+STUCK = """import os, time
+{fork}
 def {name}():
-    print("ready", flush=True)
+    os.write(1, f"ready {{os.getpid()}}\\n".encode())  # one write: parent and child share the pipe
     time.sleep(300)
 {name}()
 """
@@ -310,35 +313,42 @@ def test_stacks_writes_one_file_per_rank_and_says_where_each_rank_is(monkeypatch
     procs = []
     try:
         for env, name in ranks:
-            (tmp_path / f"{name}.py").write_text(STUCK.format(name=name))
+            fork = "os.fork()" if env == {"RANK": "0"} else ""
+            (tmp_path / f"{name}.py").write_text(STUCK.format(name=name, fork=fork))
             procs.append(subprocess.Popen([sys.executable, tmp_path / f"{name}.py"], stdout=subprocess.PIPE,
-                                          text=True, env={**os.environ, "SLURM_JOB_ID": job, **env}))
-        assert [p.stdout.readline() for p in procs] == ["ready\n"] * 3
+                                          text=True, env={**os.environ, "SLURM_JOB_ID": job, **env},
+                                          start_new_session=True))
+        ready = [p.stdout.readline() for p in procs] + [procs[0].stdout.readline()]  # rank 0's child too
+        assert all(line.startswith("ready ") for line in ready), ready
+        child = ({int(line.split()[1]) for line in (ready[0], ready[3])} - {procs[0].pid}).pop()
         code = stacks.main([job, "--py-spy", str(PY_SPY)])
         out = capsys.readouterr().out
-        (tmp_path / "py-spy").write_text("#!/bin/sh\necho 'Error: Permission denied (os error 13)' >&2\nexit 1\n")
+        (tmp_path / "py-spy").write_text("#!/bin/sh\necho 'Permission Denied: Try running again with elevated "
+                                         "permissions by going sudo' >&2\nexit 1\n")  # py-spy 0.4.3's words
         (tmp_path / "py-spy").chmod(0o755)
         # ... named as an array task this time: its processes carry the task's own id (scontrol's JobId).
         refused = stacks.main([f"{job}_7", "--py-spy", str(tmp_path / "py-spy"), "--out", str(tmp_path / "refused")])
         refused_out = capsys.readouterr().out
     finally:
         for p in procs:
-            p.kill()
+            os.killpg(p.pid, signal.SIGKILL)  # rank 0's child too
             p.wait()
     assert code == 0, out
     dumps = tmp_path / "stacks" / job
     host = stacks.socket.gethostname()
-    files = ["rank0.txt", "rank1.txt", f"{host}-pid{procs[2].pid}.txt"]
-    assert sorted(f.name for f in dumps.iterdir()) == files
-    for (_, name), file in zip(ranks, files):
-        assert f"{name} ({name}.py:4)" in (dumps / file).read_text()
+    files = {"rank0.txt": "wait_for_peers", f"rank0-{host}-pid{child}.txt": "wait_for_peers",
+             "rank1.txt": "save_snapshot", f"{host}-pid{procs[2].pid}.txt": "no_rank_here"}
+    assert sorted(f.name for f in dumps.iterdir()) == sorted(files)
+    for file, name in files.items():
+        assert f"{name} ({name}.py:5)" in (dumps / file).read_text()
     assert out.splitlines() == [
-        f"rank 0 ({host} pid {procs[0].pid}): in wait_for_peers (wait_for_peers.py:4)",
-        f"rank 1 ({host} pid {procs[1].pid}): in save_snapshot (save_snapshot.py:4)",
-        f"no rank ({host} pid {procs[2].pid}): in no_rank_here (no_rank_here.py:4)",
+        f"rank 0 ({host} pid {procs[0].pid}): in wait_for_peers (wait_for_peers.py:5)",
+        f"rank 0 ({host} pid {child}, child of pid {procs[0].pid}): in wait_for_peers (wait_for_peers.py:5)",
+        f"rank 1 ({host} pid {procs[1].pid}): in save_snapshot (save_snapshot.py:5)",
+        f"no rank ({host} pid {procs[2].pid}): in no_rank_here (no_rank_here.py:5)",
         f"stacks of job {job}: {dumps}"], out
     assert refused == 1
-    assert f"rank 0 ({host} pid {procs[0].pid}): py-spy failed: Error: Permission denied" in refused_out
+    assert f"rank 0 ({host} pid {procs[0].pid}): py-spy failed: Permission Denied: Try running" in refused_out
     hint = [line for line in refused_out.splitlines() if "ptrace" in line]
     assert len(hint) == 1 and "ptrace_scope" in hint[0] and "CAP_SYS_PTRACE" in hint[0], refused_out
 
@@ -418,7 +428,7 @@ def test_fr_report_without_dumps_is_one_line_and_exit_2(tmp_path, capsys):
 def test_stacks_of_a_running_two_node_job(slurm_cluster, slurm_python, tmp_path):
     """stacks.py against a real job of 2 nodes (srun_per_gpu.sbatch, one rank per node) that waits in a known
     function: one file per rank with that function, and one line per rank naming it and its node."""
-    (tmp_path / "stuck.py").write_text(STUCK.format(name="wait_for_peers"))
+    (tmp_path / "stuck.py").write_text(STUCK.format(name="wait_for_peers", fork=""))
     log = tmp_path / "job.out"
     shape = ["--nodes=2", "--ntasks-per-node=1", "--gpus-per-node=1", "--cpus-per-task=1", "--time=00:05:00"]
     job_id = slurm_cluster.submit(ROOT / "slurm_templates" / "srun_per_gpu.sbatch", tmp_path / "stuck.py",
@@ -426,7 +436,7 @@ def test_stacks_of_a_running_two_node_job(slurm_cluster, slurm_python, tmp_path)
     dumped = {}
 
     def on_poll(info, text):
-        if not dumped and len(re.findall(r"^\d: ready$", text, re.M)) == 2:  # both ranks inside
+        if not dumped and len(re.findall(r"^\d: ready \d+$", text, re.M)) == 2:  # both ranks inside
             dumped["run"] = slurm_cluster.client(slurm_python, TOOLS / "stacks.py", job_id, "--out",
                                                  tmp_path / "stacks", timeout=150, check=False)
             slurm_cluster.client("scancel", job_id, check=False)
@@ -437,4 +447,4 @@ def test_stacks_of_a_running_two_node_job(slurm_cluster, slurm_python, tmp_path)
     assert dumped["run"].returncode == 0, out
     for rank, host in ((0, "n1"), (1, "n2")):
         assert "wait_for_peers (" in (tmp_path / "stacks" / f"rank{rank}.txt").read_text(), out
-        assert re.search(rf"^rank {rank} \({host} pid \d+\): in wait_for_peers \(stuck.py:4\)$", out, re.M), out
+        assert re.search(rf"^rank {rank} \({host} pid \d+\): in wait_for_peers \(stuck.py:5\)$", out, re.M), out

@@ -41,6 +41,9 @@ PTRACE_HINT = ("py-spy was refused (ptrace): run it as the job's user, and where
                "`scancel --signal=USR2 JOBID` (stacks in the job log)")
 
 
+PERMISSION = r"permission denied|operation not permitted"  # py-spy's words when ptrace is refused
+
+
 class BadInput(Exception):
     """Something the user gave that cannot work: one line, exit 2."""
 
@@ -121,9 +124,9 @@ def dump(pid: int, py_spy: str) -> tuple[bool, str]:
         return False, f"no py-spy at {py_spy} (pip install py-spy, or --py-spy PATH)"
     except subprocess.TimeoutExpired:
         return False, "py-spy did not answer in 60 s"
-    if proc.returncode != 0:
-        lines = (proc.stderr or proc.stdout).strip().splitlines()
-        return False, lines[-1] if lines else f"py-spy exit {proc.returncode}"
+    if proc.returncode != 0:  # its last line may be advice ("Try running again with elevated permissions")
+        lines = (proc.stderr or proc.stdout).strip().splitlines() or [f"py-spy exit {proc.returncode}"]
+        return False, next((line for line in lines if re.search(PERMISSION, line, re.I)), lines[-1])
     return True, proc.stdout
 
 
@@ -184,13 +187,15 @@ def write_node(records: list[dict], out: Path) -> list[dict]:
 def summary(records: list[dict], hosts_without: list[str] = ()) -> tuple[list[str], bool]:
     """One line per process, by rank: where its main thread is, or why py-spy could not say."""
     lines, ok, refused = [], bool(records), False
+    pids = {(r["host"], r["pid"]) for r in records}
     for r in sorted(records, key=lambda r: (r["rank"] is None, r["rank"] or 0, r["ppid"], r["pid"])):
-        who = (f"rank {r['rank']}" if r["rank"] is not None else "no rank") + f" ({r['host']} pid {r['pid']})"
+        child = f", child of pid {r['ppid']}" if (r["host"], r["ppid"]) in pids else ""  # a DataLoader worker
+        who = (f"rank {r['rank']}" if r["rank"] is not None else "no rank") + f" ({r['host']} pid {r['pid']}{child})"
         if r["ok"]:
             lines.append(f"{who}: in {r['where']}")
         else:
             ok = False
-            refused |= bool(re.search(r"permission denied|operation not permitted", r["error"], re.I))
+            refused |= bool(re.search(PERMISSION, r["error"], re.I))
             lines.append(f"{who}: py-spy failed: {r['error']}")
     lines += [f"{host}: no Python process of the job" for host in hosts_without]
     if refused:
