@@ -377,8 +377,9 @@ def fr_entry(seq: int, name: str, state: str, sizes=((4,),)) -> dict:
             "time_discovered_started_ns": None, "time_discovered_completed_ns": None, "retired": state == "completed",
             "timeout_ms": 600000, "is_p2p": False, "duration_ms": None,
             "frames": [{"name": name.split(":")[1], "filename": "/venv/lib/python3.11/site-packages/torch/distributed/"
-                        "distributed_c10d.py", "line": 3245}, {"name": "train_step", "filename": "/job/recipe.py",
-                                                               "line": 88}]}
+                        "distributed_c10d.py", "line": 3245},  # innermost first; then a deprecation wrapper (seen)
+                       {"name": "wrapper", "filename": "/venv/lib/python3.11/site-packages/typing_extensions.py",
+                        "line": 3140}, {"name": "train_step", "filename": "/job/recipe.py", "line": 88}]}
 
 
 def write_fr_dumps(folder, entries_by_rank: dict, ranks: str = "[0, 1]"):

@@ -72,10 +72,11 @@ def ranks_text(ranks) -> str:
 
 
 def caller(entry: dict) -> str:
-    """The innermost frame outside torch that issued the collective: ` from train_step (recipe.py:88)`."""
+    """The innermost frame of the job's own code that issued the collective: ` from train_step (recipe.py:88)`;
+    torch and the installed packages between them (typing_extensions' deprecation wrapper) are skipped."""
     for frame in entry.get("frames") or []:
         filename = frame.get("filename", "")
-        if f"{os.sep}torch{os.sep}" not in filename:
+        if not re.search(r"[/\\](torch|site-packages|dist-packages)[/\\]", filename):
             return f" from {frame.get('name')} ({os.path.basename(filename)}:{frame.get('line')})"
     return ""
 
