@@ -12,6 +12,8 @@ never entered. Same ids but different collectives is a desync (the ranks took di
 inside the same collective, not completed, is the collective itself hanging (network, NCCL).
 
 gloo records into the same buffer (torch 2.13) but nothing dumps it on a timeout: NCCL's watchdog writes the files.
+A gloo dump taken by hand (torch._C._distributed_c10d._dump_fr_trace()) reads here; torch 2.13's torchfrtrace stops
+on one with KeyError ('0', 0) (its pg_config is keyed '', its entries '0').
 
 Then, where torch's own analyser `torchfrtrace` is installed (beside this python or on PATH), its output follows
 (--torchfrtrace off skips it). Standard library only; the dumps are pickles: read only your own job's files.
