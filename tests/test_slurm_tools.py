@@ -1,14 +1,19 @@
 """slurm_templates/tools without Slurm: the benchmark's arithmetic, the doctor's configuration checks, and both
-tools under plain torchrun (so they are exercised even where the local cluster cannot run)."""
+tools under plain torchrun (so they are exercised even where the local cluster cannot run); stacks.py with
+stand-ins for scontrol and srun, and once against a real job of the local cluster (marked slurm)."""
 
 import importlib.util
 import json
 import os
+import pickle
 import re
+import signal
+import subprocess
+import sys
 
 import pytest
 
-from helpers import ROOT, clean_env, free_port, run, torchrun
+from helpers import ROOT, clean_env, free_port, run, torchrun, unavailable
 
 TOOLS = ROOT / "slurm_templates" / "tools"
 
@@ -22,6 +27,8 @@ def load(name):
 
 bench = load("allreduce_bench")
 doctor = load("doctor")
+stacks = load("stacks")
+fr_report = load("fr_report")
 
 
 def test_bus_bandwidth_uses_nccl_tests_definition():
@@ -269,3 +276,176 @@ def test_local_cluster_declares_the_cores_this_machine_has_whatever_omp_num_thre
     declared = run(["bash", "-c", '. "$1"; echo "$LC_CPUS"', "_", ROOT / "slurm_templates/local_cluster/common.sh"],
                    env=clean_env(OMP_NUM_THREADS=1)).stdout.split()[-1]
     assert int(declared) == cores
+
+
+# stacks.py: a "rank" that waits in a function named after it (line 5), and says when it is there; with
+# fork="os.fork()" a child does the same (a DataLoader worker: another process with the rank's environment).
+STUCK = """import os, time
+{fork}
+def {name}():
+    os.write(1, f"ready {{os.getpid()}}\\n".encode())  # one write: parent and child share the pipe
+    time.sleep(300)
+{name}()
+"""
+PY_SPY = ROOT / ".venvs" / "slurm_templates" / "bin" / "py-spy"
+
+
+def fake_slurm(monkeypatch, tmp_path, scontrol: str):
+    """scontrol answers `scontrol`; srun runs its command here, once (the node part on this one "node")."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir(exist_ok=True)
+    for name, body in {"scontrol": scontrol, "srun": 'while [ "${1#--}" != "$1" ]; do shift; done; exec "$@"'}.items():
+        (bin_dir / name).write_text(f"#!/bin/bash\n{body}\n")
+        (bin_dir / name).chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
+
+
+def test_stacks_writes_one_file_per_rank_and_says_where_each_rank_is(monkeypatch, tmp_path, capsys):
+    """#23: the stacks of a running job's ranks on demand: each process with SLURM_JOB_ID=<job> gets a file named
+    after its rank (RANK, else SLURM_PROCID; host and pid without either) holding py-spy's dump, and one line says
+    which function its main thread is in. Where py-spy may not attach, one line says what to do."""
+    if not PY_SPY.exists():
+        unavailable(f"{PY_SPY} missing: run tools/envs.sh slurm_templates")
+    clean_launch_env(monkeypatch)
+    job = str(900000000 + os.getpid())  # no real job has it
+    fake_slurm(monkeypatch, tmp_path, f"echo JobId={job} JobName=t JobState=RUNNING NumNodes=1 WorkDir={tmp_path}")
+    ranks = [({"RANK": "0"}, "wait_for_peers"), ({"SLURM_PROCID": "1"}, "save_snapshot"), ({}, "no_rank_here")]
+    procs = []
+    try:
+        for env, name in ranks:
+            fork = "os.fork()" if env == {"RANK": "0"} else ""
+            (tmp_path / f"{name}.py").write_text(STUCK.format(name=name, fork=fork))
+            procs.append(subprocess.Popen([sys.executable, tmp_path / f"{name}.py"], stdout=subprocess.PIPE,
+                                          text=True, env={**os.environ, "SLURM_JOB_ID": job, **env},
+                                          start_new_session=True))
+        ready = [p.stdout.readline() for p in procs] + [procs[0].stdout.readline()]  # rank 0's child too
+        assert all(line.startswith("ready ") for line in ready), ready
+        child = ({int(line.split()[1]) for line in (ready[0], ready[3])} - {procs[0].pid}).pop()
+        code = stacks.main([job, "--py-spy", str(PY_SPY)])
+        out = capsys.readouterr().out
+        (tmp_path / "py-spy").write_text("#!/bin/sh\necho 'Permission Denied: Try running again with elevated "
+                                         "permissions by going sudo' >&2\nexit 1\n")  # py-spy 0.4.3's words
+        (tmp_path / "py-spy").chmod(0o755)
+        # ... named as an array task this time: its processes carry the task's own id (scontrol's JobId).
+        refused = stacks.main([f"{job}_7", "--py-spy", str(tmp_path / "py-spy"), "--out", str(tmp_path / "refused")])
+        refused_out = capsys.readouterr().out
+    finally:
+        for p in procs:
+            os.killpg(p.pid, signal.SIGKILL)  # rank 0's child too
+            p.wait()
+    assert code == 0, out
+    dumps = tmp_path / "stacks" / job
+    host = stacks.socket.gethostname()
+    files = {"rank0.txt": "wait_for_peers", f"rank0-{host}-pid{child}.txt": "wait_for_peers",
+             "rank1.txt": "save_snapshot", f"{host}-pid{procs[2].pid}.txt": "no_rank_here"}
+    assert sorted(f.name for f in dumps.iterdir()) == sorted(files)
+    for file, name in files.items():
+        assert f"{name} ({name}.py:5)" in (dumps / file).read_text()
+    assert out.splitlines() == [
+        f"rank 0 ({host} pid {procs[0].pid}): in wait_for_peers (wait_for_peers.py:5)",
+        f"rank 0 ({host} pid {child}, child of pid {procs[0].pid}): in wait_for_peers (wait_for_peers.py:5)",
+        f"rank 1 ({host} pid {procs[1].pid}): in save_snapshot (save_snapshot.py:5)",
+        f"no rank ({host} pid {procs[2].pid}): in no_rank_here (no_rank_here.py:5)",
+        f"stacks of job {job}: {dumps}"], out
+    assert refused == 1
+    assert f"rank 0 ({host} pid {procs[0].pid}): py-spy failed: Permission Denied: Try running" in refused_out
+    hint = [line for line in refused_out.splitlines() if "ptrace" in line]
+    assert len(hint) == 1 and "ptrace_scope" in hint[0] and "CAP_SYS_PTRACE" in hint[0], refused_out
+
+
+@pytest.mark.parametrize("args, scontrol, said", [
+    (["12x"], "exit 99", "'12x' is not a job id"),
+    (["123"], "echo 'slurm_load_jobs error: Invalid job id specified' >&2; exit 1",
+     "no job 123: scontrol says: slurm_load_jobs error: Invalid job id specified"),
+    (["123"], "echo JobId=123 JobState=PENDING NumNodes=2", "job 123 is PENDING, not running"),
+    ([], "exit 99", "the following arguments are required: job"),
+], ids=["not-a-job-id", "no-such-job", "pending", "no-job"])
+def test_stacks_bad_input_is_one_line_and_exit_2(monkeypatch, tmp_path, capsys, args, scontrol, said):
+    fake_slurm(monkeypatch, tmp_path, scontrol)
+    assert stacks.main(args) == 2
+    captured = capsys.readouterr()
+    assert captured.out == "" and captured.err.startswith(f"error: {said}") and captured.err.count("\n") == 1, \
+        captured.err
+
+
+def fr_entry(seq: int, name: str, state: str, sizes=((4,),)) -> dict:
+    """One collective as torch 2.13's Flight Recorder dumps it (the keys of a real gloo dump; NCCL's are the same)."""
+    return {"record_id": seq - 1, "pg_id": 0, "process_group": ("0", "default_pg"), "thread_name": "python",
+            "thread_id": "1", "collective_seq_id": seq, "p2p_seq_id": 0, "op_id": seq, "profiling_name": name,
+            "time_created_ns": seq, "input_sizes": [list(s) for s in sizes], "input_dtypes": ["Float"],
+            "output_sizes": [list(s) for s in sizes], "output_dtypes": ["Float"], "state": state,
+            "time_discovered_started_ns": None, "time_discovered_completed_ns": None, "retired": state == "completed",
+            "timeout_ms": 600000, "is_p2p": False, "duration_ms": None,
+            "frames": [{"name": name.split(":")[1], "filename": "/venv/lib/python3.11/site-packages/torch/distributed/"
+                        "distributed_c10d.py", "line": 3245},  # innermost first; then a deprecation wrapper (seen)
+                       {"name": "wrapper", "filename": "/venv/lib/python3.11/site-packages/typing_extensions.py",
+                        "line": 3140}, {"name": "train_step", "filename": "/job/recipe.py", "line": 88}]}
+
+
+def write_fr_dumps(folder, entries_by_rank: dict, ranks: str = "[0, 1]"):
+    folder.mkdir(parents=True, exist_ok=True)
+    for rank, entries in entries_by_rank.items():
+        dump = {"version": "2.10", "comm_lib_version": "2.27.5", "entries": entries,
+                "pg_config": {"0": {"name": "0", "desc": "default_pg", "ranks": ranks}},
+                "pg_status": {"0": {"last_enqueued_collective": entries[-1]["collective_seq_id"]}}}
+        (folder / f"nccl_trace_rank_{rank}").write_bytes(pickle.dumps(dump))
+
+
+def test_fr_report_names_the_rank_that_is_behind_and_the_collective_the_others_wait_in(tmp_path, capsys):
+    """#23: rank 1 completed collective #2 and never entered #3, where rank 0 waits: the report says so in one
+    line, by sequence id, with the code that issued each; torch's own analyser runs after it."""
+    done = [fr_entry(1, "nccl:broadcast", "completed"), fr_entry(2, "nccl:all_reduce", "completed")]
+    write_fr_dumps(tmp_path / "debug", {0: [*done, fr_entry(3, "nccl:_allgather_base", "started")], 1: done})
+    fake = tmp_path / "torchfrtrace"
+    fake.write_text('#!/bin/sh\necho "torchfrtrace got $*"\n')
+    fake.chmod(0o755)
+    assert fr_report.main([str(tmp_path / "debug"), "--torchfrtrace", str(fake)]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[1] == ("rank 1 is behind in process group 0 (default_pg): its last collective is #2 nccl:all_reduce "
+                      "(completed) from train_step (recipe.py:88), 1 behind ranks 0, which wait in #3 "
+                      "nccl:_allgather_base (started) from train_step (recipe.py:88)"), out
+    assert out[-1] == f"torchfrtrace got {tmp_path / 'debug'} --prefix nccl_trace_rank_", out
+    # The other shapes of a hang: different collectives at one id; every rank inside one; a rank with no dump.
+    lines = fr_report.report({0: {"entries": [*done, fr_entry(3, "nccl:all_reduce", "started")], "pg_config": {},
+                                  "version": "2.10"},
+                              1: {"entries": [*done, fr_entry(3, "nccl:broadcast", "started")], "pg_config": {},
+                                  "version": "2.10"}}, tmp_path)
+    assert lines[1].startswith("ranks disagree in process group 0 (default_pg) at #3 (a desync"), lines
+    write_fr_dumps(tmp_path / "all", {0: done[:1], 1: [*done[:1], fr_entry(2, "nccl:all_reduce", "started")]},
+                   ranks="[0, 1, 2]")
+    lines = fr_report.report(fr_report.load(tmp_path / "all", "nccl_trace_rank_"), tmp_path / "all")
+    assert lines[1].startswith("no dump from ranks 2: "), lines
+    assert lines[2].startswith("rank 0 is behind"), lines
+
+
+def test_fr_report_without_dumps_is_one_line_and_exit_2(tmp_path, capsys):
+    assert fr_report.main([str(tmp_path), "--torchfrtrace", "off"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: no Flight Recorder dumps (nccl_trace_rank_<rank>) in {tmp_path}: ") and \
+        err.count("\n") == 1, err
+
+
+@pytest.mark.slurm
+def test_stacks_of_a_running_two_node_job(slurm_cluster, slurm_python, tmp_path):
+    """stacks.py against a real job of 2 nodes (srun_per_gpu.sbatch, one rank per node) that waits in a known
+    function: one file per rank with that function, and one line per rank naming it and its node."""
+    (tmp_path / "stuck.py").write_text(STUCK.format(name="wait_for_peers", fork=""))
+    log = tmp_path / "job.out"
+    shape = ["--nodes=2", "--ntasks-per-node=1", "--gpus-per-node=1", "--cpus-per-task=1", "--time=00:05:00"]
+    job_id = slurm_cluster.submit(ROOT / "slurm_templates" / "srun_per_gpu.sbatch", tmp_path / "stuck.py",
+                                  sbatch_args=shape, cwd=tmp_path, output=log, env={"PYTHON": slurm_python})
+    dumped = {}
+
+    def on_poll(info, text):
+        if not dumped and len(re.findall(r"^\d: ready \d+$", text, re.M)) == 2:  # both ranks inside
+            dumped["run"] = slurm_cluster.client(slurm_python, TOOLS / "stacks.py", job_id, "--out",
+                                                 tmp_path / "stacks", timeout=150, check=False)
+            slurm_cluster.client("scancel", job_id, check=False)
+
+    job = slurm_cluster.wait(job_id, log, timeout=180, on_poll=on_poll)
+    assert dumped, f"the ranks never reached wait_for_peers\n{job.describe()}"
+    out = dumped["run"].stdout
+    assert dumped["run"].returncode == 0, out
+    for rank, host in ((0, "n1"), (1, "n2")):
+        assert "wait_for_peers (" in (tmp_path / "stacks" / f"rank{rank}.txt").read_text(), out
+        assert re.search(rf"^rank {rank} \({host} pid \d+\): in wait_for_peers \(stuck.py:5\)$", out, re.M), out

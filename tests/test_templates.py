@@ -1,4 +1,5 @@
-"""The templates' preemption handling outside Slurm (CONTRACT.md C7, C8; issues #21, #27).
+"""The templates' preemption handling outside Slurm (CONTRACT.md C7, C8; issues #21, #27), and the multi-node
+torch templates' Flight Recorder settings (#23).
 
 Every template that trains carries the same preemption block, and the block does what it says when bash runs the
 real template file with stand-ins for srun and scontrol: Slurm's USR1 reaches the step, a step that saved (exit 75)
@@ -47,8 +48,8 @@ TEMPLATES = sorted(f"{p.parent.name}/{p.name}" for folder in FOLDERS for p in (R
 BLOCKED = [t for t in TEMPLATES if t not in NO_PREEMPTION and t not in OWN_DECISION]
 
 
-def block(text: str) -> str | None:
-    found = re.search(re.escape(BEGIN) + r"(.*?)" + re.escape(END), text, re.S)
+def block(text: str, begin: str = BEGIN, end: str = END) -> str | None:
+    found = re.search(re.escape(begin) + r"(.*?)" + re.escape(end), text, re.S)
     return found.group(1) if found else None
 
 
@@ -80,11 +81,43 @@ def test_every_training_template_carries_the_one_preemption_block(template):
         assert text.endswith(END), f"{template}: something runs after the preemption block's exit"
 
 
+FR_BEGIN = ("# --- flight recorder block: identical in every multi-node torch template (tests/test_templates.py "
+            "checks it) ---\n")
+FR_END = "# --- end of the flight recorder block ---\n"
+# Every multi-node template of the torch folders, and the generic ones, found by name: a new one is checked too.
+TORCH_FOLDERS = ["pytorch", "lightning", "monai", "modulus", "nemo", "deepspeed"]
+FLIGHT_RECORDED = sorted(f"{f}/{p.name}" for f in TORCH_FOLDERS for p in (ROOT / f).glob("multinode*.sbatch"))
+FLIGHT_RECORDED += ["slurm_templates/srun_per_gpu.sbatch", "slurm_templates/torchrun_per_node.sbatch"]
+
+
+def test_every_multinode_torch_template_keeps_the_flight_recorder_on_shared_storage():
+    """#23: NCCL's watchdog writes each rank's last collectives when it fires, by default into /tmp of the node,
+    gone with it. Every multi-node torch template sets the same lines, before its step starts: dumps on timeout,
+    into checkpoints/$RUN/debug/$SLURM_JOB_ID/ under the submit directory (torch 2.13's variable names)."""
+    assert len(FLIGHT_RECORDED) >= 12, FLIGHT_RECORDED
+    reference = block(REFERENCE.read_text(), FR_BEGIN, FR_END)
+    assert reference, f"{REFERENCE.relative_to(ROOT)} has no flight recorder block"
+    for line in ["fr_dir=$PWD/checkpoints/${RUN:-$SLURM_JOB_NAME}/debug/$SLURM_JOB_ID\n", 'mkdir -p "$fr_dir"\n',
+                 "export TORCH_FR_BUFFER_SIZE=2000 TORCH_NCCL_DUMP_ON_TIMEOUT=1 "
+                 "TORCH_FR_DUMP_TEMP_FILE=$fr_dir/nccl_trace_rank_\n"]:
+        assert line in reference, line
+    wrong = []
+    for template in FLIGHT_RECORDED:
+        text = (ROOT / template).read_text()
+        launch = re.search(r'^(srun|"\$launcher") ', text, re.M)
+        if block(text, FR_BEGIN, FR_END) != reference:
+            wrong.append(f"{template}: no flight recorder block, or not {REFERENCE.name}'s")
+        elif not launch or text.index(FR_END) > launch.start():
+            wrong.append(f"{template}: the flight recorder block comes after the step starts")
+    assert wrong == [], "\n".join(wrong)
+
+
 # Stand-ins: srun is the step (it records its command line and the signals it gets, and saves -- exits 75 -- on
 # USR1/TERM, or exits FAKE_STEP_EXIT at once); scontrol names two nodes and records a requeue; python has no CUDA.
 FAKES = {
     "srun": """#!/bin/bash
 printf '%s\\n' "$*" >>"$FAKE_DIR/srun.args"
+printf '%s\\n' "${TORCH_FR_DUMP_TEMP_FILE-unset}" >"$FAKE_DIR/fr_file"
 trap 'echo USR1 >>"$FAKE_DIR/step.signals"; exit 75' USR1
 trap 'echo TERM >>"$FAKE_DIR/step.signals"; exit 75' TERM
 [ "$FAKE_STEP_EXIT" = wait ] || exit "$FAKE_STEP_EXIT"
@@ -141,6 +174,9 @@ def test_usr1_reaches_the_step_and_the_job_is_requeued(template, tmp_path):
     assert read(tmp_path / "step.signals") == "USR1\n", f"{template}: the step did not get USR1 once\n{out}"
     assert read(tmp_path / "requeued") == "requeue 4242\n", f"{template}: not requeued\n{out}\n{err}"
     assert "requeue: got USR1, forwarding it" in out, out
+    if template in FLIGHT_RECORDED:  # the step's ranks write their Flight Recorder dumps on shared storage
+        fr_dir = tmp_path / "checkpoints" / "t" / "debug" / "4242"
+        assert read(tmp_path / "fr_file") == f"{fr_dir}/nccl_trace_rank_\n" and fr_dir.is_dir(), template
     command = read(tmp_path / "srun.args")
     if "torch.distributed.run" in command:
         handled = re.search(r"--signals-to-handle (\S+)", command)
