@@ -338,6 +338,24 @@ def test_every_recipe_script_is_exercised():
     assert {s for s in scripts if s not in text} == set()
 
 
+def test_the_readmes_spleen_commands_train_several_steps_per_epoch():
+    """#26: the README's Spleen command for multinode.sbatch (2 x 8 GPUs) gave floor(floor(33 / 16) / 2) = 1 step per
+    epoch and no --val-every. Every Spleen command it shows now takes at least 2 steps per epoch at its world size
+    (33 training cases: 41 labelled, the last fifth validates), and names --val-every when it runs on several GPUs."""
+    template = (FOLDER / "multinode.sbatch").read_text()
+    nodes, gpus = (int(re.search(rf"^#SBATCH --{n}=(\d+)", template, re.M).group(1))
+                   for n in ("nodes", "gpus-per-node"))
+    world_sizes = {"single_gpu.py": 1, "multinode.sbatch": nodes * gpus}  # a new Spleen command: add its world size
+    text = (FOLDER / "README.md").read_text().replace("\\\n", " ")
+    commands = [ln.split() for ln in text.splitlines() if "Task09_Spleen" in ln and re.match(r" *(python|sbatch) ", ln)]
+    assert len(commands) >= 2, commands
+    for cmd in commands:
+        world = world_sizes[cmd[1]]
+        batch = int(cmd[cmd.index("--batch-size") + 1]) if "--batch-size" in cmd else 2
+        assert 33 // world // batch >= 2, (cmd, world, batch)
+        assert world == 1 or "--val-every" in cmd, cmd
+
+
 # ------------------------------------------------------------------------------------------ GPU facts, patched in
 
 # What a GPU node would answer, patched into the recipes' own code in one process of monai/'s environment (this
