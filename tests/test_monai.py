@@ -362,7 +362,7 @@ def test_the_readmes_spleen_commands_train_several_steps_per_epoch():
 # machine has no GPU; importing MONAI once is most of the time): each check returns what it found, or the exception
 # it raised, as JSON on the last line.
 GPU_PROBE = r'''
-import contextlib, json, os, sys, tempfile, types
+import contextlib, io, json, os, sys, tempfile, types
 from unittest import mock
 import torch
 import cluster, recipe, toolkit
@@ -380,7 +380,7 @@ def trainer(ckpt, device, loader=None, **flags):
     """A Trainer of the recipe (a tiny UNet, 4 steps per epoch) on the CPU, then moved in thought to `device`."""
     args = types.SimpleNamespace(lr=1e-3, epochs=2, max_steps=None, amp=False, timings_file=None, checkpoint_dir=ckpt,
                                  save_every=1, log_every=100, roi_size=16, batch_size=1, val_every=1, seed=0,
-                                 num_workers=0)
+                                 num_workers=0, gpu_cache=False)
     vars(args).update(flags)
     task = recipe.Task(train=list(range(4)), val_cases=[], in_channels=1, num_classes=2, n_train=4, n_val=0)
     loader = list(range(4)) if loader is None else loader(args)
@@ -509,12 +509,11 @@ def each_rank_caches_its_partition():
                       "cached": sum(item is not None for item in cache._cache), "workers": cache.num_workers})
     return {"ranks": ranks, "cpus": len(os.sched_getaffinity(0))}
 
-@check
-def resumed_epoch_loads_only_the_batches_left():
+def resumed_epoch(gpu_cache):
     """One epoch of 6 cases, then the same epoch resumed at batch 4 (a snapshot taken after 4 steps), then the next
     epoch: the cases each loaded, in order."""
     data = Counting(6)
-    t = trainer(None, torch.device("cpu"), loader=lambda args: recipe.build_loader(data, args))
+    t = trainer(None, torch.device("cpu"), loader=lambda args: recipe.build_loader(data, args), gpu_cache=gpu_cache)
     t._run_epoch()
     whole, data.loaded = data.loaded, []
     t.step, t.batch_in_epoch = 4, 4
@@ -523,6 +522,48 @@ def resumed_epoch_loads_only_the_batches_left():
     t.epoch, t.batch_in_epoch = 1, 0
     t._run_epoch()
     return {"whole": whole, "resumed": resumed, "next_epoch": data.loaded}
+
+@check
+def resumed_epoch_loads_only_the_batches_left():
+    return resumed_epoch(gpu_cache=False)
+
+@check
+def resumed_epoch_on_the_gpu_data_path():
+    return resumed_epoch(gpu_cache=True)
+
+@check
+def gpu_cache_where_it_cannot_work():
+    """--gpu-cache without a GPU, and with DataLoader worker processes (which cannot take CUDA tensors): the exit code
+    and stderr of parse_args, or the flag's value where it parses."""
+    def parse(*flags, visible=0):
+        err = io.StringIO()
+        with contextlib.redirect_stderr(err), gpus(visible) if visible else contextlib.nullcontext():
+            try:
+                return {"gpu_cache": argv(*flags).gpu_cache}
+            except SystemExit as e:
+                return {"exit": e.code, "stderr": err.getvalue().strip()}
+    return {"cpu": parse("--gpu-cache"), "workers": parse("--gpu-cache", "--num-workers", "2", visible=1),
+            "gpu": parse("--gpu-cache", visible=1), "default": parse(visible=1)}
+
+@check
+def gpu_data_path_run_on_the_cpu():
+    """--gpu-cache's data path with the CPU as the rank's device (no GPU here; parse_args refuses the flag, so it is
+    set after): the loader it builds, and whether its batches equal the default DataLoader's, crop for crop."""
+    args = argv("--dataset-size", "4", "--roi-size", "16", "--batch-size", "2", "--data-dir", tempfile.mkdtemp())
+    args.gpu_cache = True
+    task = recipe.build_dataset(args, cluster.Ranks())
+    fast = recipe.build_loader(task.train, args)
+    with gpus(1):  # built, not iterated: what it would pin on a GPU node
+        pinned = recipe.build_loader(task.train, args).pin_memory
+    args.gpu_cache = False
+    with gpus(1):
+        pinned_default = recipe.build_loader(task.train, args).pin_memory
+    plain = recipe.build_loader(task.train, args)
+    fast_batches, plain_batches = list(fast), list(plain)
+    same = len(fast_batches) == len(plain_batches) == 2 and all(
+        torch.equal(a[k], b[k]) for a, b in zip(fast_batches, plain_batches) for k in recipe.KEYS)
+    return {"loader": type(fast).__name__, "workers": fast.num_workers, "pinned": pinned,
+            "pinned_default": pinned_default, "same_batches": same}
 
 @check
 def validates_every_n_epochs():
@@ -615,6 +656,33 @@ def test_a_resumed_epoch_does_not_load_the_batches_it_skips(gpu_probe):
     assert sorted(found["whole"]) == list(range(6)), found
     assert found["resumed"] == found["whole"][4:], found
     assert sorted(found["next_epoch"]) == list(range(6)) and found["next_epoch"] != found["whole"], found
+
+
+def test_a_resumed_epoch_on_the_gpu_data_path_does_not_load_the_batches_it_skips(gpu_probe):
+    """The same skip at the sampler through --gpu-cache's ThreadDataLoader (its thread reads ahead, in order)."""
+    found = gpu_probe["resumed_epoch_on_the_gpu_data_path"]
+    assert found == gpu_probe["resumed_epoch_loads_only_the_batches_left"], found
+
+
+def test_gpu_cache_refuses_in_one_line_where_it_cannot_work(gpu_probe):
+    """--gpu-cache keeps the cases in GPU memory: on a machine without one it stops at the command line (exit 2, one
+    line), as it does with --num-workers (worker processes cannot take CUDA tensors); with a GPU it is taken."""
+    found = gpu_probe["gpu_cache_where_it_cannot_work"]
+    assert "raised" not in found, found
+    assert found["cpu"] == {"exit": 2, "stderr": "error: --gpu-cache keeps the training cases in GPU memory, but no "
+                            "GPU is visible: drop the flag to cache in host memory (see --help)"}, found
+    assert found["workers"] == {"exit": 2, "stderr": "error: --gpu-cache augments on the GPU in a thread of this "
+                                "process (ThreadDataLoader): --num-workers must be 0 (see --help)"}, found
+    assert found["gpu"] == {"gpu_cache": True} and found["default"] == {"gpu_cache": False}, found
+
+
+def test_the_gpu_data_path_trains_on_the_same_crops(gpu_probe):
+    """--gpu-cache (#26): cases cached on the rank's device, batches made by a ThreadDataLoader (a thread, no worker
+    processes, nothing to pin), the same crops as the default path: the augmentation is seeded per case, not per
+    process."""
+    found = gpu_probe["gpu_data_path_run_on_the_cpu"]
+    assert found == {"loader": "ThreadDataLoader", "workers": 0, "pinned": False, "pinned_default": True,
+                     "same_batches": True}, found
 
 
 def test_val_every_is_honoured(gpu_probe):
