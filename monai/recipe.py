@@ -42,14 +42,12 @@ def init_distributed(args, rank, world_size, device, store=None):
 def preprocessing(ct, device=None):
     """Deterministic transforms, cached once per case: read, channel first, orientation, spacing, intensity (CT: a
     fixed Hounsfield window, clipped; other modalities, e.g. MRI, have no absolute scale: each volume normalised)."""
-    return Compose([
-        LoadImaged(KEYS, reader="NibabelReader", image_only=True), EnsureChannelFirstd(KEYS),
-        Orientationd(KEYS, axcodes="RAS", labels=(("L", "R"), ("P", "A"), ("I", "S"))),
-        Spacingd(KEYS, pixdim=SPACING, mode=("bilinear", "nearest")),
-        ScaleIntensityRanged("image", *HU_WINDOW, b_min=0.0, b_max=1.0, clip=True) if ct
-        else NormalizeIntensityd("image", nonzero=True, channel_wise=True),
-        EnsureTyped(KEYS, track_meta=False, device=device),  # device: where the cache lives (--gpu-cache: the GPU)
-    ])
+    return Compose([LoadImaged(KEYS, reader="NibabelReader", image_only=True), EnsureChannelFirstd(KEYS),
+                    Orientationd(KEYS, axcodes="RAS", labels=(("L", "R"), ("P", "A"), ("I", "S"))),
+                    Spacingd(KEYS, pixdim=SPACING, mode=("bilinear", "nearest")),
+                    ScaleIntensityRanged("image", *HU_WINDOW, b_min=0.0, b_max=1.0, clip=True) if ct
+                    else NormalizeIntensityd("image", nonzero=True, channel_wise=True),
+                    EnsureTyped(KEYS, track_meta=False, device=device)])  # device: --gpu-cache caches on the GPU
 
 
 def augmentation(roi):
@@ -125,14 +123,17 @@ class Trainer:
             epoch_start = time.perf_counter()
             loss_all, seen_all = self.ranks.sum(self._run_epoch())  # metrics over all ranks, not rank 0's
             elapsed = time.perf_counter() - epoch_start
-            if self.preempted:  # save first: the seconds before the kill are for the snapshot, not for validation
+            ended = self.epoch + (self.batch_in_epoch == len(loader))  # epochs run to their end, this one included
+            finished = ended >= args.epochs or bool(args.max_steps and self.step >= args.max_steps)
+            validate = finished or ended % args.val_every == 0
+            # Save first, validate after the requeue: the seconds before the kill are for the snapshot. Before a
+            # validation the ranks also agree on a signal that came after the loop's last check (CHECK_EVERY steps).
+            if self.preempted or (validate and self.ranks.max(PREEMPTION.requested)):
                 if args.checkpoint_dir:
                     self._save_snapshot(float("nan"))
                 exit_preempted(self.ranks.rank, self.step, args.checkpoint_dir)  # exit 75: the job script requeues
             if self.batch_in_epoch == len(loader):  # the epoch ran to its end
                 self.epoch, self.batch_in_epoch = self.epoch + 1, 0
-            finished = not self._training_left()
-            validate = finished or self.epoch % args.val_every == 0
             dice = self._validate() if validate else float("nan")  # nan: not validated this epoch (--val-every)
             if seen_all:
                 self._log(f"epoch {self.epoch + (self.batch_in_epoch > 0)}/{args.epochs} | step {self.step} | "

@@ -576,6 +576,43 @@ def validates_every_n_epochs():
     return validated
 
 @check
+def signal_after_an_epochs_last_check():
+    """2 epochs of 4 steps (fewer than PREEMPTION.CHECK_EVERY), --val-every 1, the signal during step 3: what the run
+    did after it, in order, and how it ended; then the requeued run: what it validated, and whether it ends with the
+    weights of a run never stopped."""
+    def run(ckpt):
+        return trainer(ckpt, torch.device("cpu"), loader=lambda args: recipe.build_loader(Counting(4), args))
+
+    ckpt = tempfile.mkdtemp()
+    torch.manual_seed(0)
+    t = run(ckpt)
+    events, run_batch, save = [], t._run_batch, t._save_snapshot
+
+    def signalled_in_step_3(image, label):
+        toolkit.PREEMPTION.requested = toolkit.PREEMPTION.requested or t.step == 2
+        return run_batch(image, label)
+
+    t._run_batch = signalled_in_step_3
+    t._validate = lambda: events.append("validate") or 0.5
+    t._save_snapshot = lambda dice: events.append(f"save at step {t.step}") or save(dice)
+    try:
+        t.train()
+        events.append("finished")
+    except SystemExit as e:
+        events.append(f"exit {e.code}")
+    finally:
+        toolkit.PREEMPTION.requested = False
+    requeued, validated = run(ckpt), []
+    requeued._validate = lambda: validated.append(f"epoch {requeued.epoch}") or 0.5
+    requeued.train()
+    torch.manual_seed(0)
+    whole = run(tempfile.mkdtemp())
+    whole._validate = lambda: 0.5
+    whole.train()
+    same = all(torch.equal(a, b) for a, b in zip(requeued.net.state_dict().values(), whole.net.state_dict().values()))
+    return {"events": events, "validated_after_the_requeue": validated, "same_weights": same}
+
+@check
 def bare_commands_fit_the_readmes_world_sizes():
     """The defaults (no flags) at 1 rank, 2 (one node of 2), 8 (a node of 8 GPUs), 16 (2 nodes x 8): steps per
     epoch, or the error that stops the run."""
@@ -683,6 +720,17 @@ def test_the_gpu_data_path_trains_on_the_same_crops(gpu_probe):
     found = gpu_probe["gpu_data_path_run_on_the_cpu"]
     assert found == {"loader": "ThreadDataLoader", "workers": 0, "pinned": False, "pinned_default": True,
                      "same_batches": True}, found
+
+
+def test_a_signal_after_an_epochs_last_check_is_saved_before_any_validation(gpu_probe):
+    """#26: the ranks agree on a signal every PREEMPTION.CHECK_EVERY (10) steps; one that came after an epoch's last
+    check went through that epoch's validation first (with 4 steps per epoch, through the whole run). Before a
+    validation the ranks agree on it too: saved at once, exit 75, nothing validated."""
+    found = gpu_probe["signal_after_an_epochs_last_check"]
+    assert "raised" not in found, found
+    assert found["events"] == ["save at step 4", "exit 75"], found
+    # the validation the signal put off runs after the requeue, and the run ends as if never stopped
+    assert found["validated_after_the_requeue"] == ["epoch 1", "epoch 2"] and found["same_weights"], found
 
 
 def test_val_every_is_honoured(gpu_probe):
