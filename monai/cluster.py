@@ -1,8 +1,9 @@
 """monai/'s plumbing: what running on a cluster needs around the lesson in recipe.py, and the synthetic data.
 
 Map:
-    parse_args                  the command line (CONTRACT.md C2, plus --roi-size, --cache-rate and --val-every; batch 2
-                                per rank by default: 3-D volumes), then no silent CPU (C12: toolkit.refuse_silent_cpu)
+    parse_args                  the command line (CONTRACT.md C2, plus --roi-size, --cache-rate, --val-every and
+                                --gpu-cache; batch 2 per rank by default: 3-D volumes), then no silent CPU (C12:
+                                toolkit.refuse_silent_cpu) and no --gpu-cache without a GPU
     run                         toolkit.run that leaves the process group on the way out (no try/finally in scripts)
     leave_process_group         the DDP model freed, then the process group destroyed (README: Troubleshooting)
     torchrun_env                (rank, local_rank, world_size) from RANK, LOCAL_RANK, WORLD_SIZE, or one line on how
@@ -96,6 +97,9 @@ def parse_args(description, extra=None):
     p.add_argument("--save-every", type=positive_int, default=1, help="epochs between snapshots")
     p.add_argument("--val-every", type=positive_int, default=2,
                    help="epochs between validations (whole volumes, sliding window); the last epoch always validates")
+    p.add_argument("--gpu-cache", action="store_true",
+                   help="cache the preprocessed cases in GPU memory and augment them there, in a thread "
+                        "(ThreadDataLoader): no host-to-device copy per step; needs a GPU and --num-workers 0")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--amp", action="store_true", help="bf16 autocast (fp16 + GradScaler on GPUs without bf16)")
     p.add_argument("--num-workers", type=non_negative_int, default=0, help="DataLoader worker processes")
@@ -113,6 +117,12 @@ def parse_args(description, extra=None):
         p.error(f"--data {args.data} needs --data-dir (the task folder that holds dataset.json)")
     # C12: given GPUs (or --backend nccl) that torch cannot use: one line, before a script picks the CPU as device
     toolkit.refuse_silent_cpu(args.backend, toolkit.torch_cuda_problem)
+    if args.gpu_cache and not torch.cuda.is_available():
+        p.error("--gpu-cache keeps the training cases in GPU memory, but no GPU is visible: drop the flag to cache "
+                "in host memory")
+    if args.gpu_cache and args.num_workers:  # a worker process cannot use CUDA tensors made before it was forked
+        p.error("--gpu-cache augments on the GPU in a thread of this process (ThreadDataLoader): "
+                "--num-workers must be 0")
     return args
 
 

@@ -8,7 +8,7 @@ from datetime import timedelta
 
 import torch
 import torch.distributed as dist
-from monai.data import CacheDataset, list_data_collate, partition_dataset
+from monai.data import CacheDataset, ThreadDataLoader, list_data_collate, partition_dataset
 from monai.inferers import sliding_window_inference
 from monai.losses import DiceCELoss
 from monai.metrics import compute_dice
@@ -39,27 +39,23 @@ def init_distributed(args, rank, world_size, device, store=None):
                                 device_id=device if backend == "nccl" else None)
 
 
-def preprocessing(ct):
+def preprocessing(ct, device=None):
     """Deterministic transforms, cached once per case: read, channel first, orientation, spacing, intensity (CT: a
     fixed Hounsfield window, clipped; other modalities, e.g. MRI, have no absolute scale: each volume normalised)."""
-    return Compose([
-        LoadImaged(KEYS, reader="NibabelReader", image_only=True), EnsureChannelFirstd(KEYS),
-        Orientationd(KEYS, axcodes="RAS", labels=(("L", "R"), ("P", "A"), ("I", "S"))),
-        Spacingd(KEYS, pixdim=SPACING, mode=("bilinear", "nearest")),
-        ScaleIntensityRanged("image", *HU_WINDOW, b_min=0.0, b_max=1.0, clip=True) if ct
-        else NormalizeIntensityd("image", nonzero=True, channel_wise=True),
-        EnsureTyped(KEYS, track_meta=False),
-    ])
+    return Compose([LoadImaged(KEYS, reader="NibabelReader", image_only=True), EnsureChannelFirstd(KEYS),
+                    Orientationd(KEYS, axcodes="RAS", labels=(("L", "R"), ("P", "A"), ("I", "S"))),
+                    Spacingd(KEYS, pixdim=SPACING, mode=("bilinear", "nearest")),
+                    ScaleIntensityRanged("image", *HU_WINDOW, b_min=0.0, b_max=1.0, clip=True) if ct
+                    else NormalizeIntensityd("image", nonzero=True, channel_wise=True),
+                    EnsureTyped(KEYS, track_meta=False, device=device)])  # device: --gpu-cache caches on the GPU
 
 
 def augmentation(roi):
     """Random transforms, drawn anew for every sample: pad to the crop size, CROPS_PER_CASE crops centred on
     foreground and background voxels 1:1 (a small organ would rarely be hit by uniform crops), flip, intensity."""
-    return Compose([
-        SpatialPadd(KEYS, spatial_size=(roi,) * 3),
-        RandCropByPosNegLabeld(KEYS, "label", (roi,) * 3, num_samples=CROPS_PER_CASE, image_key="image"),
-        RandFlipd(KEYS, prob=0.5, spatial_axis=0), RandScaleIntensityd("image", factors=0.1, prob=0.5),
-    ])
+    return Compose([SpatialPadd(KEYS, spatial_size=(roi,) * 3),
+                    RandCropByPosNegLabeld(KEYS, "label", (roi,) * 3, num_samples=CROPS_PER_CASE, image_key="image"),
+                    RandFlipd(KEYS, prob=0.5, spatial_axis=0), RandScaleIntensityd("image", factors=0.1, prob=0.5)])
 
 
 @dataclass
@@ -79,10 +75,10 @@ def build_dataset(args, ranks):
     check_dataset_fits(train_cases, ranks.world_size, args.batch_size)
     ids = partition_dataset(range(len(train_cases)), num_partitions=ranks.world_size, shuffle=True,
                             seed=args.seed % 2**32, drop_last=True, even_divisible=True)[ranks.rank]  # disjoint
-    workers = len(os.sched_getaffinity(0))  # cache with every CPU this task has (MONAI's default is 1 thread)
-    cached = CacheDataset([train_cases[i] for i in ids], preprocessing(ct), cache_rate=args.cache_rate,
-                          num_workers=workers, progress=False)
-    mine = CacheDataset(val_cases[ranks.rank::ranks.world_size], preprocessing(ct), num_workers=workers, progress=False)
+    cache = dict(transform=preprocessing(ct, ranks.device if args.gpu_cache else None),  # --gpu-cache: GPU memory
+                 num_workers=len(os.sched_getaffinity(0)), progress=False)  # every CPU of the task (MONAI's default: 1)
+    cached = CacheDataset([train_cases[i] for i in ids], cache_rate=args.cache_rate, **cache)
+    mine = CacheDataset(val_cases[ranks.rank::ranks.world_size], **cache)
     return Task(SeededAugmentation(cached, augmentation(args.roi_size), args.seed, ids),
                 [mine[i] for i in range(len(mine))], in_channels, num_classes, len(train_cases), len(val_cases))
 
@@ -90,9 +86,10 @@ def build_dataset(args, ranks):
 def build_loader(dataset, args, rank=0, world_size=1):
     """This rank's partition in a new order every epoch, whole batches only; the crops of a batch's cases go
     into one tensor (list_data_collate). A resumed epoch starts at its batch in the sampler: nothing re-loaded."""
-    return DataLoader(dataset, batch_size=args.batch_size, sampler=EpochSampler(len(dataset), args, rank),
-                      num_workers=args.num_workers, drop_last=True, collate_fn=list_data_collate,
-                      pin_memory=torch.cuda.is_available(), worker_init_fn=ignore_preemption_signals)
+    loader = ThreadDataLoader if args.gpu_cache else DataLoader  # --gpu-cache: augmented on the GPU, in a thread
+    return loader(dataset, batch_size=args.batch_size, sampler=EpochSampler(len(dataset), args, rank),
+                  num_workers=args.num_workers, drop_last=True, collate_fn=list_data_collate,
+                  pin_memory=torch.cuda.is_available() and not args.gpu_cache, worker_init_fn=ignore_preemption_signals)
 
 
 def build_model(task):
@@ -126,14 +123,17 @@ class Trainer:
             epoch_start = time.perf_counter()
             loss_all, seen_all = self.ranks.sum(self._run_epoch())  # metrics over all ranks, not rank 0's
             elapsed = time.perf_counter() - epoch_start
-            if self.preempted:  # save first: the seconds before the kill are for the snapshot, not for validation
+            ended = self.epoch + (self.batch_in_epoch == len(loader))  # epochs run to their end, this one included
+            finished = ended >= args.epochs or bool(args.max_steps and self.step >= args.max_steps)
+            validate = finished or ended % args.val_every == 0
+            # Save first, validate after the requeue: the seconds before the kill are for the snapshot. Before a
+            # validation the ranks also agree on a signal that came after the loop's last check (CHECK_EVERY steps).
+            if self.preempted or (validate and self.ranks.max(PREEMPTION.requested)):
                 if args.checkpoint_dir:
                     self._save_snapshot(float("nan"))
                 exit_preempted(self.ranks.rank, self.step, args.checkpoint_dir)  # exit 75: the job script requeues
             if self.batch_in_epoch == len(loader):  # the epoch ran to its end
                 self.epoch, self.batch_in_epoch = self.epoch + 1, 0
-            finished = not self._training_left()
-            validate = finished or self.epoch % args.val_every == 0
             dice = self._validate() if validate else float("nan")  # nan: not validated this epoch (--val-every)
             if seen_all:
                 self._log(f"epoch {self.epoch + (self.batch_in_epoch > 0)}/{args.epochs} | step {self.step} | "

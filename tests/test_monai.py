@@ -338,13 +338,31 @@ def test_every_recipe_script_is_exercised():
     assert {s for s in scripts if s not in text} == set()
 
 
+def test_the_readmes_spleen_commands_train_several_steps_per_epoch():
+    """#26: the README's Spleen command for multinode.sbatch (2 x 8 GPUs) gave floor(floor(33 / 16) / 2) = 1 step per
+    epoch and no --val-every. Every Spleen command it shows now takes at least 2 steps per epoch at its world size
+    (33 training cases: 41 labelled, the last fifth validates), and names --val-every when it runs on several GPUs."""
+    template = (FOLDER / "multinode.sbatch").read_text()
+    nodes, gpus = (int(re.search(rf"^#SBATCH --{n}=(\d+)", template, re.M).group(1))
+                   for n in ("nodes", "gpus-per-node"))
+    world_sizes = {"single_gpu.py": 1, "multinode.sbatch": nodes * gpus}  # a new Spleen command: add its world size
+    text = (FOLDER / "README.md").read_text().replace("\\\n", " ")
+    commands = [ln.split() for ln in text.splitlines() if "Task09_Spleen" in ln and re.match(r" *(python|sbatch) ", ln)]
+    assert len(commands) >= 2, commands
+    for cmd in commands:
+        world = world_sizes[cmd[1]]
+        batch = int(cmd[cmd.index("--batch-size") + 1]) if "--batch-size" in cmd else 2
+        assert 33 // world // batch >= 2, (cmd, world, batch)
+        assert world == 1 or "--val-every" in cmd, cmd
+
+
 # ------------------------------------------------------------------------------------------ GPU facts, patched in
 
 # What a GPU node would answer, patched into the recipes' own code in one process of monai/'s environment (this
 # machine has no GPU; importing MONAI once is most of the time): each check returns what it found, or the exception
 # it raised, as JSON on the last line.
 GPU_PROBE = r'''
-import contextlib, json, os, sys, tempfile, types
+import contextlib, io, json, os, sys, tempfile, types
 from unittest import mock
 import torch
 import cluster, recipe, toolkit
@@ -362,7 +380,7 @@ def trainer(ckpt, device, loader=None, **flags):
     """A Trainer of the recipe (a tiny UNet, 4 steps per epoch) on the CPU, then moved in thought to `device`."""
     args = types.SimpleNamespace(lr=1e-3, epochs=2, max_steps=None, amp=False, timings_file=None, checkpoint_dir=ckpt,
                                  save_every=1, log_every=100, roi_size=16, batch_size=1, val_every=1, seed=0,
-                                 num_workers=0)
+                                 num_workers=0, gpu_cache=False)
     vars(args).update(flags)
     task = recipe.Task(train=list(range(4)), val_cases=[], in_channels=1, num_classes=2, n_train=4, n_val=0)
     loader = list(range(4)) if loader is None else loader(args)
@@ -491,12 +509,11 @@ def each_rank_caches_its_partition():
                       "cached": sum(item is not None for item in cache._cache), "workers": cache.num_workers})
     return {"ranks": ranks, "cpus": len(os.sched_getaffinity(0))}
 
-@check
-def resumed_epoch_loads_only_the_batches_left():
+def resumed_epoch(gpu_cache):
     """One epoch of 6 cases, then the same epoch resumed at batch 4 (a snapshot taken after 4 steps), then the next
     epoch: the cases each loaded, in order."""
     data = Counting(6)
-    t = trainer(None, torch.device("cpu"), loader=lambda args: recipe.build_loader(data, args))
+    t = trainer(None, torch.device("cpu"), loader=lambda args: recipe.build_loader(data, args), gpu_cache=gpu_cache)
     t._run_epoch()
     whole, data.loaded = data.loaded, []
     t.step, t.batch_in_epoch = 4, 4
@@ -507,6 +524,48 @@ def resumed_epoch_loads_only_the_batches_left():
     return {"whole": whole, "resumed": resumed, "next_epoch": data.loaded}
 
 @check
+def resumed_epoch_loads_only_the_batches_left():
+    return resumed_epoch(gpu_cache=False)
+
+@check
+def resumed_epoch_on_the_gpu_data_path():
+    return resumed_epoch(gpu_cache=True)
+
+@check
+def gpu_cache_where_it_cannot_work():
+    """--gpu-cache without a GPU, and with DataLoader worker processes (which cannot take CUDA tensors): the exit code
+    and stderr of parse_args, or the flag's value where it parses."""
+    def parse(*flags, visible=0):
+        err = io.StringIO()
+        with contextlib.redirect_stderr(err), gpus(visible) if visible else contextlib.nullcontext():
+            try:
+                return {"gpu_cache": argv(*flags).gpu_cache}
+            except SystemExit as e:
+                return {"exit": e.code, "stderr": err.getvalue().strip()}
+    return {"cpu": parse("--gpu-cache"), "workers": parse("--gpu-cache", "--num-workers", "2", visible=1),
+            "gpu": parse("--gpu-cache", visible=1), "default": parse(visible=1)}
+
+@check
+def gpu_data_path_run_on_the_cpu():
+    """--gpu-cache's data path with the CPU as the rank's device (no GPU here; parse_args refuses the flag, so it is
+    set after): the loader it builds, and whether its batches equal the default DataLoader's, crop for crop."""
+    args = argv("--dataset-size", "4", "--roi-size", "16", "--batch-size", "2", "--data-dir", tempfile.mkdtemp())
+    args.gpu_cache = True
+    task = recipe.build_dataset(args, cluster.Ranks())
+    fast = recipe.build_loader(task.train, args)
+    with gpus(1):  # built, not iterated: what it would pin on a GPU node
+        pinned = recipe.build_loader(task.train, args).pin_memory
+    args.gpu_cache = False
+    with gpus(1):
+        pinned_default = recipe.build_loader(task.train, args).pin_memory
+    plain = recipe.build_loader(task.train, args)
+    fast_batches, plain_batches = list(fast), list(plain)
+    same = len(fast_batches) == len(plain_batches) == 2 and all(
+        torch.equal(a[k], b[k]) for a, b in zip(fast_batches, plain_batches) for k in recipe.KEYS)
+    return {"loader": type(fast).__name__, "workers": fast.num_workers, "pinned": pinned,
+            "pinned_default": pinned_default, "same_batches": same}
+
+@check
 def validates_every_n_epochs():
     """--epochs 5 --val-every 2: the epochs after which the (patched) validation ran."""
     t = trainer(None, torch.device("cpu"), loader=lambda args: recipe.build_loader(Counting(1), args), epochs=5,
@@ -515,6 +574,43 @@ def validates_every_n_epochs():
     t._validate = lambda: validated.append(t.epoch) or 0.5
     t.train()
     return validated
+
+@check
+def signal_after_an_epochs_last_check():
+    """2 epochs of 4 steps (fewer than PREEMPTION.CHECK_EVERY), --val-every 1, the signal during step 3: what the run
+    did after it, in order, and how it ended; then the requeued run: what it validated, and whether it ends with the
+    weights of a run never stopped."""
+    def run(ckpt):
+        return trainer(ckpt, torch.device("cpu"), loader=lambda args: recipe.build_loader(Counting(4), args))
+
+    ckpt = tempfile.mkdtemp()
+    torch.manual_seed(0)
+    t = run(ckpt)
+    events, run_batch, save = [], t._run_batch, t._save_snapshot
+
+    def signalled_in_step_3(image, label):
+        toolkit.PREEMPTION.requested = toolkit.PREEMPTION.requested or t.step == 2
+        return run_batch(image, label)
+
+    t._run_batch = signalled_in_step_3
+    t._validate = lambda: events.append("validate") or 0.5
+    t._save_snapshot = lambda dice: events.append(f"save at step {t.step}") or save(dice)
+    try:
+        t.train()
+        events.append("finished")
+    except SystemExit as e:
+        events.append(f"exit {e.code}")
+    finally:
+        toolkit.PREEMPTION.requested = False
+    requeued, validated = run(ckpt), []
+    requeued._validate = lambda: validated.append(f"epoch {requeued.epoch}") or 0.5
+    requeued.train()
+    torch.manual_seed(0)
+    whole = run(tempfile.mkdtemp())
+    whole._validate = lambda: 0.5
+    whole.train()
+    same = all(torch.equal(a, b) for a, b in zip(requeued.net.state_dict().values(), whole.net.state_dict().values()))
+    return {"events": events, "validated_after_the_requeue": validated, "same_weights": same}
 
 @check
 def bare_commands_fit_the_readmes_world_sizes():
@@ -597,6 +693,44 @@ def test_a_resumed_epoch_does_not_load_the_batches_it_skips(gpu_probe):
     assert sorted(found["whole"]) == list(range(6)), found
     assert found["resumed"] == found["whole"][4:], found
     assert sorted(found["next_epoch"]) == list(range(6)) and found["next_epoch"] != found["whole"], found
+
+
+def test_a_resumed_epoch_on_the_gpu_data_path_does_not_load_the_batches_it_skips(gpu_probe):
+    """The same skip at the sampler through --gpu-cache's ThreadDataLoader (its thread reads ahead, in order)."""
+    found = gpu_probe["resumed_epoch_on_the_gpu_data_path"]
+    assert found == gpu_probe["resumed_epoch_loads_only_the_batches_left"], found
+
+
+def test_gpu_cache_refuses_in_one_line_where_it_cannot_work(gpu_probe):
+    """--gpu-cache keeps the cases in GPU memory: on a machine without one it stops at the command line (exit 2, one
+    line), as it does with --num-workers (worker processes cannot take CUDA tensors); with a GPU it is taken."""
+    found = gpu_probe["gpu_cache_where_it_cannot_work"]
+    assert "raised" not in found, found
+    assert found["cpu"] == {"exit": 2, "stderr": "error: --gpu-cache keeps the training cases in GPU memory, but no "
+                            "GPU is visible: drop the flag to cache in host memory (see --help)"}, found
+    assert found["workers"] == {"exit": 2, "stderr": "error: --gpu-cache augments on the GPU in a thread of this "
+                                "process (ThreadDataLoader): --num-workers must be 0 (see --help)"}, found
+    assert found["gpu"] == {"gpu_cache": True} and found["default"] == {"gpu_cache": False}, found
+
+
+def test_the_gpu_data_path_trains_on_the_same_crops(gpu_probe):
+    """--gpu-cache (#26): cases cached on the rank's device, batches made by a ThreadDataLoader (a thread, no worker
+    processes, nothing to pin), the same crops as the default path: the augmentation is seeded per case, not per
+    process."""
+    found = gpu_probe["gpu_data_path_run_on_the_cpu"]
+    assert found == {"loader": "ThreadDataLoader", "workers": 0, "pinned": False, "pinned_default": True,
+                     "same_batches": True}, found
+
+
+def test_a_signal_after_an_epochs_last_check_is_saved_before_any_validation(gpu_probe):
+    """#26: the ranks agree on a signal every PREEMPTION.CHECK_EVERY (10) steps; one that came after an epoch's last
+    check went through that epoch's validation first (with 4 steps per epoch, through the whole run). Before a
+    validation the ranks agree on it too: saved at once, exit 75, nothing validated."""
+    found = gpu_probe["signal_after_an_epochs_last_check"]
+    assert "raised" not in found, found
+    assert found["events"] == ["save at step 4", "exit 75"], found
+    # the validation the signal put off runs after the requeue, and the run ends as if never stopped
+    assert found["validated_after_the_requeue"] == ["epoch 1", "epoch 2"] and found["same_weights"], found
 
 
 def test_val_every_is_honoured(gpu_probe):
