@@ -23,6 +23,7 @@ import numpy as np
 import pytest
 from data_files import write_cifar10, write_mnist
 from helpers import ROOT, clean_env, env_python, epoch_lines, free_port, run
+from recipes import jax_checkpoints
 
 pytestmark = [pytest.mark.jax, pytest.mark.timeout(300)]
 
@@ -54,19 +55,9 @@ def snapshot(*directories):
     """(leaves, progress) of the newest step of each directory (one directory: that pair), read back whole in one
     process with cluster.read_checkpoint -- Orbax's files need Orbax, and the test runner has no JAX."""
     keys = [(str(d), tuple(steps(d))) for d in directories]
-    todo = [k[0] for k in keys if k not in _READ]
-    if todo:
-        code = ("import json, sys; sys.path.insert(0, sys.argv[1]); import cluster, numpy as np\n"
-                "for d, out in zip(sys.argv[2::2], sys.argv[3::2]):\n"
-                "    leaves, progress = cluster.read_checkpoint(d)\n"
-                "    np.savez(out, progress=json.dumps(progress), **{f'leaf{i}': a for i, a in enumerate(leaves)})")
-        with tempfile.TemporaryDirectory() as tmp:
-            outs = [Path(tmp) / f"{i}.npz" for i in range(len(todo))]
-            python("-c", code, FOLDER, *[x for pair in zip(todo, outs) for x in pair])
-            for d, out in zip(todo, outs):
-                with np.load(out) as z:
-                    leaves = [z[f"leaf{i}"] for i in range(sum(k.startswith("leaf") for k in z.files))]
-                    _READ[next(k for k in keys if k[0] == d)] = leaves, json.loads(str(z["progress"]))
+    todo = [k for k in keys if k not in _READ]
+    for key, read in zip(todo, jax_checkpoints(*[k[0] for k in todo], env=jax_env()) if todo else []):
+        _READ[key] = read
     found = [_READ[k] for k in keys]
     return found[0] if len(found) == 1 else found
 
