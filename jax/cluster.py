@@ -70,7 +70,8 @@ from toolkit import (
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # before any `import jax`: XLA's C++ warnings off stderr
 
-# JAX's shutdown barrier would wait for peers that are gone: after an error or a preemption, leave with os._exit.
+# JAX's shutdown barrier would wait for peers that are gone: after an error leave with os._exit. (A preemption has
+# passed it already: every process is alive then, and recipe.train shuts down before it exits 75.)
 run = functools.partial(toolkit.run, hard_exit=True)
 
 

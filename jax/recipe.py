@@ -177,7 +177,7 @@ class Trainer:
         if args.timings_file and self.rank == 0:  # waits for each step's result: JAX dispatches asynchronously
             self.timer = StepTimer(args.timings_file, sync=lambda: jax.block_until_ready(self.params),
                                    world_size=self.world_size, batch_size=args.batch_size)
-        start = time.perf_counter()
+        start, preempted = time.perf_counter(), False
         while self._training_left():
             epoch_start = time.perf_counter()
             loss_sum, correct, seen, preempted = self._run_epoch()
@@ -196,13 +196,14 @@ class Trainer:
                     saved = "snapshot saved" if args.checkpoint_dir else "no --checkpoint-dir, nothing saved"
                     log(0, f"preempted at step {state['step']}: {saved}; exiting with {PREEMPTED_EXIT_CODE} "
                            f"so the job script requeues")
-                raise SystemExit(PREEMPTED_EXIT_CODE)
-        if self.timer:
+                break
+        if self.timer and not preempted:
             self.timer.write()
         if args.checkpoint_dir:
-            self.checkpoints.close()  # waits for a save still under way
-        if self.rank == 0:
+            self.checkpoints.close()  # waits for a save still under way, and its barriers: every process is there
+        if self.rank == 0 and not preempted:
             log(0, f"done: {state['step']} steps in {time.perf_counter() - start:.1f} s")
+        return preempted
 
     def _save_snapshot(self, force):
         """Every process saves (Orbax: each writes the shards it holds, so sharded parameters are saved whole);
@@ -235,5 +236,9 @@ class Trainer:
 def train(args, devices, rank=0, world_size=1):
     """What every script calls after setup: the mesh spans `devices` (every device of every process)."""
     mesh = jax.make_mesh((len(devices),), ("data",), (jax.sharding.AxisType.Auto,), devices=devices)  # as Mesh() had
-    Trainer(args, mesh, rank, world_size).train()
-    jax.distributed.shutdown()  # does nothing where jax.distributed.initialize never ran (single_gpu.py)
+    preempted = Trainer(args, mesh, rank, world_size).train()
+    # Every process leaves through the shutdown barrier, also when preempted: process 0 runs the coordination
+    # service, and a process still connected when it exits is aborted. (Does nothing without initialize.)
+    jax.distributed.shutdown()
+    if preempted:
+        raise SystemExit(PREEMPTED_EXIT_CODE)

@@ -173,13 +173,32 @@ def test_spawned_processes_equal_one_process_with_the_global_batch(reference, sp
     assert [e.loss for e in epoch_lines(out)] == [e.loss for e in epoch_lines(reference[1])]
 
 
+# Rank 1 lingers before it exits (sitecustomize runs in every process of the launch): rank 0, which runs JAX's
+# coordination service, must not leave while another process is still connected to it.
+LATE_RANK1 = """
+import os, time
+_exit = os._exit
+def late_exit(code):
+    if os.environ.get("JAX_PROCESS_ID") == "1":
+        time.sleep(3)
+    _exit(code)
+os._exit = late_exit
+"""
+
+
 def test_preempted_run_saves_exits_75_and_resumes_exactly(spawned, tmp_path):
     """SIGTERM (what Slurm sends at preemption) to multigpu.py alone: it forwards it to its processes, both stop
-    at the same step, rank 0 saves, all exit 75. (jax.distributed.initialize hands SIGTERM to XLA's preemption
-    manager; the recipe takes it back.) The next launch -- two explicitly addressed multinode.py processes --
-    resumes mid-epoch and ends bit for bit where the uninterrupted run did."""
-    args = [*ARGS, "--batch-size", "16", "--checkpoint-dir", tmp_path]
-    (spawner,) = start("multigpu.py", ["--nprocs", "2", *args], [jax_env()])
+    at the same step, every process saves its part, all exit 75. (jax.distributed.initialize hands SIGTERM to XLA's
+    preemption manager; the recipe takes it back.) Rank 1 exits 3 s after rank 0 would: every process leaves
+    through jax.distributed.shutdown first, else rank 0's exit ends the coordination service under rank 1, which
+    aborts (seen under load in CI: exit -6, 'Terminating process because the JAX distributed service detected fatal
+    errors'). The next launch -- two explicitly addressed multinode.py processes -- resumes mid-epoch and ends bit
+    for bit where the uninterrupted run did."""
+    ckpt, late = tmp_path / "ckpt", tmp_path / "late"
+    late.mkdir()
+    (late / "sitecustomize.py").write_text(LATE_RANK1)
+    args = [*ARGS, "--batch-size", "16", "--checkpoint-dir", ckpt]
+    (spawner,) = start("multigpu.py", ["--nprocs", "2", *args], [jax_env(PYTHONPATH=late)])
     head = ""
     for line in spawner.stdout:  # wait until training is under way
         head += line
@@ -190,11 +209,11 @@ def test_preempted_run_saves_exits_75_and_resumes_exactly(spawned, tmp_path):
     assert codes == [75], outs[0]
     stopped_at = int(re.search(r"preempted at step (\d+): snapshot saved", outs[0]).group(1))
     assert 10 <= stopped_at < STEPS and stopped_at % 10 == 0  # the signal came after step 10 was logged
-    assert progress(tmp_path)["step"] == stopped_at
+    assert progress(ckpt)["step"] == stopped_at
     out = completed(start("multinode.py", args, explicit_envs(free_port())))
-    assert re.search(rf"resumed from {re.escape(str(tmp_path / str(stopped_at)))}: epoch \d, step {stopped_at}\n", out)
+    assert re.search(rf"resumed from {re.escape(str(ckpt / str(stopped_at)))}: epoch \d, step {stopped_at}\n", out)
     assert "[rank1] host" in out and "process 1 of 2" in out
-    assert_same_leaves(tmp_path, spawned[0])  # batches skipped, schedule and momentum restored
+    assert_same_leaves(ckpt, spawned[0])  # batches skipped, schedule and momentum restored
 
 
 def test_damaged_newest_step_is_one_line_naming_the_older_one(reference, tmp_path):
