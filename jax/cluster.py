@@ -31,12 +31,14 @@ Map:
                                  --num-workers threads prepare the next batches
     checkpoint_manager           Orbax's CheckpointManager as recipe.py uses it: a folder per step, a step interval,
                                  the newest 2 kept, saved in the background, atomic by Orbax's own finalize
-    restore_checkpoint           a step read back with every array placed (sharded or replicated) as the live one is;
-                                 a different model or a damaged step is one line
+    restore_newest               the newest step every process can read, each array placed (sharded or replicated) as
+                                 the live one is; a damaged step falls back to the one before (restore_checkpoint:
+                                 one step; draining_event_loops: Orbax's failed reads end quietly)
     read_checkpoint              the newest step as numpy, whole arrays, in one process (tools, tests)
 """
 
 import argparse
+import asyncio
 import functools
 import gzip
 import importlib.metadata
@@ -581,30 +583,89 @@ def checkpoint_manager(directory, every_steps):
                                                 "progress": ocp.JsonCheckpointHandler()})
 
 
+class _DrainingLoop(asyncio.SelectorEventLoop):
+    """An event loop that, closed, first lets the tasks still pending on it finish."""
+
+    def close(self):
+        pending = asyncio.all_tasks(self)
+        if pending and not self.is_running() and not self.is_closed():
+            self.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
+        super().close()
+
+
+class _DrainingPolicy(asyncio.DefaultEventLoopPolicy):
+    def new_event_loop(self):
+        return _DrainingLoop()
+
+
+@contextmanager
+def draining_event_loops():
+    """Orbax runs each read in a new event loop (asyncio_utils.run_sync) and gathers the array reads there; the first
+    read that fails ends the gather, the loop is closed, and the reads still in flight wake it from tensorstore's
+    threads: `RuntimeError: Event loop is closed` tracebacks on stderr, one per read. Drained, they end quietly."""
+    previous = asyncio.get_event_loop_policy()
+    asyncio.set_event_loop_policy(_DrainingPolicy())
+    try:
+        yield
+    finally:
+        asyncio.set_event_loop_policy(previous)
+
+
 def restore_checkpoint(manager, step, like):
     """(the arrays of `step`, each placed as its counterpart in `like` is -- sharded or replicated --, progress).
 
-    The shapes are compared first, so that a different model is called that, not a damaged checkpoint."""
+    The shapes are compared first, so that a different model is called that (a RecipeError), not a damaged step
+    (Orbax's own error, from its files)."""
     import jax
     import orbax.checkpoint as ocp
 
-    where = os.path.join(str(manager.directory), str(step))
-    try:
+    # WORKAROUND(orbax-checkpoint 0.12.8, not reported upstream yet): a failed read closes its loop early: drain it
+    with draining_event_loops():
         saved = [m.shape for m in jax.tree_util.tree_leaves(manager.item_metadata(step)["state"])]
         if saved != [a.shape for a in jax.tree_util.tree_leaves(like)]:
-            raise RecipeError(f"{where} holds a different model (other --data?): move {manager.directory} away to "
-                              f"start over", every_rank=False)
+            raise RecipeError(f"{os.path.join(str(manager.directory), str(step))} holds a different model (other "
+                              f"--data?): move {manager.directory} away to start over", every_rank=False)
         target = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, like)
         restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target),
                                                                  progress=ocp.args.JsonRestore()))
-    except RecipeError:
-        raise
-    except Exception as e:  # a damaged file: Orbax only ever names complete steps, so this is the disk's doing
-        older = [s for s in manager.all_steps() if s < step]
-        then = f" to resume from step {max(older)}" if older else " to start over"
-        raise RecipeError(f"cannot restore {where} ({type(e).__name__}: {str(e).strip()[:200]}): move it "
-                          f"away{then}", every_rank=False) from None
     return restored["state"], restored["progress"]
+
+
+def restore_newest(manager, like):
+    """(step, arrays placed as in `like`, progress) of the newest step every process can read; None where there is no
+    step. Rank 0 names each step to try: on a shared filesystem processes can disagree about which steps exist, and
+    a job where only some of them resume deadlocks. A step that any process cannot read (a disk's doing: Orbax names
+    only complete steps) falls back to the one before it, with a warning (C6); the damaged folder is then renamed
+    <step>.unreadable, kept to look at (Orbax would refuse to save that step again). None readable: one line."""
+    import jax
+
+    rank, directory = jax.process_index(), str(manager.directory)
+    left = sorted(manager.all_steps()) if rank == 0 else []
+    unreadable = []  # (folder, what this process could not read there, or '' where another process could not)
+    while step := broadcast(left.pop() if left else None):
+        try:
+            restored, problem = restore_checkpoint(manager, step, like), ""
+        except RecipeError:
+            raise
+        except Exception as e:
+            restored, problem = None, f"{type(e).__name__}: {str(e).strip().splitlines()[0][:200]}"
+        if not reduce_max(bool(problem)):
+            break
+        unreadable.append((os.path.join(directory, str(step)), problem))
+    if unreadable and not step:
+        raise RecipeError("no readable checkpoint: " + "; ".join(f"{f} ({p or 'unreadable on another process'})"
+                                                                 for f, p in unreadable) +
+                          f". Move {directory} away to start over", every_rank=False)
+    for folder, problem in unreadable:
+        if problem:
+            toolkit.log(rank, f"warning: cannot restore {folder} ({problem}); resuming from step {step}",
+                        file=sys.stderr)
+        if rank == 0:
+            os.rename(folder, f"{folder}.unreadable")
+    if unreadable:
+        barrier("unreadable steps renamed")
+        manager.reload()
+    return (step, *restored) if step else None
 
 
 def read_checkpoint(directory):

@@ -10,9 +10,8 @@ import socket
 import time
 
 import numpy as np
-from cluster import (Dataset, ShardedLoader, broadcast, check_dataset_fits, checkpoint_manager, local_value,
-                     platform_start, read_cifar10, read_mnist, reduce_max, rendezvous, replicate, restore_checkpoint,
-                     select_platform)
+from cluster import (Dataset, ShardedLoader, check_dataset_fits, checkpoint_manager, local_value, platform_start,
+                     read_cifar10, read_mnist, reduce_max, rendezvous, replicate, restore_newest, select_platform)
 from toolkit import PREEMPTED_EXIT_CODE, PREEMPTION, RecipeError, StepTimer, log
 
 import jax  # after cluster: importing it quiets XLA's C++ logs, which jax reads once, at import
@@ -220,13 +219,11 @@ class Trainer:
             log(0, f"snapshot {done} {self.checkpoints.directory} (step {self.state['step']})")
 
     def _resume(self):
-        # Rank 0 chooses the step and tells the others: on a shared filesystem processes can disagree about
-        # which steps exist, and a job where only some of them resume deadlocks.
-        step = broadcast(self.checkpoints.latest_step() if self.rank == 0 else None)
-        if not step:
+        # The newest step every process can read; a damaged one falls back to the step before it (C6).
+        found = restore_newest(self.checkpoints, (self.params, self.opt_state))
+        if found is None:
             return
-        (self.params, self.opt_state), progress = restore_checkpoint(self.checkpoints, step,
-                                                                     (self.params, self.opt_state))
+        step, (self.params, self.opt_state), progress = found
         self.state.update(epoch=progress["epoch"], step=progress["step"], batch_in_epoch=progress["batch_in_epoch"])
         if self.rank == 0:
             log(0, f"resumed from {self.checkpoints.directory / str(step)}: epoch {self.state['epoch'] + 1}, "
