@@ -309,12 +309,21 @@ w = np.arange(24, dtype=np.float32).reshape(8, 3)
 tree = {"w": jax.make_array_from_callback(w.shape, sharded, lambda i: w[i]),
         "b": cluster.replicate(np.ones(3, np.float32), replicated)}
 manager = cluster.checkpoint_manager(sys.argv[2], every_steps=1)
-manager.save(7, args=ocp.args.Composite(state=ocp.args.StandardSave(tree), progress=ocp.args.JsonSave({"step": 7})))
-manager.wait_until_finished()
-restored, progress = cluster.restore_checkpoint(manager, 7, jax.tree_util.tree_map(jax.numpy.zeros_like, tree))
+for step in (6, 7):
+    manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(tree),
+                                               progress=ocp.args.JsonSave({"step": step})))
+    manager.wait_until_finished()
+like = jax.tree_util.tree_map(jax.numpy.zeros_like, tree)
+restored, progress = cluster.restore_checkpoint(manager, 7, like)
 assert restored["w"].sharding == sharded and progress == {"step": 7}
 print(f"process {jax.process_index()}: holds {restored['w'].addressable_data(0).shape}, restored",
       multihost_utils.process_allgather(restored["w"], tiled=True).tolist(), flush=True)
+if jax.process_index() == 0:  # step 7 cut short, as a full disk leaves it: both processes must fall back to 6
+    for f in (manager.directory / "7" / "state" / "d").iterdir():
+        f.write_bytes(f.read_bytes()[: len(f.read_bytes()) // 2])
+cluster.barrier("step 7 damaged")
+step, restored, progress = cluster.restore_newest(manager, like)
+print(f"process {jax.process_index()}: fell back to step {step} {progress}", flush=True)
 manager.close()
 jax.distributed.shutdown()
 """
@@ -323,7 +332,7 @@ jax.distributed.shutdown()
 def test_a_parameter_sharded_over_two_processes_is_saved_and_restored_whole(tmp_path):
     """Each process holds half of `w` (rows 0-3, rows 4-7): the checkpoint must hold all 8 rows (the .npz snapshot
     this replaced wrote process 0's half, and its shape check compared that half with itself), and the restore
-    must give each process its half back."""
+    must give each process its half back. Then the newest step is damaged: both processes fall back together."""
     (tmp_path / "sharded.py").write_text(SHARDED)
     procs = [subprocess.Popen([str(env_python("jax")), str(tmp_path / "sharded.py"), str(FOLDER), str(tmp_path / "c")],
                               env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -333,9 +342,13 @@ def test_a_parameter_sharded_over_two_processes_is_saved_and_restored_whole(tmp_
     whole = np.arange(24, dtype=np.float32).reshape(8, 3)
     for i, out in enumerate(outs):
         assert f"process {i}: holds (4, 3), restored {whole.tolist()}" in out, out
+        # a step one process cannot read is given up by all of them (the one that could not says so)
+        assert f"process {i}: fell back to step 6 {{'step': 6}}" in out and "Traceback" not in out, out
+    assert "warning: cannot restore " in "".join(outs) and "resuming from step 6" in "".join(outs), outs
+    assert sorted(p.name for p in (tmp_path / "c").iterdir()) == ["6", "7.unreadable"]
     (b, w), meta = snapshot(tmp_path / "c")
     np.testing.assert_array_equal(w, whole)
-    assert meta == {"step": 7}
+    assert meta == {"step": 6}
 
 
 # ------------------------------------------------------------------------------------------ data
