@@ -17,27 +17,32 @@ Map:
     rendezvous                   around jax.distributed.initialize: a busy port, an unreachable coordinator or a
                                  missing peer become one line within --timeout (parse_address, check_coordinator)
     launch_plan                  multinode.py: coordinator, process count, process id and GPUs from JAX_* or SLURM_*
-                                 (first_host, local_device_ids)
+                                 (the coordinator's address from JAX's own Slurm detection; local_device_ids,
+                                 tasks_per_node: uneven layouts such as '2(x3),1')
     spawn                        multigpu.py's spawner: N processes, signals forwarded, their exit codes combined
                                  (free_port, default_nprocs, verdict)
     reduce_max                   the ranks' agreement on preemption: toolkit.PREEMPTION.agreed(step, reduce_max)
     broadcast, barrier           rank 0's choice to every process; nobody goes on before everybody is there
-    local_value, host_leaves     a replicated array's value, as numpy, from this process's own copy (no communication)
+    local_value                  a replicated array's value, as numpy, from this process's own copy (no communication)
     replicate                    numpy, the same on every process -> global arrays replicated over the mesh
     Dataset, check_dataset_fits  images and labels in memory; enough of them for every process and one global batch
     read_mnist, read_cifar10     the datasets' own files, read in place with numpy (never downloaded)
     ShardedLoader                DistributedSampler's rule in numpy: this process's shard, reshuffled every epoch;
                                  --num-workers threads prepare the next batches
-    read_snapshot, find_snapshot the snapshot recipe.save_snapshot writes, read back: the newest readable one by its
-                                 stored step, a damaged one skipped with a warning (SNAPSHOT, PREVIOUS_SNAPSHOT)
+    checkpoint_manager           Orbax's CheckpointManager as recipe.py uses it: a folder per step, a step interval,
+                                 the newest 2 kept, saved in the background, atomic by Orbax's own finalize
+    restore_newest               the newest step every process can read, each array placed (sharded or replicated) as
+                                 the live one is; a damaged step falls back to the one before (restore_checkpoint:
+                                 one step; draining_event_loops: Orbax's failed reads end quietly)
+    read_checkpoint              the newest step as numpy, whole arrays, in one process (tools, tests)
 """
 
 import argparse
+import asyncio
 import functools
 import gzip
 import importlib.metadata
 import importlib.util
-import json
 import multiprocessing
 import os
 import pickle
@@ -47,7 +52,6 @@ import socket
 import struct
 import sys
 import time
-import zipfile
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
@@ -68,7 +72,8 @@ from toolkit import (
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # before any `import jax`: XLA's C++ warnings off stderr
 
-# JAX's shutdown barrier would wait for peers that are gone: after an error or a preemption, leave with os._exit.
+# JAX's shutdown barrier would wait for peers that are gone: after an error leave with os._exit. (A preemption has
+# passed it already: every process is alive then, and recipe.train shuts down before it exits 75.)
 run = functools.partial(toolkit.run, hard_exit=True)
 
 
@@ -274,13 +279,13 @@ def rendezvous(coordinator, process_id, timeout):
 EXPLICIT = ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID")
 
 
-def first_host(nodelist):
-    """n[01-04],m7 -> n01: the first node of a Slurm host list, where process 0 runs the coordinator."""
-    head = nodelist.split(",")[0] if "[" not in nodelist.split(",")[0] else nodelist.split("]")[0] + "]"
-    if "[" not in head:
-        return head
-    prefix, ranges = head[:-1].split("[")
-    return prefix + ranges.split(",")[0].split("-")[0]
+def tasks_per_node(layout):
+    """Slurm's compressed list of tasks per node, node by node: '2(x3),1' -> [2, 2, 2, 1]."""
+    counts = []
+    for part in layout.split(","):
+        count, _, times = part.partition("(x")
+        counts += [int(count)] * int(times.rstrip(")") or 1)
+    return counts
 
 
 def local_device_ids():
@@ -289,7 +294,9 @@ def local_device_ids():
     One task per node: all of them. One GPU visible to this task (srun --gpus-per-task, --gpu-bind): that one.
     """
     visible = visible_gpus()
-    tasks_here = int(os.environ.get("SLURM_STEP_TASKS_PER_NODE", "1").split("(")[0].split(",")[0])
+    # SLURM_NODEID: this node's place in the step's node list, whose task counts may differ ('2(x3),1')
+    layout = tasks_per_node(os.environ.get("SLURM_STEP_TASKS_PER_NODE", "1"))
+    tasks_here = layout[min(int(os.environ.get("SLURM_NODEID", "0")), len(layout) - 1)]
     if visible and tasks_here == 1:
         return list(range(len(visible)))
     if len(visible) == 1:
@@ -318,8 +325,11 @@ def launch_plan():
                               "JAX_COORDINATOR_PORT=$((15000 + SLURM_JOB_ID % 15000)) (JAX's own default, "
                               "61440 + job id % 4096, lies in the ephemeral range and collides now and then)",
                               every_rank=False)
-        address = f"{first_host(os.environ['SLURM_STEP_NODELIST'])}:{port}"
-        return address, None, None, local_device_ids()
+        # The address JAX's Slurm detection would compute (first node of SLURM_STEP_NODELIST), asked of JAX itself
+        # rather than parsed again here: the rendezvous checks that very address before initialize() uses it.
+        from jax._src.clusters.slurm_cluster import SlurmCluster
+
+        return SlurmCluster.get_coordinator_address(None, port), None, None, local_device_ids()
     present = [n for n in EXPLICIT if n in os.environ]
     raise RecipeError(f"{', '.join(n for n in EXPLICIT if n not in present)} not set: start multinode.py with srun "
                       f"inside a Slurm job, or set all of {', '.join(EXPLICIT)} (multigpu.py does that for "
@@ -423,13 +433,6 @@ def barrier(name):
 def local_value(x):
     """A replicated global array's value as numpy, read from this process's own copy (no communication)."""
     return np.asarray(x.addressable_data(0))
-
-
-def host_leaves(tree):
-    """The leaves of a pytree of replicated arrays, as numpy, from this process's own copies."""
-    import jax
-
-    return jax.tree_util.tree_leaves(jax.tree_util.tree_map(local_value, tree))
 
 
 def replicate(tree, sharding):
@@ -562,39 +565,125 @@ class ShardedLoader:
             yield pending.popleft().result()
 
 
-# ---------------------------------------------------------------------------------------------------- snapshots
-
-SNAPSHOT, PREVIOUS_SNAPSHOT = "snapshot.npz", "snapshot.prev.npz"  # written by recipe.save_snapshot
+# ---------------------------------------------------------------------------------------------------- checkpoints
 
 
-def read_snapshot(path):
-    """(leaves, meta); reading every array checks every CRC, so a damaged file fails here, not later."""
-    with np.load(path, allow_pickle=False) as z:
-        meta = json.loads(bytes(z["meta"]).decode())
-        leaves = [z[f"leaf{i}"] for i in range(sum(1 for k in z.files if k.startswith("leaf")))]
-    return leaves, meta
+def checkpoint_manager(directory, every_steps):
+    """Orbax's CheckpointManager for --checkpoint-dir: a folder per step (<dir>/<step>/state: the arrays, each
+    process writing the shards it holds; <dir>/<step>/progress: JSON), every `every_steps` steps unless forced,
+    the newest 2 kept. Saves run in the background once the arrays are copied off the devices; a step's folder
+    gets its final name only when every process has written its part, so a kill mid-save leaves the previous
+    step and a *.orbax-checkpoint-tmp* folder, removed at the next start."""
+    import orbax.checkpoint as ocp
+
+    options = ocp.CheckpointManagerOptions(save_interval_steps=every_steps, max_to_keep=2,
+                                           cleanup_tmp_directories=True, enable_async_checkpointing=True)
+    return ocp.CheckpointManager(os.path.abspath(directory), options=options,
+                                 item_handlers={"state": ocp.StandardCheckpointHandler(),
+                                                "progress": ocp.JsonCheckpointHandler()})
 
 
-def find_snapshot(checkpoint_dir):
-    """The newest readable snapshot (by its stored step, never by file time), or None when there is none yet.
+class _DrainingLoop(asyncio.SelectorEventLoop):
+    """An event loop that, closed, first lets the tasks still pending on it finish."""
 
-    A damaged snapshot is named in a warning and the other one is used; if none is readable, that is an error
-    (starting from scratch silently would throw the finished work away and then overwrite it).
-    """
-    readable, problems = [], []
-    for name in (SNAPSHOT, PREVIOUS_SNAPSHOT):
-        path = os.path.join(checkpoint_dir, name)
-        if not os.path.exists(path):
-            continue
+    def close(self):
+        pending = asyncio.all_tasks(self)
+        if pending and not self.is_running() and not self.is_closed():
+            self.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
+        super().close()
+
+
+class _DrainingPolicy(asyncio.DefaultEventLoopPolicy):
+    def new_event_loop(self):
+        return _DrainingLoop()
+
+
+@contextmanager
+def draining_event_loops():
+    """Orbax runs each read in a new event loop (asyncio_utils.run_sync) and gathers the array reads there; the first
+    read that fails ends the gather, the loop is closed, and the reads still in flight wake it from tensorstore's
+    threads: `RuntimeError: Event loop is closed` tracebacks on stderr, one per read. Drained, they end quietly."""
+    previous = asyncio.get_event_loop_policy()
+    asyncio.set_event_loop_policy(_DrainingPolicy())
+    try:
+        yield
+    finally:
+        asyncio.set_event_loop_policy(previous)
+
+
+def restore_checkpoint(manager, step, like):
+    """(the arrays of `step`, each placed as its counterpart in `like` is -- sharded or replicated --, progress).
+
+    The shapes are compared first, so that a different model is called that (a RecipeError), not a damaged step
+    (Orbax's own error, from its files)."""
+    import jax
+    import orbax.checkpoint as ocp
+
+    # WORKAROUND(orbax-checkpoint 0.12.8, not reported upstream yet): a failed read closes its loop early: drain it
+    with draining_event_loops():
+        saved = [m.shape for m in jax.tree_util.tree_leaves(manager.item_metadata(step)["state"])]
+        if saved != [a.shape for a in jax.tree_util.tree_leaves(like)]:
+            raise RecipeError(f"{os.path.join(str(manager.directory), str(step))} holds a different model (other "
+                              f"--data?): move {manager.directory} away to start over", every_rank=False)
+        target = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, like)
+        restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target),
+                                                                 progress=ocp.args.JsonRestore()))
+    return restored["state"], restored["progress"]
+
+
+def restore_newest(manager, like):
+    """(step, arrays placed as in `like`, progress) of the newest step every process can read; None where there is no
+    step. Rank 0 names each step to try: on a shared filesystem processes can disagree about which steps exist, and
+    a job where only some of them resume deadlocks. A step that any process cannot read (a disk's doing: Orbax names
+    only complete steps) falls back to the one before it, with a warning (C6); the damaged folder is then renamed
+    <step>.unreadable, kept to look at (Orbax would refuse to save that step again). None readable: one line."""
+    import jax
+
+    rank, directory = jax.process_index(), str(manager.directory)
+    left = sorted(manager.all_steps()) if rank == 0 else []
+    unreadable = []  # (folder, what this process could not read there, or '' where another process could not)
+    while step := broadcast(left.pop() if left else None):
         try:
-            readable.append((read_snapshot(path)[1]["step"], name == SNAPSHOT, path))
-        except (OSError, ValueError, KeyError, zipfile.BadZipFile, EOFError) as e:
-            problems.append(f"{path} is unreadable ({type(e).__name__}: {str(e).splitlines()[0][:200]})")
-    if readable:
-        for problem in problems:
-            print(f"warning: {problem}; using {max(readable)[2]}", file=sys.stderr, flush=True)
-        return max(readable)[2]
-    if problems:
-        raise RecipeError("no usable snapshot: " + "; ".join(problems) +
-                          ". Delete or move the damaged file(s) to start over.", every_rank=False)
-    return None
+            restored, problem = restore_checkpoint(manager, step, like), ""
+        except RecipeError:
+            raise
+        except Exception as e:
+            restored, problem = None, f"{type(e).__name__}: {str(e).strip().splitlines()[0][:200]}"
+        if not reduce_max(bool(problem)):
+            break
+        unreadable.append((os.path.join(directory, str(step)), problem))
+    if unreadable and not step:
+        raise RecipeError("no readable checkpoint: " + "; ".join(f"{f} ({p or 'unreadable on another process'})"
+                                                                 for f, p in unreadable) +
+                          f". Move {directory} away to start over", every_rank=False)
+    for folder, problem in unreadable:
+        if problem:
+            toolkit.log(rank, f"warning: cannot restore {folder} ({problem}); resuming from step {step}",
+                        file=sys.stderr)
+        if rank == 0:
+            os.rename(folder, f"{folder}.unreadable")
+    if unreadable:
+        barrier("unreadable steps renamed")
+        manager.reload()
+    return (step, *restored) if step else None
+
+
+def read_checkpoint(directory):
+    """(leaves as numpy, progress) of the newest step in `directory`, in one process and without its devices:
+    every array assembled whole from the shards all processes wrote (for tools and tests; the job's processes
+    restore with restore_checkpoint)."""
+    import jax
+    import orbax.checkpoint as ocp
+
+    with ocp.CheckpointManager(os.path.abspath(directory), item_handlers={
+            "state": ocp.PyTreeCheckpointHandler(), "progress": ocp.JsonCheckpointHandler()}) as manager:
+        step = manager.latest_step()
+        if step is None:
+            raise RecipeError(f"no checkpoint in {directory}")
+        one = jax.sharding.SingleDeviceSharding(jax.devices("cpu")[0])
+        tree = manager.item_metadata(step)["state"]
+        args = jax.tree_util.tree_map(lambda m: ocp.ArrayRestoreArgs(sharding=one, global_shape=m.shape), tree)
+        restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(restore_args=args),
+                                                                 progress=ocp.args.JsonRestore()))
+    return [np.asarray(a) for a in jax.tree_util.tree_leaves(restored["state"])], restored["progress"]
+

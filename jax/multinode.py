@@ -10,7 +10,7 @@ Anywhere else, name the coordinator and the process explicitly (two shells, or t
     JAX_COORDINATOR_ADDRESS=127.0.0.1:12345 JAX_NUM_PROCESSES=2 JAX_PROCESS_ID=0 python multinode.py ...
     JAX_COORDINATOR_ADDRESS=127.0.0.1:12345 JAX_NUM_PROCESSES=2 JAX_PROCESS_ID=1 python multinode.py ...
 
-On SIGUSR1 or SIGTERM every process finishes the step it is on, rank 0 saves a snapshot, and the job exits
+On SIGUSR1 or SIGTERM every process finishes the step it is on, they save a snapshot (Orbax), and the job exits
 with 75 so its script can requeue it.
 """
 

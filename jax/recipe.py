@@ -1,24 +1,23 @@
-"""The lesson of jax/, top to bottom: the model, the data, jax.distributed.initialize, the training loop, snapshots.
+"""The lesson of jax/, top to bottom: the model, the data, jax.distributed.initialize, the training loop, Orbax.
 
 A jitted step whose batch is sharded over the mesh's "data" axis and whose parameters are replicated *is*
 data-parallel training: XLA inserts the gradient all-reduce itself, so the loop is the same code on one device and
 on 512. A JAX process is a rank (jax.process_index()); the devices of all processes (jax.devices()) form the mesh.
 """
 
-import json
 import os
 import socket
 import time
 
 import numpy as np
-from cluster import (PREVIOUS_SNAPSHOT, SNAPSHOT, Dataset, ShardedLoader, barrier, broadcast, check_dataset_fits,
-                     find_snapshot, host_leaves, local_value, platform_start, read_cifar10, read_mnist, read_snapshot,
-                     reduce_max, rendezvous, replicate, select_platform)
-from toolkit import PREEMPTED_EXIT_CODE, PREEMPTION, RecipeError, StepTimer, atomic_write, log
+from cluster import (Dataset, ShardedLoader, check_dataset_fits, checkpoint_manager, local_value, platform_start,
+                     read_cifar10, read_mnist, reduce_max, rendezvous, replicate, restore_newest, select_platform)
+from toolkit import PREEMPTED_EXIT_CODE, PREEMPTION, RecipeError, StepTimer, log
 
 import jax  # after cluster: importing it quiets XLA's C++ logs, which jax reads once, at import
 import jax.numpy as jnp
 import optax
+import orbax.checkpoint as ocp
 
 
 # ---------------------------------------------------------------------------------------------------- model
@@ -167,7 +166,8 @@ class Trainer:
 
     def train(self):
         args, state, mesh = self.args, self.state, self.mesh
-        if args.checkpoint_dir:
+        if args.checkpoint_dir:  # Orbax decides from the step whether a save is due: every --save-every epochs
+            self.checkpoints = checkpoint_manager(args.checkpoint_dir, args.save_every * self.loader.steps)
             self._resume()
         if self.rank == 0:
             log(0, f"processes {self.world_size} | devices {mesh.devices.size} ({len(mesh.local_devices)} per "
@@ -176,7 +176,7 @@ class Trainer:
         if args.timings_file and self.rank == 0:  # waits for each step's result: JAX dispatches asynchronously
             self.timer = StepTimer(args.timings_file, sync=lambda: jax.block_until_ready(self.params),
                                    world_size=self.world_size, batch_size=args.batch_size)
-        start = time.perf_counter()
+        start, preempted = time.perf_counter(), False
         while self._training_left():
             epoch_start = time.perf_counter()
             loss_sum, correct, seen, preempted = self._run_epoch()
@@ -188,59 +188,54 @@ class Trainer:
             if state["batch_in_epoch"] == self.loader.steps:  # the epoch ran to its end
                 state["epoch"], state["batch_in_epoch"] = state["epoch"] + 1, 0
             finished = not self._training_left()
-            if args.checkpoint_dir and (finished or preempted or state["epoch"] % args.save_every == 0):
-                self._save_snapshot()
+            if args.checkpoint_dir:
+                self._save_snapshot(force=finished or preempted)
             if preempted:
                 if self.rank == 0:
                     saved = "snapshot saved" if args.checkpoint_dir else "no --checkpoint-dir, nothing saved"
                     log(0, f"preempted at step {state['step']}: {saved}; exiting with {PREEMPTED_EXIT_CODE} "
                            f"so the job script requeues")
-                raise SystemExit(PREEMPTED_EXIT_CODE)
-        if self.timer:
+                break
+        if self.timer and not preempted:
             self.timer.write()
-        if self.rank == 0:
+        if args.checkpoint_dir:
+            self.checkpoints.close()  # waits for a save still under way, and its barriers: every process is there
+        if self.rank == 0 and not preempted:
             log(0, f"done: {state['step']} steps in {time.perf_counter() - start:.1f} s")
+        return preempted
 
-    def _save_snapshot(self):
-        """Written by rank 0 alone: every process holds the same replicated values (each reads its own copy)."""
-        meta = {**self.state, "world_size": self.world_size, "global_batch": self.global_batch, "seed": self.args.seed}
-        leaves = host_leaves((self.params, self.opt_state))
-        if self.rank == 0:
-            save_snapshot(self.args.checkpoint_dir, leaves, meta)
-            log(0, f"snapshot saved to {self.args.checkpoint_dir} (step {self.state['step']})")
-        barrier("snapshot")  # nobody reads or restarts before the file is complete
+    def _save_snapshot(self, force):
+        """Every process saves (Orbax: each writes the shards it holds, so sharded parameters are saved whole);
+        the arrays are copied off the devices before save() returns, then written in the background. Forced
+        (the end, a preemption) it is waited for: the process exits next."""
+        progress = {**self.state, "world_size": self.world_size, "global_batch": self.global_batch,
+                    "seed": self.args.seed}
+        saving = self.checkpoints.save(self.state["step"], force=force, args=ocp.args.Composite(
+            state=ocp.args.StandardSave((self.params, self.opt_state)), progress=ocp.args.JsonSave(progress)))
+        if saving and force:
+            self.checkpoints.wait_until_finished()
+        if saving and self.rank == 0:
+            done = "saved to" if force else "being saved to"
+            log(0, f"snapshot {done} {self.checkpoints.directory} (step {self.state['step']})")
 
     def _resume(self):
-        # Rank 0 chooses the snapshot and tells the others: on a shared filesystem processes can disagree about
-        # whether a file exists, and a job where only some of them resume deadlocks.
-        choice = find_snapshot(self.args.checkpoint_dir) if self.rank == 0 else None
-        names = (None, SNAPSHOT, PREVIOUS_SNAPSHOT)
-        code = broadcast(names.index(os.path.basename(choice) if choice else None))
-        if code == 0:
+        # The newest step every process can read; a damaged one falls back to the step before it (C6).
+        found = restore_newest(self.checkpoints, (self.params, self.opt_state))
+        if found is None:
             return
-        path = os.path.join(self.args.checkpoint_dir, names[code])
-        leaves, meta = read_snapshot(path)
-        if [a.shape for a in leaves] != [b.shape for b in host_leaves((self.params, self.opt_state))]:
-            raise RecipeError(f"{path} holds a different model (other --data?): move it away to start over",
-                              every_rank=False)
-        template = jax.tree_util.tree_structure((self.params, self.opt_state))
-        self.params, self.opt_state = replicate(jax.tree_util.tree_unflatten(template, leaves), self.replicated)
-        self.state.update(epoch=meta["epoch"], step=meta["step"], batch_in_epoch=meta["batch_in_epoch"])
+        step, (self.params, self.opt_state), progress = found
+        self.state.update(epoch=progress["epoch"], step=progress["step"], batch_in_epoch=progress["batch_in_epoch"])
         if self.rank == 0:
-            log(0, f"resumed from {path}: epoch {self.state['epoch'] + 1}, step {self.state['step']}")
+            log(0, f"resumed from {self.checkpoints.directory / str(step)}: epoch {self.state['epoch'] + 1}, "
+                   f"step {self.state['step']}")
 
 
 def train(args, devices, rank=0, world_size=1):
     """What every script calls after setup: the mesh spans `devices` (every device of every process)."""
-    Trainer(args, jax.sharding.Mesh(np.array(devices), ("data",)), rank, world_size).train()
-    jax.distributed.shutdown()  # does nothing where jax.distributed.initialize never ran (single_gpu.py)
-
-
-# ---------------------------------------------------------------------------------------------------- snapshots
-def save_snapshot(checkpoint_dir, leaves, meta):
-    """numpy's .npz: the (params, optimizer state) leaves as leaf0..leafN plus the progress as JSON, readable with
-    numpy alone (no pickles); atomic, the previous one kept as snapshot.prev.npz."""
-    arrays = {f"leaf{i}": leaf for i, leaf in enumerate(leaves)}
-    meta = np.frombuffer(json.dumps(meta).encode(), np.uint8)
-    atomic_write(os.path.join(checkpoint_dir, SNAPSHOT), lambda f: np.savez(f, meta=meta, **arrays),
-                 previous=os.path.join(checkpoint_dir, PREVIOUS_SNAPSHOT))
+    mesh = jax.make_mesh((len(devices),), ("data",), (jax.sharding.AxisType.Auto,), devices=devices)  # as Mesh() had
+    preempted = Trainer(args, mesh, rank, world_size).train()
+    # Every process leaves through the shutdown barrier, also when preempted: process 0 runs the coordination
+    # service, and a process still connected when it exits is aborted. (Does nothing without initialize.)
+    jax.distributed.shutdown()
+    if preempted:
+        raise SystemExit(PREEMPTED_EXIT_CODE)

@@ -53,18 +53,38 @@ def _deepspeed_tag(ckpt_dir):  # deepspeed: the newest complete step-* tag
     return done[-1].parent
 
 
-def _jax_npz(ckpt_dir):  # jax: snapshot.npz, leaf0.. and a JSON "meta" (jax/ has no torch: numpy arrays)
+def jax_checkpoints(*directories, env=None):
+    """[(leaves, progress)] of the newest step of each directory, every array read back whole by
+    jax/cluster.read_checkpoint in jax's venv, in one process: Orbax's files need Orbax, the test runner has no JAX."""
     import numpy as np
 
-    with np.load(Path(ckpt_dir) / "snapshot.npz") as z:
-        leaves = {k: z[k] for k in z.files if k.startswith("leaf")}
-        return leaves, json.loads(bytes(z["meta"]).decode())
+    code = ("import json, sys; sys.path.insert(0, sys.argv[1]); import cluster, numpy as np\n"
+            "for d, out in zip(sys.argv[2::2], sys.argv[3::2]):\n"
+            "    leaves, progress = cluster.read_checkpoint(d)\n"
+            "    np.savez(out, progress=json.dumps(progress), **{f'leaf{i}': a for i, a in enumerate(leaves)})")
+    found = []
+    with tempfile.TemporaryDirectory() as tmp:
+        outs = [Path(tmp) / f"{i}.npz" for i in range(len(directories))]
+        pairs = [str(x) for pair in zip(directories, outs) for x in pair]
+        subprocess.run([str(env_python("jax")), "-c", code, str(ROOT / "jax"), *pairs], check=True,
+                       env=env or clean_env(), capture_output=True, timeout=300)
+        for out in outs:
+            with np.load(out) as z:
+                found.append(([z[f"leaf{i}"] for i in range(sum(k.startswith("leaf") for k in z.files))],
+                              json.loads(str(z["progress"]))))
+    return found
+
+
+def _jax_progress(ckpt_dir):  # the newest step's progress: a JSON file Orbax wrote, read without Orbax
+    step = max(int(p.name) for p in Path(ckpt_dir).iterdir() if p.name.isdigit())
+    return json.loads((Path(ckpt_dir) / str(step) / "progress" / "metadata").read_text())
 
 
 def _jax_weights(ckpt_dir):
     import torch
 
-    return {k: torch.from_numpy(v) for k, v in _jax_npz(ckpt_dir)[0].items()}
+    leaves, _ = jax_checkpoints(ckpt_dir)[0]
+    return {f"leaf{i}": torch.from_numpy(a) for i, a in enumerate(leaves)}
 
 
 # ------------------------------------------------------------------------------------------ the table
@@ -162,7 +182,7 @@ RECIPES = {r.folder: r for r in [
            env=dict(SLURM_STEP_NODELIST="127.0.0.1", SLURM_STEP_TASKS_PER_NODE="{n}", JAX_COORDINATOR_PORT="{port}",
                     JAX_COMPILATION_CACHE_DIR=Path(tempfile.gettempdir()) / "jax-recipes-test-compilation-cache",
                     JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS=0),
-           weights=_jax_weights, step_of=lambda d: _jax_npz(d)[1]["step"],
+           weights=_jax_weights, step_of=lambda d: _jax_progress(d)["step"],
            busy_port="test_jax.py's test_coordinator_port_in_use (JAX_* launch); this row passes it too (~17 s of CI)",
            no_preemption="test_jax.py's test_preempted_run_saves_exits_75_and_resumes_exactly (SIGTERM to "
                          "multigpu.py, which forwards it; multinode.py resumes) stays"),

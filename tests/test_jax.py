@@ -8,6 +8,7 @@ import importlib.util
 import json
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -22,6 +23,7 @@ import numpy as np
 import pytest
 from data_files import write_cifar10, write_mnist
 from helpers import ROOT, clean_env, env_python, epoch_lines, free_port, run
+from recipes import jax_checkpoints
 
 pytestmark = [pytest.mark.jax, pytest.mark.timeout(300)]
 
@@ -46,16 +48,40 @@ def python(*args, env=None, **kw):
     return run([env_python("jax"), *args], env=env or jax_env(), **kw)
 
 
-def snapshot(directory, name="snapshot.npz"):
-    """(leaves, progress) of a snapshot, read with numpy alone."""
-    with np.load(directory / name) as z:
-        meta = json.loads(bytes(z["meta"]).decode())
-        return [z[f"leaf{i}"] for i in range(sum(k.startswith("leaf") for k in z.files))], meta
+_READ = {}  # (checkpoint dir, its steps) -> the newest step's leaves: each read starts a process that imports Orbax
+
+
+def snapshot(*directories):
+    """(leaves, progress) of the newest step of each directory (one directory: that pair), read back whole in one
+    process with cluster.read_checkpoint -- Orbax's files need Orbax, and the test runner has no JAX."""
+    keys = [(str(d), tuple(steps(d))) for d in directories]
+    todo = [k for k in keys if k not in _READ]
+    for key, read in zip(todo, jax_checkpoints(*[k[0] for k in todo], env=jax_env()) if todo else []):
+        _READ[key] = read
+    found = [_READ[k] for k in keys]
+    return found[0] if len(found) == 1 else found
+
+
+def steps(directory):
+    """The step folders Orbax finalized, oldest first (an unfinished save is <step>.orbax-checkpoint-tmp-*)."""
+    return sorted(int(p.name) for p in Path(directory).iterdir() if p.name.isdigit())
+
+
+def progress(directory):
+    """The newest step's progress, read as the JSON file it is (no Orbax needed)."""
+    return json.loads((Path(directory) / str(steps(directory)[-1]) / "progress" / "metadata").read_text())
+
+
+def written_shapes(directory):
+    """The newest step's arrays and the shape each process wrote (the whole array where it is replicated), from
+    Orbax's JSON metadata: no Orbax needed, no process started."""
+    meta = json.loads((Path(directory) / str(steps(directory)[-1]) / "state" / "_METADATA").read_text())
+    return [tuple(m["value_metadata"]["write_shape"]) for m in meta["tree_metadata"].values()]
 
 
 def assert_same_leaves(a, b, **tol):
-    """The parameter and optimizer leaves of two snapshots (numpy: jax/ has no torch): bit for bit without tol."""
-    (la, _), (lb, _) = snapshot(a), snapshot(b)
+    """The parameter and optimizer leaves of two checkpoints (numpy: jax/ has no torch): bit for bit without tol."""
+    (la, _), (lb, _) = snapshot(a, b)
     assert len(la) == len(lb)
     for i, (x, y) in enumerate(zip(la, lb)):
         if tol:
@@ -131,11 +157,11 @@ def test_single_gpu_learns_and_writes_a_complete_snapshot(reference):
     first, last = (e.loss for e in lines)
     assert last < first * 0.9, f"loss did not decrease: {lines}"
     assert re.search(r"^\[rank0\] done: 64 steps in [\d.]+ s$", out, re.M), out
-    leaves, meta = snapshot(ckpt)
+    meta = progress(ckpt)
     assert (meta["epoch"], meta["step"], meta["batch_in_epoch"], meta["world_size"]) == (2, STEPS, 0, 1)
-    assert len(leaves) == 8 + 8 + 1  # parameters, momentum, the schedule's step count
-    assert snapshot(ckpt, "snapshot.prev.npz")[1]["step"] == STEPS // 2
-    assert not (ckpt / "snapshot.npz.tmp").exists()
+    assert len(written_shapes(ckpt)) == 8 + 8 + 1  # parameters, momentum, the schedule's step count
+    assert sorted(p.name for p in ckpt.iterdir()) == [str(STEPS // 2), str(STEPS)]  # every epoch; no temporaries
+    assert f"snapshot being saved to {ckpt} (step 32)" in out and f"snapshot saved to {ckpt} (step 64)" in out
 
 
 def test_spawned_processes_equal_one_process_with_the_global_batch(reference, spawned):
@@ -147,13 +173,32 @@ def test_spawned_processes_equal_one_process_with_the_global_batch(reference, sp
     assert [e.loss for e in epoch_lines(out)] == [e.loss for e in epoch_lines(reference[1])]
 
 
+# Rank 1 lingers before it exits (sitecustomize runs in every process of the launch): rank 0, which runs JAX's
+# coordination service, must not leave while another process is still connected to it.
+LATE_RANK1 = """
+import os, time
+_exit = os._exit
+def late_exit(code):
+    if os.environ.get("JAX_PROCESS_ID") == "1":
+        time.sleep(3)
+    _exit(code)
+os._exit = late_exit
+"""
+
+
 def test_preempted_run_saves_exits_75_and_resumes_exactly(spawned, tmp_path):
     """SIGTERM (what Slurm sends at preemption) to multigpu.py alone: it forwards it to its processes, both stop
-    at the same step, rank 0 saves, all exit 75. (jax.distributed.initialize hands SIGTERM to XLA's preemption
-    manager; the recipe takes it back.) The next launch -- two explicitly addressed multinode.py processes --
-    resumes mid-epoch and ends bit for bit where the uninterrupted run did."""
-    args = [*ARGS, "--batch-size", "16", "--checkpoint-dir", tmp_path]
-    (spawner,) = start("multigpu.py", ["--nprocs", "2", *args], [jax_env()])
+    at the same step, every process saves its part, all exit 75. (jax.distributed.initialize hands SIGTERM to XLA's
+    preemption manager; the recipe takes it back.) Rank 1 exits 3 s after rank 0 would: every process leaves
+    through jax.distributed.shutdown first, else rank 0's exit ends the coordination service under rank 1, which
+    aborts (seen under load in CI: exit -6, 'Terminating process because the JAX distributed service detected fatal
+    errors'). The next launch -- two explicitly addressed multinode.py processes -- resumes mid-epoch and ends bit
+    for bit where the uninterrupted run did."""
+    ckpt, late = tmp_path / "ckpt", tmp_path / "late"
+    late.mkdir()
+    (late / "sitecustomize.py").write_text(LATE_RANK1)
+    args = [*ARGS, "--batch-size", "16", "--checkpoint-dir", ckpt]
+    (spawner,) = start("multigpu.py", ["--nprocs", "2", *args], [jax_env(PYTHONPATH=late)])
     head = ""
     for line in spawner.stdout:  # wait until training is under way
         head += line
@@ -164,22 +209,146 @@ def test_preempted_run_saves_exits_75_and_resumes_exactly(spawned, tmp_path):
     assert codes == [75], outs[0]
     stopped_at = int(re.search(r"preempted at step (\d+): snapshot saved", outs[0]).group(1))
     assert 10 <= stopped_at < STEPS and stopped_at % 10 == 0  # the signal came after step 10 was logged
-    assert snapshot(tmp_path)[1]["step"] == stopped_at
+    assert progress(ckpt)["step"] == stopped_at
     out = completed(start("multinode.py", args, explicit_envs(free_port())))
-    assert re.search(rf"resumed from {re.escape(str(tmp_path / 'snapshot.npz'))}: epoch \d, step {stopped_at}\n", out)
+    assert re.search(rf"resumed from {re.escape(str(ckpt / str(stopped_at)))}: epoch \d, step {stopped_at}\n", out)
     assert "[rank1] host" in out and "process 1 of 2" in out
-    assert_same_leaves(tmp_path, spawned[0])  # batches skipped, schedule and momentum restored
+    assert_same_leaves(ckpt, spawned[0])  # batches skipped, schedule and momentum restored
 
 
-def test_truncated_snapshot_falls_back_to_the_previous_one(reference, tmp_path):
-    for name in ("snapshot.npz", "snapshot.prev.npz"):
-        (tmp_path / name).write_bytes((reference[0] / name).read_bytes())
-    data = (tmp_path / "snapshot.npz").read_bytes()
-    (tmp_path / "snapshot.npz").write_bytes(data[: len(data) // 2])
+def damage(directory, step):
+    """Half of every data file of a step cut off: what a full disk or an interrupted copy leaves."""
+    for f in (Path(directory) / str(step) / "state" / "d").iterdir():
+        f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
+
+
+def test_damaged_newest_step_falls_back_to_the_previous_one(reference, tmp_path):
+    """C6: a damaged newest step is skipped with a warning and the step before it resumed; the run ends where the
+    uninterrupted one did, bit for bit. The damaged folder is kept aside (<step>.unreadable): Orbax refuses to save a
+    step whose folder exists, and the run saves that step again. (It was exit 2, 'move it away'.)"""
+    shutil.copytree(reference[0], tmp_path, dirs_exist_ok=True)
+    damage(tmp_path, STEPS)
     out = python(FOLDER / "single_gpu.py", *ARGS, "--batch-size", "32", "--checkpoint-dir", tmp_path).stdout
-    assert f"{tmp_path / 'snapshot.npz'} is unreadable" in out
-    assert "snapshot.prev.npz: epoch 2, step 32" in out
-    assert_same_leaves(tmp_path, reference[0])  # epoch 2 again, from the previous snapshot: the same end
+    assert f"[rank0] warning: cannot restore {tmp_path / str(STEPS)} (ValueError: " in out, out
+    assert f"resuming from step {STEPS // 2}" in out and "Traceback" not in out, out
+    assert f"resumed from {tmp_path / str(STEPS // 2)}: epoch 2, step {STEPS // 2}" in out, out
+    assert sorted(p.name for p in tmp_path.iterdir()) == [str(STEPS // 2), str(STEPS), f"{STEPS}.unreadable"]
+    assert_same_leaves(tmp_path, reference[0])
+
+
+def test_no_readable_step_is_one_line_naming_them(reference, tmp_path):
+    shutil.copytree(reference[0], tmp_path, dirs_exist_ok=True)
+    damage(tmp_path, STEPS)
+    damage(tmp_path, STEPS // 2)
+    line, _ = failing("single_gpu.py", *ARGS, "--checkpoint-dir", tmp_path)
+    assert "error: no readable checkpoint: " in line and f"Move {tmp_path} away to start over" in line, line
+    assert f"{tmp_path / str(STEPS)} (ValueError: " in line and f"{tmp_path / str(STEPS // 2)} (ValueError: " in line
+
+
+STRAGGLER = """
+import asyncio, sys, threading
+sys.path.insert(0, sys.argv[1])
+import cluster
+from orbax.checkpoint._src import asyncio_utils
+
+
+async def read(fails):  # as tensorstore completes a read: from its own thread, through the loop that awaits it
+    loop = asyncio.get_running_loop()
+    done = loop.create_future()
+    threading.Timer(0 if fails else 0.5, lambda: loop.call_soon_threadsafe(done.set_result, None)).start()
+    await done
+    if fails:
+        raise ValueError("damaged")
+
+
+async def read_step():  # Orbax's restore: every array's read gathered
+    await asyncio.gather(read(fails=True), read(fails=False))
+
+
+class Manager:  # a step whose first read fails while another is still under way, read as Orbax reads a step
+    directory = "ckpt"
+
+    def item_metadata(self, step):
+        return asyncio_utils.run_sync(read_step())
+
+
+try:
+    cluster.restore_checkpoint(Manager(), 8, like=None)
+except Exception as e:
+    print("restore failed:", type(e).__name__, flush=True)
+threading.Event().wait(1)  # the second read completes meanwhile
+"""
+
+
+def test_a_failed_restore_leaves_no_read_behind_on_a_closed_loop(tmp_path):
+    """Orbax reads every array of a step in one new event loop (asyncio_utils.run_sync) and gathers the reads: the
+    first that fails ends the gather and the loop is closed while the others are still under way; each of them then
+    wakes the closed loop from tensorstore's thread -- a `RuntimeError: Event loop is closed` traceback on stderr per
+    read, after the recipe's one line (seen in CI, under load, restoring a damaged step). restore_checkpoint lets
+    the loop finish the reads it started before it is closed."""
+    (tmp_path / "straggler.py").write_text(STRAGGLER)
+    out = python(tmp_path / "straggler.py", FOLDER).stdout
+    assert "restore failed:" in out and "Event loop is closed" not in out and "Traceback" not in out, out
+
+
+SHARDED = """
+import sys
+sys.path.insert(0, sys.argv[1])
+import cluster
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
+from jax.sharding import NamedSharding, PartitionSpec
+
+cluster.select_platform("gloo")
+jax.distributed.initialize(*cluster.launch_plan()[:3])
+mesh = jax.make_mesh((2,), ("data",), (jax.sharding.AxisType.Auto,))
+sharded, replicated = NamedSharding(mesh, PartitionSpec("data")), NamedSharding(mesh, PartitionSpec())
+w = np.arange(24, dtype=np.float32).reshape(8, 3)
+tree = {"w": jax.make_array_from_callback(w.shape, sharded, lambda i: w[i]),
+        "b": cluster.replicate(np.ones(3, np.float32), replicated)}
+manager = cluster.checkpoint_manager(sys.argv[2], every_steps=1)
+for step in (6, 7):
+    manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(tree),
+                                               progress=ocp.args.JsonSave({"step": step})))
+    manager.wait_until_finished()
+like = jax.tree_util.tree_map(jax.numpy.zeros_like, tree)
+restored, progress = cluster.restore_checkpoint(manager, 7, like)
+assert restored["w"].sharding == sharded and progress == {"step": 7}
+print(f"process {jax.process_index()}: holds {restored['w'].addressable_data(0).shape}, restored",
+      multihost_utils.process_allgather(restored["w"], tiled=True).tolist(), flush=True)
+if jax.process_index() == 0:  # step 7 cut short, as a full disk leaves it: both processes must fall back to 6
+    for f in (manager.directory / "7" / "state" / "d").iterdir():
+        f.write_bytes(f.read_bytes()[: len(f.read_bytes()) // 2])
+cluster.barrier("step 7 damaged")
+step, restored, progress = cluster.restore_newest(manager, like)
+print(f"process {jax.process_index()}: fell back to step {step} {progress}", flush=True)
+manager.close()
+jax.distributed.shutdown()
+"""
+
+
+def test_a_parameter_sharded_over_two_processes_is_saved_and_restored_whole(tmp_path):
+    """Each process holds half of `w` (rows 0-3, rows 4-7): the checkpoint must hold all 8 rows (the .npz snapshot
+    this replaced wrote process 0's half, and its shape check compared that half with itself), and the restore
+    must give each process its half back. Then the newest step is damaged: both processes fall back together."""
+    (tmp_path / "sharded.py").write_text(SHARDED)
+    procs = [subprocess.Popen([str(env_python("jax")), str(tmp_path / "sharded.py"), str(FOLDER), str(tmp_path / "c")],
+                              env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for env in explicit_envs(free_port())]
+    codes, outs = finish(procs)
+    assert codes == [0, 0], "\n".join(outs)
+    whole = np.arange(24, dtype=np.float32).reshape(8, 3)
+    for i, out in enumerate(outs):
+        assert f"process {i}: holds (4, 3), restored {whole.tolist()}" in out, out
+        # a step one process cannot read is given up by all of them (the one that could not says so)
+        assert f"process {i}: fell back to step 6 {{'step': 6}}" in out and "Traceback" not in out, out
+    assert "warning: cannot restore " in "".join(outs) and "resuming from step 6" in "".join(outs), outs
+    assert sorted(p.name for p in (tmp_path / "c").iterdir()) == ["6", "7.unreadable"]
+    (b, w), meta = snapshot(tmp_path / "c")
+    np.testing.assert_array_equal(w, whole)
+    assert meta == {"step": 6}
 
 
 # ------------------------------------------------------------------------------------------ data
@@ -229,9 +398,8 @@ def test_cifar10_pickles(tmp_path):
     write_cifar10(tmp_path)
     python(FOLDER / "single_gpu.py", "--data", "cifar10", "--data-dir", tmp_path, "--epochs", "1",
            "--batch-size", "32", "--checkpoint-dir", tmp_path / "ckpt")
-    leaves, meta = snapshot(tmp_path / "ckpt")
-    assert meta["step"] == 10  # 5 training batches of 64 = 320 samples
-    assert leaves[1].shape == (3, 3, 3, 16)  # conv1's kernel was built for RGB input
+    assert progress(tmp_path / "ckpt")["step"] == 10  # 5 training batches of 64 = 320 samples
+    assert written_shapes(tmp_path / "ckpt")[1] == (3, 3, 3, 16)  # conv1's kernel was built for RGB input
 
 
 # ------------------------------------------------------------------------------------------ bad input
@@ -268,13 +436,6 @@ def test_bad_data_files(tmp_path):
     assert "is not an MNIST image file" in failing("single_gpu.py", "--data", "mnist", "--data-dir", tmp_path)[0]
 
 
-def test_truncated_snapshot_without_fallback_is_a_clear_error(reference, tmp_path):
-    data = (reference[0] / "snapshot.npz").read_bytes()
-    (tmp_path / "snapshot.npz").write_bytes(data[: len(data) // 2])
-    line, _ = failing("single_gpu.py", *ARGS, "--checkpoint-dir", tmp_path)
-    assert "error: no usable snapshot" in line and str(tmp_path / "snapshot.npz") in line
-
-
 def test_wrong_coordinator_address_is_one_line_within_the_timeout():
     """Process 1 told a port where no coordinator runs: one line after --timeout, not JAX's minutes-long wait."""
     env = explicit_envs(free_port())[1]
@@ -300,6 +461,33 @@ def test_srun_without_coordinator_port():
     env = srun_envs(1)[0]
     del env["JAX_COORDINATOR_PORT"]
     assert "JAX_COORDINATOR_PORT not set" in failing("multinode.py", env=env)[0]
+
+
+def test_srun_tasks_per_node_of_an_uneven_layout():
+    """SLURM_STEP_TASKS_PER_NODE '2(x3),1': 3 nodes with 2 tasks, then 1 node with one task, which drives all of
+    its GPUs (the first count alone, 2, left it to JAX: GPU number SLURM_LOCALID, 1 of 4)."""
+    cluster = load_common()
+    assert cluster.tasks_per_node("2(x3),1") == [2, 2, 2, 1] and cluster.tasks_per_node("8") == [8]
+    layout = {"SLURM_STEP_TASKS_PER_NODE": "2(x3),1", "CUDA_VISIBLE_DEVICES": "0,1,2,3"}
+    with mock.patch.dict(os.environ, layout | {"SLURM_NODEID": "3"}):
+        assert cluster.local_device_ids() == [0, 1, 2, 3]
+    with mock.patch.dict(os.environ, layout | {"SLURM_NODEID": "0"}):
+        assert cluster.local_device_ids() is None  # 2 tasks, 4 GPUs: JAX's own choice (SLURM_LOCALID)
+
+
+def test_multinode_template_wants_one_task_per_gpu(tmp_path):
+    """multinode.sbatch starts one process per GPU: 1 task per node on 8 GPUs would train on one GPU of each node
+    (4 tasks on 2 GPUs: two processes asking for a GPU that is not there) -- one line and exit 2 before srun."""
+    env = clean_env(SLURM_JOB_ID="7", SLURM_JOB_NAME="t", SLURM_CPUS_PER_TASK="1", SLURM_NNODES="2",
+                    SLURM_NTASKS="2", SLURM_JOB_NODELIST="n[1-2]", SLURM_GPUS_ON_NODE="8", SLURM_NTASKS_PER_NODE="1",
+                    SLURM_TASKS_PER_NODE="1(x2)", PATH=f"{tmp_path}:{os.environ['PATH']}")
+    (tmp_path / "srun").write_text("#!/bin/sh\necho srun started\n")  # what would run, were the check missing
+    (tmp_path / "srun").chmod(0o755)
+    proc = subprocess.run(["bash", "multinode.sbatch"], cwd=FOLDER, env=env, capture_output=True, text=True,
+                          timeout=30)
+    assert proc.returncode == 2 and "srun started" not in proc.stdout, (proc.returncode, proc.stdout, proc.stderr)
+    assert proc.stderr.strip() == ("error: 1 tasks per node for 8 GPUs per node: multinode.sbatch starts one process "
+                                   "per GPU, set #SBATCH --ntasks-per-node=8 (or use multinode_pernode.sbatch)")
 
 
 # ------------------------------------------------------------------------------------------ GPU facts (#22)
@@ -364,7 +552,10 @@ def jax_folder(fake, environ):
         for k in launcher:
             del os.environ[k]
         os.environ.update(environ)
-        sys.modules.update({"jax": fake, "jax.numpy": fake.numpy, "optax": ModuleType("optax")})
+        orbax = ModuleType("orbax")
+        orbax.checkpoint = ModuleType("orbax.checkpoint")
+        sys.modules.update({"jax": fake, "jax.numpy": fake.numpy, "optax": ModuleType("optax"), "orbax": orbax,
+                            "orbax.checkpoint": orbax.checkpoint})
         modules = {}
         for name in ("toolkit", "cluster", "recipe", "single_gpu", "multigpu", "multinode"):
             spec = importlib.util.spec_from_file_location(name, FOLDER / f"{name}.py")
