@@ -272,6 +272,55 @@ def test_memory_per_rank_matches_the_zero_paper(stage, ranks):
         assert got == pytest.approx(want, rel=0.02), f"{name}: measured {got}, paper {want:.0f}\n{out}"
 
 
+# Run by the deepspeed environment's python, as one process of a group of one: the GPT as the recipe builds it for
+# ZeRO-3 (build_model_and_optimizer), before deepspeed.initialize, and its weights gathered beside a GPT built whole
+# from the same seed. argv: deepspeed/, the ZeRO-3 config file, the output file.
+ZERO3_PROBE = r"""
+import json, os, sys
+from pathlib import Path
+import torch, torch.distributed as dist
+sys.path.insert(0, sys.argv[1])
+import cluster, recipe
+from gpt import GPT
+deepspeed = cluster.import_deepspeed()
+os.environ["LOCAL_RANK"] = "0"
+dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+out_file = sys.argv[3]
+sys.argv = ["probe", "--model", "gpt", "--gpt-params", "200k", "--batch-size", "4", "--ds-config", sys.argv[2]]
+args = cluster.parse_args("probe")
+torch.manual_seed(0)
+model, *_ = recipe.build_model_and_optimizer(args, None, 4, cluster.load_ds_config(args, 1, torch.device("cpu")))
+params = list(model.parameters())
+found = {"zero3 params": sum(hasattr(p, "ds_tensor") for p in params), "params": len(params),
+         "elements held whole": sum(p.data.numel() for p in params),
+         "elements in shards": sum(p.ds_tensor.numel() for p in params if hasattr(p, "ds_tensor"))}
+torch.manual_seed(0)
+whole = GPT(args.gpt_params).state_dict()
+with deepspeed.zero.GatheredParameters(params):
+    found["differ from the whole GPT"] = [k for k, v in model.state_dict().items() if not torch.equal(v, whole[k])]
+Path(out_file).write_text(json.dumps(found))
+"""
+
+
+@pytest.fixture(scope="module")
+def zero3_probe(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("zero3_probe")
+    (tmp / "probe.py").write_text(ZERO3_PROBE)
+    python(tmp / "probe.py", DS, CONFIGS / "zero3_cpu_test.json", tmp / "out.json", timeout=120)
+    return json.loads((tmp / "out.json").read_text())
+
+
+def test_zero3_builds_the_gpt_partitioned_with_the_weights_of_the_whole_one(zero3_probe):
+    """Issue #25 item 2: under ZeRO-3 the GPT is built inside deepspeed.zero.Init -- every parameter partitioned as
+    its layer is made, nothing held whole (it was built whole on every rank, then partitioned by initialize) -- and
+    gathered it has the weights of the GPT built whole: the 0.02 init of the embeddings and the attention's biases
+    happen inside the layers' constructors (an init after one, as nn.MultiheadAttention's of out_proj.bias, hits
+    the empty placeholder zero.Init leaves and is lost)."""
+    found = zero3_probe
+    assert found["zero3 params"] == found["params"] and found["elements held whole"] == 0, found
+    assert 180_000 < found["elements in shards"] < 250_000 and found["differ from the whole GPT"] == [], found
+
+
 # ------------------------------------------------------------------------------------------ bad input
 
 
