@@ -274,7 +274,8 @@ def test_memory_per_rank_matches_the_zero_paper(stage, ranks):
 
 # Run by the deepspeed environment's python, as one process of a group of one: the GPT as the recipe builds it for
 # ZeRO-3 (build_model_and_optimizer), before deepspeed.initialize, and its weights gathered beside a GPT built whole
-# from the same seed. argv: deepspeed/, the ZeRO-3 config file, the output file.
+# from the same seed; and every config file's zero_optimization section as DeepSpeed's own pydantic model reads it
+# (unknown keys refused). argv: deepspeed/, the ZeRO-3 config file, the output file.
 ZERO3_PROBE = r"""
 import json, os, sys
 from pathlib import Path
@@ -283,6 +284,7 @@ sys.path.insert(0, sys.argv[1])
 import cluster, recipe
 from gpt import GPT
 deepspeed = cluster.import_deepspeed()
+from deepspeed.runtime.zero.config import DeepSpeedZeroConfig
 os.environ["LOCAL_RANK"] = "0"
 dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
 out_file = sys.argv[3]
@@ -298,6 +300,14 @@ torch.manual_seed(0)
 whole = GPT(args.gpt_params).state_dict()
 with deepspeed.zero.GatheredParameters(params):
     found["differ from the whole GPT"] = [k for k, v in model.state_dict().items() if not torch.equal(v, whole[k])]
+found["configs"] = {}
+for path in sorted((cluster.HERE / "configs").rglob("*.json")):
+    try:
+        zero = DeepSpeedZeroConfig(**json.loads(path.read_text()).get("zero_optimization", {}))
+        read = {"stage": int(zero.stage), "overlap_comm": zero.overlap_comm}
+    except Exception as e:  # pydantic's ValidationError: an unknown key, a value out of range
+        read = {"refused": " ".join(str(e).split())[:300]}
+    found["configs"][str(path.relative_to(cluster.HERE / "configs"))] = read
 Path(out_file).write_text(json.dumps(found))
 """
 
@@ -319,6 +329,16 @@ def test_zero3_builds_the_gpt_partitioned_with_the_weights_of_the_whole_one(zero
     found = zero3_probe
     assert found["zero3 params"] == found["params"] and found["elements held whole"] == 0, found
     assert 180_000 < found["elements in shards"] < 250_000 and found["differ from the whole GPT"] == [], found
+
+
+def test_gpu_configs_are_apart_and_valid_for_the_pinned_deepspeed(zero3_probe):
+    """configs/gpu/ (not run here: no GPU) holds the GPU settings, overlap_comm on; the CPU-tuned configs the tests
+    run keep it off. DeepSpeed's own model of zero_optimization accepts every file (a misspelt key is refused)."""
+    found = zero3_probe["configs"]
+    gpu = {name for name in found if name.startswith("gpu/")}
+    assert gpu == {"gpu/zero2.json", "gpu/zero2_fp16.json", "gpu/zero3.json", "gpu/zero3_multinode.json"}, found
+    assert [read for read in found.values() if "refused" in read] == [], found
+    assert all(read["overlap_comm"] == name.startswith("gpu/") for name, read in found.items() if read["stage"]), found
 
 
 # ------------------------------------------------------------------------------------------ bad input
@@ -358,7 +378,7 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path, case, message):
     args = {
         "batch": ["--batch-size", "16", "--ds-config",
                   write_config(tmp_path, train_batch_size=64, gradient_accumulation_steps=2)],
-        "fp16": config("zero2_fp16"),
+        "fp16": config("gpu/zero2_fp16"),
         "missing": ["--ds-config", tmp_path / "nope.json"],
         "no-data-dir": ["--data", "mnist", "--data-dir", tmp_path / "absent"],
         "bad-idx": ["--data", "mnist", "--data-dir", tmp_path],
