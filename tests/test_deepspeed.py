@@ -635,17 +635,21 @@ def test_memory_report_gathers_on_the_engines_device(monkeypatch):
 def test_memory_report_counts_the_whole_parameters_zero3_keeps(monkeypatch):
     """ZeRO-3 keeps a parameter of at most stage3_param_persistence_threshold elements whole on every rank (ds_persist:
     p.data stays gathered) besides its shard (ds_tensor): both are resident and counted. The report used to read
-    ds_tensor alone and showed 1/N of the parameters where every rank held them all (zero3.json on the ConvNet)."""
+    ds_tensor alone and showed 1/N of the parameters where every rank held them all (zero3.json on the ConvNet).
+    Likewise hpZ's second partition over the ranks of a node (ds_secondary_tensor, gpu/zero3_multinode.json): 2 of 4
+    ranks per node here, half of the weight more on each rank."""
     (cluster,) = load_folder("cluster")
     layer = torch.nn.Linear(4, 4)  # weight 16 elements: partitioned; bias 4: persistent
     for p, persist in ((layer.weight, False), (layer.bias, True)):
-        p.ds_numel, p.ds_persist, p.ds_tensor = p.numel(), persist, torch.zeros(p.numel() // 2)
+        p.ds_numel, p.ds_persist, p.ds_tensor = p.numel(), persist, torch.zeros(p.numel() // 4)
         if not persist:
             p.data = torch.empty(0)  # released: what ZeRO-3 leaves outside forward/backward
     engine = types.SimpleNamespace(module=layer, optimizer=types.SimpleNamespace(state={}),
                                    zero_optimization_stage=lambda: 3)
     measured = cluster.model_state_bytes(engine)
-    assert measured["params"] == (8 + 2 + 4) * 4 and measured["numel"] == 20 and measured["whole"] == 4, measured
+    assert measured["params"] == (4 + 1 + 4) * 4 and measured["numel"] == 20 and measured["whole"] == 4, measured
+    layer.weight.ds_secondary_tensor = torch.zeros(16 // 2)
+    assert cluster.model_state_bytes(engine)["params"] == (4 + 1 + 4 + 8) * 4
 
 
 def test_resume_restores_the_rng_from_a_state_loaded_elsewhere(monkeypatch, tmp_path):
