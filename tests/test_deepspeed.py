@@ -8,6 +8,7 @@ the offload test steps a client torch optimizer (DeepSpeedCPUAdam would cost a ~
 environment; see deepspeed/README.md).
 """
 
+import base64
 import importlib.util
 import json
 import math
@@ -584,6 +585,29 @@ def test_deepspeed_launcher_template_forwards_usr1_and_requeues(tmp_path):
     ignored = int((tmp_path / "ignored").read_text(), 16)
     assert ignored & (1 << 9) and ignored & (1 << 14), f"the launcher does not ignore USR1 and TERM: {ignored:x}"
     assert (tmp_path / "saved").exists() and (tmp_path / "requeued").read_text().strip() == "4242", proc.stdout
+
+
+# What a recipe does on Slurm's USR1, in a worker the real DeepSpeed launcher starts: catch it and exit 75.
+SIGNALLED_WORKER = """
+import os, signal, sys, time
+signal.signal(signal.SIGUSR1, lambda *_: sys.exit(75))  # the recipe: finish the step, save, exit 75
+os.killpg(0, signal.SIGUSR1)  # slurmstepd signals every process of the step, the launcher's too
+time.sleep(60)
+"""
+
+
+def test_deepspeed_launch_under_the_templates_shield_survives_usr1_and_exits_75(tmp_path):
+    """Issue #25 item 6, what multigpu_torchrun_deepspeed.sbatch relies on in DeepSpeed's own launch.py (the process
+    `deepspeed` starts per node; 0.19.8), run for real under the template's shield: launch.py installs handlers for
+    INT and TERM only, so the USR1 ignored before it starts stays ignored (unshielded, the USR1 kills it: exit
+    -10/138, by hand); its worker inherits the ignore, installs its own handler, exits 75, and launch.py exits 75."""
+    shield = re.search(r"bash -c '([^']*)' launcher", (DS / "multigpu_torchrun_deepspeed.sbatch").read_text())
+    (tmp_path / "worker.py").write_text(SIGNALLED_WORKER)
+    world = base64.urlsafe_b64encode(json.dumps({"localhost": [0]}).encode()).decode()
+    proc = run(["bash", "-c", shield.group(1), "launcher", env_python("deepspeed"), "-m", "deepspeed.launcher.launch",
+                f"--world_info={world}", "--master_addr", "127.0.0.1", "--master_port", free_port(),
+                tmp_path / "worker.py"], env=clean_env(DS_ACCELERATOR="cpu"), cwd=tmp_path, timeout=120, check=False)
+    assert proc.returncode == 75, f"exit {proc.returncode}\n{proc.stdout}"
 
 
 @pytest.fixture(scope="module")
