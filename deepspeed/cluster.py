@@ -542,14 +542,17 @@ def model_state_bytes(engine):
     Read from DeepSpeed's own bookkeeping: under ZeRO-3 a parameter's local shard is `ds_tensor`, and p.data is an
     empty placeholder outside forward/backward -- except for the parameters of at most
     stage3_param_persistence_threshold elements (ds_persist), which every rank keeps whole besides its shard: both
-    are resident, both counted ("whole": the elements held so). The fp32 master weights are
-    single_partition_of_fp32_groups (ZeRO-1/2), fp32_partitioned_groups_flat (ZeRO-3) or fp32_groups (bf16/fp16
-    without ZeRO); ZeRO-1/2/3 keep the reduced gradient shards in averaged_gradients, stage 0 on the parameters.
+    are resident, both counted ("whole": the elements held so); with hpZ (zero_hpz_partition_size) also the second
+    partition over the node's ranks, ds_secondary_tensor, alive from forward to the optimizer step. The fp32 master
+    weights are single_partition_of_fp32_groups (ZeRO-1/2), fp32_partitioned_groups_flat (ZeRO-3) or fp32_groups
+    (bf16/fp16 without ZeRO); ZeRO-1/2/3 keep the reduced gradient shards in averaged_gradients, stage 0 on the
+    parameters.
     """
     params = list(engine.module.parameters())
     opt = engine.optimizer
     stage = engine.zero_optimization_stage()
-    resident = [t for p in params for t in ((p.ds_tensor, p.data) if stage == 3 else (p.data,))]
+    zero3 = ("ds_tensor", "data", "ds_secondary_tensor")  # shard, whole (persistent), hpZ's partition in the node
+    resident = [getattr(p, name, None) for p in params for name in (zero3 if stage == 3 else ("data",))]
     whole = sum(p.ds_numel for p in params if p.data.numel() > 0) if stage == 3 else 0
     inner = getattr(opt, "optimizer", opt)  # ZeRO and mixed-precision wrappers keep the torch optimizer inside
     states = [v for s in inner.state.values() for v in s.values() if torch.is_tensor(v) and v.dim() > 0]

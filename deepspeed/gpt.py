@@ -11,6 +11,7 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from torch.utils.data import TensorDataset
 
 from toolkit import RecipeError
@@ -19,16 +20,31 @@ VOCAB = 256  # byte-level tokens: any text file is valid input, no tokenizer to 
 CONTEXT = 64
 
 
+class Embedding(nn.Embedding):
+    """GPT-2's init (std 0.02: with tied output weights, logits start near uniform) in the layer's own
+    reset_parameters. ZeRO-3's zero.Init partitions each layer as its constructor returns: an init written after
+    that fills only the empty placeholder a rank keeps of the weight, and silently does nothing."""
+
+    def reset_parameters(self):
+        nn.init.normal_(self.weight, std=0.02)
+
+
 class Block(nn.Module):
+    """Pre-LN causal self-attention and MLP. The attention is written out: nn.MultiheadAttention's constructor zeroes
+    out_proj.bias once out_proj exists -- under zero.Init already partitioned, so the bias kept a random init."""
+
     def __init__(self, dim, heads):
         super().__init__()
+        self.heads = heads
         self.ln1, self.ln2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
-        self.attn = nn.MultiheadAttention(dim, heads, batch_first=True)
+        self.qkv, self.proj = nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
         self.mlp = nn.Sequential(nn.Linear(dim, 4 * dim), nn.GELU(), nn.Linear(4 * dim, dim))
 
-    def forward(self, x, mask):
-        h = self.ln1(x)
-        x = x + self.attn(h, h, h, attn_mask=mask, need_weights=False)[0]
+    def forward(self, x):
+        b, t, d = x.shape
+        q, k, v = self.qkv(self.ln1(x)).view(b, t, 3, self.heads, d // self.heads).transpose(1, 3).unbind(2)
+        attended = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # (batch, heads, time, head dim)
+        x = x + self.proj(attended.transpose(1, 2).reshape(b, t, d))
         return x + self.mlp(self.ln2(x))
 
 
@@ -44,19 +60,16 @@ class GPT(nn.Module):
         # of 32 (so that 4 heads of 8+ dims divide it).
         a, b = 12 * self.LAYERS, VOCAB + CONTEXT
         dim = max(32, round((-b + math.sqrt(b * b + 4 * a * target_params)) / (2 * a) / 32) * 32)
-        self.tok = nn.Embedding(VOCAB, dim)
-        self.pos = nn.Embedding(CONTEXT, dim)
+        self.tok = Embedding(VOCAB, dim)
+        self.pos = Embedding(CONTEXT, dim)
         self.blocks = nn.ModuleList(Block(dim, heads=4) for _ in range(self.LAYERS))
         self.ln = nn.LayerNorm(dim)
-        for emb in (self.tok, self.pos):  # GPT-2's 0.02: with tied output weights, logits start near uniform
-            nn.init.normal_(emb.weight, std=0.02)
-        self.register_buffer("mask", torch.triu(torch.full((CONTEXT, CONTEXT), float("-inf")), 1), persistent=False)
 
     def forward(self, tokens):
         t = tokens.shape[1]
         x = self.tok(tokens) + self.pos.weight[:t]
         for block in self.blocks:
-            x = block(x, self.mask[:t, :t].to(x.dtype))
+            x = block(x)
         return self.ln(x) @ self.tok.weight.T  # tied output projection
 
 

@@ -4,6 +4,8 @@
 train() once its process has joined the others (its setup()); cluster.py holds the plumbing, gpt.py the GPT.
 """
 
+import contextlib
+import functools
 import time
 from pathlib import Path
 
@@ -67,8 +69,7 @@ def build_dataset(args):
 
 
 def build_loader(dataset, args, rank=0, world_size=1):
-    # Each rank reads a disjoint 1/world_size of the data; set_epoch() reshuffles it every epoch. One process draws
-    # the same seeded shuffle as a one-replica DistributedSampler: the tests compare it against N ranks.
+    # Each rank reads a disjoint 1/world_size, reshuffled by set_epoch(); one process is a one-replica sampler.
     sampler = DistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=True, seed=args.seed,
                                  drop_last=True)
     return DataLoader(dataset, batch_size=args.batch_size, sampler=sampler, num_workers=args.num_workers,
@@ -86,22 +87,21 @@ def prepare(args, world_size, device):
 
 
 def build_model_and_optimizer(args, dataset, steps_per_epoch, config):
-    """The model; a client optimizer unless the config has an "optimizer" section (DeepSpeed then builds it, e.g.
-    DeepSpeedCPUAdam for offload); the LR schedule as a function DeepSpeed calls with the optimizer it steps --
-    or None where the config has a "scheduler" section: DeepSpeed then builds that one (a client one wins)."""
-    model = GPT(args.gpt_params) if args.model == "gpt" else ConvNet(in_channels=dataset.in_channels, num_classes=10)
+    """The model (under ZeRO-3 the GPT is built in zero.Init: each rank allocates only its shard of each parameter,
+    so a model larger than one device can start); a client optimizer unless the config has an "optimizer" section;
+    the recipe's LR schedule, or None where the config has a "scheduler" (DeepSpeed builds it; a client one wins)."""
+    zero3_gpt = args.model == "gpt" and config.get("zero_optimization", {}).get("stage") == 3
+    with import_deepspeed().zero.Init(config_dict_or_path=config) if zero3_gpt else contextlib.nullcontext():
+        model = GPT(args.gpt_params) if args.model == "gpt" else ConvNet(dataset.in_channels, num_classes=10)
     if "optimizer" in config:  # its lr: the file's, unless --lr was given (cluster.learning_rate)
         optimizer = None
     elif args.model == "convnet":  # the same optimizer as pytorch/ and the raw DDP baseline
         optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9)
     else:  # Adam's two moments are what the ZeRO paper's 12 bytes per parameter count
         optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01)
-    # The schedule spans --epochs; --max-steps only stops early, so a run cut short (by it, a crash or a
-    # preemption) and then resumed follows the same learning-rate curve as an uninterrupted one.
-    def scheduler(opt):
-        return torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=args.epochs * steps_per_epoch)
-
-    return model, optimizer, None if "scheduler" in config else scheduler
+    # The cosine spans --epochs (--max-steps only stops early): a run cut short and resumed follows the same curve.
+    cosine = functools.partial(torch.optim.lr_scheduler.CosineAnnealingLR, T_max=args.epochs * steps_per_epoch)
+    return model, optimizer, None if "scheduler" in config else cosine
 
 
 # ------------------------------------------------------------------------------------------------ snapshots, the loop

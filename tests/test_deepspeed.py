@@ -8,6 +8,7 @@ the offload test steps a client torch optimizer (DeepSpeedCPUAdam would cost a ~
 environment; see deepspeed/README.md).
 """
 
+import base64
 import importlib.util
 import json
 import math
@@ -272,6 +273,75 @@ def test_memory_per_rank_matches_the_zero_paper(stage, ranks):
         assert got == pytest.approx(want, rel=0.02), f"{name}: measured {got}, paper {want:.0f}\n{out}"
 
 
+# Run by the deepspeed environment's python, as one process of a group of one: the GPT as the recipe builds it for
+# ZeRO-3 (build_model_and_optimizer), before deepspeed.initialize, and its weights gathered beside a GPT built whole
+# from the same seed; and every config file's zero_optimization section as DeepSpeed's own pydantic model reads it
+# (unknown keys refused). argv: deepspeed/, the ZeRO-3 config file, the output file.
+ZERO3_PROBE = r"""
+import json, os, sys
+from pathlib import Path
+import torch, torch.distributed as dist
+sys.path.insert(0, sys.argv[1])
+import cluster, recipe
+from gpt import GPT
+deepspeed = cluster.import_deepspeed()
+from deepspeed.runtime.zero.config import DeepSpeedZeroConfig
+os.environ["LOCAL_RANK"] = "0"
+dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+out_file = sys.argv[3]
+sys.argv = ["probe", "--model", "gpt", "--gpt-params", "200k", "--batch-size", "4", "--ds-config", sys.argv[2]]
+args = cluster.parse_args("probe")
+torch.manual_seed(0)
+model, *_ = recipe.build_model_and_optimizer(args, None, 4, cluster.load_ds_config(args, 1, torch.device("cpu")))
+params = list(model.parameters())
+found = {"zero3 params": sum(hasattr(p, "ds_tensor") for p in params), "params": len(params),
+         "elements held whole": sum(p.data.numel() for p in params),
+         "elements in shards": sum(p.ds_tensor.numel() for p in params if hasattr(p, "ds_tensor"))}
+torch.manual_seed(0)
+whole = GPT(args.gpt_params).state_dict()
+with deepspeed.zero.GatheredParameters(params):
+    found["differ from the whole GPT"] = [k for k, v in model.state_dict().items() if not torch.equal(v, whole[k])]
+found["configs"] = {}
+for path in sorted((cluster.HERE / "configs").rglob("*.json")):
+    try:
+        zero = DeepSpeedZeroConfig(**json.loads(path.read_text()).get("zero_optimization", {}))
+        read = {"stage": int(zero.stage), "overlap_comm": zero.overlap_comm}
+    except Exception as e:  # pydantic's ValidationError: an unknown key, a value out of range
+        read = {"refused": " ".join(str(e).split())[:300]}
+    found["configs"][str(path.relative_to(cluster.HERE / "configs"))] = read
+Path(out_file).write_text(json.dumps(found))
+"""
+
+
+@pytest.fixture(scope="module")
+def zero3_probe(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("zero3_probe")
+    (tmp / "probe.py").write_text(ZERO3_PROBE)
+    python(tmp / "probe.py", DS, CONFIGS / "zero3_cpu_test.json", tmp / "out.json", timeout=120)
+    return json.loads((tmp / "out.json").read_text())
+
+
+def test_zero3_builds_the_gpt_partitioned_with_the_weights_of_the_whole_one(zero3_probe):
+    """Issue #25 item 2: under ZeRO-3 the GPT is built inside deepspeed.zero.Init -- every parameter partitioned as
+    its layer is made, nothing held whole (it was built whole on every rank, then partitioned by initialize) -- and
+    gathered it has the weights of the GPT built whole: the 0.02 init of the embeddings and the attention's biases
+    happen inside the layers' constructors (an init after one, as nn.MultiheadAttention's of out_proj.bias, hits
+    the empty placeholder zero.Init leaves and is lost)."""
+    found = zero3_probe
+    assert found["zero3 params"] == found["params"] and found["elements held whole"] == 0, found
+    assert 180_000 < found["elements in shards"] < 250_000 and found["differ from the whole GPT"] == [], found
+
+
+def test_gpu_configs_are_apart_and_valid_for_the_pinned_deepspeed(zero3_probe):
+    """configs/gpu/ (not run here: no GPU) holds the GPU settings, overlap_comm on; the CPU-tuned configs the tests
+    run keep it off. DeepSpeed's own model of zero_optimization accepts every file (a misspelt key is refused)."""
+    found = zero3_probe["configs"]
+    gpu = {name for name in found if name.startswith("gpu/")}
+    assert gpu == {"gpu/zero2.json", "gpu/zero2_fp16.json", "gpu/zero3.json", "gpu/zero3_multinode.json"}, found
+    assert [read for read in found.values() if "refused" in read] == [], found
+    assert all(read["overlap_comm"] == name.startswith("gpu/") for name, read in found.items() if read["stage"]), found
+
+
 # ------------------------------------------------------------------------------------------ bad input
 
 
@@ -309,7 +379,7 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path, case, message):
     args = {
         "batch": ["--batch-size", "16", "--ds-config",
                   write_config(tmp_path, train_batch_size=64, gradient_accumulation_steps=2)],
-        "fp16": config("zero2_fp16"),
+        "fp16": config("gpu/zero2_fp16"),
         "missing": ["--ds-config", tmp_path / "nope.json"],
         "no-data-dir": ["--data", "mnist", "--data-dir", tmp_path / "absent"],
         "bad-idx": ["--data", "mnist", "--data-dir", tmp_path],
@@ -517,6 +587,29 @@ def test_deepspeed_launcher_template_forwards_usr1_and_requeues(tmp_path):
     assert (tmp_path / "saved").exists() and (tmp_path / "requeued").read_text().strip() == "4242", proc.stdout
 
 
+# What a recipe does on Slurm's USR1, in a worker the real DeepSpeed launcher starts: catch it and exit 75.
+SIGNALLED_WORKER = """
+import os, signal, sys, time
+signal.signal(signal.SIGUSR1, lambda *_: sys.exit(75))  # the recipe: finish the step, save, exit 75
+os.killpg(0, signal.SIGUSR1)  # slurmstepd signals every process of the step, the launcher's too
+time.sleep(60)
+"""
+
+
+def test_deepspeed_launch_under_the_templates_shield_survives_usr1_and_exits_75(tmp_path):
+    """Issue #25 item 6, what multigpu_torchrun_deepspeed.sbatch relies on in DeepSpeed's own launch.py (the process
+    `deepspeed` starts per node; 0.19.8), run for real under the template's shield: launch.py installs handlers for
+    INT and TERM only, so the USR1 ignored before it starts stays ignored (unshielded, the USR1 kills it: exit
+    -10/138, by hand); its worker inherits the ignore, installs its own handler, exits 75, and launch.py exits 75."""
+    shield = re.search(r"bash -c '([^']*)' launcher", (DS / "multigpu_torchrun_deepspeed.sbatch").read_text())
+    (tmp_path / "worker.py").write_text(SIGNALLED_WORKER)
+    world = base64.urlsafe_b64encode(json.dumps({"localhost": [0]}).encode()).decode()
+    proc = run(["bash", "-c", shield.group(1), "launcher", env_python("deepspeed"), "-m", "deepspeed.launcher.launch",
+                f"--world_info={world}", "--master_addr", "127.0.0.1", "--master_port", free_port(),
+                tmp_path / "worker.py"], env=clean_env(DS_ACCELERATOR="cpu"), cwd=tmp_path, timeout=120, check=False)
+    assert proc.returncode == 75, f"exit {proc.returncode}\n{proc.stdout}"
+
+
 @pytest.fixture(scope="module")
 def deepspeed_on_gpus(tmp_path_factory):
     """GPU_PROBE's findings: the devices DeepSpeed picks next to the recipe's, and the CUDA_VISIBLE_DEVICES the
@@ -566,17 +659,21 @@ def test_memory_report_gathers_on_the_engines_device(monkeypatch):
 def test_memory_report_counts_the_whole_parameters_zero3_keeps(monkeypatch):
     """ZeRO-3 keeps a parameter of at most stage3_param_persistence_threshold elements whole on every rank (ds_persist:
     p.data stays gathered) besides its shard (ds_tensor): both are resident and counted. The report used to read
-    ds_tensor alone and showed 1/N of the parameters where every rank held them all (zero3.json on the ConvNet)."""
+    ds_tensor alone and showed 1/N of the parameters where every rank held them all (zero3.json on the ConvNet).
+    Likewise hpZ's second partition over the ranks of a node (ds_secondary_tensor, gpu/zero3_multinode.json): 2 of 4
+    ranks per node here, half of the weight more on each rank."""
     (cluster,) = load_folder("cluster")
     layer = torch.nn.Linear(4, 4)  # weight 16 elements: partitioned; bias 4: persistent
     for p, persist in ((layer.weight, False), (layer.bias, True)):
-        p.ds_numel, p.ds_persist, p.ds_tensor = p.numel(), persist, torch.zeros(p.numel() // 2)
+        p.ds_numel, p.ds_persist, p.ds_tensor = p.numel(), persist, torch.zeros(p.numel() // 4)
         if not persist:
             p.data = torch.empty(0)  # released: what ZeRO-3 leaves outside forward/backward
     engine = types.SimpleNamespace(module=layer, optimizer=types.SimpleNamespace(state={}),
                                    zero_optimization_stage=lambda: 3)
     measured = cluster.model_state_bytes(engine)
-    assert measured["params"] == (8 + 2 + 4) * 4 and measured["numel"] == 20 and measured["whole"] == 4, measured
+    assert measured["params"] == (4 + 1 + 4) * 4 and measured["numel"] == 20 and measured["whole"] == 4, measured
+    layer.weight.ds_secondary_tensor = torch.zeros(16 // 2)
+    assert cluster.model_state_bytes(engine)["params"] == (4 + 1 + 4 + 8) * 4
 
 
 def test_resume_restores_the_rng_from_a_state_loaded_elsewhere(monkeypatch, tmp_path):
