@@ -24,6 +24,7 @@ Map:
     reduce_max            the ranks' maximum of a flag, for toolkit.PREEMPTION.agreed (the ranks stop together)
     save_last_checkpoint  the preemption checkpoint (*-last.ckpt) as NeMo's PreemptionCallback saves it: the one
                           place nemo/ uses NeMo's and Lightning's private API
+    last_step             whether a batch is the run's last: a preemption stopping there still exports the .nemo
     settle_last_checkpoints  which *-last.ckpt exp_manager resumes from when a killed save left two (NeMo #7948)
     ReportHooks           the contract's log lines (C3) as Lightning hooks (recipe.Report adds the Callback base)
     TimingHooks           --timings-file as Lightning hooks, through toolkit.StepTimer (recipe.StepTimings)
@@ -470,6 +471,14 @@ def save_last_checkpoint(trainer, checkpoint) -> None:
     # WORKAROUND(nemo-toolkit 3.0.0, nemo/utils/callbacks/preemption.py): private helpers, as PreemptionCallback
     _flush_in_flight_batch_progress(trainer)
     checkpoint._save_last_checkpoint(trainer, checkpoint._monitor_candidates(trainer))
+
+
+def last_step(trainer, batch_idx: int) -> bool:
+    """Whether the batch just trained is the run's last one (its last epoch's last batch, or --max-steps): a
+    preemption that stops there ends training all the same, so the .nemo archive is exported. Skipped, it was lost:
+    the requeued run resumes a finished run, trains nothing and never reaches on_train_end, where NeMo exports it."""
+    last_batch = trainer.current_epoch + 1 >= trainer.max_epochs and batch_idx + 1 >= trainer.num_training_batches
+    return last_batch or 0 < trainer.max_steps <= trainer.global_step
 
 
 def settle_last_checkpoints(exp_cfg: DictConfig) -> DictConfig:

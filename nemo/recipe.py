@@ -21,8 +21,8 @@ from torch import nn
 from torch.nn import functional as F
 from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
-from cluster import (ReportHooks, TF32Hooks, TimingHooks, check_dataset_fits, parallel_devices, reduce_max,
-                     run_hydra, save_last_checkpoint, settle_last_checkpoints)
+from cluster import (ReportHooks, TF32Hooks, TimingHooks, check_dataset_fits, last_step, parallel_devices,
+                     reduce_max, run_hydra, save_last_checkpoint, settle_last_checkpoints)
 from toolkit import PREEMPTED_EXIT_CODE, PREEMPTION, ignore_preemption_signals, log
 
 NUM_CLASSES = 10
@@ -167,7 +167,8 @@ class Preemption(Callback):
         checkpoint = trainer.checkpoint_callback
         if checkpoint is not None:  # the checkpoint exp_manager resumes from; Lightning then adds no epoch-end one
             save_last_checkpoint(trainer, checkpoint)  # as NeMo's PreemptionCallback saves it
-            checkpoint.save_nemo_on_train_end = False  # the .nemo archive at the real end only, not in the warning
+            # the .nemo archive at the real end only (also when the stop falls on it), not inside the warning
+            checkpoint.save_nemo_on_train_end &= last_step(trainer, batch_idx)
         trainer.should_stop = True
 
 

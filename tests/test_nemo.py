@@ -237,6 +237,21 @@ def test_preemption_checkpoints_exits_75_and_the_rerun_resumes(tmp_path):
     assert nemo_file.exists()
 
 
+
+def test_a_preemption_at_the_last_step_still_exports_the_nemo_file(tmp_path):
+    """A preemption that stops the run at its last step (the signal came within its last CHECK_EVERY steps) ends
+    training: the .nemo archive is exported, as at any real end. Without it the archive was lost for good: the
+    requeued run resumes a finished run, trains 0 steps and never reaches on_train_end, where NeMo exports it.
+    The signal counts as received before training (toolkit.PREEMPTION set): the stop falls on step 10 of 10."""
+    start = ("import runpy, sys, toolkit; toolkit.PREEMPTION.requested = True; sys.argv[0] = 'single_gpu.py'; "
+             "runpy.run_path('single_gpu.py', run_name='__main__')")
+    out = python("-c", start, "--epochs", "1", "--dataset-size", "40", "--batch-size", "4", "--checkpoint-dir",
+                 tmp_path, expect_fail=True).stdout
+    assert re.search(r"^\[rank0\] preempted at step 10: checkpoint saved; exiting with 75", out, re.M), out[-3000:]
+    assert last_checkpoint(tmp_path)["global_step"] == 10
+    assert (tmp_path / "checkpoints" / "nemo-toy.nemo").exists()
+
+
 # ------------------------------------------------------------------------------------------ Hydra overrides
 
 
