@@ -6,6 +6,7 @@ Tiny data (4 steps per epoch, 2 epochs); most of each launch is importing NeMo (
 several assertions (module-scoped fixtures).
 """
 
+import ast
 import contextlib
 import json
 import os
@@ -556,3 +557,47 @@ def test_nemo_run_bad_arguments_are_one_line(args, message):
     errors = [ln for ln in proc.stderr.splitlines() if ERROR_LINE.match(ln)]
     assert proc.returncode == 2 and len(errors) == 1 and message in errors[0], proc.stderr[-3000:]
     assert "Traceback" not in proc.stderr + proc.stdout
+
+
+# ------------------------------------------------------------------------------------------------ private API
+
+
+def private_names(path):
+    """(line, name) of each private name (a leading underscore) that the module at `path` takes from elsewhere: an
+    attribute it does not define itself (`checkpoint._save_last_checkpoint`, `self._cfg` of a base class), an
+    import of one, or an import from a module path with a private part."""
+    tree = ast.parse(path.read_text())
+    own = {n.name for n in ast.walk(tree) if isinstance(n, (ast.FunctionDef, ast.ClassDef))}
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Attribute):
+            names = [node.attr]
+        elif isinstance(node, ast.ImportFrom):
+            names = [*(node.module or "").split("."), *(a.name for a in node.names)]
+        elif isinstance(node, ast.Import):
+            names = [part for a in node.names for part in a.name.split(".")]
+        else:
+            continue
+        found += [(node.lineno, n) for n in names if n.startswith("_") and not n.endswith("__") and n not in own]
+    return found
+
+
+def test_private_api_is_used_in_cluster_py_alone_each_use_tagged_with_the_pinned_version():
+    """NeMo's, Lightning's and Megatron-Core's private names break without notice on an upgrade: none is used
+    outside cluster.py, and there each sits on, or right below, a `# WORKAROUND(package version, ...)` line. A
+    tagged package pinned in requirements.txt names the pinned version (the one it was checked against): a new pin
+    fails here until each workaround is checked again."""
+    pins = dict(re.findall(r"^([\w-]+)(?:\[\w,]+\])?==(\S+)", (FOLDER / "requirements.txt").read_text(), re.M))
+    wrong = []
+    for path in sorted(FOLDER.glob("*.py")):
+        if path.name == "toolkit.py":
+            continue  # the same file in every folder, standard library only (test_contract.py)
+        lines = path.read_text().splitlines()
+        for n, name in private_names(path):
+            if path.name != "cluster.py" or not any("# WORKAROUND(" in lines[i] for i in (n - 2, n - 1) if i >= 0):
+                wrong.append(f"nemo/{path.name}:{n} uses the private {name}: in cluster.py only, under a WORKAROUND")
+        for n, line in enumerate(lines, 1):
+            for package, version in re.findall(r"# WORKAROUND\(([\w-]+) ([\w.]+),", line):
+                if not pins.get(package, version).startswith(version):
+                    wrong.append(f"nemo/{path.name}:{n}: {package} {version} checked, {pins[package]} pinned")
+    assert not wrong, "\n".join(wrong)
