@@ -90,7 +90,8 @@ The contract's flags below, or NeMo's Hydra overrides (KEY=VALUE, keys of conf/c
 
 Each flag is an override of one key (shown after the flag); setting a key both ways is an error. A bad value or
 an unknown key is one line and exit 2. Print the composed config: --print-config. Your own config instead of
-conf/config.yaml (a copy of it, with every key): Hydra's --config-path DIR --config-name NAME.
+conf/config.yaml (a copy of it, or one that extends it with Hydra's `defaults: [config, _self_]`): Hydra's
+--config-path DIR --config-name NAME.
 """
 
 

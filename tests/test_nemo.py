@@ -107,14 +107,15 @@ def slurm_tasks(args, ntasks=2, timeout=180):
 
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
-    """One process, batch 16: what every 2-rank run with batch 8 per rank must reproduce. It reads a user's own
-    config, with Hydra's --config-path (relative: from the script's directory, as Hydra reads it) and
-    --config-name: conf/config.yaml copied with another experiment name, which names the files it writes."""
+    """One process, batch 16: what every 2-rank run with batch 8 per rank must reproduce. It reads a small config
+    of the user's own, with Hydra's --config-path (relative: from the script's directory, as Hydra reads it) and
+    --config-name (as NeMo's examples spell it): it extends conf/config.yaml through Hydra's defaults list and
+    renames the experiment, which names the files it writes."""
     ckpt, conf = tmp_path_factory.mktemp("single"), tmp_path_factory.mktemp("conf")
-    text = (FOLDER / "conf" / "config.yaml").read_text()
-    (conf / "mine.yaml").write_text(text.replace("\nname: nemo-toy ", "\nname: mine-toy ", 1))
+    (conf / "mine.yaml").write_text(f"hydra:\n  searchpath: [file://{FOLDER / 'conf'}]\n"
+                                    "defaults: [config, _self_]\nname: mine-toy\n")
     return ckpt, python("single_gpu.py", *ONE, "--checkpoint-dir", ckpt, "--config-path",
-                        os.path.relpath(conf, FOLDER), "--config-name", "mine").stdout
+                        os.path.relpath(conf, FOLDER), "--config-name=mine").stdout
 
 
 def test_single_process_learns_and_exports_a_loadable_nemo_file(reference):
