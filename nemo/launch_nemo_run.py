@@ -86,8 +86,9 @@ def executor(nemo_run, args):
 
 
 def exp_dir(experiment):
-    """The experiment's directory, where NeMo-Run writes the job script and the logs: no public name for it."""
-    return experiment._exp_dir  # WORKAROUND(nemo-run 0.11.1, no public accessor): the private attribute
+    """The experiment's directory, where NeMo-Run writes the job script and the logs: the public name the
+    experiment gives it is its job's executor's experiment_dir (the Experiment's own is private)."""
+    return experiment.jobs[0].executor.experiment_dir
 
 
 def main():

@@ -21,8 +21,8 @@ from torch import nn
 from torch.nn import functional as F
 from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
-from cluster import (ReportHooks, TF32Hooks, TimingHooks, check_dataset_fits, parallel_devices, reduce_max,
-                     run_hydra, save_last_checkpoint, settle_last_checkpoints)
+from cluster import (ReportHooks, TF32Hooks, TimingHooks, check_dataset_fits, last_step, parallel_devices,
+                     reduce_max, run_hydra, save_last_checkpoint, settle_last_checkpoints, without_training_step_proxy)
 from toolkit import PREEMPTED_EXIT_CODE, PREEMPTION, ignore_preemption_signals, log
 
 NUM_CLASSES = 10
@@ -85,15 +85,14 @@ class ToyClassifier(ModelPT):
         # ModelPT writes `target: recipe.ToyClassifier` into the config, and restore_from refuses a .nemo whose
         # target lies outside NeMo's approved namespaces (nemo.*, torch.nn.*, ...: UnsafeTargetError). Without
         # it, ToyClassifier.restore_from(path) builds the class it is called on.
-        with open_dict(self._cfg):
-            self._cfg.pop("target", None)
+        cfg = self.cfg.copy()
+        with open_dict(cfg):
+            cfg.pop("target", None)
+        self.cfg = cfg  # ModelPT's setter: the config and the checkpoint's hyperparameters
         self.net = ConvNet()
 
-    def __getstate__(self):
-        # WORKAROUND(nemo-toolkit 3.0.0, NVIDIA-NeMo/Speech#1594): ddp_spawn cannot pickle training_step's proxy
-        state = dict(super().__getstate__())  # the proxy only forwards a 'log' key this model never returns,
-        state.pop("training_step", None)  # so the workers use the plain method (README.md, troubleshooting)
-        return state
+    def __getstate__(self):  # ddp_spawn pickles the model to its workers: ModelPT's training_step proxy cannot go
+        return without_training_step_proxy(super().__getstate__())
 
     def forward(self, images):
         return self.net(images)
@@ -108,26 +107,26 @@ class ToyClassifier(ModelPT):
     def setup_training_data(self, train_data_config):
         # ModelPT calls this from __init__, before DDP knows this process's rank (under ddp_spawn the model is
         # built in the parent): the loader is built in train_dataloader(), on each rank.
-        self._train_config = train_data_config
+        self.train_config = train_data_config
 
     def setup_validation_data(self, val_data_config):
         pass  # no validation set: the epoch line reports training accuracy, as in pytorch/
 
     def train_dataloader(self):
-        self.train_set = build_dataset(self._train_config)
-        return build_loader(self.train_set, self._train_config, self.trainer.global_rank, self.trainer.world_size,
+        self.train_set = build_dataset(self.train_config)
+        return build_loader(self.train_set, self.train_config, self.trainer.global_rank, self.trainer.world_size,
                             pin_memory=self.trainer.strategy.root_device.type == "cuda")
 
     def configure_optimizers(self):
         # The optimizer from NeMo's registry (model.optim: name, lr, momentum). The cosine schedule spans
         # trainer.max_epochs, not max_steps (which only stops early), so a run cut short by --max-steps and
         # resumed follows the same learning-rate curve as an uninterrupted one. (NeMo's `sched` would not.)
-        self.setup_optimization(self._cfg.optim)
-        c = self._train_config
+        optimizer, _ = self.setup_optimization(self.cfg.optim)
+        c = self.train_config
         steps_per_epoch = c.dataset_size // self.trainer.world_size // c.batch_size
         scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(
-            self._optimizer, T_max=self.trainer.max_epochs * steps_per_epoch)
-        return {"optimizer": self._optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+            optimizer, T_max=self.trainer.max_epochs * steps_per_epoch)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     @classmethod
     def list_available_models(cls):
@@ -167,7 +166,8 @@ class Preemption(Callback):
         checkpoint = trainer.checkpoint_callback
         if checkpoint is not None:  # the checkpoint exp_manager resumes from; Lightning then adds no epoch-end one
             save_last_checkpoint(trainer, checkpoint)  # as NeMo's PreemptionCallback saves it
-            checkpoint.save_nemo_on_train_end = False  # the .nemo archive at the real end only, not in the warning
+            # the .nemo archive at the real end only (also when the stop falls on it), not inside the warning
+            checkpoint.save_nemo_on_train_end &= last_step(trainer, batch_idx)
         trainer.should_stop = True
 
 
