@@ -353,6 +353,18 @@ def test_stacks_writes_one_file_per_rank_and_says_where_each_rank_is(monkeypatch
     assert len(hint) == 1 and "ptrace_scope" in hint[0] and "CAP_SYS_PTRACE" in hint[0], refused_out
 
 
+def test_stacks_lists_a_ranks_own_process_before_its_children_whatever_the_pids():
+    """The summary's order does not depend on pid numbers: a rank's process first, then its DataLoader workers
+    (pids wrap; the launcher that started the rank may have a larger pid than the rank's worker -- seen in CI)."""
+    def rec(pid, ppid, rank):
+        return {"host": "n1", "pid": pid, "ppid": ppid, "rank": rank, "ok": True,
+                "where": "f (x.py:1)", "text": "", "argv": []}
+    lines, ok = stacks.summary([rec(600, 500, 0), rec(500, 9000, 0), rec(700, 9000, 1)])
+    assert ok and lines == ["rank 0 (n1 pid 500): in f (x.py:1)",
+                            "rank 0 (n1 pid 600, child of pid 500): in f (x.py:1)",
+                            "rank 1 (n1 pid 700): in f (x.py:1)"], lines
+
+
 @pytest.mark.parametrize("args, scontrol, said", [
     (["12x"], "exit 99", "'12x' is not a job id"),
     (["123"], "echo 'slurm_load_jobs error: Invalid job id specified' >&2; exit 1",

@@ -188,7 +188,10 @@ def summary(records: list[dict], hosts_without: list[str] = ()) -> tuple[list[st
     """One line per process, by rank: where its main thread is, or why py-spy could not say."""
     lines, ok, refused = [], bool(records), False
     pids = {(r["host"], r["pid"]) for r in records}
-    for r in sorted(records, key=lambda r: (r["rank"] is None, r["rank"] or 0, r["ppid"], r["pid"])):
+    def order(r):  # by rank; a rank's own process before its children (never by pid numbers: pids wrap)
+        return r["rank"] is None, r["rank"] or 0, (r["host"], r["ppid"]) in pids, r["pid"]
+
+    for r in sorted(records, key=order):
         child = f", child of pid {r['ppid']}" if (r["host"], r["ppid"]) in pids else ""  # a DataLoader worker
         who = (f"rank {r['rank']}" if r["rank"] is not None else "no rank") + f" ({r['host']} pid {r['pid']}{child})"
         if r["ok"]:
