@@ -292,10 +292,15 @@ def atomic_write(path, write, previous=None):
     folder = os.path.dirname(path) or "."
     os.makedirs(folder, exist_ok=True)
     tmp = path + ".tmp"
-    with open(tmp, "wb") as f:
-        write(f)
-        f.flush()
-        os.fsync(f.fileno())
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)  # a failed write (a full disk) leaves no half file beside the good one
+        raise
     if previous is not None and os.path.exists(path):
         os.replace(path, previous)
     os.replace(tmp, path)

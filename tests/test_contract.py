@@ -244,6 +244,23 @@ def test_the_resource_tracker_outlives_the_preemption_signal():
     assert out.strip() == "(0, 0)", f"the tracker ended (pid, status): {out}"
 
 
+def test_a_failed_atomic_write_keeps_the_old_file_and_leaves_no_temporary(tmp_path):
+    """C6: a save that fails half-way (a full disk, a quota) leaves the last good file as it was and no half-written
+    `.tmp` beside it (which the next save would overwrite, but which fills the disk meanwhile and confuses users)."""
+    toolkit = import_toolkit()
+    path = str(tmp_path / "snapshot.pt")
+    toolkit.atomic_write(path, lambda f: f.write(b"good"))
+
+    def fail_half_way(f):
+        f.write(b"half")
+        raise OSError(28, "No space left on device")
+
+    with pytest.raises(OSError, match="No space left"):
+        toolkit.atomic_write(path, fail_half_way, previous=str(tmp_path / "snapshot.prev.pt"))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["snapshot.pt"]
+    assert (tmp_path / "snapshot.pt").read_bytes() == b"good"
+
+
 def test_the_validators_refuse_the_neighbours_of_bad_input(tmp_path):
     """toolkit's validators (C2), with the neighbours of each case the subprocess test sends: every non-finite
     number (nan, inf, -inf, 1e999 which is inf), and every path that cannot become a directory (a file, a path
