@@ -337,3 +337,36 @@ def test_the_probe_says_in_one_line_what_it_lacks(monkeypatch, capsys):
         assert err.startswith(f"error: gpu_fr_probe: {said}") and err.count("\n") == 1, err
 
 
+
+
+ORBAX = """
+import sys
+sys.path.insert(0, sys.argv[1]); sys.path.insert(0, sys.argv[2])
+import cluster, gpu_check, jax.numpy as jnp, orbax.checkpoint as ocp
+
+for name, w in (("a", jnp.ones((3, 2))), ("b", jnp.ones((3, 2)) + 1e-6), ("c", jnp.ones((3, 2)) * 2)):
+    manager = cluster.checkpoint_manager(f"{sys.argv[3]}/{name}", every_steps=1)  # as jax/recipe.py saves
+    for step in (2, 4):
+        manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(({"w": w * step / 4}, jnp.zeros(2))),
+                                                   progress=ocp.args.JsonSave({"step": step, "epoch": 1})))
+    manager.wait_until_finished()
+    manager.close()
+d = sys.argv[3]
+gpu_check.child_main(["snapshot", "jax", f"{d}/a"])
+gpu_check.child_main(["same", "jax", f"{d}/a", f"{d}/b", "1e-4", "1e-3"])
+gpu_check.child_main(["same", "jax", f"{d}/a", f"{d}/c", "1e-4", "1e-3"])
+"""
+
+
+def test_jax_weights_are_read_from_orbax_checkpoints(tmp_path):
+    """jax/ saves with Orbax's CheckpointManager (a folder per step): the checks on jax/ read the newest step as
+    tests/recipes.py does (jax/cluster.read_checkpoint, in jax's environment), not the snapshot.npz it replaced."""
+    from helpers import clean_env, env_python
+
+    proc = subprocess.run([str(env_python("jax")), "-c", ORBAX, str(ROOT / "jax"), str(ROOT / "tools"), tmp_path],
+                          env=clean_env(JAX_PLATFORMS="cpu"), capture_output=True, text=True, timeout=300)
+    answers = [line for line in proc.stdout.splitlines() if line.startswith("{")]
+    assert proc.returncode == 0 and len(answers) == 3, proc.stdout + proc.stderr
+    assert answers[0] == '{"ok": true, "detail": "snapshot at step 4", "step": 4}'
+    assert answers[1].startswith('{"ok": true, "detail": "2 tensors within atol 0.0001, rtol 0.001'), answers[1]
+    assert answers[2].startswith('{"ok": false, "detail": "leaf'), answers[2]

@@ -371,11 +371,12 @@ def compare_state_dicts(a: dict, b: dict, atol: float, rtol: float) -> tuple[boo
 
 def _read_weights(kind: str, ckpt: Path) -> tuple[dict, int]:
     """(weights, step) of the newest checkpoint in ckpt, per folder format (as tests/recipes.py reads them)."""
-    if kind == "jax":
-        import numpy as np
+    if kind == "jax":  # Orbax's CheckpointManager: the folder's own reader, in jax's environment (as tests/recipes.py)
+        sys.path.insert(0, str(ROOT / "jax"))
+        import cluster
 
-        with np.load(ckpt / "snapshot.npz") as z:
-            return {k: z[k] for k in z.files if k.startswith("leaf")}, json.loads(bytes(z["meta"]).decode())["step"]
+        leaves, progress = cluster.read_checkpoint(ckpt)  # the newest step, every array whole, on the CPU
+        return {f"leaf{i}": a for i, a in enumerate(leaves)}, progress["step"]
     import torch
 
     def load(path, weights_only=False):
@@ -580,9 +581,10 @@ def verify(check: Check, out: str = "") -> tuple[bool, str, str]:
     args = ["snapshot", kind, str(rest[0])] if what == "snapshot" else [
         "same", kind, str(rest[0]), str(rest[1]), str(rest[2]["atol"]), str(rest[2]["rtol"])]
     code = f"import sys; sys.path.insert(0, {str(TOOLS)!r}); import gpu_check; gpu_check.child_main()"
+    env = clean_env({"JAX_PLATFORMS": "cpu"} if kind == "jax" else {})  # JAX reads on the CPU: no GPU memory taken
     try:
         proc = subprocess.run([python_of(check.folder), "-c", code, *args], capture_output=True, text=True,
-                              timeout=120, env=clean_env({}))
+                              timeout=120, env=env)
     except subprocess.TimeoutExpired:
         return False, "reading the checkpoints timed out", ""
     with contextlib.suppress(Exception):
