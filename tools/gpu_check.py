@@ -24,8 +24,19 @@ framework that cannot use the GPU fails in one line (CONTRACT.md C12) instead of
     pytorch/fsdp-amp-resume  fsdp.py --amp under torchrun, N ranks: straight, then cut + resume; weights (DCP,
                              converted with dcp_to_torch_save) within TOL_AMP (atol 2e-3, rtol 1e-2)
     deepspeed/zero1|2|3      multigpu_torchrun.py --ds-config configs/zero<S>.json, N ranks
+    deepspeed/gpu-zero2|3    the same with configs/gpu/zero<S>.json (GPU-tuned: overlap_comm on)
+    deepspeed/gpt-zero3-memory  --model gpt --gpt-params 125M --amp --memory-report under configs/gpu/zero3.json, N
+                             ranks (the GPT built inside deepspeed.zero.Init): the report's line must say param bytes
+                             = 2 x (params / N + params held whole) within 2 %, about 1/N of the model
+    monai/gpu-cache-resume   single_gpu.py --gpu-cache (ThreadDataLoader, cache on the device): cut + resumed ==
+                             straight within TOL; monai/gpu-cache-torchrun-resume the same under torchrun, N ranks
     tools/doctor-nccl|gloo   slurm_templates/tools/doctor.py under torchrun, N ranks
     tools/allreduce-1G       slurm_templates/tools/allreduce_bench.py under torchrun, N ranks, 1 GiB messages
+    tools/flight-recorder-nccl  tools/gpu_fr_probe.py under torchrun, N >= 2 ranks (else SKIP), with the templates'
+                             TORCH_FR_BUFFER_SIZE, TORCH_NCCL_DUMP_ON_TIMEOUT=1, TORCH_FR_DUMP_TEMP_FILE: rank 1 skips
+                             an all_reduce, NCCL's watchdog times out (10 s) and every rank dumps; the job fails by
+                             design (any exit code passes, a hang does not), slurm_templates/tools/fr_report.py on the
+                             dumps must read N of them and name rank 1, alone, as behind
 
 MONAI's --amp is monai/single-amp; JAX on the GPU platform is jax/single (its --backend nccl refuses anything but
 JAX's gpu platform). Each folder runs with .venvs/<folder>/bin/python where that exists, else $GPU_CHECK_PYTHON,
@@ -132,7 +143,7 @@ class Launch:
     """One launch: `procs` command lines started together (several: srun-style tasks, each with its env), in cwd."""
     procs: list  # [(argv, extra env)]
     cwd: Path
-    expect: int = 0
+    expect: int | None = 0  # None: any exit (a job meant to fail: the check passes on what it left), not a timeout
     usr1: bool = False  # SIGUSR1 to the first process once the first progress line appears
     reuse: str = ""  # skipped when the check of this name passed earlier in this run (it made the same files)
 
@@ -142,8 +153,11 @@ class Check:
     name: str
     folder: str  # whose environment runs it ("pytorch" for the tools)
     launches: list
-    verify: tuple = ()  # ("same", snapshot kind, dir a, dir b, tol) or ("snapshot", kind, dir)
+    verify: tuple = ()  # ("same", snapshot kind, dir a, dir b, tol), ("snapshot", kind, dir), ("memory", n) or
+    # ("flight-recorder", dump dir, n, the rank behind): see verify()
     timings: Path | None = None
+    fresh: tuple = ()  # directories emptied before it runs (besides every --checkpoint-dir)
+    skip: str = ""  # why it cannot run at this number of GPUs: SKIP with that reason
 
 
 def python_of(folder: str) -> str:
@@ -227,19 +241,52 @@ def plan(n: int, out: Path) -> list[Check]:
                 Launch([([*fsdp, "--checkpoint-dir", str(d(name))], {})], here)],
                 ("same", "fsdp", d(name, "straight"), d(name), TOL_AMP), d(name, "timings.json")))
             checks += tool_checks(n, work)  # right after pytorch/: the first things a cluster admin wants to see
+        if folder == "monai":
+            checks += gpu_cache_checks(n, d, single, torchrun, here, gpu)
         if folder == "deepspeed":
-            for stage in (1, 2, 3):
-                name = f"deepspeed/zero{stage}"
+            # configs/ is tuned for the CPU tests; configs/gpu/ (overlap_comm on: reduction and, at stage 3, the
+            # next parameters' gathers on a side stream) is what nothing but a GPU runs.
+            for config in ("zero1", "zero2", "zero3", "gpu/zero2", "gpu/zero3"):
+                name = f"deepspeed/{config.replace('/', '-')}"
                 argv = [*torchrun, "multigpu_torchrun.py", *SMALL, *gpu, "--ds-config",
-                        str(here / "configs" / f"zero{stage}.json"), "--checkpoint-dir", str(d(name)),
+                        str(here / "configs" / f"{config}.json"), "--checkpoint-dir", str(d(name)),
                         "--timings-file", str(d(name, "timings.json"))]
                 checks.append(Check(name, folder, [Launch([(argv, {})], here)], ("snapshot", "deepspeed", d(name)),
                                     d(name, "timings.json")))
+            # The GPT built inside deepspeed.zero.Init under gpu/zero3.json: each rank holds 1/N of it. 125M: every
+            # attention and MLP weight is far above the config's persistence threshold (1e5 elements, kept whole).
+            name = "deepspeed/gpt-zero3-memory"
+            argv = [*torchrun, "multigpu_torchrun.py", "--model", "gpt", "--gpt-params", "125M", "--amp",
+                    "--memory-report", "--max-steps", "2", "--dataset-size", "256", "--batch-size", "4",
+                    "--log-every", "1", *gpu, "--ds-config", str(here / "configs" / "gpu" / "zero3.json")]
+            checks.append(Check(name, folder, [Launch([(argv, {})], here)], ("memory", n)))
+    return checks
+
+
+def gpu_cache_checks(n: int, d, single, torchrun: list, here: Path, gpu: tuple) -> list[Check]:
+    """monai --gpu-cache (the cases cached in GPU memory, augmented there by a ThreadDataLoader): cut + resumed ==
+    straight within TOL, in one process and under torchrun at N ranks."""
+    f, checks = FOLDERS["monai"], []
+    name = "monai/gpu-cache-resume"
+    checks.append(Check(name, "monai", [
+        single(*f.small, "--gpu-cache", ckpt=d(name, "straight")),
+        single(*f.small, "--gpu-cache", "--max-steps", str(f.cut), ckpt=d(name)),
+        single(*f.small, "--gpu-cache", ckpt=d(name))], ("same", f.snapshot, d(name, "straight"), d(name), TOL)))
+    name = "monai/gpu-cache-torchrun-resume"
+    per_epoch = 16 // n // 2  # f.small's steps per epoch at n ranks (each rank its partition of 16 cases, batch 2)
+    cut = per_epoch + per_epoch // 2 if per_epoch > 1 else 1  # mid-epoch 2 where there is one
+    run = [*torchrun, "multigpu_torchrun.py", *f.small, "--gpu-cache", *gpu]
+    checks.append(Check(name, "monai", [
+        Launch([([*run, "--checkpoint-dir", str(d(name, "straight"))], {})], here),
+        Launch([([*run, "--max-steps", str(cut), "--checkpoint-dir", str(d(name))], {})], here),
+        Launch([([*run, "--checkpoint-dir", str(d(name))], {})], here)],
+        ("same", f.snapshot, d(name, "straight"), d(name), TOL)))
     return checks
 
 
 def tool_checks(n: int, work: Path) -> list[Check]:
-    """The doctor (nccl and gloo) and the all-reduce bench at 1 GiB, under torchrun with the pytorch environment."""
+    """The doctor (nccl and gloo), the all-reduce bench at 1 GiB and the Flight Recorder on an NCCL timeout, under
+    torchrun with the pytorch environment."""
     py, tools = python_of("pytorch"), ROOT / "slurm_templates" / "tools"
     torchrun = [py, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={n}"]
     checks = []
@@ -249,23 +296,43 @@ def tool_checks(n: int, work: Path) -> list[Check]:
     argv = [*torchrun, "allreduce_bench.py", "--backend", "nccl", "--min-bytes", "1G", "--max-bytes", "1G",
             "--iters", "5", "--warmup", "2", "--timeout", "120", "--json", str(work / "allreduce-1G.json")]
     checks.append(Check("tools/allreduce-1G", "pytorch", [Launch([(argv, {})], tools)]))
+    # A hang on purpose (tools/gpu_fr_probe.py: rank 1 skips an all_reduce): NCCL's watchdog times out after 10 s and
+    # every rank dumps its Flight Recorder where the templates' three variables say; fr_report.py must then name
+    # rank 1. The job fails by design (the watchdog aborts the ranks that wait): any exit code, never a timeout.
+    dumps = work / "tools-flight-recorder" / "debug"
+    env = dict(TORCH_FR_BUFFER_SIZE="2000", TORCH_NCCL_DUMP_ON_TIMEOUT="1",
+               TORCH_FR_DUMP_TEMP_FILE=f"{dumps}/nccl_trace_rank_",  # as the multi-node templates export them
+               TORCH_NCCL_WAIT_TIMEOUT_DUMP_MILSEC="5000")  # the watchdog aborts 4x this after the dump: 60 s -> 20 s
+    argv = [*torchrun, "gpu_fr_probe.py", "--backend", "nccl", "--timeout", "10", "--wait", "45"]
+    checks.append(Check("tools/flight-recorder-nccl", "pytorch", [Launch([(argv, env)], TOOLS, expect=None)],
+                        ("flight-recorder", dumps, n, 1), fresh=(dumps,),
+                        skip="" if n >= 2 else f"needs 2 GPUs or more (NCCL runs one rank per GPU), {n} here"))
     return checks
 
 
 def describe(check: Check) -> str:
     """The check's commands, as one could type them (--list)."""
-    lines = []
+    lines = [f"    skipped: {check.skip}"] if check.skip else []
     for launch in check.launches:
         rel = launch.cwd.relative_to(ROOT)
         for argv, env in launch.procs:
             prefix = " ".join(f"{k}={v}" for k, v in env.items() if k.startswith(("SLURM_PROCID", "SLURM_NTASKS",
-                                                                                    "MASTER_")))
+                                                                                    "MASTER_", "TORCH_")))
             extra = f" (then SIGUSR1 after the first progress line; expect exit {launch.expect})" if launch.usr1 \
-                else (f" (expect exit {launch.expect})" if launch.expect else "")
+                else (" (any exit code: it is meant to fail)" if launch.expect is None else
+                      f" (expect exit {launch.expect})" if launch.expect else "")
             lines.append(f"    cd {rel} && {prefix + ' ' if prefix else ''}{' '.join(map(str, argv))}{extra}")
-    if check.verify and check.verify[0] == "same":
+    what = check.verify[0] if check.verify else None
+    if what == "same":
         _, kind, a, b, tol = check.verify
         lines.append(f"    then: weights ({kind}) of {a} == {b} within atol {tol['atol']}, rtol {tol['rtol']}")
+    elif what == "memory":
+        lines.append(f"    then: its 'memory per rank' line says stage 3, world {check.verify[1]}, param bytes "
+                     f"2 x (params / {check.verify[1]} + params held whole) within {MEMORY_REL:.0%}, about 1/N")
+    elif what == "flight-recorder":
+        _, dumps, n, behind = check.verify
+        lines.append(f"    then: slurm_templates/tools/fr_report.py {dumps} reads {n} rank dumps and names rank "
+                     f"{behind}, and only it, as behind")
     return "\n".join(lines)
 
 
@@ -304,11 +371,12 @@ def compare_state_dicts(a: dict, b: dict, atol: float, rtol: float) -> tuple[boo
 
 def _read_weights(kind: str, ckpt: Path) -> tuple[dict, int]:
     """(weights, step) of the newest checkpoint in ckpt, per folder format (as tests/recipes.py reads them)."""
-    if kind == "jax":
-        import numpy as np
+    if kind == "jax":  # Orbax's CheckpointManager: the folder's own reader, in jax's environment (as tests/recipes.py)
+        sys.path.insert(0, str(ROOT / "jax"))
+        import cluster
 
-        with np.load(ckpt / "snapshot.npz") as z:
-            return {k: z[k] for k in z.files if k.startswith("leaf")}, json.loads(bytes(z["meta"]).decode())["step"]
+        leaves, progress = cluster.read_checkpoint(ckpt)  # the newest step, every array whole, on the CPU
+        return {f"leaf{i}": a for i, a in enumerate(leaves)}, progress["step"]
     import torch
 
     def load(path, weights_only=False):
@@ -451,6 +519,8 @@ def launch(spec: Launch, timeout: float) -> tuple[int | None, str]:
     if timed_out:
         return None, text + f"\ngpu-check: killed after {timeout:.0f} s\n"
     codes = [p.returncode for p in procs]
+    if spec.expect is None:  # any exit will do: the first process's code, for the record
+        return codes[0], text
     return next((c for c in codes if c != spec.expect), spec.expect), text
 
 
@@ -476,20 +546,22 @@ def run_check(check: Check, timeout: float, passed: set) -> dict:
             Path(check.timings).unlink()
     with GpuMemory() as memory:
         todo = [spec for spec in check.launches if not (spec.reuse and spec.reuse in passed)]
-        for ckpt in {Path(argv[argv.index("--checkpoint-dir") + 1]) for spec in todo for argv, _ in spec.procs
-                     if "--checkpoint-dir" in argv}:  # fresh directories (a resume reuses its own, later)
+        ckpts = {Path(argv[argv.index("--checkpoint-dir") + 1]) for spec in todo for argv, _ in spec.procs
+                 if "--checkpoint-dir" in argv}
+        for ckpt in ckpts | {Path(p) for p in check.fresh}:  # fresh directories (a resume reuses its own, later)
             shutil.rmtree(ckpt, ignore_errors=True)
             ckpt.parent.mkdir(parents=True, exist_ok=True)
+        out = ""
         for spec in todo:
             left = timeout - (time.monotonic() - start)
             code, out = launch(spec, max(1.0, left))
-            if code != spec.expect:
+            if code is None or (spec.expect is not None and code != spec.expect):
                 result.update(result="FAIL", detail="timed out" if code is None else f"exit {code}, want "
                               f"{spec.expect}", tail=tail(out))
                 break
         else:
             if check.verify:
-                ok, detail, out = verify(check)
+                ok, detail, out = verify(check, out)
                 result.update(detail=detail)
                 if not ok:
                     result.update(result="FAIL", tail=tail(out))
@@ -497,20 +569,74 @@ def run_check(check: Check, timeout: float, passed: set) -> dict:
     return result
 
 
-def verify(check: Check) -> tuple[bool, str, str]:
+def verify(check: Check, out: str = "") -> tuple[bool, str, str]:
+    """(passed, a one-line account, the text to show on failure) of what the check left: `out` is what its last
+    launch printed."""
+    if check.verify[0] == "memory":
+        return (*zero3_memory(out, check.verify[1]), out)
+    if check.verify[0] == "flight-recorder":
+        ok, detail, report = flight_recorder(*check.verify[1:])
+        return ok, detail, out + report  # on failure the job's last lines, then the report's
     what, kind, *rest = check.verify
     args = ["snapshot", kind, str(rest[0])] if what == "snapshot" else [
         "same", kind, str(rest[0]), str(rest[1]), str(rest[2]["atol"]), str(rest[2]["rtol"])]
     code = f"import sys; sys.path.insert(0, {str(TOOLS)!r}); import gpu_check; gpu_check.child_main()"
+    env = clean_env({"JAX_PLATFORMS": "cpu"} if kind == "jax" else {})  # JAX reads on the CPU: no GPU memory taken
     try:
         proc = subprocess.run([python_of(check.folder), "-c", code, *args], capture_output=True, text=True,
-                              timeout=120, env=clean_env({}))
+                              timeout=120, env=env)
     except subprocess.TimeoutExpired:
         return False, "reading the checkpoints timed out", ""
     with contextlib.suppress(Exception):
         answer = json.loads(proc.stdout.strip().splitlines()[-1])
         return answer["ok"], answer["detail"], proc.stdout + proc.stderr
     return False, "could not read the checkpoints", proc.stdout + proc.stderr
+
+
+MEMORY = re.compile(r"memory per rank \| stage (\d) \| world (\d+) \| params (\d+) \| param bytes (\d+) \| .* \| "
+                    r"params held whole (\d+)$", re.M)  # deepspeed/cluster.py's report_memory, rank 0
+MEMORY_REL = 0.02  # DeepSpeed pads each rank's partition to an alignment (as tests/test_deepspeed.py allows)
+
+
+def zero3_memory(out: str, n: int, bytes_per_param: int = 2) -> tuple[bool, str]:
+    """ZeRO-3 at n ranks: each rank holds its 1/n shard of every parameter (16-bit under --amp) plus the parameters
+    kept whole (stage3_param_persistence_threshold); with those few, about 1/n of the model."""
+    found = MEMORY.search(out)
+    if not found:
+        return False, "no 'memory per rank' line (--memory-report)"
+    stage, world, psi, param_bytes, whole = map(int, found.groups())
+    if (stage, world) != (3, n):
+        return False, f"stage {stage}, world {world}: want stage 3, world {n}"
+    share = bytes_per_param * psi / n
+    want = share + bytes_per_param * whole
+    if abs(param_bytes - want) > MEMORY_REL * want:
+        return False, (f"param bytes {param_bytes}, want 2 x ({psi} / {n} + {whole} held whole) = {want:.0f} "
+                       f"within {MEMORY_REL:.0%}")
+    if param_bytes > (1 + 2 * MEMORY_REL) * share:
+        return False, f"param bytes {param_bytes}: {param_bytes / share:.2f} x 2 x {psi} / {n}, not about 1/{n}"
+    return True, (f"param bytes {param_bytes} = {param_bytes / (bytes_per_param * psi):.4f} of 2 x {psi} "
+                  f"(1/{n} = {1 / n:.4f}; {whole} held whole)")
+
+
+def flight_recorder(dumps: Path, n: int, behind: int) -> tuple[bool, str, str]:
+    """slurm_templates/tools/fr_report.py (standard library) on the dumps: all n ranks wrote one, and the report
+    names `behind` as the one rank behind."""
+    script = ROOT / "slurm_templates" / "tools" / "fr_report.py"
+    try:
+        proc = subprocess.run([sys.executable, str(script), str(dumps), "--torchfrtrace", "off"], capture_output=True,
+                              text=True, timeout=60)
+    except subprocess.TimeoutExpired:
+        return False, "fr_report.py timed out", ""
+    text = proc.stdout + proc.stderr
+    lines = proc.stdout.splitlines()
+    named = [line for line in lines if re.match(r"rank \d+ is behind ", line)]
+    if proc.returncode != 0 or not lines:
+        return False, f"fr_report.py exit {proc.returncode}: {' '.join(tail(text, 1))}", text
+    if not lines[0].startswith(f"{n} rank dumps in "):
+        return False, f"want {n} rank dumps: {lines[0]}", text
+    if [line.split()[1] for line in named] != [str(behind)]:
+        return False, f"want rank {behind} (only) named as behind, got: {' / '.join(named) or lines[-1]}", text
+    return True, named[0], text
 
 
 # ------------------------------------------------------------------------------------------ probes
@@ -673,7 +799,7 @@ def main(argv=None) -> int:
     results, passed = [], set()
     for check in checks:
         left = args.timeout_total - (time.monotonic() - started)
-        missing = header["envs"][check.folder].get("missing")
+        missing = header["envs"][check.folder].get("missing") or check.skip
         if missing:
             result = dict(check=check.name, result="SKIP", detail=missing)
         elif left < 10:
