@@ -584,7 +584,18 @@ def checkpoint_manager(directory, every_steps):
 
 
 class _DrainingLoop(asyncio.SelectorEventLoop):
-    """An event loop that, closed, first lets the tasks still pending on it finish."""
+    """An event loop that, closed, first lets the tasks still pending on it finish. A read that failed after the
+    first failure (which Orbax raises, and the recipe reports in one line) is not reported again: asyncio would print
+    `Task exception was never retrieved` and its traceback when the task is collected."""
+
+    def __init__(self):
+        super().__init__()
+        self.set_exception_handler(self._quiet_about_unretrieved_failures)
+
+    @staticmethod
+    def _quiet_about_unretrieved_failures(loop, context):
+        if context.get("message") != "Task exception was never retrieved":
+            loop.default_exception_handler(context)
 
     def close(self):
         pending = asyncio.all_tasks(self)
@@ -619,7 +630,7 @@ def restore_checkpoint(manager, step, like):
     import jax
     import orbax.checkpoint as ocp
 
-    # WORKAROUND(orbax-checkpoint 0.12.8, not reported upstream yet): a failed read closes its loop early: drain it
+    # WORKAROUND(orbax-checkpoint 0.12.8, not reported upstream yet): failed reads outlive their loop: drain it
     with draining_event_loops():
         saved = [m.shape for m in jax.tree_util.tree_leaves(manager.item_metadata(step)["state"])]
         if saved != [a.shape for a in jax.tree_util.tree_leaves(like)]:
