@@ -30,6 +30,9 @@ import sys
 from pathlib import Path
 
 
+TORCHFRTRACE_TIMEOUT = 300  # seconds for torch's own analyser, run after the report
+
+
 class BadInput(Exception):
     """Nothing to report on: one line, exit 2."""
 
@@ -167,7 +170,12 @@ def main(argv=None) -> int:
     tool = default_torchfrtrace() if args.torchfrtrace is None else args.torchfrtrace
     if tool and tool != "off":
         print(f"--- {tool} {args.dir} --prefix {args.prefix} ---", flush=True)
-        proc = subprocess.run([tool, str(args.dir), "--prefix", args.prefix], capture_output=True, text=True)
+        try:  # torch's analyser must not turn a finished report into a hang
+            proc = subprocess.run([tool, str(args.dir), "--prefix", args.prefix], capture_output=True, text=True,
+                                  timeout=TORCHFRTRACE_TIMEOUT)
+        except subprocess.TimeoutExpired:
+            print(f"(torchfrtrace did not end in {TORCHFRTRACE_TIMEOUT} s; the report above stands)")
+            return 0
         print(proc.stdout + proc.stderr, end="")
         if proc.returncode != 0:
             print(f"(torchfrtrace exit {proc.returncode}; the report above stands)")

@@ -188,6 +188,7 @@ def summary(records: list[dict], hosts_without: list[str] = ()) -> tuple[list[st
     """One line per process, by rank: where its main thread is, or why py-spy could not say."""
     lines, ok, refused = [], bool(records), False
     pids = {(r["host"], r["pid"]) for r in records}
+
     def order(r):  # by rank; a rank's own process before its children (never by pid numbers: pids wrap)
         return r["rank"] is None, r["rank"] or 0, (r["host"], r["ppid"]) in pids, r["pid"]
 
