@@ -578,6 +578,48 @@ def test_the_shared_toy_workload_is_identical_wherever_it_is_carried():
     assert len(set(prints.values())) == 1, f"the toy model or data differ between folders: {prints}"
 
 
+# ------------------------------------------------------------------------------------------------ C9 GPU builds
+
+# Where GPU jobs run: Linux on x86_64, and on aarch64 (Grace Hopper / Grace Blackwell nodes, glibc 2.34 and newer).
+GPU_PLATFORMS = ("x86_64-manylinux_2_28", "aarch64-manylinux_2_34")
+REQUIREMENT_FOLDERS = sorted(p.parent.name for p in ROOT.glob("*/requirements.txt"))
+
+
+@pytest.mark.parametrize("folder", REQUIREMENT_FOLDERS)
+def test_requirements_resolve_to_a_cuda_build_on_a_gpu_cluster(folder, tmp_path):
+    """C9: what `pip install -r requirements.txt` gives on a GPU node, resolved against PyPI alone (not this
+    machine's mirrors or its CPU torch) for each GPU platform: it resolves, torch is the pinned CUDA build (NCCL
+    among its dependencies), and a GPU extra named in the file (`# pip install "jax[cuda13]==…"`) brings the
+    framework's CUDA plugin at the framework's own version."""
+    uv = ROOT / ".venvs" / ".uv" / "bin" / "uv"
+    if not uv.exists():
+        unavailable(f"{uv} missing: tools/envs.sh installs it (ENVS_INSTALLER=uv, the default)")
+    requirements = ROOT / folder / "requirements.txt"
+    files = [requirements]
+    extra = re.search(r'^# .*pip install "(\w+\[cuda\d+\]==[\w.]+)"', requirements.read_text(), re.M)
+    if extra:
+        (tmp_path / "gpu.txt").write_text(extra.group(1) + "\n")
+        files.append(tmp_path / "gpu.txt")
+    torch_pin = (ROOT / "constraints.txt").read_text().split("torch==")[1].split()[0]
+    for platform in GPU_PLATFORMS:
+        proc = subprocess.run([uv, "pip", "compile", *files, "--python-version", "3.11", "--python-platform", platform,
+                               "--index-url", "https://pypi.org/simple", "--no-header", "--no-annotate", "--quiet"],
+                              capture_output=True, text=True, timeout=300, env={**os.environ, "NO_COLOR": "1"})
+        if proc.returncode != 0 and re.search(r"[Cc]onnect|dns error|Could not fetch|network", proc.stderr):
+            unavailable(f"PyPI not reachable: {proc.stderr.strip()[-300:]}")
+        assert proc.returncode == 0, f"{folder}/requirements.txt does not resolve on {platform}:\n{proc.stderr}"
+        pins = dict(line.split("==", 1) for line in proc.stdout.split() if "==" in line)
+        if re.search(r"^torch==", requirements.read_text(), re.M):
+            assert pins.get("torch") == torch_pin, f"{folder} on {platform}: torch {pins.get('torch')}"
+            nccl = [name for name in pins if name.startswith("nvidia-nccl")]
+            assert nccl, f"{folder} on {platform}: torch {torch_pin} resolved without NCCL (not a CUDA build)"
+        if extra:
+            framework, cuda = re.match(r"(\w+)\[(cuda\d+)\]", extra.group(1)).groups()
+            plugin = f"{framework}-{cuda}-plugin"
+            assert pins.get(plugin) == pins[f"{framework}lib"] == pins[framework], \
+                f"{folder} on {platform}: {plugin} {pins.get(plugin)} for {framework} {pins[framework]}"
+
+
 # ------------------------------------------------------------------------------------------------ copy alone
 
 
