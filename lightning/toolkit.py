@@ -132,6 +132,8 @@ def run(main, *args, rank=None, explain=None, cleanup=None, hard_exit=False):
             time.sleep(QUIET_RANKS_WAIT_S)
         code = 2
     except SystemExit as e:
+        if e.code == PREEMPTED_EXIT_CODE:
+            PREEMPTION.saved()
         if not (hard_exit and e.code == PREEMPTED_EXIT_CODE):
             raise
         code = PREEMPTED_EXIT_CODE
@@ -240,6 +242,13 @@ class PreemptionFlag:
 
     def _handler(self, signum, frame):
         self.requested = True
+
+    def saved(self):
+        """Saved, leaving with 75: from here on USR1/TERM are ignored. Another rank's 75 makes srun
+        --kill-on-bad-exit send TERM to this one, and while the interpreter shuts down Python has put the default
+        action (death) back: srun would then report 143, not 75, and the job script would not requeue."""
+        for sig in self.SIGNALS:
+            signal.signal(sig, signal.SIG_IGN)
 
     def agreed(self, step, reduce_max=None):
         if step % self.CHECK_EVERY:

@@ -171,10 +171,14 @@ class SlurmCluster:
     def node_state(self, name: str) -> str:
         return self.client("sinfo", "-h", "-N", "-n", name, "-o", "%T").stdout.strip()
 
-    def preempt_when(self, condition, *, full: bool = False, events: dict | None = None):
+    def preempt_when(self, condition, *, to: str = "batch", signal: str = "USR1", events: dict | None = None):
         """An on_poll callback: once condition(log) holds (a callable, or a regular expression the log must match),
-        send USR1 as --signal=B:USR1@90 does before the time limit (to the batch shell, which forwards it; `full`:
-        to every process of the job as well, as Slurm's preemption does), then start the requeued job at once.
+        send `signal`, then start the requeued job at once. `to` says to what, as Slurm would send it:
+        - "batch": the batch shell alone, which forwards it: what --signal=B:USR1@90 does before the time limit;
+        - "steps": every process of every step, DataLoader workers included, not the batch shell (nor srun, which
+          is part of it): what preemption with GraceTime sends (SIGTERM; slurmctld's KILL_STEPS_ONLY);
+        - "full": all of that and the batch shell (scancel --full; the TERM of a time limit or scancel also
+          reaches srun, which then SIGKILLs its tasks -- nothing can save then).
         `events` (optional) records "signalled", "requeued_at", "released" for the test to check."""
         events = {} if events is None else events
         events.setdefault("signalled", False)
@@ -182,7 +186,8 @@ class SlurmCluster:
 
         def on_poll(info, log):
             if not events["signalled"] and holds(log):
-                self.client("scancel", "--full" if full else "--batch", "--signal=USR1", info["JobId"])
+                self.client("scancel", *{"batch": ["--batch"], "full": ["--full"], "steps": []}[to],
+                            f"--signal={signal}", info["JobId"])
                 events["signalled"] = True
             if events["signalled"]:
                 self.release_requeued(info, events)
@@ -220,7 +225,7 @@ def progress_step(log: str, epoch: int | None = None) -> int:
 
 def requeued_once(job: "Job", events: dict, at_step: int, total_steps: int,
                   requeue_line: str = "after checkpointing; requeueing job",
-                  torchrun: bool = False) -> tuple[str, str, int]:
+                  torchrun: bool = False, forwarded: str | None = "USR1") -> tuple[str, str, int]:
     """What every preempted template job must show (C7, C8): signalled once training reached `at_step`; the
     signal forwarded; the ranks stopped at a step they agreed on (a multiple of toolkit's CHECK_EVERY, 10) and
     saved; the template requeued the job once and the requeued run started and completed; no traceback and no
@@ -230,7 +235,9 @@ def requeued_once(job: "Job", events: dict, at_step: int, total_steps: int,
     assert job.info["Restarts"] == "1", job.describe()
     first, _, second = job.log.partition("restart 1 of at most 3")
     assert second, f"the requeued run never started\n{job.describe()}"
-    for needle in ("requeue: got USR1, forwarding it", "preempted at step", requeue_line):
+    # forwarded: the signal the batch shell got and passed on (None: the steps got it directly, see preempt_when)
+    for needle in ([f"requeue: got {forwarded}, forwarding it"] if forwarded else []) + ["preempted at step",
+                                                                                          requeue_line]:
         assert needle in first, f"{needle!r} missing before the requeue\n{job.describe()}"
     # torchrun's agent ends a handled signal with its own SignalException traceback (torch 2.13), one per agent;
     # any other traceback is the recipe's.

@@ -244,6 +244,24 @@ def test_the_resource_tracker_outlives_the_preemption_signal():
     assert out.strip() == "(0, 0)", f"the tracker ended (pid, status): {out}"
 
 
+def test_a_rank_leaving_with_75_stays_75_when_a_late_term_comes():
+    """C7 under srun --kill-on-bad-exit: the first rank to exit 75 makes srun send TERM to the others, which may be
+    shutting down already; Python has then put TERM's default action (death) back, srun reported 143 instead of 75,
+    and the template did not requeue a preempted job (preemption with GraceTime, seen in 3 of 4 folders under the
+    local Slurm). In a fresh process: a TERM lands during the interpreter's shutdown, after main exited 75."""
+    code = ("import os, subprocess, sys, time; sys.path.insert(0, sys.argv[1]); import toolkit\n"
+            "class SlowTeardown:\n"
+            "    def __del__(self): time.sleep(1.0)\n"
+            "keep = SlowTeardown()  # a framework object torn down at exit (a process group, a thread pool)\n"
+            "def main():\n"
+            "    subprocess.Popen(['sh', '-c', f'sleep 0.5; kill -TERM {os.getpid()}'])\n"
+            "    sys.exit(toolkit.PREEMPTED_EXIT_CODE)\n"
+            "toolkit.run(main)")
+    proc = subprocess.run([sys.executable, "-c", code, str(ROOT / "pytorch")], capture_output=True, text=True,
+                          timeout=60)
+    assert proc.returncode == 75, f"exit {proc.returncode}: {proc.stderr[-2000:]}"
+
+
 def test_a_failed_atomic_write_keeps_the_old_file_and_leaves_no_temporary(tmp_path):
     """C6: a save that fails half-way (a full disk, a quota) leaves the last good file as it was and no half-written
     `.tmp` beside it (which the next save would overwrite, but which fills the disk meanwhile and confuses users)."""

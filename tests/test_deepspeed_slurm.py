@@ -76,16 +76,17 @@ def test_multinode_two_nodes(uninterrupted):
 
 
 def test_preemption_requeue_resume(slurm_cluster, uninterrupted, tmp_path):
-    """multinode.sbatch: USR1 to the batch shell mid-training -> forwarded -> every rank saves -> exit 75 -> requeue
-    -> the requeued run resumes and ends bit for bit where the uninterrupted run ended."""
+    """multinode.sbatch: SIGTERM to every process of the step mid-training, not to the batch shell or srun (Slurm's
+    preemption with GraceTime) -> every rank saves -> exit 75 -> requeue -> the requeued run resumes and ends bit for
+    bit where the uninterrupted run ended."""
     import torch
 
     events = {}
     # 1 node x 2 tasks (multinode.sbatch's other shape; the uninterrupted run is 2 nodes x 1): the same world
     # size, so the same arithmetic, bit for bit.
     job, ckpt = submit(slurm_cluster, tmp_path, "multinode.sbatch", shape(1, 2), args=LONG, timeout=300,
-                       on_poll=slurm_cluster.preempt_at(16, epoch=1, events=events))
-    _, second, _ = requeued_once(job, events, 16, LONG_STEPS)
+                       on_poll=slurm_cluster.preempt_at(16, epoch=1, to="steps", signal="TERM", events=events))
+    _, second, _ = requeued_once(job, events, 16, LONG_STEPS, forwarded=None)
     assert "resumed from" in second and f"done: {LONG_STEPS} steps" in second, job.describe()
     (progress, tag), (_, ref_tag) = latest(ckpt), latest(uninterrupted[1])
     assert progress["step"] == LONG_STEPS

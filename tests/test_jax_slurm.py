@@ -59,9 +59,10 @@ def test_template_runs(slurm_cluster, tmp_path, template, sbatch_args, processes
 
 
 def test_preemption_requeue_resume(slurm_cluster, tmp_path):
-    """multinode.sbatch on 2 nodes, run once straight through, then again with USR1 to the batch shell mid-epoch
-    1 -> forwarded to both tasks -> snapshot, exit 75 -> scontrol requeue -> the requeued job (same id, same
-    checkpoint directory) resumes -> COMPLETED, bit for bit the weights of the straight run."""
+    """multinode.sbatch on 2 nodes, run once straight through, then again with SIGTERM to every process of the step mid-
+    epoch 1, not to the batch shell or srun (Slurm's preemption with GraceTime) -> snapshot, exit 75 -> scontrol requeue
+    -> the requeued job (same id, same checkpoint directory) resumes -> COMPLETED, bit for bit the weights of the
+    straight run."""
     reference, reference_ckpt = submit(slurm_cluster, tmp_path / "reference", "multinode.sbatch", shape(2, 1),
                                        args=LONG, timeout=240)
     reference.assert_ok()
@@ -69,8 +70,9 @@ def test_preemption_requeue_resume(slurm_cluster, tmp_path):
     assert "[rank0] processes 2 | devices 2" in reference.log, reference.describe()
     events = {}
     job, ckpt = submit(slurm_cluster, tmp_path / "preempted", "multinode.sbatch", shape(2, 1), args=LONG,
-                       timeout=300, on_poll=slurm_cluster.preempt_at(16, epoch=1, events=events))
-    _, second, _ = requeued_once(job, events, 16, LONG_STEPS)
+                       timeout=300, on_poll=slurm_cluster.preempt_at(16, epoch=1, to="steps", signal="TERM",
+                                                                        events=events))
+    _, second, _ = requeued_once(job, events, 16, LONG_STEPS, forwarded=None)
     assert "resumed from" in second and f"done: {LONG_STEPS} steps" in second, job.describe()
     (resumed, meta), (straight, _) = snapshot(ckpt), snapshot(reference_ckpt)
     assert meta["step"] == LONG_STEPS

@@ -94,15 +94,14 @@ def test_spawn_template_preempted_requeues_and_resumes(slurm_cluster, tmp_path):
 
 
 def test_preemption_requeue_resume(slurm_cluster, tmp_path):
-    """USR1 to the batch shell and to every process of the step, DataLoader workers included (what Slurm's
-    signals do): the ranks agree on a step, save preempted-step=N.ckpt and exit 75, multinode.sbatch requeues,
-    and the requeued job (same id, same checkpoint directory) resumes from the checkpoint with the most progress
-    and COMPLETES after all the steps."""
+    """SIGTERM to every process of the step, DataLoader workers included, not to the batch shell or srun (Slurm's
+    preemption with GraceTime; Lightning installs its own SIGTERM handler, which must not win): the ranks agree on a
+    step, save preempted-step=N.ckpt and exit 75, multinode.sbatch requeues, and the requeued job (same id, same
+    checkpoint directory) resumes from the checkpoint with the most progress and COMPLETES after all the steps."""
     events = {}
-    # full: the batch shell (as --signal=B:USR1@90 does) and every task and worker of the step.
     job, ckpt = submit(slurm_cluster, tmp_path, "multinode.sbatch", shape(1, 2), args=[*LONG, "--num-workers", 2],
-                       timeout=300, on_poll=slurm_cluster.preempt_at(96, full=True, events=events))
-    first, second, preempted = requeued_once(job, events, 96, LONG_STEPS)
+                       timeout=300, on_poll=slurm_cluster.preempt_at(96, to="steps", signal="TERM", events=events))
+    first, second, preempted = requeued_once(job, events, 96, LONG_STEPS, forwarded=None)
     # 64 steps per epoch; the signal lands at step 96 or, if the ranks agree later, in epoch 3
     epoch = preempted // 64 + 1
     assert re.search(rf"resumed from \S+/preempted-step={preempted}\.ckpt: epoch {epoch}, step {preempted}", second), \

@@ -54,18 +54,18 @@ def test_template_runs(slurm_cluster, tmp_path, template, sbatch_args, world_siz
 
 
 def test_multinode_preemption_requeue_resume(slurm_cluster, tmp_path):
-    """1 node x 2 tasks. USR1 to the batch shell mid-training (what --signal=B:USR1@90 does before the time
-    limit) -> forwarded to the step -> snapshot -> exit 75 -> scontrol requeue -> the requeued job (same id,
-    same checkpoint directory) resumes from the snapshot -> COMPLETED after all the steps."""
+    """1 node x 2 tasks. SIGTERM to every process of the step mid-training, not to the batch shell or srun (Slurm's
+    preemption with GraceTime) -> snapshot -> exit 75 -> scontrol requeue -> the requeued job (same id, same checkpoint
+    directory) resumes from the snapshot -> COMPLETED after all the steps."""
     events = {}
     job, ckpt = submit(slurm_cluster, tmp_path, "multinode.sbatch", shape(1, 2), args=LONG, timeout=300,
-                       on_poll=slurm_cluster.preempt_at(6, epoch=1, events=events))
+                       on_poll=slurm_cluster.preempt_at(6, epoch=1, to="steps", signal="TERM", events=events))
     job.assert_ok()
     assert events["signalled"], f"training never reached step 6\n{job.describe()}"
     assert job.info["Restarts"] == "1", job.describe()
     first, _, second = job.log.partition("run 2 (restart 1 of at most 3)")
     assert second, f"the requeued run never started\n{job.describe()}"
-    for needle in ("requeue: got USR1, forwarding it", "snapshot saved",
+    for needle in ("snapshot saved",
                    "after checkpointing; requeueing job"):
         assert needle in first, f"{needle!r} missing before the requeue\n{job.describe()}"
     stopped_at = int(re.search(r"preempted at step (\d+)", first).group(1))

@@ -64,14 +64,14 @@ def test_multinode_on_two_nodes(two_nodes):
 
 
 def test_preemption_requeue_resume(slurm_cluster, two_nodes, tmp_path):
-    """USR1 to the batch shell (what --signal=B:USR1@90 does before the limit) once both ranks are up: the
-    shell forwards it, the ranks stop after the step they are on, rank 0 saves, exit 75, the shell requeues,
+    """SIGTERM to every process of the step, not to the batch shell or srun (Slurm's preemption with GraceTime),
+    once both ranks are up: the ranks stop at the step they agree on, rank 0 saves, exit 75, the shell requeues,
     the requeued job resumes and COMPLETES with the same weights as the uninterrupted two-node run."""
     job, ckpt = submit(slurm_cluster, tmp_path, "multinode.sbatch", shape(2, 1), timeout=300,
-                       on_poll=slurm_cluster.preempt_when(r"\[rank0\] host"))
+                       on_poll=slurm_cluster.preempt_when(r"\[rank0\] host", to="steps", signal="TERM"))
     job.assert_ok()
     assert job.info["Restarts"] == "1", job.describe()
-    for needle in ("requeue: got USR1, forwarding it", "preempted at step",
+    for needle in ("preempted at step",
                    "after checkpointing; requeueing job", "run 2 (restart 1 of at most 3)", "resumed from",
                    "done: 12 steps"):
         assert needle in job.log, f"{needle!r} missing\n{job.describe()}"

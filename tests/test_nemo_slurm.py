@@ -52,13 +52,14 @@ def test_megatron_parallel_two_nodes_tensor_parallel_across_them(slurm_cluster, 
 
 
 def test_preemption_requeue_resume(slurm_cluster, tmp_path):
-    """USR1 to the batch shell and every process of the step, DataLoader workers included: the ranks agree on a
-    step, save *-last.ckpt and exit 75, multinode.sbatch requeues, and the requeued job resumes from that
-    checkpoint through exp_manager and COMPLETES all the steps."""
+    """SIGTERM to every process of the step, DataLoader workers included, not to the batch shell or srun (Slurm's
+    preemption with GraceTime; NeMo once exited 0 on it): the ranks agree on a step, save *-last.ckpt and exit 75,
+    multinode.sbatch requeues, and the requeued job resumes from that checkpoint through exp_manager and COMPLETES all
+    the steps."""
     events = {}
     job, ckpt = submit(slurm_cluster, tmp_path, "multinode.sbatch", shape(1, 2), args=[*LONG, "--num-workers", 1],
-                       timeout=300, on_poll=slurm_cluster.preempt_at(40, full=True, events=events))
-    first, second, preempted = requeued_once(job, events, 40, LONG_STEPS)
+                       timeout=300, on_poll=slurm_cluster.preempt_at(40, to="steps", signal="TERM", events=events))
+    first, second, preempted = requeued_once(job, events, 40, LONG_STEPS, forwarded=None)
     assert re.search(rf"resumed from \S+-last\.ckpt: epoch 1, step {preempted}$", second, re.M), job.describe()
     assert last_checkpoint(ckpt)["global_step"] == LONG_STEPS
 

@@ -169,12 +169,14 @@ def test_array_sweep(slurm_cluster, pytorch_python, tmp_path):
 
 @pytest.fixture(scope="module")
 def preempted_run(slurm_cluster, pytorch_python, tmp_path_factory):
-    """pytorch/multinode.sbatch as submitted by a user, from a copy of the folder (its run directory
-    checkpoints/$RUN lands there): USR1 mid-training -> snapshot -> exit 75 -> scontrol requeue -> resume."""
+    """pytorch/multinode.sbatch as submitted by a user, from a copy of the folder (its run directory checkpoints/$RUN
+    lands there): SIGTERM to the batch shell mid-training (--signal=B:TERM@N, scancel --batch --signal=TERM), which
+    passes it on as USR1 (srun would SIGKILL its tasks on a TERM) -> snapshot -> exit 75 -> scontrol requeue ->
+    resume."""
     folder = tmp_path_factory.mktemp("preempt") / "pytorch"
     shutil.copytree(PYTORCH, folder, ignore=shutil.ignore_patterns("checkpoints", "__pycache__", "*.out"))
     events = {}
-    on_poll = slurm_cluster.preempt_at(16, epoch=1, events=events)
+    on_poll = slurm_cluster.preempt_at(16, epoch=1, signal="TERM", events=events)
     job = slurm_cluster.run(folder / "multinode.sbatch", *LONG, sbatch_args=[*ONE_PER_NODE, "--time=00:10:00"],
                             cwd=folder, output=folder / "job.out", env={"PYTHON": pytorch_python, "RUN": "exp1"},
                             timeout=240, on_poll=on_poll)
@@ -189,7 +191,7 @@ def test_preemption_requeue_resume(preempted_run, reference_run):
     assert events["signalled"], f"training never reached step 16 of epoch 1\n{job.describe()}"
     assert job.info["Restarts"] == "1", job.describe()
     log = job.log
-    for needle in ("requeue: got USR1, forwarding it", "preempted at step",
+    for needle in ("requeue: got TERM, forwarding it as USR1", "preempted at step",
                    "after checkpointing; requeueing job", "run exp1, restart 1 of at most 3",
                    "resumed from checkpoints/exp1", f"done: {LONG_STEPS} steps"):
         assert needle in log, f"{needle!r} missing\n{job.describe()}"

@@ -113,13 +113,14 @@ def test_every_multinode_torch_template_keeps_the_flight_recorder_on_shared_stor
 
 
 # Stand-ins: srun is the step (it records its command line and the signals it gets, and saves -- exits 75 -- on
-# USR1/TERM, or exits FAKE_STEP_EXIT at once); scontrol names two nodes and records a requeue; python has no CUDA.
+# USR1, or exits FAKE_STEP_EXIT at once; on TERM it ends 137, as the real srun SIGKILLs its tasks on a TERM of its
+# own, Slurm 22.05-25.11); scontrol names two nodes and records a requeue; python has no CUDA.
 FAKES = {
     "srun": """#!/bin/bash
 printf '%s\\n' "$*" >>"$FAKE_DIR/srun.args"
 printf '%s\\n' "${TORCH_FR_DUMP_TEMP_FILE-unset}" >"$FAKE_DIR/fr_file"
 trap 'echo USR1 >>"$FAKE_DIR/step.signals"; exit 75' USR1
-trap 'echo TERM >>"$FAKE_DIR/step.signals"; exit 75' TERM
+trap 'echo TERM >>"$FAKE_DIR/step.signals"; exit 137' TERM
 [ "$FAKE_STEP_EXIT" = wait ] || exit "$FAKE_STEP_EXIT"
 touch "$FAKE_DIR/step.started"
 while :; do sleep 0.02; done
@@ -158,19 +159,36 @@ def read(path) -> str:
     return path.read_text() if path.exists() else ""
 
 
-@pytest.mark.parametrize("template", BLOCKED + ["pytorch/multinode_torchrun.sbatch"])
-def test_usr1_reaches_the_step_and_the_job_is_requeued(template, tmp_path):
-    """Slurm's USR1 (--signal=B:) to the batch shell: the shell passes it to the step, which saves and exits 75,
-    and the job is requeued; the shell ends 0. A torchrun launcher must handle USR1 itself (by default it dies of it)
-    and give its workers less time to save than the signal's lead time."""
+def signalled(template, tmp_path, signum):
+    """The template run with a step that waits; `signum` sent to the batch shell once the step is up and the trap
+    set; the shell's (out, err)."""
     proc = start(template, tmp_path, "wait")
     for _ in range(1000):  # polled, not timed: the step is up and the shell's trap is set
         if proc.poll() is not None or (tmp_path / "step.started").exists() and catches_usr1(proc.pid):
             break
         time.sleep(0.01)
-    proc.send_signal(signal.SIGUSR1)
+    proc.send_signal(signum)
     out, err = proc.communicate(timeout=30)
     assert proc.returncode == 0, f"{template}: exit {proc.returncode}\n{out}\n{err}"
+    return out, err
+
+
+@pytest.mark.parametrize("template", BLOCKED + ["pytorch/multinode_torchrun.sbatch", "slurm_templates/requeue.sbatch"])
+def test_term_to_the_batch_shell_reaches_the_step_as_usr1(template, tmp_path):
+    """TERM to the batch shell alone (--signal=B:TERM@N, scancel --batch --signal=TERM): passed on as TERM, srun
+    would SIGKILL every task at once and nothing would be saved; passed on as USR1, the ranks save and exit 75."""
+    out, err = signalled(template, tmp_path, signal.SIGTERM)
+    assert read(tmp_path / "step.signals") == "USR1\n", f"{template}: the step did not get USR1 once\n{out}"
+    assert read(tmp_path / "requeued") == "requeue 4242\n", f"{template}: not requeued\n{out}\n{err}"
+    assert "requeue: got TERM, forwarding it as USR1" in out, out
+
+
+@pytest.mark.parametrize("template", BLOCKED + ["pytorch/multinode_torchrun.sbatch"])
+def test_usr1_reaches_the_step_and_the_job_is_requeued(template, tmp_path):
+    """Slurm's USR1 (--signal=B:) to the batch shell: the shell passes it to the step, which saves and exits 75,
+    and the job is requeued; the shell ends 0. A torchrun launcher must handle USR1 itself (by default it dies of it)
+    and give its workers less time to save than the signal's lead time."""
+    out, err = signalled(template, tmp_path, signal.SIGUSR1)
     assert read(tmp_path / "step.signals") == "USR1\n", f"{template}: the step did not get USR1 once\n{out}"
     assert read(tmp_path / "requeued") == "requeue 4242\n", f"{template}: not requeued\n{out}\n{err}"
     assert "requeue: got USR1, forwarding it" in out, out
