@@ -95,6 +95,9 @@ RECIPES = [
     Recipe("ray", "ray", "ray/multigpu.py", launcher="spawn"),
 ]
 BASELINES = {b.name: b for b in (BASELINE, RAW_UNET, RAW_FNO, RAW_JAX)}
+OWN_BASELINE_NOTES = {RAW_UNET.name: "monai/'s 3-D UNet and data pipeline, DiceCELoss, Adam",
+                      RAW_FNO.name: "PhysicsNeMo's FNO on 32x32 Darcy fields, Adam",
+                      RAW_JAX.name: "jax/'s ConvNet and synthetic data in plain JAX, one device per process"}
 TARGET_SCALING = 0.90  # at every world size > 1
 TARGET_OVERHEAD = 1.10  # recipe step time / raw DDP step time
 
@@ -416,9 +419,8 @@ def markdown(result: dict) -> str:
         *([f"{CEILING.name}: the raw loop without DDP, W processes that never communicate; its scaling efficiency "
             "is the most this machine allows (shared cores, memory bandwidth, caches)."]
           if any(r["recipe"] == CEILING.name for r in result["summary"]) else []),
-        *([f"{', '.join(own)}: the raw loops on a folder's own model or framework (modulus: PhysicsNeMo's FNO on "
-            "32x32 Darcy fields, Adam; jax: the same ConvNet and synthetic data in plain JAX, one device per "
-            "process); that folder's overhead is relative to its own."] if own else []),
+        *(["Raw loops on a folder's own model or framework, that folder's overhead relative to its own: "
+            + "; ".join(f"{n}, {OWN_BASELINE_NOTES[n]}" for n in own) + "."] if own else []),
         f"Targets: scaling efficiency >= {TARGET_SCALING:.2f}, overhead <= {TARGET_OVERHEAD:.2f}x its raw loop.",
         "",
         *[f"- {v}" for v in result["verdicts"]],
