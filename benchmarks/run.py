@@ -1,4 +1,4 @@
-"""Benchmark every framework folder's torchrun recipe against a raw PyTorch DDP loop, on the same model and data.
+"""Benchmark every framework folder's recipe against the raw loop (raw PyTorch DDP, or raw JAX) on the same model.
 
     make bench                                          # = tools/envs.sh ... && this script --publish
     .venvs/benchmarks/bin/python benchmarks/run.py --out runs/bench [--world-sizes 1,2] [--repeats 5]
@@ -99,7 +99,7 @@ OWN_BASELINE_NOTES = {RAW_UNET.name: "monai/'s 3-D UNet and data pipeline, DiceC
                       RAW_FNO.name: "PhysicsNeMo's FNO on 32x32 Darcy fields, Adam",
                       RAW_JAX.name: "jax/'s ConvNet and synthetic data in plain JAX, one device per process"}
 TARGET_SCALING = 0.90  # at every world size > 1
-TARGET_OVERHEAD = 1.10  # recipe step time / raw DDP step time
+TARGET_OVERHEAD = 1.10  # recipe step time / its raw loop's step time
 
 
 def parse_args(argv=None):
