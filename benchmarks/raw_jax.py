@@ -52,7 +52,8 @@ def worker(rank, world_size, coordinator, args):
 
     if args.backend == "gloo":
         jax.config.update("jax_platforms", "cpu")
-    jax.config.update("jax_cpu_collectives_implementation", "gloo")  # CPU devices of several processes: gloo
+    # WORKAROUND(jax 0.10.2, jax-ml/jax#11182): CPU devices of several processes have no collectives by default: gloo
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
     jax.distributed.initialize(coordinator, world_size, rank, [rank] if args.backend == "nccl" else None)
     mesh = jax.make_mesh((jax.device_count(),), ("data",), devices=jax.devices())
     replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
