@@ -112,6 +112,36 @@ def test_every_multinode_torch_template_keeps_the_flight_recorder_on_shared_stor
     assert wrong == [], "\n".join(wrong)
 
 
+FABRIC_BEGIN = ("# --- fabric block: identical in every multi-node torch template (tests/test_templates.py checks "
+                "it) ---\n")
+FABRIC_END = "# --- end of the fabric block ---\n"
+
+
+def test_every_multinode_torch_template_offers_the_same_fabric_presets_all_commented_out():
+    """#23: NCCL falls back to TCP sockets without a word when the fast network does not come up. Every multi-node
+    torch template carries the same presets -- InfiniBand/RoCE, AWS EFA, HPE Slingshot -- each with NCCL_NET, which
+    makes NCCL fail instead; all commented out (a preset for the wrong fabric fails every job), and no NCCL network
+    variable anywhere else in the template, so that there is one place to edit."""
+    reference = block(REFERENCE.read_text(), FABRIC_BEGIN, FABRIC_END)
+    assert reference, f"{REFERENCE.relative_to(ROOT)} has no fabric block"
+    for preset in ("export NCCL_NET=IB ", 'export NCCL_NET="AWS Libfabric" FI_PROVIDER=efa',
+                   'export NCCL_NET="AWS Libfabric" FI_PROVIDER=cxi'):
+        assert preset in reference, preset
+    active = [line for line in reference.splitlines() if line.strip() and not line.startswith("#")]
+    assert active == [], f"fabric settings not commented out: {active}"
+    wrong = []
+    for template in FLIGHT_RECORDED:
+        text = (ROOT / template).read_text()
+        if block(text, FABRIC_BEGIN, FABRIC_END) != reference:
+            wrong.append(f"{template}: no fabric block, or not {REFERENCE.name}'s")
+            continue
+        rest = text.replace(FABRIC_BEGIN + reference + FABRIC_END, "")
+        stray = re.findall(r"^.*\b(?:NCCL_(?:NET|SOCKET_IFNAME|IB_\w+)|GLOO_SOCKET_IFNAME|FI_PROVIDER)=.*$", rest, re.M)
+        if stray:
+            wrong.append(f"{template}: network settings outside the fabric block: {stray}")
+    assert wrong == [], "\n".join(wrong)
+
+
 # Stand-ins: srun is the step (it records its command line and the signals it gets, and saves -- exits 75 -- on
 # USR1, or exits FAKE_STEP_EXIT at once; on TERM it ends 137, as the real srun SIGKILLs its tasks on a TERM of its
 # own, Slurm 22.05-25.11); scontrol names two nodes and records a requeue; python has no CUDA.
