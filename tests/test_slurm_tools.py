@@ -197,6 +197,29 @@ def test_doctor_warns_of_a_rank_far_from_its_gpu(monkeypatch, tmp_path):
     assert doctor.parse_cpu_list("0-2,5,7-8") == {0, 1, 2, 5, 7, 8}
 
 
+def test_doctor_fails_nccl_on_sockets_between_nodes_where_a_fast_fabric_is(monkeypatch, tmp_path):
+    """#23: NCCL falls back to TCP sockets without a word when InfiniBand/EFA/Slingshot does not come up. The doctor
+    reads the network from NCCL's INFO lines (as NCCL 2.2x prints them) and fails sockets between nodes on a node
+    that has a fast fabric; without one it warns; on one node, or on a fast network, it says nothing."""
+    socket_log = ("n1:4711:4711 [0] NCCL INFO NET/IB : No device found.\n"
+                  "n1:4711:4711 [0] NCCL INFO NET/Socket : Using [0]eth0:10.1.0.1<0>\n"
+                  "n1:4711:4711 [0] NCCL INFO Using network Socket\n")
+    assert doctor.nccl_network(socket_log) == "Socket"
+    assert doctor.nccl_network("n1:1:1 [0] NCCL INFO Using network AWS Libfabric\n") == "AWS Libfabric"
+    assert doctor.nccl_network("n1:1:1 [0] NCCL INFO cudaDriverVersion 13000\n") is None
+    fake_sys(monkeypatch, tmp_path, {"class/net/eth0/mtu": "1500"})
+    assert doctor.fabric_devices() == []
+    level, why = doctor.transport_problem("Socket", 2, doctor.fabric_devices())
+    assert level == "WARN" and "Ethernet-only" in why, why
+    fake_sys(monkeypatch, tmp_path, {"class/infiniband/mlx5_0/node_type": "1: CA", "class/cxi/cxi0/device": "x"})
+    assert doctor.fabric_devices() == ["mlx5_0", "cxi0"]
+    level, why = doctor.transport_problem("Socket", 2, doctor.fabric_devices())
+    assert level == "FAIL" and "mlx5_0, cxi0" in why and "fabric block" in why and "NCCL_NET" in why, why
+    assert doctor.transport_problem("IB", 2, ["mlx5_0"]) == ("", "")
+    assert doctor.transport_problem("Socket", 1, ["mlx5_0"]) == ("", "")  # one node: NVLink/shared memory
+    assert doctor.transport_problem(None, 2, ["mlx5_0"]) == ("", "")  # no INFO lines (NCCL_DEBUG set by you)
+
+
 class NoWatchdog:
     def __init__(self, *args):
         self.daemon = False

@@ -9,8 +9,10 @@ without SRUN_CPUS_PER_TASK on Slurm >= 22.05 runs every task on one core), and s
 nodes, a MASTER_ADDR or a hostname that resolves to a loopback address (127.0.1.1 from a Debian/Ubuntu
 /etc/hosts) or not at all, and a GLOO_SOCKET_IFNAME/NCCL_SOCKET_IFNAME that names no interface of this node.
 "[doctor] WARN" lines (exit code unchanged) flag a locked-memory limit that InfiniBand cannot work with and a
-rank whose cores are all on another NUMA node than its GPU. Then a short all-reduce health check runs across
-all ranks under a watchdog. A job given GPUs (SLURM_GPUS_ON_NODE, CUDA_VISIBLE_DEVICES) that
+rank whose cores are all on another NUMA node than its GPU. On NCCL across nodes the doctor reads which network
+NCCL took (its NCCL_DEBUG=INFO lines, unless you set NCCL_DEBUG): TCP sockets on a node with InfiniBand, EFA or
+Slingshot fail (NCCL's silent fallback), on a node without them they are a WARN. Then a short all-reduce health
+check runs across all ranks under a watchdog. A job given GPUs (SLURM_GPUS_ON_NODE, CUDA_VISIBLE_DEVICES) that
 torch cannot use fails, as the recipes refuse it (CONTRACT.md C12); --backend gloo checks the CPU path on purpose.
 Exit code 0 means "this launch configuration works" (WARN lines included); otherwise
 a line starting with "[doctor] FAIL" says what is wrong.
@@ -18,14 +20,17 @@ With --report-dir each rank also writes doctor-rank<R>.json there.
 """
 
 import argparse
+import contextlib
 import datetime
 import ipaddress
 import json
 import os
 import platform
+import re
 import resource
 import socket
 import sys
+import tempfile
 import threading
 import time
 
@@ -174,6 +179,42 @@ def memlock_warning() -> str:
             "or ask for slurm.conf PropagateResourceLimitsExcept=MEMLOCK and slurmd's LimitMEMLOCK=infinity")
 
 
+# Fast fabrics as sysfs lists them: InfiniBand, RoCE and AWS EFA adapters are RDMA devices (class/infiniband),
+# HPE Slingshot NICs are class/cxi.
+FABRIC_CLASSES = ("infiniband", "cxi")
+
+
+def fabric_devices() -> list[str]:
+    found = []
+    for cls in FABRIC_CLASSES:
+        try:
+            found += sorted(os.listdir(os.path.join(SYS, "class", cls)))
+        except OSError:
+            pass
+    return found
+
+
+def nccl_network(nccl_log: str) -> str | None:
+    """The network NCCL chose between nodes, from its NCCL_DEBUG=INFO lines ('... NCCL INFO Using network IB')."""
+    found = re.findall(r"NCCL INFO Using network (.+?)\s*$", nccl_log, re.M)
+    return found[-1] if found else None
+
+
+def transport_problem(network: str | None, nnodes: int, devices: list[str]) -> tuple[str, str]:
+    """('FAIL' | 'WARN' | '', why): NCCL on TCP sockets between nodes, silently (its fallback when the fast network
+    does not come up), is a job several times slower; where the node has a fast fabric, that is a failure."""
+    if nnodes < 2 or network != "Socket":
+        return "", ""
+    if devices:
+        return "FAIL", (f"NCCL uses TCP sockets between nodes although this node has {', '.join(devices)}: the fast "
+                        "network did not come up (plugin missing, wrong NCCL_IB_HCA or interface). Uncomment your "
+                        "fabric's preset in the template's fabric block: its NCCL_NET makes NCCL fail with the "
+                        "reason instead of falling back")
+    return "WARN", ("NCCL uses TCP sockets between nodes, and this node shows no InfiniBand, EFA or Slingshot device "
+                    "(/sys/class/infiniband, /sys/class/cxi): right on an Ethernet-only cluster, several times "
+                    "slower than a fast fabric")
+
+
 def gpu_pci_address(index: int) -> str | None:
     """GPU `index` as sysfs names it ('0000:dc:00.0'), built as torch.numa.binding does; None if torch lacks it."""
     import torch
@@ -300,6 +341,13 @@ def main() -> None:
     if problems:
         fail(f"rank {rank} on {host}: " + "; ".join(problems))
 
+    # Which network NCCL takes between nodes: its INFO lines, into a file of ours (unless you set NCCL_DEBUG).
+    nccl_log = None
+    if backend == "nccl" and info["world_size"] > 1 and "NCCL_DEBUG" not in os.environ:
+        nccl_log = os.path.join(tempfile.gettempdir(), f"doctor-nccl-{os.environ.get('SLURM_JOB_ID', os.getpid())}"
+                                                       f"-rank{rank}.log")
+        os.environ.update(NCCL_DEBUG="INFO", NCCL_DEBUG_SUBSYS="INIT,NET", NCCL_DEBUG_FILE=nccl_log)
+
     if info["world_size"] > 1:
         # The recipes' rule: the local rank among the visible GPUs (one task per GPU sees only its own, cuda:0).
         device = torch.device("cuda", info["local_rank"] % ndev) if backend == "nccl" else torch.device("cpu")
@@ -327,6 +375,18 @@ def main() -> None:
     else:
         took, hosts = 0.0, [host]
     watchdog.cancel()
+    network = None
+    if nccl_log:
+        with contextlib.suppress(OSError):
+            with open(nccl_log, errors="replace") as f:
+                network = nccl_network(f.read())
+            os.remove(nccl_log)
+        level, why = transport_problem(network, len(set(hosts)), fabric_devices())
+        if level == "FAIL":
+            fail(f"rank {rank} on {host}: {why}")
+        if level:
+            warnings.append(why)
+            log(f"WARN: rank {rank} on {host}: {why}")
 
     if args.report_dir:
         os.makedirs(args.report_dir, exist_ok=True)
@@ -337,8 +397,9 @@ def main() -> None:
             json.dump(report, f, indent=1)
     if rank == 0:
         placement = " ".join(f"rank{r}={h}" for r, h in enumerate(hosts))
+        between = f" | NCCL between nodes: {network}" if network and len(set(hosts)) > 1 else ""
         log(f"OK: {info['world_size']} ranks on {len(set(hosts))} host(s), all-reduce verified "
-            f"({took * 1000:.1f} ms), total {time.monotonic() - t0:.1f} s | {placement}")
+            f"({took * 1000:.1f} ms), total {time.monotonic() - t0:.1f} s | {placement}{between}")
 
 
 if __name__ == "__main__":
