@@ -619,10 +619,13 @@ def test_requirements_resolve_to_a_cuda_build_on_a_gpu_cluster(folder, tmp_path)
         (tmp_path / "gpu.txt").write_text(extra.group(1) + "\n")
         files.append(tmp_path / "gpu.txt")
     torch_pin = (ROOT / "constraints.txt").read_text().split("torch==")[1].split()[0]
-    for platform in GPU_PLATFORMS:
-        proc = subprocess.run([uv, "pip", "compile", *files, "--python-version", "3.11", "--python-platform", platform,
-                               "--index-url", "https://pypi.org/simple", "--no-header", "--no-annotate", "--quiet"],
-                              capture_output=True, text=True, timeout=300, env={**os.environ, "NO_COLOR": "1"})
+    resolving = {platform: subprocess.Popen(  # both platforms at once: mostly waiting on PyPI
+        [uv, "pip", "compile", *files, "--python-version", "3.11", "--python-platform", platform, "--index-url",
+         "https://pypi.org/simple", "--no-header", "--no-annotate", "--quiet"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, "NO_COLOR": "1"})
+        for platform in GPU_PLATFORMS}
+    for platform, proc in resolving.items():
+        proc.stdout, proc.stderr = proc.communicate(timeout=300)
         if proc.returncode != 0 and re.search(r"[Cc]onnect|dns error|Could not fetch|network", proc.stderr):
             unavailable(f"PyPI not reachable: {proc.stderr.strip()[-300:]}")
         assert proc.returncode == 0, f"{folder}/requirements.txt does not resolve on {platform}:\n{proc.stderr}"
