@@ -4,11 +4,13 @@ every folder shares identically; gpt.py the second model (and its text data).
 Map:
     parse_args, parameter_count        the command line: the common flags plus --ds-config, --model, --gpt-params
     run, leave_process_group           the entry point's wrapper (toolkit.run); the process group left on the way out
+    explain                            a collective that failed because another rank is gone: one line, exit 1
     import_deepspeed                   DeepSpeed imported late and quiet, its accelerator named before the import
     launch_env                         RANK, LOCAL_RANK, WORLD_SIZE from the launcher, or one line naming it
     device_index, pick_device          this rank's GPU from (LOCAL_RANK, GPUs visible), and DeepSpeed told the same
     pick_backend                       nccl with CUDA, gloo without
     init_distributed                   deepspeed.init_distributed from the launcher's variables
+    bound_deepspeed_groups             the groups DeepSpeed makes itself (ZeRO's) under --timeout as well
     explained_rendezvous               a rendezvous under a deadline, its failures as one line saying what to check
     reduce_max                         the ranks' agreement on preemption (for toolkit.PREEMPTION.agreed)
     device_sync                        what the benchmarks' StepTimer waits for after each step (the GPU)
@@ -37,6 +39,7 @@ import json
 import logging
 import math
 import os
+import re
 import shutil
 import sys
 import warnings
@@ -135,9 +138,23 @@ def leave_process_group():
     gc.collect()
 
 
-# Every script's entry point: SIGUSR1/SIGTERM caught from the first line, a RecipeError as one line and exit 2,
-# the process group left on the way out (toolkit.run).
-run = functools.partial(toolkit.run, cleanup=leave_process_group)
+def explain(error):
+    """toolkit.run's verdict on an error that is not a RecipeError: a collective that failed because another rank is
+    gone or stopped answering within --timeout (gloo: "Timed out waiting ... for recv", "Connection closed by peer";
+    NCCL: a DistBackendError) is not this rank's fault -- one line and exit 1 (the last snapshot is intact). None for
+    anything else: a bug, with its traceback."""
+    text = str(error).strip()
+    if not (isinstance(error, RuntimeError) and dist.is_initialized()
+            and (isinstance(error, dist.DistError) or "gloo/transport" in text)):
+        return None
+    gist = re.sub(r"^\[[^\]]*\] ", "", text.splitlines()[0])[:200]  # without gloo's "[/.../unbound_buffer.cc:78] "
+    return (f"lost contact with another rank ({gist}): a process or node of the job died or stopped answering; see "
+            f"its log. The last snapshot is intact: a requeued or resubmitted run resumes from it"), 1
+
+
+# Every script's entry point: SIGUSR1/SIGTERM caught from the first line, a RecipeError as one line and exit 2, a
+# lost peer as one line and exit 1 (explain), the process group left on the way out (toolkit.run).
+run = functools.partial(toolkit.run, explain=explain, cleanup=leave_process_group)
 
 
 # ------------------------------------------------------------------------------------------------ processes
@@ -227,6 +244,17 @@ def init_distributed(args, rank, world_size):
     with explained_rendezvous(rank, world_size, args.timeout):
         deepspeed.init_distributed(dist_backend=pick_backend(args.backend), auto_mpi_discovery=False,
                                    timeout=timedelta(seconds=args.timeout), rank=rank, world_size=world_size)
+    bound_deepspeed_groups(args.timeout)
+
+
+def bound_deepspeed_groups(timeout):
+    """The groups DeepSpeed makes for itself under --timeout too. Its engine and ZeRO run their collectives in
+    groups of their own (the data-parallel group is a clone of the world), made by dist.new_group(ranks) without a
+    timeout: torch's default, 30 min (10 with NCCL), not the world group's. A rank that stopped answering (alive but
+    stuck) held the others inside ZeRO's gradient reduction for that long, far past --timeout."""
+    # WORKAROUND(deepspeed 0.19.8, deepspeed/comm/torch.py new_group): DeepSpeed's groups take torch's default timeout
+    dist.distributed_c10d.default_pg_timeout = dist.distributed_c10d.default_pg_nccl_timeout = timedelta(
+        seconds=timeout)
 
 
 def reduce_max(value, device):

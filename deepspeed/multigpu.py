@@ -17,7 +17,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from cluster import explained_rendezvous, import_deepspeed, parse_args, pick_backend, pick_device, run
+from cluster import (bound_deepspeed_groups, explained_rendezvous, import_deepspeed, parse_args, pick_backend,
+                     pick_device, run)
 from recipe import prepare, train
 from toolkit import PREEMPTED_EXIT_CODE, RecipeError, positive_int
 
@@ -30,6 +31,7 @@ def setup(rank, world_size, port, args):
         store = dist.TCPStore("127.0.0.1", port, world_size, is_master=False, timeout=timedelta(seconds=args.timeout))
         dist.init_process_group(pick_backend(args.backend), store=store, rank=rank, world_size=world_size,
                                 timeout=timedelta(seconds=args.timeout))
+    bound_deepspeed_groups(args.timeout)  # ZeRO's own groups too
     return device
 
 

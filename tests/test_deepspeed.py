@@ -9,11 +9,14 @@ environment; see deepspeed/README.md).
 """
 
 import base64
+import contextlib
 import importlib.util
 import json
 import math
 import os
 import re
+import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -157,6 +160,32 @@ def test_srun_style_bf16_with_gradient_accumulation(tmp_path):
     assert next(iter(weights(tmp_path).values())).dtype == torch.bfloat16
 
 
+def test_a_rank_that_stops_answering_ends_the_other_within_its_timeout():
+    """Issue #23 item 1: rank 1 of two srun-style tasks is stopped (SIGSTOP: alive, stuck) mid-training. Rank 0 ends
+    within --timeout + 60 s with one line, exit 1. It waited 30 min: ZeRO reduces in DeepSpeed's own groups
+    (dist.new_group, torch's default timeout), not in the world group that --timeout was given to."""
+    procs = RECIPES["deepspeed"].srun(["--epochs", "50", "--dataset-size", "256", "--batch-size", "16",
+                                       "--log-every", "1", "--timeout", "10"], 2, free_port(), stderr_apart=True)
+    try:
+        trained = next((line for line in procs[0].stdout if "| step 2 |" in line), None)
+        assert trained, procs[0].communicate()
+        os.kill(procs[1].pid, signal.SIGSTOP)
+        try:
+            _, err = procs[0].communicate(timeout=10 + 60)
+        except subprocess.TimeoutExpired:
+            pytest.fail("rank 0 still waits for the stopped rank 1 after --timeout 10 + 60 s", pytrace=False)
+    finally:
+        for p in procs:  # the stopped rank too: SIGKILL ends a stopped process
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(p.pid, signal.SIGKILL)
+            p.wait()
+    assert procs[0].returncode == 1, err
+    assert err.splitlines() == ["[rank0] error: lost contact with another rank (Timed out waiting 10000ms for recv "
+                                "operation to complete): a process or node of the job died or stopped answering; "
+                                "see its log. The last snapshot is intact: a requeued or resubmitted run resumes "
+                                "from it"], err
+
+
 # ------------------------------------------------------------------------------------------ resume, preemption
 
 
@@ -195,6 +224,36 @@ def test_zero1_adamw_resumed_by_another_world_size_through_a_universal_checkpoin
     state = torch.load(latest_tag(tmp_path) / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)
     assert (state["lr_scheduler"]["T_max"], state["lr_scheduler"]["last_epoch"]) == (32, 32), state["lr_scheduler"]
     assert not list(tmp_path.glob(".converting-*"))
+
+
+def test_zero3_resumed_1_to_2_to_1_ranks_ends_with_the_uninterrupted_weights(tmp_path):
+    """Issue #25 item 3 at ZeRO-3, every parameter partitioned (zero3_cpu_test.json), the global batch kept at 16 so
+    that every layout is the same computation: the uninterrupted run (1 x 16, 16 steps) leaves its epoch-1 tag
+    (step 8) behind; resumed from a copy of it by 2 x 8 (1 -> 2) to step 11, mid-epoch, then by 1 x 16 (2 -> 1) to
+    the end, each time through ds_to_universal and load_universal, the data position counted in samples. The last
+    weights equal the uninterrupted run's (both gathered by DeepSpeed's zero_to_fp32)."""
+    gpt = ["--model", "gpt", "--gpt-params", "200k", "--dataset-size", "128", "--epochs", "2", "--log-every", "1",
+           *config("zero3_cpu_test")]
+    straight, cut = tmp_path / "straight", tmp_path / "cut"
+    python(DS / "single_gpu.py", *gpt, "--batch-size", "16", "--checkpoint-dir", straight)
+    shutil.copytree(straight / "step-00000008", cut / "step-00000008")
+    out = torchrun_standalone("multigpu_torchrun.py", 2, *gpt, "--batch-size", "8", "--max-steps", "11",
+                              "--checkpoint-dir", cut).stdout
+    assert "[rank0] snapshot written by 1 rank(s) x batch 16, resuming as 2 x 8: epoch 2 after 0 samples " \
+           "(step 8)" in out and f"resumed from {cut / 'step-00000008_universal'}: epoch 2, step 8" in out, out
+    assert "[rank0] epoch 2 | batch 1/8 | step 9 |" in out and "ZeRO stage 3" in out, out
+    assert progress(cut) == {"epoch": 1, "step": 11, "batch_in_epoch": 3, "batch_size": 8, "samples_in_epoch": 48,
+                             "world_size": 2}
+    out = python(DS / "single_gpu.py", *gpt, "--batch-size", "16", "--checkpoint-dir", cut).stdout
+    assert "[rank0] snapshot written by 2 rank(s) x batch 8, resuming as 1 x 16: epoch 2 after 48 samples " \
+           "(step 11)" in out and f"resumed from {cut / 'step-00000011_universal'}: epoch 2, step 11" in out, out
+    first = re.search(r"^\[rank0\] epoch \d+ \| batch .*$", out, re.M).group(0)
+    assert first.startswith("[rank0] epoch 2 | batch 4/8 | step 12 |") and "done: 16 steps" in out, out
+    python("-c", "import sys, torch; from cluster import import_deepspeed; import_deepspeed(); "
+                 "from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint as get; "
+                 "[torch.save(get(d, tag='step-00000016'), f'{d}/plain.pt') for d in sys.argv[1:]]",
+           straight, cut, cwd=DS)
+    assert_same_weights(*(torch.load(d / "plain.pt", weights_only=True) for d in (cut, straight)), **TOL)
 
 
 # ------------------------------------------------------------------------------------------ models, offload, data
