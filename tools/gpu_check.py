@@ -440,7 +440,8 @@ def _read_weights(kind: str, ckpt: Path) -> tuple[dict, int]:
         full = ckpt / f"iter_{step:07d}-full.pt"
         if not full.exists():
             dcp_to_torch_save(ckpt / f"iter_{step:07d}", full)
-        return load(full), step
+        # the tensors: each layer's _extra_state is a pickled object ([None] in the local spec), not a weight
+        return {k: v for k, v in load(full).items() if isinstance(v, torch.Tensor)}, step
     if kind == "fsdp":
         from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
