@@ -67,7 +67,7 @@ def expected_names() -> set[str]:
     names = {"pytorch/fsdp-amp-resume", "tools/doctor-nccl", "tools/doctor-gloo", "tools/allreduce-1G",
              "tools/flight-recorder-nccl", "deepspeed/zero1", "deepspeed/zero2", "deepspeed/zero3",
              "deepspeed/gpu-zero2", "deepspeed/gpu-zero3", "deepspeed/gpt-zero3-memory", "monai/gpu-cache-resume",
-             "monai/gpu-cache-torchrun-resume"}
+             "monai/gpu-cache-torchrun-resume", "nemo/megatron-pp2-resume", "nemo/megatron-pp2-usr1"}
     for folder in gpu_check.FOLDERS:
         names |= {f"{folder}/{kind}" for kind in ("single", "single-amp", "resume", "usr1", "spawn")}
         if folder not in ("jax", "ray"):
@@ -233,6 +233,37 @@ def test_the_rows_of_the_cuda_only_paths(tmp_path):
     assert check.verify == ("flight-recorder", dumps, 3, 1) and check.fresh == (dumps,) and not check.skip
     alone = one(gpu_check.plan(1, tmp_path), "tools/flight-recorder-nccl")
     assert alone.skip.startswith("needs 2 GPUs or more") and "    skipped: needs 2 GPUs" in gpu_check.describe(alone)
+
+
+def test_the_megatron_pipeline_rows_and_their_checkpoint_reader(tmp_path):
+    """megatron_parallel.py at pipeline 2 as two srun-style tasks (SKIP below 2 GPUs): cut at step 10 + resumed ==
+    straight, and SIGUSR1 -> 75; its step line counts as progress. The reader takes the step the tracker names and
+    its iter_<step>/ as one torch.distributed.checkpoint (here a DCP written by torch itself), its tensors only:
+    megatron-core writes each layer's _extra_state as an object, which compared as NaN and failed every run."""
+    import torch
+    import torch.distributed.checkpoint as dcp
+
+    checks = gpu_check.plan(3, tmp_path)
+    resume, usr1 = one(checks, "nemo/megatron-pp2-resume"), one(checks, "nemo/megatron-pp2-usr1")
+    runs = [argv for launch in resume.launches for argv, _ in launch.procs]
+    assert len(runs) == 6 and all(argv[1:4] == ["megatron_parallel.py", "--pipeline-model-parallel-size", "2"]
+                                  and "--backend" in argv for argv in runs), runs
+    assert [argv[argv.index("--steps") + 1] for argv in runs[::2]] == ["20", "10", "20"]
+    dirs = [argv[argv.index("--checkpoint-dir") + 1] for argv in runs[::2]]
+    assert dirs[0] != dirs[1] == dirs[2] and resume.verify == ("same", "megatron", Path(dirs[0]), Path(dirs[1]),
+                                                              gpu_check.TOL)
+    assert [env["SLURM_PROCID"] for _, env in resume.launches[0].procs] == ["0", "1"]
+    assert usr1.launches[0].usr1 and usr1.launches[0].expect == 75 and usr1.verify[:2] == ("snapshot", "megatron")
+    assert gpu_check.PROGRESS.search("[rank1] step 3 | lm loss 4.8520") and not resume.skip
+    assert one(gpu_check.plan(1, tmp_path), "nemo/megatron-pp2-resume").skip.startswith("needs 2 GPUs or more")
+    weights = {"decoder.layers.mlp.linear_fc1.weight": torch.arange(8.0).reshape(2, 4),
+               "decoder.layers.mlp.linear_fc1._extra_state/shard_0_2": [None]}  # as megatron-core 0.16.1 saves it
+    dcp.save(weights, checkpoint_id=tmp_path / "ckpt" / "iter_0000020", no_dist=True)
+    (tmp_path / "ckpt" / "latest_checkpointed_iteration.txt").write_text("20")
+    got, step = gpu_check._read_weights("megatron", tmp_path / "ckpt")
+    assert step == 20 and list(got) == ["decoder.layers.mlp.linear_fc1.weight"], got  # no object to compare as NaN
+    assert torch.equal(got["decoder.layers.mlp.linear_fc1.weight"], torch.arange(8.0).reshape(2, 4))
+    assert gpu_check.compare_state_dicts(got, got, **gpu_check.TOL)[0]
 
 
 MEMORY_LINE = ("[rank0] memory per rank | stage {stage} | world {world} | params 1000000 | param bytes {param_bytes} | "

@@ -493,26 +493,39 @@ def documented_layout(world, tp, pp):
 
 
 @pytest.mark.parametrize("world, tp, pp", [(4, 2, 1), (2, 1, 2)], ids=["4=tp2xdp2", "2=pp2"])
-def test_megatron_group_layout_is_the_documented_one(tmp_path, world, tp, pp):
+def test_megatron_group_layout_and_stages(tmp_path, world, tp, pp):
+    """The groups in Megatron's documented order, and each rank builds only its pipeline stage: 2 layers, the
+    embedding on the first stage alone, the output layer and loss on the last alone (on CPU the script stops after
+    the build: Megatron-Core's training step needs CUDA)."""
     layout_file = tmp_path / "layout.json"
     out = run([*torchrun("nemo"), "--standalone", "--nproc_per_node", world, "megatron_parallel.py",
                "--tensor-model-parallel-size", tp, "--pipeline-model-parallel-size", pp,
                "--layout-file", layout_file], cwd=FOLDER, timeout=240).stdout
     assert f"[rank0] world size {world} = tensor {tp} x pipeline {pp} x data {world // (tp * pp)}" in out, out[-3000:]
     got = {int(r): v for r, v in json.loads(layout_file.read_text()).items()}
-    assert got == documented_layout(world, tp, pp)
+    assert {r: {k: v[k] for k in ("tp", "pp", "dp")} for r, v in got.items()} == documented_layout(world, tp, pp)
+    for r, v in got.items():
+        stage = v["pp"].index(r)
+        assert v["stage"]["stage"] == stage and v["stage"]["layers"] == 2, v
+        assert (v["stage"]["embedding"], v["stage"]["output_layer"]) == (stage == 0, stage == pp - 1), v
 
 
-def test_megatron_more_model_parallel_ranks_than_processes_is_one_line():
-    """Checked before any rendezvous: rank 0 of a 2-process launch (as torchrun sets it) stops at once."""
-    env = clean_env(RANK=0, WORLD_SIZE=2, LOCAL_RANK=0, LOCAL_WORLD_SIZE=2, MASTER_ADDR="127.0.0.1",
+@pytest.mark.parametrize("sizes, world, message", [
+    (["--tensor-model-parallel-size", "2", "--pipeline-model-parallel-size", "2"], 2,
+     "tensor 2 x pipeline 2 = 4 model-parallel ranks, but the world size is 2"),
+    (["--tensor-model-parallel-size", "3"], 3, "--tensor-model-parallel-size 3 must divide the model's 4 attention "
+                                               "heads"),
+], ids=["too-many-ranks", "tp-and-heads"])
+def test_megatron_bad_layout_is_one_line(sizes, world, message):
+    """Checked before any rendezvous: rank 0 of the launch (as torchrun sets it) stops at once. TP must also split
+    the 4 heads whole (before: TP 3 went on to the rendezvous and waited for the other ranks)."""
+    env = clean_env(RANK=0, WORLD_SIZE=world, LOCAL_RANK=0, LOCAL_WORLD_SIZE=world, MASTER_ADDR="127.0.0.1",
                     MASTER_PORT=free_port())
-    proc = subprocess.run([str(env_python("nemo")), "megatron_parallel.py", "--tensor-model-parallel-size", "2",
-                           "--pipeline-model-parallel-size", "2"], cwd=FOLDER, env=env, capture_output=True,
-                          text=True, timeout=120)
+    proc = subprocess.run([str(env_python("nemo")), "megatron_parallel.py", *sizes], cwd=FOLDER, env=env,
+                          capture_output=True, text=True, timeout=120)
     errors = [ln for ln in proc.stderr.splitlines() if ERROR_LINE.match(ln)]
     assert proc.returncode == 2 and len(errors) == 1, proc.stderr[-3000:]
-    assert "tensor 2 x pipeline 2 = 4 model-parallel ranks, but the world size is 2" in errors[0]
+    assert message in errors[0]
     assert "Traceback" not in proc.stderr
 
 

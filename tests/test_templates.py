@@ -35,7 +35,6 @@ restarts=${SLURM_RESTART_COUNT:-0}
 # Templates without the block; each folder README says why.
 NO_PREEMPTION = {
     "modulus/darcy.sbatch": "writes a data set: nothing to resume",
-    "nemo/megatron_parallel.sbatch": "a layout example that saves no snapshot",
     "deepspeed/multinode_deepspeed.sbatch": "the launcher runs srun itself and passes no USR1 on",
     "ray/multigpu.sbatch": "srun would signal Ray's own processes; only the driver takes the signal",
 }

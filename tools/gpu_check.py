@@ -30,6 +30,10 @@ framework that cannot use the GPU fails in one line (CONTRACT.md C12) instead of
                              = 2 x (params / N + params held whole) within 2 %, about 1/N of the model
     monai/gpu-cache-resume   single_gpu.py --gpu-cache (ThreadDataLoader, cache on the device): cut + resumed ==
                              straight within TOL; monai/gpu-cache-torchrun-resume the same under torchrun, N ranks
+    nemo/megatron-pp2-resume megatron_parallel.py --pipeline-model-parallel-size 2 as 2 srun-style tasks (N >= 2,
+                             else SKIP): Megatron-Core's pipeline schedule, DDP and dist_checkpointing (CUDA-only);
+                             cut at step 10 + resumed == straight (20 steps) within TOL, read as torch DCP
+    nemo/megatron-pp2-usr1   the same, SIGUSR1 to rank 0 after the first step line: exit 75 and a checkpoint
     tools/doctor-nccl|gloo   slurm_templates/tools/doctor.py under torchrun, N ranks
     tools/allreduce-1G       slurm_templates/tools/allreduce_bench.py under torchrun, N ranks, 1 GiB messages
     tools/flight-recorder-nccl  tools/gpu_fr_probe.py under torchrun, N >= 2 ranks (else SKIP), with the templates'
@@ -93,7 +97,8 @@ EXIT_FAILED, EXIT_NO_GPU = 1, 4
 MAX_GPUS = 8
 TOL = dict(atol=1e-4, rtol=1e-3)  # fp32 weights, straight vs cut + resumed, on GPUs
 TOL_AMP = dict(atol=2e-3, rtol=1e-2)  # the same under bf16/fp16 autocast
-PROGRESS = re.compile(r"\[rank0\] epoch \d+ \| batch ")  # C3's progress line, wherever a launcher puts it
+# C3's progress line, wherever a launcher puts it; nemo/megatron_parallel.py's step line (its last stage prints it)
+PROGRESS = re.compile(r"\[rank0\] epoch \d+ \| batch |\[rank\d+\] step \d+ \| lm loss ")
 LAUNCHER_VARIABLES = {"RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
                       "GROUP_RANK", "NODE_RANK", "PYTHONPATH"}
 
@@ -241,6 +246,8 @@ def plan(n: int, out: Path) -> list[Check]:
                 Launch([([*fsdp, "--checkpoint-dir", str(d(name))], {})], here)],
                 ("same", "fsdp", d(name, "straight"), d(name), TOL_AMP), d(name, "timings.json")))
             checks += tool_checks(n, work)  # right after pytorch/: the first things a cluster admin wants to see
+        if folder == "nemo":
+            checks += megatron_checks(n, d, py, here)
         if folder == "monai":
             checks += gpu_cache_checks(n, d, single, torchrun, here, gpu)
         if folder == "deepspeed":
@@ -282,6 +289,27 @@ def gpu_cache_checks(n: int, d, single, torchrun: list, here: Path, gpu: tuple) 
         Launch([([*run, "--checkpoint-dir", str(d(name))], {})], here)],
         ("same", f.snapshot, d(name, "straight"), d(name), TOL)))
     return checks
+
+
+def megatron_checks(n: int, d, py: str, here: Path) -> list[Check]:
+    """nemo/megatron_parallel.py at pipeline 2 (two stages, one GPU each, srun-style tasks): Megatron-Core's
+    schedule, DistributedDataParallel and dist_checkpointing, all CUDA-only. Cut at step 10 + resumed == straight
+    within TOL; SIGUSR1 to rank 0 -> every rank saves at the agreed step and exits 75."""
+    skip = "" if n >= 2 else f"needs 2 GPUs or more (a pipeline stage per GPU), {n} here"
+
+    def pp2(*args, ckpt, expect=0, usr1=False):
+        argv = [py, "megatron_parallel.py", "--pipeline-model-parallel-size", "2", *args, "--backend", "nccl",
+                "--checkpoint-dir", str(ckpt)]
+        return Launch([(argv, slurm_env(r, 2, "nemo")) for r in range(2)], here, expect, usr1)
+
+    name = "nemo/megatron-pp2-resume"
+    resume = Check(name, "nemo", [pp2("--steps", "20", ckpt=d(name, "straight")), pp2("--steps", "10", ckpt=d(name)),
+                                  pp2("--steps", "20", ckpt=d(name))],
+                   ("same", "megatron", d(name, "straight"), d(name), TOL), skip=skip)
+    name = "nemo/megatron-pp2-usr1"
+    usr1 = Check(name, "nemo", [pp2("--steps", "1000", ckpt=d(name), expect=75, usr1=True)],
+                 ("snapshot", "megatron", d(name)), skip=skip)
+    return [resume, usr1]
 
 
 def tool_checks(n: int, work: Path) -> list[Check]:
@@ -405,6 +433,15 @@ def _read_weights(kind: str, ckpt: Path) -> tuple[dict, int]:
         if not done:
             raise RuntimeError(f"no complete step-* tag in {ckpt}")
         return load(done[-1].parent / "mp_rank_00_model_states.pt")["module"], json.loads(done[-1].read_text())["step"]
+    if kind == "megatron":  # dist_checkpointing (torch_dist): a torch.distributed.checkpoint per iter_<step>/
+        from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+        step = int((ckpt / "latest_checkpointed_iteration.txt").read_text())
+        full = ckpt / f"iter_{step:07d}-full.pt"
+        if not full.exists():
+            dcp_to_torch_save(ckpt / f"iter_{step:07d}", full)
+        # the tensors: each layer's _extra_state is a pickled object ([None] in the local spec), not a weight
+        return {k: v for k, v in load(full).items() if isinstance(v, torch.Tensor)}, step
     if kind == "fsdp":
         from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
