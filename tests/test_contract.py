@@ -5,16 +5,19 @@ itself: a new folder is checked the moment it appears, and an exception exists o
 """
 
 import ast
+import contextlib
 import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-from helpers import ROOT, clean_env, env_python, run, unavailable
+from helpers import ROOT, clean_env, env_python, free_port, run, unavailable
+from recipes import RECIPES
 
 pytestmark = [pytest.mark.contract, pytest.mark.timeout(600)]
 
@@ -600,3 +603,47 @@ def test_copy_alone_installs_and_runs(folder, tmp_path):
                     cwd=copy, check=False).stdout.strip()
     assert "+cu" not in installed, f"a CUDA build of torch was installed on a CPU machine: {installed}"
 
+
+
+# ------------------------------------------------------------------------------------------------ C13 hangs
+
+HANG_TIMEOUT = 5  # --timeout of the hang test: short, so that the run is cheap; the bound is --timeout + 60 s
+
+
+@pytest.mark.parametrize("folder", [pytest.param(f, marks=pytest.mark.xfail(
+    strict=True, reason=f"CONTRACT.md exceptions: {f} C13")) if excepted(f, "C13") else f for f in FOLDERS])
+def test_a_hang_ends_with_evidence_and_one_line_naming_the_silent_rank(folder, tmp_path):
+    """C13 (#23): rank 1 of a 2-rank srun-style run is stopped (SIGSTOP: alive, not answering) after its second
+    step. Rank 0's next collective runs out its --timeout; it must then exit non-zero within --timeout + 60 s with
+    one error line and no traceback, saying that rank 1 stopped answering (not that a process died), and leave its
+    stack in <checkpoint-dir>/debug/<job id>/. Before: a line that said "a process or node of the job died"
+    (pytorch, lightning), a traceback (monai, modulus, nemo), an abort (jax), no end (deepspeed)."""
+    recipe, ckpt = RECIPES[folder], tmp_path / "ckpt"
+    args = [*recipe.small, "--epochs", "100", "--log-every", "1", "--timeout", HANG_TIMEOUT,
+            "--checkpoint-dir", ckpt, "--data-dir", tmp_path / "data"]
+    procs = recipe.srun(args, 2, free_port())
+    out = ""
+    try:
+        for line in procs[0].stdout:
+            out += line
+            if re.search(r"\| step 2 \|", line):
+                os.killpg(procs[1].pid, signal.SIGSTOP)
+                break
+        try:
+            out += procs[0].communicate(timeout=HANG_TIMEOUT + 60)[0]
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"{folder}: rank 0 still running {HANG_TIMEOUT} + 60 s after rank 1 stopped\n{out[-3000:]}",
+                        pytrace=False)
+    finally:
+        for p in procs:
+            for sig in (signal.SIGCONT, signal.SIGKILL):
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(p.pid, sig)
+            p.wait()
+    errors = [ln for ln in out.splitlines() if ERROR_LINE.match(ln)]
+    assert procs[0].returncode not in (0, None) and "Traceback" not in out, f"exit {procs[0].returncode}\n{out[-4000:]}"
+    assert len(errors) == 1, f"want one error line, got {errors}\n{out[-3000:]}"
+    assert "rank 1 stopped answering" in errors[0] and "died" not in errors[0], errors[0]
+    assert f"within --timeout {HANG_TIMEOUT} s" in errors[0], errors[0]
+    stack = (ckpt / "debug" / "4242" / "rank0.stack.txt").read_text()  # the job id recipes.srun sets
+    assert "where it waited:" in stack and "every thread now:" in stack, stack[-2000:]
