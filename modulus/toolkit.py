@@ -437,7 +437,7 @@ class HangReport:
 
         asking = threading.Thread(target=ask, daemon=True)
         asking.start()
-        asking.join(grace + 5)
+        asking.join(2 * grace + 1)  # set() and check() give up after grace themselves; a stopped store may not
         if "arrived" not in found:
             return ("the ranks that stopped answering cannot be named: the rendezvous store does not answer either "
                     "(it lives in rank 0's process, or in torchrun's agent: stopped or gone)")

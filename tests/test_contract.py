@@ -647,3 +647,41 @@ def test_a_hang_ends_with_evidence_and_one_line_naming_the_silent_rank(folder, t
     assert f"within --timeout {HANG_TIMEOUT} s" in errors[0], errors[0]
     stack = (ckpt / "debug" / "4242" / "rank0.stack.txt").read_text()  # the job id recipes.srun sets
     assert "where it waited:" in stack and "every thread now:" in stack, stack[-2000:]
+
+
+def test_a_timeout_is_told_apart_from_a_death_and_the_silent_ranks_are_named():
+    """C13's seam on its own: a wait that ran out its deadline (gloo, NCCL's watchdog) is a hang; a peer whose
+    connections closed died (its own line stays). Through the store, the ranks that did not time out with this one
+    are named; a store that does not answer (it lived in the stopped process) names nobody -- and returns."""
+    toolkit = import_toolkit()
+    assert toolkit.timed_out(RuntimeError("[unbound_buffer.cc:78] Timed out waiting 5000ms for recv operation"))
+    assert toolkit.timed_out(RuntimeError("Watchdog caught collective operation timeout: WorkNCCL(SeqNum=9)"))
+    assert not toolkit.timed_out(RuntimeError("[pair.cc:537] Read error [127.0.0.1]:1234: Connection reset by peer"))
+    assert not toolkit.timed_out(RuntimeError("Connection closed by peer [127.0.0.1]:41234"))
+
+    import threading
+    from types import SimpleNamespace
+
+    class Store:  # the rendezvous store as torch's TCPStore answers: set, check, set_timeout
+        def __init__(self, posted, answers=True):
+            self.posted, self.answers = set(posted), answers
+
+        def set_timeout(self, timeout):
+            pass
+
+        def set(self, key, value):
+            if not self.answers:
+                threading.Event().wait()  # the server's process is stopped: no reply, ever
+            self.posted.add(key)
+
+        def check(self, keys):
+            return set(keys) <= self.posted
+
+    def said(store, world_size=4):
+        fake = SimpleNamespace(distributed_c10d=SimpleNamespace(_get_default_store=lambda: store))
+        return toolkit.HANG._who_did_not_arrive(fake, 0, world_size, 0.2)
+
+    assert said(Store({"timed-out/2"})).startswith("ranks 1,3 stopped answering")
+    assert said(Store(set()), 2).startswith("rank 1 stopped answering")
+    assert said(Store({"timed-out/1", "timed-out/2", "timed-out/3"})).startswith("every rank timed out")
+    assert "cannot be named" in said(Store(set(), answers=False))
