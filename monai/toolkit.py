@@ -257,6 +257,7 @@ class PreemptionFlag:
 
     def agreed(self, step, reduce_max=None):
         self.step = step
+        HANG.stepped()
         if step % self.CHECK_EVERY:
             return False
         return bool(reduce_max(self.requested)) if reduce_max else self.requested
@@ -368,18 +369,49 @@ class HangReport:
       that timed out too are alive and were waiting, the ones that did not are the ones that stopped answering;
     - prints one line naming the collective, the deadline and those ranks, and exits 1.
     A store that does not answer lives in a stopped process (rank 0's, or torchrun's agent): then no rank can be
-    named, and the line says so. Torch folders only for now (jax has its own coordination service)."""
+    named, and the line says so. Torch folders only for now (jax has its own coordination service).
+
+    The rank that hangs, when it is alive (a deadlocked DataLoader, a slow filesystem), writes its own stack: a
+    watcher thread of every process of a multi-process run dumps every thread's stack into rank<N>.stalled.txt
+    when no step boundary (PREEMPTION.agreed) came for --timeout, once per stall. A phase longer than --timeout
+    with no collective in it (a long validation, a slow save) leaves such a file too, and says so in it."""
 
     GRACE_S = 10  # at most; never more than --timeout: the job ends within --timeout + 60 s
 
     def __init__(self):
         self.checkpoint_dir = self.timeout = None
+        self.last_step_at, self.watcher = None, None
 
     def remember(self, checkpoint_dir=None, timeout=None):
         """Where the evidence goes and the deadline the line names: OneLineParser passes --checkpoint-dir and
         --timeout; a folder whose values come from elsewhere (nemo's Hydra config) passes them itself."""
         self.checkpoint_dir = checkpoint_dir or self.checkpoint_dir
         self.timeout = timeout or self.timeout
+
+    def stepped(self):
+        """A step boundary (every step: an attribute set; the watcher starts at the first one)."""
+        self.last_step_at = time.monotonic()
+        if self.watcher is None and self.timeout and _launched_processes() > 1:
+            self.watcher = threading.Thread(target=self._watch, name="hang-watcher", daemon=True)
+            self.watcher.start()
+
+    def _watch(self):
+        dumped_for = None
+        while True:
+            time.sleep(min(1.0, self.timeout / 4))
+            since, stalled = self.last_step_at, time.monotonic() - self.last_step_at
+            if stalled < self.timeout or dumped_for == since:
+                continue
+            dumped_for, rank = since, launcher_rank()
+            with contextlib.suppress(OSError):
+                os.makedirs(self.folder(), exist_ok=True)
+                with open(os.path.join(self.folder(), f"rank{rank}.stalled.txt"), "w") as f:
+                    f.write(f"rank {rank}, pid {os.getpid()} on {socket.gethostname()}, "
+                            f"{time.strftime('%Y-%m-%d %H:%M:%S')}: no step since step {PREEMPTION.step} for "
+                            f"{stalled:.0f} s (--timeout {self.timeout}): stuck here, or in a phase longer than "
+                            f"--timeout (a validation, a save)\n\nevery thread:\n")
+                    f.flush()
+                    faulthandler.dump_traceback(file=f, all_threads=True)
 
     def folder(self):
         run_id = os.environ.get("SLURM_JOB_ID") or os.environ.get("TORCHELASTIC_RUN_ID", "none")
@@ -447,6 +479,14 @@ class HangReport:
         names = ",".join(map(str, missing))
         return (f"rank{'s' if len(missing) > 1 else ''} {names} stopped answering (alive but not progressing, "
                 f"or gone without closing its connections)")
+
+
+def _launched_processes():
+    """How many processes the launcher started (torchrun's WORLD_SIZE, srun's SLURM_NTASKS), 1 when neither."""
+    for name in ("WORLD_SIZE", "SLURM_NTASKS"):
+        if os.environ.get(name, "").isdigit():
+            return int(os.environ[name])
+    return 1
 
 
 def _last_collective(trace):

@@ -685,3 +685,22 @@ def test_a_timeout_is_told_apart_from_a_death_and_the_silent_ranks_are_named():
     assert said(Store(set()), 2).startswith("rank 1 stopped answering")
     assert said(Store({"timed-out/1", "timed-out/2", "timed-out/3"})).startswith("every rank timed out")
     assert "cannot be named" in said(Store(set(), answers=False))
+
+
+def test_a_rank_stuck_alive_writes_its_own_stack(tmp_path):
+    """C13: the rank that hangs, when it is alive (stuck in Python: a deadlocked DataLoader, a slow filesystem),
+    dumps every thread's stack into debug/<job id>/rank<N>.stalled.txt once no step boundary came for --timeout --
+    the others time out in their collective meanwhile and exit. A process of a 2-task job, stepped once, then
+    stuck in a function for 3 x its --timeout of 1 s: the file names that function. In a fresh process: the
+    watcher is a thread that lives as long as its process."""
+    code = ("import sys, time; sys.path.insert(0, sys.argv[1]); import toolkit\n"
+            "toolkit.HANG.remember(sys.argv[2], 1)\n"
+            "toolkit.PREEMPTION.agreed(3)  # a step boundary: the watcher starts\n"
+            "def a_rank_stuck_in_python():\n"
+            "    time.sleep(3)\n"
+            "a_rank_stuck_in_python()\n")
+    env = clean_env(SLURM_NTASKS=2, SLURM_PROCID=1, SLURM_JOB_ID=4242)
+    subprocess.run([sys.executable, "-c", code, str(ROOT / "pytorch"), str(tmp_path)], env=env, timeout=60,
+                   check=True)
+    stalled = (tmp_path / "debug" / "4242" / "rank1.stalled.txt").read_text()
+    assert "no step since step 3" in stalled and "a_rank_stuck_in_python" in stalled, stalled
