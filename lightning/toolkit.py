@@ -423,6 +423,8 @@ class HangReport:
         torch_dist = sys.modules.get("torch.distributed")
         if not (timed_out(error) and torch_dist is not None and torch_dist.is_initialized()):
             return None
+        if not (isinstance(error, torch_dist.DistError) or "gloo/transport" in str(error)):
+            return None  # a timeout of something else (a DataLoader's): not a collective's
         rank, world_size = torch_dist.get_rank(), torch_dist.get_world_size()
         folder = self.folder()
         trace = self._write_evidence(error, rank, folder)
