@@ -350,6 +350,9 @@ class StepTimer:
 # "Timeout"), as opposed to a peer that closed its connections (died: "Connection reset by peer").
 TIMED_OUT = re.compile(r"timed out|timeout|deadline.?exceeded", re.I)
 PEER_GONE = re.compile(r"reset by peer|closed by peer|connection refused|broken pipe|end of file", re.I)
+# gloo's errors are plain RuntimeErrors: its source file in the text, or, raised by the other collectives in
+# flight (DDP's buckets) once a timeout closed the connection, "Application timeout caused pair closure".
+GLOO_ERROR = re.compile(r"gloo/transport|timeout caused pair closure")
 
 
 def timed_out(error):
@@ -423,7 +426,7 @@ class HangReport:
         torch_dist = sys.modules.get("torch.distributed")
         if not (timed_out(error) and torch_dist is not None and torch_dist.is_initialized()):
             return None
-        if not (isinstance(error, torch_dist.DistError) or "gloo/transport" in str(error)):
+        if not (isinstance(error, torch_dist.DistError) or GLOO_ERROR.search(str(error))):
             return None  # a timeout of something else (a DataLoader's): not a collective's
         rank, world_size = torch_dist.get_rank(), torch_dist.get_world_size()
         folder = self.folder()

@@ -658,6 +658,9 @@ def test_a_timeout_is_told_apart_from_a_death_and_the_silent_ranks_are_named():
     assert toolkit.timed_out(RuntimeError("Watchdog caught collective operation timeout: WorkNCCL(SeqNum=9)"))
     assert not toolkit.timed_out(RuntimeError("[pair.cc:537] Read error [127.0.0.1]:1234: Connection reset by peer"))
     assert not toolkit.timed_out(RuntimeError("Connection closed by peer [127.0.0.1]:41234"))
+    # DDP's other buckets in flight, once gloo closed the connection of the one that timed out (seen: lightning)
+    pair_closed = "Application timeout caused pair closure"
+    assert toolkit.timed_out(RuntimeError(pair_closed)) and toolkit.GLOO_ERROR.search(pair_closed)
 
     import threading
     from types import SimpleNamespace
