@@ -82,8 +82,9 @@ def parse_args(description: str, extra=None) -> argparse.Namespace:
 
 
 def lost_a_peer(error: RuntimeError) -> str:
-    """The gist of a collective that failed because a peer is gone (gloo: "Connection reset/closed by peer",
-    "Timed out waiting ... for recv"; NCCL: a DistBackendError), or "" for any other error."""
+    """The gist of a collective that failed because a peer is gone (gloo: "Connection reset/closed by peer";
+    NCCL: a DistBackendError), or "" for any other error. One that timed out (a peer alive but silent) is
+    toolkit.HANG's, which toolkit.run asks first."""
     text = str(error).strip()
     if not (torch.distributed.is_initialized()
             and (isinstance(error, torch.distributed.DistError) or "gloo/transport" in text)):

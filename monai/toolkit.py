@@ -18,17 +18,25 @@ Map:
     ignore_preemption_signals             DataLoader workers leave the signals to their parent (C7)
     atomic_write                          temporary file, fsync, rename; the previous file kept (C6)
     StepTimer                             per-step wall-clock times for the benchmarks (--timings-file)
+    HangReport/HANG, timed_out            a collective past --timeout: stacks and trace on disk, one line naming
+                                          who did not arrive, exit 1 (run calls it before explain)
 """
 
 import argparse
 import contextlib
+import faulthandler
 import json
 import math
 import os
+import pickle
+import re
 import signal
+import socket
 import sys
+import tempfile
 import threading
 import time
+import traceback
 
 # Seconds a rank > 0 waits before leaving with an error that only rank 0 prints (RecipeError(every_rank=False)):
 # every rank finds it alike, and under srun --kill-on-bad-exit the first task to exit ends the others -- a rank 1
@@ -94,6 +102,11 @@ class OneLineParser(argparse.ArgumentParser):
         print(f"error: {message} (see --help)", file=sys.stderr, flush=True)
         sys.exit(2)
 
+    def parse_known_args(self, args=None, namespace=None):
+        parsed, rest = super().parse_known_args(args, namespace)
+        HANG.remember(getattr(parsed, "checkpoint_dir", None), getattr(parsed, "timeout", None))
+        return parsed, rest
+
 
 def log(rank, message, *, file=sys.stdout):
     """Every line says which rank wrote it: with 512 processes writing to one job log, that is the only way to
@@ -138,7 +151,7 @@ def run(main, *args, rank=None, explain=None, cleanup=None, hard_exit=False):
             raise
         code = PREEMPTED_EXIT_CODE
     except Exception as e:
-        verdict = explain(e) if explain else None
+        verdict = HANG.report(e) or (explain(e) if explain else None)
         if verdict is None:
             raise
         line, code = verdict
@@ -234,6 +247,7 @@ class PreemptionFlag:
 
     def __init__(self):
         self.requested = False
+        self.step = None  # the step the loop last reached: agreed() is called at every step boundary
 
     def install(self):
         for sig in self.SIGNALS:
@@ -251,6 +265,8 @@ class PreemptionFlag:
             signal.signal(sig, signal.SIG_IGN)
 
     def agreed(self, step, reduce_max=None):
+        self.step = step
+        HANG.stepped()
         if step % self.CHECK_EVERY:
             return False
         return bool(reduce_max(self.requested)) if reduce_max else self.requested
@@ -337,3 +353,166 @@ class StepTimer:
     def write(self, **info):
         with open(self.path, "w") as f:
             json.dump({"start_time": self.start, "step_end_times": self.times, **self.info, **info}, f)
+
+
+# A wait that ran out its deadline (gloo's "Timed out waiting 10000ms for recv", NCCL's watchdog, a store's
+# "Timeout"), as opposed to a peer that closed its connections (died: "Connection reset by peer").
+TIMED_OUT = re.compile(r"timed out|timeout|deadline.?exceeded", re.I)
+PEER_GONE = re.compile(r"reset by peer|closed by peer|connection refused|broken pipe|end of file", re.I)
+# gloo's errors are plain RuntimeErrors: its source file in the text, or, raised by the other collectives in
+# flight (DDP's buckets) once a timeout closed the connection, "Application timeout caused pair closure".
+GLOO_ERROR = re.compile(r"gloo/transport|timeout caused pair closure")
+
+
+def timed_out(error):
+    """True when a distributed wait ran out its deadline (the peer is alive but silent, or gone without a word);
+    False for a peer that closed its connections (it died: its socket was closed by the kernel)."""
+    text = str(error)
+    return bool(TIMED_OUT.search(text)) and not PEER_GONE.search(text)
+
+
+class HangReport:
+    """A hang ends with evidence (#23). When a collective runs past --timeout, the live rank
+    - writes where it waited (the error's traceback) and every thread's stack into rank<N>.stack.txt, and the
+      backend's Flight Recorder trace (torch: gloo records it too, but only NCCL's watchdog dumps it) into
+      nccl_trace_rank_<N> -- torch's own file name, which slurm_templates/tools/fr_report.py reads -- both in
+      <checkpoint-dir>/debug/<SLURM_JOB_ID, torchrun's run id, or "local">/ (the shared filesystem outlives the job);
+    - tells the others it timed out (a key in the rendezvous store) and waits up to GRACE_S for theirs: the ranks
+      that timed out too are alive and were waiting, the ones that did not are the ones that stopped answering;
+    - prints one line naming the collective, the deadline and those ranks, and exits 1.
+    A store that does not answer lives in a stopped process (rank 0's, or torchrun's agent): then no rank can be
+    named, and the line says so. Torch folders only for now (jax has its own coordination service).
+
+    The rank that hangs, when it is alive (a deadlocked DataLoader, a slow filesystem), writes its own stack: a
+    watcher thread of every process of a multi-process run dumps every thread's stack into rank<N>.stalled.txt
+    when no step boundary (PREEMPTION.agreed) came for --timeout, once per stall. A phase longer than --timeout
+    with no collective in it (a long validation, a slow save) leaves such a file too, and says so in it."""
+
+    GRACE_S = 10  # at most; never more than --timeout: the job ends within --timeout + 60 s
+
+    def __init__(self):
+        self.checkpoint_dir = self.timeout = None
+        self.last_step_at, self.watcher = None, None
+
+    def remember(self, checkpoint_dir=None, timeout=None):
+        """Where the evidence goes and the deadline the line names: OneLineParser passes --checkpoint-dir and
+        --timeout; a folder whose values come from elsewhere (nemo's Hydra config) passes them itself."""
+        self.checkpoint_dir = checkpoint_dir or self.checkpoint_dir
+        self.timeout = timeout or self.timeout
+
+    def stepped(self):
+        """A step boundary (every step: an attribute set; the watcher starts at the first one)."""
+        self.last_step_at = time.monotonic()
+        if self.watcher is None and self.timeout and _launched_processes() > 1:
+            self.watcher = threading.Thread(target=self._watch, name="hang-watcher", daemon=True)
+            self.watcher.start()
+
+    def _watch(self):
+        dumped_for = None
+        while True:
+            time.sleep(min(1.0, self.timeout / 4))
+            since, stalled = self.last_step_at, time.monotonic() - self.last_step_at
+            if stalled < self.timeout or dumped_for == since:
+                continue
+            dumped_for, rank = since, launcher_rank()
+            with contextlib.suppress(OSError):
+                os.makedirs(self.folder(), exist_ok=True)
+                with open(os.path.join(self.folder(), f"rank{rank}.stalled.txt"), "w") as f:
+                    f.write(f"rank {rank}, pid {os.getpid()} on {socket.gethostname()}, "
+                            f"{time.strftime('%Y-%m-%d %H:%M:%S')}: no step since step {PREEMPTION.step} for "
+                            f"{stalled:.0f} s (--timeout {self.timeout}): stuck here, or in a phase longer than "
+                            f"--timeout (a validation, a save)\n\nevery thread:\n")
+                    f.flush()
+                    faulthandler.dump_traceback(file=f, all_threads=True)
+
+    def folder(self):
+        run_id = os.environ.get("SLURM_JOB_ID") or os.environ.get("TORCHELASTIC_RUN_ID", "none")
+        run_id = "local" if run_id == "none" else run_id
+        return os.path.join(self.checkpoint_dir or os.path.join(tempfile.gettempdir(), "recipe-debug"), "debug", run_id)
+
+    def report(self, error):
+        """(one line, exit code 1) for a distributed wait that timed out, else None."""
+        torch_dist = sys.modules.get("torch.distributed")
+        if not (timed_out(error) and torch_dist is not None and torch_dist.is_initialized()):
+            return None
+        if not (isinstance(error, torch_dist.DistError) or GLOO_ERROR.search(str(error))):
+            return None  # a timeout of something else (a DataLoader's): not a collective's
+        rank, world_size = torch_dist.get_rank(), torch_dist.get_world_size()
+        folder = self.folder()
+        trace = self._write_evidence(error, rank, folder)
+        op = _last_collective(trace) or "a collective"
+        seconds = self.timeout or "?"
+        silent = self._who_did_not_arrive(torch_dist, rank, world_size, min(self.GRACE_S, self.timeout or 10))
+        return (f"{op} did not complete within --timeout {seconds} s at step {PREEMPTION.step}: {silent}; "
+                f"stacks in {folder}"), 1
+
+    def _write_evidence(self, error, rank, folder):
+        """This rank's stack (where it waited, every thread now) and its Flight Recorder trace, on disk."""
+        trace = None
+        try:
+            os.makedirs(folder, exist_ok=True)
+            with open(os.path.join(folder, f"rank{rank}.stack.txt"), "w") as f:
+                f.write(f"rank {rank}, pid {os.getpid()} on {socket.gethostname()}, step {PREEMPTION.step}, "
+                        f"{time.strftime('%Y-%m-%d %H:%M:%S')}: {str(error).splitlines()[0] if str(error) else ''}\n"
+                        f"\nwhere it waited:\n{''.join(traceback.format_exception(error))}\nevery thread now:\n")
+                f.flush()
+                faulthandler.dump_traceback(file=f, all_threads=True)
+            from torch._C._distributed_c10d import _dump_fr_trace  # private: torch 2.13 has no public dump call
+            trace = _dump_fr_trace()
+            atomic_write(os.path.join(folder, f"nccl_trace_rank_{rank}"), lambda f: f.write(trace))
+        except (OSError, ImportError, RuntimeError) as e:
+            log(rank, f"warning: the hang's evidence is incomplete ({type(e).__name__}: {e})", file=sys.stderr)
+        return trace
+
+    def _who_did_not_arrive(self, torch_dist, rank, world_size, grace):
+        """Which ranks did not time out with this one: the ones that stopped answering (or that are stuck
+        elsewhere, alive). Through the rendezvous store, in a thread: a stopped store blocks its clients."""
+        found = {}
+
+        def ask():
+            from datetime import timedelta
+            store = torch_dist.distributed_c10d._get_default_store()  # private: the group's own store, no public way
+            store.set_timeout(timedelta(seconds=grace))
+            store.set(f"timed-out/{rank}", str(PREEMPTION.step))
+            end = time.monotonic() + grace
+            while True:
+                found["arrived"] = [r for r in range(world_size) if store.check([f"timed-out/{r}"])]
+                if len(found["arrived"]) == world_size or time.monotonic() > end:
+                    return
+                time.sleep(0.2)
+
+        asking = threading.Thread(target=ask, daemon=True)
+        asking.start()
+        asking.join(2 * grace + 1)  # set() and check() give up after grace themselves; a stopped store may not
+        if "arrived" not in found:
+            return ("the ranks that stopped answering cannot be named: the rendezvous store does not answer either "
+                    "(it lives in rank 0's process, or in torchrun's agent: stopped or gone)")
+        missing = sorted(set(range(world_size)) - set(found["arrived"]))
+        if not missing:
+            return "every rank timed out: the collective itself hangs (the network?)"
+        names = ",".join(map(str, missing))
+        return (f"rank{'s' if len(missing) > 1 else ''} {names} stopped answering (alive but not progressing, "
+                f"or gone without closing its connections)")
+
+
+def _launched_processes():
+    """How many processes the launcher started (torchrun's WORLD_SIZE, srun's SLURM_NTASKS), 1 when neither."""
+    for name in ("WORLD_SIZE", "SLURM_NTASKS"):
+        if os.environ.get(name, "").isdigit():
+            return int(os.environ[name])
+    return 1
+
+
+def _last_collective(trace):
+    """'gloo:all_reduce #17' -- the newest entry of a Flight Recorder trace (pickled plain data), or ''."""
+    try:
+        entries = pickle.loads(trace)["entries"] if trace else []
+    except (pickle.UnpicklingError, KeyError, TypeError, EOFError):
+        return ""
+    if not entries:
+        return ""
+    last = entries[-1]
+    return f"{last.get('profiling_name', '?')} (collective #{last.get('collective_seq_id', '?')})"
+
+
+HANG = HangReport()

@@ -282,8 +282,9 @@ def run_hydra(task, args: argparse.Namespace) -> None:
     conf/config.yaml, or the config parse_args checked (with hydra.run.dir=.: no outputs/ directories, no change
     of directory).
 
-    Hydra reports an exception raised inside the task as a traceback and exit 1: a RecipeError is carried out of
-    Hydra instead, for run() to print as one line and exit 2."""
+    Hydra reports an exception raised inside the task as a traceback and exit 1: a RecipeError, and a collective
+    that timed out (toolkit.HANG's evidence and line, C13), are carried out of Hydra instead, for run() to print
+    as one line."""
     from nemo.core.config import hydra_runner
 
     raised = []
@@ -292,6 +293,10 @@ def run_hydra(task, args: argparse.Namespace) -> None:
         try:
             task(cfg)
         except RecipeError as e:
+            raised.append(e)
+        except RuntimeError as e:
+            if not toolkit.timed_out(e):
+                raise
             raised.append(e)
 
     sys.argv = [sys.argv[0], *args.overrides]
@@ -407,6 +412,7 @@ def init_distributed(cfg: DictConfig) -> None:
     backend = cfg.recipe.backend if cfg.recipe.backend != "auto" else "nccl" if torch.cuda.is_available() else "gloo"
     seconds = cfg.recipe.timeout
     timeout = timedelta(seconds=seconds)
+    toolkit.HANG.remember(cfg.exp_manager.explicit_log_dir, seconds)  # a hang's evidence and deadline (C13)
     what = (f"rendezvous at {addr}:{port} (are all {world_size} ranks started, MASTER_ADDR reachable from every "
             f"node, MASTER_PORT used by nothing else?)")
     try:

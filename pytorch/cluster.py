@@ -97,9 +97,10 @@ def parse_args(description, extra=None):
 
 def explain(error):
     """toolkit.run's verdict on an error that is not a RecipeError: a collective that failed because a peer is
-    gone (gloo: "Connection reset/closed by peer", "Timed out waiting ... for recv"; NCCL: a DistBackendError) is
-    not this rank's fault -- one line and exit 1 (the other rank's log says why; the last snapshot is intact, and
-    a requeue or a resubmission resumes from it). None for anything else: a bug, with its traceback."""
+    gone (gloo: "Connection reset/closed by peer"; NCCL: a DistBackendError) is not this rank's fault -- one line
+    and exit 1 (the other rank's log says why; the last snapshot is intact, and a requeue or a resubmission
+    resumes from it). None for anything else: a bug, with its traceback. One that timed out (a peer alive but
+    silent) never gets here: toolkit.run asks toolkit.HANG first (stacks on disk, the silent ranks named)."""
     text = str(error).strip()
     if not (isinstance(error, RuntimeError) and dist.is_initialized()
             and (isinstance(error, dist.DistError) or "gloo/transport" in text)):

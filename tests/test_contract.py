@@ -5,16 +5,19 @@ itself: a new folder is checked the moment it appears, and an exception exists o
 """
 
 import ast
+import contextlib
 import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-from helpers import ROOT, clean_env, env_python, run, unavailable
+from helpers import ROOT, clean_env, env_python, free_port, run, unavailable
+from recipes import RECIPES
 
 pytestmark = [pytest.mark.contract, pytest.mark.timeout(600)]
 
@@ -726,3 +729,107 @@ def test_copy_alone_installs_and_runs(folder, tmp_path):
                     cwd=copy, check=False).stdout.strip()
     assert "+cu" not in installed, f"a CUDA build of torch was installed on a CPU machine: {installed}"
 
+
+
+# ------------------------------------------------------------------------------------------------ C13 hangs
+
+HANG_TIMEOUT = 5  # --timeout of the hang test: short, so that the run is cheap; the bound is --timeout + 60 s
+
+
+@pytest.mark.parametrize("folder", [pytest.param(f, marks=pytest.mark.xfail(
+    strict=True, reason=f"CONTRACT.md exceptions: {f} C13")) if excepted(f, "C13") else f for f in FOLDERS])
+def test_a_hang_ends_with_evidence_and_one_line_naming_the_silent_rank(folder, tmp_path):
+    """C13 (#23): rank 1 of a 2-rank srun-style run is stopped (SIGSTOP: alive, not answering) after its second
+    step. Rank 0's next collective runs out its --timeout; it must then exit non-zero within --timeout + 60 s with
+    one error line and no traceback, saying that rank 1 stopped answering (not that a process died), and leave its
+    stack in <checkpoint-dir>/debug/<job id>/. Before: a line that said "a process or node of the job died"
+    (pytorch, lightning), a traceback (monai, modulus, nemo), an abort (jax), no end (deepspeed)."""
+    recipe, ckpt = RECIPES[folder], tmp_path / "ckpt"
+    args = [*recipe.small, "--epochs", "100", "--log-every", "1", "--timeout", HANG_TIMEOUT,
+            "--checkpoint-dir", ckpt, "--data-dir", tmp_path / "data"]
+    procs = recipe.srun(args, 2, free_port())
+    out = ""
+    try:
+        for line in procs[0].stdout:
+            out += line
+            if re.search(r"\| step 2 \|", line):
+                os.killpg(procs[1].pid, signal.SIGSTOP)
+                break
+        try:
+            out += procs[0].communicate(timeout=HANG_TIMEOUT + 60)[0]
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"{folder}: rank 0 still running {HANG_TIMEOUT} + 60 s after rank 1 stopped\n{out[-3000:]}",
+                        pytrace=False)
+    finally:
+        for p in procs:
+            for sig in (signal.SIGCONT, signal.SIGKILL):
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(p.pid, sig)
+            p.wait()
+    errors = [ln for ln in out.splitlines() if ERROR_LINE.match(ln)]
+    assert procs[0].returncode not in (0, None) and "Traceback" not in out, f"exit {procs[0].returncode}\n{out[-4000:]}"
+    assert len(errors) == 1, f"want one error line, got {errors}\n{out[-3000:]}"
+    assert "rank 1 stopped answering" in errors[0] and "died" not in errors[0], errors[0]
+    assert f"within --timeout {HANG_TIMEOUT} s" in errors[0], errors[0]
+    stack = (ckpt / "debug" / "4242" / "rank0.stack.txt").read_text()  # the job id recipes.srun sets
+    assert "where it waited:" in stack and "every thread now:" in stack, stack[-2000:]
+
+
+def test_a_timeout_is_told_apart_from_a_death_and_the_silent_ranks_are_named():
+    """C13's seam on its own: a wait that ran out its deadline (gloo, NCCL's watchdog) is a hang; a peer whose
+    connections closed died (its own line stays). Through the store, the ranks that did not time out with this one
+    are named; a store that does not answer (it lived in the stopped process) names nobody -- and returns."""
+    toolkit = import_toolkit()
+    assert toolkit.timed_out(RuntimeError("[unbound_buffer.cc:78] Timed out waiting 5000ms for recv operation"))
+    assert toolkit.timed_out(RuntimeError("Watchdog caught collective operation timeout: WorkNCCL(SeqNum=9)"))
+    assert not toolkit.timed_out(RuntimeError("[pair.cc:537] Read error [127.0.0.1]:1234: Connection reset by peer"))
+    assert not toolkit.timed_out(RuntimeError("Connection closed by peer [127.0.0.1]:41234"))
+    # DDP's other buckets in flight, once gloo closed the connection of the one that timed out (seen: lightning)
+    pair_closed = "Application timeout caused pair closure"
+    assert toolkit.timed_out(RuntimeError(pair_closed)) and toolkit.GLOO_ERROR.search(pair_closed)
+
+    import threading
+    from types import SimpleNamespace
+
+    class Store:  # the rendezvous store as torch's TCPStore answers: set, check, set_timeout
+        def __init__(self, posted, answers=True):
+            self.posted, self.answers = set(posted), answers
+
+        def set_timeout(self, timeout):
+            pass
+
+        def set(self, key, value):
+            if not self.answers:
+                threading.Event().wait()  # the server's process is stopped: no reply, ever
+            self.posted.add(key)
+
+        def check(self, keys):
+            return set(keys) <= self.posted
+
+    def said(store, world_size=4):
+        fake = SimpleNamespace(distributed_c10d=SimpleNamespace(_get_default_store=lambda: store))
+        return toolkit.HANG._who_did_not_arrive(fake, 0, world_size, 0.2)
+
+    assert said(Store({"timed-out/2"})).startswith("ranks 1,3 stopped answering")
+    assert said(Store(set()), 2).startswith("rank 1 stopped answering")
+    assert said(Store({"timed-out/1", "timed-out/2", "timed-out/3"})).startswith("every rank timed out")
+    assert "cannot be named" in said(Store(set(), answers=False))
+
+
+def test_a_rank_stuck_alive_writes_its_own_stack(tmp_path):
+    """C13: the rank that hangs, when it is alive (stuck in Python: a deadlocked DataLoader, a slow filesystem),
+    dumps every thread's stack into debug/<job id>/rank<N>.stalled.txt once no step boundary came for --timeout --
+    the others time out in their collective meanwhile and exit. A process of a 2-task job, stepped once, then
+    stuck in a function for 3 x its --timeout of 1 s: the file names that function. In a fresh process: the
+    watcher is a thread that lives as long as its process."""
+    code = ("import sys, time; sys.path.insert(0, sys.argv[1]); import toolkit\n"
+            "toolkit.HANG.remember(sys.argv[2], 1)\n"
+            "toolkit.PREEMPTION.agreed(3)  # a step boundary: the watcher starts\n"
+            "def a_rank_stuck_in_python():\n"
+            "    time.sleep(3)\n"
+            "a_rank_stuck_in_python()\n")
+    env = clean_env(SLURM_NTASKS=2, SLURM_PROCID=1, SLURM_JOB_ID=4242)
+    subprocess.run([sys.executable, "-c", code, str(ROOT / "pytorch"), str(tmp_path)], env=env, timeout=60,
+                   check=True)
+    stalled = (tmp_path / "debug" / "4242" / "rank1.stalled.txt").read_text()
+    assert "no step since step 3" in stalled and "a_rank_stuck_in_python" in stalled, stalled
