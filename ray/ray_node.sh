@@ -3,11 +3,13 @@
 #   srun ... ray_node.sh --head --port=GCS_PORT [ray start options]     # the first node
 #   srun ... ray_node.sh --address=HEAD_IP:GCS_PORT [ray start options] # every other node
 # Starts `ray start --block` in a process group of its own and, when told to stop (SIGUSR2 from the job
-# script's teardown, which srun forwards; SIGTERM from Slurm on scancel or a time limit), ends exactly that group: every Ray process of this node
-# for this job (GCS, raylet, workers, agents), and nothing of another job or user -- unlike `ray stop`, which
-# kills every Ray process of the user on the machine.
+# script's teardown, which srun forwards), ends exactly that group: every Ray process of this node for this job
+# (GCS, raylet, workers, agents), and nothing of another job or user -- unlike `ray stop`, which kills every Ray
+# process of the user on the machine. A SIGTERM (Slurm's, to every process of the step: preemption with
+# GraceTime, scancel) stops nothing: the driver saves first (see below).
 # Environment: PYTHON (the interpreter whose environment has ray), RAY_PORT_BASE (first port of this job's
-# block of 64, from multinode.sbatch), RAY_NODE_IP_CMD (how a node finds the address the others reach it at).
+# block of 64, from multinode.sbatch), RAY_NODE_IP_CMD (how a node finds the address the others reach it at),
+# RAY_NOTIFY_PID (the head only: the batch shell, told of a SIGTERM).
 set -euo pipefail
 
 PYTHON=${PYTHON:-python3}
@@ -22,7 +24,12 @@ temp_dir=/tmp/ray-${SLURM_JOB_ID:-0}-$node
 
 # Every port from this job's block: two jobs on one node never collide, nothing is in the ephemeral range,
 # and the dashboard process (started even with --include-dashboard=false) stays on loopback.
-setsid "$PYTHON" -m ray.scripts.scripts start --block "$@" \
+# Slurm's SIGTERM goes to every process of the step (preemption with GraceTime, `scancel`): Ray's own processes
+# would die of it (the raylet and GCS shut down, a Train worker exits) before the driver has saved. They start
+# with SIGTERM *blocked*: the mask survives exec and fork, so the GCS, the raylet and every worker it starts keep
+# it pending and go on; handlers Ray installs never run. (Ignoring it would not do: Ray installs handlers.)
+shield='import os, signal, sys; signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM}); os.execvp(sys.argv[1], sys.argv[1:])'
+setsid "$PYTHON" -c "$shield" "$PYTHON" -m ray.scripts.scripts start --block "$@" \
   --node-ip-address="$ip" --temp-dir="$temp_dir" \
   --node-manager-port=$((base + 0)) --object-manager-port=$((base + 1)) --metrics-export-port=$((base + 2)) \
   --dashboard-agent-grpc-port=$((base + 3)) --dashboard-agent-listen-port=$((base + 4)) \
@@ -34,21 +41,28 @@ echo "ray node $node ($ip): process group $group, temp dir $temp_dir"
 
 # shellcheck disable=SC2317  # called from the traps below
 stop() {
-  trap - TERM INT EXIT
-  kill -TERM -- "-$group" 2>/dev/null || return 0
-  # Ray drains for up to 30 s on SIGTERM, and gcs_server/raylet may ignore it; Slurm itself sends SIGKILL
-  # KillWait seconds (often 30, here 7) after its SIGTERM: 2 s, then SIGKILL.
-  for _ in $(seq 10); do
-    kill -0 -- "-$group" 2>/dev/null || break
-    sleep 0.2
-  done
-  kill -KILL -- "-$group" 2>/dev/null || true
+  trap - INT EXIT
+  # SIGTERM is blocked in every Ray process (above): SIGKILL, the whole group. Nothing of the run is lost by
+  # then -- the driver has saved and exited, or the job failed.
+  kill -KILL -- "-$group" 2>/dev/null || return 0
   echo "ray node $node: stopped"
   rm -rf "$temp_dir"
 }
-trap 'stop; exit 0' TERM INT USR2
+# shellcheck disable=SC2317
+preempted() {
+  echo "ray node $node: got TERM (preemption, scancel); Ray keeps running until the driver has saved"
+  # The head's ray_node.sh runs on the batch shell's node and passes it on (RAY_NOTIFY_PID, from multinode.sbatch):
+  # under GraceTime preemption Slurm signals the steps, not the batch shell and the driver.
+  if [ -n "${RAY_NOTIFY_PID:-}" ]; then kill -TERM "$RAY_NOTIFY_PID" 2>/dev/null || true; fi
+}
+trap 'stop; exit 0' INT USR2
+trap preempted TERM
 trap stop EXIT
-rc=0
-wait "$group" || rc=$?
+# Told to stop: the job script's teardown (USR2), or Slurm's SIGKILL when the grace time or KillWait is over.
+while :; do
+  rc=0
+  wait "$group" || rc=$?
+  kill -0 "$group" 2>/dev/null || break   # (a TERM ends `wait` early, not Ray)
+done
 echo "ray node $node: ray start exited with $rc" >&2
 exit "$rc"

@@ -13,6 +13,7 @@ import re
 import secrets
 import shutil
 import signal
+import socket
 import subprocess
 import time
 from pathlib import Path
@@ -146,25 +147,97 @@ def assert_same_snapshots(a, b, steps=STEPS, **tol):
 # ------------------------------------------------------------------------------------------------ fixtures
 
 
-@pytest.fixture(scope="module")
-def cluster():
-    """A one-node Ray cluster shared by the drivers of this file; yields its address. Started like one node of
-    multinode.sbatch (own process group, short temp dir, token, no dashboard) and ended by its process group."""
-    port = free_port()
-    temp_dir = f"/tmp/ray-test-{port}"
-    head = subprocess.Popen(
-        [str(env_python("ray")), "-m", "ray.scripts.scripts", "start", "--head", "--block", f"--port={port}",
-         "--node-ip-address=127.0.0.1", "--num-cpus=2", "--include-dashboard=false", f"--temp-dir={temp_dir}",
-         f"--object-store-memory={256 * 1024**2}", "--disable-usage-stats"],
-        env=ray_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+def free_block(size=64):
+    """The first port of `size` consecutive ports nobody listens on (ray_node.sh's RAY_PORT_BASE)."""
+    while True:
+        base = free_port()
+        if base + size > 32768:
+            continue
+        try:
+            for port in range(base, base + size):
+                with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+                    s.bind(("127.0.0.1", port))
+            return base
+        except OSError:
+            continue
+
+
+def descendants(pid):
+    """`pid` and every live process below it (by parent PID)."""
+    children = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if fields[0] != "Z":
+                children.setdefault(int(fields[1]), []).append(int(entry.name))
+    found, todo = [], [pid]
+    while todo:
+        found.append(todo.pop())
+        todo += children.get(found[-1], [])
+    return [p for p in found if alive(p)]
+
+
+def command(pid):
     try:
-        yield f"127.0.0.1:{port}"
-    finally:
-        members = session_members(head.pid)
-        kill_session(head.pid)
-        head.wait()
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return ""
+
+
+def term_everything(*roots):
+    """SIGTERM to every process of a Slurm step, as slurmstepd sends it on preemption (GraceTime) or scancel:
+    every process below each root (a setsid'd `ray start` included), Ray's own (GCS, raylet, workers) too."""
+    for pid in {p for root in roots for p in descendants(root)}:
+        try:
+            os.kill(pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+
+
+class Head:
+    """ray_node.sh --head, started as multinode.sbatch's srun starts it on the first node (the Slurm variables it
+    reads, a block of free ports); stopped by SIGUSR2, the job script's teardown."""
+
+    def __init__(self, tmp):
+        self.port, base = free_port(), free_block()
+        self.log = tmp / "ray_node.out"
+        env = ray_env(PYTHON=env_python("ray"), RAY_PORT_BASE=base, SLURM_JOB_ID=f"test{self.port}",
+                      SLURMD_NODENAME="n1", SLURM_CPUS_PER_TASK=2, RAY_NODE_IP_CMD="echo 127.0.0.1")
+        with open(self.log, "w") as out:
+            self.proc = subprocess.Popen(
+                ["bash", "./ray_node.sh", "--head", f"--port={self.port}", "--include-dashboard=false",
+                 "--dashboard-host=127.0.0.1", f"--dashboard-port={base + 6}"],
+                cwd=FOLDER, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        self.temp_dir = Path(f"/tmp/ray-test{self.port}-n1")
+        self.address = f"127.0.0.1:{self.port}"
+
+    def ray_processes(self):
+        """{pid: command line} of the GCS and the raylet of this head."""
+        return {p: command(p) for p in descendants(self.proc.pid)
+                if re.search(r"/(gcs_server|raylet) ", command(p))}
+
+    def stop(self):
+        members = descendants(self.proc.pid)
+        self.proc.send_signal(signal.SIGUSR2)
+        code = self.proc.wait(timeout=60)
         assert_gone(members, "the test's Ray head", grace=10)
-        subprocess.run(["rm", "-rf", temp_dir], check=False)
+        return code
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    """A one-node Ray cluster shared by the drivers of this file: ray_node.sh --head, as multinode.sbatch starts
+    it (own process group, short temp dir, token, ports from the job's block); yields it. Ended as the job ends
+    it (SIGUSR2): nothing of it may be left, its temp dir neither."""
+    head = Head(tmp_path_factory.mktemp("head"))
+    try:
+        yield head
+    finally:
+        code = head.stop()
+        assert code == 0 and not head.temp_dir.exists(), f"exit {code}\n{head.log.read_text()[-3000:]}"
 
 
 @pytest.fixture(scope="module")
@@ -179,7 +252,8 @@ def straight(tmp_path_factory):
 
 
 def driver(cluster, ckpt, *args, workers=2):
-    return Launch("multinode.py", "--address", cluster, "--workers", workers, *ARGS, "--checkpoint-dir", ckpt, *args)
+    return Launch("multinode.py", "--address", cluster.address, "--workers", workers, *ARGS, "--checkpoint-dir", ckpt,
+                  *args)
 
 
 # ------------------------------------------------------------------------------------------------ tests
@@ -203,18 +277,27 @@ def test_local_two_workers(straight):
 
 @pytest.fixture(scope="module")
 def preempted(cluster, tmp_path_factory):
-    """A driver signalled (SIGUSR1) once it has joined the cluster, before the workers start: the stop request
-    waits in the control actor, and the workers stop at the first check (step 10), rank 0 saves a snapshot and
-    the driver exits 75. Returns (checkpoint dir, the snapshot of step 10 on its own, the output)."""
+    """Slurm's SIGTERM to every process of the job's steps (preemption with GraceTime, scancel): to the driver and
+    to every Ray process of the node, ray_node.sh's included -- once the driver has joined, before the workers
+    start (the stop request waits in the control actor), and again once both workers run. Ray must survive it
+    (ray_node.sh starts Ray with SIGTERM blocked and does not stop it): the workers stop at the first check (step
+    10), rank 0 saves a snapshot, the driver exits 75, and the cluster serves the next run (the resume below).
+    Returns (checkpoint dir, the snapshot of step 10 on its own, the output)."""
     ckpt = tmp_path_factory.mktemp("preempted") / "ckpt"
+    ray_processes = cluster.ray_processes()
     launch = driver(cluster, ckpt)
     launch.until(r"^\[rank0\] cluster: ")
-    launch.proc.send_signal(signal.SIGUSR1)
+    term_everything(launch.proc.pid, cluster.proc.pid)
+    launch.until(r"^\[rank1\] host ")
+    term_everything(launch.proc.pid, cluster.proc.pid)
     out = finished(launch, want=75)
     assert_gone(launch.worker_pids().values(), "the driver's workers")
     (snapshot,) = [p for p in (ckpt / "train").glob("checkpoint_*") if p.is_dir()]
     at_step_10 = ckpt.parent / "step10"
     shutil.copytree(snapshot, at_step_10 / "train" / snapshot.name)
+    assert len(ray_processes) == 2 and cluster.ray_processes() == ray_processes, \
+        f"the GCS and raylet did not survive the SIGTERM: {ray_processes}\n{cluster.log.read_text()[-3000:]}"
+    assert cluster.proc.poll() is None and "got TERM" in cluster.log.read_text(), cluster.log.read_text()[-3000:]
     return ckpt, at_step_10, out
 
 
@@ -246,6 +329,50 @@ def test_two_workers_equal_one_process(preempted, tmp_path):
     one = Launch("single_gpu.py", *ARGS, "--batch-size", 32, "--max-steps", 10, "--checkpoint-dir", tmp_path / "one")
     finished(one, timeout=120)
     assert_same_snapshots(tmp_path / "one", preempted[1], steps=10, **TOL)
+
+
+# A stand-in for Ray under ray_node.sh (PYTHON): `-c` runs Python (ray_node.sh's SIGTERM shield), `-m ray...
+# start` is a process that sleeps, as `ray start --block` does, and says whether SIGTERM is blocked in it.
+STUB_PYTHON = """#!/bin/bash
+case "$1" in
+  -c) exec python3 "$@" ;;
+  -m) awk '/^SigBlk/ {print "SigBlk", $2}' /proc/$$/status; exec sleep 600 ;;
+esac
+"""
+
+
+def test_ray_node_keeps_ray_on_sigterm_tells_the_batch_shell_and_stops_on_usr2(tmp_path):
+    """ray_node.sh under a SIGTERM to every process of its step, without Ray (a stand-in sleeps in its place):
+    Ray's processes start with SIGTERM blocked and are not stopped; the head passes the signal on to the batch
+    shell (RAY_NOTIFY_PID: under GraceTime preemption Slurm signals the steps, not the batch shell); SIGUSR2 (the
+    job's teardown) then ends the group and removes the node's temp dir."""
+    (tmp_path / "python").write_text(STUB_PYTHON)
+    (tmp_path / "python").chmod(0o755)
+    told = tmp_path / "told"
+    shell = subprocess.Popen(["bash", "-c", f"trap 'echo TERM > {told}; exit 0' TERM; while :; do sleep 0.1; done"])
+    node = subprocess.Popen(["bash", "./ray_node.sh", "--head", "--port=1"], cwd=FOLDER, start_new_session=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env=clean_env(PYTHON=tmp_path / "python", RAY_PORT_BASE=10000, SLURM_JOB_ID="t",
+                                          SLURMD_NODENAME=f"stub{os.getpid()}", RAY_NODE_IP_CMD="echo 127.0.0.1",
+                                          RAY_NOTIFY_PID=shell.pid))
+    try:
+        lines = [node.stdout.readline() for _ in range(2)]  # "ray node ... process group", the stand-in's mask
+        (mask,) = [int(line.split()[1], 16) for line in lines if line.startswith("SigBlk")]
+        ray = [p for p in descendants(node.pid) if command(p).startswith("sleep 600")]
+        assert len(ray) == 1 and mask & 1 << (signal.SIGTERM - 1), (lines, ray)
+        term_everything(node.pid)
+        assert shell.wait(timeout=10) == 0 and told.read_text() == "TERM\n"
+        assert alive(ray[0]) and node.poll() is None, "SIGTERM stopped Ray before the driver could save"
+        Path(f"/tmp/ray-t-stub{os.getpid()}").mkdir(exist_ok=True)  # (Ray makes it; the stand-in does not)
+        node.send_signal(signal.SIGUSR2)
+        rest, _ = node.communicate(timeout=10)
+        assert node.returncode == 0 and "got TERM" in rest and "stopped" in rest, rest
+        assert_gone(ray, "the node's Ray", grace=5)
+        assert not Path(f"/tmp/ray-t-stub{os.getpid()}").exists()
+    finally:
+        shell.kill()
+        for pid in descendants(node.pid):
+            os.kill(pid, signal.SIGKILL)
 
 
 # ------------------------------------------------------------------------------------------------ bad input
