@@ -1,14 +1,15 @@
 """ray/ recipes, launched for real on CPU (gloo, 2 Ray Train workers): the local cluster of multigpu.py, drivers
-joining a running cluster (multinode.py), equivalence with one process, preemption -> exit 75 -> resume, a worker
-killed mid-training and replaced, resumed == uninterrupted, bad input; and after every run no Ray process it
-started is left.
+joining a running cluster (multinode.py), equivalence with one process, preemption by SIGTERM to every process
+(the driver's and Ray's, as Slurm sends it) -> exit 75 -> resume, a worker killed mid-training and replaced,
+resumed == uninterrupted, bad input; ray_node.sh's signals, ports and kept logs with a stand-in for Ray; and after
+every run no Ray process it started is left.
 
 Ray start-up costs seconds per run (worker processes importing torch and Ray Train), so the drivers of this file
-share one Ray cluster (`cluster`, a head started with `ray start --block` in a process group of its own and
-ended by that group); only the multigpu.py test starts its own, as users do.
-"""
+share one Ray cluster (`cluster`: ray_node.sh --head, started as multinode.sbatch starts it, ended by SIGUSR2 as
+the job ends it); only the multigpu.py test starts its own, as users do."""
 
 import os
+import random
 import re
 import secrets
 import shutil
@@ -147,12 +148,11 @@ def assert_same_snapshots(a, b, steps=STEPS, **tol):
 # ------------------------------------------------------------------------------------------------ fixtures
 
 
-def free_block(size=64):
-    """The first port of `size` consecutive ports nobody listens on (ray_node.sh's RAY_PORT_BASE)."""
+def free_block(size=256):
+    """The first port of `size` consecutive ports nobody listens on (ray_node.sh's RAY_PORT_BASE), in the range
+    multinode.sbatch takes them from (20000-32767)."""
     while True:
-        base = free_port()
-        if base + size > 32768:
-            continue
+        base = random.randrange(20000, 32768 - size)
         try:
             for port in range(base, base + size):
                 with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
@@ -188,8 +188,9 @@ def command(pid):
 
 
 def term_everything(*roots):
-    """SIGTERM to every process of a Slurm step, as slurmstepd sends it on preemption (GraceTime) or scancel:
-    every process below each root (a setsid'd `ray start` included), Ray's own (GCS, raylet, workers) too."""
+    """SIGTERM to every process of a Slurm step, as slurmstepd sends it on GraceTime preemption (and on scancel
+    --signal=TERM): every process below each root (a setsid'd `ray start` included), Ray's own (GCS, raylet,
+    workers) too."""
     for pid in {p for root in roots for p in descendants(root)}:
         try:
             os.kill(pid, signal.SIGTERM)
@@ -202,14 +203,15 @@ class Head:
     reads, a block of free ports); stopped by SIGUSR2, the job script's teardown."""
 
     def __init__(self, tmp):
-        self.port, base = free_port(), free_block()
-        self.log = tmp / "ray_node.out"
+        self.port = base = free_block()  # the GCS port is the block's first, as in multinode.sbatch
+        self.log, self.logs_dir = tmp / "ray_node.out", tmp / "ray-logs"
         env = ray_env(PYTHON=env_python("ray"), RAY_PORT_BASE=base, SLURM_JOB_ID=f"test{self.port}",
-                      SLURMD_NODENAME="n1", SLURM_CPUS_PER_TASK=2, RAY_NODE_IP_CMD="echo 127.0.0.1")
+                      SLURMD_NODENAME="n1", SLURM_CPUS_PER_TASK=2, RAY_NODE_IP_CMD="echo 127.0.0.1",
+                      RAY_LOGS_DIR=self.logs_dir)
         with open(self.log, "w") as out:
             self.proc = subprocess.Popen(
                 ["bash", "./ray_node.sh", "--head", f"--port={self.port}", "--include-dashboard=false",
-                 "--dashboard-host=127.0.0.1", f"--dashboard-port={base + 6}"],
+                 "--dashboard-host=127.0.0.1", f"--dashboard-port={base + 7}"],
                 cwd=FOLDER, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
         self.temp_dir = Path(f"/tmp/ray-test{self.port}-n1")
         self.address = f"127.0.0.1:{self.port}"
@@ -238,6 +240,7 @@ def cluster(tmp_path_factory):
     finally:
         code = head.stop()
         assert code == 0 and not head.temp_dir.exists(), f"exit {code}\n{head.log.read_text()[-3000:]}"
+        assert not head.logs_dir.exists(), "Ray's logs kept, but nothing failed"
 
 
 @pytest.fixture(scope="module")
@@ -277,16 +280,16 @@ def test_local_two_workers(straight):
 
 @pytest.fixture(scope="module")
 def preempted(cluster, tmp_path_factory):
-    """Slurm's SIGTERM to every process of the job's steps (preemption with GraceTime, scancel): to the driver and
-    to every Ray process of the node, ray_node.sh's included -- once the driver has joined, before the workers
-    start (the stop request waits in the control actor), and again once both workers run. Ray must survive it
-    (ray_node.sh starts Ray with SIGTERM blocked and does not stop it): the workers stop at the first check (step
-    10), rank 0 saves a snapshot, the driver exits 75, and the cluster serves the next run (the resume below).
+    """Slurm's SIGTERM to every process of the job's steps (GraceTime preemption, scancel --signal=TERM): to the
+    driver and to every Ray process of the node, ray_node.sh's included -- once the driver has joined, before the
+    workers start (the stop request waits in the control actor), and again once both workers run. Ray must
+    survive it (ray_node.sh starts Ray with SIGTERM blocked and does not stop it): the workers stop at the first
+    check (step 10), rank 0 saves a snapshot, the driver exits 75, and the cluster serves the next run (below).
     Returns (checkpoint dir, the snapshot of step 10 on its own, the output)."""
     ckpt = tmp_path_factory.mktemp("preempted") / "ckpt"
-    ray_processes = cluster.ray_processes()
     launch = driver(cluster, ckpt)
     launch.until(r"^\[rank0\] cluster: ")
+    ray_processes = cluster.ray_processes()
     term_everything(launch.proc.pid, cluster.proc.pid)
     launch.until(r"^\[rank1\] host ")
     term_everything(launch.proc.pid, cluster.proc.pid)
@@ -332,47 +335,81 @@ def test_two_workers_equal_one_process(preempted, tmp_path):
 
 
 # A stand-in for Ray under ray_node.sh (PYTHON): `-c` runs Python (ray_node.sh's SIGTERM shield), `-m ray...
-# start` is a process that sleeps, as `ray start --block` does, and says whether SIGTERM is blocked in it.
+# start` is a process that sleeps, as `ray start --block` does, after printing whether SIGTERM is blocked in it
+# and its arguments.
 STUB_PYTHON = """#!/bin/bash
 case "$1" in
-  -c) exec python3 "$@" ;;
-  -m) awk '/^SigBlk/ {print "SigBlk", $2}' /proc/$$/status; exec sleep 600 ;;
+  -c) [ "$2" = "import grpc" ] && exit 0; exec python3 "$@" ;;   # (as if Ray Client were installed)
+  -m) echo "SigBlk $(awk '/^SigBlk/ {print $2}' /proc/$$/status) $*"; exec sleep 600 ;;
 esac
 """
 
 
-def test_ray_node_keeps_ray_on_sigterm_tells_the_batch_shell_and_stops_on_usr2(tmp_path):
-    """ray_node.sh under a SIGTERM to every process of its step, without Ray (a stand-in sleeps in its place):
-    Ray's processes start with SIGTERM blocked and are not stopped; the head passes the signal on to the batch
-    shell (RAY_NOTIFY_PID: under GraceTime preemption Slurm signals the steps, not the batch shell); SIGUSR2 (the
-    job's teardown) then ends the group and removes the node's temp dir."""
+def test_ray_node_keeps_ray_on_sigterm_tells_the_batch_shell_stops_on_usr2_and_keeps_a_failed_jobs_logs(tmp_path):
+    """ray_node.sh as multinode.sbatch starts the head, without Ray (a stand-in sleeps in its place), under a
+    SIGTERM to every process of its step: Ray's processes start with SIGTERM blocked and are not stopped; the
+    head passes the signal on to the batch shell (RAY_NOTIFY_PID: under GraceTime preemption Slurm signals the
+    steps, not the batch shell); SIGUSR2 (the job's teardown) then ends the group, keeps the node's Ray logs in
+    the run folder since the job failed (the batch shell's FAILED file), and removes the node's temp dir. Also: the
+    address is what the node's name resolves to, and the ports cover a worker per CPU of the template."""
+    sbatch = (FOLDER / "multinode.sbatch").read_text()
+    cpus = int(re.search(r"^#SBATCH --cpus-per-task=(\d+)", sbatch, re.M)[1])
     (tmp_path / "python").write_text(STUB_PYTHON)
     (tmp_path / "python").chmod(0o755)
-    told = tmp_path / "told"
+    told, logs = tmp_path / "told", tmp_path / "ray-logs"
+    logs.mkdir()
+    (logs / "FAILED").touch()
+    temp_dir = Path(f"/tmp/ray-t{os.getpid()}-localhost")
     shell = subprocess.Popen(["bash", "-c", f"trap 'echo TERM > {told}; exit 0' TERM; while :; do sleep 0.1; done"])
-    node = subprocess.Popen(["bash", "./ray_node.sh", "--head", "--port=1"], cwd=FOLDER, start_new_session=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env=clean_env(PYTHON=tmp_path / "python", RAY_PORT_BASE=10000, SLURM_JOB_ID="t",
-                                          SLURMD_NODENAME=f"stub{os.getpid()}", RAY_NODE_IP_CMD="echo 127.0.0.1",
-                                          RAY_NOTIFY_PID=shell.pid))
+    env = clean_env(PYTHON=tmp_path / "python", RAY_PORT_BASE=20000, SLURM_JOB_ID=f"t{os.getpid()}",
+                    SLURMD_NODENAME="localhost", SLURM_CPUS_PER_TASK=cpus, RAY_NOTIFY_PID=shell.pid, RAY_LOGS_DIR=logs)
+    node = subprocess.Popen(["bash", "./ray_node.sh", "--head", "--port=20000"], cwd=FOLDER, start_new_session=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
     try:
-        lines = [node.stdout.readline() for _ in range(2)]  # "ray node ... process group", the stand-in's mask
-        (mask,) = [int(line.split()[1], 16) for line in lines if line.startswith("SigBlk")]
+        lines = []  # "ray node ...", the stand-in's line, a loopback warning: in any order
+        while not (any(ln.startswith("ray node") for ln in lines) and any(ln.startswith("SigBlk") for ln in lines)):
+            lines.append(node.stdout.readline())
+            assert lines[-1], f"ray_node.sh ended: {lines}"
+        assert any(ln.startswith("ray node localhost (127.0.0.1): ") for ln in lines), lines
+        (stub,) = [ln.split() for ln in lines if ln.startswith("SigBlk")]
+        assert int(stub[1], 16) & 1 << (signal.SIGTERM - 1), stub
+        options = dict(re.findall(r"--([\w-]+)=(\d+)", " ".join(stub)))
+        ports = {int(v) for k, v in options.items() if k.endswith("port")}
+        assert "ray-client-server-port" in options and len(ports) == 10, options
+        assert min(ports) >= 20000 and max(ports) <= 20000 + 255, options
+        assert int(options["max-worker-port"]) - int(options["min-worker-port"]) + 1 >= cpus + 16, options
         ray = [p for p in descendants(node.pid) if command(p).startswith("sleep 600")]
-        assert len(ray) == 1 and mask & 1 << (signal.SIGTERM - 1), (lines, ray)
+        assert len(ray) == 1, lines
         term_everything(node.pid)
         assert shell.wait(timeout=10) == 0 and told.read_text() == "TERM\n"
         assert alive(ray[0]) and node.poll() is None, "SIGTERM stopped Ray before the driver could save"
-        Path(f"/tmp/ray-t-stub{os.getpid()}").mkdir(exist_ok=True)  # (Ray makes it; the stand-in does not)
+        (temp_dir / "session_latest" / "logs").mkdir(parents=True)  # (Ray makes them; the stand-in does not)
+        (temp_dir / "session_latest" / "logs" / "worker-1.err").write_text("Traceback\n")
         node.send_signal(signal.SIGUSR2)
         rest, _ = node.communicate(timeout=10)
         assert node.returncode == 0 and "got TERM" in rest and "stopped" in rest, rest
         assert_gone(ray, "the node's Ray", grace=5)
-        assert not Path(f"/tmp/ray-t-stub{os.getpid()}").exists()
+        assert (logs / "localhost" / "worker-1.err").read_text() == "Traceback\n" and not temp_dir.exists(), rest
     finally:
         shell.kill()
         for pid in descendants(node.pid):
             os.kill(pid, signal.SIGKILL)
+        shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+def test_multinode_template_ports_and_address():
+    """multinode.sbatch's port block lies outside Ray's defaults (GCS 6379, client server 10001, workers
+    10002-19999) and below the ephemeral range for every job id; the node address is by default what the Slurm
+    node name resolves to."""
+    sbatch = (FOLDER / "multinode.sbatch").read_text()
+    formula = re.search(r"^export RAY_PORT_BASE=\$\(\((.*)\)\)$", sbatch, re.M)[1]
+    bases = subprocess.run(["bash", "-c", f"for SLURM_JOB_ID in $(seq 1000 1100); do echo $(({formula})); done"],
+                           capture_output=True, text=True, check=True).stdout.split()
+    assert len(bases) == 101 and all(20000 <= int(b) and int(b) + 255 < 32768 for b in bases), formula
+    default = re.search(r"^export RAY_NODE_IP_CMD=.*$", sbatch, re.M)[0]
+    ip = subprocess.run(["bash", "-c", f'{default}\neval "$RAY_NODE_IP_CMD"'], capture_output=True, text=True,
+                        env=clean_env(SLURMD_NODENAME="localhost"), check=True).stdout
+    assert ip == "127.0.0.1\n", (default, ip)
 
 
 # ------------------------------------------------------------------------------------------------ bad input
