@@ -1,18 +1,20 @@
 """ray/ recipes, launched for real on CPU (gloo, 2 Ray Train workers): the local cluster of multigpu.py, drivers
-joining a running cluster (multinode.py), equivalence with one process, preemption -> exit 75 -> resume, a worker
-killed mid-training and replaced, resumed == uninterrupted, bad input; and after every run no Ray process it
-started is left.
+joining a running cluster (multinode.py), equivalence with one process, preemption by SIGTERM to every process
+(the driver's and Ray's, as Slurm sends it) -> exit 75 -> resume, a worker killed mid-training and replaced,
+resumed == uninterrupted, bad input; ray_node.sh's signals, ports and kept logs with a stand-in for Ray; and after
+every run no Ray process it started is left.
 
 Ray start-up costs seconds per run (worker processes importing torch and Ray Train), so the drivers of this file
-share one Ray cluster (`cluster`, a head started with `ray start --block` in a process group of its own and
-ended by that group); only the multigpu.py test starts its own, as users do.
-"""
+share one Ray cluster (`cluster`: ray_node.sh --head, started as multinode.sbatch starts it, ended by SIGUSR2 as
+the job ends it); only the multigpu.py test starts its own, as users do."""
 
 import os
+import random
 import re
 import secrets
 import shutil
 import signal
+import socket
 import subprocess
 import time
 from pathlib import Path
@@ -146,25 +148,99 @@ def assert_same_snapshots(a, b, steps=STEPS, **tol):
 # ------------------------------------------------------------------------------------------------ fixtures
 
 
-@pytest.fixture(scope="module")
-def cluster():
-    """A one-node Ray cluster shared by the drivers of this file; yields its address. Started like one node of
-    multinode.sbatch (own process group, short temp dir, token, no dashboard) and ended by its process group."""
-    port = free_port()
-    temp_dir = f"/tmp/ray-test-{port}"
-    head = subprocess.Popen(
-        [str(env_python("ray")), "-m", "ray.scripts.scripts", "start", "--head", "--block", f"--port={port}",
-         "--node-ip-address=127.0.0.1", "--num-cpus=2", "--include-dashboard=false", f"--temp-dir={temp_dir}",
-         f"--object-store-memory={256 * 1024**2}", "--disable-usage-stats"],
-        env=ray_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+def free_block(size=256):
+    """The first port of `size` consecutive ports nobody listens on (ray_node.sh's RAY_PORT_BASE), in the range
+    multinode.sbatch takes them from (20000-32767)."""
+    while True:
+        base = random.randrange(20000, 32768 - size)
+        try:
+            for port in range(base, base + size):
+                with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+                    s.bind(("127.0.0.1", port))
+            return base
+        except OSError:
+            continue
+
+
+def descendants(pid):
+    """`pid` and every live process below it (by parent PID)."""
+    children = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if fields[0] != "Z":
+                children.setdefault(int(fields[1]), []).append(int(entry.name))
+    found, todo = [], [pid]
+    while todo:
+        found.append(todo.pop())
+        todo += children.get(found[-1], [])
+    return [p for p in found if alive(p)]
+
+
+def command(pid):
     try:
-        yield f"127.0.0.1:{port}"
-    finally:
-        members = session_members(head.pid)
-        kill_session(head.pid)
-        head.wait()
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return ""
+
+
+def term_everything(*roots):
+    """SIGTERM to every process of a Slurm step, as slurmstepd sends it on GraceTime preemption (and on scancel
+    --signal=TERM): every process below each root (a setsid'd `ray start` included), Ray's own (GCS, raylet,
+    workers) too."""
+    for pid in {p for root in roots for p in descendants(root)}:
+        try:
+            os.kill(pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+
+
+class Head:
+    """ray_node.sh --head, started as multinode.sbatch's srun starts it on the first node (the Slurm variables it
+    reads, a block of free ports); stopped by SIGUSR2, the job script's teardown."""
+
+    def __init__(self, tmp):
+        self.port = base = free_block()  # the GCS port is the block's first, as in multinode.sbatch
+        self.log, self.logs_dir = tmp / "ray_node.out", tmp / "ray-logs"
+        env = ray_env(PYTHON=env_python("ray"), RAY_PORT_BASE=base, SLURM_JOB_ID=f"test{self.port}",
+                      SLURMD_NODENAME="n1", SLURM_CPUS_PER_TASK=2, RAY_NODE_IP_CMD="echo 127.0.0.1",
+                      RAY_LOGS_DIR=self.logs_dir)
+        with open(self.log, "w") as out:
+            self.proc = subprocess.Popen(
+                ["bash", "./ray_node.sh", "--head", f"--port={self.port}", "--include-dashboard=false",
+                 "--dashboard-host=127.0.0.1", f"--dashboard-port={base + 7}"],
+                cwd=FOLDER, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        self.temp_dir = Path(f"/tmp/ray-test{self.port}-n1")
+        self.address = f"127.0.0.1:{self.port}"
+
+    def ray_processes(self):
+        """{pid: command line} of the GCS and the raylet of this head."""
+        return {p: command(p) for p in descendants(self.proc.pid)
+                if re.search(r"/(gcs_server|raylet) ", command(p))}
+
+    def stop(self):
+        members = descendants(self.proc.pid)
+        self.proc.send_signal(signal.SIGUSR2)
+        code = self.proc.wait(timeout=60)
         assert_gone(members, "the test's Ray head", grace=10)
-        subprocess.run(["rm", "-rf", temp_dir], check=False)
+        return code
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    """A one-node Ray cluster shared by the drivers of this file: ray_node.sh --head, as multinode.sbatch starts
+    it (own process group, short temp dir, token, ports from the job's block); yields it. Ended as the job ends
+    it (SIGUSR2): nothing of it may be left, its temp dir neither."""
+    head = Head(tmp_path_factory.mktemp("head"))
+    try:
+        yield head
+    finally:
+        code = head.stop()
+        assert code == 0 and not head.temp_dir.exists(), f"exit {code}\n{head.log.read_text()[-3000:]}"
+        assert not head.logs_dir.exists(), "Ray's logs kept, but nothing failed"
 
 
 @pytest.fixture(scope="module")
@@ -179,7 +255,8 @@ def straight(tmp_path_factory):
 
 
 def driver(cluster, ckpt, *args, workers=2):
-    return Launch("multinode.py", "--address", cluster, "--workers", workers, *ARGS, "--checkpoint-dir", ckpt, *args)
+    return Launch("multinode.py", "--address", cluster.address, "--workers", workers, *ARGS, "--checkpoint-dir", ckpt,
+                  *args)
 
 
 # ------------------------------------------------------------------------------------------------ tests
@@ -203,18 +280,27 @@ def test_local_two_workers(straight):
 
 @pytest.fixture(scope="module")
 def preempted(cluster, tmp_path_factory):
-    """A driver signalled (SIGUSR1) once it has joined the cluster, before the workers start: the stop request
-    waits in the control actor, and the workers stop at the first check (step 10), rank 0 saves a snapshot and
-    the driver exits 75. Returns (checkpoint dir, the snapshot of step 10 on its own, the output)."""
+    """Slurm's SIGTERM to every process of the job's steps (GraceTime preemption, scancel --signal=TERM): to the
+    driver and to every Ray process of the node, ray_node.sh's included -- once the driver has joined, before the
+    workers start (the stop request waits in the control actor), and again once both workers run. Ray must
+    survive it (ray_node.sh starts Ray with SIGTERM blocked and does not stop it): the workers stop at the first
+    check (step 10), rank 0 saves a snapshot, the driver exits 75, and the cluster serves the next run (below).
+    Returns (checkpoint dir, the snapshot of step 10 on its own, the output)."""
     ckpt = tmp_path_factory.mktemp("preempted") / "ckpt"
     launch = driver(cluster, ckpt)
     launch.until(r"^\[rank0\] cluster: ")
-    launch.proc.send_signal(signal.SIGUSR1)
+    ray_processes = cluster.ray_processes()
+    term_everything(launch.proc.pid, cluster.proc.pid)
+    launch.until(r"^\[rank1\] host ")
+    term_everything(launch.proc.pid, cluster.proc.pid)
     out = finished(launch, want=75)
     assert_gone(launch.worker_pids().values(), "the driver's workers")
     (snapshot,) = [p for p in (ckpt / "train").glob("checkpoint_*") if p.is_dir()]
     at_step_10 = ckpt.parent / "step10"
     shutil.copytree(snapshot, at_step_10 / "train" / snapshot.name)
+    assert len(ray_processes) == 2 and cluster.ray_processes() == ray_processes, \
+        f"the GCS and raylet did not survive the SIGTERM: {ray_processes}\n{cluster.log.read_text()[-3000:]}"
+    assert cluster.proc.poll() is None and "got TERM" in cluster.log.read_text(), cluster.log.read_text()[-3000:]
     return ckpt, at_step_10, out
 
 
@@ -246,6 +332,84 @@ def test_two_workers_equal_one_process(preempted, tmp_path):
     one = Launch("single_gpu.py", *ARGS, "--batch-size", 32, "--max-steps", 10, "--checkpoint-dir", tmp_path / "one")
     finished(one, timeout=120)
     assert_same_snapshots(tmp_path / "one", preempted[1], steps=10, **TOL)
+
+
+# A stand-in for Ray under ray_node.sh (PYTHON): `-c` runs Python (ray_node.sh's SIGTERM shield), `-m ray...
+# start` is a process that sleeps, as `ray start --block` does, after printing whether SIGTERM is blocked in it
+# and its arguments.
+STUB_PYTHON = """#!/bin/bash
+case "$1" in
+  -c) [ "$2" = "import grpc" ] && exit 0; exec python3 "$@" ;;   # (as if Ray Client were installed)
+  -m) echo "SigBlk $(awk '/^SigBlk/ {print $2}' /proc/$$/status) $*"; exec sleep 600 ;;
+esac
+"""
+
+
+def test_ray_node_keeps_ray_on_sigterm_tells_the_batch_shell_stops_on_usr2_and_keeps_a_failed_jobs_logs(tmp_path):
+    """ray_node.sh as multinode.sbatch starts the head, without Ray (a stand-in sleeps in its place), under a
+    SIGTERM to every process of its step: Ray's processes start with SIGTERM blocked and are not stopped; the
+    head passes the signal on to the batch shell (RAY_NOTIFY_PID: under GraceTime preemption Slurm signals the
+    steps, not the batch shell); SIGUSR2 (the job's teardown) then ends the group, keeps the node's Ray logs in
+    the run folder since the job failed (the batch shell's FAILED file), and removes the node's temp dir. Also: the
+    address is what the node's name resolves to, and the ports cover a worker per CPU of the template."""
+    sbatch = (FOLDER / "multinode.sbatch").read_text()
+    cpus = int(re.search(r"^#SBATCH --cpus-per-task=(\d+)", sbatch, re.M)[1])
+    (tmp_path / "python").write_text(STUB_PYTHON)
+    (tmp_path / "python").chmod(0o755)
+    told, logs = tmp_path / "told", tmp_path / "ray-logs"
+    logs.mkdir()
+    (logs / "FAILED").touch()
+    temp_dir = Path(f"/tmp/ray-t{os.getpid()}-localhost")
+    shell = subprocess.Popen(["bash", "-c", f"trap 'echo TERM > {told}; exit 0' TERM; while :; do sleep 0.1; done"])
+    env = clean_env(PYTHON=tmp_path / "python", RAY_PORT_BASE=20000, SLURM_JOB_ID=f"t{os.getpid()}",
+                    SLURMD_NODENAME="localhost", SLURM_CPUS_PER_TASK=cpus, RAY_NOTIFY_PID=shell.pid, RAY_LOGS_DIR=logs)
+    node = subprocess.Popen(["bash", "./ray_node.sh", "--head", "--port=20000"], cwd=FOLDER, start_new_session=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    try:
+        lines = []  # "ray node ...", the stand-in's line, a loopback warning: in any order
+        while not (any(ln.startswith("ray node") for ln in lines) and any(ln.startswith("SigBlk") for ln in lines)):
+            lines.append(node.stdout.readline())
+            assert lines[-1], f"ray_node.sh ended: {lines}"
+        assert any(ln.startswith("ray node localhost (127.0.0.1): ") for ln in lines), lines
+        (stub,) = [ln.split() for ln in lines if ln.startswith("SigBlk")]
+        assert int(stub[1], 16) & 1 << (signal.SIGTERM - 1), stub
+        options = dict(re.findall(r"--([\w-]+)=(\d+)", " ".join(stub)))
+        ports = {int(v) for k, v in options.items() if k.endswith("port")}
+        assert "ray-client-server-port" in options and len(ports) == 10, options
+        assert min(ports) >= 20000 and max(ports) <= 20000 + 255, options
+        assert int(options["max-worker-port"]) - int(options["min-worker-port"]) + 1 >= cpus + 16, options
+        ray = [p for p in descendants(node.pid) if command(p).startswith("sleep 600")]
+        assert len(ray) == 1, lines
+        term_everything(node.pid)
+        assert shell.wait(timeout=10) == 0 and told.read_text() == "TERM\n"
+        assert alive(ray[0]) and node.poll() is None, "SIGTERM stopped Ray before the driver could save"
+        (temp_dir / "session_latest" / "logs").mkdir(parents=True)  # (Ray makes them; the stand-in does not)
+        (temp_dir / "session_latest" / "logs" / "worker-1.err").write_text("Traceback\n")
+        node.send_signal(signal.SIGUSR2)
+        rest, _ = node.communicate(timeout=10)
+        assert node.returncode == 0 and "got TERM" in rest and "stopped" in rest, rest
+        assert_gone(ray, "the node's Ray", grace=5)
+        assert (logs / "localhost" / "worker-1.err").read_text() == "Traceback\n" and not temp_dir.exists(), rest
+    finally:
+        shell.kill()
+        for pid in descendants(node.pid):
+            os.kill(pid, signal.SIGKILL)
+        shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+def test_multinode_template_ports_and_address():
+    """multinode.sbatch's port block lies outside Ray's defaults (GCS 6379, client server 10001, workers
+    10002-19999) and below the ephemeral range for every job id; the node address is by default what the Slurm
+    node name resolves to."""
+    sbatch = (FOLDER / "multinode.sbatch").read_text()
+    formula = re.search(r"^export RAY_PORT_BASE=\$\(\((.*)\)\)$", sbatch, re.M)[1]
+    bases = subprocess.run(["bash", "-c", f"for SLURM_JOB_ID in $(seq 1000 1100); do echo $(({formula})); done"],
+                           capture_output=True, text=True, check=True).stdout.split()
+    assert len(bases) == 101 and all(20000 <= int(b) and int(b) + 255 < 32768 for b in bases), formula
+    default = re.search(r"^export RAY_NODE_IP_CMD=.*$", sbatch, re.M)[0]
+    ip = subprocess.run(["bash", "-c", f'{default}\neval "$RAY_NODE_IP_CMD"'], capture_output=True, text=True,
+                        env=clean_env(SLURMD_NODENAME="localhost"), check=True).stdout
+    assert ip == "127.0.0.1\n", (default, ip)
 
 
 # ------------------------------------------------------------------------------------------------ bad input
