@@ -90,14 +90,17 @@ def test_templates_two_clusters_at_once_and_preemption_requeue_resume(slurm_clus
     events = {"signalled": False, "repeats": 0}
 
     def preempt(info, log):
-        """USR1 to the batch shell (what --signal=B:USR1@90 does before the time limit) once the driver has
-        joined: forwarded to the driver, which holds the request until the workers run; they stop at step 10.
-        Then USR1 again and again while the driver exits and the shell tears Ray down and requeues, until the job
-        is requeued: slurmctld re-sends a signal whose RPC a busy slurmd answered late (this test failed in CI
-        so, before the template ignored signals after the step: the shell killed by the repeat, never requeued)."""
+        """SIGTERM to every process of the job's steps -- Ray's GCS, raylets and workers -- and not to the batch
+        shell nor the driver (which runs in it) once the driver has joined: what Slurm's preemption with GraceTime
+        sends. Ray keeps running (ray_node.sh started it with TERM blocked), the head's ray_node.sh tells the
+        batch shell, which passes it to the driver as USR1; the driver holds the request until the workers run;
+        they stop at step 10. Then USR1 to the batch shell again and again while the driver exits and the shell
+        tears Ray down and requeues, until the job is requeued: slurmctld re-sends a signal whose RPC a busy slurmd
+        answered late (this test failed in CI so, before the template ignored signals after the step: the shell
+        killed by the repeat, never requeued). Before ray_node.sh shielded Ray, the TERM stopped Ray at once."""
         collect(info, log)
         if not events["signalled"] and "[rank0] cluster: " in log:
-            slurm_cluster.client("scancel", "--batch", "--signal=USR1", info["JobId"])
+            slurm_cluster.client("scancel", "--signal=TERM", info["JobId"])  # the steps only (KILL_STEPS_ONLY)
             events["signalled"] = True
         elif "preempted at step" in log and "requeueing job" not in log and info.get("JobState") == "RUNNING":
             # (a signal to a job that is being requeued makes scancel retry for a while: a short timeout)
@@ -117,14 +120,16 @@ def test_templates_two_clusters_at_once_and_preemption_requeue_resume(slurm_clus
         job.assert_ok()
         # (the preempted job's epoch 1 is reported twice: up to step 10, then from 10 to 16)
         assert len(re.findall(r"\[rank0\] epoch \d+/2 \|", job.log)) == 2 + (name == "preempted"), job.describe()
-    # Preemption: USR1 -> snapshot at step 10 -> exit 75 -> scontrol requeue -> the requeued job starts a new Ray
-    # cluster and resumes -> COMPLETED with the weights of the straight run, bit for bit.
+    # Preemption: TERM to the steps -> the batch shell told -> USR1 to the driver -> snapshot at step 10 -> exit 75
+    # -> scontrol requeue -> the requeued job starts a new Ray cluster and resumes -> COMPLETED with the weights of
+    # the straight run, bit for bit.
     job = results["preempted"]
     assert events["signalled"] and events["repeats"] and job.info["Restarts"] == "1", (events, job.describe())
     # The driver exits 75; the shell may read 138 instead when a repeated USR1 interrupts its `wait` just as the
     # driver ends (bash's wait then returns 128 + the signal): it requeues either way, the signal was forwarded.
     assert re.search(r"step ended with (75|138) after checkpointing; requeueing job", job.log), job.describe()
-    for needle in ("requeue: got USR1, forwarding it", "preempted at step 10: snapshot saved",
+    for needle in ("ray node n1: got TERM (preemption)", "ray node n2: got TERM (preemption)",
+                   "requeue: got TERM, forwarding it as USR1", "preempted at step 10: snapshot saved",
                    "run 2 (restart 1 of at most 3)",
                    "resumed from", "epoch 1, step 10", "done: 32 steps"):
         assert needle in job.log, f"{needle!r} missing\n{job.describe()}"
