@@ -328,7 +328,7 @@ def test_no_silent_cpu_is_one_line_and_exit_2(tmp_path, script, args, env, given
 # One process of .venvs/nemo checks the seams with torch's GPU answers patched in (this machine has no GPU); each
 # check prints one JSON line {check: result} (an exception is a result too), the tests below read them.
 GPU_FACTS = r"""
-import json, os, sys, warnings
+import json, os, sys, tempfile, warnings
 from types import SimpleNamespace
 from unittest import mock
 import torch
@@ -373,7 +373,8 @@ def fake_init(calls):
             mock.patch("torch.distributed.init_process_group", side_effect=init)]
 
 def init_distributed(visible):
-    cfg = SimpleNamespace(recipe=SimpleNamespace(backend="auto", timeout=5))
+    cfg = SimpleNamespace(recipe=SimpleNamespace(backend="auto", timeout=5),
+                          exp_manager=SimpleNamespace(explicit_log_dir=tempfile.mkdtemp()))
     return patched(visible, fake_init, lambda calls: (cluster.init_distributed(cfg), calls)[1])
 
 def root_device(visible):
