@@ -12,7 +12,7 @@ import subprocess
 
 import pytest
 from helpers import ROOT, env_python, epoch_lines
-from slurm_fixtures import (GLOO, LOCAL_CLUSTER, MULTINODE_1X2, MULTINODE_2X1, ONE_NODE, cluster_env, requeued_once,
+from slurm_fixtures import (GLOO, LOCAL_CLUSTER, MULTINODE_2X1, ONE_NODE, cluster_env, requeued_once,
                             shape)
 from test_nemo import last_checkpoint  # reads a NeMo checkpoint without NeMo
 
@@ -29,7 +29,8 @@ def submit(cluster, tmp_path, template, sbatch_args, args=TINY, **kwargs):
     return cluster.recipe("nemo", template, tmp_path, sbatch_args, *args, **kwargs)
 
 
-@pytest.mark.parametrize("template, sbatch_args, world_size", [*ONE_NODE, MULTINODE_1X2, MULTINODE_2X1])
+# multinode.sbatch at 1 node x 2 tasks runs in test_preemption_requeue_resume (one launched run, both checks).
+@pytest.mark.parametrize("template, sbatch_args, world_size", [*ONE_NODE, MULTINODE_2X1])
 def test_template_runs(slurm_cluster, tmp_path, template, sbatch_args, world_size):
     job, ckpt = submit(slurm_cluster, tmp_path, template, sbatch_args, timeout=200)
     job.assert_ok()
@@ -62,6 +63,9 @@ def test_preemption_requeue_resume(slurm_cluster, tmp_path):
     first, second, preempted = requeued_once(job, events, 40, LONG_STEPS, forwarded=None)
     assert re.search(rf"resumed from \S+-last\.ckpt: epoch 1, step {preempted}$", second, re.M), job.describe()
     assert last_checkpoint(ckpt)["global_step"] == LONG_STEPS
+    # what test_template_runs checks of the other shapes: the world size, the node count, the .nemo at the end
+    assert re.search(r"^0: \[rank0\] world size 2 \|", second, re.M) and "1 nodes (n1)" in job.log, job.describe()
+    assert (ckpt / "checkpoints" / "nemo-toy.nemo").exists()
 
 
 def test_nemo_run_submits_multinode_and_the_job_completes(slurm_cluster, tmp_path):
