@@ -37,6 +37,8 @@ def cluster_env(**overrides) -> dict:
 
 _job_times: list[tuple[str, str, str, float]] = []  # (test, job id, final state, seconds) for the summary
 _new_jobs: list[tuple[str, str, str, float]] = []  # the running test's jobs, not yet in a report
+_submitted: list[str] = []  # the running test's job ids, cancelled at its teardown if still live
+_cluster: list["SlurmCluster"] = []  # the session's cluster, once started
 
 
 def current_test() -> str:
@@ -94,7 +96,26 @@ class SlurmCluster:
         output.parent.mkdir(parents=True, exist_ok=True)
         cmd = ["sbatch", "--parsable", f"--output={output}", "--export=ALL", *sbatch_args, script, *args]
         proc = self.client(*cmd, cwd=cwd, env=cluster_env(**(env or {})))
-        return proc.stdout.strip().splitlines()[-1].split(";")[0]
+        job_id = proc.stdout.strip().splitlines()[-1].split(";")[0]
+        _submitted.append(job_id)
+        return job_id
+
+    def cancel_leftovers(self, timeout: float = 90) -> list[str]:
+        """Cancel the jobs this test submitted that are still queued or running, and wait until they are gone: a
+        test that fails (or stops waiting) must not leave a job holding the cores and GPUs the next test's jobs
+        expect (seen: a ray job left RUNNING made the next test's job get GPU 1 instead of 0)."""
+        ids = list(dict.fromkeys(_submitted))
+        _submitted.clear()
+        if not ids:
+            return []
+        live = self.client("squeue", "-h", "-o", "%i", "-j", ",".join(ids), check=False).stdout.split()
+        if live:
+            self.client("scancel", *live, check=False)
+            deadline = time.monotonic() + timeout
+            while time.monotonic() < deadline and self.client(
+                    "squeue", "-h", "-o", "%i", "-j", ",".join(live), check=False).stdout.split():
+                time.sleep(0.5)
+        return live
 
     def wait(self, job_id: str, output: Path, timeout: float = 120, on_poll=None, name: str = "") -> Job:
         """Poll `scontrol show job` until a final state (faster than `sbatch --wait`, and it never hangs).
@@ -288,7 +309,8 @@ def slurm_cluster():
         unavailable("slurm_templates/local_cluster/start.sh did not finish in 600 s")
     if proc.returncode != 0:
         unavailable(f"slurm_templates/local_cluster/start.sh failed (exit {proc.returncode}):\n{proc.stdout[-4000:]}")
-    yield SlurmCluster()
+    _cluster.append(SlurmCluster())
+    yield _cluster[0]
     subprocess.run([str(LOCAL_CLUSTER / "stop.sh"), "--release", str(os.getpid())], timeout=360, check=False,
                    env=cluster_env())
 
@@ -297,6 +319,12 @@ def slurm_cluster():
 def slurm_python():
     """The interpreter jobs use for slurm_templates/ tools (.venvs/slurm_templates)."""
     return env_python("slurm_templates")
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_runtest_teardown(item):
+    if _cluster and _submitted:
+        _cluster[0].cancel_leftovers()
 
 
 @pytest.hookimpl(hookwrapper=True)

@@ -377,12 +377,13 @@ def test_launch_without_the_launchers_variables(folder):
 # ------------------------------------------------------------------------------------------------ C3, C5, C6
 
 
-@pytest.mark.parametrize("folder", FOLDERS)
-def test_smoke_run_log_lines_and_resume_of_a_finished_run(folder, tmp_path):
+# The smoke run (C2, C3, C5, C6) runs in test_copy_alone_installs_and_runs below, from the copied folder's own
+# environment: one pair of runs checks both (the two tests ran the same smoke run, ~300 s of CI between them).
+
+
+def check_smoke_run(out: str, again: str, ckpt: Path):
     """The contract's smoke run: 2 epochs of 4 steps, the contract's log lines, a snapshot; run again, it resumes
     the finished run, trains 0 steps and exits 0."""
-    ckpt = tmp_path / "ckpt"
-    out = recipe(folder, "single_gpu.py", *SMOKE, "--checkpoint-dir", ckpt).stdout
     epochs = [EPOCH_LINE.match(ln) for ln in out.splitlines() if ln.startswith("[rank0] epoch ") and "samples/s" in ln]
     assert all(epochs) and len(epochs) == 2, f"epoch lines do not match CONTRACT.md C3:\n{out[-3000:]}"
     assert [(m[1], m[2], m[3]) for m in epochs] == [("1", "2", "4"), ("2", "2", "8")], out[-3000:]
@@ -392,7 +393,6 @@ def test_smoke_run_log_lines_and_resume_of_a_finished_run(folder, tmp_path):
     assert re.search(r"^\[rank0\] snapshot saved to .+ \(step 8\)$", out, re.M), out[-3000:]
     assert re.search(r"^\[rank0\] done: 8 steps in [\d.]+ s$", out, re.M), out[-3000:]
     assert any(ckpt.iterdir()), "nothing written to --checkpoint-dir"
-    again = recipe(folder, "single_gpu.py", *SMOKE, "--checkpoint-dir", ckpt).stdout
     assert re.search(r"^\[rank0\] resumed from .+: epoch 3, step 8$", again, re.M), again[-3000:]
     assert not [ln for ln in again.splitlines() if EPOCH_LINE.match(ln)], "a finished run trained again"
 
@@ -712,7 +712,8 @@ def test_requirements_resolve_to_a_cuda_build_on_a_gpu_cluster(folder, tmp_path)
 
 @pytest.mark.parametrize("folder", FOLDERS)
 def test_copy_alone_installs_and_runs(folder, tmp_path):
-    """What the README tells a user: copy the folder, make a venv, install its requirements.txt, run. The install
+    """What the README tells a user: copy the folder, make a venv, install its requirements.txt, run; the run is
+    the contract's smoke run (check_smoke_run), and run again it resumes the finished run. The install
     uses tools/envs.sh's installer (uv, given pip's indexes; pip where uv cannot be had): the same pinned
     requirements, and seconds instead of minutes per folder, which CI's time budget needs."""
     copy = tmp_path / folder
@@ -722,9 +723,11 @@ def test_copy_alone_installs_and_runs(folder, tmp_path):
     run([python, "-m", "venv", venv], timeout=120)
     # requirements.txt and nothing else: no constraints file, no extra index.
     run([ROOT / "tools" / "envs.sh", "--install-into", venv, copy / "requirements.txt"], timeout=900)
-    out = run([venv / "bin" / "python", "single_gpu.py", *SMOKE, "--checkpoint-dir", tmp_path / "ckpt"],
-              cwd=copy, timeout=300).stdout
-    assert re.search(r"^\[rank0\] done: 8 steps", out, re.M), out[-3000:]
+    # ... and its smoke run, twice: trains, then resumes the finished run (check_smoke_run: C2, C3, C5, C6).
+    ckpt = tmp_path / "ckpt"
+    out, again = (run([venv / "bin" / "python", "single_gpu.py", *SMOKE, "--checkpoint-dir", ckpt], cwd=copy,
+                      timeout=300).stdout for _ in range(2))
+    check_smoke_run(out, again, ckpt)
     installed = run([venv / "bin" / "python", "-c", "import importlib.metadata as m; print(m.version('torch'))"],
                     cwd=copy, check=False).stdout.strip()
     assert "+cu" not in installed, f"a CUDA build of torch was installed on a CPU machine: {installed}"

@@ -21,7 +21,7 @@ import torch
 from helpers import ROOT, env_python
 from slurm_fixtures import GLOO, shape  # one task per node: `ray start`
 
-pytestmark = [pytest.mark.ray, pytest.mark.slurm, pytest.mark.timeout(400)]
+pytestmark = [pytest.mark.ray, pytest.mark.slurm, pytest.mark.timeout(480)]
 
 FOLDER = ROOT / "ray"
 ARGS = ["--epochs", 2, "--dataset-size", 512, "--batch-size", 16, "--log-every", 8, *GLOO]
@@ -83,9 +83,6 @@ def test_templates_two_clusters_at_once_and_preemption_requeue_resume(slurm_clus
         for name in MULTINODE:
             if name in jobs:
                 seen.update(ray_pids(jobs[name][0]))
-        straight = jobs.get("straight")
-        if straight and straight[2].exists() and "[rank0] cluster: " in straight[2].read_text():
-            submit_later()
 
     events = {"signalled": False, "repeats": 0}
 
@@ -109,8 +106,12 @@ def test_templates_two_clusters_at_once_and_preemption_requeue_resume(slurm_clus
         if events["signalled"]:
             submit_straight()
             slurm_cluster.release_requeued(info, events)
+        if int(info.get("Restarts", 0)) >= 1 and info.get("JobState") == "RUNNING":
+            # Only now: submitted earlier, they took the cores the requeued run waits for (2 per node) and held it
+            # back for minutes (seen in a loaded rehearsal: job still RUNNING at 300 s).
+            submit_later()
 
-    results = {"preempted": slurm_cluster.wait(jobs["preempted"][0], jobs["preempted"][2], timeout=300,
+    results = {"preempted": slurm_cluster.wait(jobs["preempted"][0], jobs["preempted"][2], timeout=330,
                                                on_poll=preempt, name="preempted")}
     submit_straight()  # (if the preempted job never got that far: the failure above says why; these run regardless)
     submit_later()

@@ -36,6 +36,17 @@ def test_selftest(slurm_cluster, tmp_path):
     assert f"master=n1({LOCAL_NET}.11)" in (tmp_path / "files" / files[1]).read_text()
 
 
+
+def test_a_tests_leftover_jobs_are_cancelled_before_the_next_test(slurm_cluster, tmp_path):
+    """A test that fails while its jobs run (or stops waiting for them) must not leave them holding the cores and
+    GPUs the next test's jobs expect: slurm_fixtures cancels them at its teardown (cancel_leftovers)."""
+    script = tmp_path / "sleep.sbatch"
+    script.write_text("#!/bin/bash\nsleep 300\n")
+    job_id = slurm_cluster.submit(script, sbatch_args=["--nodes=1", "--time=00:05:00"], output=tmp_path / "job.out")
+    assert slurm_cluster.cancel_leftovers() == [job_id]
+    assert not slurm_cluster.client("squeue", "-h", "-j", job_id, check=False).stdout.strip()
+    assert slurm_cluster.job_info(job_id).get("JobState") == "CANCELLED"
+
 # Cores per rank in the affinity tests: every node has this machine's cores (local_cluster/start.sh), at least 2.
 CORES = 2
 FIX = "export SRUN_CPUS_PER_TASK=$SLURM_CPUS_PER_TASK\n"
