@@ -318,8 +318,8 @@ def test_multinode_torchrun_worker_killed_requeue_resume(slurm_cluster, pytorch_
         assert torch.equal(resumed["model"][name], tensor), f"{name} differs after kill/requeue/resume"
 
 
-def kill_worker(node):
-    """kill -9 the training worker (not the torchrun agent) running on local-cluster node `node`."""
+def rank_pid(node):
+    """The pid of the training process (not the torchrun agent) running on local-cluster node `node`, or None."""
     netns = f"{cluster_env().get('SLURM_LOCAL_PREFIX', 'slurmlc')}-{node}"
     pids = subprocess.run(["ip", "netns", "pids", netns], stdout=subprocess.PIPE, text=True).stdout.split()
     for pid in pids:
@@ -328,9 +328,46 @@ def kill_worker(node):
         except OSError:
             continue
         if any(a.endswith(b"multinode.py") for a in argv) and b"torch.distributed.run" not in argv:
-            os.kill(int(pid), signal.SIGKILL)
-            return True
-    return False
+            return int(pid)
+    return None
+
+
+def kill_worker(node):
+    """kill -9 the training worker (not the torchrun agent) running on local-cluster node `node`."""
+    pid = rank_pid(node)
+    if pid:
+        os.kill(pid, signal.SIGKILL)
+    return bool(pid)
+
+
+def test_a_hung_rank_ends_the_job_with_evidence(slurm_cluster, pytorch_python, tmp_path):
+    """C13 through multinode.sbatch (#23): rank 1 on n2 is stopped (SIGSTOP: alive, not answering) after step 2.
+    Rank 0's next collective runs out --timeout 5: it leaves its stack in <checkpoint-dir>/debug/<job id>/, prints
+    one line naming rank 1 as the rank that stopped answering (not "died"), exits 1; srun ends the stopped rank
+    (--kill-on-bad-exit) and the job FAILS with that line in its log, within the bound -- not at its time limit."""
+    stopped = {}
+
+    def on_poll(info, log):
+        if not stopped and re.search(r"^0: \[rank0\] epoch 1 \|[^\n]*\| step 2 \|", log, re.M):
+            stopped["pid"] = rank_pid("n2")
+            if stopped["pid"]:
+                os.kill(stopped["pid"], signal.SIGSTOP)
+
+    args = ["--epochs", 100, "--dataset-size", 512, "--batch-size", 16, "--log-every", 1, "--timeout", 5]
+    job, ckpt = slurm_cluster.recipe("pytorch", "multinode.sbatch", tmp_path, [*ONE_PER_NODE, "--time=00:05:00"],
+                                     *args, env={"PYTHON": pytorch_python}, timeout=150, on_poll=on_poll)
+    assert stopped.get("pid"), f"rank 1 was never stopped\n{job.describe()}"
+    assert job.state == "FAILED" and job.exit_code == 1, job.describe()
+    # The first error line is rank 0's, and its only one. (srun then ends the step: SIGCONT and SIGTERM to rank 1,
+    # which wakes, finds rank 0 gone and says so in a line of its own -- true by then, and after rank 0's.)
+    errors = re.findall(r"^\d+: (?:\[rank\d+\] )?error: .*$", job.log, re.M)
+    assert errors and errors[0].startswith("0: [rank0] error: "), job.describe()
+    assert len([e for e in errors if e.startswith("0: ")]) == 1, job.describe()
+    assert "rank 1 stopped answering" in errors[0] and "died" not in errors[0], errors[0]
+    assert "within --timeout 5 s" in errors[0], errors[0]
+    assert "Traceback" not in job.log, job.describe()
+    stack = (ckpt / "debug" / job.job_id / "rank0.stack.txt").read_text()
+    assert "where it waited:" in stack and "every thread now:" in stack, stack[-2000:]
 
 
 def test_multinode_restart_cap(slurm_cluster, tmp_path):
