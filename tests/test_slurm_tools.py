@@ -2,6 +2,7 @@
 tools under plain torchrun (so they are exercised even where the local cluster cannot run); stacks.py with
 stand-ins for scontrol and srun, and once against a real job of the local cluster (marked slurm)."""
 
+import faulthandler
 import importlib.util
 import json
 import os
@@ -10,6 +11,8 @@ import re
 import signal
 import subprocess
 import sys
+import threading
+import traceback
 
 import pytest
 
@@ -417,11 +420,16 @@ def fr_entry(seq: int, name: str, state: str, sizes=((4,),)) -> dict:
                         "line": 3140}, {"name": "train_step", "filename": "/job/recipe.py", "line": 88}]}
 
 
-def write_fr_dumps(folder, entries_by_rank: dict, ranks: str = "[0, 1]"):
+NCCL_PG_CONFIG = {"0": {"name": "0", "desc": "default_pg", "ranks": "[0, 1]"}}  # a row per group, by its name
+# gloo's in torch 2.13: one row, key and name empty, the default group's ranks ('[]' once in a second group)
+GLOO_PG_CONFIG = {"": {"name": "", "desc": "", "ranks": "[0, 1]"}}
+
+
+def write_fr_dumps(folder, entries_by_rank: dict, ranks: str = "[0, 1]", pg_config=None):
     folder.mkdir(parents=True, exist_ok=True)
     for rank, entries in entries_by_rank.items():
         dump = {"version": "2.10", "comm_lib_version": "2.27.5", "entries": entries,
-                "pg_config": {"0": {"name": "0", "desc": "default_pg", "ranks": ranks}},
+                "pg_config": pg_config or {"0": {"name": "0", "desc": "default_pg", "ranks": ranks}},
                 "pg_status": {"0": {"last_enqueued_collective": entries[-1]["collective_seq_id"]}}}
         (folder / f"nccl_trace_rank_{rank}").write_bytes(pickle.dumps(dump))
 
@@ -449,8 +457,116 @@ def test_fr_report_names_the_rank_that_is_behind_and_the_collective_the_others_w
     write_fr_dumps(tmp_path / "all", {0: done[:1], 1: [*done[:1], fr_entry(2, "nccl:all_reduce", "started")]},
                    ranks="[0, 1, 2]")
     lines = fr_report.report(fr_report.load(tmp_path / "all", "nccl_trace_rank_"), tmp_path / "all")
-    assert lines[1].startswith("no dump from ranks 2: "), lines
+    assert lines[1].startswith("no dump from rank 2: "), lines
     assert lines[2].startswith("rank 0 is behind"), lines
+
+
+@pytest.mark.parametrize("pg_config", [GLOO_PG_CONFIG, NCCL_PG_CONFIG], ids=["gloo", "nccl"])
+def test_fr_report_names_the_rank_without_a_dump_as_the_one_the_others_wait_for(tmp_path, capsys, pg_config):
+    """The dump of one rank of a 2-rank job (toolkit.HANG's case: the live rank dumps, the stopped one cannot):
+    the job's ranks come from the process group's ranks in the dump, rank 1 is named as the one without a dump
+    and rank 0 as waiting for it in #3 -- before, the report said "every rank entered #3 ... the collective itself
+    hangs". torchfrtrace, which stops on a missing rank, is told to go on."""
+    entries = [fr_entry(1, "gloo:broadcast", "scheduled"), fr_entry(2, "gloo:all_reduce", "scheduled"),
+               fr_entry(3, "gloo:all_reduce", "scheduled")]  # gloo leaves every entry 'scheduled' (torch 2.13)
+    write_fr_dumps(tmp_path / "debug", {0: entries}, pg_config=pg_config)
+    fake = tmp_path / "torchfrtrace"
+    fake.write_text('#!/bin/sh\necho "torchfrtrace got $*"\n')
+    fake.chmod(0o755)
+    assert fr_report.main([str(tmp_path / "debug"), "--torchfrtrace", str(fake)]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].startswith(f"1 rank dumps in {tmp_path / 'debug'} (ranks 0 of the job's 0-1, "), out
+    assert out[1].startswith("no dump from rank 1: the likely culprit"), out
+    assert out[2] == ("rank 1 left no dump; in process group 0 (default_pg) rank 0 waits for it in #3 "
+                      "gloo:all_reduce (scheduled) from train_step (recipe.py:88)"), out
+    assert not [line for line in out if "every rank" in line], out
+    assert out[-1] == f"torchfrtrace got {tmp_path / 'debug'} --prefix nccl_trace_rank_ --allow-incomplete-ranks"
+
+
+def test_fr_report_says_when_the_dumps_do_not_name_the_jobs_ranks(tmp_path, capsys):
+    """gloo's dumps name no rank once the rank is in a second process group ('[]'): the report does not claim
+    that every rank entered the collective, and --world-size names the ranks without a dump."""
+    entries = [fr_entry(1, "gloo:all_reduce", "scheduled"), fr_entry(2, "gloo:all_reduce", "scheduled")]
+    write_fr_dumps(tmp_path, {0: entries}, pg_config={"": {"name": "", "desc": "", "ranks": "[]"}})
+    dumps = fr_report.load(tmp_path, "nccl_trace_rank_")
+    lines = fr_report.report(dumps, tmp_path)
+    assert "the job's ranks are unknown" in lines[0] and "--world-size" in lines[0], lines
+    assert lines[1].startswith("the ranks that left a dump (0) wait in #2 gloo:all_reduce "), lines
+    assert not [line for line in lines if "every rank" in line], lines
+    assert fr_report.main([str(tmp_path), "--world-size", "2", "--torchfrtrace", "off"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith(f"1 rank dumps in {tmp_path} (ranks 0 of the job's 0-1, by --world-size"), lines
+    assert lines[1].startswith("no dump from rank 1: "), lines
+    assert lines[2].startswith("rank 1 left no dump; in process group 0 (default_pg) rank 0 waits for it in #2"), lines
+
+
+def write_stack_files(folder):
+    """rank0.stack.txt and rank1.stalled.txt as toolkit.HANG writes them (C13): a header line, then the traceback
+    of the wait that timed out, or faulthandler's dump of every thread (the newest first, the main thread last).
+    The innermost frames are a library's (torch's all_reduce, threading's wait), the job's own code below them."""
+    folder.mkdir(parents=True, exist_ok=True)
+    library = {}
+    exec(compile("def all_reduce():\n    raise RuntimeError('[/pytorch/third_party/gloo/gloo/transport/tcp/unbound_"
+                 "buffer.cc:78] Timed out waiting 5000ms for recv operation to complete')\n",
+                 "/venv/lib/python3.11/site-packages/torch/distributed/distributed_c10d.py", "exec"), library)
+    exec(compile("def wait(dump, file):\n    dump(file=file, all_threads=True)\n",
+                 "/usr/lib/python3.11/threading.py", "exec"), library)
+
+    def train_step():
+        library["all_reduce"]()
+
+    try:
+        train_step()
+    except RuntimeError as e:
+        error = e
+    with open(folder / "rank0.stack.txt", "w") as f:
+        f.write(f"rank 0, pid 10 on n1, step 3, 2026-12-07 15:57:59: {error}\n\nwhere it waited:\n"
+                f"{''.join(traceback.format_exception(error))}\nevery thread now:\n")
+        f.flush()
+        faulthandler.dump_traceback(file=f, all_threads=True)
+
+    def stuck_loading_data():  # rank 1's; rank 0's watcher fires too while it waits in the collective
+        for rank in (1, 0):
+            with open(folder / f"rank{rank}.stalled.txt", "w") as f:
+                f.write(f"rank {rank}, pid 11 on n2, 2026-12-07 15:58:00: no step since step 3 for 301 s (--timeout "
+                        "300): stuck here, or in a phase longer than --timeout (a validation, a save)\n\nevery "
+                        "thread:\n")
+                f.flush()
+                library["wait"](faulthandler.dump_traceback, f)
+
+    stop = threading.Event()
+    watcher = threading.Thread(target=stop.wait, name="hang-watcher")  # another thread: listed before the main one
+    watcher.start()
+    try:
+        stuck_loading_data()
+    finally:
+        stop.set()
+        watcher.join()
+
+
+def test_fr_report_says_where_each_rank_that_left_a_stack_is(tmp_path, capsys):
+    """C13's stack files are part of the report: rank N timed out in a collective (rank<N>.stack.txt: where it
+    waited, the job's own frame under torch's) or stalled (rank<N>.stalled.txt: its main thread's top frame and the
+    job's own frame under it); a folder with stacks and no Flight Recorder dump is still a report (before: exit 2)."""
+    write_stack_files(tmp_path)
+    write_fr_dumps(tmp_path, {0: [fr_entry(1, "gloo:all_reduce", "scheduled")]}, pg_config=GLOO_PG_CONFIG)
+    assert fr_report.main([str(tmp_path), "--torchfrtrace", "off"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    this = os.path.basename(__file__)
+    assert re.fullmatch(rf"rank 0 timed out at step 3 in all_reduce \(distributed_c10d.py:2\), from train_step "
+                        rf"\({this}:\d+\): Timed out waiting 5000ms for recv operation to complete \(rank0.stack.txt\)",
+                        out[-3]), out
+    stalled = rf"stalled, no step since step 3 for 301 s: in wait \(threading.py:2\), from stuck_loading_data " \
+              rf"\({this}:\d+\)"
+    assert re.fullmatch(rf"rank 0 {stalled} \(rank0.stalled.txt\) -- the same wait: it timed out in a collective at "
+                        rf"that step", out[-2]), out
+    assert re.fullmatch(rf"rank 1 {stalled} \(rank1.stalled.txt\)", out[-1]), out
+    assert out[1].startswith("no dump from rank 1: "), out
+    (tmp_path / "nccl_trace_rank_0").unlink()
+    assert fr_report.main([str(tmp_path), "--torchfrtrace", "off"]) == 0
+    alone = capsys.readouterr().out.splitlines()
+    assert alone[0].startswith(f"no Flight Recorder dumps (nccl_trace_rank_<rank>) in {tmp_path}: "), alone
+    assert alone[1:] == out[-3:], alone
 
 
 def test_fr_report_without_dumps_is_one_line_and_exit_2(tmp_path, capsys):
