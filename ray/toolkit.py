@@ -418,7 +418,7 @@ class HangReport:
             with contextlib.suppress(OSError):
                 os.makedirs(self.folder(), exist_ok=True)
                 with open(os.path.join(self.folder(), f"rank{rank}.stalled.txt"), "w") as f:
-                    f.write(f"rank {rank}, pid {os.getpid()} on {socket.gethostname()}, "
+                    f.write(f"rank {rank} of {_launched_processes()}, pid {os.getpid()} on {socket.gethostname()}, "
                             f"{time.strftime('%Y-%m-%d %H:%M:%S')}: no step since step {PREEMPTION.step} for "
                             f"{stalled:.0f} s (--timeout {self.timeout}): stuck here, or in a phase longer than "
                             f"--timeout (a validation, a save)\n\nevery thread:\n")
@@ -439,20 +439,21 @@ class HangReport:
             return None  # a timeout of something else (a DataLoader's): not a collective's
         rank, world_size = torch_dist.get_rank(), torch_dist.get_world_size()
         folder = self.folder()
-        trace = self._write_evidence(error, rank, folder)
+        trace = self._write_evidence(error, rank, world_size, folder)
         op = _last_collective(trace) or "a collective"
         seconds = self.timeout or "?"
         silent = self._who_did_not_arrive(torch_dist, rank, world_size, min(self.GRACE_S, self.timeout or 10))
         return (f"{op} did not complete within --timeout {seconds} s at step {PREEMPTION.step}: {silent}; "
                 f"stacks in {folder}"), 1
 
-    def _write_evidence(self, error, rank, folder):
+    def _write_evidence(self, error, rank, world_size, folder):
         """This rank's stack (where it waited, every thread now) and its Flight Recorder trace, on disk."""
         trace = None
         try:
             os.makedirs(folder, exist_ok=True)
             with open(os.path.join(folder, f"rank{rank}.stack.txt"), "w") as f:
-                f.write(f"rank {rank}, pid {os.getpid()} on {socket.gethostname()}, step {PREEMPTION.step}, "
+                f.write(f"rank {rank} of {world_size}, pid {os.getpid()} on {socket.gethostname()}, "
+                        f"step {PREEMPTION.step}, "
                         f"{time.strftime('%Y-%m-%d %H:%M:%S')}: {str(error).splitlines()[0] if str(error) else ''}\n"
                         f"\nwhere it waited:\n{''.join(traceback.format_exception(error))}\nevery thread now:\n")
                 f.flush()

@@ -775,6 +775,7 @@ def test_a_hang_ends_with_evidence_and_one_line_naming_the_silent_rank(folder, t
     assert "rank 1 stopped answering" in errors[0] and "died" not in errors[0], errors[0]
     assert f"within --timeout {HANG_TIMEOUT} s" in errors[0], errors[0]
     stack = (ckpt / "debug" / "4242" / "rank0.stack.txt").read_text()  # the job id recipes.srun sets
+    assert stack.startswith("rank 0 of 2, "), stack[:200]  # the job's size: fr_report.py names the ranks without one
     assert "where it waited:" in stack and "every thread now:" in stack, stack[-2000:]
 
 
@@ -835,4 +836,5 @@ def test_a_rank_stuck_alive_writes_its_own_stack(tmp_path):
     subprocess.run([sys.executable, "-c", code, str(ROOT / "pytorch"), str(tmp_path)], env=env, timeout=60,
                    check=True)
     stalled = (tmp_path / "debug" / "4242" / "rank1.stalled.txt").read_text()
+    assert stalled.startswith("rank 1 of 2, "), stalled[:200]
     assert "no step since step 3" in stalled and "a_rank_stuck_in_python" in stalled, stalled

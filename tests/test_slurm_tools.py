@@ -498,6 +498,12 @@ def test_fr_report_says_when_the_dumps_do_not_name_the_jobs_ranks(tmp_path, caps
     assert lines[0].startswith(f"1 rank dumps in {tmp_path} (ranks 0 of the job's 0-1, by --world-size"), lines
     assert lines[1].startswith("no dump from rank 1: "), lines
     assert lines[2].startswith("rank 1 left no dump; in process group 0 (default_pg) rank 0 waits for it in #2"), lines
+    # Without --world-size: the stack file toolkit.HANG wrote beside the dump says how many ranks the job has.
+    (tmp_path / "rank0.stack.txt").write_text("rank 0 of 2, pid 10 on n1, step 3, 2026-12-07 15:57:59: Timed out\n")
+    assert fr_report.main([str(tmp_path), "--torchfrtrace", "off"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith(f"1 rank dumps in {tmp_path} (ranks 0 of the job's 0-1, by the stack files"), lines
+    assert lines[1].startswith("no dump from rank 1: "), lines
 
 
 def write_stack_files(folder):
@@ -520,7 +526,7 @@ def write_stack_files(folder):
     except RuntimeError as e:
         error = e
     with open(folder / "rank0.stack.txt", "w") as f:
-        f.write(f"rank 0, pid 10 on n1, step 3, 2026-12-07 15:57:59: {error}\n\nwhere it waited:\n"
+        f.write(f"rank 0 of 2, pid 10 on n1, step 3, 2026-12-07 15:57:59: {error}\n\nwhere it waited:\n"
                 f"{''.join(traceback.format_exception(error))}\nevery thread now:\n")
         f.flush()
         faulthandler.dump_traceback(file=f, all_threads=True)
@@ -528,9 +534,9 @@ def write_stack_files(folder):
     def stuck_loading_data():  # rank 1's; rank 0's watcher fires too while it waits in the collective
         for rank in (1, 0):
             with open(folder / f"rank{rank}.stalled.txt", "w") as f:
-                f.write(f"rank {rank}, pid 11 on n2, 2026-12-07 15:58:00: no step since step 3 for 301 s (--timeout "
-                        "300): stuck here, or in a phase longer than --timeout (a validation, a save)\n\nevery "
-                        "thread:\n")
+                f.write(f"rank {rank} of 2, pid 11 on n2, 2026-12-07 15:58:00: no step since step 3 for 301 s "
+                        "(--timeout 300): stuck here, or in a phase longer than --timeout (a validation, a save)"
+                        "\n\nevery thread:\n")
                 f.flush()
                 library["wait"](faulthandler.dump_traceback, f)
 

@@ -120,7 +120,14 @@ def named_ranks(pg_config: dict) -> set[int]:
     return {int(r) for config in pg_config.values() for r in re.findall(r"\d+", str(config.get("ranks", "")))}
 
 
-def job_ranks(dumps: dict[int, dict], others, world_size: int | None) -> tuple[set[int], str | None]:
+def stacks_world_size(stacks: dict) -> int | None:
+    """The job's size as toolkit.HANG's stack files give it in their first line ('rank 0 of 2, pid ...')."""
+    sizes = {int(m.group(1)) for text in stacks.values() if (m := re.match(r"rank \d+ of (\d+),", text))}
+    return max(sizes) if sizes else None
+
+
+def job_ranks(dumps: dict[int, dict], others, world_size: int | None,
+              said_by: str = "by --world-size") -> tuple[set[int], str | None]:
     """The job's ranks, 0 to the highest one known, and where that comes from (None: nothing says how many ranks
     the job has, only which ranks left a file). Global ranks are 0..N-1: a rank named anywhere implies those below."""
     named, source = set(), None
@@ -130,7 +137,7 @@ def job_ranks(dumps: dict[int, dict], others, world_size: int | None) -> tuple[s
         source = "by the process groups' ranks in the dumps"
     if world_size:
         named |= set(range(world_size))
-        source = "by --world-size"
+        source = said_by
     known = named | set(dumps) | set(others)
     return set(range(max(known) + 1)) if known else set(), source
 
@@ -219,7 +226,11 @@ def load_stacks(folder: Path) -> dict[tuple[int, str], str]:
 def report(dumps: dict[int, dict], folder: Path, stacks=None, world_size: int | None = None,
            prefix: str = "nccl_trace_rank_") -> list[str]:
     stacks = stacks or {}
-    world, source = job_ranks(dumps, {rank for rank, _ in stacks}, world_size)
+    if world_size:
+        world, source = job_ranks(dumps, {rank for rank, _ in stacks}, world_size)
+    else:  # gloo's dump names no ranks once a second group exists ('[]'): the stack files still say how many
+        world, source = job_ranks(dumps, {rank for rank, _ in stacks}, stacks_world_size(stacks),
+                                  "by the stack files' first lines")
     if dumps:
         versions = sorted({str(d["version"]) for d in dumps.values()})
         job = (f" of the job's {ranks_text(world)}, {source}" if source else
