@@ -5,7 +5,8 @@ why recipe.py imports jax after this module and the scripts import jax inside se
 own error line.
 
 Map:
-    run                          toolkit.run with hard_exit: os._exit, JAX's shutdown barrier must not wait for the dead
+    run, explain                 toolkit.run with hard_exit (os._exit: JAX's shutdown barrier must not wait for the
+                                 dead); a peer that died (gloo: its connections closed) is one line
     parse_args, nprocs_flag      the command line every recipe takes (C2), no silent CPU (C12); multigpu.py's --nprocs
     gpu_problem                  C12's probe: why JAX cannot use GPUs here ('' when it can), from the installed
                                  packages and device files alone (cuda_plugins, NVIDIA_DEVICES)
@@ -47,6 +48,7 @@ import multiprocessing
 import os
 import pickle
 import pkgutil
+import re
 import signal
 import socket
 import struct
@@ -72,9 +74,22 @@ from toolkit import (
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # before any `import jax`: XLA's C++ warnings off stderr
 
+
+def explain(error):
+    """toolkit.run's verdict on an error that is not a RecipeError: a collective that failed because a peer closed its
+    connections (gloo: "Connection reset by peer") -- its process died -- is one line and exit 1. None for anything
+    else: a bug, with its traceback."""
+    text = str(error).strip()
+    if not (isinstance(error, RuntimeError) and "gloo" in text.lower() and toolkit.PEER_GONE.search(text)):
+        return None
+    gist = re.sub(r"^[A-Z_]+: |\[[^\]]*\.cc:\d+\] ", "", text.splitlines()[0])[:200]  # "UNKNOWN: ", "[pair.cc:538] "
+    return (f"lost contact with another rank ({gist}): a process or node of the job died; see its log. "
+            f"The last snapshot is intact: a requeued or resubmitted run resumes from it"), 1
+
+
 # JAX's shutdown barrier would wait for peers that are gone: after an error leave with os._exit. (A preemption has
 # passed it already: every process is alive then, and recipe.train shuts down before it exits 75.)
-run = functools.partial(toolkit.run, hard_exit=True)
+run = functools.partial(toolkit.run, explain=explain, hard_exit=True)
 
 
 # ---------------------------------------------------------------------------------------------------- command line

@@ -520,6 +520,20 @@ def test_multinode_template_wants_one_task_per_gpu(tmp_path):
                                    "per GPU, set #SBATCH --ntasks-per-node=8 (or use multinode_pernode.sbatch)")
 
 
+def test_a_dead_peer_is_one_line():
+    """C13: a collective that failed because its peer closed the connection -- gloo's words, seen when rank 1 of the
+    contract's srun-style run was SIGKILLed after step 2 -- is the died-line, exit 1 (it was a traceback, then a C++
+    abort from JAX's shutdown barrier at exit, waiting for the dead)."""
+    cluster = load_common()
+    for said in ("Read error [127.0.0.1]:409: Connection reset by peer", "Connection closed by peer [127.0.0.1]:2939"):
+        error = RuntimeError(f"UNKNOWN: Gloo all-reduce failed: [external/gloo/gloo/transport/tcp/pair.cc:538] {said}")
+        line, code = cluster.explain(error)
+        assert code == 1 and line.startswith(f"lost contact with another rank (Gloo all-reduce failed: {said}): a "
+                                             f"process or node of the job died"), line
+    assert cluster.explain(RuntimeError("UNKNOWN: Gloo all-reduce failed: Timed out")) is None  # not a death
+    assert cluster.explain(ValueError("Connection reset by peer")) is None  # a bug keeps its traceback
+
+
 # ------------------------------------------------------------------------------------------ GPU facts (#22)
 # This machine has no GPU: the GPU seams run in this process against a fake JAX that answers as a GPU node does,
 # and keeps the one rule of real JAX that matters here -- jax.distributed.initialize refuses once anything used a
