@@ -5,7 +5,8 @@ why recipe.py imports jax after this module and the scripts import jax inside se
 own error line.
 
 Map:
-    run                          toolkit.run with hard_exit: os._exit, JAX's shutdown barrier must not wait for the dead
+    run, explain                 toolkit.run with hard_exit (os._exit: JAX's shutdown barrier must not wait for the
+                                 dead); a peer that died (gloo: its connections closed) is one line
     parse_args, nprocs_flag      the command line every recipe takes (C2), no silent CPU (C12); multigpu.py's --nprocs
     gpu_problem                  C12's probe: why JAX cannot use GPUs here ('' when it can), from the installed
                                  packages and device files alone (cuda_plugins, NVIDIA_DEVICES)
@@ -24,6 +25,10 @@ Map:
     reduce_max                   the ranks' agreement on preemption: toolkit.PREEMPTION.agreed(step, reduce_max)
     broadcast, barrier           rank 0's choice to every process; nobody goes on before everybody is there
     local_value                  a replicated array's value, as numpy, from this process's own copy (no communication)
+    watch_for_hangs              C13: no step for --timeout -> stacks in <checkpoint-dir>/debug/<job id>/, the ranks
+                                 that do not answer named through JAX's coordination service, one line, exit 1
+                                 (report_hang, who_stopped_answering); coordination_timeout keeps JAX's own
+                                 heartbeat abort later
     replicate                    numpy, the same on every process -> global arrays replicated over the mesh
     Dataset, check_dataset_fits  images and labels in memory; enough of them for every process and one global batch
     read_mnist, read_cifar10     the datasets' own files, read in place with numpy (never downloaded)
@@ -39,6 +44,7 @@ Map:
 
 import argparse
 import asyncio
+import faulthandler
 import functools
 import gzip
 import importlib.metadata
@@ -47,14 +53,17 @@ import multiprocessing
 import os
 import pickle
 import pkgutil
+import re
 import signal
 import socket
 import struct
 import sys
+import threading
 import time
+import traceback
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 
 import numpy as np
@@ -72,9 +81,25 @@ from toolkit import (
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # before any `import jax`: XLA's C++ warnings off stderr
 
+
+def explain(error):
+    """toolkit.run's verdict on an error that is not a RecipeError: a collective that failed because a peer closed its
+    connections (gloo: "Connection reset by peer") -- its process died -- is one line and exit 1. None for anything
+    else: a bug, with its traceback. A peer that stopped answering raises nothing: the hang watchdog speaks then, and
+    a collective broken meanwhile by another rank leaving is part of that hang (the watchdog's line, its exit)."""
+    if HANG_REPORTED.is_set():
+        threading.Event().wait()  # the watchdog ends this process (os._exit) once its line is out
+    text = str(error).strip()
+    if not (isinstance(error, RuntimeError) and "gloo" in text.lower() and toolkit.PEER_GONE.search(text)):
+        return None
+    gist = re.sub(r"^[A-Z_]+: |\[[^\]]*\.cc:\d+\] ", "", text.splitlines()[0])[:200]  # "UNKNOWN: ", "[pair.cc:538] "
+    return (f"lost contact with another rank ({gist}): a process or node of the job died; see its log. "
+            f"The last snapshot is intact: a requeued or resubmitted run resumes from it"), 1
+
+
 # JAX's shutdown barrier would wait for peers that are gone: after an error leave with os._exit. (A preemption has
 # passed it already: every process is alive then, and recipe.train shuts down before it exits 75.)
-run = functools.partial(toolkit.run, hard_exit=True)
+run = functools.partial(toolkit.run, explain=explain, hard_exit=True)
 
 
 # ---------------------------------------------------------------------------------------------------- command line
@@ -444,6 +469,130 @@ def replicate(tree, sharding):
         return jax.make_array_from_callback(value.shape, sharding, lambda index: value[index])
 
     return jax.tree_util.tree_map(put, tree)
+
+
+# ---------------------------------------------------------------------------------------------------- hangs
+
+HANG_GRACE_S = 10  # at most, never more than --timeout: how long the live processes wait for each other's answer
+HANG_KEY = "recipe-hang"  # in the coordination service's key-value store: HANG_KEY/<rank> = the step it waited after
+HANG_REPORTED = threading.Event()  # set once the watchdog reports: explain leaves the exit to it
+
+
+def coordination_timeout(timeout):
+    """JAX's heartbeat and shutdown timeouts for --timeout: the watchdog must have spoken before JAX acts. The
+    coordination service aborts every process from a C++ thread (LOG(FATAL): no line, a C++ stack) once a peer sent
+    no heartbeat for this long, counted from its last heartbeat, not from the stop (seen: the abort 40 s after a
+    SIGSTOP, with 50 s). The watchdog has spoken by --timeout + 2 x HANG_GRACE_S + ~2 s; JAX acts after it even at
+    half of this."""
+    return 2 * (timeout + 30)
+
+
+def watch_for_hangs(timeout):
+    """C13 for JAX: a step that waits on a peer that stopped answering ends with evidence and one line.
+
+    A collective of XLA's has no deadline: the process waits in C++ until JAX's heartbeat check aborts it. This thread
+    (started after jax.distributed.initialize, armed at the first step boundary) reports once no step boundary
+    (toolkit.PREEMPTION.agreed) came for --timeout: the stacks on disk, the ranks that do not answer named through
+    JAX's coordination service, one line, exit 1 (report_hang). Every wait between two steps counts, a save's too
+    (its barriers wait on the peers like a step's collectives): --timeout must exceed the longest save."""
+    threading.Thread(target=_watch, args=(timeout,), name="jax-hang-watchdog", daemon=True).start()
+
+
+def _watch(timeout):
+    main = threading.main_thread()
+    while True:
+        time.sleep(min(1.0, timeout / 4))
+        step_at = toolkit.HANG.last_step_at
+        if step_at is not None and time.monotonic() - step_at >= timeout:
+            frame = sys._current_frames().get(main.ident)
+            report_hang(frame, traceback.extract_stack(frame) if frame else traceback.StackSummary(), timeout)
+
+
+def report_hang(frame, stack, timeout):
+    """The watchdog's verdict, never returns: the main thread's stack (`frame`, `stack`: where it waits) and every
+    thread's into debug/<job id>/rank<N>.stack.txt, one line naming the ranks that do not answer, exit 1."""
+    import jax
+    from jax._src import distributed  # private: jax 0.10.2 has no public handle on the coordination service's client
+
+    HANG_REPORTED.set()
+    rank, world_size, step = jax.process_index(), jax.process_count(), toolkit.PREEMPTION.step
+    folder, where = toolkit.HANG.folder(), (f"{stack[-1].name} at {os.path.basename(stack[-1].filename)}:"
+                                            f"{stack[-1].lineno}" if stack else "?")
+    try:
+        try:
+            os.makedirs(folder, exist_ok=True)
+            with open(os.path.join(folder, f"rank{rank}.stack.txt"), "w") as f:
+                f.write(f"rank {rank}, pid {os.getpid()} on {socket.gethostname()}, step {step}, "
+                        f"{time.strftime('%Y-%m-%d %H:%M:%S')}: no step for --timeout {timeout} s\n"
+                        f"\nwhere it waited:\n{''.join(stack.format())}\nevery thread now:\n")
+                f.flush()
+                faulthandler.dump_traceback(file=f, all_threads=True)
+        except OSError as e:
+            toolkit.log(rank, f"warning: the hang's evidence is incomplete ({e})", file=sys.stderr)
+        client, grace = distributed.global_state.client, min(HANG_GRACE_S, timeout)
+        silent, answered = who_stopped_answering(client, rank, world_size, step, grace)
+        toolkit.log(rank, f"error: no step completed within --timeout {timeout} s after step {step} (this process "
+                          f"waits in {where}): {silent}; stacks in {folder}", file=sys.stderr)
+        leave_together(client, rank, answered, grace)
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(1)
+
+
+def who_stopped_answering(client, rank, world_size, step, grace):
+    """(which processes did not answer through JAX's coordination service within `grace` s, the ranks that did --
+    None when the service does not answer). Every live process whose watchdog fired posts HANG_KEY/<rank>; the ones
+    that do not are stopped, or gone without closing their connections. In a thread: the service lives in process 0,
+    and a stopped process 0 answers no call."""
+    found = {}
+
+    def ask():
+        client.key_value_set(f"{HANG_KEY}/{rank}", str(step), allow_overwrite=True)
+        end = time.monotonic() + grace
+        while len(found.setdefault("answered", [])) < world_size and time.monotonic() < end:
+            time.sleep(0.2)
+            found["answered"] = sorted(int(k.rpartition("/")[2]) for k, _ in client.key_value_dir_get(HANG_KEY))
+
+    if not _bounded(ask, grace):
+        return ("the processes that stopped answering cannot be named: JAX's coordination service does not answer "
+                "either (it runs in process 0: stopped or gone)"), None
+    missing = sorted(set(range(world_size)) - set(found["answered"]))
+    if not missing:
+        return ("every process answered: none stopped -- a collective that hangs (the network?), or a process stuck "
+                "outside its step (where each one waits: its rank<N>.stack.txt)"), found["answered"]
+    names = ",".join(map(str, missing))
+    return (f"rank{'s' if len(missing) > 1 else ''} {names} stopped answering (alive but not progressing, or gone "
+            f"without closing its connections)"), found["answered"]
+
+
+def leave_together(client, rank, answered, grace):
+    """After its line: wait (at most `grace` s) until every process that answered has printed its own. Process 0 runs
+    the coordination service: its exit aborts the others (a C++ stack, no line) -- it leaves last, a second later."""
+    def wait():
+        client.key_value_set(f"{HANG_KEY}-said/{rank}", "", allow_overwrite=True)
+        end = time.monotonic() + grace
+        while len(client.key_value_dir_get(f"{HANG_KEY}-said")) < len(answered) and time.monotonic() < end:
+            time.sleep(0.2)
+
+    if answered and len(answered) > 1 and _bounded(wait, grace) and rank == 0:
+        time.sleep(1)
+
+
+def _bounded(call, grace):
+    """call() in a thread, given 2 x grace + 1 s (its own waits end after grace; a stopped service's calls may never
+    return): True when it returned without an error."""
+    returned = threading.Event()
+
+    def calling():
+        with suppress(Exception):  # the service gone (process 0 exited): it does not answer
+            call()
+            returned.set()
+
+    thread = threading.Thread(target=calling, daemon=True)
+    thread.start()
+    thread.join(2 * grace + 1)
+    return returned.is_set()
 
 
 # ---------------------------------------------------------------------------------------------------- data

@@ -10,8 +10,9 @@ import socket
 import time
 
 import numpy as np
-from cluster import (Dataset, ShardedLoader, check_dataset_fits, checkpoint_manager, local_value, platform_start,
-                     read_cifar10, read_mnist, reduce_max, rendezvous, replicate, restore_newest, select_platform)
+from cluster import (Dataset, ShardedLoader, check_dataset_fits, checkpoint_manager, coordination_timeout,
+                     local_value, platform_start, read_cifar10, read_mnist, reduce_max, rendezvous, replicate,
+                     restore_newest, select_platform, watch_for_hangs)
 from toolkit import PREEMPTED_EXIT_CODE, PREEMPTION, RecipeError, StepTimer, log
 
 import jax  # after cluster: importing it quiets XLA's C++ logs, which jax reads once, at import
@@ -91,7 +92,9 @@ def init_distributed(args, coordinator=None, num_processes=None, process_id=None
     with rendezvous(coordinator, process_id, args.timeout):  # what goes wrong: one line within --timeout
         jax.distributed.initialize(coordinator, num_processes, process_id, local_device_ids,
                                    initialization_timeout=args.timeout + 60,
-                                   heartbeat_timeout_seconds=max(args.timeout, 10))
+                                   heartbeat_timeout_seconds=coordination_timeout(args.timeout),
+                                   shutdown_timeout_seconds=coordination_timeout(args.timeout))
+    watch_for_hangs(args.timeout)  # a peer that stops answering: stacks on disk, one line, exit 1 (C13)
     # initialize() starts XLA's preemption sync manager, which takes SIGTERM over in C++: the run would train on.
     PREEMPTION.install()  # take it back: TERM and USR1 both end in a snapshot
     with platform_start(args.backend):  # the first use of a device: JAX starts CUDA here, or says why not

@@ -14,6 +14,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 from types import ModuleType, SimpleNamespace
@@ -518,6 +519,57 @@ def test_multinode_template_wants_one_task_per_gpu(tmp_path):
     assert proc.returncode == 2 and "srun started" not in proc.stdout, (proc.returncode, proc.stdout, proc.stderr)
     assert proc.stderr.strip() == ("error: 1 tasks per node for 8 GPUs per node: multinode.sbatch starts one process "
                                    "per GPU, set #SBATCH --ntasks-per-node=8 (or use multinode_pernode.sbatch)")
+
+
+class CoordinationClient:
+    """JAX's distributed client as the hang report uses its key-value store; `answers=False`: the service runs in a
+    stopped process 0, and a call never returns."""
+
+    def __init__(self, posted=(), answers=True):
+        self.store, self.answers = {k: "2" for k in posted}, answers
+
+    def key_value_set(self, key, value, allow_overwrite=False):
+        if not self.answers:
+            threading.Event().wait()
+        self.store[key] = value
+
+    def key_value_dir_get(self, prefix):
+        return [(k, v) for k, v in self.store.items() if k.startswith(prefix + "/")]
+
+
+def test_a_dead_peer_is_one_line():
+    """C13: a collective that failed because its peer closed the connection -- gloo's words, seen when rank 1 of the
+    contract's srun-style run was SIGKILLed after step 2 -- is the died-line, exit 1 (it was a traceback, then a C++
+    abort from JAX's shutdown barrier at exit, waiting for the dead)."""
+    cluster = load_common()
+    for said in ("Read error [127.0.0.1]:409: Connection reset by peer", "Connection closed by peer [127.0.0.1]:2939"):
+        error = RuntimeError(f"UNKNOWN: Gloo all-reduce failed: [external/gloo/gloo/transport/tcp/pair.cc:538] {said}")
+        line, code = cluster.explain(error)
+        assert code == 1 and line.startswith(f"lost contact with another rank (Gloo all-reduce failed: {said}): a "
+                                             f"process or node of the job died"), line
+    assert cluster.explain(RuntimeError("UNKNOWN: Gloo all-reduce failed: Timed out")) is None  # not a death
+    assert cluster.explain(ValueError("Connection reset by peer")) is None  # a bug keeps its traceback
+
+
+def test_a_silent_peer_is_named_through_the_coordination_service():
+    """C13's naming in jax/ (the contract's SIGSTOP run is the real one): a stopped peer raises nothing, so the
+    watchdog names whoever does not answer through JAX's coordination service, or nobody when the service itself
+    (process 0) is stopped -- and returns."""
+    cluster = load_common()
+
+    def said(client, world_size=2, rank=0):
+        return cluster.who_stopped_answering(client, rank, world_size, step=2, grace=0.2)
+
+    assert said(CoordinationClient()) == ("rank 1 stopped answering (alive but not progressing, or gone without "
+                                          "closing its connections)", [0])
+    assert said(CoordinationClient({"recipe-hang/2"}), 4)[0].startswith("ranks 1,3 stopped answering")
+    assert said(CoordinationClient({"recipe-hang/0"}), 2, 1)[0].startswith("every process answered: none stopped")
+    silent, answered = said(CoordinationClient(answers=False))
+    assert "cannot be named" in silent and answered is None
+    # every process that answered leaves once all of them have said their line (process 0's exit would abort theirs)
+    client = CoordinationClient({"recipe-hang-said/0"})
+    cluster.leave_together(client, 2, [0, 2], grace=0.2)
+    assert set(client.store) == {"recipe-hang-said/0", "recipe-hang-said/2"}
 
 
 # ------------------------------------------------------------------------------------------ GPU facts (#22)
