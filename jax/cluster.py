@@ -522,7 +522,7 @@ def report_hang(frame, stack, timeout):
         try:
             os.makedirs(folder, exist_ok=True)
             with open(os.path.join(folder, f"rank{rank}.stack.txt"), "w") as f:
-                f.write(f"rank {rank}, pid {os.getpid()} on {socket.gethostname()}, step {step}, "
+                f.write(f"rank {rank} of {world_size}, pid {os.getpid()} on {socket.gethostname()}, step {step}, "
                         f"{time.strftime('%Y-%m-%d %H:%M:%S')}: no step for --timeout {timeout} s\n"
                         f"\nwhere it waited:\n{''.join(stack.format())}\nevery thread now:\n")
                 f.flush()
