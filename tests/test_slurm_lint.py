@@ -149,8 +149,9 @@ SB106_JOB = HEADER + "#SBATCH --cpus-per-task=4\n" + GOOD_BODY
 
 @pytest.mark.lint
 def test_sb106_names_the_slurm_versions(tmp_path):
-    """srun stopped inheriting --cpus-per-task in 22.05; later releases are reported to read it again: the finding
-    names the releases when the version is unknown, and only a release inside them reports it."""
+    """srun reads SRUN_CPUS_PER_TASK instead of SLURM_CPUS_PER_TASK from 22.05.0 to 23.02.x, and
+    SLURM_CPUS_PER_TASK again from 23.11.0 (Slurm's src/srun/opt.c, read at each tag): the finding names those
+    releases when the version is unknown, and only a release inside them reports it."""
     (tmp_path / "train.py").write_text("")
     path = tmp_path / "job.sbatch"
     path.write_text(SB106_JOB)
@@ -159,10 +160,10 @@ def test_sb106_names_the_slurm_versions(tmp_path):
         return [f.message for f in sbatch_lint.lint_file(path, slurm_version=version) if f.code == "SB106"]
 
     (unknown,) = sb106(None)
-    assert "22.05-23.x" in unknown and "srun --version" in unknown, unknown
+    assert "Slurm 22.05-23.02" in unknown and "srun --version" in unknown, unknown
     (known,) = sb106((23, 2))
     assert "on Slurm 23.02 srun does not inherit it" in known, known
-    assert sb106((21, 8)) == [] and sb106((24, 11)) == []
+    assert sb106((22, 5)) and sb106((21, 8)) == [] and sb106((23, 11)) == [] and sb106((24, 11)) == []
 
 
 @pytest.mark.lint

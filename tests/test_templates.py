@@ -171,10 +171,11 @@ def start(template, tmp_path, step_exit, **slurm):
     for name, text in FAKES.items():
         (bin_dir / name).write_text(text)
         (bin_dir / name).chmod(0o755)
+    slurm = dict(SLURM_JOB_ID=4242, SLURM_JOB_NAME="t", SLURM_JOB_NODELIST="n[1-2]", SLURM_NNODES=2, SLURM_NTASKS=2,
+                 SLURM_NTASKS_PER_NODE=1, SLURM_CPUS_PER_TASK=2, SLURM_GPUS_ON_NODE=1) | slurm
     env = clean_env(PATH=f"{bin_dir}:{os.environ['PATH']}", PYTHON=bin_dir / "python", FAKE_DIR=tmp_path,
-                    FAKE_STEP_EXIT=step_exit, SLURM_JOB_ID=4242, SLURM_JOB_NAME="t", SLURM_JOB_NODELIST="n[1-2]",
-                    SLURM_NNODES=2, SLURM_NTASKS=2, SLURM_NTASKS_PER_NODE=1, SLURM_CPUS_PER_TASK=2,
-                    SLURM_GPUS_ON_NODE=1, CUDA_VISIBLE_DEVICES=0, **slurm)
+                    FAKE_STEP_EXIT=step_exit, CUDA_VISIBLE_DEVICES=0,
+                    **{k: v for k, v in slurm.items() if v is not None})  # None: a variable Slurm does not set
     return subprocess.Popen(["bash", ROOT / template, "--epochs", "1"], cwd=tmp_path, env=env, text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
 
@@ -246,3 +247,25 @@ def test_the_block_passes_on_what_is_not_a_preemption(template, tmp_path):
         assert not (case_dir / "requeued").exists(), f"{template} ({case}): requeued\n{out}"
         if case == "cap":
             assert "requeue: checkpointed, but restarted 3 times already (MAX_RESTARTS=3): giving up" in err, err
+
+
+# Every template that sets the cores of srun's tasks, wherever it lives: a new one is checked too.
+CPU_TEMPLATES = sorted(str(p.relative_to(ROOT)) for p in ROOT.glob("*/*.sbatch")
+                       if "SRUN_CPUS_PER_TASK" in p.read_text())
+# CONTRACT C8's CPU line: srun of Slurm 22.05-23.02 reads SRUN_CPUS_PER_TASK, not --cpus-per-task; a job submitted
+# with --cpus-per-gpu has no SLURM_CPUS_PER_TASK (sbatch sets only SLURM_CPUS_PER_GPU), which set -u turned into
+# 'SLURM_CPUS_PER_TASK: unbound variable'.
+CPU_LINE = (': "${SLURM_CPUS_PER_TASK:?unset: submit with --cpus-per-task (--cpus-per-gpu sets SLURM_CPUS_PER_GPU '
+            'only)}"; export SRUN_CPUS_PER_TASK=$SLURM_CPUS_PER_TASK\n')
+
+
+@pytest.mark.parametrize("template", CPU_TEMPLATES)
+def test_a_job_without_cpus_per_task_is_refused_in_one_line(template, tmp_path):
+    """Submitted with --cpus-per-gpu instead of --cpus-per-task: one line naming the option to use, before srun."""
+    assert len(CPU_TEMPLATES) >= 40, CPU_TEMPLATES
+    proc = start(template, tmp_path, 0, SLURM_CPUS_PER_TASK=None, SLURM_CPUS_PER_GPU=4, SLURM_ARRAY_TASK_ID=0)
+    out, err = proc.communicate(timeout=30)
+    assert proc.returncode == 1 and not (tmp_path / "srun.args").exists(), f"{template}: {proc.returncode}\n{err}"
+    assert re.fullmatch(r".*: SLURM_CPUS_PER_TASK: unset: submit with --cpus-per-task \(--cpus-per-gpu sets "
+                        r"SLURM_CPUS_PER_GPU only\)\n", err), err
+    assert CPU_LINE in (ROOT / template).read_text(), f"{template}: its SRUN_CPUS_PER_TASK line is not C8's"

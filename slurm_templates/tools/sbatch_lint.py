@@ -40,11 +40,11 @@ Warnings (exit 1 only with --strict):
          limit (not `ray start`: Ray notices a lost node itself)
   SB105  a derived port range that reaches Linux's ephemeral range (32768+), where it collides now and then
          with outgoing connections
-  SB106  `#SBATCH --cpus-per-task` > 1 not passed on to an srun of training work or `ray start`: srun does not
-         inherit it on Slurm 22.05 (its man page) and, as far as known here, up to 23.x -- later releases are
-         reported to read SLURM_CPUS_PER_TASK again, not verified here -- so every task runs on one core (export
-         SRUN_CPUS_PER_TASK=$SLURM_CPUS_PER_TASK). Slurm-version dependent: --slurm-version X.Y, or else
-         `srun --version` when srun is here and configured, drops it on releases outside 22.05-23.x; with neither
+  SB106  `#SBATCH --cpus-per-task` > 1 not passed on to an srun of training work or `ray start`: srun of Slurm
+         22.05-23.02 reads SRUN_CPUS_PER_TASK, not SLURM_CPUS_PER_TASK, so every task runs on one core (export
+         SRUN_CPUS_PER_TASK=$SLURM_CPUS_PER_TASK); before 22.05 and from 23.11 on srun reads SLURM_CPUS_PER_TASK
+         (read in Slurm's sources, src/srun/opt.c). Slurm-version dependent: --slurm-version X.Y, or else
+         `srun --version` when srun is here and configured, drops it on releases outside 22.05-23.02; with neither
          the finding names those releases
   SB107  a sourced file (an activation or environment script) that does not exist yet: create it before submitting
   SB108  `kill $VAR` / `wait $VAR` of a variable the script never assigns (a signal that is never forwarded);
@@ -83,10 +83,11 @@ SRUN_VALUE_OPTIONS = set("-n -N -c -w -x -p -t -o -e -i -J -A -q -D -m -W -G -d"
     container-workdir container-name container-env distribution mpi chdir wait account qos reservation dependency
     signal network constraint hint threads-per-core label-format""".split()}
 EPHEMERAL_LOW = 32768
-# SB106 holds on these Slurm releases, [from, until): 22.05's srun stopped inheriting the job's --cpus-per-task (its
-# man page: "not automatically inherited by srun"); later releases are reported to read SLURM_CPUS_PER_TASK again
-# (webknossos-libs PR 1483, WarpX PR 5340), seen nowhere here yet, so 24.0 is where the claim stops, not a fact.
-CPUS_NOT_INHERITED = ((22, 5), (24, 0))
+# SB106 holds on these Slurm releases, first and last: srun's table of environment variables (src/srun/libsrun/opt.c
+# in 22.05, src/srun/opt.c later) maps SLURM_CPUS_PER_TASK to -c up to 21.08, SRUN_CPUS_PER_TASK alone from tag
+# slurm-22-05-0-1 to slurm-23-02-7-1, SLURM_CPUS_PER_TASK alone again from slurm-23-11-0-1 to slurm-25-11-0-1 (NEWS:
+# 22.05.0rc1 "srun no longer inherits SLURM_CPUS_PER_TASK", 23.11.0rc1 "get back the previous behavior").
+CPUS_NOT_INHERITED = ((22, 5), (23, 2))
 # The shellcheck findings passed through by default: the ones that break a job. The rest are style for a job script
 # (SC2155 `export X=$(...)`, SC2086/SC2046 `srun $SRUN_ARGS`, SC2016 `bash -c '$SLURM_PROCID'`): on a public corpus
 # of job scripts 67 of 72 pass-through warnings were false alarms (issue 24); `--shellcheck-all` shows them all.
@@ -584,13 +585,12 @@ class Script:
                     version = installed_slurm_version() if self.slurm_version == "auto" else self.slurm_version
                     if version is None:
                         low, high = CPUS_NOT_INHERITED
-                        where = (f"on Slurm {release(low)}-{high[0] - 1}.x srun does not inherit it (later "
-                                 "releases are reported to read SLURM_CPUS_PER_TASK again, not verified here: check "
-                                 "`srun --version`, or pass --slurm-version)")
-                    elif CPUS_NOT_INHERITED[0] <= version < CPUS_NOT_INHERITED[1]:
+                        where = (f"on Slurm {release(low)}-{release(high)} srun does not inherit it (before "
+                                 "22.05 and from 23.11 it does: check `srun --version`, or pass --slurm-version)")
+                    elif CPUS_NOT_INHERITED[0] <= version <= CPUS_NOT_INHERITED[1]:
                         where = f"on Slurm {release(version)} srun does not inherit it"
                     else:
-                        continue  # before 22.05 srun inherits it; see CPUS_NOT_INHERITED for later releases
+                        continue  # srun reads SLURM_CPUS_PER_TASK there (CPUS_NOT_INHERITED)
                     self.report(c.number, "SB106", f"--cpus-per-task={shape.cpus_per_task} is not passed on: "
                                 f"{where}, and each task runs on one core (export "
                                 "SRUN_CPUS_PER_TASK=$SLURM_CPUS_PER_TASK before the first srun)")
