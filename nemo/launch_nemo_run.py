@@ -76,7 +76,7 @@ def executor(nemo_run, args):
     ex = nemo_run.SlurmExecutor(
         account=args.account, partition=args.partition, nodes=args.nodes, ntasks_per_node=args.gpus_per_node,
         gpus_per_node=args.gpus_per_node, time=args.time, signal="USR1@90",
-        # srun does not inherit --cpus-per-task (Slurm >= 22.05): ask for it on the step itself.
+        # srun does not inherit --cpus-per-task (Slurm 22.05-23.02): ask for it on the step itself.
         srun_args=[f"--cpus-per-task={args.cpus_per_gpu}"], env_vars={"OMP_NUM_THREADS": str(args.cpus_per_gpu)},
         setup_lines=RENDEZVOUS, tunnel=nemo_run.LocalTunnel(job_dir=""),  # "": the experiment's own directory
         packager=nemo_run.Packager(), poll_estimated_start_time=False,

@@ -504,7 +504,7 @@ def test_templates_follow_the_conventions(folder):
         if first_srun is not None:
             export = text.find("export SRUN_CPUS_PER_TASK=")
             assert 0 <= export < first_srun or "srun --cpus-per-task" in text, \
-                f"{where}: srun does not inherit --cpus-per-task (Slurm >= 22.05): export SRUN_CPUS_PER_TASK"
+                f"{where}: srun does not inherit --cpus-per-task (Slurm 22.05-23.02): export SRUN_CPUS_PER_TASK"
         assert "checkpoints/$SLURM_JOB_ID" not in text, f"{where}: a resubmitted job would start over"
         if "--checkpoint-dir" in text:
             assert 'RUN=${RUN:-$SLURM_JOB_NAME}' in text and '"checkpoints/$RUN"' in text, where

@@ -69,7 +69,7 @@ def test_ranks_run_on_the_cores_they_asked_for(slurm_cluster, slurm_python, tmp_
 
 
 def test_template_without_srun_cpus_per_task_gets_one_core(slurm_cluster, slurm_python, tmp_path):
-    """The same template without its SRUN_CPUS_PER_TASK line: srun (Slurm >= 22.05) asks for 1 core per task,
+    """The same template without its SRUN_CPUS_PER_TASK line: srun (Slurm 22.05-23.02) asks for 1 core per task,
     every rank is bound to one core, and the doctor fails with one clear line instead of training slowly."""
     template = (TEMPLATES / "srun_per_gpu.sbatch").read_text()
     assert FIX in template

@@ -250,8 +250,10 @@ def test_the_block_passes_on_what_is_not_a_preemption(template, tmp_path):
 
 
 # Every template that sets the cores of srun's tasks, wherever it lives: a new one is checked too.
-CPU_TEMPLATES = sorted(str(p.relative_to(ROOT)) for p in ROOT.glob("*/*.sbatch")
-                       if "SRUN_CPUS_PER_TASK" in p.read_text())
+CPU_TEMPLATES = sorted(str(p.relative_to(ROOT)) for p in ROOT.glob("**/*.sbatch")
+                       if p.relative_to(ROOT).parts[0] not in {".venvs", "tests", "runs"}
+                       and "checkpoints" not in p.parts
+                       and "SRUN_CPUS_PER_TASK" in p.read_text())  # the tools' and the local cluster's too
 # CONTRACT C8's CPU line: srun of Slurm 22.05-23.02 reads SRUN_CPUS_PER_TASK, not --cpus-per-task; a job submitted
 # with --cpus-per-gpu has no SLURM_CPUS_PER_TASK (sbatch sets only SLURM_CPUS_PER_GPU), which set -u turned into
 # 'SLURM_CPUS_PER_TASK: unbound variable'.

@@ -5,7 +5,7 @@
 
 Every rank prints one line (rank, node, hostname, the CPU cores it may run on, visible devices, versions);
 rank 0 prints the NCCL/Gloo environment. A rank bound to fewer cores than SLURM_CPUS_PER_TASK fails (srun
-without SRUN_CPUS_PER_TASK on Slurm >= 22.05 runs every task on one core), and so does, in a job of several
+without SRUN_CPUS_PER_TASK on Slurm 22.05-23.02 runs every task on one core), and so does, in a job of several
 nodes, a MASTER_ADDR or a hostname that resolves to a loopback address (127.0.1.1 from a Debian/Ubuntu
 /etc/hosts) or not at all, and a GLOO_SOCKET_IFNAME/NCCL_SOCKET_IFNAME that names no interface of this node.
 "[doctor] WARN" lines (exit code unchanged) flag a locked-memory limit that InfiniBand cannot work with and a
@@ -246,7 +246,7 @@ def checks(info: dict) -> list[str]:
     wanted = int(env.get("SLURM_CPUS_PER_TASK", 0))
     if len(cores) < wanted:
         problems.append(f"bound to {len(cores)} CPU core(s) ({cpu_list(cores)}) but SLURM_CPUS_PER_TASK={wanted}: "
-                        "srun does not pass --cpus-per-task on (Slurm >= 22.05); put "
+                        "srun does not pass --cpus-per-task on (Slurm 22.05-23.02); put "
                         "`export SRUN_CPUS_PER_TASK=$SLURM_CPUS_PER_TASK` before srun")
     nnodes = int(env.get("SLURM_NNODES", env.get("SLURM_JOB_NUM_NODES", 1)))
     if info["world_size"] > 1:
