@@ -43,27 +43,6 @@ def run_slurm_tasks(args, *, ntasks, timeout=120):
     return codes, outputs
 
 
-def test_ddp_two_ranks_equals_one_rank(tmp_path):
-    """single_gpu.py with batch 64 and multigpu_torchrun.py with 2 ranks x batch 32: the same weights.
-
-    Also the smoke test of both scripts, and of the per-epoch report (synced metrics, samples/s)."""
-    one, two = tmp_path / "one", tmp_path / "two"
-    common = ["--epochs", "2", "--dataset-size", "256", "--log-every", "2"]
-    out1 = run([env_python("lightning"), script("single_gpu.py"), *common, "--batch-size", "64",
-                "--checkpoint-dir", one]).stdout
-    out2 = run([*torchrun("lightning"), "--nnodes", "1", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-                "--master_port", free_port(), script("multigpu_torchrun.py"), *common, "--batch-size", "32",
-                "--checkpoint-dir", two]).stdout
-    assert len(epoch_lines(out1)) == 2 and world_size(out1) == 1
-    assert len(epoch_lines(out2)) == 2 and world_size(out2) == 2
-    w1, ckpt1 = weights(one)
-    w2, ckpt2 = weights(two)
-    assert ckpt1["global_step"] == ckpt2["global_step"] == 8  # 2 epochs x 256 / 64
-    # float32 sums in another order (DDP's all-reduce, the conv kernels of batch 32 vs 64): 3e-8 measured on one CPU,
-    # 1.0e-5 on an AMD EPYC (2026-12). A batch skipped or trained twice moves the weights by ~1e-3.
-    assert_same_weights(w1, w2, rtol=1e-3, atol=1e-4)
-
-
 def test_multigpu_spawn_two_ranks_writes_timings(tmp_path):
     timings = tmp_path / "timings.json"
     out = run([env_python("lightning"), script("multigpu.py"), *SMALL, "--nprocs", "2",
