@@ -8,6 +8,8 @@ the per-folder tests start. A new folder adds a row to RECIPES and gets those te
     RECIPES[folder].run(tmp_path_factory, name)  one of its `runs`, started once per test session whichever file asks
     RECIPES[folder].same_as_one             which of those runs must end with the weights of one process
     wait_all(procs, timeout)                 their exit codes and outputs, or a test failure naming the hang
+
+and, at its end, the parts of the GPU-facts probes (and of their tests) that several folders share.
 """
 
 import contextlib
@@ -456,3 +458,82 @@ def wait_all(procs, timeout=180):
         pytest.fail(f"processes still running after {timeout}s: {[p.args for p in procs]}\n{rest}", pytrace=False)
     return [p.returncode for p in procs], outs
 
+
+# ------------------------------------------------------------------------------------------ GPU probes' shared parts
+# A folder's GPU seams are checked on this CPU machine by one probe process in its environment, CUDA's answers patched
+# into the recipe's own code (GPU_PROBE, GPU_FACTS in test_<folder>.py). modulus/ and monai/ share these parts of it.
+
+PROBE_CHECKS = r'''
+results = {}
+
+def check(fn):
+    try:
+        results[fn.__name__] = fn()
+    except BaseException as e:
+        results[fn.__name__] = {"raised": f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"}
+    return fn
+'''
+
+NO_SILENT_CPU_CHECK = r'''@check
+def given_gpus_that_torch_cannot_use():
+    """C12 in parse_args, where every script starts: one RecipeError, or None where training goes on."""
+    def parse(argv, env, problem="torch 2.13.0+cpu is a CPU-only build"):
+        with mock.patch.object(sys, "argv", ["single_gpu.py", *argv]), mock.patch.dict(os.environ, env), \
+                mock.patch.object(toolkit, "torch_cuda_problem", lambda: problem):
+            for name in ("SLURM_GPUS_ON_NODE", "CUDA_VISIBLE_DEVICES"):
+                if name not in env:
+                    os.environ.pop(name, None)
+            try:
+                cluster.parse_args("probe")
+            except toolkit.RecipeError as e:
+                return str(e)
+    return {"slurm": parse([], {"SLURM_GPUS_ON_NODE": "2"}), "nccl": parse(["--backend", "nccl"], {}),
+            "visible": parse([], {"CUDA_VISIBLE_DEVICES": "0,1"}),
+            "gloo": parse(["--backend", "gloo"], {"SLURM_GPUS_ON_NODE": "2"}),
+            "usable": parse([], {"SLURM_GPUS_ON_NODE": "2"}, problem=""), "cpu_job": parse([], {})}
+'''
+
+TF32_CHECK = r'''@check
+def tf32_for_fp32_on_cuda():
+    """fp32 (no --amp) on a GPU: matmuls and convolutions in TF32 (C10), torch's global setting left readable."""
+    before = torch.get_float32_matmul_precision()
+    cluster.mixed_precision(torch.device("cuda", 0), False)
+    return [before, torch.get_float32_matmul_precision()]
+'''
+
+
+def assert_no_silent_cpu(found):
+    """What NO_SILENT_CPU_CHECK found: given GPUs it cannot use (Slurm's, --backend nccl, CUDA_VISIBLE_DEVICES), the
+    recipe refuses in one line that names what gave them; on purpose (--backend gloo), usable, or none, it trains."""
+    assert found["slurm"].startswith("SLURM_GPUS_ON_NODE=2, but torch 2.13.0+cpu is a CPU-only build"), found
+    assert "rather than training on the CPU" in found["slurm"]
+    assert found["nccl"].startswith("--backend nccl, but"), found
+    assert found["visible"].startswith("CUDA_VISIBLE_DEVICES=0,1, but"), found
+    assert found["gloo"] is None and found["usable"] is None and found["cpu_job"] is None, found
+
+
+# lightning/ and nemo/ (both on Lightning) print what their seams answer with CUDA patched in as JSON lines (GPU_FACTS
+# in test_<folder>.py); the same checks of the same Lightning integration read them.
+
+LIGHTNING_FACT_CHECK = r'''def check(name):
+    def wrap(f):
+        try:
+            result = f()
+        except BaseException as e:
+            result = f"{type(e).__name__}: {e}"
+        print(json.dumps({name: result}, default=str), flush=True)
+    return wrap
+'''
+
+
+def assert_lightning_root_device_is_the_bound_gpu(gpu_facts):
+    """Lightning's root device is the GPU init_distributed bound the process group to."""
+    assert gpu_facts["root_one_visible"] == "cuda:0"
+    assert gpu_facts["root_four_visible"] == "cuda:3"
+
+
+def assert_tf32_for_fp32_on_the_gpu_only(gpu_facts):
+    """TF32 for fp32 on a GPU, readable by Lightning, no warning; nothing under --amp or on the CPU."""
+    assert gpu_facts["tf32_cuda_fp32"] == ["high", "tf32", "tf32", []]
+    assert gpu_facts["tf32_cuda_bf16"][0] == "highest"
+    assert gpu_facts["tf32_cpu_fp32"][0] == "highest"

@@ -14,7 +14,8 @@ import pytest
 import torch
 from helpers import (ROOT, assert_same_weights, clean_env, env_python, epoch_lines, free_port, run,
                      run_killing_a_worker_twice, torchrun)
-from recipes import RECIPES, wait_all
+from recipes import (LIGHTNING_FACT_CHECK, RECIPES, assert_lightning_root_device_is_the_bound_gpu,
+                     assert_tf32_for_fp32_on_the_gpu_only, wait_all)
 
 pytestmark = [pytest.mark.lightning, pytest.mark.timeout(300)]
 
@@ -242,14 +243,7 @@ import lightning.pytorch as pl
 from lightning.fabric.accelerators import cuda as fabric_cuda
 import cluster, recipe, toolkit
 
-def check(name):
-    def wrap(f):
-        try:
-            result = f()
-        except BaseException as e:
-            result = f"{type(e).__name__}: {e}"
-        print(json.dumps({name: result}, default=str), flush=True)
-    return wrap
+""" + LIGHTNING_FACT_CHECK + r"""
 
 def gpus(count):  # torch and Lightning see `count` CUDA devices; set_device only records
     calls = []
@@ -356,16 +350,13 @@ def test_torchrun_process_sets_its_gpu_then_binds_nccl_to_it(gpu_facts):
 def test_lightning_root_device_is_the_gpu_init_distributed_chose(gpu_facts):
     """Lightning's DDP reuses the process group; its root device (parallel_devices[local rank]) must be the GPU the
     group's communicator was bound to, not Lightning's own cuda:<local rank>."""
-    assert gpu_facts["root_one_visible"] == "cuda:0"
-    assert gpu_facts["root_four_visible"] == "cuda:3"
+    assert_lightning_root_device_is_the_bound_gpu(gpu_facts)
 
 
 def test_tf32_for_fp32_runs_on_the_gpu_only_and_without_warnings(gpu_facts):
     """CONTRACT.md C10: TF32 matmuls and convolutions for fp32 on a GPU, through the API whose state Lightning can
     still read (torch.get_float32_matmul_precision), with no warning; nothing under --amp or on the CPU."""
-    assert gpu_facts["tf32_cuda_fp32"] == ["high", "tf32", "tf32", []]
-    assert gpu_facts["tf32_cuda_bf16"][0] == "highest"
-    assert gpu_facts["tf32_cpu_fp32"][0] == "highest"
+    assert_tf32_for_fp32_on_the_gpu_only(gpu_facts)
 
 
 def test_loader_pins_memory_on_the_gpu_only(gpu_facts):

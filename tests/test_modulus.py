@@ -17,7 +17,8 @@ import pytest
 import torch
 from helpers import (ROOT, assert_same_weights, clean_env, env_python, epoch_lines, free_port, run, teardown_checked,
                      torchrun)
-from recipes import RECIPES, scripts_not_run, wait_all
+from recipes import (NO_SILENT_CPU_CHECK, PROBE_CHECKS, RECIPES, TF32_CHECK, assert_no_silent_cpu, scripts_not_run,
+                     wait_all)
 
 pytestmark = [pytest.mark.modulus, pytest.mark.timeout(300)]
 
@@ -255,14 +256,7 @@ import torch
 import torch.distributed as dist
 import cluster, recipe, toolkit
 
-results = {}
-
-def check(fn):
-    try:
-        results[fn.__name__] = fn()
-    except BaseException as e:
-        results[fn.__name__] = {"raised": f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"}
-    return fn
+''' + PROBE_CHECKS + r'''
 
 def tiny_args(**kw):
     defaults = dict(data="synthetic", dataset_size=16, batch_size=4, seed=0, num_workers=0, lr=1e-3, epochs=2,
@@ -403,31 +397,8 @@ def amp_on_cpu_unchanged():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         return torch.equal(ours(x), plain(x))
 
-@check
-def given_gpus_that_torch_cannot_use():
-    """C12 in parse_args, where every script starts: one RecipeError, or None where training goes on."""
-    def parse(argv, env, problem="torch 2.13.0+cpu is a CPU-only build"):
-        with mock.patch.object(sys, "argv", ["single_gpu.py", *argv]), mock.patch.dict(os.environ, env), \
-                mock.patch.object(toolkit, "torch_cuda_problem", lambda: problem):
-            for name in ("SLURM_GPUS_ON_NODE", "CUDA_VISIBLE_DEVICES"):
-                if name not in env:
-                    os.environ.pop(name, None)
-            try:
-                cluster.parse_args("probe")
-            except toolkit.RecipeError as e:
-                return str(e)
-    return {"slurm": parse([], {"SLURM_GPUS_ON_NODE": "2"}), "nccl": parse(["--backend", "nccl"], {}),
-            "visible": parse([], {"CUDA_VISIBLE_DEVICES": "0,1"}),
-            "gloo": parse(["--backend", "gloo"], {"SLURM_GPUS_ON_NODE": "2"}),
-            "usable": parse([], {"SLURM_GPUS_ON_NODE": "2"}, problem=""), "cpu_job": parse([], {})}
-
-@check
-def tf32_for_fp32_on_cuda():
-    """fp32 (no --amp) on a GPU: matmuls and convolutions in TF32 (C10), torch's global setting left readable."""
-    before = torch.get_float32_matmul_precision()
-    cluster.mixed_precision(torch.device("cuda", 0), False)
-    return [before, torch.get_float32_matmul_precision()]
-
+''' + NO_SILENT_CPU_CHECK + r'''
+''' + TF32_CHECK + r'''
 @check
 def epochs_and_model_file():
     """Two epochs of 5 steps as rank 0 of 2 (the collectives faked: identity, counted), progress every 5 steps:
@@ -543,12 +514,8 @@ def test_amp_keeps_the_fno_spectral_layers_in_fp32(gpu_probe):
 
 def test_given_gpus_it_cannot_use_it_stops_rather_than_train_on_the_cpu(gpu_probe):
     """C12, wired into parse_args (every script, before DistributedManager picks a device)."""
-    found = gpu_probe["given_gpus_that_torch_cannot_use"]
-    assert found["slurm"].startswith("SLURM_GPUS_ON_NODE=2, but torch 2.13.0+cpu is a CPU-only build"), found
-    assert "rather than training on the CPU" in found["slurm"]
-    assert found["nccl"].startswith("--backend nccl, but"), found
-    assert found["visible"].startswith("CUDA_VISIBLE_DEVICES=0,1, but"), found
-    assert found["gloo"] is None and found["usable"] is None and found["cpu_job"] is None, found
+    assert_no_silent_cpu(gpu_probe["given_gpus_that_torch_cannot_use"])
+
 
 
 def test_fp32_on_a_gpu_uses_tf32(gpu_probe):

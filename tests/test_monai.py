@@ -18,7 +18,8 @@ import pytest
 import torch
 from helpers import (ROOT, assert_same_weights, clean_env, env_python, epoch_lines, free_port, run, teardown_checked,
                      torchrun)
-from recipes import RECIPES, scripts_not_run, shared_dir, wait_all
+from recipes import (NO_SILENT_CPU_CHECK, PROBE_CHECKS, RECIPES, TF32_CHECK, assert_no_silent_cpu, scripts_not_run,
+                     shared_dir, wait_all)
 
 pytestmark = [pytest.mark.monai, pytest.mark.timeout(300)]
 
@@ -342,14 +343,7 @@ from unittest import mock
 import torch
 import cluster, recipe, toolkit
 
-results = {}
-
-def check(fn):
-    try:
-        results[fn.__name__] = fn()
-    except BaseException as e:
-        results[fn.__name__] = {"raised": f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"}
-    return fn
+''' + PROBE_CHECKS + r'''
 
 def trainer(ckpt, device, loader=None, **flags):
     """A Trainer of the recipe (a tiny UNet, 4 steps per epoch) on the CPU, then moved in thought to `device`."""
@@ -453,24 +447,7 @@ def old_snapshot_with_every_gpus_state():
         cluster.restore_rng(state, torch.device("cuda", 2))
     return calls["set"]
 
-@check
-def given_gpus_that_torch_cannot_use():
-    """C12 in parse_args, where every script starts: one RecipeError, or None where training goes on."""
-    def parse(argv, env, problem="torch 2.13.0+cpu is a CPU-only build"):
-        with mock.patch.object(sys, "argv", ["single_gpu.py", *argv]), mock.patch.dict(os.environ, env), \
-                mock.patch.object(toolkit, "torch_cuda_problem", lambda: problem):
-            for name in ("SLURM_GPUS_ON_NODE", "CUDA_VISIBLE_DEVICES"):
-                if name not in env:
-                    os.environ.pop(name, None)
-            try:
-                cluster.parse_args("probe")
-            except toolkit.RecipeError as e:
-                return str(e)
-    return {"slurm": parse([], {"SLURM_GPUS_ON_NODE": "2"}), "nccl": parse(["--backend", "nccl"], {}),
-            "visible": parse([], {"CUDA_VISIBLE_DEVICES": "0,1"}),
-            "gloo": parse(["--backend", "gloo"], {"SLURM_GPUS_ON_NODE": "2"}),
-            "usable": parse([], {"SLURM_GPUS_ON_NODE": "2"}, problem=""), "cpu_job": parse([], {})}
-
+''' + NO_SILENT_CPU_CHECK + r'''
 @check
 def each_rank_caches_its_partition():
     """build_dataset as ranks 0 and 1 of 2 would call it (in one process: its only collective, a barrier, is
@@ -600,13 +577,7 @@ def bare_commands_fit_the_readmes_world_sizes():
             steps[world] = str(e)
     return steps
 
-@check
-def tf32_for_fp32_on_cuda():
-    """fp32 (no --amp) on a GPU: matmuls and convolutions in TF32 (C10), torch's global setting left readable."""
-    before = torch.get_float32_matmul_precision()
-    cluster.mixed_precision(torch.device("cuda", 0), False)
-    return [before, torch.get_float32_matmul_precision()]
-
+''' + TF32_CHECK + r'''
 print(json.dumps(results))
 '''
 
@@ -638,12 +609,8 @@ def test_a_job_requeued_onto_fewer_gpus_restores_its_own_gpus_rng(gpu_probe):
 
 def test_given_gpus_it_cannot_use_it_stops_rather_than_train_on_the_cpu(gpu_probe):
     """C12, wired into parse_args (every script, before it picks a device)."""
-    found = gpu_probe["given_gpus_that_torch_cannot_use"]
-    assert found["slurm"].startswith("SLURM_GPUS_ON_NODE=2, but torch 2.13.0+cpu is a CPU-only build"), found
-    assert "rather than training on the CPU" in found["slurm"]
-    assert found["nccl"].startswith("--backend nccl, but"), found
-    assert found["visible"].startswith("CUDA_VISIBLE_DEVICES=0,1, but"), found
-    assert found["gloo"] is None and found["usable"] is None and found["cpu_job"] is None, found
+    assert_no_silent_cpu(gpu_probe["given_gpus_that_torch_cannot_use"])
+
 
 
 def test_each_rank_caches_only_its_partition(gpu_probe):

@@ -21,7 +21,8 @@ import types
 import pytest
 import torch
 from helpers import ROOT, assert_same_weights, clean_env, env_python, epoch_lines, free_port, run, torchrun
-from recipes import RECIPES
+from recipes import (LIGHTNING_FACT_CHECK, RECIPES, assert_lightning_root_device_is_the_bound_gpu,
+                     assert_tf32_for_fp32_on_the_gpu_only)
 
 pytestmark = [pytest.mark.nemo, pytest.mark.timeout(300)]
 
@@ -293,14 +294,7 @@ from lightning.fabric.accelerators import cuda as fabric_cuda
 from omegaconf import OmegaConf
 import cluster, recipe
 
-def check(name):
-    def wrap(f):
-        try:
-            result = f()
-        except BaseException as e:
-            result = f"{type(e).__name__}: {e}"
-        print(json.dumps({name: result}, default=str), flush=True)
-    return wrap
+""" + LIGHTNING_FACT_CHECK + r"""
 
 def gpus(count, calls):  # torch and Lightning see `count` CUDA devices; set_device only records
     return [mock.patch("torch.cuda.is_available", return_value=True),
@@ -416,17 +410,14 @@ def test_torchrun_process_sets_its_gpu_then_binds_nccl_to_it(gpu_facts):
 def test_lightning_root_device_is_the_gpu_init_distributed_chose(gpu_facts):
     """Lightning's DDP reuses the process group; its root device (parallel_devices[local rank]) must be the GPU the
     group's communicator was bound to, not Lightning's own cuda:<local rank>."""
-    assert gpu_facts["root_one_visible"] == "cuda:0"
-    assert gpu_facts["root_four_visible"] == "cuda:3"
+    assert_lightning_root_device_is_the_bound_gpu(gpu_facts)
 
 
 def test_tf32_for_fp32_runs_on_the_gpu_only_and_without_warnings(gpu_facts):
     """CONTRACT.md C10, through the callbacks fit() gives the Trainer: TF32 matmuls and convolutions for fp32 on a
     GPU, by the API whose state Lightning can still read (torch.get_float32_matmul_precision), with no warning;
     nothing under --amp or on the CPU."""
-    assert gpu_facts["tf32_cuda_fp32"] == ["high", "tf32", "tf32", []]
-    assert gpu_facts["tf32_cuda_bf16"][0] == "highest"
-    assert gpu_facts["tf32_cpu_fp32"][0] == "highest"
+    assert_tf32_for_fp32_on_the_gpu_only(gpu_facts)
 
 
 def test_loader_pins_memory_on_the_gpu_only(gpu_facts):
