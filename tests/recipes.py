@@ -5,10 +5,15 @@ the per-folder tests start. A new folder adds a row to RECIPES and gets those te
     RECIPES[folder].weights(ckpt_dir)       the trained weights a run left there, {name: tensor}
     RECIPES[folder].step_of(ckpt_dir)       the step its newest checkpoint was saved at
     RECIPES[folder].preemption              a run long enough to be signalled mid-training, and what it must say
+    RECIPES[folder].run(tmp_path_factory, name)  one of its `runs`, started once per test session whichever file asks
+    RECIPES[folder].same_as_one             which of those runs must end with the weights of one process
     wait_all(procs, timeout)                 their exit codes and outputs, or a test failure naming the hang
+
+and, at its end, the parts of the GPU-facts probes (and of their tests) that several folders share.
 """
 
 import contextlib
+import fcntl
 import json
 import os
 import signal
@@ -18,9 +23,10 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from collections.abc import Callable
+from typing import NamedTuple
 
 import pytest
-from helpers import ROOT, clean_env, env_python, with_teardown_check
+from helpers import ROOT, clean_env, env_python, free_port, run, torchrun, with_teardown_check
 
 
 # ------------------------------------------------------------------------------------------ checkpoint readers
@@ -80,11 +86,30 @@ def _jax_progress(ckpt_dir):  # the newest step's progress: a JSON file Orbax wr
     return json.loads((Path(ckpt_dir) / str(step) / "progress" / "metadata").read_text())
 
 
-def _jax_weights(ckpt_dir):
+def _jax_weights_of(*ckpt_dirs):
+    """[{leaf<i>: tensor}] of each directory's newest step, all read in one process."""
     import torch
 
-    leaves, _ = jax_checkpoints(ckpt_dir)[0]
-    return {f"leaf{i}": torch.from_numpy(a) for i, a in enumerate(leaves)}
+    return [{f"leaf{i}": torch.from_numpy(a) for i, a in enumerate(leaves)}
+            for leaves, _ in jax_checkpoints(*ckpt_dirs)]
+
+
+ZERO_TO_FP32 = ("import sys, torch; from cluster import import_deepspeed; from recipe import ConvNet; "
+                "import_deepspeed(); "
+                "from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint as get; "
+                "sd = get(sys.argv[1], tag=sys.argv[2]); m = ConvNet(); "
+                "print(m.load_state_dict(sd, strict=True)); torch.save(m.state_dict(), sys.argv[3])")
+
+
+def _zero3_weights(ckpt_dir):
+    """The whole model of a ZeRO-3 checkpoint, whose ranks saved only their shards: DeepSpeed's zero_to_fp32 (also
+    copied into every checkpoint directory as a script) gathers them into one plain fp32 state dict, which must load
+    into the plain model with strict=True."""
+    plain = Path(ckpt_dir).parent / "plain.pt"
+    loaded = run([env_python("deepspeed"), "-c", ZERO_TO_FP32, ckpt_dir, _deepspeed_tag(ckpt_dir).name, plain],
+                 cwd=ROOT / "deepspeed").stdout
+    assert "<All keys matched successfully>" in loaded, loaded
+    return _torch_load(plain)
 
 
 # ------------------------------------------------------------------------------------------ the table
@@ -106,6 +131,66 @@ class Preemption:
 
 
 @dataclass(frozen=True)
+class Launch:
+    """One run of a folder's script as a test starts it (Recipe.run). `how`: "python" (the folder's interpreter),
+    "torchrun" (torchrun's own arguments first), "deepspeed" (DeepSpeed's launcher), "nodes" (n torchrun launchers,
+    --nnodes n, c10d on this host: what `srun torchrun` does on n nodes), "srun" (Recipe.srun: n tasks). In `args`
+    and `env`, {ckpt} is the run's checkpoint dir, {dir} the folder its other files go to, {data} the data dir every
+    run of the folder shares (a folder that writes its data writes it once), {port} a free port, {dir_from_folder}
+    the run's folder relative to the recipe folder."""
+    how: str
+    args: tuple  # the script (in the folder, which is the working directory) and its arguments
+    n: int = 2  # processes of "nodes" and "srun"
+    env: dict = field(default_factory=dict)
+    teardown_check: bool = False  # every destroy_process_group reports the DDP models left (helpers.teardown_checked)
+    files: dict = field(default_factory=dict)  # {path in the run's folder: text} written before it starts
+
+
+@dataclass(frozen=True)
+class SameAs:
+    """A launch of N ranks that must end where one process with the global batch does (SameAsOne)."""
+    run: str  # its name in Recipe.runs
+    says: tuple = ()  # substrings of its output
+    each_says: str = ""  # a substring of every process's own output, {rank} its index (srun: SLURM_PROCID)
+    metrics: dict = field(default_factory=dict)  # EpochLine field -> abs tolerance vs the reference's epoch lines
+    weights: Callable | None = None  # its checkpoint dir -> {name: tensor}, where Recipe.weights cannot read it
+
+
+@dataclass(frozen=True)
+class SameAsOne:
+    """N ranks with batch B each == one process with batch N x B: the same samples in every global batch, summed in
+    another order. Every launch ends with the reference's weights within `tol` (bit for bit without) and the same
+    epoch lines (`epoch_ends`, the folder's `metric`), printed by rank 0 alone."""
+    reference: str  # its name in Recipe.runs: one process with the global batch
+    launches: tuple  # of SameAs
+    epoch_ends: tuple  # the step each epoch ends at, in both
+    metric: str  # the epoch line's fourth field (CONTRACT.md C3)
+    tol: dict = field(default_factory=dict)
+    reference_says: tuple = ()  # substrings of the reference's output
+
+
+class Ran(NamedTuple):
+    """A finished run (Recipe.run): its folder, checkpoint dir, and every process's exit code and output."""
+    dir: Path
+    ckpt: Path
+    codes: list
+    outs: list
+
+    @property
+    def out(self):
+        return "\n".join(self.outs)
+
+
+def shared_dir(tmp_path_factory, name):
+    """A directory of this test session that every pytest-xdist worker sees (tests/conftest.py gives each test file
+    to one worker; the workers' own temporary folders sit side by side)."""
+    base = tmp_path_factory.getbasetemp()
+    path = (base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base) / "shared" / name
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+@dataclass(frozen=True)
 class Recipe:
     folder: str
     small: tuple = ()  # a few seconds of training
@@ -119,6 +204,56 @@ class Recipe:
     step_of: Callable | None = None  # checkpoint dir -> the step of its newest checkpoint
     preemption: Preemption | None = None
     no_preemption: str = ""  # why preemption is None: where this folder's preemption is tested instead
+    runs: dict = field(default_factory=dict)  # name -> Launch: runs several tests read, started once per session
+    same_as_one: SameAsOne | None = None
+    no_same_as_one: str = ""  # why same_as_one is None: where it is tested instead
+    weights_of: Callable | None = None  # (checkpoint dirs) -> [weights], read together where a read starts a process
+
+    def weights_together(self, *ckpt_dirs):
+        """[{name: tensor}] of each checkpoint dir."""
+        return self.weights_of(*ckpt_dirs) if self.weights_of else [self.weights(d) for d in ckpt_dirs]
+
+    def run(self, tmp_path_factory, name):
+        """runs[name], started once per test session and kept: a run that test_behaviour.py and the folder's own
+        test file both read is started by whichever asks first (their pytest-xdist workers wait on a file lock) and
+        read by both, never run twice. A failed run is not kept: the next test to ask starts it again."""
+        launch, runs = self.runs[name], shared_dir(tmp_path_factory, "runs")
+        done = runs / f"{self.folder}-{name}.json"
+        with open(runs / f"{self.folder}-{name}.lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            if not done.exists():
+                where = tmp_path_factory.mktemp(f"{self.folder}-{name}")
+                codes, outs = self._start(launch, where, shared_dir(tmp_path_factory, f"{self.folder}-data"))
+                assert codes == [0] * len(codes), "\n".join(outs)
+                done.write_text(json.dumps({"dir": str(where), "codes": codes, "outs": outs}))
+        kept = json.loads(done.read_text())
+        return Ran(Path(kept["dir"]), Path(kept["dir"]) / "ckpt", kept["codes"], kept["outs"])
+
+    def _start(self, launch, where, data):
+        """(exit codes, outputs) of `launch` run in `where`."""
+        port, folder = free_port(), ROOT / self.folder
+        fill = dict(ckpt=where / "ckpt", dir=where, data=data, port=port,
+                    dir_from_folder=os.path.relpath(where, folder))
+        args = [str(a).format(**fill) for a in launch.args]
+        own = {k: str(v).format(**fill) for k, v in launch.env.items()}
+        env = with_teardown_check(clean_env(**own)) if launch.teardown_check else clean_env(**own)
+        for path, text in launch.files.items():
+            (where / path).parent.mkdir(parents=True, exist_ok=True)
+            (where / path).write_text(text.format(**fill, folder=folder))
+        if launch.how in ("python", "torchrun", "deepspeed"):
+            start = {"python": [env_python(self.folder)], "torchrun": torchrun(self.folder),
+                     "deepspeed": [env_python(self.folder).parent / "deepspeed"]}[launch.how]
+            return [0], [run([*start, *args], env=env, cwd=folder).stdout]
+        if launch.how == "srun":
+            assert args[0] == "multinode.py", args  # the script srun starts (Recipe.srun)
+            return wait_all(self.srun(args[1:], launch.n, port, extra_env=own), timeout=240)
+        assert launch.how == "nodes", launch.how
+        procs = [subprocess.Popen(
+            [*map(str, torchrun(self.folder)), "--nnodes", str(launch.n), "--nproc_per_node", "1", "--node_rank",
+             str(node), "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id",
+             f"{self.folder}-nodes", *args], env=env, cwd=folder, stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT, text=True, start_new_session=True) for node in range(launch.n)]
+        return wait_all(procs, timeout=240)
 
     def srun(self, args=(), n=2, port=0, *, extra_env=None, drop=(), cwd=None, stderr_apart=False):
         """Start n processes as `srun python multinode.py` does: one task each, Slurm's variables only (no RANK),
@@ -143,25 +278,88 @@ class Recipe:
 
 SNAPSHOT_PT = dict(weights=lambda d: _snapshot_pt(d)["model"], step_of=lambda d: _snapshot_pt(d)["step"])
 WORKERS = ("--num-workers", "2")
+TWO = ("--standalone", "--nproc_per_node", "2")  # torchrun: 2 processes on this host
+# JAX's persistent compilation cache, shared by every jax/ run of the tests: a cached step is the compiled one
+JAX_CACHE = dict(
+    JAX_COMPILATION_CACHE_DIR=Path(tempfile.gettempdir()) / "jax-recipes-test-compilation-cache",
+    JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS=0)
+
+
+def to_ckpt(*args):
+    return (*args, "--checkpoint-dir", "{ckpt}")
+
+
+# Arguments of the shared runs: 2 epochs, each launch's global batch the same as its reference's.
+PT = ("--epochs", "2", "--dataset-size", "512", "--log-every", "1000")  # 16 steps per epoch at batch 32
+LIGHTNING = ("--epochs", "2", "--dataset-size", "256", "--log-every", "2")  # 4 steps per epoch at batch 64
+MONAI = ("--epochs", "2", "--dataset-size", "12", "--roi-size", "16", "--log-every", "1", "--data-dir", "{data}")
+MODULUS = ("--epochs", "2", "--dataset-size", "128", "--log-every", "1")  # 8 steps per epoch at batch 16
+NEMO = ("--epochs", "2", "--dataset-size", "64", "--log-every", "2")  # 4 steps per epoch at batch 16
+JAX = ("--epochs", "2", "--dataset-size", "1024", "--log-every", "10")  # 32 steps per epoch at batch 32
+# a config of the user's own, read with Hydra's --config-path (relative: from the script's directory, as Hydra reads
+# it) and --config-name (as NeMo's examples spell it): it extends conf/config.yaml through Hydra's defaults list and
+# renames the experiment, which names the files it writes
+NEMO_CONF = "hydra:\n  searchpath: [file://{folder}/conf]\ndefaults: [config, _self_]\nname: mine-toy\n"
+WORLD_2_ZERO = "[rank0] world size 2 | backend gloo | device cpu | ZeRO stage "
 
 RECIPES = {r.folder: r for r in [
     Recipe("pytorch", ("--epochs", "2", "--dataset-size", "512", "--log-every", "1000"), teardown_check=True,
            **SNAPSHOT_PT, preemption=Preemption(
                # 2 ranks x batch 16: 128 steps per epoch
                ("--epochs", "2", "--dataset-size", "4096", "--batch-size", "16", "--log-every", "10"), 256, 128,
-               signals=(("usr1", signal.SIGUSR1, ()), ("term-2-workers", signal.SIGTERM, WORKERS)))),
+               signals=(("usr1", signal.SIGUSR1, ()), ("term-2-workers", signal.SIGTERM, WORKERS))),
+           runs=dict(reference=Launch("python", to_ckpt("single_gpu.py", *PT, "--batch-size", "32")),
+                     torchrun=Launch("torchrun", to_ckpt(*TWO, "multigpu_torchrun.py", *PT, "--batch-size", "16"),
+                                     teardown_check=True),
+                     spawn=Launch("python", to_ckpt("multigpu.py", "--nprocs", "2", *PT, "--batch-size", "16")),
+                     nodes=Launch("nodes", to_ckpt("multinode.py", *PT, "--batch-size", "16")),
+                     srun=Launch("srun", to_ckpt("multinode.py", *PT, "--batch-size", "16"))),
+           same_as_one=SameAsOne(
+               "reference", (SameAs("torchrun", ("[rank0] world size 2 | backend gloo",), metrics={"loss": 2e-4}),
+                             SameAs("spawn", ("[rank0] world size 2",)),
+                             SameAs("nodes", ("[rank0] world size 2", "[rank1] host")),  # `srun torchrun` on 2 nodes
+                             SameAs("srun", each_says="[rank{rank}] host")),  # ranks from SLURM_PROCID
+               (16, 32), "acc", tol=dict(rtol=1e-5, atol=1e-6))),  # float32 reduction order (DDP's buckets) only
     Recipe("lightning", ("--epochs", "2", "--dataset-size", "512", "--log-every", "1000"),
            weights=lambda d: _last_ckpt(d)["state_dict"], step_of=lambda d: _last_ckpt(d)["global_step"],
            no_preemption="test_lightning.py's test_preempted_mid_epoch_resumes_after_the_batches_it_trained "
-                         "(single_gpu.py, USR1 and TERM, Preemption.CHECK_EVERY's step 10) stays"),
+                         "(single_gpu.py, USR1 and TERM, Preemption.CHECK_EVERY's step 10) stays",
+           runs=dict(reference=Launch("python", to_ckpt("single_gpu.py", *LIGHTNING, "--batch-size", "64")),
+                     torchrun=Launch("torchrun", to_ckpt(
+                         "--nnodes", "1", "--nproc_per_node", "2", "--master_addr", "127.0.0.1", "--master_port",
+                         "{port}", "multigpu_torchrun.py", *LIGHTNING, "--batch-size", "32"))),
+           # float32 sums in another order (DDP's all-reduce, the conv kernels of batch 32 vs 64): 3e-8 measured on one
+           # CPU, 1.0e-5 on an AMD EPYC (2026-12). A batch skipped or trained twice moves the weights by ~1e-3.
+           same_as_one=SameAsOne("reference", (SameAs("torchrun", ("[rank0] world size 2 |",)),), (4, 8), "acc",
+                                 tol=dict(rtol=1e-3, atol=1e-4), reference_says=("[rank0] world size 1 |",))),
     Recipe("monai", ("--epochs", "2", "--dataset-size", "8", "--roi-size", "16", "--log-every", "1"),
            teardown_check=True, **SNAPSHOT_PT,
            no_preemption="test_monai.py's test_preempted_srun_ranks_save_exit_75_and_resume_exactly stays: it ends "
-                         "bit-exact with the file's torchrun run (srun == torchrun), which this table cannot reuse"),
-    Recipe("modulus", ("--epochs", "2", "--dataset-size", "128", "--log-every", "1"), teardown_check=True,
-           **SNAPSHOT_PT,
+                         "bit-exact with the file's torchrun run (srun == torchrun), which this table cannot reuse",
+           # 2 ranks x batch 1 under torchrun, validated every epoch: what every other 2-rank launch must reproduce, bit
+           # for bit. Not one process: each rank caches its own partition of the cases (CONTRACT.md's C5 exception)
+           runs=dict(torchrun=Launch("torchrun", to_ckpt(*TWO, "multigpu_torchrun.py", *MONAI, "--batch-size", "1",
+                                                         "--val-every", "1"), teardown_check=True),
+                     spawn=Launch("python", to_ckpt("multigpu.py", "--nprocs", "2", *MONAI, "--batch-size", "1")),
+                     nodes=Launch("nodes", to_ckpt("multinode.py", *MONAI, "--batch-size", "1"))),
+           same_as_one=SameAsOne("torchrun", (SameAs("spawn", ("[rank0] world size 2",)),
+                                              SameAs("nodes", ("[rank0] world size 2", "[rank1] host"))),
+                                 (6, 12), "dice")),
+    Recipe("modulus", MODULUS, teardown_check=True, **SNAPSHOT_PT,
            no_preemption="test_modulus.py's test_srun_tasks_preempted_save_exit_75_and_resume stays: it ends within "
-                         "TOL of the file's single-process run (srun == 1 process), which this table cannot reuse"),
+                         "TOL of the file's single-process run (srun == 1 process), which this table cannot reuse",
+           runs=dict(reference=Launch("python", to_ckpt("single_gpu.py", *MODULUS, "--batch-size", "16")),
+                     torchrun=Launch("torchrun", to_ckpt(*TWO, "multigpu_torchrun.py", *MODULUS, "--batch-size", "8"),
+                                     teardown_check=True),
+                     spawn=Launch("python", to_ckpt("multigpu.py", "--nprocs", "2", *MODULUS, "--batch-size", "8"))),
+           same_as_one=SameAsOne(
+               "reference",
+               # loss and validation error are reduced over both ranks: one process's numbers over all samples
+               (SameAs("torchrun", ("[rank0] world size 2 (torchrun) | backend gloo | device cpu",),
+                       metrics={"loss": 2e-4, "value": 2e-4}),
+                SameAs("spawn", ("[rank0] world size 2 (spawned) | backend gloo",))),
+               # gloo's all_reduce sums in another order than 1 process: float32 rounding, amplified a little by Adam
+               (8, 16), "rel_l2", tol=dict(rtol=1e-4, atol=1e-5))),
     Recipe("deepspeed", ("--epochs", "2", "--dataset-size", "512", "--log-every", "1000"),
            weights=lambda d: _torch_load(_deepspeed_tag(d) / "mp_rank_00_model_states.pt",
                                          weights_only=False)["module"],
@@ -172,24 +370,73 @@ RECIPES = {r.folder: r for r in [
                # ZeRO-2, 2 ranks x batch 16: 128 steps; every rank saves its shard in a step-* tag
                ("--epochs", "1", "--dataset-size", "4096", "--batch-size", "16", "--log-every", "10",
                 "--num-workers", "1", "--ds-config", ROOT / "deepspeed" / "configs" / "zero2.json"), 128, 128,
-               resumed=r"resumed from {ckpt}/step-{step:08d}: epoch 1, step {step}$")),
+               resumed=r"resumed from {ckpt}/step-{step:08d}: epoch 1, step {step}$"),
+           runs=dict(
+               reference=Launch("python", to_ckpt("single_gpu.py", *PT, "--ds-config", "configs/zero0.json",
+                                                  "--batch-size", "32")),
+               zero1=Launch("torchrun", to_ckpt(*TWO, "multigpu_torchrun.py", *PT, "--ds-config", "configs/zero1.json",
+                                                "--batch-size", "16")),
+               # DeepSpeed's launcher passes --local_rank=N and sets RANK/LOCAL_RANK/WORLD_SIZE -- and
+               # CUDA_VISIBLE_DEVICES=0,1 even without CUDA, so the CPU is asked for with --backend gloo (C12)
+               zero2_launcher=Launch("deepspeed", to_ckpt(
+                   "--num_gpus", "2", "--master_port", "{port}", "multigpu_torchrun.py", *PT, "--ds-config",
+                   "configs/zero2.json", "--batch-size", "16", "--backend", "gloo")),
+               # ZeRO-3 that partitions on CPU (zero3_cpu_test.json: stage3_param_persistence_threshold 0)
+               zero3_spawn=Launch("python", to_ckpt("multigpu.py", "--nprocs", "2", *PT, "--ds-config",
+                                                    "configs/zero3_cpu_test.json", "--batch-size", "16",
+                                                    "--memory-report"))),
+           # DeepSpeed's flat buckets, gloo's all-reduce and ZeRO's reduce-scatter sum in other orders: last bits only
+           same_as_one=SameAsOne("reference", (SameAs("zero1", (WORLD_2_ZERO + "1",)),
+                                               SameAs("zero2_launcher", (WORLD_2_ZERO + "2",)),
+                                               SameAs("zero3_spawn", (WORLD_2_ZERO + "3",), weights=_zero3_weights)),
+                                 (16, 32), "acc", tol=dict(rtol=1e-4, atol=1e-5))),
     Recipe("nemo", ("--epochs", "2", "--dataset-size", "512", "--log-every", "1000"),
            weights=lambda d: _nemo_last(d)["state_dict"], step_of=lambda d: _nemo_last(d)["global_step"],
            no_preemption="test_nemo.py's test_preemption_checkpoints_exits_75_and_the_rerun_resumes "
-                         "(single_gpu.py, exp_manager's *-last.ckpt) stays"),
+                         "(single_gpu.py, exp_manager's *-last.ckpt) stays",
+           runs=dict(reference=Launch("python", to_ckpt("single_gpu.py", *NEMO, "--batch-size", "16", "--config-path",
+                                                        "{dir_from_folder}/conf", "--config-name=mine"),
+                                      files={"conf/mine.yaml": NEMO_CONF}),
+                     torchrun=Launch("torchrun", to_ckpt(*TWO, "multigpu_torchrun.py", *NEMO, "--batch-size", "8")),
+                     spawn=Launch("python", to_ckpt("multigpu.py", "--nprocs", "2", *NEMO, "--batch-size", "8",
+                                                    "--timings-file", "{dir}/timings.json"),
+                                  env={"MASTER_PORT": "{port}"}),
+                     srun=Launch("srun", to_ckpt("multinode.py", *NEMO, "--batch-size", "8"))),
+           # float32 summation order only
+           same_as_one=SameAsOne("reference", tuple(SameAs(name, ("[rank0] world size 2 |",))
+                                                    for name in ("torchrun", "spawn", "srun")),
+                                 (4, 8), "acc", tol=dict(atol=1e-6, rtol=0))),
     Recipe("jax", ("--epochs", "2", "--dataset-size", "512", "--log-every", "1000"),
            # JAX's own Slurm detection: the step's node list and tasks per node; the coordinator's port
            env=dict(SLURM_STEP_NODELIST="127.0.0.1", SLURM_STEP_TASKS_PER_NODE="{n}", JAX_COORDINATOR_PORT="{port}",
-                    JAX_COMPILATION_CACHE_DIR=Path(tempfile.gettempdir()) / "jax-recipes-test-compilation-cache",
-                    JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS=0),
-           weights=_jax_weights, step_of=lambda d: _jax_progress(d)["step"],
+                    **JAX_CACHE),
+           weights=lambda d: _jax_weights_of(d)[0], step_of=lambda d: _jax_progress(d)["step"],
            busy_port="test_jax.py's test_coordinator_port_in_use (JAX_* launch); this row passes it too (~17 s of CI)",
            no_preemption="test_jax.py's test_preempted_run_saves_exits_75_and_resumes_exactly (SIGTERM to "
-                         "multigpu.py, which forwards it; multinode.py resumes) stays"),
+                         "multigpu.py, which forwards it; multinode.py resumes) stays",
+           runs=dict(reference=Launch("python", to_ckpt("single_gpu.py", *JAX, "--batch-size", "32"), env=JAX_CACHE),
+                     spawn=Launch("python", to_ckpt("multigpu.py", "--nprocs", "2", *JAX, "--batch-size", "16"),
+                                  env=JAX_CACHE)),
+           # the same samples in every global batch, summed in another order (per-device partial sums, then an
+           # all-reduce): |difference| <= 1e-6 measured after 64 steps; the tolerance leaves room for other CPUs.
+           # The epoch metrics are over the global batch: the single process's numbers
+           same_as_one=SameAsOne("reference", (SameAs("spawn", ("[rank0] processes 2 | devices 2 (1 per process, cpu)",
+                                                                "[rank1] host"), metrics={"loss": 0}),),
+                                 (32, 64), "acc", tol=dict(rtol=1e-4, atol=1e-5)),
+           weights_of=_jax_weights_of),
     Recipe("ray", no_srun="one driver starts every worker itself (ray.train): covered by test_ray.py",
-           no_preemption="test_ray.py"),
+           no_preemption="test_ray.py",
+           no_same_as_one="test_ray.py's test_two_workers_equal_one_process stays: its 2 workers are the preempted "
+                          "run's step-10 snapshot, on the file's own Ray cluster, which this table cannot reuse"),
 ]}
 SRUN = sorted(f for f, r in RECIPES.items() if not r.no_srun)
+
+
+def scripts_not_run(folder, test_file, leave_out=()):
+    """The scripts of `folder` that neither its test file nor its runs here name (a guard: a new script gets a test)."""
+    scripts = {p.name for p in (ROOT / folder).glob("*.py")} - {"recipe.py", "cluster.py", "toolkit.py", *leave_out}
+    named = Path(test_file).read_text() + " ".join(str(a) for r in RECIPES[folder].runs.values() for a in r.args)
+    return {s for s in scripts if s not in named}
 
 
 def wait_all(procs, timeout=180):
@@ -210,3 +457,83 @@ def wait_all(procs, timeout=180):
         rest = "\n".join(f"--- task {r} ---\n{str(p.communicate()[0])[-3000:]}" for r, p in enumerate(procs))
         pytest.fail(f"processes still running after {timeout}s: {[p.args for p in procs]}\n{rest}", pytrace=False)
     return [p.returncode for p in procs], outs
+
+
+# ------------------------------------------------------------------------------------------ GPU probes' shared parts
+# A folder's GPU seams are checked on this CPU machine by one probe process in its environment, CUDA's answers patched
+# into the recipe's own code (GPU_PROBE, GPU_FACTS in test_<folder>.py). modulus/ and monai/ share these parts of it.
+
+PROBE_CHECKS = r'''
+results = {}
+
+def check(fn):
+    try:
+        results[fn.__name__] = fn()
+    except BaseException as e:
+        results[fn.__name__] = {"raised": f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"}
+    return fn
+'''
+
+NO_SILENT_CPU_CHECK = r'''@check
+def given_gpus_that_torch_cannot_use():
+    """C12 in parse_args, where every script starts: one RecipeError, or None where training goes on."""
+    def parse(argv, env, problem="torch 2.13.0+cpu is a CPU-only build"):
+        with mock.patch.object(sys, "argv", ["single_gpu.py", *argv]), mock.patch.dict(os.environ, env), \
+                mock.patch.object(toolkit, "torch_cuda_problem", lambda: problem):
+            for name in ("SLURM_GPUS_ON_NODE", "CUDA_VISIBLE_DEVICES"):
+                if name not in env:
+                    os.environ.pop(name, None)
+            try:
+                cluster.parse_args("probe")
+            except toolkit.RecipeError as e:
+                return str(e)
+    return {"slurm": parse([], {"SLURM_GPUS_ON_NODE": "2"}), "nccl": parse(["--backend", "nccl"], {}),
+            "visible": parse([], {"CUDA_VISIBLE_DEVICES": "0,1"}),
+            "gloo": parse(["--backend", "gloo"], {"SLURM_GPUS_ON_NODE": "2"}),
+            "usable": parse([], {"SLURM_GPUS_ON_NODE": "2"}, problem=""), "cpu_job": parse([], {})}
+'''
+
+TF32_CHECK = r'''@check
+def tf32_for_fp32_on_cuda():
+    """fp32 (no --amp) on a GPU: matmuls and convolutions in TF32 (C10), torch's global setting left readable."""
+    before = torch.get_float32_matmul_precision()
+    cluster.mixed_precision(torch.device("cuda", 0), False)
+    return [before, torch.get_float32_matmul_precision()]
+'''
+
+
+def assert_no_silent_cpu(found):
+    """What NO_SILENT_CPU_CHECK found: given GPUs it cannot use (Slurm's, --backend nccl, CUDA_VISIBLE_DEVICES), the
+    recipe refuses in one line that names what gave them; on purpose (--backend gloo), usable, or none, it trains."""
+    assert found["slurm"].startswith("SLURM_GPUS_ON_NODE=2, but torch 2.13.0+cpu is a CPU-only build"), found
+    assert "rather than training on the CPU" in found["slurm"]
+    assert found["nccl"].startswith("--backend nccl, but"), found
+    assert found["visible"].startswith("CUDA_VISIBLE_DEVICES=0,1, but"), found
+    assert found["gloo"] is None and found["usable"] is None and found["cpu_job"] is None, found
+
+
+# lightning/ and nemo/ (both on Lightning) print what their seams answer with CUDA patched in as JSON lines (GPU_FACTS
+# in test_<folder>.py); the same checks of the same Lightning integration read them.
+
+LIGHTNING_FACT_CHECK = r'''def check(name):
+    def wrap(f):
+        try:
+            result = f()
+        except BaseException as e:
+            result = f"{type(e).__name__}: {e}"
+        print(json.dumps({name: result}, default=str), flush=True)
+    return wrap
+'''
+
+
+def assert_lightning_root_device_is_the_bound_gpu(gpu_facts):
+    """Lightning's root device is the GPU init_distributed bound the process group to."""
+    assert gpu_facts["root_one_visible"] == "cuda:0"
+    assert gpu_facts["root_four_visible"] == "cuda:3"
+
+
+def assert_tf32_for_fp32_on_the_gpu_only(gpu_facts):
+    """TF32 for fp32 on a GPU, readable by Lightning, no warning; nothing under --amp or on the CPU."""
+    assert gpu_facts["tf32_cuda_fp32"] == ["high", "tf32", "tf32", []]
+    assert gpu_facts["tf32_cuda_bf16"][0] == "highest"
+    assert gpu_facts["tf32_cpu_fp32"][0] == "highest"

@@ -8,7 +8,7 @@ import socket
 import time
 
 import pytest
-from helpers import assert_same_weights, free_port, teardown_checked
+from helpers import assert_same_weights, epoch_lines, free_port, teardown_checked
 from recipes import RECIPES, SRUN, wait_all
 
 pytestmark = [pytest.mark.contract, pytest.mark.timeout(300)]
@@ -113,3 +113,44 @@ def test_every_row_says_why_it_skips_a_behavioural_test():
         assert recipe.no_srun or (recipe.weights and recipe.step_of), f"{folder}: no checkpoint readers"
         assert recipe.preemption or recipe.no_preemption, f"{folder}: no preemption run and no reason"
         assert not (recipe.preemption and (recipe.no_preemption or recipe.no_srun)), folder
+        assert recipe.same_as_one or recipe.no_same_as_one, f"{folder}: no N ranks == one process, and no reason"
+
+
+# ------------------------------------------------------------------------------------------ N ranks == one process
+
+
+SAME_AS_ONE = [pytest.param(folder, launch, id=f"{folder}-{launch.run}")
+               for folder in sorted(f for f in RECIPES if RECIPES[f].same_as_one)
+               for launch in RECIPES[folder].same_as_one.launches]
+
+
+@pytest.mark.parametrize("folder, launch", SAME_AS_ONE)
+@pytest.mark.timeout(600)  # both runs, or the wait for a run the folder's own tests are starting
+def test_n_ranks_end_with_the_weights_of_one_process_with_the_global_batch(folder, launch, tmp_path_factory):
+    """2 ranks x batch B, launched every way the folder can, == 1 process x batch 2B: each global batch holds the same
+    samples (CONTRACT.md C5), summed in another order, so the same steps end with the same weights within the folder's
+    tolerance, and rank 0 alone prints the same epoch lines. The runs are the folder's shared ones (Recipe.run): its
+    own tests read them too."""
+    recipe, spec = RECIPES[folder], RECIPES[folder].same_as_one
+    reference, ran = recipe.run(tmp_path_factory, spec.reference), recipe.run(tmp_path_factory, launch.run)
+    for said in spec.reference_says:
+        assert said in reference.out, reference.out[-3000:]
+    for said in launch.says:
+        assert said in ran.out, ran.out[-3000:]
+    for rank, out in enumerate(ran.outs if launch.each_says else ()):
+        assert launch.each_says.format(rank=rank) in out, out[-3000:]
+    ends = [(epoch, len(spec.epoch_ends), step) for epoch, step in enumerate(spec.epoch_ends, 1)]
+    mine, theirs = epoch_lines(ran.out), epoch_lines(reference.out)
+    assert [(e.epoch, e.epochs, e.step) for e in theirs] == ends, reference.out[-3000:]
+    assert [(e.epoch, e.epochs, e.step) for e in mine] == ends, ran.out[-3000:]  # once: rank 0's
+    assert "[rank1] epoch" not in ran.out and {e.metric for e in mine + theirs} == {spec.metric}, ran.out[-3000:]
+    for field, tol in launch.metrics.items():  # reduced over the ranks: one process's numbers over the same samples
+        values = [getattr(e, field) for e in theirs]
+        assert [getattr(e, field) for e in mine] == (pytest.approx(values, abs=tol) if tol else values)
+    if recipe.runs[launch.run].teardown_check:
+        assert teardown_checked(ran.out, ranks=2), f"a DDP model outlived its process group:\n{ran.out[-3000:]}"
+    assert recipe.step_of(ran.ckpt) == recipe.step_of(reference.ckpt) == spec.epoch_ends[-1]
+    if launch.weights:
+        assert_same_weights(launch.weights(ran.ckpt), recipe.weights(reference.ckpt), **spec.tol)
+    else:
+        assert_same_weights(*recipe.weights_together(ran.ckpt, reference.ckpt), **spec.tol)

@@ -25,7 +25,7 @@ import pytest
 import torch
 from data_files import write_mnist
 from helpers import ROOT, assert_same_weights, clean_env, env_python, epoch_lines, free_port, run, torchrun
-from recipes import RECIPES, wait_all
+from recipes import RECIPES, scripts_not_run, wait_all
 
 pytestmark = [pytest.mark.deepspeed, pytest.mark.timeout(400)]
 
@@ -72,10 +72,10 @@ def progress(ckpt_dir):
 
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
-    """One process, ZeRO stage 0, batch 32: what every 2-rank run with batch 16 per rank must reproduce."""
-    ckpt = tmp_path_factory.mktemp("single")
-    out = python(DS / "single_gpu.py", *SMALL, *config("zero0"), "--batch-size", "32", "--checkpoint-dir", ckpt).stdout
-    return weights(ckpt), out
+    """One process, ZeRO stage 0, batch 32: what every 2-rank run with batch 16 per rank must reproduce
+    (tests/recipes.py's run, which test_behaviour.py compares with ZeRO-1, 2 and 3 on 2 ranks)."""
+    ran = RECIPES["deepspeed"].run(tmp_path_factory, "reference")
+    return weights(ran.ckpt), ran.out
 
 
 def test_single_process_learns_and_checkpoints(reference, tmp_path):
@@ -87,19 +87,17 @@ def test_single_process_learns_and_checkpoints(reference, tmp_path):
     assert "done: 32 steps" in out
 
 
-def test_torchrun_zero1_equals_one_process_and_pytorch_ddp(reference, tmp_path):
-    """ZeRO-1 on 2 ranks == 1 process (stage 0) with the global batch == pytorch/'s plain DDP recipe (same model,
-    data, sampler, SGD with momentum and schedule; DeepSpeed's default clipping at norm 1.0 is turned off)."""
-    out = torchrun_standalone("multigpu_torchrun.py", 2, *SMALL, *config("zero1"), "--batch-size", "16",
-                              "--checkpoint-dir", tmp_path / "zero1").stdout
-    assert "[rank0] world size 2 | backend gloo | device cpu | ZeRO stage 1" in out and "[rank1] epoch" not in out
-    assert_same_weights(weights(tmp_path / "zero1"), reference[0], **TOL)
-    run([*torchrun("pytorch"), "--standalone", "--nproc_per_node", "2", ROOT / "pytorch" / "multigpu_torchrun.py",
-         *SMALL, "--batch-size", "16", "--checkpoint-dir", tmp_path / "ddp"])
-    plain = torch.load(tmp_path / "ddp" / "snapshot.pt", map_location="cpu", weights_only=True)["model"]
-    assert_same_weights(weights(tmp_path / "zero1"), plain, **TOL)
+def test_zero1_equals_pytorch_ddp_and_one_rank_cannot_resume_it(tmp_path_factory, tmp_path):
+    """ZeRO-1 on 2 ranks (== 1 process with the global batch: test_behaviour.py) == pytorch/'s plain DDP recipe on 2
+    ranks (same model, data, sampler, SGD with momentum and schedule; DeepSpeed's default clipping at norm 1.0 is
+    turned off): tests/recipes.py's runs of both folders."""
+    zero1 = RECIPES["deepspeed"].run(tmp_path_factory, "zero1").ckpt
+    ddp = RECIPES["pytorch"].run(tmp_path_factory, "torchrun").ckpt
+    plain = torch.load(ddp / "snapshot.pt", map_location="cpu", weights_only=True)["model"]
+    assert_same_weights(weights(zero1), plain, **TOL)
     # Resumed by 1 rank (issue #25 item 3): SGD's momentum is no state DeepSpeed's universal converter knows, so
     # one line, exit 2 -- it was ZeRORuntimeException's traceback, exit 1.
+    shutil.copytree(zero1, tmp_path / "zero1")  # the shared run stays as it ended
     proc = run_split([env_python("deepspeed"), DS / "single_gpu.py", *SMALL, "--epochs", "3", *config("zero1"),
                       "--batch-size", "32", "--checkpoint-dir", tmp_path / "zero1"], timeout=180)
     one_error_line(proc, "step-00000032 was written by 2 rank(s), this job has 1, and DeepSpeed's ds_to_universal "
@@ -108,40 +106,17 @@ def test_torchrun_zero1_equals_one_process_and_pytorch_ddp(reference, tmp_path):
     assert sorted(p.name for p in (tmp_path / "zero1").glob("step-*")) == ["step-00000016", "step-00000032"]
 
 
-def test_deepspeed_launcher_zero2_equals_one_process(reference, tmp_path):
-    """`deepspeed --num_gpus 2` on CPU: it passes --local_rank=N and sets RANK/LOCAL_RANK/WORLD_SIZE -- and
-    CUDA_VISIBLE_DEVICES=0,1 even without CUDA, so the CPU is asked for with --backend gloo (C12)."""
-    launcher = env_python("deepspeed").parent / "deepspeed"
-    out = run([launcher, "--num_gpus", "2", "--master_port", free_port(), DS / "multigpu_torchrun.py", *SMALL,
-               *config("zero2"), "--batch-size", "16", "--checkpoint-dir", tmp_path, "--backend", "gloo"]).stdout
-    assert "[rank0] world size 2 | backend gloo | device cpu | ZeRO stage 2" in out, out
-    assert_same_weights(weights(tmp_path), reference[0], **TOL)
-
-
-def test_mp_spawn_zero3_and_zero_to_fp32_loads_into_the_plain_model(reference, tmp_path):
+def test_zero3_partitions_the_parameters_over_the_ranks(tmp_path_factory):
     """ZeRO-3 that partitions on CPU (zero3_cpu_test.json: stage3_param_persistence_threshold 0; zero3.json's 1e5
     keeps every tensor of this 71.7k-parameter model whole on every rank, and nothing is fetched or released): each
-    of the 2 ranks holds half of the parameters after backward, and the 32 steps end with the one-process weights."""
-    out = python(DS / "multigpu.py", "--nprocs", "2", *SMALL, *config("zero3_cpu_test"), "--batch-size", "16",
-                 "--memory-report", "--checkpoint-dir", tmp_path).stdout
-    assert "[rank0] world size 2 | backend gloo | device cpu | ZeRO stage 3" in out, out
+    of the 2 ranks holds half of the parameters after backward. (Its weights, gathered by zero_to_fp32, are the one
+    process's: test_behaviour.py.)"""
+    out = RECIPES["deepspeed"].run(tmp_path_factory, "zero3_spawn").out
     line = re.search(r"memory per rank \| stage 3 \| world 2 \| params (\d+) \| param bytes (\d+) \| .* \| "
                      r"params held whole (\d+)$", out, re.M)
     assert line, out
     psi, param_bytes, whole = map(int, line.groups())
     assert psi == 71754 and whole == 0 and param_bytes == pytest.approx(4 * psi / 2, rel=0.02), line.group(0)
-    tag = latest_tag(tmp_path)
-    # Under ZeRO-3 each rank saved only its shard; DeepSpeed's zero_to_fp32 (also copied into every checkpoint
-    # directory as a script) gathers them into one plain fp32 state dict that loads with strict=True.
-    loaded = python("-c", "import sys, torch; from cluster import import_deepspeed; from recipe import ConvNet; "
-                          "import_deepspeed(); "
-                          "from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint as get; "
-                          "sd = get(sys.argv[1], tag=sys.argv[2]); m = ConvNet(); "
-                          "print(m.load_state_dict(sd, strict=True)); torch.save(m.state_dict(), sys.argv[3])",
-                    tmp_path, tag.name, tmp_path / "plain.pt", cwd=DS).stdout
-    assert "<All keys matched successfully>" in loaded
-    assert_same_weights(torch.load(tmp_path / "plain.pt", map_location="cpu", weights_only=True), reference[0],
-                        **TOL)
 
 
 def test_srun_style_bf16_with_gradient_accumulation(tmp_path):
@@ -440,10 +415,8 @@ def test_torchrun_script_without_the_launcher():
 
 
 def test_every_recipe_script_is_exercised():
-    """Guard: a new script in deepspeed/ must get a test here."""
-    scripts = {p.name for p in DS.glob("*.py")} - {"recipe.py", "cluster.py", "toolkit.py", "gpt.py"}
-    text = open(__file__).read()
-    assert {s for s in scripts if s not in text} == set()
+    """Guard: a new script in deepspeed/ must get a test here (or a run in tests/recipes.py's table)."""
+    assert scripts_not_run("deepspeed", __file__, {"gpt.py"}) == set()
 
 
 # ------------------------------------------------------------------------------------------ GPUs (issue #22)

@@ -1,5 +1,6 @@
-"""jax/ recipes, launched for real on CPU (gloo collectives, 2 processes): every launch pattern, equivalence with
-one process, resume and preemption, real data formats, bad input."""
+"""jax/ recipes, launched for real on CPU (gloo collectives, 2 processes): every launch pattern, resume and
+preemption, real data formats, bad input. 2 processes == one process with the global batch is
+tests/test_behaviour.py's."""
 
 import argparse
 import contextlib
@@ -13,7 +14,6 @@ import signal
 import socket
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from pathlib import Path
@@ -24,7 +24,7 @@ import numpy as np
 import pytest
 from data_files import write_cifar10, write_mnist
 from helpers import ROOT, clean_env, env_python, epoch_lines, free_port, run
-from recipes import jax_checkpoints
+from recipes import JAX_CACHE, RECIPES, jax_checkpoints, scripts_not_run
 
 pytestmark = [pytest.mark.jax, pytest.mark.timeout(300)]
 
@@ -32,17 +32,14 @@ FOLDER = ROOT / "jax"
 # 1024 samples: 32 steps per epoch for 2 processes x batch 16 (or 1 process x batch 32), 64 in all.
 ARGS = ["--epochs", "2", "--dataset-size", "1024", "--log-every", "10"]
 STEPS = 64
-# 2 processes vs 1: the same samples in every global batch, summed in another order (per-device partial sums,
-# then an all-reduce). Measured: |difference| <= 1e-6 after 64 steps; the tolerance leaves room for other CPUs.
-TOL = dict(rtol=1e-4, atol=1e-5)
 ERROR_LINE = re.compile(r"^(\[rank\d+\] )?error: ")
-# JAX's persistent compilation cache, shared by the launches (and runs) of this file: most of a launch's CPU time
-# is compiling the same train step again. Same code either way; a cached executable is the compiled one.
-CACHE = Path(tempfile.gettempdir()) / "jax-recipes-test-compilation-cache"
 
 
 def jax_env(**overrides):
-    return clean_env(JAX_COMPILATION_CACHE_DIR=CACHE, JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS=0, **overrides)
+    """JAX's persistent compilation cache (recipes.JAX_CACHE), shared by every jax/ launch of the tests: most of a
+    launch's CPU time is compiling the same train step again. Same code either way; a cached executable is the
+    compiled one."""
+    return clean_env(**JAX_CACHE, **overrides)
 
 
 def python(*args, env=None, **kw):
@@ -137,18 +134,18 @@ def completed(procs):
 
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
-    """One process, batch 32: what every 2-process run with batch 16 per process must reproduce."""
-    ckpt = tmp_path_factory.mktemp("single")
-    out = python(FOLDER / "single_gpu.py", *ARGS, "--batch-size", "32", "--checkpoint-dir", ckpt).stdout
-    return ckpt, out
+    """One process, batch 32: what every 2-process run with batch 16 per process must reproduce (tests/recipes.py's
+    run, which test_behaviour.py compares with `spawned`)."""
+    ran = RECIPES["jax"].run(tmp_path_factory, "reference")
+    return ran.ckpt, ran.out
 
 
 @pytest.fixture(scope="module")
 def spawned(tmp_path_factory):
-    """multigpu.py --nprocs 2: the uninterrupted 2-process run the resume tests compare against, bit for bit."""
-    ckpt = tmp_path_factory.mktemp("spawn")
-    out = python(FOLDER / "multigpu.py", "--nprocs", "2", *ARGS, "--batch-size", "16", "--checkpoint-dir", ckpt).stdout
-    return ckpt, out
+    """multigpu.py --nprocs 2: the uninterrupted 2-process run the resume tests compare against, bit for bit
+    (tests/recipes.py's run, shared with test_behaviour.py)."""
+    ran = RECIPES["jax"].run(tmp_path_factory, "spawn")
+    return ran.ckpt, ran.out
 
 
 def test_single_gpu_learns_and_writes_a_complete_snapshot(reference):
@@ -163,15 +160,6 @@ def test_single_gpu_learns_and_writes_a_complete_snapshot(reference):
     assert len(written_shapes(ckpt)) == 8 + 8 + 1  # parameters, momentum, the schedule's step count
     assert sorted(p.name for p in ckpt.iterdir()) == [str(STEPS // 2), str(STEPS)]  # every epoch; no temporaries
     assert f"snapshot being saved to {ckpt} (step 32)" in out and f"snapshot saved to {ckpt} (step 64)" in out
-
-
-def test_spawned_processes_equal_one_process_with_the_global_batch(reference, spawned):
-    ckpt, out = spawned
-    assert "[rank0] processes 2 | devices 2 (1 per process, cpu)" in out and "[rank1] host" in out
-    assert len(epoch_lines(out)) == 2 and "[rank1] epoch" not in out  # metrics come from rank 0 only
-    assert_same_leaves(ckpt, reference[0], **TOL)
-    # the epoch metrics are over the global batch: the same numbers as the single process's
-    assert [e.loss for e in epoch_lines(out)] == [e.loss for e in epoch_lines(reference[1])]
 
 
 # Rank 1 lingers before it exits (sitecustomize runs in every process of the launch): rank 0, which runs JAX's
@@ -768,7 +756,5 @@ def test_multigpu_gives_each_process_its_own_gpu(tmp_path):
 
 
 def test_every_recipe_script_is_exercised():
-    """Guard: a new script in jax/ must get a test here."""
-    scripts = {p.name for p in FOLDER.glob("*.py")} - {"recipe.py", "cluster.py", "toolkit.py"}
-    text = open(__file__).read()
-    assert {s for s in scripts if s not in text} == set()
+    """Guard: a new script in jax/ must get a test here (or a run in tests/recipes.py's table)."""
+    assert scripts_not_run("jax", __file__) == set()

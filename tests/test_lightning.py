@@ -14,7 +14,8 @@ import pytest
 import torch
 from helpers import (ROOT, assert_same_weights, clean_env, env_python, epoch_lines, free_port, run,
                      run_killing_a_worker_twice, torchrun)
-from recipes import RECIPES, wait_all
+from recipes import (LIGHTNING_FACT_CHECK, RECIPES, assert_lightning_root_device_is_the_bound_gpu,
+                     assert_tf32_for_fp32_on_the_gpu_only, wait_all)
 
 pytestmark = [pytest.mark.lightning, pytest.mark.timeout(300)]
 
@@ -41,27 +42,6 @@ def run_slurm_tasks(args, *, ntasks, timeout=120):
     codes, outputs = wait_all(RECIPES["lightning"].srun(args, ntasks, free_port()), timeout)
     sys.stdout.write("\n".join(f"--- task {r} ---\n{o[-2000:]}" for r, o in enumerate(outputs)))
     return codes, outputs
-
-
-def test_ddp_two_ranks_equals_one_rank(tmp_path):
-    """single_gpu.py with batch 64 and multigpu_torchrun.py with 2 ranks x batch 32: the same weights.
-
-    Also the smoke test of both scripts, and of the per-epoch report (synced metrics, samples/s)."""
-    one, two = tmp_path / "one", tmp_path / "two"
-    common = ["--epochs", "2", "--dataset-size", "256", "--log-every", "2"]
-    out1 = run([env_python("lightning"), script("single_gpu.py"), *common, "--batch-size", "64",
-                "--checkpoint-dir", one]).stdout
-    out2 = run([*torchrun("lightning"), "--nnodes", "1", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-                "--master_port", free_port(), script("multigpu_torchrun.py"), *common, "--batch-size", "32",
-                "--checkpoint-dir", two]).stdout
-    assert len(epoch_lines(out1)) == 2 and world_size(out1) == 1
-    assert len(epoch_lines(out2)) == 2 and world_size(out2) == 2
-    w1, ckpt1 = weights(one)
-    w2, ckpt2 = weights(two)
-    assert ckpt1["global_step"] == ckpt2["global_step"] == 8  # 2 epochs x 256 / 64
-    # float32 sums in another order (DDP's all-reduce, the conv kernels of batch 32 vs 64): 3e-8 measured on one CPU,
-    # 1.0e-5 on an AMD EPYC (2026-12). A batch skipped or trained twice moves the weights by ~1e-3.
-    assert_same_weights(w1, w2, rtol=1e-3, atol=1e-4)
 
 
 def test_multigpu_spawn_two_ranks_writes_timings(tmp_path):
@@ -263,14 +243,7 @@ import lightning.pytorch as pl
 from lightning.fabric.accelerators import cuda as fabric_cuda
 import cluster, recipe, toolkit
 
-def check(name):
-    def wrap(f):
-        try:
-            result = f()
-        except BaseException as e:
-            result = f"{type(e).__name__}: {e}"
-        print(json.dumps({name: result}, default=str), flush=True)
-    return wrap
+""" + LIGHTNING_FACT_CHECK + r"""
 
 def gpus(count):  # torch and Lightning see `count` CUDA devices; set_device only records
     calls = []
@@ -377,16 +350,13 @@ def test_torchrun_process_sets_its_gpu_then_binds_nccl_to_it(gpu_facts):
 def test_lightning_root_device_is_the_gpu_init_distributed_chose(gpu_facts):
     """Lightning's DDP reuses the process group; its root device (parallel_devices[local rank]) must be the GPU the
     group's communicator was bound to, not Lightning's own cuda:<local rank>."""
-    assert gpu_facts["root_one_visible"] == "cuda:0"
-    assert gpu_facts["root_four_visible"] == "cuda:3"
+    assert_lightning_root_device_is_the_bound_gpu(gpu_facts)
 
 
 def test_tf32_for_fp32_runs_on_the_gpu_only_and_without_warnings(gpu_facts):
     """CONTRACT.md C10: TF32 matmuls and convolutions for fp32 on a GPU, through the API whose state Lightning can
     still read (torch.get_float32_matmul_precision), with no warning; nothing under --amp or on the CPU."""
-    assert gpu_facts["tf32_cuda_fp32"] == ["high", "tf32", "tf32", []]
-    assert gpu_facts["tf32_cuda_bf16"][0] == "highest"
-    assert gpu_facts["tf32_cpu_fp32"][0] == "highest"
+    assert_tf32_for_fp32_on_the_gpu_only(gpu_facts)
 
 
 def test_loader_pins_memory_on_the_gpu_only(gpu_facts):

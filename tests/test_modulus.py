@@ -1,6 +1,6 @@
-"""modulus/ recipes (PhysicsNeMo FNO on Darcy flow), launched for real on CPU with gloo: every launch pattern,
-2 ranks == 1 process with the global batch, emulated Slurm, preemption -> resume == uninterrupted, the real
-Darcy file format, learning, and bad input.
+"""modulus/ recipes (PhysicsNeMo FNO on Darcy flow), launched for real on CPU with gloo: emulated Slurm, preemption
+-> resume == uninterrupted, the real Darcy file format, learning, and bad input. 2 ranks == 1 process with the
+global batch, under torchrun and the spawner, is tests/test_behaviour.py's.
 
 No test-only shim: the recipes import physicsnemo on this CPU machine by themselves (see modulus/README.md,
 "torchvision on a CPU machine").
@@ -16,8 +16,9 @@ import numpy as np
 import pytest
 import torch
 from helpers import (ROOT, assert_same_weights, clean_env, env_python, epoch_lines, free_port, run, teardown_checked,
-                     torchrun, with_teardown_check)
-from recipes import RECIPES, wait_all
+                     torchrun)
+from recipes import (NO_SILENT_CPU_CHECK, PROBE_CHECKS, RECIPES, TF32_CHECK, assert_no_silent_cpu, scripts_not_run,
+                     wait_all)
 
 pytestmark = [pytest.mark.modulus, pytest.mark.timeout(300)]
 
@@ -74,10 +75,10 @@ def bad_input(cmd, timeout=120, **env_extra):
 
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
-    """One process, batch 16: what every 2-rank run with batch 8 per rank must reproduce."""
-    ckpt = tmp_path_factory.mktemp("single")
-    out = python(MOD / "single_gpu.py", *SMALL, "--batch-size", "16", "--checkpoint-dir", ckpt).stdout
-    return ckpt, out
+    """One process, batch 16: what every 2-rank run with batch 8 per rank must reproduce (tests/recipes.py's run,
+    which test_behaviour.py compares with torchrun and the spawner)."""
+    ran = RECIPES["modulus"].run(tmp_path_factory, "reference")
+    return ran.ckpt, ran.out
 
 
 def test_single_process_writes_snapshots_and_a_physicsnemo_model(reference):
@@ -96,24 +97,6 @@ def test_single_process_writes_snapshots_and_a_physicsnemo_model(reference):
             "torch.save(m.state_dict(), sys.argv[2])\n")
     python("-c", code, ckpt / "fno.mdlus", ckpt / "from_mdlus.pt", cwd=MOD)
     assert_same_weights(torch.load(ckpt / "from_mdlus.pt", weights_only=True), snap["model"])
-
-
-def test_torchrun_two_ranks_equal_one_process_with_the_global_batch(reference, tmp_path):
-    out = torchrun_standalone("multigpu_torchrun.py", 2, *SMALL, "--batch-size", "8", "--checkpoint-dir",
-                              tmp_path, env=with_teardown_check(env())).stdout
-    assert teardown_checked(out, ranks=2), f"a DDP model outlived its process group (stop_distributed):\n{out}"
-    assert "[rank0] world size 2 (torchrun) | backend gloo | device cpu" in out and "[rank1] epoch" not in out
-    assert_same_weights(snapshot(tmp_path)["model"], snapshot(reference[0])["model"], **TOL)
-    # loss and validation error are reduced over both ranks: the same numbers as one process over all samples
-    for (e1, s1, l1, r1), (e2, s2, l2, r2) in zip(epochs(out), epochs(reference[1]), strict=True):
-        assert (e1, s1) == (e2, s2) and l1 == pytest.approx(l2, abs=2e-4) and r1 == pytest.approx(r2, abs=2e-4)
-
-
-def test_spawn_two_workers_equal_one_process(reference, tmp_path):
-    out = python(MOD / "multigpu.py", "--nprocs", "2", *SMALL, "--batch-size", "8", "--checkpoint-dir",
-                 tmp_path).stdout
-    assert "[rank0] world size 2 (spawned) | backend gloo" in out
-    assert_same_weights(snapshot(tmp_path)["model"], snapshot(reference[0])["model"], **TOL)
 
 
 def test_srun_tasks_preempted_save_exit_75_and_resume(reference, tmp_path):
@@ -256,10 +239,8 @@ def test_world_size_larger_than_the_data():
 
 
 def test_every_recipe_script_is_exercised():
-    """Guard: a new script in modulus/ must get a test here."""
-    scripts = {p.name for p in MOD.glob("*.py")} - {"recipe.py", "cluster.py", "toolkit.py"}
-    text = open(__file__).read()
-    assert {s for s in scripts if s not in text} == set()
+    """Guard: a new script in modulus/ must get a test here (or a run in tests/recipes.py's table)."""
+    assert scripts_not_run("modulus", __file__) == set()
 
 
 # ------------------------------------------------------------------------------------------ GPU facts, patched in
@@ -275,14 +256,7 @@ import torch
 import torch.distributed as dist
 import cluster, recipe, toolkit
 
-results = {}
-
-def check(fn):
-    try:
-        results[fn.__name__] = fn()
-    except BaseException as e:
-        results[fn.__name__] = {"raised": f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"}
-    return fn
+''' + PROBE_CHECKS + r'''
 
 def tiny_args(**kw):
     defaults = dict(data="synthetic", dataset_size=16, batch_size=4, seed=0, num_workers=0, lr=1e-3, epochs=2,
@@ -423,31 +397,8 @@ def amp_on_cpu_unchanged():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         return torch.equal(ours(x), plain(x))
 
-@check
-def given_gpus_that_torch_cannot_use():
-    """C12 in parse_args, where every script starts: one RecipeError, or None where training goes on."""
-    def parse(argv, env, problem="torch 2.13.0+cpu is a CPU-only build"):
-        with mock.patch.object(sys, "argv", ["single_gpu.py", *argv]), mock.patch.dict(os.environ, env), \
-                mock.patch.object(toolkit, "torch_cuda_problem", lambda: problem):
-            for name in ("SLURM_GPUS_ON_NODE", "CUDA_VISIBLE_DEVICES"):
-                if name not in env:
-                    os.environ.pop(name, None)
-            try:
-                cluster.parse_args("probe")
-            except toolkit.RecipeError as e:
-                return str(e)
-    return {"slurm": parse([], {"SLURM_GPUS_ON_NODE": "2"}), "nccl": parse(["--backend", "nccl"], {}),
-            "visible": parse([], {"CUDA_VISIBLE_DEVICES": "0,1"}),
-            "gloo": parse(["--backend", "gloo"], {"SLURM_GPUS_ON_NODE": "2"}),
-            "usable": parse([], {"SLURM_GPUS_ON_NODE": "2"}, problem=""), "cpu_job": parse([], {})}
-
-@check
-def tf32_for_fp32_on_cuda():
-    """fp32 (no --amp) on a GPU: matmuls and convolutions in TF32 (C10), torch's global setting left readable."""
-    before = torch.get_float32_matmul_precision()
-    cluster.mixed_precision(torch.device("cuda", 0), False)
-    return [before, torch.get_float32_matmul_precision()]
-
+''' + NO_SILENT_CPU_CHECK + r'''
+''' + TF32_CHECK + r'''
 @check
 def epochs_and_model_file():
     """Two epochs of 5 steps as rank 0 of 2 (the collectives faked: identity, counted), progress every 5 steps:
@@ -563,12 +514,8 @@ def test_amp_keeps_the_fno_spectral_layers_in_fp32(gpu_probe):
 
 def test_given_gpus_it_cannot_use_it_stops_rather_than_train_on_the_cpu(gpu_probe):
     """C12, wired into parse_args (every script, before DistributedManager picks a device)."""
-    found = gpu_probe["given_gpus_that_torch_cannot_use"]
-    assert found["slurm"].startswith("SLURM_GPUS_ON_NODE=2, but torch 2.13.0+cpu is a CPU-only build"), found
-    assert "rather than training on the CPU" in found["slurm"]
-    assert found["nccl"].startswith("--backend nccl, but"), found
-    assert found["visible"].startswith("CUDA_VISIBLE_DEVICES=0,1, but"), found
-    assert found["gloo"] is None and found["usable"] is None and found["cpu_job"] is None, found
+    assert_no_silent_cpu(gpu_probe["given_gpus_that_torch_cannot_use"])
+
 
 
 def test_fp32_on_a_gpu_uses_tf32(gpu_probe):

@@ -1,5 +1,6 @@
-"""monai/ recipes, launched for real on CPU with gloo: every launch pattern, equivalence, the distributed Dice,
-preemption and resume, Decathlon-layout NIfTI data written here, and bad input.
+"""monai/ recipes, launched for real on CPU with gloo: the torchrun run every other launch pattern must equal
+(tests/test_behaviour.py compares them), the distributed Dice, preemption and resume, Decathlon-layout NIfTI data
+written here, and bad input.
 
 Volumes are tiny (20^3, crops 16^3) and there are 15 cases (12 training, 3 validation), so a 2-rank run trains
 in about a second; most of each launch is importing torch and MONAI.
@@ -11,14 +12,14 @@ import re
 import shutil
 import signal
 import struct
-import subprocess
 
 import numpy as np
 import pytest
 import torch
 from helpers import (ROOT, assert_same_weights, clean_env, env_python, epoch_lines, free_port, run, teardown_checked,
-                     torchrun, with_teardown_check)
-from recipes import RECIPES, wait_all
+                     torchrun)
+from recipes import (NO_SILENT_CPU_CHECK, PROBE_CHECKS, RECIPES, TF32_CHECK, assert_no_silent_cpu, scripts_not_run,
+                     shared_dir, wait_all)
 
 pytestmark = [pytest.mark.monai, pytest.mark.timeout(300)]
 
@@ -103,7 +104,8 @@ def write_task(folder, cases=6, edge=20, seed=0):
 
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory):
-    return tmp_path_factory.mktemp("data")  # the synthetic task folder is written in here by the first run
+    """Where the first run writes the synthetic task folder: the data dir of tests/recipes.py's monai runs too."""
+    return shared_dir(tmp_path_factory, "monai-data")
 
 
 @pytest.fixture(scope="module")
@@ -115,13 +117,12 @@ def reference(tmp_path_factory, data_dir):
 
 
 @pytest.fixture(scope="module")
-def ddp_run(tmp_path_factory, data_dir, reference):  # after `reference`: it writes the synthetic data
-    """2 ranks x batch 1 under torchrun, validated every epoch: what every other 2-rank launch must reproduce
-    (the partitions depend on the world size, so a 2-rank run is compared with 2-rank runs)."""
-    ckpt = tmp_path_factory.mktemp("ddp")
-    out = torchrun_standalone("multigpu_torchrun.py", 2, *SMALL, "--batch-size", "1", "--val-every", "1", "--data-dir",
-                              data_dir, "--checkpoint-dir", ckpt, env=with_teardown_check(clean_env())).stdout
-    return ckpt, out
+def ddp_run(tmp_path_factory):
+    """2 ranks x batch 1 under torchrun, validated every epoch: what every other 2-rank launch must reproduce (the
+    partitions depend on the world size, so a 2-rank run is compared with 2-rank runs): tests/recipes.py's run, which
+    test_behaviour.py compares with the other launch patterns."""
+    ran = RECIPES["monai"].run(tmp_path_factory, "torchrun")
+    return ran.ckpt, ran.out
 
 
 def test_single_process_writes_the_decathlon_layout_and_learns(reference, data_dir):
@@ -150,29 +151,6 @@ def test_torchrun_ddp_caches_a_partition_per_rank_and_validates_every_epoch(ddp_
     assert teardown_checked(out, ranks=2), f"a DDP model outlived its process group (leave_process_group):\n{out}"
     assert [e.epoch for e in epoch_lines(out)] == [1, 2] and len(validation_dice(out)) == 2, out  # --val-every 1
     assert all(0 <= e.value <= 1 for e in epoch_lines(out)), out
-
-
-def test_mp_spawn_equals_torchrun(ddp_run, data_dir, tmp_path):
-    out = python("multigpu.py", "--nprocs", "2", *SMALL, "--batch-size", "1", "--data-dir", data_dir,
-                 "--checkpoint-dir", tmp_path).stdout
-    assert "[rank0] world size 2" in out
-    assert_same_weights(snapshot(tmp_path)["model"], snapshot(ddp_run[0])["model"])
-
-
-def test_multinode_as_two_torchrun_nodes_on_one_host(ddp_run, data_dir, tmp_path):
-    """Two launchers, --nnodes 2, c10d rendezvous on 127.0.0.1: what `srun torchrun` does on two nodes."""
-    port = free_port()
-    cmds = [[*torchrun("monai"), "--nnodes", "2", "--nproc_per_node", "1", "--node_rank", str(node),
-             "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", "monai-2nodes",
-             "multinode.py", *SMALL, "--batch-size", "1", "--data-dir", data_dir, "--checkpoint-dir", tmp_path]
-            for node in (0, 1)]
-    procs = [subprocess.Popen([str(c) for c in cmd], env=clean_env(), cwd=FOLDER, stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT, text=True, start_new_session=True) for cmd in cmds]
-    codes, outs = wait_all(procs)
-    assert codes == [0, 0], "\n".join(outs)
-    text = "\n".join(outs)
-    assert "[rank0] world size 2" in text and "[rank1] host" in text
-    assert_same_weights(snapshot(tmp_path)["model"], snapshot(ddp_run[0])["model"])
 
 
 DICE_OF_ALL = """
@@ -332,10 +310,8 @@ def test_torchrun_script_without_torchrun():
 
 
 def test_every_recipe_script_is_exercised():
-    """Guard: a new script in monai/ must get a test here."""
-    scripts = {p.name for p in FOLDER.glob("*.py")} - {"recipe.py", "cluster.py", "toolkit.py"}
-    text = open(__file__).read()
-    assert {s for s in scripts if s not in text} == set()
+    """Guard: a new script in monai/ must get a test here (or a run in tests/recipes.py's table)."""
+    assert scripts_not_run("monai", __file__) == set()
 
 
 def test_the_readmes_spleen_commands_train_several_steps_per_epoch():
@@ -367,14 +343,7 @@ from unittest import mock
 import torch
 import cluster, recipe, toolkit
 
-results = {}
-
-def check(fn):
-    try:
-        results[fn.__name__] = fn()
-    except BaseException as e:
-        results[fn.__name__] = {"raised": f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"}
-    return fn
+''' + PROBE_CHECKS + r'''
 
 def trainer(ckpt, device, loader=None, **flags):
     """A Trainer of the recipe (a tiny UNet, 4 steps per epoch) on the CPU, then moved in thought to `device`."""
@@ -478,24 +447,7 @@ def old_snapshot_with_every_gpus_state():
         cluster.restore_rng(state, torch.device("cuda", 2))
     return calls["set"]
 
-@check
-def given_gpus_that_torch_cannot_use():
-    """C12 in parse_args, where every script starts: one RecipeError, or None where training goes on."""
-    def parse(argv, env, problem="torch 2.13.0+cpu is a CPU-only build"):
-        with mock.patch.object(sys, "argv", ["single_gpu.py", *argv]), mock.patch.dict(os.environ, env), \
-                mock.patch.object(toolkit, "torch_cuda_problem", lambda: problem):
-            for name in ("SLURM_GPUS_ON_NODE", "CUDA_VISIBLE_DEVICES"):
-                if name not in env:
-                    os.environ.pop(name, None)
-            try:
-                cluster.parse_args("probe")
-            except toolkit.RecipeError as e:
-                return str(e)
-    return {"slurm": parse([], {"SLURM_GPUS_ON_NODE": "2"}), "nccl": parse(["--backend", "nccl"], {}),
-            "visible": parse([], {"CUDA_VISIBLE_DEVICES": "0,1"}),
-            "gloo": parse(["--backend", "gloo"], {"SLURM_GPUS_ON_NODE": "2"}),
-            "usable": parse([], {"SLURM_GPUS_ON_NODE": "2"}, problem=""), "cpu_job": parse([], {})}
-
+''' + NO_SILENT_CPU_CHECK + r'''
 @check
 def each_rank_caches_its_partition():
     """build_dataset as ranks 0 and 1 of 2 would call it (in one process: its only collective, a barrier, is
@@ -625,13 +577,7 @@ def bare_commands_fit_the_readmes_world_sizes():
             steps[world] = str(e)
     return steps
 
-@check
-def tf32_for_fp32_on_cuda():
-    """fp32 (no --amp) on a GPU: matmuls and convolutions in TF32 (C10), torch's global setting left readable."""
-    before = torch.get_float32_matmul_precision()
-    cluster.mixed_precision(torch.device("cuda", 0), False)
-    return [before, torch.get_float32_matmul_precision()]
-
+''' + TF32_CHECK + r'''
 print(json.dumps(results))
 '''
 
@@ -663,12 +609,8 @@ def test_a_job_requeued_onto_fewer_gpus_restores_its_own_gpus_rng(gpu_probe):
 
 def test_given_gpus_it_cannot_use_it_stops_rather_than_train_on_the_cpu(gpu_probe):
     """C12, wired into parse_args (every script, before it picks a device)."""
-    found = gpu_probe["given_gpus_that_torch_cannot_use"]
-    assert found["slurm"].startswith("SLURM_GPUS_ON_NODE=2, but torch 2.13.0+cpu is a CPU-only build"), found
-    assert "rather than training on the CPU" in found["slurm"]
-    assert found["nccl"].startswith("--backend nccl, but"), found
-    assert found["visible"].startswith("CUDA_VISIBLE_DEVICES=0,1, but"), found
-    assert found["gloo"] is None and found["usable"] is None and found["cpu_job"] is None, found
+    assert_no_silent_cpu(gpu_probe["given_gpus_that_torch_cannot_use"])
+
 
 
 def test_each_rank_caches_only_its_partition(gpu_probe):

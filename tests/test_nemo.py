@@ -1,6 +1,7 @@
-"""nemo/ recipes on CPU (gloo), every one launched as a real process with .venvs/nemo: the four launch patterns
-(equal weights), exp_manager's resume == an uninterrupted run, the .nemo archive, preemption -> 75 -> resume,
-the Hydra overrides and their one-line errors, and Megatron-Core's process-group layout.
+"""nemo/ recipes on CPU (gloo), every one launched as a real process with .venvs/nemo: one process and what the
+2-rank launches leave (their weights equal the one process's: tests/test_behaviour.py), exp_manager's resume == an
+uninterrupted run, the .nemo archive, preemption -> 75 -> resume, the Hydra overrides and their one-line errors, and
+Megatron-Core's process-group layout.
 
 Tiny data (4 steps per epoch, 2 epochs); most of each launch is importing NeMo (seconds), so one run serves
 several assertions (module-scoped fixtures).
@@ -14,13 +15,14 @@ import pickle
 import re
 import signal
 import subprocess
-import sys
 import time
 import types
 
 import pytest
 import torch
 from helpers import ROOT, assert_same_weights, clean_env, env_python, epoch_lines, free_port, run, torchrun
+from recipes import (LIGHTNING_FACT_CHECK, RECIPES, assert_lightning_root_device_is_the_bound_gpu,
+                     assert_tf32_for_fp32_on_the_gpu_only)
 
 pytestmark = [pytest.mark.nemo, pytest.mark.timeout(300)]
 
@@ -78,44 +80,18 @@ def world_size(out):
     return int(re.search(r"^\[rank0\] world size (\d+) \|", out, re.M).group(1))
 
 
-def slurm_tasks(args, ntasks=2, timeout=180):
-    """`ntasks` processes of multinode.py with the SLURM_* variables srun gives them; (exit codes, outputs)."""
-    port, procs = free_port(), []
-    for rank in range(ntasks):
-        env = clean_env(SLURM_JOB_ID=4242, SLURM_JOB_NAME="nemo-test", SLURM_NTASKS=ntasks,
-                        SLURM_NTASKS_PER_NODE=ntasks, SLURM_NNODES=1, SLURM_NODEID=0, SLURM_PROCID=rank,
-                        SLURM_LOCALID=rank, SLURM_STEP_ID=0, SLURM_NODELIST="localhost", MASTER_ADDR="127.0.0.1",
-                        MASTER_PORT=port)
-        procs.append(subprocess.Popen([str(env_python("nemo")), "multinode.py", *map(str, args)], cwd=FOLDER,
-                                      env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                      start_new_session=True))
-    outputs = []
-    try:
-        for proc in procs:
-            outputs.append(proc.communicate(timeout=timeout)[0])
-    except subprocess.TimeoutExpired:
-        for p in procs:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(p.pid, signal.SIGKILL)
-        pytest.fail(f"multinode.py tasks still running after {timeout}s", pytrace=False)
-    sys.stdout.write("\n".join(f"--- task {r} ---\n{o[-2000:]}" for r, o in enumerate(outputs)))
-    return [p.returncode for p in procs], outputs
-
-
-# ------------------------------------------------------------------------------------------ the four patterns
+# ------------------------------------------------------------------------------------------ launch patterns
 
 
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
-    """One process, batch 16: what every 2-rank run with batch 8 per rank must reproduce. It reads a small config
-    of the user's own, with Hydra's --config-path (relative: from the script's directory, as Hydra reads it) and
+    """One process, batch 16: what every 2-rank run with batch 8 per rank must reproduce (tests/recipes.py's run,
+    which test_behaviour.py compares with torchrun, Lightning's spawner and srun). It reads a small config of the
+    user's own, with Hydra's --config-path (relative: from the script's directory, as Hydra reads it) and
     --config-name (as NeMo's examples spell it): it extends conf/config.yaml through Hydra's defaults list and
     renames the experiment, which names the files it writes."""
-    ckpt, conf = tmp_path_factory.mktemp("single"), tmp_path_factory.mktemp("conf")
-    (conf / "mine.yaml").write_text(f"hydra:\n  searchpath: [file://{FOLDER / 'conf'}]\n"
-                                    "defaults: [config, _self_]\nname: mine-toy\n")
-    return ckpt, python("single_gpu.py", *ONE, "--checkpoint-dir", ckpt, "--config-path",
-                        os.path.relpath(conf, FOLDER), "--config-name=mine").stdout
+    ran = RECIPES["nemo"].run(tmp_path_factory, "reference")
+    return ran.ckpt, ran.out
 
 
 def test_single_process_learns_and_exports_a_loadable_nemo_file(reference):
@@ -138,32 +114,13 @@ print("restored", type(model).__name__, model.cfg.train_ds.batch_size, model.cfg
     assert "restored ToyClassifier 16 sgd" in restored
 
 
-def test_torchrun_two_ranks_equals_one_process(reference, tmp_path):
-    out = run([*torchrun("nemo"), "--standalone", "--nproc_per_node", "2", "multigpu_torchrun.py", *TWO,
-               "--checkpoint-dir", tmp_path], cwd=FOLDER).stdout
-    assert epochs(out) == [(1, 2, 4), (2, 2, 8)] and world_size(out) == 2, out[-3000:]
-    assert "[rank1] epoch" not in out
-    assert_same_weights(weights(reference[0]), weights(tmp_path), atol=1e-6, rtol=0)  # float32 summation order only
-    assert (tmp_path / "checkpoints" / "nemo-toy.nemo").exists()
-
-
-def test_lightning_spawn_two_ranks_equals_one_process_and_writes_timings(reference, tmp_path):
-    timings = tmp_path / "timings.json"
-    out = python("multigpu.py", "--nprocs", "2", *TWO, "--checkpoint-dir", tmp_path / "ckpt", "--timings-file",
-                 timings, env=clean_env(MASTER_PORT=free_port())).stdout
-    assert epochs(out) == [(1, 2, 4), (2, 2, 8)] and world_size(out) == 2, out[-3000:]
-    assert_same_weights(weights(reference[0]), weights(tmp_path / "ckpt"), atol=1e-6, rtol=0)
-    t = json.loads(timings.read_text())
+def test_two_rank_runs_export_the_nemo_file_and_write_timings(tmp_path_factory):
+    """What the 2-rank runs leave besides the weights test_behaviour.py compares: torchrun's .nemo archive, the
+    spawner's --timings-file (rank 0's step end times for benchmarks/)."""
+    assert (RECIPES["nemo"].run(tmp_path_factory, "torchrun").ckpt / "checkpoints" / "nemo-toy.nemo").exists()
+    t = json.loads((RECIPES["nemo"].run(tmp_path_factory, "spawn").dir / "timings.json").read_text())
     assert t["world_size"] == 2 and t["batch_size"] == 8 and len(t["step_end_times"]) == 8
     assert t["start_time"] < t["step_end_times"][0] <= t["step_end_times"][-1]
-
-
-def test_multinode_emulated_srun_two_tasks_equals_one_process(reference, tmp_path):
-    codes, outputs = slurm_tasks([*TWO, "--checkpoint-dir", tmp_path])
-    assert codes == [0, 0], outputs[0][-3000:]
-    assert epochs(outputs[0]) == [(1, 2, 4), (2, 2, 8)] and world_size(outputs[0]) == 2
-    assert not epochs(outputs[1])  # reporting is rank 0's job
-    assert_same_weights(weights(reference[0]), weights(tmp_path), atol=1e-6, rtol=0)
 
 
 # ------------------------------------------------------------------------------------------ resume, preemption
@@ -337,14 +294,7 @@ from lightning.fabric.accelerators import cuda as fabric_cuda
 from omegaconf import OmegaConf
 import cluster, recipe
 
-def check(name):
-    def wrap(f):
-        try:
-            result = f()
-        except BaseException as e:
-            result = f"{type(e).__name__}: {e}"
-        print(json.dumps({name: result}, default=str), flush=True)
-    return wrap
+""" + LIGHTNING_FACT_CHECK + r"""
 
 def gpus(count, calls):  # torch and Lightning see `count` CUDA devices; set_device only records
     return [mock.patch("torch.cuda.is_available", return_value=True),
@@ -460,17 +410,14 @@ def test_torchrun_process_sets_its_gpu_then_binds_nccl_to_it(gpu_facts):
 def test_lightning_root_device_is_the_gpu_init_distributed_chose(gpu_facts):
     """Lightning's DDP reuses the process group; its root device (parallel_devices[local rank]) must be the GPU the
     group's communicator was bound to, not Lightning's own cuda:<local rank>."""
-    assert gpu_facts["root_one_visible"] == "cuda:0"
-    assert gpu_facts["root_four_visible"] == "cuda:3"
+    assert_lightning_root_device_is_the_bound_gpu(gpu_facts)
 
 
 def test_tf32_for_fp32_runs_on_the_gpu_only_and_without_warnings(gpu_facts):
     """CONTRACT.md C10, through the callbacks fit() gives the Trainer: TF32 matmuls and convolutions for fp32 on a
     GPU, by the API whose state Lightning can still read (torch.get_float32_matmul_precision), with no warning;
     nothing under --amp or on the CPU."""
-    assert gpu_facts["tf32_cuda_fp32"] == ["high", "tf32", "tf32", []]
-    assert gpu_facts["tf32_cuda_bf16"][0] == "highest"
-    assert gpu_facts["tf32_cpu_fp32"][0] == "highest"
+    assert_tf32_for_fp32_on_the_gpu_only(gpu_facts)
 
 
 def test_loader_pins_memory_on_the_gpu_only(gpu_facts):

@@ -1,4 +1,5 @@
-"""pytorch/ recipes, launched for real on CPU with gloo: every launch mode, equivalence, data, resume, bad input."""
+"""pytorch/ recipes, launched for real on CPU with gloo: FSDP, data, resume, bad input. Every launch mode against one
+process with the global batch is tests/test_behaviour.py's (tests/recipes.py's runs, shared with this file)."""
 
 import contextlib
 import gzip
@@ -16,9 +17,9 @@ import pytest
 import torch
 from data_files import cifar_md5_env, write_cifar10, write_mnist
 from helpers import (ROOT, assert_same_weights, clean_env, env_python, epoch_lines, free_port, run,
-                     run_killing_a_worker_twice, teardown_checked, torchrun, with_teardown_check,
+                     run_killing_a_worker_twice, torchrun, with_teardown_check,
                      with_torchvision_shim)
-from recipes import RECIPES, wait_all
+from recipes import RECIPES, scripts_not_run, wait_all
 
 pytestmark = [pytest.mark.pytorch, pytest.mark.timeout(300)]
 
@@ -49,18 +50,17 @@ def losses(out):
 
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
-    """One process, batch 32: what every 2-rank run with batch 16 per rank must reproduce."""
-    ckpt = tmp_path_factory.mktemp("single")
-    out = python(PT / "single_gpu.py", *SMALL, "--batch-size", "32", "--checkpoint-dir", ckpt).stdout
-    return model_of(ckpt), out
+    """One process, batch 32: what every 2-rank run with batch 16 per rank must reproduce (tests/recipes.py's run,
+    shared with test_behaviour.py)."""
+    ran = RECIPES["pytorch"].run(tmp_path_factory, "reference")
+    return model_of(ran.ckpt), ran.out
 
 
 @pytest.fixture(scope="module")
 def ddp_run(tmp_path_factory):
-    ckpt = tmp_path_factory.mktemp("ddp")
-    out = torchrun_standalone("multigpu_torchrun.py", 2, *SMALL, "--batch-size", "16", "--checkpoint-dir", ckpt,
-                              env=with_teardown_check(clean_env())).stdout
-    return ckpt, out
+    """torchrun, 2 ranks x batch 16 (shared with test_behaviour.py, which compares it with `reference`)."""
+    ran = RECIPES["pytorch"].run(tmp_path_factory, "torchrun")
+    return ran.ckpt, ran.out
 
 
 def test_single_gpu_learns_and_writes_a_complete_snapshot(tmp_path):
@@ -73,46 +73,6 @@ def test_single_gpu_learns_and_writes_a_complete_snapshot(tmp_path):
     assert {"model", "optimizer", "scheduler", "epoch", "step", "rng"} <= snap.keys()
     assert (snap["epoch"], snap["step"]) == (3, 96)
     assert (tmp_path / "snapshot.prev.pt").exists() and not (tmp_path / "snapshot.pt.tmp").exists()
-
-
-def test_torchrun_ddp_equals_one_process_with_the_global_batch(reference, ddp_run):
-    ckpt, out = ddp_run
-    assert "[rank0] world size 2 | backend gloo" in out
-    assert len(epoch_lines(out)) == 2 and "[rank1] epoch" not in out  # metrics are printed by rank 0 only
-    assert teardown_checked(out, ranks=2), f"a DDP model outlived its process group (leave_process_group):\n{out}"
-    assert_same_weights(model_of(ckpt), reference[0], **TOL)
-    # all_reduced epoch metrics equal the single process's metrics over the same samples
-    assert losses(out) == pytest.approx(losses(reference[1]), abs=2e-4)
-
-
-def test_mp_spawn_equals_one_process(reference, tmp_path):
-    out = python(PT / "multigpu.py", "--nprocs", "2", *SMALL, "--batch-size", "16",
-                 "--checkpoint-dir", tmp_path).stdout
-    assert "[rank0] world size 2" in out
-    assert_same_weights(model_of(tmp_path), reference[0], **TOL)
-
-
-def test_multinode_as_two_torchrun_nodes_on_one_host(reference, tmp_path):
-    """Two launchers, --nnodes 2, c10d rendezvous on 127.0.0.1: what `srun torchrun` does on two nodes."""
-    port = free_port()
-    cmds = [[*torchrun("pytorch"), "--nnodes", "2", "--nproc_per_node", "1", "--node_rank", str(node),
-             "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", "test-2nodes",
-             PT / "multinode.py", *SMALL, "--batch-size", "16", "--checkpoint-dir", tmp_path] for node in (0, 1)]
-    procs = [subprocess.Popen([str(c) for c in cmd], env=clean_env(), cwd=ROOT, stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT, text=True, start_new_session=True) for cmd in cmds]
-    codes, outs = wait_all(procs)
-    assert codes == [0, 0], "\n".join(outs)
-    text = "\n".join(outs)
-    assert "[rank0] world size 2" in text and "[rank1] host" in text
-    assert_same_weights(model_of(tmp_path), reference[0], **TOL)
-
-
-def test_multinode_srun_style_maps_slurm_variables(reference, tmp_path):
-    procs = RECIPES["pytorch"].srun([*SMALL, "--batch-size", "16", "--checkpoint-dir", str(tmp_path)], 2, free_port())
-    codes, outs = wait_all(procs)
-    assert codes == [0, 0], "\n".join(outs)
-    assert "[rank0] host" in outs[0] and "[rank1] host" in outs[1]  # ranks came from SLURM_PROCID
-    assert_same_weights(model_of(tmp_path), reference[0], **TOL)
 
 
 def test_fsdp_equals_ddp(ddp_run, tmp_path):
@@ -528,10 +488,8 @@ def test_srun_style_without_master_addr():
 
 
 def test_every_recipe_script_is_exercised():
-    """Guard: a new script in pytorch/ must get a test here."""
-    scripts = {p.name for p in PT.glob("*.py")} - {"recipe.py", "cluster.py", "toolkit.py"}
-    text = open(__file__).read()
-    assert {s for s in scripts if s not in text} == set()
+    """Guard: a new script in pytorch/ must get a test here (or a run in tests/recipes.py's table)."""
+    assert scripts_not_run("pytorch", __file__) == set()
 
 
 def pytorch_module(name, monkeypatch):
