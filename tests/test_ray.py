@@ -1,8 +1,9 @@
 """ray/ recipes, launched for real on CPU (gloo, 2 Ray Train workers): the local cluster of multigpu.py, drivers
 joining a running cluster (multinode.py), equivalence with one process, preemption by SIGTERM to every process
 (the driver's and Ray's, as Slurm sends it) -> exit 75 -> resume, a worker killed mid-training and replaced,
-resumed == uninterrupted, bad input; ray_node.sh's signals, ports and kept logs with a stand-in for Ray; and after
-every run no Ray process it started is left.
+a worker stopped mid-training -> its peer's stacks and one line (C13), resumed == uninterrupted, bad input;
+ray_node.sh's signals, ports and kept logs with a stand-in for Ray; and after every run no Ray process it started
+is left.
 
 Ray start-up costs seconds per run (worker processes importing torch and Ray Train), so the drivers of this file
 share one Ray cluster (`cluster`: ray_node.sh --head, started as multinode.sbatch starts it, ended by SIGUSR2 as
