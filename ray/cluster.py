@@ -3,6 +3,8 @@
 Map:
     parse_args, add_ray_flags   the command line (C2; no silent CPU, C12); --max-failures of the scripts on Ray
     run                         toolkit.run, the driver (or single_gpu.py's one process) speaking as rank 0
+    WorkerHang, explain         a worker's collective past --timeout (WorkerLink.reporting_hangs): its stacks on
+                                disk, its one line through Ray's error to the driver, which prints it (C13)
     pick_backend                --backend auto: nccl with CUDA, gloo without
     npz_dataset                 --data npz: DATA_DIR/train.npz, checked; a bad file is one error line (C4)
     check_dataset_fits          enough samples for every worker and one full step, checked before anything starts
@@ -16,7 +18,7 @@ Map:
     save_snapshot               snapshot.pt into a directory, flushed to disk
     LocalSession                single_gpu.py's session: lines printed, the layout written atomically (rename)
     WorkerLink                  a Ray Train worker's side of the control actor: its lines, the stop agreement,
-                                rank 0's choice of where to resume, the run's status
+                                rank 0's choice of where to resume, its hang's evidence and line, the run's status
     make_control_actor          the run's control actor: the workers' lines to the driver, the stop request to them
     DriverPump                  the driver's thread beside trainer.fit(): prints those lines, passes signals on
     scratch_storage             Ray Train's storage path: --checkpoint-dir, or a temporary one removed afterwards
@@ -45,8 +47,8 @@ import torch.distributed as dist
 from torch.utils.data import Dataset, TensorDataset
 
 import toolkit
-from toolkit import (PREEMPTION, OneLineParser, RecipeError, StepTimer, log, non_negative_int, positive_float,
-                     positive_int)
+from toolkit import (HANG, PREEMPTION, OneLineParser, RecipeError, StepTimer, log, non_negative_int,
+                     positive_float, positive_int)
 
 # ---------------------------------------------------------------------------------------------------- command line
 
@@ -100,9 +102,22 @@ def add_ray_flags(parser):
                              "(FailureConfig) before the run fails")
 
 
+class WorkerHang(Exception):
+    """A Ray Train worker's collective ran past --timeout: toolkit.HANG's (line, exit code), its stacks already on
+    disk. Raised in the worker, it reaches the driver inside Ray Train's WorkerGroupError (worker_failures)."""
+
+
+def explain(error):
+    """The driver's one line for a worker's hang: Ray Train wraps the worker's WorkerHang (a WorkerGroupError
+    naming each failed rank's exception); the lowest rank's line, HANG's exit code. Other errors keep Ray's text."""
+    failures = getattr(error, "worker_failures", None) or {}
+    hangs = [failures[rank] for rank in sorted(failures) if isinstance(failures[rank], WorkerHang)]
+    return tuple(hangs[0].args) if hangs else None
+
+
 # Every script's entry point. The driver is the one process that prints (the workers' lines come through it), so
-# its own lines, errors included, carry rank 0. No explain/cleanup: local_ray/joined_ray shut Ray down themselves.
-run = functools.partial(toolkit.run, rank=0)
+# its own lines, errors included, carry rank 0. No cleanup: local_ray/joined_ray shut Ray down themselves.
+run = functools.partial(toolkit.run, rank=0, explain=explain)
 
 
 def pick_backend(choice):
@@ -305,6 +320,25 @@ class WorkerLink:
             dist.broadcast_object_list(choice, src=0)
         return choice[0]
 
+    @contextlib.contextmanager
+    def reporting_hangs(self):
+        """Around the training: a collective past --timeout (a peer stopped or stuck) writes this worker's stacks
+        into <checkpoint-dir>/debug/ and leaves as WorkerHang, whose line the driver prints once Ray Train gives up.
+        toolkit.run runs in the driver, which has no process group: the worker asks toolkit.HANG itself, told
+        --checkpoint-dir and --timeout (this process parsed no command line). While --max-failures may let Ray
+        Train restart the group, the job log says why it restarts."""
+        HANG.remember(self.args.checkpoint_dir, self.args.timeout)
+        try:
+            yield
+        except Exception as e:
+            verdict = HANG.report(e)
+            if verdict is None:
+                raise
+            if self.args.max_failures:
+                self.control.log.remote(f"[rank{self.rank}] warning: {verdict[0]}; Ray Train restarts the workers "
+                                        f"from the last snapshot while --max-failures {self.args.max_failures} allows")
+            raise WorkerHang(*verdict) from None
+
     def close(self, status):
         """Rank 0 tells the driver how the run ended ("done" or "preempted": exit 75); every rank waits until
         its lines have been printed."""
@@ -412,6 +446,10 @@ def ray_environment(own_cluster):
       ~/.ray/auth_token, one token for every cluster of the user. A driver joining a cluster takes the token from
       the environment, as the job that started the cluster exported it (multinode.sbatch does).
     - No usage statistics: a call to the internet from every compute node.
+    - A failed worker group is shut down after Ray Train has waited TORCH_PROCESS_GROUP_SHUTDOWN_TIMEOUT_S (30 s)
+      for every worker's destroy_process_group, which a stopped worker never runs: 5 s keeps the end of a hang
+      within --timeout + 60 s (C13). Read by Ray Train's controller, a process of the cluster: one this process
+      starts inherits this environment; ray_node.sh sets it for multinode.sbatch's.
     """
     import secrets
 
@@ -419,6 +457,8 @@ def ray_environment(own_cluster):
         os.environ["RAY_AUTH_MODE"] = "token"
         os.environ.setdefault("RAY_AUTH_TOKEN", secrets.token_hex(32))
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    if own_cluster:
+        os.environ.setdefault("TORCH_PROCESS_GROUP_SHUTDOWN_TIMEOUT_S", "5")
 
 
 def ray_logs_to_driver():

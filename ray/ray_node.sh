@@ -51,6 +51,10 @@ fi
 # would die of it (the raylet and GCS shut down, a Train worker exits) before the driver has saved. They start
 # with SIGTERM *blocked*: the mask survives exec and fork, so the GCS, the raylet and every worker it starts keep
 # it pending and go on; handlers Ray installs never run. (Ignoring it would not do: Ray installs handlers.)
+# A failed worker group (a worker stopped answering: C13) is shut down after Ray Train's controller has waited
+# TORCH_PROCESS_GROUP_SHUTDOWN_TIMEOUT_S (default 30) for every worker's destroy_process_group, which a stopped
+# worker never runs: 5 s keeps the driver's end within --timeout + 60 s. The controller runs on one of the nodes.
+export TORCH_PROCESS_GROUP_SHUTDOWN_TIMEOUT_S=${TORCH_PROCESS_GROUP_SHUTDOWN_TIMEOUT_S:-5}
 shield='import os, signal, sys
 signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
 os.execvp(sys.argv[1], sys.argv[1:])'

@@ -209,7 +209,8 @@ def train_worker(config):
     loader = build_loader(dataset, args, session.rank, session.world_size)
     model = ray.train.torch.prepare_model(ConvNet(in_channels=dataset.in_channels))  # to its device, in DDP
     session.log_placement(device)
-    session.close(Trainer(model, loader, args, device, session).train())
+    with session.reporting_hangs():  # a peer that stops answering: this worker's stacks on disk, one line (C13)
+        session.close(Trainer(model, loader, args, device, session).train())
 
 
 def train(args, device=None, workers=None):

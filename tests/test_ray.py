@@ -1,13 +1,15 @@
 """ray/ recipes, launched for real on CPU (gloo, 2 Ray Train workers): the local cluster of multigpu.py, drivers
 joining a running cluster (multinode.py), equivalence with one process, preemption by SIGTERM to every process
 (the driver's and Ray's, as Slurm sends it) -> exit 75 -> resume, a worker killed mid-training and replaced,
-resumed == uninterrupted, bad input; ray_node.sh's signals, ports and kept logs with a stand-in for Ray; and after
-every run no Ray process it started is left.
+a worker stopped mid-training -> its peer's stacks and one line (C13), resumed == uninterrupted, bad input;
+ray_node.sh's signals, ports and kept logs with a stand-in for Ray; and after every run no Ray process it started
+is left.
 
 Ray start-up costs seconds per run (worker processes importing torch and Ray Train), so the drivers of this file
 share one Ray cluster (`cluster`: ray_node.sh --head, started as multinode.sbatch starts it, ended by SIGUSR2 as
 the job ends it); only the multigpu.py test starts its own, as users do."""
 
+import contextlib
 import os
 import random
 import re
@@ -332,6 +334,51 @@ def test_two_workers_equal_one_process(preempted, tmp_path):
     one = Launch("single_gpu.py", *ARGS, "--batch-size", 32, "--max-steps", 10, "--checkpoint-dir", tmp_path / "one")
     finished(one, timeout=120)
     assert_same_snapshots(tmp_path / "one", preempted[1], steps=10, **TOL)
+
+
+HANG_TIMEOUT = 10  # --timeout of the hang test; the bound is --timeout + 60 s (C13)
+
+
+def test_a_stopped_worker_ends_the_run_with_its_stacks_and_one_line(tmp_path):
+    """C13 (#23) for Ray Train: rank 1 of multigpu.py's 2 workers is stopped (SIGSTOP: alive, not answering) after
+    step 2. Rank 0's next collective runs out --timeout: it writes its stacks into <checkpoint-dir>/debug/local/
+    (rank0.stack.txt, and rank0.stalled.txt from its watcher) and raises its one line (cluster.WorkerHang); with
+    no retry left (--max-failures 0) Ray Train ends the worker group, the stopped worker too, and the driver prints
+    that line -- one error line, no traceback, naming rank 1 as stopped answering (not died) -- and exits 1 within
+    --timeout + 60 s, leaving no Ray process behind. Ray's own health check does not act first: it marks a worker
+    dead after 10 minutes without an answer. Before: Ray's error wall (a WorkerGroupError traceback with gloo's
+    timeout), no stack file."""
+    ckpt = tmp_path / "ckpt"
+    launch = Launch("multigpu.py", "--nprocs", 2, "--epochs", 100, "--dataset-size", 2048, "--batch-size", 16,
+                    "--log-every", 1, "--timeout", HANG_TIMEOUT, "--max-failures", 0, "--checkpoint-dir", ckpt)
+    stopped = None
+    try:
+        launch.until(r"^\[rank0\] epoch 1 \| batch \d+/\d+ \| step 2 \|")
+        if 1 not in launch.worker_pids():  # (the ranks' lines reach the driver in any order)
+            launch.until(r"^\[rank1\] host ")
+        stopped = launch.worker_pids()[1]
+        os.kill(stopped, signal.SIGSTOP)
+        start = time.monotonic()
+        code = launch.wait(HANG_TIMEOUT + 60)
+        seconds = time.monotonic() - start
+        assert_gone(session_members(launch.proc.pid), "multigpu.py's local Ray cluster, the stopped worker included")
+    finally:
+        if stopped is not None:
+            for sig in (signal.SIGCONT, signal.SIGKILL):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(stopped, sig)
+        if launch.proc.poll() is None:
+            launch.kill()
+    out = launch.output
+    errors = [ln for ln in out.splitlines() if ERROR_LINE.match(ln)]
+    assert code == 1 and len(errors) == 1 and "Traceback" not in out, f"exit {code}\n{out[-4000:]}"
+    assert errors[0].startswith("[rank0] error: ") and "rank 1 stopped answering" in errors[0], errors[0]
+    assert f"within --timeout {HANG_TIMEOUT} s" in errors[0] and "died" not in errors[0], errors[0]
+    assert seconds < HANG_TIMEOUT + 60, seconds
+    stack = (ckpt / "debug" / "local" / "rank0.stack.txt").read_text()
+    assert stack.startswith("rank 0 of 2, ") and "where it waited:" in stack and "every thread now:" in stack, stack
+    # The worker's watcher thread runs too: no step for --timeout (its collective, then the wait for rank 1's word).
+    assert (ckpt / "debug" / "local" / "rank0.stalled.txt").read_text().startswith("rank 0 of 2, ")
 
 
 # A stand-in for Ray under ray_node.sh (PYTHON): `-c` runs Python (ray_node.sh's SIGTERM shield), `-m ray...
