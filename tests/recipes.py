@@ -106,6 +106,21 @@ class Preemption:
 
 
 @dataclass(frozen=True)
+class WorldSizeChange:
+    """A job resubmitted on fewer nodes (test_behaviour.py): 2 srun-style ranks stop mid-epoch at --max-steps `cut`,
+    then single_gpu.py (1 process) starts on the same --checkpoint-dir. Either it refuses before training, in one
+    line naming `refused`, exit 2; or it resumes with --batch-size `resume_batch` after the same samples (rank 0
+    says `resumed`) and ends with the weights of an uninterrupted single_gpu.py run at that batch. Both where a
+    folder resumes only some shapes: the refusal first, then the shape its line asks for."""
+    args: tuple  # both runs, --batch-size included
+    cut: int  # the 2-rank run's --max-steps: mid-epoch
+    refused: str = ""  # (a substring of) the error line, where the folder refuses these args on 1 process
+    resume_batch: int = 0  # single_gpu.py's --batch-size, where the folder resumes: the 2 ranks' global batch
+    resumed: str = ""  # rank 0's line then (a substring)
+    tol: dict = field(default_factory=dict)  # vs the uninterrupted run: bit-exact unless given
+
+
+@dataclass(frozen=True)
 class Recipe:
     folder: str
     small: tuple = ()  # a few seconds of training
@@ -119,6 +134,8 @@ class Recipe:
     step_of: Callable | None = None  # checkpoint dir -> the step of its newest checkpoint
     preemption: Preemption | None = None
     no_preemption: str = ""  # why preemption is None: where this folder's preemption is tested instead
+    world_size_change: WorldSizeChange | None = None
+    no_world_size_change: str = ""  # why world_size_change is None: where resuming on another world size is tested
 
     def srun(self, args=(), n=2, port=0, *, extra_env=None, drop=(), cwd=None, stderr_apart=False):
         """Start n processes as `srun python multinode.py` does: one task each, Slurm's variables only (no RANK),
@@ -143,25 +160,40 @@ class Recipe:
 
 SNAPSHOT_PT = dict(weights=lambda d: _snapshot_pt(d)["model"], step_of=lambda d: _snapshot_pt(d)["step"])
 WORKERS = ("--num-workers", "2")
+# WorldSizeChange's arguments where one size fits: 2 ranks x batch 16, 16 steps per epoch
+SIZE_CHANGE = ("--epochs", "2", "--dataset-size", "512", "--batch-size", "16", "--log-every", "1000")
 
 RECIPES = {r.folder: r for r in [
     Recipe("pytorch", ("--epochs", "2", "--dataset-size", "512", "--log-every", "1000"), teardown_check=True,
            **SNAPSHOT_PT, preemption=Preemption(
                # 2 ranks x batch 16: 128 steps per epoch
                ("--epochs", "2", "--dataset-size", "4096", "--batch-size", "16", "--log-every", "10"), 256, 128,
-               signals=(("usr1", signal.SIGUSR1, ()), ("term-2-workers", signal.SIGTERM, WORKERS)))),
+               signals=(("usr1", signal.SIGUSR1, ()), ("term-2-workers", signal.SIGTERM, WORKERS))),
+           no_world_size_change="test_pytorch.py's test_resume_with_another_world_size (1 x 32 -> 2 x 16 == "
+                                "uninterrupted, 2 x 16 -> 1 x 16, a shape refused) and test_fsdp.py's"),
     Recipe("lightning", ("--epochs", "2", "--dataset-size", "512", "--log-every", "1000"),
            weights=lambda d: _last_ckpt(d)["state_dict"], step_of=lambda d: _last_ckpt(d)["global_step"],
            no_preemption="test_lightning.py's test_preempted_mid_epoch_resumes_after_the_batches_it_trained "
-                         "(single_gpu.py, USR1 and TERM, Preemption.CHECK_EVERY's step 10) stays"),
+                         "(single_gpu.py, USR1 and TERM, Preemption.CHECK_EVERY's step 10) stays",
+           world_size_change=WorldSizeChange(SIZE_CHANGE, 5, refused="was written by 2 rank(s) x batch 16, this "
+                                                                      "job is 1 x 16")),
     Recipe("monai", ("--epochs", "2", "--dataset-size", "8", "--roi-size", "16", "--log-every", "1"),
            teardown_check=True, **SNAPSHOT_PT,
            no_preemption="test_monai.py's test_preempted_srun_ranks_save_exit_75_and_resume_exactly stays: it ends "
-                         "bit-exact with the file's torchrun run (srun == torchrun), which this table cannot reuse"),
+                         "bit-exact with the file's torchrun run (srun == torchrun), which this table cannot reuse",
+           # 2 ranks x batch 2: 2 steps per epoch; each rank caches a partition that depends on the world size
+           world_size_change=WorldSizeChange(("--epochs", "2", "--dataset-size", "8", "--roi-size", "16",
+                                              "--log-every", "1"), 1, refused="was written by 2 rank(s), this job "
+                                                                              "has 1")),
     Recipe("modulus", ("--epochs", "2", "--dataset-size", "128", "--log-every", "1"), teardown_check=True,
            **SNAPSHOT_PT,
            no_preemption="test_modulus.py's test_srun_tasks_preempted_save_exit_75_and_resume stays: it ends within "
-                         "TOL of the file's single-process run (srun == 1 process), which this table cannot reuse"),
+                         "TOL of the file's single-process run (srun == 1 process), which this table cannot reuse",
+           # 2 ranks x batch 8: 8 steps per epoch; 1 x 16 trains the same global batches (test_modulus.py's TOL)
+           world_size_change=WorldSizeChange(("--epochs", "2", "--dataset-size", "128", "--batch-size", "8",
+                                              "--log-every", "1"), 3, resume_batch=16,
+                                             resumed="resuming as 1 x 16: epoch 1 after 48 samples (step 3)",
+                                             tol=dict(rtol=1e-4, atol=1e-5))),
     Recipe("deepspeed", ("--epochs", "2", "--dataset-size", "512", "--log-every", "1000"),
            weights=lambda d: _torch_load(_deepspeed_tag(d) / "mp_rank_00_model_states.pt",
                                          weights_only=False)["module"],
@@ -172,11 +204,15 @@ RECIPES = {r.folder: r for r in [
                # ZeRO-2, 2 ranks x batch 16: 128 steps; every rank saves its shard in a step-* tag
                ("--epochs", "1", "--dataset-size", "4096", "--batch-size", "16", "--log-every", "10",
                 "--num-workers", "1", "--ds-config", ROOT / "deepspeed" / "configs" / "zero2.json"), 128, 128,
-               resumed=r"resumed from {ckpt}/step-{step:08d}: epoch 1, step {step}$")),
+               resumed=r"resumed from {ckpt}/step-{step:08d}: epoch 1, step {step}$"),
+           no_world_size_change="test_deepspeed.py: ZeRO-1 2 -> 1 (SGD refused, AdamW through a universal "
+                                "checkpoint) and ZeRO-3 1 x 16 -> 2 x 8 -> 1 x 16 == uninterrupted"),
     Recipe("nemo", ("--epochs", "2", "--dataset-size", "512", "--log-every", "1000"),
            weights=lambda d: _nemo_last(d)["state_dict"], step_of=lambda d: _nemo_last(d)["global_step"],
            no_preemption="test_nemo.py's test_preemption_checkpoints_exits_75_and_the_rerun_resumes "
-                         "(single_gpu.py, exp_manager's *-last.ckpt) stays"),
+                         "(single_gpu.py, exp_manager's *-last.ckpt) stays",
+           world_size_change=WorldSizeChange(SIZE_CHANGE, 5, refused="was written by 2 rank(s) x batch 16, this "
+                                                                      "job is 1 x 16")),
     Recipe("jax", ("--epochs", "2", "--dataset-size", "512", "--log-every", "1000"),
            # JAX's own Slurm detection: the step's node list and tasks per node; the coordinator's port
            env=dict(SLURM_STEP_NODELIST="127.0.0.1", SLURM_STEP_TASKS_PER_NODE="{n}", JAX_COORDINATOR_PORT="{port}",
@@ -185,9 +221,14 @@ RECIPES = {r.folder: r for r in [
            weights=_jax_weights, step_of=lambda d: _jax_progress(d)["step"],
            busy_port="test_jax.py's test_coordinator_port_in_use (JAX_* launch); this row passes it too (~17 s of CI)",
            no_preemption="test_jax.py's test_preempted_run_saves_exits_75_and_resumes_exactly (SIGTERM to "
-                         "multigpu.py, which forwards it; multinode.py resumes) stays"),
+                         "multigpu.py, which forwards it; multinode.py resumes) stays",
+           # 2 processes x batch 16 = a global batch of 32: 1 x 16 is refused, 1 x 32 resumes (test_jax.py's TOL)
+           world_size_change=WorldSizeChange(SIZE_CHANGE, 5, refused="at a global batch of 32, this job's is 16",
+                                             resume_batch=32, resumed="epoch 1, step 5",
+                                             tol=dict(rtol=1e-4, atol=1e-5))),
     Recipe("ray", no_srun="one driver starts every worker itself (ray.train): covered by test_ray.py",
-           no_preemption="test_ray.py"),
+           no_preemption="test_ray.py",
+           no_world_size_change="test_ray.py's test_two_workers_equal_one_process (2 workers x 16 -> 1 x 16)"),
 ]}
 SRUN = sorted(f for f, r in RECIPES.items() if not r.no_srun)
 

@@ -5,10 +5,11 @@ adds its row there gets these tests free.
 import os
 import re
 import socket
+import subprocess
 import time
 
 import pytest
-from helpers import assert_same_weights, free_port, teardown_checked
+from helpers import ROOT, assert_same_weights, clean_env, env_python, free_port, teardown_checked
 from recipes import RECIPES, SRUN, wait_all
 
 pytestmark = [pytest.mark.contract, pytest.mark.timeout(300)]
@@ -113,3 +114,51 @@ def test_every_row_says_why_it_skips_a_behavioural_test():
         assert recipe.no_srun or (recipe.weights and recipe.step_of), f"{folder}: no checkpoint readers"
         assert recipe.preemption or recipe.no_preemption, f"{folder}: no preemption run and no reason"
         assert not (recipe.preemption and (recipe.no_preemption or recipe.no_srun)), folder
+
+
+# ------------------------------------------------------------------------------------------ another world size (C6)
+
+
+def single_process(recipe, args):
+    """single_gpu.py run to its end: (exit code, stdout, stderr). The row's own settings (a compilation cache) go
+    with it, not the variables that describe an srun step."""
+    own = {k: str(v) for k, v in recipe.env.items() if not k.startswith(("SLURM_", "JAX_COORDINATOR"))}
+    proc = subprocess.run([str(env_python(recipe.folder)), "single_gpu.py", *map(str, args)], env=clean_env(**own),
+                          cwd=ROOT / recipe.folder, capture_output=True, text=True, timeout=240)
+    return proc.returncode, proc.stdout, proc.stderr
+
+
+@pytest.mark.parametrize("folder", sorted(f for f in SRUN if RECIPES[f].world_size_change))
+def test_resume_on_another_world_size_continues_or_refuses_in_one_line(folder, tmp_path):
+    """A job resubmitted on fewer nodes resumes a checkpoint of 2 ranks with 1 (CONTRACT.md C6). Either it refuses
+    before training anything -- one error line that says what to do, exit 2, the checkpoint untouched -- or it
+    continues after the samples it trained on and ends with the weights of an uninterrupted run at the new size.
+    Never a traceback, never samples skipped or trained twice (before: skipped or repeated in silence, or the
+    epoch restarted with a warning)."""
+    recipe, spec = RECIPES[folder], RECIPES[folder].world_size_change
+    ckpt, data = tmp_path / "ckpt", tmp_path / "data"
+    args = [*spec.args, "--checkpoint-dir", ckpt, "--data-dir", data]
+    codes, outs = wait_all(recipe.srun([*args, "--max-steps", spec.cut], 2, free_port()), timeout=240)
+    assert codes == [0, 0] and recipe.step_of(ckpt) == spec.cut, "\n".join(outs)
+    if spec.refused:
+        code, out, err = single_process(recipe, args)
+        errors = [ln for ln in err.splitlines() if ERROR_LINE.match(ln)]  # as the contract counts (C4)
+        assert code == 2 and len(errors) == 1 and "Traceback" not in out + err, (code, out, err)
+        assert spec.refused in errors[0] and "--checkpoint-dir" in errors[0], errors[0]
+        assert recipe.step_of(ckpt) == spec.cut, out  # refused before anything trained or saved
+    if spec.resume_batch:
+        resized = [*spec.args, "--batch-size", spec.resume_batch, "--data-dir", data]  # the later flag wins
+        code, out, err = single_process(recipe, [*resized, "--checkpoint-dir", ckpt])
+        assert code == 0 and spec.resumed in out and "Traceback" not in out + err, (code, out, err)
+        straight = tmp_path / "straight"
+        code, _, err = single_process(recipe, [*resized, "--checkpoint-dir", straight])
+        assert code == 0, err
+        assert recipe.step_of(ckpt) == recipe.step_of(straight)
+        assert_same_weights(recipe.weights(ckpt), recipe.weights(straight), **spec.tol)
+
+
+def test_every_row_says_how_it_meets_another_world_size():
+    for folder, recipe in RECIPES.items():
+        assert recipe.world_size_change or recipe.no_world_size_change, f"{folder}: no world-size change, no reason"
+        spec = recipe.world_size_change
+        assert not spec or (spec.refused or spec.resume_batch) and (not spec.resume_batch or spec.resumed), folder
