@@ -133,9 +133,8 @@ def test_resume_on_another_world_size_continues_or_refuses_in_one_line(folder, t
     """A job resubmitted on fewer nodes resumes a checkpoint of 2 ranks with 1 (CONTRACT.md C6). Either it refuses
     before training anything -- one error line that says what to do, exit 2, the checkpoint untouched -- or it
     continues after the samples it trained on and ends with the weights of an uninterrupted run at the new size
-    (or, where the row says why, at its last step).
-    Never a traceback, never samples skipped or trained twice (before: skipped or repeated in silence, or the
-    epoch restarted with a warning)."""
+    (or, where the row says why, at its last step). Never a traceback, never samples skipped or trained twice
+    (before: skipped or repeated in silence, or the epoch restarted with a warning)."""
     recipe, spec = RECIPES[folder], RECIPES[folder].world_size_change
     ckpt, data = tmp_path / "ckpt", tmp_path / "data"
     args = [*spec.args, "--checkpoint-dir", ckpt, "--data-dir", data]
