@@ -190,11 +190,14 @@ RECIPES = {r.folder: r for r in [
            **SNAPSHOT_PT,
            no_preemption="test_modulus.py's test_srun_tasks_preempted_save_exit_75_and_resume stays: it ends within "
                          "TOL of the file's single-process run (srun == 1 process), which this table cannot reuse",
-           # 2 ranks x batch 8: 8 steps per epoch; 1 x 16 trains the same global batches (test_modulus.py's TOL)
+           # 2 ranks x batch 8: 8 steps per epoch; 1 x 16 trains the same global batches. Its last step, not an
+           # uninterrupted 1 x 16 run (PhysicsNeMo's import is the slowest launch here): equal within
+           # test_modulus.py's TOL when checked so (rtol=1e-4, atol=1e-5, 2026-12-07); the same resume code is
+           # compared with an uninterrupted run in test_pytorch.py's test_resume_with_another_world_size
            world_size_change=WorldSizeChange(("--epochs", "2", "--dataset-size", "128", "--batch-size", "8",
                                               "--log-every", "1"), 3, resume_batch=16,
                                              resumed="resuming as 1 x 16: epoch 1 after 48 samples (step 3)",
-                                             tol=dict(rtol=1e-4, atol=1e-5))),
+                                             steps=16)),
     Recipe("deepspeed", ("--epochs", "2", "--dataset-size", "512", "--log-every", "1000"),
            weights=lambda d: _torch_load(_deepspeed_tag(d) / "mp_rank_00_model_states.pt",
                                          weights_only=False)["module"],
