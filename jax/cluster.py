@@ -481,6 +481,11 @@ def check_global_batch(progress, global_batch, devices, path):
     under another would skip or repeat samples and bend the learning-rate curve."""
     old = progress["global_batch"]
     if old != global_batch:
+        import jax
+
+        # Every process stops here (they restored the same step): they leave through the shutdown barrier together,
+        # or process 0's exit ends the coordination service under the others, which abort (exit -6).
+        jax.distributed.shutdown()
         how = (f"--batch-size {old // devices} on this job's {devices} devices" if old % devices == 0 else
                f"{progress['world_size']} process(es) as before")
         raise RecipeError(f"{path} was saved by {progress['world_size']} process(es) at a global batch of {old}, "

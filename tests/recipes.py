@@ -108,10 +108,11 @@ class Preemption:
 @dataclass(frozen=True)
 class WorldSizeChange:
     """A job resubmitted on fewer nodes (test_behaviour.py): 2 srun-style ranks stop mid-epoch at --max-steps `cut`,
-    then single_gpu.py (1 process) starts on the same --checkpoint-dir. Either it refuses before training, in one
-    line naming `refused`, exit 2; or it resumes with --batch-size `resume_batch` after the same samples (rank 0
-    says `resumed`) and ends with the weights of an uninterrupted single_gpu.py run at that batch. Both where a
-    folder resumes only some shapes: the refusal first, then the shape its line asks for."""
+    then single_gpu.py (1 process) starts on the same --checkpoint-dir -- or, with `grow`, the other way round
+    (more nodes). Either it refuses before training, in one line naming `refused`, exit 2; or it resumes with
+    --batch-size `resume_batch` after the same samples (rank 0 says `resumed`) and ends with the weights of an
+    uninterrupted run at that shape. Both where a folder resumes only some shapes: the refusal first, then the
+    shape its line asks for."""
     args: tuple  # both runs, --batch-size included
     cut: int  # the 2-rank run's --max-steps: mid-epoch
     refused: str = ""  # (a substring of) the error line, where the folder refuses these args on 1 process
@@ -119,6 +120,7 @@ class WorldSizeChange:
     resumed: str = ""  # rank 0's line then (a substring)
     tol: dict = field(default_factory=dict)  # vs the uninterrupted run: bit-exact unless given
     steps: int = 0  # instead of the uninterrupted run (one launch less): the step the resumed run ends at
+    grow: bool = False  # 1 process -> 2 ranks
 
 
 @dataclass(frozen=True)
@@ -226,12 +228,13 @@ RECIPES = {r.folder: r for r in [
            busy_port="test_jax.py's test_coordinator_port_in_use (JAX_* launch); this row passes it too (~17 s of CI)",
            no_preemption="test_jax.py's test_preempted_run_saves_exits_75_and_resumes_exactly (SIGTERM to "
                          "multigpu.py, which forwards it; multinode.py resumes) stays",
-           # 2 processes x batch 16 = a global batch of 32: 1 x 16 is refused, 1 x 32 resumes and ends at step 32.
-           # Its weights equal an uninterrupted 1 x 32 run's because 2 x 16 == 1 x 32 step by step and a resume is
-           # exact: test_jax.py's test_spawned_processes_equal_one_process_with_the_global_batch and
+           # 1 process x batch 16 -> 2 processes: x 16 (a global batch of 32) is refused by both (which leave
+           # together: JAX aborts a process whose coordinator left first), x 8 resumes and ends at step 64. Its
+           # weights equal an uninterrupted 2 x 8 run's because 2 x 8 == 1 x 16 step by step and a resume is exact:
+           # test_jax.py's test_spawned_processes_equal_one_process_with_the_global_batch and
            # test_preempted_run_saves_exits_75_and_resumes_exactly (a comparison here costs two JAX launches more)
-           world_size_change=WorldSizeChange(SIZE_CHANGE, 5, refused="at a global batch of 32, this job's is 16",
-                                             resume_batch=32, resumed="epoch 1, step 5", steps=32)),
+           world_size_change=WorldSizeChange(SIZE_CHANGE, 5, refused="at a global batch of 16, this job's is 32",
+                                             resume_batch=8, resumed="epoch 1, step 5", steps=64, grow=True)),
     Recipe("ray", no_srun="one driver starts every worker itself (ray.train): covered by test_ray.py",
            no_preemption="test_ray.py",
            no_world_size_change="test_ray.py's test_two_workers_equal_one_process (2 workers x 16 -> 1 x 16)"),

@@ -119,43 +119,49 @@ def test_every_row_says_why_it_skips_a_behavioural_test():
 # ------------------------------------------------------------------------------------------ another world size (C6)
 
 
-def single_process(recipe, args):
-    """single_gpu.py run to its end: (exit code, stdout, stderr). The row's own settings (a compilation cache) go
-    with it, not the variables that describe an srun step."""
+def launch(recipe, args, ranks):
+    """single_gpu.py (1 process) or 2 srun-style ranks, run to their end: (exit codes, rank 0's stdout, rank 0's
+    stderr, everything). The row's own settings (a compilation cache) go with single_gpu.py, not the variables that
+    describe an srun step."""
+    if ranks == 2:
+        codes, outs = wait_all(recipe.srun(args, 2, free_port(), stderr_apart=True), timeout=240)
+        return codes, *outs[0], "\n".join(out + err for out, err in outs)
     own = {k: str(v) for k, v in recipe.env.items() if not k.startswith(("SLURM_", "JAX_COORDINATOR"))}
     proc = subprocess.run([str(env_python(recipe.folder)), "single_gpu.py", *map(str, args)], env=clean_env(**own),
                           cwd=ROOT / recipe.folder, capture_output=True, text=True, timeout=240)
-    return proc.returncode, proc.stdout, proc.stderr
+    return [proc.returncode], proc.stdout, proc.stderr, proc.stdout + proc.stderr
 
 
 @pytest.mark.parametrize("folder", sorted(f for f in SRUN if RECIPES[f].world_size_change))
 def test_resume_on_another_world_size_continues_or_refuses_in_one_line(folder, tmp_path):
-    """A job resubmitted on fewer nodes resumes a checkpoint of 2 ranks with 1 (CONTRACT.md C6). Either it refuses
-    before training anything -- one error line that says what to do, exit 2, the checkpoint untouched -- or it
-    continues after the samples it trained on and ends with the weights of an uninterrupted run at the new size
-    (or, where the row says why, at its last step). Never a traceback, never samples skipped or trained twice
-    (before: skipped or repeated in silence, or the epoch restarted with a warning)."""
+    """A job resubmitted on fewer nodes resumes a checkpoint of 2 ranks with 1, or on more nodes one of 1 with 2
+    (CONTRACT.md C6). Either it refuses before training anything -- one error line that says what to do, exit 2
+    from every rank, the checkpoint untouched -- or it continues after the samples it trained on and ends with the
+    weights of an uninterrupted run at the new size (or, where the row says why, at its last step). Never a
+    traceback, never samples skipped or trained twice (before: skipped or repeated in silence, or the epoch
+    restarted with a warning)."""
     recipe, spec = RECIPES[folder], RECIPES[folder].world_size_change
+    before, after = (1, 2) if spec.grow else (2, 1)
     ckpt, data = tmp_path / "ckpt", tmp_path / "data"
     args = [*spec.args, "--checkpoint-dir", ckpt, "--data-dir", data]
-    codes, outs = wait_all(recipe.srun([*args, "--max-steps", spec.cut], 2, free_port()), timeout=240)
-    assert codes == [0, 0] and recipe.step_of(ckpt) == spec.cut, "\n".join(outs)
+    codes, _, _, everything = launch(recipe, [*args, "--max-steps", spec.cut], before)
+    assert set(codes) == {0} and recipe.step_of(ckpt) == spec.cut, everything
     if spec.refused:
-        code, out, err = single_process(recipe, args)
+        codes, out, err, everything = launch(recipe, args, after)
         errors = [ln for ln in err.splitlines() if ERROR_LINE.match(ln)]  # as the contract counts (C4)
-        assert code == 2 and len(errors) == 1 and "Traceback" not in out + err, (code, out, err)
+        assert set(codes) == {2} and len(errors) == 1 and "Traceback" not in everything, (codes, everything)
         assert spec.refused in errors[0] and "--checkpoint-dir" in errors[0], errors[0]
-        assert recipe.step_of(ckpt) == spec.cut, out  # refused before anything trained or saved
+        assert recipe.step_of(ckpt) == spec.cut, everything  # refused before anything trained or saved
     if spec.resume_batch:
         resized = [*spec.args, "--batch-size", spec.resume_batch, "--data-dir", data]  # the later flag wins
-        code, out, err = single_process(recipe, [*resized, "--checkpoint-dir", ckpt])
-        assert code == 0 and spec.resumed in out and "Traceback" not in out + err, (code, out, err)
+        codes, out, _, everything = launch(recipe, [*resized, "--checkpoint-dir", ckpt], after)
+        assert set(codes) == {0} and spec.resumed in out and "Traceback" not in everything, (codes, everything)
         if spec.steps:
-            assert recipe.step_of(ckpt) == spec.steps, out
+            assert recipe.step_of(ckpt) == spec.steps, everything
             return
         straight = tmp_path / "straight"
-        code, _, err = single_process(recipe, [*resized, "--checkpoint-dir", straight])
-        assert code == 0, err
+        codes, _, _, everything = launch(recipe, [*resized, "--checkpoint-dir", straight], after)
+        assert set(codes) == {0}, everything
         assert recipe.step_of(ckpt) == recipe.step_of(straight)
         assert_same_weights(recipe.weights(ckpt), recipe.weights(straight), **spec.tol)
 
