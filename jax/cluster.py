@@ -31,6 +31,8 @@ Map:
                                  heartbeat abort later
     replicate                    numpy, the same on every process -> global arrays replicated over the mesh
     Dataset, check_dataset_fits  images and labels in memory; enough of them for every process and one global batch
+    check_global_batch           a checkpoint resumes under any number of processes at its global batch; another
+                                 global batch is one line
     read_mnist, read_cifar10     the datasets' own files, read in place with numpy (never downloaded)
     ShardedLoader                DistributedSampler's rule in numpy: this process's shard, reshuffled every epoch;
                                  --num-workers threads prepare the next batches
@@ -619,6 +621,25 @@ def check_dataset_fits(dataset, world_size, batch_size):
     if n // batch_size == 0:
         raise RecipeError(f"the dataset has {n} samples, too few for one step with a global batch of "
                           f"{batch_size}: lower --batch-size or use more data", every_rank=False)
+
+
+def check_global_batch(progress, global_batch, devices, path):
+    """A checkpoint resumes under any number of processes with the same global batch: step i then trains on the same
+    samples (ShardedLoader) and the optimizer's schedule counts the same steps. Another global batch is refused in
+    one line: the data position and the schedule's step count are in steps of the old batch, and resuming them
+    under another would skip or repeat samples and bend the learning-rate curve."""
+    old = progress["global_batch"]
+    if old != global_batch:
+        import jax
+
+        # Every process stops here (they restored the same step): they leave through the shutdown barrier together,
+        # or process 0's exit ends the coordination service under the others, which abort (exit -6).
+        jax.distributed.shutdown()
+        how = (f"--batch-size {old // devices} on this job's {devices} devices" if old % devices == 0 else
+               f"{progress['world_size']} process(es) as before")
+        raise RecipeError(f"{path} was saved by {progress['world_size']} process(es) at a global batch of {old}, "
+                          f"this job's is {global_batch} (--batch-size x {devices} devices): resume with a global "
+                          f"batch of {old} ({how}), or start a new --checkpoint-dir", every_rank=False)
 
 
 def _read_maybe_gz(path):

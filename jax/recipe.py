@@ -10,9 +10,9 @@ import socket
 import time
 
 import numpy as np
-from cluster import (Dataset, ShardedLoader, check_dataset_fits, checkpoint_manager, coordination_timeout,
-                     local_value, platform_start, read_cifar10, read_mnist, reduce_max, rendezvous, replicate,
-                     restore_newest, select_platform, watch_for_hangs)
+from cluster import (Dataset, ShardedLoader, check_dataset_fits, check_global_batch, checkpoint_manager,
+                     coordination_timeout, local_value, platform_start, read_cifar10, read_mnist, reduce_max,
+                     rendezvous, replicate, restore_newest, select_platform, watch_for_hangs)
 from toolkit import PREEMPTED_EXIT_CODE, PREEMPTION, RecipeError, StepTimer, log
 
 import jax  # after cluster: importing it quiets XLA's C++ logs, which jax reads once, at import
@@ -227,6 +227,7 @@ class Trainer:
         if found is None:
             return
         step, (self.params, self.opt_state), progress = found
+        check_global_batch(progress, self.global_batch, self.mesh.devices.size, self.checkpoints.directory / str(step))
         self.state.update(epoch=progress["epoch"], step=progress["step"], batch_in_epoch=progress["batch_in_epoch"])
         if self.rank == 0:
             log(0, f"resumed from {self.checkpoints.directory / str(step)}: epoch {self.state['epoch'] + 1}, "

@@ -16,7 +16,8 @@ Map:
     resume_from              the checkpoint with the most progress (stored global_step), never the newest file
     reduce_max               the ranks' agreement on preemption (for toolkit.PREEMPTION.agreed)
     PreemptionSignals        keeps SIGUSR1/SIGTERM ours while Lightning runs (its SIGTERM handler exits 0)
-    Report                   the contract's log lines (CONTRACT.md C3), printed by rank 0
+    Report                   the contract's log lines (CONTRACT.md C3), printed by rank 0; the world size and batch
+                             recorded in every checkpoint, a checkpoint of another one refused in one line
     StepTimings              per-step wall-clock times for the benchmarks (--timings-file, toolkit.StepTimer)
     collect_ddp_cycles       frees the DDP wrapper's reference cycles before the process group is destroyed
     allow_tf32, TF32         TF32 matmuls and convolutions for fp32 runs on a GPU (CONTRACT.md C10)
@@ -307,7 +308,21 @@ class Report(Callback):
                                  f"{samples / seconds:.0f} samples/s | {seconds:.1f} s")
 
     def on_save_checkpoint(self, trainer, pl_module, checkpoint):
+        checkpoint["layout"] = {"world_size": trainer.world_size, "batch_size": self.args.batch_size}
         self._print(trainer, f"snapshot saved to {self.args.checkpoint_dir} (step {trainer.global_step})")
+
+    def on_load_checkpoint(self, trainer, pl_module, checkpoint):
+        """Before anything trains: a checkpoint of another world size or batch is refused in one line. Lightning
+        resumes its step and epoch counters, the scheduler and ResumableLoader's skip as they were, in steps of
+        the old layout: under another one the resumed epoch skips or repeats samples and the cosine curve runs
+        on past its end. (Checkpoints written before the layout was recorded are not checked.)"""
+        old = checkpoint.get("layout")
+        if old and (old["world_size"], old["batch_size"]) != (trainer.world_size, self.args.batch_size):
+            raise RecipeError(f"{trainer.ckpt_path} was written by {old['world_size']} rank(s) x batch "
+                              f"{old['batch_size']}, this job is {trainer.world_size} x {self.args.batch_size}: "
+                              f"Lightning resumes its counters in steps of the old layout. Resubmit with "
+                              f"{old['world_size']} rank(s) x --batch-size {old['batch_size']}, or start a new "
+                              f"--checkpoint-dir", every_rank=False)
 
     def on_fit_end(self, trainer, pl_module):
         self._report_resume(trainer)  # a finished run resumed: Lightning trains nothing and skips on_train_start

@@ -15,8 +15,8 @@ from torch.utils.data import DataLoader
 from torch.utils.data.distributed import DistributedSampler
 
 import darcy
-from cluster import (check_dataset_fits, mixed_precision, physicsnemo, read_darcy, reduce_max, rendezvous,
-                     spectral_layers_in_fp32)
+from cluster import (adapt_to_another_shape, check_dataset_fits, mixed_precision, physicsnemo, read_darcy,
+                     reduce_max, rendezvous, spectral_layers_in_fp32)
 from toolkit import PREEMPTED_EXIT_CODE, PREEMPTION, RecipeError, StepTimer, atomic_write, log
 from toolkit import ignore_preemption_signals  # DataLoader workers leave SIGUSR1/SIGTERM to their parent
 
@@ -122,7 +122,7 @@ class Trainer:
             snap = {"model": self.module.state_dict(), "optimizer": self.optimizer.state_dict(),
                     "scheduler": self.scheduler.state_dict(), "epoch": self.epoch, "step": self.step,
                     "batch_in_epoch": self.batch_in_epoch, "world_size": self.world_size,
-                    "rng": {"torch": torch.get_rng_state()}}
+                    "batch_size": self.args.batch_size, "rng": {"torch": torch.get_rng_state()}}
             if self.scaler.is_enabled():
                 snap["scaler"] = self.scaler.state_dict()
             save_snapshot(self.args.checkpoint_dir, snap)
@@ -145,10 +145,7 @@ class Trainer:
             self.scaler.load_state_dict(snap["scaler"])
         torch.set_rng_state(snap["rng"]["torch"])
         self.epoch, self.step, self.batch_in_epoch = snap["epoch"], snap["step"], snap["batch_in_epoch"]
-        if snap["world_size"] != self.world_size and self.batch_in_epoch:  # its batches do not line up with ours
-            self.log(f"warning: snapshot from {snap['world_size']} ranks, now {self.world_size}: epoch "
-                     f"{self.epoch + 1} restarts from its first batch")
-            self.batch_in_epoch = 0
+        adapt_to_another_shape(self, snap, choice[0])  # cluster.py: written by another world size or batch
         self.log(f"resumed from {choice[0]}: epoch {self.epoch + 1}, step {self.step}")
 
     def _training_left(self):

@@ -20,6 +20,7 @@ Map:
     save_best_model             best_model.pt (weights, Dice, step) written atomically when the validation Dice improves
     exit_preempted              the preemption line, then exit 75 (after the snapshot; no validation in between)
     find_snapshot               the newest readable snapshot; a damaged one named, the other one used
+    load_snapshot               a snapshot read for resuming; one of another world size refused in one line
     rng_state, restore_rng      the CPU's and this process's GPU's random state, saved in and restored from a snapshot
     EpochSampler                this rank's cached partition in a new order every epoch from (seed, epoch, rank), whole
                                 batches only; a mid-epoch resume starts at its batch (skipped cases never loaded)
@@ -411,6 +412,20 @@ def find_snapshot(checkpoint_dir):
         raise RecipeError("no usable snapshot: " + "; ".join(problems) +
                           ". Delete or move the damaged file(s) to start over.")
     return None
+
+
+def load_snapshot(path, world_size):
+    """The snapshot at `path`, to the CPU (load_state_dict copies it to the device), if this world size can resume
+    it. Each rank caches its own partition of the training cases (partition_dataset, CONTRACT.md C5's exception),
+    and the partitions depend on the world size: under another one, the cases an epoch has already trained on are
+    spread over other ranks, and no position in the new partitions skips exactly them. Refused in one line."""
+    snap = torch.load(path, map_location="cpu", weights_only=True)
+    if snap["world_size"] != world_size:
+        raise RecipeError(f"{path} was written by {snap['world_size']} rank(s), this job has {world_size}: each rank "
+                          f"caches a partition of the training cases that depends on the world size, so the run "
+                          f"cannot continue after the cases it trained on. Resubmit with {snap['world_size']} "
+                          f"rank(s), or start a new --checkpoint-dir", every_rank=False)
+    return snap
 
 
 def rng_state(device):

@@ -20,8 +20,8 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader, Dataset
 
 from cluster import (EpochSampler, SeededAugmentation, check_dataset_fits, exit_preempted, find_snapshot,
-                     mixed_precision, pick_backend, prepare_data, read_task, rendezvous, restore_rng, rng_state,
-                     save_best_model, save_snapshot, step_timer)
+                     load_snapshot, mixed_precision, pick_backend, prepare_data, read_task, rendezvous, restore_rng,
+                     rng_state, save_best_model, save_snapshot, step_timer)
 from toolkit import PREEMPTION, ignore_preemption_signals, log
 
 SPACING = (1.5, 1.5, 1.5)  # EDIT: voxel size (mm) every volume is resampled to; 1.5 mm suits abdominal CT
@@ -224,7 +224,7 @@ class Trainer:
         path = self.ranks.from_rank0(find_snapshot(self.args.checkpoint_dir) if self.ranks.rank == 0 else None)
         if path is None:
             return
-        snap = torch.load(path, map_location="cpu", weights_only=True)  # load_state_dict copies to the device
+        snap = load_snapshot(path, self.ranks.world_size)  # to the CPU; another world size is refused (cluster.py)
         self.net.load_state_dict(snap["model"])
         self.optimizer.load_state_dict(snap["optimizer"])
         self.scheduler.load_state_dict(snap["scheduler"])

@@ -28,6 +28,7 @@ Map:
     last_step             whether a batch is the run's last: a preemption stopping there still exports the .nemo
     settle_last_checkpoints  which *-last.ckpt exp_manager resumes from when a killed save left two (NeMo #7948)
     ReportHooks           the contract's log lines (C3) as Lightning hooks (recipe.Report adds the Callback base)
+                          and the world size and batch in every checkpoint: another one is refused in one line
     TimingHooks           --timings-file as Lightning hooks, through toolkit.StepTimer (recipe.StepTimings)
     allow_tf32, TF32Hooks  TF32 matmuls and convolutions for fp32 runs on a GPU (CONTRACT.md C10; recipe.TF32)
     CONF_DIR, FLAG_TO_KEY  conf/, and the config key each contract flag sets
@@ -595,11 +596,24 @@ class ReportHooks:
                                  f"{samples / seconds:.0f} samples/s | {seconds:.1f} s")
 
     def on_save_checkpoint(self, trainer, pl_module, checkpoint):
+        checkpoint["layout"] = {"world_size": trainer.world_size, "batch_size": self.cfg.model.train_ds.batch_size}
         # NeMo's callback writes the top-k file and *-last.ckpt at the same step: one line for both
         if trainer.global_step != self.last_snapshot_step:
             self.last_snapshot_step = trainer.global_step
             self._print(trainer, f"snapshot saved to {self.cfg.exp_manager.explicit_log_dir} "
                                  f"(step {trainer.global_step})")
+
+    def on_load_checkpoint(self, trainer, pl_module, checkpoint):
+        """Before anything trains: a checkpoint of another world size or batch is refused in one line. Lightning
+        resumes its step and epoch counters and the scheduler (its T_max too) as they were, in steps of the old
+        layout: under another one the cosine curve no longer ends with the run. (Checkpoints written before the
+        layout was recorded are not checked.)"""
+        old, batch = checkpoint.get("layout"), self.cfg.model.train_ds.batch_size
+        if old and (old["world_size"], old["batch_size"]) != (trainer.world_size, batch):
+            raise RecipeError(f"{trainer.ckpt_path} was written by {old['world_size']} rank(s) x batch "
+                              f"{old['batch_size']}, this job is {trainer.world_size} x {batch}: Lightning resumes "
+                              f"its counters in steps of the old layout. Resubmit with {old['world_size']} rank(s) x "
+                              f"--batch-size {old['batch_size']}, or start a new --checkpoint-dir", every_rank=False)
 
     def on_fit_end(self, trainer, pl_module):
         self._report_resume(trainer)  # a finished run resumed: Lightning trains nothing and skips on_train_start

@@ -15,9 +15,9 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
-from cluster import (KEEP_SNAPSHOTS, RUN_NAME, SNAPSHOT, DriverPump, LocalSession, WorkerLink, check_dataset_fits,
-                     find_snapshot, make_control_actor, mixed_precision, npz_dataset, pick_backend, save_snapshot,
-                     scratch_storage, step_timer)
+from cluster import (KEEP_SNAPSHOTS, RUN_NAME, SNAPSHOT, DriverPump, LocalSession, WorkerLink,
+                     adapt_to_another_shape, check_dataset_fits, find_snapshot, make_control_actor, mixed_precision,
+                     npz_dataset, pick_backend, resumable_snapshot, save_snapshot, scratch_storage, step_timer)
 from toolkit import PREEMPTED_EXIT_CODE, PREEMPTION, ignore_preemption_signals, log
 
 
@@ -156,7 +156,7 @@ class Trainer:
         snap = {"model": model.state_dict(), "optimizer": self.optimizer.state_dict(),
                 "scheduler": self.scheduler.state_dict(), "epoch": self.epoch, "step": self.step,
                 "batch_in_epoch": self.batch_in_epoch, "world_size": self.world_size,
-                "rng": {"torch": torch.get_rng_state()}}
+                "batch_size": self.args.batch_size, "rng": {"torch": torch.get_rng_state()}}
         if self.scaler is not None:
             snap["scaler"] = self.scaler.state_dict()
         self.session.save(snap)
@@ -174,6 +174,7 @@ class Trainer:
             self.scaler.load_state_dict(snap["scaler"])
         torch.set_rng_state(snap["rng"]["torch"])
         self.epoch, self.step, self.batch_in_epoch = snap["epoch"], snap["step"], snap["batch_in_epoch"]
+        adapt_to_another_shape(self, snap, path)  # cluster.py: written by another number of workers or batch
         self.log(f"resumed from {path}: epoch {self.epoch + 1}, step {self.step}")
 
 
@@ -236,7 +237,7 @@ def train(args, device=None, workers=None):
     with scratch_storage(args.checkpoint_dir) as storage:
         trainer = TorchTrainer(
             train_worker,
-            train_loop_config={"args": args, "control": control, "resume_from": find_snapshot(args.checkpoint_dir)},
+            train_loop_config={"args": args, "control": control, "resume_from": resumable_snapshot(args, workers)},
             torch_config=TorchConfig(backend=backend, timeout_s=args.timeout),
             scaling_config=ScalingConfig(num_workers=workers, use_gpu=backend == "nccl",
                                          resources_per_worker={"CPU": 1}, placement_strategy="PACK"),

@@ -5,10 +5,11 @@ adds its row there gets these tests free.
 import os
 import re
 import socket
+import subprocess
 import time
 
 import pytest
-from helpers import assert_same_weights, epoch_lines, free_port, teardown_checked
+from helpers import ROOT, assert_same_weights, clean_env, env_python, epoch_lines, free_port, teardown_checked
 from recipes import RECIPES, SRUN, wait_all
 
 pytestmark = [pytest.mark.contract, pytest.mark.timeout(300)]
@@ -154,3 +155,60 @@ def test_n_ranks_end_with_the_weights_of_one_process_with_the_global_batch(folde
         assert_same_weights(launch.weights(ran.ckpt), recipe.weights(reference.ckpt), **spec.tol)
     else:
         assert_same_weights(*recipe.weights_together(ran.ckpt, reference.ckpt), **spec.tol)
+
+
+# ------------------------------------------------------------------------------------------ another world size (C6)
+
+
+def launch(recipe, args, ranks):
+    """single_gpu.py (1 process) or 2 srun-style ranks, run to their end: (exit codes, rank 0's stdout, rank 0's
+    stderr, everything). The row's own settings (a compilation cache) go with single_gpu.py, not the variables that
+    describe an srun step."""
+    if ranks == 2:
+        codes, outs = wait_all(recipe.srun(args, 2, free_port(), stderr_apart=True), timeout=240)
+        return codes, *outs[0], "\n".join(out + err for out, err in outs)
+    own = {k: str(v) for k, v in recipe.env.items() if not k.startswith(("SLURM_", "JAX_COORDINATOR"))}
+    proc = subprocess.run([str(env_python(recipe.folder)), "single_gpu.py", *map(str, args)], env=clean_env(**own),
+                          cwd=ROOT / recipe.folder, capture_output=True, text=True, timeout=240)
+    return [proc.returncode], proc.stdout, proc.stderr, proc.stdout + proc.stderr
+
+
+@pytest.mark.parametrize("folder", sorted(f for f in SRUN if RECIPES[f].world_size_change))
+def test_resume_on_another_world_size_continues_or_refuses_in_one_line(folder, tmp_path):
+    """A job resubmitted on fewer nodes resumes a checkpoint of 2 ranks with 1, or on more nodes one of 1 with 2
+    (CONTRACT.md C6). Either it refuses before training anything -- one error line that says what to do, exit 2
+    from every rank, the checkpoint untouched -- or it continues after the samples it trained on and ends with the
+    weights of an uninterrupted run at the new size (or, where the row says why, at its last step). Never a
+    traceback, never samples skipped or trained twice (before: skipped or repeated in silence, or the epoch
+    restarted with a warning)."""
+    recipe, spec = RECIPES[folder], RECIPES[folder].world_size_change
+    before, after = (1, 2) if spec.grow else (2, 1)
+    ckpt, data = tmp_path / "ckpt", tmp_path / "data"
+    args = [*spec.args, "--checkpoint-dir", ckpt, "--data-dir", data]
+    codes, _, _, everything = launch(recipe, [*args, "--max-steps", spec.cut], before)
+    assert set(codes) == {0} and recipe.step_of(ckpt) == spec.cut, everything
+    if spec.refused:
+        codes, out, err, everything = launch(recipe, args, after)
+        errors = [ln for ln in err.splitlines() if ERROR_LINE.match(ln)]  # as the contract counts (C4)
+        assert set(codes) == {2} and len(errors) == 1 and "Traceback" not in everything, (codes, everything)
+        assert spec.refused in errors[0] and "--checkpoint-dir" in errors[0], errors[0]
+        assert recipe.step_of(ckpt) == spec.cut, everything  # refused before anything trained or saved
+    if spec.resume_batch:
+        resized = [*spec.args, "--batch-size", spec.resume_batch, "--data-dir", data]  # the later flag wins
+        codes, out, _, everything = launch(recipe, [*resized, "--checkpoint-dir", ckpt], after)
+        assert set(codes) == {0} and spec.resumed in out and "Traceback" not in everything, (codes, everything)
+        if spec.steps:
+            assert recipe.step_of(ckpt) == spec.steps, everything
+            return
+        straight = tmp_path / "straight"
+        codes, _, _, everything = launch(recipe, [*resized, "--checkpoint-dir", straight], after)
+        assert set(codes) == {0}, everything
+        assert recipe.step_of(ckpt) == recipe.step_of(straight)
+        assert_same_weights(recipe.weights(ckpt), recipe.weights(straight), **spec.tol)
+
+
+def test_every_row_says_how_it_meets_another_world_size():
+    for folder, recipe in RECIPES.items():
+        assert recipe.world_size_change or recipe.no_world_size_change, f"{folder}: no world-size change, no reason"
+        spec = recipe.world_size_change
+        assert not spec or (spec.refused or spec.resume_batch) and (not spec.resume_batch or spec.resumed), folder

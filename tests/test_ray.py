@@ -330,10 +330,22 @@ def test_preempted_run_resumes_survives_a_killed_worker_and_equals_uninterrupted
 def test_two_workers_equal_one_process(preempted, tmp_path):
     """2 Ray workers x batch 16 == one process (single_gpu.py, the loop a single Ray worker runs) x batch 32:
     the same samples in every global batch, averaged in another order. Compared at step 10 (the preempted run's
-    snapshot): over hundreds of steps float rounding differences grow with training."""
+    snapshot): over hundreds of steps float rounding differences grow with training. Then that snapshot resumed by
+    one process x batch 16 continues after the samples the workers trained on."""
     one = Launch("single_gpu.py", *ARGS, "--batch-size", 32, "--max-steps", 10, "--checkpoint-dir", tmp_path / "one")
     finished(one, timeout=120)
     assert_same_snapshots(tmp_path / "one", preempted[1], steps=10, **TOL)
+    # The 2 workers' snapshot resumed by one process at their own batch, 16 (a job resubmitted on fewer GPUs,
+    # CONTRACT.md C6): after the same 320 samples, at step 20 of twice the steps per epoch, the cosine schedule
+    # stretched over them. (Before: 10 batches of 16 skipped, 160 samples trained twice, the old schedule.)
+    fewer = tmp_path / "fewer"
+    shutil.copytree(preempted[1], fewer)
+    out = finished(Launch("single_gpu.py", *ARGS, "--max-steps", 21, "--checkpoint-dir", fewer), timeout=120)
+    assert "snapshot written by 2 worker(s) x batch 16, resuming as 1 x 16: epoch 1 after 320 samples (step 20)" \
+        in out and "done: 21 steps" in out, out[-4000:]
+    snaps = [torch.load(p, weights_only=True) for p in (fewer / "train").glob("checkpoint_*/snapshot.pt")]
+    (newest,) = [snap for snap in snaps if snap["step"] == 21]
+    assert newest["scheduler"]["T_max"] == STEPS * 2  # 3 epochs of 128 steps
 
 
 HANG_TIMEOUT = 10  # --timeout of the hang test; the bound is --timeout + 60 s (C13)
