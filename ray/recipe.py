@@ -1,7 +1,6 @@
 """The lesson of ray/, top to bottom: the model, the data, the training loop (`Trainer`, the PyTorch DDP tutorial's
 shape) run by single_gpu.py's one process and by every Ray Train worker, snapshots reported to Ray Train, and
-`train`, which every script calls after its setup: here, or `TorchTrainer(train_worker, ...).fit()` on N workers.
-"""
+`train`, which every script calls after its setup: here, or `TorchTrainer(train_worker, ...).fit()` on N workers."""
 
 import os
 import sys
@@ -15,9 +14,9 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
-from cluster import (KEEP_SNAPSHOTS, RUN_NAME, SNAPSHOT, DriverPump, LocalSession, WorkerLink,
-                     adapt_to_another_shape, check_dataset_fits, find_snapshot, make_control_actor, mixed_precision,
-                     npz_dataset, pick_backend, resumable_snapshot, save_snapshot, scratch_storage, step_timer)
+from cluster import (KEEP_SNAPSHOTS, RUN_NAME, SNAPSHOT, DriverPump, LocalSession, WorkerLink, adapt_to_another_shape,
+                     check_dataset_fits, find_snapshot, make_control_actor, mixed_precision, npz_dataset, pick_backend,
+                     resumable_snapshot, save_snapshot, scratch_storage, step_timer)
 from toolkit import PREEMPTED_EXIT_CODE, PREEMPTION, ignore_preemption_signals, log
 
 
