@@ -18,9 +18,9 @@ pytestmark = [pytest.mark.modulus, pytest.mark.slurm, pytest.mark.timeout(400)]
 FOLDER = ROOT / "modulus"
 # 2 ranks x batch 8: 4 steps per epoch, 8 in all (1 rank: 8 steps per epoch).
 TINY = ["--epochs", 2, "--dataset-size", 64, "--batch-size", 8, "--log-every", 1000]
-# Preemption: 2 ranks x 8 = 16 samples per step, 256 samples -> 16 steps per epoch, 48 in all.
-LONG = ["--epochs", 3, "--dataset-size", 256, "--batch-size", 8, "--log-every", 2]
-LONG_STEPS = 48
+# Preemption: 2 ranks x 8 = 16 samples per step, 256 samples -> 16 steps per epoch, 32 in all.
+LONG = ["--epochs", 2, "--dataset-size", 256, "--batch-size", 8, "--log-every", 2]
+LONG_STEPS = 32
 
 
 def snapshot(directory):
