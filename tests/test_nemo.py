@@ -286,7 +286,7 @@ def test_flags_and_overrides_compose_into_one_config():
     (["--epochs", "2", "trainer.max_epochs=3"], "trainer.max_epochs is set twice"),
     (["--config-path", "{tmp}/none"], "--config-path {tmp}/none: no such directory"),
     (["--config-path", "{tmp}", "--config-name", "nope"], "--config-name nope: there is no {tmp}/nope.yaml"),
-    (["-cp", "{tmp}", "-cn", "thin"], "{tmp}/thin.yaml lacks 41 key(s) of conf/config.yaml that the recipe reads: "
+    (["-cp", "{tmp}", "-cn", "thin"], "{tmp}/thin.yaml lacks 42 key(s) of conf/config.yaml that the recipe reads: "
                                       "seed, trainer.devices"),
     (["-cp", "{tmp}", "-cn", "broken"], "{tmp}/broken.yaml is not valid YAML: while parsing a flow sequence"),
     (["exp_manager.create_preemption_callback=true"], "exp_manager.create_preemption_callback must be false"),
