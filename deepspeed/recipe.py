@@ -18,7 +18,7 @@ from torch.utils.data.distributed import DistributedSampler
 
 from cluster import (TAG_PREFIX, check_dataset_fits, config_errors, device_sync, import_deepspeed, load_ds_config,
                      mark_complete, mnist_dataset, precision_of, reduce_max, report_memory, resume_on_another_shape,
-                     snapshot_to_load)
+                     snapshot_due, snapshot_to_load)
 from gpt import GPT, synthetic_text, text_dataset
 from toolkit import PREEMPTED_EXIT_CODE, PREEMPTION, RecipeError, StepTimer, ignore_preemption_signals, log
 
@@ -44,10 +44,8 @@ class ConvNet(nn.Module):
 
 
 def synthetic_dataset(size, seed=1234):
-    """MNIST-shaped images whose class is learnable (a fixed pattern per class plus noise).
-
-    Generated from its own seed, so every rank and every run builds the identical dataset without any file.
-    """
+    """MNIST-shaped images whose class is learnable (a fixed pattern per class plus noise), generated from its
+    own seed: every rank and every run builds the identical dataset without any file."""
     g = torch.Generator().manual_seed(seed)
     prototypes = torch.randn(10, 1, 28, 28, generator=g)
     labels = torch.randint(0, 10, (size,), generator=g)
@@ -151,8 +149,7 @@ class Trainer:
         start = time.perf_counter()
         while self._training_left():
             self._run_epoch()
-            finished = not self._training_left()
-            if args.checkpoint_dir and (finished or self.preempted or self.epoch % args.save_every == 0):
+            if snapshot_due(args, self.step, self.epoch, last=self.preempted or not self._training_left()):
                 self._save_snapshot()
             if self.preempted:
                 saved = "snapshot saved" if args.checkpoint_dir else "no --checkpoint-dir, nothing saved"
@@ -194,6 +191,8 @@ class Trainer:
             if PREEMPTION.agreed(self.step, lambda flag: reduce_max(flag, self.device)):
                 self.preempted = True
                 break
+            if snapshot_due(self.args, self.step) and i + 1 < usable:  # (an epoch's end saves in train())
+                self._save_snapshot()  # --save-every-steps: mid-epoch, with the position in the epoch
         totals = torch.stack([loss_sum, correct.to(loss_sum.dtype), torch.tensor(float(seen), device=self.device)])
         dist.all_reduce(totals)  # one collective per epoch: metrics over all ranks, not just rank 0's
         elapsed = time.perf_counter() - epoch_start

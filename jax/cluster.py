@@ -124,6 +124,8 @@ def parse_args(description, extra=None):
     p.add_argument("--checkpoint-dir", type=toolkit.directory, default=None,
                    help="snapshots go here; resume is automatic")
     p.add_argument("--save-every", type=positive_int, default=1, help="epochs between snapshots")
+    p.add_argument("--save-every-steps", type=positive_int, default=None,
+                   help="steps between snapshots as well, mid-epoch too (default: none)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--amp", action="store_true", help="bf16 compute (parameters, gradients and loss stay fp32)")
     p.add_argument("--num-workers", type=non_negative_int, default=0,
@@ -738,16 +740,20 @@ class ShardedLoader:
 # ---------------------------------------------------------------------------------------------------- checkpoints
 
 
-def checkpoint_manager(directory, every_steps):
+def checkpoint_manager(directory, every_steps, also_every=None):
     """Orbax's CheckpointManager for --checkpoint-dir: a folder per step (<dir>/<step>/state: the arrays, each
-    process writing the shards it holds; <dir>/<step>/progress: JSON), every `every_steps` steps unless forced,
+    process writing the shards it holds; <dir>/<step>/progress: JSON), every `every_steps` steps and every
+    `also_every` steps (--save-every-steps) unless forced -- its should_save decides, the loop asks every step --
     the newest 2 kept. Saves run in the background once the arrays are copied off the devices; a step's folder
     gets its final name only when every process has written its part, so a kill mid-save leaves the previous
     step and a *.orbax-checkpoint-tmp* folder, removed at the next start."""
     import orbax.checkpoint as ocp
 
-    options = ocp.CheckpointManagerOptions(save_interval_steps=every_steps, max_to_keep=2,
-                                           cleanup_tmp_directories=True, enable_async_checkpointing=True)
+    def due(step, last_saved_step):
+        return step % every_steps == 0 or bool(also_every) and step % also_every == 0
+
+    options = ocp.CheckpointManagerOptions(should_save_fn=due, max_to_keep=2, cleanup_tmp_directories=True,
+                                           enable_async_checkpointing=True)
     return ocp.CheckpointManager(os.path.abspath(directory), options=options,
                                  item_handlers={"state": ocp.StandardCheckpointHandler(),
                                                 "progress": ocp.JsonCheckpointHandler()})

@@ -1,9 +1,7 @@
 """The lesson of jax/, top to bottom: the model, the data, jax.distributed.initialize, the training loop, Orbax.
-
 A jitted step whose batch is sharded over the mesh's "data" axis and whose parameters are replicated *is*
 data-parallel training: XLA inserts the gradient all-reduce itself, so the loop is the same code on one device and
-on 512. A JAX process is a rank (jax.process_index()); the devices of all processes (jax.devices()) form the mesh.
-"""
+on 512. A JAX process is a rank (jax.process_index()); the devices of all processes (jax.devices()) form the mesh."""
 
 import os
 import socket
@@ -95,8 +93,7 @@ def init_distributed(args, coordinator=None, num_processes=None, process_id=None
                                    heartbeat_timeout_seconds=coordination_timeout(args.timeout),
                                    shutdown_timeout_seconds=coordination_timeout(args.timeout))
     watch_for_hangs(args.timeout)  # a peer that stops answering: stacks on disk, one line, exit 1 (C13)
-    # initialize() starts XLA's preemption sync manager, which takes SIGTERM over in C++: the run would train on.
-    PREEMPTION.install()  # take it back: TERM and USR1 both end in a snapshot
+    PREEMPTION.install()  # initialize() gave SIGTERM to XLA's preemption sync manager (trains on): take it back
     with platform_start(args.backend):  # the first use of a device: JAX starts CUDA here, or says why not
         rank, world_size = jax.process_index(), jax.process_count()
     # One line per process: where each one landed is the first question when a multi-node job misbehaves.
@@ -123,7 +120,7 @@ class Trainer:
         self.sharded = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
         self.params, self.opt_state = replicate((params, self.optimizer.init(params)), self.replicated)
         self.train_step = jax.jit(self._step, out_shardings=self.replicated, donate_argnums=(0, 1))
-        self.timer = None
+        self.timer = self.saving = None  # saving: the step Orbax is writing in the background
 
     def _step(self, params, opt_state, x, y):
         def loss_fn(p):
@@ -161,6 +158,8 @@ class Trainer:
             if PREEMPTION.agreed(state["step"], reduce_max):  # every process stops at the same step
                 preempted = True
                 break
+            if args.checkpoint_dir and state["batch_in_epoch"] < self.loader.steps:  # (an epoch's end: in train())
+                self._save_snapshot(force=False)  # if Orbax says one is due: --save-every-steps, mid-epoch too
         return loss_sum, correct, seen, preempted
 
     def _training_left(self):
@@ -169,8 +168,9 @@ class Trainer:
 
     def train(self):
         args, state, mesh = self.args, self.state, self.mesh
-        if args.checkpoint_dir:  # Orbax decides from the step whether a save is due: every --save-every epochs
-            self.checkpoints = checkpoint_manager(args.checkpoint_dir, args.save_every * self.loader.steps)
+        if args.checkpoint_dir:  # Orbax decides from the step whether a save is due: --save-every, --save-every-steps
+            self.checkpoints = checkpoint_manager(args.checkpoint_dir, args.save_every * self.loader.steps,
+                                                  args.save_every_steps)
             self._resume()
         if self.rank == 0:
             log(0, f"processes {self.world_size} | devices {mesh.devices.size} ({len(mesh.local_devices)} per "
@@ -190,9 +190,8 @@ class Trainer:
                        f"{seen / elapsed:.0f} samples/s | {elapsed:.1f} s")
             if state["batch_in_epoch"] == self.loader.steps:  # the epoch ran to its end
                 state["epoch"], state["batch_in_epoch"] = state["epoch"] + 1, 0
-            finished = not self._training_left()
-            if args.checkpoint_dir:
-                self._save_snapshot(force=finished or preempted)
+            if args.checkpoint_dir:  # forced at the end and when preempted (the process exits next)
+                self._save_snapshot(force=preempted or not self._training_left())
             if preempted:
                 if self.rank == 0:
                     saved = "snapshot saved" if args.checkpoint_dir else "no --checkpoint-dir, nothing saved"
@@ -210,20 +209,27 @@ class Trainer:
     def _save_snapshot(self, force):
         """Every process saves (Orbax: each writes the shards it holds, so sharded parameters are saved whole);
         the arrays are copied off the devices before save() returns, then written in the background. Forced
-        (the end, a preemption) it is waited for: the process exits next."""
-        progress = {**self.state, "world_size": self.world_size, "global_batch": self.global_batch,
-                    "seed": self.args.seed}
-        saving = self.checkpoints.save(self.state["step"], force=force, args=ocp.args.Composite(
-            state=ocp.args.StandardSave((self.params, self.opt_state)), progress=ocp.args.JsonSave(progress)))
-        if saving and force:
+        (the end, a preemption) it is waited for: the process exits next. "snapshot saved" once the step is on disk."""
+        step = self.state["step"]
+        if force or self.checkpoints.should_save(step):  # Orbax's decision: --save-every, --save-every-steps
+            self.checkpoints.wait_until_finished()  # the save before this one (save() would wait for it too)
+            self._report_saved()
+            progress = dict(self.state, world_size=self.world_size, global_batch=self.global_batch, seed=self.args.seed)
+            self.checkpoints.save(step, force=force, args=ocp.args.Composite(
+                state=ocp.args.StandardSave((self.params, self.opt_state)), progress=ocp.args.JsonSave(progress)))
+            self.saving = step
+        if force:
             self.checkpoints.wait_until_finished()
-        if saving and self.rank == 0:
-            done = "saved to" if force else "being saved to"
-            log(0, f"snapshot {done} {self.checkpoints.directory} (step {self.state['step']})")
+        self._report_saved()  # once Orbax has written it: a crash after the line resumes from this step
+
+    def _report_saved(self):
+        if self.saving is not None and not self.checkpoints.is_saving_in_progress():
+            if self.rank == 0:
+                log(0, f"snapshot saved to {self.checkpoints.directory} (step {self.saving})")
+            self.saving = None
 
     def _resume(self):
-        # The newest step every process can read; a damaged one falls back to the step before it (C6).
-        found = restore_newest(self.checkpoints, (self.params, self.opt_state))
+        found = restore_newest(self.checkpoints, (self.params, self.opt_state))  # newest readable step (C6)
         if found is None:
             return
         step, (self.params, self.opt_state), progress = found
@@ -238,8 +244,7 @@ def train(args, devices, rank=0, world_size=1):
     """What every script calls after setup: the mesh spans `devices` (every device of every process)."""
     mesh = jax.make_mesh((len(devices),), ("data",), (jax.sharding.AxisType.Auto,), devices=devices)  # as Mesh() had
     preempted = Trainer(args, mesh, rank, world_size).train()
-    # Every process leaves through the shutdown barrier, also when preempted: process 0 runs the coordination
-    # service, and a process still connected when it exits is aborted. (Does nothing without initialize.)
+    # Every process, preempted too, leaves through the shutdown barrier: one still connected at exit is aborted.
     jax.distributed.shutdown()
     if preempted:
         raise SystemExit(PREEMPTED_EXIT_CODE)

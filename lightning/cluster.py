@@ -64,6 +64,8 @@ def parse_args(description: str, extra=None) -> argparse.Namespace:
     p.add_argument("--checkpoint-dir", type=toolkit.directory, default=None,
                    help="checkpoints go here and resume from here is automatic (default: none, nothing is saved)")
     p.add_argument("--save-every", type=positive_int, default=1, help="epochs between checkpoints")
+    p.add_argument("--save-every-steps", type=positive_int, default=None,
+                   help="steps between checkpoints as well, mid-epoch too (default: none)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--amp", action="store_true",
                    help="mixed precision: bf16 on CPUs and GPUs that do it natively (compute capability >= 8.0), "
@@ -267,7 +269,7 @@ class Report(Callback):
             log(0, message)
 
     def on_fit_start(self, trainer, pl_module):
-        self.fit_start, self.resume_reported = time.perf_counter(), False
+        self.fit_start, self.resume_reported, self.saving, self.saved = time.perf_counter(), False, None, None
 
     def _report_resume(self, trainer):
         if trainer.ckpt_path and not self.resume_reported:
@@ -285,8 +287,12 @@ class Report(Callback):
         self.on_train_epoch_start(trainer, pl_module)  # a run resumed mid-epoch starts without that hook
 
     def on_train_epoch_start(self, trainer, pl_module):
+        self._report_saved(trainer)
         self.epoch_start, self.epoch_first_step = time.perf_counter(), trainer.global_step
         self.sums = torch.zeros(2, device=pl_module.device)  # this rank's loss x samples, correct predictions
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self._report_saved(trainer)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         n = len(batch[1])  # on the device, no sync: nothing is read before the epoch ends
@@ -298,6 +304,7 @@ class Report(Callback):
                                  f"loss {outputs['loss'].item():.4f}")
 
     def on_train_epoch_end(self, trainer, pl_module):
+        self._report_saved(trainer)
         seconds = time.perf_counter() - self.epoch_start
         samples = (trainer.global_step - self.epoch_first_step) * self.args.batch_size * trainer.world_size
         totals = trainer.strategy.reduce(self.sums, reduce_op="sum")  # every rank: one collective per epoch
@@ -309,7 +316,14 @@ class Report(Callback):
 
     def on_save_checkpoint(self, trainer, pl_module, checkpoint):
         checkpoint["layout"] = {"world_size": trainer.world_size, "batch_size": self.args.batch_size}
-        self._print(trainer, f"snapshot saved to {self.args.checkpoint_dir} (step {trainer.global_step})")
+        # Lightning calls this before it writes the file: the line waits for the next hook, when the file is on
+        # disk (a crash after it resumes from this step). The epoch's and the steps' callbacks may save one step.
+        self.saving = trainer.global_step
+
+    def _report_saved(self, trainer):
+        if self.saving is not None and self.saving != self.saved:
+            self._print(trainer, f"snapshot saved to {self.args.checkpoint_dir} (step {self.saving})")
+        self.saved = self.saving
 
     def on_load_checkpoint(self, trainer, pl_module, checkpoint):
         """Before anything trains: a checkpoint of another world size or batch is refused in one line. Lightning
@@ -325,6 +339,7 @@ class Report(Callback):
                               f"--checkpoint-dir", every_rank=False)
 
     def on_fit_end(self, trainer, pl_module):
+        self._report_saved(trainer)
         self._report_resume(trainer)  # a finished run resumed: Lightning trains nothing and skips on_train_start
         self._print(trainer, f"done: {trainer.global_step} steps in {time.perf_counter() - self.fit_start:.1f} s")
 

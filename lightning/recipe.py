@@ -190,6 +190,11 @@ def trainer_options(args, start_time: float) -> dict:
         # counter: one run per directory, so a resumed run moves last.ckpt on instead of adding last-v1.ckpt.
         callbacks.append(ModelCheckpoint(dirpath=args.checkpoint_dir, save_last="link", save_top_k=1,
                                          every_n_epochs=args.save_every, enable_version_counter=False))
+    if args.checkpoint_dir and args.save_every_steps:
+        # --save-every-steps: a second ModelCheckpoint (one may count epochs or steps, not both), mid-epoch too
+        # (the loader's state_dict holds the position in the epoch), its newest steps-S.ckpt kept beside the other.
+        callbacks.append(ModelCheckpoint(dirpath=args.checkpoint_dir, filename="steps-{step}", save_top_k=1,
+                                         every_n_train_steps=args.save_every_steps, enable_version_counter=False))
     if args.timings_file:
         callbacks.append(StepTimings(args.timings_file, start_time, args.batch_size))
     return dict(

@@ -15,8 +15,8 @@ from torch.utils.data import DataLoader
 from torch.utils.data.distributed import DistributedSampler
 
 import darcy
-from cluster import (adapt_to_another_shape, check_dataset_fits, mixed_precision, physicsnemo, read_darcy,
-                     reduce_max, rendezvous, spectral_layers_in_fp32)
+from cluster import (adapt_to_another_shape, check_dataset_fits, mixed_precision, physicsnemo, read_darcy, reduce_max,
+                     rendezvous, snapshot_due, spectral_layers_in_fp32)
 from toolkit import PREEMPTED_EXIT_CODE, PREEMPTION, RecipeError, StepTimer, atomic_write, log
 from toolkit import ignore_preemption_signals  # DataLoader workers leave SIGUSR1/SIGTERM to their parent
 
@@ -76,8 +76,7 @@ def find_snapshot(checkpoint_dir):
             problems.append(f"{path} is unreadable ({type(e).__name__}: {str(e).splitlines()[0][:200]})")
             print(f"warning: {problems[-1]}; trying the other snapshot", file=sys.stderr, flush=True)
     if problems and not steps:
-        raise RecipeError(f"no usable snapshot: {'; '.join(problems)}. Delete or move the damaged file(s) to start "
-                          f"over.")
+        raise RecipeError(f"no usable snapshot: {'; '.join(problems)}. Delete or move the damaged files to start over.")
     return max(steps, key=steps.get) if steps else None  # a tie: snapshot.pt
 
 
@@ -175,8 +174,7 @@ class Trainer:
             self.step, self.batch_in_epoch = self.step + 1, i + 1
             if self.timer:
                 self.timer()
-            loss_sum += loss * len(y)
-            seen += len(y)
+            loss_sum, seen = loss_sum + loss * len(y), seen + len(y)
             if self.rank == 0 and self.step % self.args.log_every == 0:  # .item() syncs: rank 0 only
                 self.log(f"epoch {self.epoch + 1} | batch {i + 1}/{len(self.loader)} | step {self.step} | "
                          f"loss {loss.item():.4f}")
@@ -184,6 +182,8 @@ class Trainer:
                 return loss_sum, seen, True
             if self.args.max_steps and self.step >= self.args.max_steps:
                 break
+            if snapshot_due(self.args, self.step) and i + 1 < len(self.loader):  # (an epoch's end saves in train())
+                self._save_snapshot()  # --save-every-steps: mid-epoch, with the position in the epoch
         return loss_sum, seen, False
 
     @torch.no_grad()
@@ -215,7 +215,7 @@ class Trainer:
             if self.batch_in_epoch == len(self.loader):  # the epoch ran to its end (not cut short)
                 self.epoch, self.batch_in_epoch = self.epoch + 1, 0
             finished = not self._training_left()
-            if self.args.checkpoint_dir and (finished or preempted or self.epoch % self.args.save_every == 0):
+            if snapshot_due(self.args, self.step, self.epoch, last=finished or preempted):
                 self._save_snapshot()
             if preempted and not finished:
                 saved = "snapshot saved" if self.args.checkpoint_dir else "no --checkpoint-dir, nothing saved"

@@ -1,6 +1,7 @@
 """The lesson of monai/: MONAI's 3-D UNet segments a Medical Segmentation Decathlon task under DDP. Top to bottom: the
 process group, the data (transforms, partition_dataset, CacheDataset), the model, the loop (Trainer) and `train`."""
 
+import functools
 import os
 import time
 from dataclasses import dataclass
@@ -21,7 +22,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from cluster import (EpochSampler, SeededAugmentation, check_dataset_fits, exit_preempted, find_snapshot,
                      load_snapshot, mixed_precision, pick_backend, prepare_data, read_task, rendezvous, restore_rng,
-                     rng_state, save_best_model, save_snapshot, step_timer)
+                     rng_state, save_best_model, save_snapshot, snapshot_due, step_timer)
 from toolkit import PREEMPTION, ignore_preemption_signals, log
 
 SPACING = (1.5, 1.5, 1.5)  # EDIT: voxel size (mm) every volume is resampled to; 1.5 mm suits abdominal CT
@@ -111,6 +112,7 @@ class Trainer:
         self.autocast, self.scaler = mixed_precision(ranks.device, args.amp)
         self.epoch, self.step, self.batch_in_epoch, self.best_dice, self.preempted = 0, 0, 0, -1.0, False
         self.timer = step_timer(args.timings_file if ranks.rank == 0 else None, ranks.device)  # --timings-file
+        self._log = functools.partial(log, 0) if ranks.rank == 0 else (lambda message: None)  # rank 0 speaks for all
 
     def train(self):
         args, task, loader = self.args, self.task, self.loader
@@ -141,7 +143,7 @@ class Trainer:
                           f"{elapsed:.1f} s")
             if validate:
                 self._log(f"validation dice {dice:.8f} over {task.n_val} cases")
-            if args.checkpoint_dir and (finished or self.epoch % args.save_every == 0):
+            if snapshot_due(args, self.step, self.epoch, last=finished):
                 self._save_snapshot(dice)
         if self.timer:
             self.timer.write(world_size=self.ranks.world_size, batch_size=args.batch_size)
@@ -170,6 +172,8 @@ class Trainer:
             if PREEMPTION.agreed(self.step, self.ranks.max):  # all ranks stop at the same step (all_reduce MAX)
                 self.preempted = True
                 break
+            if snapshot_due(self.args, self.step) and i + 1 < len(loader):  # (an epoch's end saves in train())
+                self._save_snapshot(float("nan"))  # --save-every-steps: mid-epoch, with the position in the epoch
         return [loss_sum.item(), seen]
 
     def _run_batch(self, image, label):
@@ -234,10 +238,6 @@ class Trainer:
         self.epoch, self.step, self.batch_in_epoch = snap["epoch"], snap["step"], snap["batch_in_epoch"]
         self.best_dice = snap["best_dice"]
         self._log(f"resumed from {path}: epoch {self.epoch + 1}, step {self.step}")
-
-    def _log(self, message):
-        if self.ranks.rank == 0:
-            log(0, message)
 
 
 def train(args, ranks):

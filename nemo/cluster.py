@@ -29,6 +29,7 @@ Map:
     settle_last_checkpoints  which *-last.ckpt exp_manager resumes from when a killed save left two (NeMo #7948)
     ReportHooks           the contract's log lines (C3) as Lightning hooks (recipe.Report adds the Callback base)
                           and the world size and batch in every checkpoint: another one is refused in one line
+    ResumableHooks        a loader Lightning resumes mid-epoch: the trained batches skipped (recipe.ResumableLoader)
     TimingHooks           --timings-file as Lightning hooks, through toolkit.StepTimer (recipe.StepTimings)
     allow_tf32, TF32Hooks  TF32 matmuls and convolutions for fp32 runs on a GPU (CONTRACT.md C10; recipe.TF32)
     CONF_DIR, FLAG_TO_KEY  conf/, and the config key each contract flag sets
@@ -65,6 +66,7 @@ FLAG_TO_KEY = {
     "--dataset-size": "model.train_ds.dataset_size",
     "--checkpoint-dir": "exp_manager.explicit_log_dir",
     "--save-every": "exp_manager.checkpoint_callback_params.every_n_epochs",
+    "--save-every-steps": "recipe.save_every_steps",
     "--seed": "seed",
     "--num-workers": "model.train_ds.num_workers",
     "--backend": "recipe.backend",
@@ -79,8 +81,8 @@ EXTRA_FLAGS = ("--nprocs", "--devices", "--num-nodes")  # only for the scripts t
 # What each value must be. Keys whose default is null need their type spelled out; the others must keep the type
 # of their default in conf/config.yaml (an int may stand for a float).
 POSITIVE_INT = ["trainer.max_epochs", "model.train_ds.batch_size", "model.train_ds.dataset_size", "recipe.timeout",
-                "exp_manager.checkpoint_callback_params.every_n_epochs", "recipe.log_every", "trainer.devices",
-                "trainer.num_nodes"]
+                "exp_manager.checkpoint_callback_params.every_n_epochs", "recipe.save_every_steps", "recipe.log_every",
+                "trainer.devices", "trainer.num_nodes"]
 CHOICES = {"model.train_ds.data": ["synthetic"], "recipe.backend": ["auto", "nccl", "gloo"]}
 STRINGS = ["model.train_ds.data_dir", "exp_manager.explicit_log_dir", "recipe.timings_file"]
 
@@ -470,15 +472,17 @@ def reduce_max(trainer, device):
     return lambda flag: trainer.strategy.reduce(torch.tensor(float(flag), device=device), reduce_op="max").item()
 
 
-def save_last_checkpoint(trainer, checkpoint) -> None:
+def save_last_checkpoint(trainer, checkpoint, batch_in_flight=True) -> None:
     """*-last.ckpt now, through exp_manager's checkpoint callback (the file exp_manager resumes from), as NeMo's own
-    PreemptionCallback saves it: the in-flight batch counted as completed first (Lightning counts it only after
-    on_train_batch_end, so the resumed run would replay it). Neither has a public API: NeMo's helper and Lightning's
-    ModelCheckpoint methods are private, so they are called here alone, each on a tagged line."""
+    PreemptionCallback saves it: in on_train_batch_end the in-flight batch counted as completed first (Lightning
+    counts it only after on_train_batch_end, so the resumed run would replay it); in on_train_batch_start
+    (batch_in_flight=False) the batch fetched is not trained yet. Neither has a public API: NeMo's helper and
+    Lightning's ModelCheckpoint methods are private, so they are called here alone, each on a tagged line."""
     # WORKAROUND(nemo-toolkit 3.0.0, nemo/utils/callbacks/preemption.py): NeMo's private helper, as PreemptionCallback
     from nemo.utils.exp_manager import _flush_in_flight_batch_progress as count_the_batch_in_flight
 
-    count_the_batch_in_flight(trainer)
+    if batch_in_flight:
+        count_the_batch_in_flight(trainer)
     # WORKAROUND(lightning 2.4.0, nemo/utils/callbacks/preemption.py): ModelCheckpoint's private save of *-last.ckpt
     checkpoint._save_last_checkpoint(trainer, checkpoint._monitor_candidates(trainer))
 
@@ -544,7 +548,7 @@ class ReportHooks:
     this module imports no Lightning at its top); torch is imported where a hook needs it."""
 
     def __init__(self, cfg: DictConfig):
-        self.cfg, self.last_snapshot_step = cfg, None
+        self.cfg, self.saving, self.last_snapshot_step = cfg, None, None
 
     def _print(self, trainer, message):
         if trainer.is_global_zero:
@@ -572,8 +576,12 @@ class ReportHooks:
     def on_train_epoch_start(self, trainer, pl_module):
         import torch
 
+        self._report_saved(trainer)
         self.epoch_start, self.epoch_first_step = time.perf_counter(), trainer.global_step
         self.sums = torch.zeros(2, device=pl_module.device)  # this rank's loss x samples, correct predictions
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self._report_saved(trainer)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         n = len(batch[1])  # on the device, no sync: nothing is read before the epoch ends
@@ -585,6 +593,7 @@ class ReportHooks:
                                  f"loss {outputs['loss'].item():.4f}")
 
     def on_train_epoch_end(self, trainer, pl_module):
+        self._report_saved(trainer)
         seconds = time.perf_counter() - self.epoch_start
         samples = (trainer.global_step - self.epoch_first_step) * self.cfg.model.train_ds.batch_size * \
             trainer.world_size
@@ -597,11 +606,15 @@ class ReportHooks:
 
     def on_save_checkpoint(self, trainer, pl_module, checkpoint):
         checkpoint["layout"] = {"world_size": trainer.world_size, "batch_size": self.cfg.model.train_ds.batch_size}
+        # Lightning calls this before it writes the file: the line waits for the next hook, once the file is on
+        # disk (a crash after the line resumes from this step)
+        self.saving = trainer.global_step
+
+    def _report_saved(self, trainer):
         # NeMo's callback writes the top-k file and *-last.ckpt at the same step: one line for both
-        if trainer.global_step != self.last_snapshot_step:
-            self.last_snapshot_step = trainer.global_step
-            self._print(trainer, f"snapshot saved to {self.cfg.exp_manager.explicit_log_dir} "
-                                 f"(step {trainer.global_step})")
+        if self.saving is not None and self.saving != self.last_snapshot_step:
+            self.last_snapshot_step = self.saving
+            self._print(trainer, f"snapshot saved to {self.cfg.exp_manager.explicit_log_dir} (step {self.saving})")
 
     def on_load_checkpoint(self, trainer, pl_module, checkpoint):
         """Before anything trains: a checkpoint of another world size or batch is refused in one line. Lightning
@@ -616,8 +629,35 @@ class ReportHooks:
                               f"--batch-size {old['batch_size']}, or start a new --checkpoint-dir", every_rank=False)
 
     def on_fit_end(self, trainer, pl_module):
+        self._report_saved(trainer)
         self._report_resume(trainer)  # a finished run resumed: Lightning trains nothing and skips on_train_start
         self._print(trainer, f"done: {trainer.global_step} steps in {time.perf_counter() - self.fit_start:.1f} s")
+
+
+class ResumableHooks:
+    """A DataLoader Lightning resumes mid-epoch (from a --save-every-steps or a preemption checkpoint), as
+    lightning/'s ResumableLoader: state_dict holds the optimizer step (one batch per step), load_state_dict makes
+    the resumed epoch skip the batches before it. Without them Lightning restarts the epoch at its first batch
+    ("your dataloader is not resumable") and the weights differ from an uninterrupted run's. The DataLoader is
+    recipe.ResumableLoader's other base (this module imports no torch at its top)."""
+
+    def __init__(self, *args, trainer, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.trainer, self.skip = trainer, 0
+
+    def state_dict(self) -> dict:
+        return {"global_step": self.trainer.global_step}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.skip = state["global_step"] % len(self)  # 0 at an epoch boundary
+
+    def __iter__(self):
+        # A generator: nothing is drawn before the first batch is asked for (Lightning creates the iterator before
+        # it calls the sampler's set_epoch). Only the resumed epoch skips.
+        skip, self.skip = self.skip, 0
+        for i, batch in enumerate(super().__iter__()):
+            if i >= skip:
+                yield batch
 
 
 class TimingHooks:

@@ -2,9 +2,7 @@
 `save_to`/`restore_from` write and read a .nemo archive), its data, and training the NeMo way: @hydra_runner
 composes conf/config.yaml, Lightning's Trainer runs the loop (its DDP strategy across processes), exp_manager
 saves and resumes the checkpoints. The scripts differ only in the Trainer's launch arguments (their setup()).
-
-The command line, Hydra and the launch checks are in cluster.py; what every folder shares is in toolkit.py.
-"""
+The command line, Hydra and the launch checks are in cluster.py; what every folder shares is in toolkit.py."""
 
 import gc
 import sys
@@ -21,8 +19,9 @@ from torch import nn
 from torch.nn import functional as F
 from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
-from cluster import (ReportHooks, TF32Hooks, TimingHooks, check_dataset_fits, last_step, parallel_devices,
-                     reduce_max, run_hydra, save_last_checkpoint, settle_last_checkpoints, without_training_step_proxy)
+from cluster import (ReportHooks, ResumableHooks, TF32Hooks, TimingHooks, check_dataset_fits, last_step,
+                     parallel_devices, reduce_max, run_hydra, save_last_checkpoint, settle_last_checkpoints,
+                     without_training_step_proxy)
 from toolkit import PREEMPTED_EXIT_CODE, PREEMPTION, ignore_preemption_signals, log
 
 NUM_CLASSES = 10
@@ -64,16 +63,20 @@ def build_dataset(ds: DictConfig) -> TensorDataset:
     return synthetic_dataset(ds.dataset_size)  # --data synthetic is the only choice (cluster.py checks)
 
 
-def build_loader(dataset, ds: DictConfig, rank: int = 0, world_size: int = 1, pin_memory: bool = False) -> DataLoader:
-    """Each rank reads its own shard, reshuffled every epoch from (seed, epoch) (Lightning calls set_epoch); also
-    on one device, so that a resumed run sees the batches an uninterrupted run would. Workers ignore
-    SIGUSR1/SIGTERM: Slurm signals every process of the step; the parent decides. pin_memory on a GPU: the copy
-    to the device is faster and can overlap."""
+class ResumableLoader(ResumableHooks, DataLoader):
+    """A DataLoader whose resumed epoch skips the batches trained before the checkpoint (cluster.ResumableHooks)."""
+
+
+def build_loader(dataset, ds: DictConfig, rank: int = 0, world_size: int = 1, pin_memory: bool = False,
+                 trainer: pl.Trainer | None = None) -> DataLoader:
+    """Each rank reads its own shard, reshuffled every epoch from (seed, epoch) (Lightning calls set_epoch); also on
+    one device, so that a resumed run, mid-epoch too, sees the batches an uninterrupted run would. Workers ignore
+    SIGUSR1/SIGTERM (Slurm signals every process; the parent decides). pin_memory on a GPU: faster copies."""
     sampler = DistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=True, seed=ds.seed,
                                  drop_last=True)
-    return DataLoader(dataset, batch_size=ds.batch_size, sampler=sampler, drop_last=True,
-                      num_workers=ds.num_workers, persistent_workers=ds.num_workers > 0,
-                      worker_init_fn=ignore_preemption_signals, pin_memory=pin_memory)
+    return ResumableLoader(dataset, batch_size=ds.batch_size, sampler=sampler, drop_last=True, trainer=trainer,
+                           num_workers=ds.num_workers, persistent_workers=ds.num_workers > 0,
+                           worker_init_fn=ignore_preemption_signals, pin_memory=pin_memory)
 
 
 class ToyClassifier(ModelPT):
@@ -82,9 +85,8 @@ class ToyClassifier(ModelPT):
 
     def __init__(self, cfg: DictConfig, trainer: pl.Trainer | None = None):
         super().__init__(cfg=cfg, trainer=trainer)
-        # ModelPT writes `target: recipe.ToyClassifier` into the config, and restore_from refuses a .nemo whose
-        # target lies outside NeMo's approved namespaces (nemo.*, torch.nn.*, ...: UnsafeTargetError). Without
-        # it, ToyClassifier.restore_from(path) builds the class it is called on.
+        # ModelPT writes `target: recipe.ToyClassifier` into the config; restore_from refuses a target outside NeMo's
+        # approved namespaces (UnsafeTargetError). Without it, ToyClassifier.restore_from builds its own class.
         cfg = self.cfg.copy()
         with open_dict(cfg):
             cfg.pop("target", None)
@@ -115,7 +117,7 @@ class ToyClassifier(ModelPT):
     def train_dataloader(self):
         self.train_set = build_dataset(self.train_config)
         return build_loader(self.train_set, self.train_config, self.trainer.global_rank, self.trainer.world_size,
-                            pin_memory=self.trainer.strategy.root_device.type == "cuda")
+                            pin_memory=self.trainer.strategy.root_device.type == "cuda", trainer=self.trainer)
 
     def configure_optimizers(self):
         # The optimizer from NeMo's registry (model.optim: name, lr, momentum). The cosine schedule spans
@@ -123,9 +125,8 @@ class ToyClassifier(ModelPT):
         # resumed follows the same learning-rate curve as an uninterrupted one. (NeMo's `sched` would not.)
         optimizer, _ = self.setup_optimization(self.cfg.optim)
         c = self.train_config
-        steps_per_epoch = c.dataset_size // self.trainer.world_size // c.batch_size
-        scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(
-            optimizer, T_max=self.trainer.max_epochs * steps_per_epoch)
+        steps = self.trainer.max_epochs * (c.dataset_size // self.trainer.world_size // c.batch_size)
+        scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=steps)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     @classmethod
@@ -141,9 +142,8 @@ class Report(ReportHooks, Callback):
 
 
 class Preemption(Callback):
-    """SIGUSR1/SIGTERM (toolkit.PREEMPTION): at a step all ranks agree on, save *-last.ckpt through NeMo's
-    checkpoint callback and stop; train() then exits 75 so the job script requeues (CONTRACT.md C7). Not
-    exp_manager's PreemptionCallback: CUDA only, SIGTERM only, and it exits 0 (README.md)."""
+    """SIGUSR1/SIGTERM: at a step all ranks agree on, save *-last.ckpt through NeMo's checkpoint callback and stop;
+    train() exits 75, the job script requeues (C7). Not exp_manager's PreemptionCallback: CUDA, SIGTERM, exit 0."""
 
     preempted = requested = False
 
@@ -155,8 +155,7 @@ class Preemption(Callback):
         PREEMPTION.install()  # again, after Lightning's own handlers, so that ours are the ones that run
 
     def on_train_start(self, trainer, pl_module):
-        # and again: fit() installs Lightning's SIGTERM handler after on_fit_start, and that one ends the run at the
-        # next batch with exit 0 and no checkpoint of ours (issue #27; README.md, troubleshooting)
+        # and again: fit() installs Lightning's SIGTERM handler after on_fit_start (exit 0, no checkpoint: #27)
         PREEMPTION.install()
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
@@ -169,6 +168,25 @@ class Preemption(Callback):
             # the .nemo archive at the real end only (also when the stop falls on it), not inside the warning
             checkpoint.save_nemo_on_train_end &= last_step(trainer, batch_idx)
         trainer.should_stop = True
+
+
+class StepSnapshots(Callback):
+    """--save-every-steps N: *-last.ckpt after every N-th step, mid-epoch too, by the preemption's path (exp_manager's
+    one checkpoint callback counts epochs or steps, not both), as the next batch starts: that batch is fetched, not
+    trained, and the loader's state_dict holds the position in the epoch. A step already saved is not saved again."""
+
+    def __init__(self, every: int | None):
+        self.every, self.saved = every, None
+
+    def on_save_checkpoint(self, trainer, pl_module, checkpoint=None):
+        self.saved = trainer.global_step  # this one, the epoch's end, a preemption: one save per step
+
+    on_train_start = on_save_checkpoint  # a resumed run: its first step is the snapshot's, not saved again
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        due = self.every and trainer.global_step % self.every == 0 and trainer.global_step != self.saved
+        if due and trainer.checkpoint_callback is not None:  # (none without --checkpoint-dir)
+            save_last_checkpoint(trainer, trainer.checkpoint_callback, batch_in_flight=False)
 
 
 class StepTimings(TimingHooks, Callback):
@@ -204,7 +222,7 @@ def fit(cfg: DictConfig, start_time: float, **launch) -> None:
     from nemo.utils.exp_manager import exp_manager
 
     preemption, ds = Preemption(), cfg.model.train_ds
-    callbacks = [Report(cfg), preemption, TF32()]
+    callbacks = [Report(cfg), preemption, TF32(), StepSnapshots(cfg.recipe.save_every_steps)]
     if cfg.recipe.timings_file:
         callbacks.append(StepTimings(cfg.recipe.timings_file, start_time, ds.batch_size))
     options = OmegaConf.to_container(cfg.trainer, resolve=True)  # the config's trainer section, less the launch

@@ -17,7 +17,7 @@ from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
 from cluster import (adapt_to_another_shape, allow_tf32, capture_rng, check_dataset_fits, check_shared_directory,
                      explained_rendezvous, mixed_precision, pick_backend, reduce_max, rendezvous_store, restore_rng,
-                     settle_ddp_buckets, step_timer, torchvision_dataset, wait_for_rank0)
+                     settle_ddp_buckets, snapshot_due, step_timer, torchvision_dataset, wait_for_rank0)
 from toolkit import PREEMPTED_EXIT_CODE, PREEMPTION, RecipeError, atomic_write, ignore_preemption_signals, log
 
 SNAPSHOT, PREVIOUS_SNAPSHOT = "snapshot.pt", "snapshot.prev.pt"
@@ -78,16 +78,14 @@ class Trainer:
         self.scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(self.optimizer, args.epochs * len(loader))
         self.autocast, self.scaler = mixed_precision(device, args.amp)
         self.epoch = self.step = self.batch_in_epoch = 0  # progress: what a snapshot must restore
-        self.preempted = False
-        self.timer = step_timer(args, device, rank, world_size)  # the benchmarks' step hook, or None
+        self.preempted, self.timer = False, step_timer(args, device, rank, world_size)  # timer: benchmarks' or None
 
     def train(self):
         self._resume()
         start = time.perf_counter()
         while self._training_left():
             self._run_epoch()
-            finished = not self._training_left()
-            if self.args.checkpoint_dir and (finished or self.preempted or self.epoch % self.args.save_every == 0):
+            if snapshot_due(self.args, self.step, self.epoch, last=self.preempted or not self._training_left()):
                 self._save_snapshot()
             if self.preempted:
                 self._log(f"preempted at step {self.step}: "
@@ -126,6 +124,8 @@ class Trainer:
             self.preempted = PREEMPTION.agreed(self.step, reduce_max(self.device) if self.distributed else None)
             if self.preempted:  # SIGUSR1/SIGTERM on any rank: every rank stops after the same step
                 break
+            if snapshot_due(self.args, self.step) and i + 1 < len(self.loader):  # (an epoch's end saves in train())
+                self._save_snapshot()  # --save-every-steps: mid-epoch, with the position in the epoch
         self._report_epoch(totals, seen, time.perf_counter() - epoch_start)
         if self.batch_in_epoch == len(self.loader):  # the epoch ran to its end (not cut short)
             self.epoch, self.batch_in_epoch = self.epoch + 1, 0

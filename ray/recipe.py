@@ -16,7 +16,7 @@ from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
 from cluster import (KEEP_SNAPSHOTS, RUN_NAME, SNAPSHOT, DriverPump, LocalSession, WorkerLink, adapt_to_another_shape,
                      check_dataset_fits, find_snapshot, make_control_actor, mixed_precision, npz_dataset, pick_backend,
-                     resumable_snapshot, save_snapshot, scratch_storage, step_timer)
+                     resumable_snapshot, save_snapshot, scratch_storage, snapshot_due, step_timer)
 from toolkit import PREEMPTED_EXIT_CODE, PREEMPTION, ignore_preemption_signals, log
 
 
@@ -73,8 +73,7 @@ class Trainer:
         self.scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(self.optimizer, T_max=args.epochs * len(loader))
         self.autocast, self.scaler = mixed_precision(device, args.amp)
         self.epoch = self.step = self.batch_in_epoch = 0  # progress: what a snapshot must restore
-        self.preempted = False
-        self.timer = step_timer(args, device, self.rank, self.world_size)  # the benchmarks' step hook, or None
+        self.preempted, self.timer = False, step_timer(args, device, self.rank, self.world_size)  # benchmarks' or None
 
     def train(self):
         """Train what is left; returns "done" or "preempted" (the driver turns the latter into exit 75)."""
@@ -82,8 +81,7 @@ class Trainer:
         start = time.perf_counter()
         while self._training_left():
             self._run_epoch()
-            finished = not self._training_left()
-            if self.args.checkpoint_dir and (finished or self.preempted or self.epoch % self.args.save_every == 0):
+            if snapshot_due(self.args, self.step, self.epoch, last=self.preempted or not self._training_left()):
                 self._save_snapshot()
             if self.preempted:
                 self.log(f"preempted at step {self.step}: "
@@ -122,6 +120,8 @@ class Trainer:
             self.preempted = PREEMPTION.agreed(self.step, self.session.reduce_max)
             if self.preempted:  # a stop was requested: every rank stops after the same step
                 break
+            if snapshot_due(self.args, self.step) and i + 1 < len(self.loader):  # (an epoch's end saves in train())
+                self._save_snapshot()  # --save-every-steps: mid-epoch, with the position in the epoch
         self._report_epoch(totals, seen, time.perf_counter() - epoch_start)
         if self.batch_in_epoch == len(self.loader):  # the epoch ran to its end (not cut short)
             self.epoch, self.batch_in_epoch = self.epoch + 1, 0

@@ -197,6 +197,21 @@ def test_preemption_checkpoints_exits_75_and_the_rerun_resumes(tmp_path):
 
 
 
+def test_a_crash_after_a_mid_epoch_snapshot_resumes_to_the_uninterrupted_weights(reference, tmp_path):
+    """--save-every-steps 3 (#27): killed (SIGKILL) right after the step-6 snapshot, mid-epoch 2, the rerun
+    resumes at step 6 and ends with the weights of the run that never stopped: it trained epoch 2's last two
+    batches, not its first two again (a plain DataLoader restarts the epoch: Lightning warned "your dataloader is
+    not resumable", and so did every mid-epoch preemption resume here)."""
+    from test_contract import CRASH  # the contract's crash: SIGKILL right after a line
+
+    args = [*ONE, "--log-every", "1", "--save-every-steps", "3", "--checkpoint-dir", tmp_path]
+    python("-c", CRASH, r"snapshot saved to .+ \(step 6\)", "single_gpu.py", *args, check=False)
+    again = python("single_gpu.py", *args).stdout
+    assert re.search(r"^\[rank0\] resumed from \S+-last\.ckpt: epoch 2, step 6$", again, re.M), again[-3000:]
+    assert "not resumable" not in again, again[-3000:]
+    assert_same_weights(weights(reference[0]), weights(tmp_path))
+
+
 def test_a_preemption_at_the_last_step_still_exports_the_nemo_file(tmp_path):
     """A preemption that stops the run at its last step (the signal came within its last CHECK_EVERY steps) ends
     training: the .nemo archive is exported, as at any real end. Without it the archive was lost for good: the
@@ -228,7 +243,7 @@ def test_flags_and_overrides_compose_into_one_config():
     (["--epochs", "2", "trainer.max_epochs=3"], "trainer.max_epochs is set twice"),
     (["--config-path", "{tmp}/none"], "--config-path {tmp}/none: no such directory"),
     (["--config-path", "{tmp}", "--config-name", "nope"], "--config-name nope: there is no {tmp}/nope.yaml"),
-    (["-cp", "{tmp}", "-cn", "thin"], "{tmp}/thin.yaml lacks 41 key(s) of conf/config.yaml that the recipe reads: "
+    (["-cp", "{tmp}", "-cn", "thin"], "{tmp}/thin.yaml lacks 42 key(s) of conf/config.yaml that the recipe reads: "
                                       "seed, trainer.devices"),
     (["-cp", "{tmp}", "-cn", "broken"], "{tmp}/broken.yaml is not valid YAML: while parsing a flow sequence"),
     (["exp_manager.create_preemption_callback=true"], "exp_manager.create_preemption_callback must be false"),
