@@ -20,9 +20,10 @@ pytestmark = [pytest.mark.nemo, pytest.mark.slurm, pytest.mark.timeout(400)]
 
 FOLDER = ROOT / "nemo"
 TINY = ["--epochs", 2, "--dataset-size", 64, "--batch-size", 8, "--log-every", 4]
-# Preemption: 2 ranks x 8 = 16 samples per step, 2048 samples -> 128 steps in 1 epoch
-LONG = ["--epochs", 1, "--dataset-size", 2048, "--batch-size", 8, "--log-every", 10]
-LONG_STEPS = 128
+# Preemption: 2 ranks x 8 = 16 samples per step, 4096 samples -> 256 steps in 1 epoch (an epoch takes seconds: the
+# signal sent at step 40 lands tens of steps later under load, still mid-epoch)
+LONG = ["--epochs", 1, "--dataset-size", 4096, "--batch-size", 8, "--log-every", 10]
+LONG_STEPS = 256
 
 
 def submit(cluster, tmp_path, template, sbatch_args, args=TINY, **kwargs):
