@@ -22,7 +22,6 @@ Map:
     read_idx, mnist_dataset            MNIST's raw IDX files, read without torchvision
     TAG_PREFIX, COMPLETE               checkpoint tags are step-NNNNNNNN; complete.json marks a finished one
     mark_complete                      rank 0 marks a tag complete (atomically) and keeps the newest two
-    snapshot_due                       --save-every epochs or --save-every-steps steps: is a snapshot due now?
     find_snapshot, damaged_files       the newest complete and readable tag; damaged ones skipped with a warning
     snapshot_to_load, to_universal     the tag every rank resumes; written by another number of ranks: DeepSpeed's
                                        universal checkpoint (ds_to_universal, once, by rank 0) or one line, exit 2
@@ -405,15 +404,6 @@ def mnist_dataset(root):
 
 
 # ------------------------------------------------------------------------------------------------ checkpoint tags
-
-
-def snapshot_due(args, step, epochs_done=None, last=False):
-    """With --checkpoint-dir, a snapshot is due every --save-every-steps steps (mid-epoch too: a crash, which no
-    signal announces, loses at most that many), at an epoch's end (epochs_done given) every --save-every epochs,
-    and last of all before the process exits (finished or preempted): when any of them is."""
-    by_epochs = epochs_done is not None and epochs_done % args.save_every == 0
-    by_steps = bool(args.save_every_steps) and step % args.save_every_steps == 0
-    return bool(args.checkpoint_dir) and (last or by_epochs or by_steps)
 
 
 def mark_complete(checkpoint_dir, tag, progress):

@@ -18,9 +18,10 @@ from torch.utils.data.distributed import DistributedSampler
 
 from cluster import (TAG_PREFIX, check_dataset_fits, config_errors, device_sync, import_deepspeed, load_ds_config,
                      mark_complete, mnist_dataset, precision_of, reduce_max, report_memory, resume_on_another_shape,
-                     snapshot_due, snapshot_to_load)
+                     snapshot_to_load)
 from gpt import GPT, synthetic_text, text_dataset
-from toolkit import PREEMPTED_EXIT_CODE, PREEMPTION, RecipeError, StepTimer, ignore_preemption_signals, log
+from toolkit import (PREEMPTED_EXIT_CODE, PREEMPTION, RecipeError, StepTimer, ignore_preemption_signals, log,
+                     snapshot_due)
 
 # ------------------------------------------------------------------------------------------------ model and data
 

@@ -14,7 +14,6 @@ Map:
     rendezvous              around DistributedManager.initialize(): --timeout, --backend, the device (device_index),
                             a deadline, one-line errors
     reduce_max              the ranks' maximum of the preemption flag (PREEMPTION.agreed's reduce_max)
-    snapshot_due            --save-every epochs or --save-every-steps steps: is a snapshot due now?
     stop_distributed        process-group teardown in the order that cannot hang at exit (run's cleanup)
     mixed_precision         --amp by CONTRACT.md C10: (autocast, GradScaler), bf16 or fp16 by what the device does
     read_darcy              the Darcy .npz files of --data-dir, checked: a missing or wrong file is one clear line
@@ -250,15 +249,6 @@ def read_darcy(data_dir):
         raise RecipeError(f"{data_dir}: training grid {train[0].shape[1:]} differs from validation grid "
                           f"{val[0].shape[1:]}")
     return train, val
-
-
-def snapshot_due(args, step, epochs_done=None, last=False):
-    """With --checkpoint-dir, a snapshot is due every --save-every-steps steps (mid-epoch too: a crash, which no
-    signal announces, loses at most that many), at an epoch's end (epochs_done given) every --save-every epochs,
-    and last of all before the process exits (finished or preempted): when any of them is."""
-    by_epochs = epochs_done is not None and epochs_done % args.save_every == 0
-    by_steps = bool(args.save_every_steps) and step % args.save_every_steps == 0
-    return bool(args.checkpoint_dir) and (last or by_epochs or by_steps)
 
 
 def check_dataset_fits(dataset, world_size, batch_size):

@@ -16,8 +16,8 @@ from torch.utils.data.distributed import DistributedSampler
 
 import darcy
 from cluster import (adapt_to_another_shape, check_dataset_fits, mixed_precision, physicsnemo, read_darcy, reduce_max,
-                     rendezvous, snapshot_due, spectral_layers_in_fp32)
-from toolkit import PREEMPTED_EXIT_CODE, PREEMPTION, RecipeError, StepTimer, atomic_write, log
+                     rendezvous, spectral_layers_in_fp32)
+from toolkit import PREEMPTED_EXIT_CODE, PREEMPTION, RecipeError, StepTimer, atomic_write, log, snapshot_due
 from toolkit import ignore_preemption_signals  # DataLoader workers leave SIGUSR1/SIGTERM to their parent
 
 SNAPSHOT, PREVIOUS_SNAPSHOT, MODEL_FILE = "snapshot.pt", "snapshot.prev.pt", "fno.mdlus"  # MODEL_FILE: save_model

@@ -18,7 +18,6 @@ Map:
     check_dataset_fits          enough training cases for the world size and the batch size: ⌊⌊N / world⌋ / batch⌋ >= 1
     save_snapshot               snapshot.pt written atomically, the previous one kept as snapshot.prev.pt
     save_best_model             best_model.pt (weights, Dice, step) written atomically when the validation Dice improves
-    snapshot_due                --save-every epochs or --save-every-steps steps: is a snapshot due now?
     exit_preempted              the preemption line, then exit 75 (after the snapshot; no validation in between)
     find_snapshot               the newest readable snapshot; a damaged one named, the other one used
     load_snapshot               a snapshot read for resuming; one of another world size refused in one line
@@ -365,15 +364,6 @@ def check_dataset_fits(dataset, world_size, batch_size):
 
 
 SNAPSHOT, PREVIOUS_SNAPSHOT, BEST_MODEL = "snapshot.pt", "snapshot.prev.pt", "best_model.pt"
-
-
-def snapshot_due(args, step, epochs_done=None, last=False):
-    """With --checkpoint-dir, a snapshot is due every --save-every-steps steps (mid-epoch too: a crash, which no
-    signal announces, loses at most that many), at an epoch's end (epochs_done given) every --save-every epochs,
-    and last of all before the process exits (finished or preempted): when any of them is."""
-    by_epochs = epochs_done is not None and epochs_done % args.save_every == 0
-    by_steps = bool(args.save_every_steps) and step % args.save_every_steps == 0
-    return bool(args.checkpoint_dir) and (last or by_epochs or by_steps)
 
 
 def save_snapshot(checkpoint_dir, snapshot):

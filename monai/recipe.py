@@ -22,8 +22,8 @@ from torch.utils.data import DataLoader, Dataset
 
 from cluster import (EpochSampler, SeededAugmentation, check_dataset_fits, exit_preempted, find_snapshot,
                      load_snapshot, mixed_precision, pick_backend, prepare_data, read_task, rendezvous, restore_rng,
-                     rng_state, save_best_model, save_snapshot, snapshot_due, step_timer)
-from toolkit import PREEMPTION, ignore_preemption_signals, log
+                     rng_state, save_best_model, save_snapshot, step_timer)
+from toolkit import PREEMPTION, ignore_preemption_signals, log, snapshot_due
 
 SPACING = (1.5, 1.5, 1.5)  # EDIT: voxel size (mm) every volume is resampled to; 1.5 mm suits abdominal CT
 HU_WINDOW = (-57.0, 164.0)  # EDIT: CT intensity window (Hounsfield units) mapped to [0, 1]: MONAI's spleen tutorial

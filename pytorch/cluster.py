@@ -16,7 +16,6 @@ Map:
     torchvision_dataset           MNIST/CIFAR-10 through torchvision, downloaded once per copy of --data-dir
     check_dataset_fits            a world size or a batch larger than the data is one line, not an idle rank
     reduce_max                    the ranks' maximum of a flag: PREEMPTION.agreed's way to agree on a step
-    snapshot_due                  --save-every epochs or --save-every-steps steps: is a snapshot due now?
     bf16_is_native                bf16 on CPUs and on GPUs of compute capability >= 8.0 (C10)
     mixed_precision               --amp: (autocast factory, GradScaler or None)
     allow_tf32                    TF32 matmuls on Ampere+ for fp32 runs
@@ -274,15 +273,6 @@ def torchvision_dataset(args, rank=0):
         _load_torchvision(args.data, args.data_dir, download=True)
     wait_for_rank0(args.io_timeout)  # a barrier: waits for every downloader, not only rank 0
     return _load_torchvision(args.data, args.data_dir, download=False)
-
-
-def snapshot_due(args, step, epochs_done=None, last=False):
-    """With --checkpoint-dir, a snapshot is due every --save-every-steps steps (mid-epoch too: a crash, which no
-    signal announces, loses at most that many), at an epoch's end (epochs_done given) every --save-every epochs,
-    and last of all before the process exits (finished or preempted): when any of them is."""
-    by_epochs = epochs_done is not None and epochs_done % args.save_every == 0
-    by_steps = bool(args.save_every_steps) and step % args.save_every_steps == 0
-    return bool(args.checkpoint_dir) and (last or by_epochs or by_steps)
 
 
 def check_dataset_fits(dataset, world_size, batch_size):

@@ -1,7 +1,6 @@
 """The lesson of pytorch/, top to bottom: the model, the data, the training loop (`Trainer`, in the shape of the
 PyTorch DDP tutorial series), the snapshot, and `train()`, which every script calls after its own `setup()`. The
-Trainer asks "more than one rank?" only where that changes what it does. The plumbing is cluster.py's (its map).
-"""
+Trainer asks "more than one rank?" only where that changes what it does. The plumbing: cluster.py (its map)."""
 
 import os
 import sys
@@ -17,8 +16,9 @@ from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
 from cluster import (adapt_to_another_shape, allow_tf32, capture_rng, check_dataset_fits, check_shared_directory,
                      explained_rendezvous, mixed_precision, pick_backend, reduce_max, rendezvous_store, restore_rng,
-                     settle_ddp_buckets, snapshot_due, step_timer, torchvision_dataset, wait_for_rank0)
-from toolkit import PREEMPTED_EXIT_CODE, PREEMPTION, RecipeError, atomic_write, ignore_preemption_signals, log
+                     settle_ddp_buckets, step_timer, torchvision_dataset, wait_for_rank0)
+from toolkit import (PREEMPTED_EXIT_CODE, PREEMPTION, RecipeError, atomic_write, ignore_preemption_signals, log,
+                     snapshot_due)
 
 SNAPSHOT, PREVIOUS_SNAPSHOT = "snapshot.pt", "snapshot.prev.pt"
 

@@ -17,6 +17,7 @@ Map:
     PreemptionFlag, PREEMPTION            SIGUSR1/SIGTERM remembered; the ranks agree on a step to stop at (C7)
     ignore_preemption_signals             DataLoader workers leave the signals to their parent (C7)
     atomic_write                          temporary file, fsync, rename; the previous file kept (C6)
+    snapshot_due                          --save-every epochs or --save-every-steps steps: is a snapshot due now (C6)
     StepTimer                             per-step wall-clock times for the benchmarks (--timings-file)
     HangReport/HANG, timed_out            a collective past --timeout: stacks and trace on disk, one line naming
                                           who did not arrive, exit 1 (run calls it before explain)
@@ -335,6 +336,15 @@ def atomic_write(path, write, previous=None):
             os.fsync(fd)
         finally:
             os.close(fd)
+
+
+def snapshot_due(args, step, epochs_done=None, last=False):
+    """With --checkpoint-dir, a snapshot is due every --save-every-steps steps (mid-epoch too: a crash, which no
+    signal announces, loses at most that many), at an epoch's end (epochs_done given) every --save-every epochs,
+    and last of all before the process exits (finished or preempted): when any of them is."""
+    by_epochs = epochs_done is not None and epochs_done % args.save_every == 0
+    by_steps = bool(args.save_every_steps) and step % args.save_every_steps == 0
+    return bool(args.checkpoint_dir) and (last or by_epochs or by_steps)
 
 
 class StepTimer:

@@ -16,7 +16,6 @@ Map:
     KEEP_SNAPSHOTS              the snapshot layout: CHECKPOINT_DIR/train/checkpoint_*/snapshot.pt, newest 2 kept
     snapshot_dirs               the snapshot directories under --checkpoint-dir
     find_snapshot               the newest readable one by stored step; a damaged one is a warning (C6)
-    snapshot_due                --save-every epochs or --save-every-steps steps: is a snapshot due now?
     snapshot_step               the step stored in a snapshot directory
     save_snapshot               snapshot.pt into a directory, flushed to disk
     LocalSession                single_gpu.py's session: lines printed, the layout written atomically (rename)
@@ -238,15 +237,6 @@ SNAPSHOT = "snapshot.pt"
 # name="train") and one directory per reported Checkpoint). single_gpu.py writes the same layout itself.
 RUN_NAME = "train"
 KEEP_SNAPSHOTS = 2  # the newest and the one before it (a damaged newest falls back to it)
-
-
-def snapshot_due(args, step, epochs_done=None, last=False):
-    """With --checkpoint-dir, a snapshot is due every --save-every-steps steps (mid-epoch too: a crash, which no
-    signal announces, loses at most that many), at an epoch's end (epochs_done given) every --save-every epochs,
-    and last of all before the process exits (finished or preempted): when any of them is."""
-    by_epochs = epochs_done is not None and epochs_done % args.save_every == 0
-    by_steps = bool(args.save_every_steps) and step % args.save_every_steps == 0
-    return bool(args.checkpoint_dir) and (last or by_epochs or by_steps)
 
 
 def snapshot_dirs(checkpoint_dir):

@@ -16,8 +16,8 @@ from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
 from cluster import (KEEP_SNAPSHOTS, RUN_NAME, SNAPSHOT, DriverPump, LocalSession, WorkerLink, adapt_to_another_shape,
                      check_dataset_fits, find_snapshot, make_control_actor, mixed_precision, npz_dataset, pick_backend,
-                     resumable_snapshot, save_snapshot, scratch_storage, snapshot_due, step_timer)
-from toolkit import PREEMPTED_EXIT_CODE, PREEMPTION, ignore_preemption_signals, log
+                     resumable_snapshot, save_snapshot, scratch_storage, step_timer)
+from toolkit import PREEMPTED_EXIT_CODE, PREEMPTION, ignore_preemption_signals, log, snapshot_due
 
 
 class ConvNet(nn.Module):
