@@ -27,6 +27,8 @@ import time
 import uuid
 from pathlib import Path
 
+from helpers import PYCACHE, clean_env, free_port
+
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -112,21 +114,11 @@ MODES = {m.key: m for m in [
 # ------------------------------------------------------------------------------------------ processes
 
 
-def free_port() -> int:
-    import socket
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def base_env(**overrides) -> dict:
-    """The caller's environment without launcher variables (a stray RANK or SLURM_* must not leak in)."""
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith(("SLURM_", "TORCHELASTIC_", "PMI_", "OMPI_", MARKER))
-           and k not in {"RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
-                         "GROUP_RANK", "NODE_RANK", "PYTHONPATH", "PYTHONDONTWRITEBYTECODE"}}
-    env.update(OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", PYTHONPYCACHEPREFIX=str(VENVS / ".pycache"))
-    env.update({k: str(v) for k, v in overrides.items()})
+    """helpers.clean_env() (no launcher variables: a stray RANK or SLURM_* must not leak in), without the marker of
+    an enclosing soak launch, with bytecode cached where the tests cache it (soak.py runs outside pytest too)."""
+    env = {k: v for k, v in clean_env().items() if not k.startswith(MARKER) and k != "PYTHONDONTWRITEBYTECODE"}
+    env.update(PYTHONPYCACHEPREFIX=str(PYCACHE), **{k: str(v) for k, v in overrides.items()})
     return env
 
 
