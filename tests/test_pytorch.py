@@ -17,7 +17,7 @@ import pytest
 import torch
 from data_files import cifar_md5_env, write_cifar10, write_mnist
 from helpers import (ROOT, assert_same_weights, clean_env, env_python, epoch_lines, free_port, run,
-                     run_killing_a_worker_twice, torchrun, with_teardown_check,
+                     run_killing_a_worker_twice, torchrun, torchrun_workers, with_teardown_check,
                      with_torchvision_shim)
 from recipes import RECIPES, scripts_not_run, wait_all
 
@@ -566,3 +566,37 @@ def test_tf32_is_on_for_fp32_matmuls_and_convolutions(monkeypatch):
         assert torch.get_float32_matmul_precision() == "high"
     finally:
         torch.set_float32_matmul_precision(before)
+
+
+def test_a_hung_worker_under_torchrun_ends_with_evidence(tmp_path):
+    """C13 under torchrun (#23; the contract's test starts srun-style tasks): worker rank 1 is stopped (SIGSTOP) after
+    step 2. Rank 0's next collective runs out --timeout 5; it writes its stack into <ckpt>/debug/<torchrun's run
+    id>/, prints one line naming rank 1 as the rank that stopped answering, and exits 1; torchrun's agent then ends
+    the stopped worker and the job exits non-zero within --timeout + 60 s (not at some later watchdog)."""
+    ckpt = tmp_path / "ckpt"
+    cmd = [*torchrun("pytorch"), "--standalone", "--nproc_per_node", "2", PT / "multigpu_torchrun.py",
+           "--epochs", "100", "--dataset-size", "512", "--log-every", "1", "--timeout", "5", "--checkpoint-dir", ckpt]
+    agent = subprocess.Popen([str(c) for c in cmd], cwd=PT, env=clean_env(), stdout=subprocess.PIPE,
+                             stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    out, stopped = "", None
+    try:
+        for line in agent.stdout:
+            out += line
+            if re.search(r"\| step 2 \|", line):
+                stopped = torchrun_workers(agent.pid)[1]
+                os.kill(stopped, signal.SIGSTOP)
+                break
+        out += agent.communicate(timeout=5 + 60)[0]  # the bound is the test: a hang fails below
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"torchrun still running 65 s after rank 1 stopped\n{out[-3000:]}", pytrace=False)
+    finally:
+        for sig in (signal.SIGCONT, signal.SIGKILL):
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(agent.pid, sig)
+        agent.wait()
+    assert stopped and agent.returncode not in (0, None), f"exit {agent.returncode}\n{out[-3000:]}"
+    errors = re.findall(r"^\[rank0\] error: .*$", out, re.M)
+    assert len(errors) == 1 and "rank 1 stopped answering" in errors[0] and "died" not in errors[0], out[-3000:]
+    assert "within --timeout 5 s" in errors[0], errors[0]
+    stacks = list(ckpt.glob("debug/*/rank0.stack.txt"))
+    assert len(stacks) == 1 and stacks[0].read_text().startswith("rank 0 of 2, "), (stacks, out[-2000:])
