@@ -261,7 +261,7 @@ import cluster, recipe, toolkit
 def tiny_args(**kw):
     defaults = dict(data="synthetic", dataset_size=16, batch_size=4, seed=0, num_workers=0, lr=1e-3, epochs=2,
                     max_steps=None, amp=False, timings_file=None, checkpoint_dir=None, log_every=1, save_every=1,
-                    backend="auto", timeout=30)
+                    save_every_steps=None, backend="auto", timeout=30)
     return types.SimpleNamespace(**{**defaults, **kw})
 
 @check

@@ -348,8 +348,8 @@ import cluster, recipe, toolkit
 def trainer(ckpt, device, loader=None, **flags):
     """A Trainer of the recipe (a tiny UNet, 4 steps per epoch) on the CPU, then moved in thought to `device`."""
     args = types.SimpleNamespace(lr=1e-3, epochs=2, max_steps=None, amp=False, timings_file=None, checkpoint_dir=ckpt,
-                                 save_every=1, log_every=100, roi_size=16, batch_size=1, val_every=1, seed=0,
-                                 num_workers=0, gpu_cache=False)
+                                 save_every=1, save_every_steps=None, log_every=100, roi_size=16, batch_size=1,
+                                 val_every=1, seed=0, num_workers=0, gpu_cache=False)
     vars(args).update(flags)
     task = recipe.Task(train=list(range(4)), val_cases=[], in_channels=1, num_classes=2, n_train=4, n_val=0)
     loader = list(range(4)) if loader is None else loader(args)
