@@ -18,7 +18,6 @@ Map:
     mixed_precision         --amp by CONTRACT.md C10: (autocast, GradScaler), bf16 or fp16 by what the device does
     read_darcy              the Darcy .npz files of --data-dir, checked: a missing or wrong file is one clear line
     check_dataset_fits      a world size or a batch larger than the data is one clear line
-    adapt_to_another_shape  a snapshot of another world size or batch: resumed after the same samples, or one line
   compatibility (every monkeypatch, private field and version workaround of the folder; delete as releases fix them):
     physicsnemo             the PhysicsNeMo package (or nvidia-modulus 0.9), imported on first use, with its import
                             shims (declare_torchvision_operators, without_warp_driver_warning)
@@ -259,34 +258,6 @@ def check_dataset_fits(dataset, world_size, batch_size):
     if n // world_size // batch_size == 0:
         raise RecipeError(f"the dataset has {n} samples, too few for one step of {world_size} ranks x "
                           f"batch size {batch_size}: lower --batch-size or use more data")
-
-
-def adapt_to_another_shape(trainer, snap, path):
-    """A snapshot written by another number of ranks or another per-rank batch (a job requeued onto fewer or more
-    GPUs): every rank's shard, and the steps per epoch, are different now. Every layout reads the epoch's samples
-    in the same seeded order (rank r takes every world_size-th one), so the samples trained so far are a prefix of
-    that order: resume after the same prefix when it is a whole number of the new global batches, and continue
-    the learning-rate curve at the same point; otherwise refuse. Counting the old batches under the new layout (or
-    restarting the epoch) would train on some samples twice and never on others."""
-    t, args = trainer, trainer.args
-    old = (snap["world_size"], snap.get("batch_size", args.batch_size))
-    if old == (t.world_size, args.batch_size):
-        return
-    done = t.batch_in_epoch * old[0] * old[1]  # samples of the current epoch already trained on
-    global_batch = t.world_size * args.batch_size
-    if done % global_batch:
-        raise RecipeError(f"{path} was written by {old[0]} rank(s) x batch {old[1]} after {done} samples of epoch "
-                          f"{t.epoch + 1}, not a whole number of batches of {t.world_size} x {args.batch_size}: "
-                          f"resume with {old[0]} rank(s) x batch {old[1]} (or a shape that divides {done}), or "
-                          f"start a new --checkpoint-dir", every_rank=False)
-    t.batch_in_epoch = done // global_batch
-    t.step = t.epoch * len(t.loader) + t.batch_in_epoch
-    # The cosine schedule spans --epochs in steps of the new layout: rebuild it at the same point of training.
-    t.scheduler.T_max, t.scheduler.last_epoch = args.epochs * len(t.loader), t.step
-    for group, lr in zip(t.optimizer.param_groups, t.scheduler._get_closed_form_lr(), strict=True):
-        group["lr"] = lr
-    t.log(f"snapshot written by {old[0]} rank(s) x batch {old[1]}, resuming as {t.world_size} x "
-          f"{args.batch_size}: epoch {t.epoch + 1} after {done} samples (step {t.step})")
 
 
 # ------------------ compatibility: every shim and version workaround, one tagged line each (stories: README.md)

@@ -15,9 +15,10 @@ from torch.utils.data import DataLoader
 from torch.utils.data.distributed import DistributedSampler
 
 import darcy
-from cluster import (adapt_to_another_shape, check_dataset_fits, mixed_precision, physicsnemo, read_darcy, reduce_max,
-                     rendezvous, spectral_layers_in_fp32)
-from toolkit import PREEMPTED_EXIT_CODE, PREEMPTION, RecipeError, StepTimer, atomic_write, log, snapshot_due
+from cluster import (check_dataset_fits, mixed_precision, physicsnemo, read_darcy, reduce_max, rendezvous,
+                     spectral_layers_in_fp32)
+from toolkit import (PREEMPTED_EXIT_CODE, PREEMPTION, RecipeError, StepTimer, adapt_to_another_shape, atomic_write,
+                     log, snapshot_due)
 from toolkit import ignore_preemption_signals  # DataLoader workers leave SIGUSR1/SIGTERM to their parent
 
 SNAPSHOT, PREVIOUS_SNAPSHOT, MODEL_FILE = "snapshot.pt", "snapshot.prev.pt", "fno.mdlus"  # MODEL_FILE: save_model
@@ -144,7 +145,7 @@ class Trainer:
             self.scaler.load_state_dict(snap["scaler"])
         torch.set_rng_state(snap["rng"]["torch"])
         self.epoch, self.step, self.batch_in_epoch = snap["epoch"], snap["step"], snap["batch_in_epoch"]
-        adapt_to_another_shape(self, snap, choice[0])  # cluster.py: written by another world size or batch
+        adapt_to_another_shape(self, snap, choice[0], self.log)  # written by another world size or batch
         self.log(f"resumed from {choice[0]}: epoch {self.epoch + 1}, step {self.step}")
 
     def _training_left(self):

@@ -18,6 +18,8 @@ Map:
     ignore_preemption_signals             DataLoader workers leave the signals to their parent (C7)
     atomic_write                          temporary file, fsync, rename; the previous file kept (C6)
     snapshot_due                          --save-every epochs or --save-every-steps steps: is a snapshot due now (C6)
+    samples_done, adapt_to_another_shape  a snapshot of another world size or batch: resumed after the same samples
+                                          or one line (C6; the torch folders' cosine schedule continued)
     StepTimer                             per-step wall-clock times for the benchmarks (--timings-file)
     HangReport/HANG, timed_out            a collective past --timeout: stacks and trace on disk, one line naming
                                           who did not arrive, exit 1 (run calls it before explain)
@@ -345,6 +347,42 @@ def snapshot_due(args, step, epochs_done=None, last=False):
     by_epochs = epochs_done is not None and epochs_done % args.save_every == 0
     by_steps = bool(args.save_every_steps) and step % args.save_every_steps == 0
     return bool(args.checkpoint_dir) and (last or by_epochs or by_steps)
+
+
+def samples_done(snap, world_size, batch_size, path, unit="rank(s)"):
+    """The samples of its epoch a snapshot of another layout (world size, per-rank batch) had trained on -- None
+    under the same layout -- when that is a whole number of batches of world_size x batch_size; otherwise one line
+    saying what to do. Every layout reads an epoch's samples in the same seeded order (rank r takes every
+    world_size-th one), so the samples trained so far are a prefix of that order, whatever the layout."""
+    old = (snap["world_size"], snap.get("batch_size", batch_size))
+    if old == (world_size, batch_size):
+        return None
+    done = snap["batch_in_epoch"] * old[0] * old[1]
+    if done % (world_size * batch_size):
+        raise RecipeError(f"{path} was written by {old[0]} {unit} x batch {old[1]} after {done} samples of epoch "
+                          f"{snap['epoch'] + 1}, not a whole number of batches of {world_size} x {batch_size}: "
+                          f"resume with {old[0]} {unit} x batch {old[1]} (or a shape that divides {done}), or "
+                          f"start a new --checkpoint-dir", every_rank=False)
+    return done
+
+
+def adapt_to_another_shape(trainer, snap, path, say, unit="rank(s)"):
+    """A snapshot written by another number of ranks or another per-rank batch (a job requeued onto fewer or more
+    GPUs): resume after the same samples (samples_done) and continue the cosine learning-rate curve, which spans
+    --epochs in steps of the new layout, at the same point. Counting the old batches under the new layout would
+    train on some samples twice and never on others. `trainer` has the recipe's Trainer's attributes (args,
+    world_size, epoch, batch_in_epoch, step, loader, optimizer, scheduler: CosineAnnealingLR); `say` logs."""
+    t, args = trainer, trainer.args
+    done = samples_done(snap, t.world_size, args.batch_size, path, unit)
+    if done is None:
+        return
+    t.batch_in_epoch = done // (t.world_size * args.batch_size)
+    t.step = t.epoch * len(t.loader) + t.batch_in_epoch
+    t.scheduler.T_max, t.scheduler.last_epoch = args.epochs * len(t.loader), t.step
+    for group, lr in zip(t.optimizer.param_groups, t.scheduler._get_closed_form_lr(), strict=True):
+        group["lr"] = lr
+    say(f"snapshot written by {snap['world_size']} {unit} x batch {snap.get('batch_size', args.batch_size)}, "
+        f"resuming as {t.world_size} x {args.batch_size}: epoch {t.epoch + 1} after {done} samples (step {t.step})")
 
 
 class StepTimer:

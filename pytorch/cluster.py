@@ -21,7 +21,6 @@ Map:
     allow_tf32                    TF32 matmuls on Ampere+ for fp32 runs
     step_timer                    the benchmarks' step hook (--timings-file, rank 0), or None
     capture_rng, restore_rng      the random state a snapshot holds
-    adapt_to_another_shape        resume on another number of ranks or another per-rank batch
     settle_ddp_buckets            a resumed DDP run sums its gradients in the uninterrupted run's order
 """
 
@@ -345,34 +344,6 @@ def restore_rng(state):
     torch.set_rng_state(state["torch"].cpu())
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["cuda"].cpu())
-
-
-def adapt_to_another_shape(trainer, snap, path):
-    """A snapshot written by another number of ranks or another per-rank batch (a job requeued onto fewer or more
-    GPUs): every rank's shard, and the steps per epoch, are different now. Every layout reads the epoch's samples
-    in the same seeded order (rank r takes every world_size-th one), so the samples trained so far are a prefix of
-    that order: resume after the same prefix when it is a whole number of the new global batches, and continue
-    the learning-rate curve at the same point; otherwise refuse. Counting the old per-rank batches under the new
-    layout would silently train on the wrong samples."""
-    t, args = trainer, trainer.args
-    old = (snap["world_size"], snap.get("batch_size", args.batch_size))
-    if old == (t.world_size, args.batch_size):
-        return
-    done = t.batch_in_epoch * old[0] * old[1]  # samples of the current epoch already trained on
-    global_batch = t.world_size * args.batch_size
-    if done % global_batch:
-        raise RecipeError(f"{path} was written by {old[0]} rank(s) x batch {old[1]} after {done} samples of epoch "
-                          f"{t.epoch + 1}, not a whole number of batches of {t.world_size} x "
-                          f"{args.batch_size}: resume with {old[0]} rank(s) x batch {old[1]} (or a shape "
-                          f"that divides {done})")
-    t.batch_in_epoch = done // global_batch
-    t.step = t.epoch * len(t.loader) + t.batch_in_epoch
-    # The cosine schedule spans --epochs in steps of the new layout: rebuild it at the same point of training.
-    t.scheduler.T_max, t.scheduler.last_epoch = args.epochs * len(t.loader), t.step
-    for group, lr in zip(t.optimizer.param_groups, t.scheduler._get_closed_form_lr(), strict=True):
-        group["lr"] = lr
-    t._log(f"snapshot written by {old[0]} rank(s) x batch {old[1]}, resuming as {t.world_size} x "
-           f"{args.batch_size}: epoch {t.epoch + 1} after {done} samples (step {t.step})")
 
 
 def settle_ddp_buckets(model, loader, device, autocast):

@@ -28,11 +28,10 @@ from torch.distributed.checkpoint.state_dict import (
 )
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-from cluster import (adapt_to_another_shape, allow_tf32, bf16_is_native, check_shared_directory, io_group, parse_args,
-                     run, wait_for_rank0)
+from cluster import (allow_tf32, bf16_is_native, check_shared_directory, io_group, parse_args, run, wait_for_rank0)
 from multigpu_torchrun import setup
 from recipe import ConvNet, Trainer, build_dataset, build_loader
-from toolkit import RecipeError, atomic_write, log
+from toolkit import RecipeError, adapt_to_another_shape, atomic_write, log
 
 
 def sharded_model(dataset, args, rank, device):
@@ -122,7 +121,7 @@ class FSDPTrainer(Trainer):
             self.scaler.load_state_dict(extra["scaler"])
         torch.set_rng_state(extra["rng"])
         self.epoch, self.step, self.batch_in_epoch = extra["epoch"], extra["step"], extra["batch_in_epoch"]
-        adapt_to_another_shape(self, extra, path)  # DCP resharded the weights; the data position is ours to move
+        adapt_to_another_shape(self, extra, path, self._log)  # DCP resharded the weights; the data position: ours
         self._log(f"resumed from {path}: epoch {self.epoch + 1}, step {self.step}")
 
 

@@ -14,11 +14,11 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
-from cluster import (adapt_to_another_shape, allow_tf32, capture_rng, check_dataset_fits, check_shared_directory,
-                     explained_rendezvous, mixed_precision, pick_backend, reduce_max, rendezvous_store, restore_rng,
-                     settle_ddp_buckets, step_timer, torchvision_dataset, wait_for_rank0)
-from toolkit import (PREEMPTED_EXIT_CODE, PREEMPTION, RecipeError, atomic_write, ignore_preemption_signals, log,
-                     snapshot_due)
+from cluster import (allow_tf32, capture_rng, check_dataset_fits, check_shared_directory, explained_rendezvous,
+                     mixed_precision, pick_backend, reduce_max, rendezvous_store, restore_rng, settle_ddp_buckets,
+                     step_timer, torchvision_dataset, wait_for_rank0)
+from toolkit import (PREEMPTED_EXIT_CODE, PREEMPTION, RecipeError, adapt_to_another_shape, atomic_write,
+                     ignore_preemption_signals, log, snapshot_due)
 
 SNAPSHOT, PREVIOUS_SNAPSHOT = "snapshot.pt", "snapshot.prev.pt"
 
@@ -189,7 +189,7 @@ class Trainer:
             self.scaler.load_state_dict(snap["scaler"])
         restore_rng(snap["rng"])
         self.epoch, self.step, self.batch_in_epoch = snap["epoch"], snap["step"], snap["batch_in_epoch"]
-        adapt_to_another_shape(self, snap, choice[0])  # a job requeued onto more or fewer GPUs
+        adapt_to_another_shape(self, snap, choice[0], self._log)  # a job requeued onto more or fewer GPUs
         if self._training_left():  # DDP: the uninterrupted run's gradient order
             settle_ddp_buckets(self.model, self.loader, self.device, self.autocast)
         self._log(f"resumed from {choice[0]}: epoch {self.epoch + 1}, step {self.step}")

@@ -8,8 +8,8 @@ Map:
     pick_backend                --backend auto: nccl with CUDA, gloo without
     npz_dataset                 --data npz: DATA_DIR/train.npz, checked; a bad file is one error line (C4)
     check_dataset_fits          enough samples for every worker and one full step, checked before anything starts
-    adapt_to_another_shape      a snapshot of another number of workers or batch: resumed after the same samples
-                                (samples_done), or one line -- in the driver, before the workers (resumable_snapshot)
+    resumable_snapshot          find_snapshot's choice, refused in the driver (toolkit.samples_done) when its
+                                number of workers or batch cannot resume here, before any worker starts
     step_timer                  --timings-file: per-step times on rank 0 (toolkit.StepTimer), or None
     mixed_precision             --amp: bf16 where the device does it natively, else fp16 with a GradScaler (C10)
     SNAPSHOT, RUN_NAME,
@@ -163,48 +163,13 @@ def check_dataset_fits(dataset: Dataset, world_size, batch_size):
                           f"batch size {batch_size}: lower --batch-size or use more data")
 
 
-def adapt_to_another_shape(trainer, snap, path):
-    """A snapshot written by another number of workers or another per-worker batch (a job resubmitted onto fewer or
-    more GPUs): every worker's shard, and the steps per epoch, are different now. Every layout reads the epoch's
-    samples in the same seeded order (rank r takes every world_size-th one), so the samples trained so far are a
-    prefix of that order: resume after the same prefix (samples_done), and continue the learning-rate curve at the
-    same point. Counting the old batches under the new layout would train on some samples twice, others never."""
-    t, args = trainer, trainer.args
-    done = samples_done(snap, t.world_size, args.batch_size, path)
-    if done is None:
-        return
-    t.batch_in_epoch = done // (t.world_size * args.batch_size)
-    t.step = t.epoch * len(t.loader) + t.batch_in_epoch
-    # The cosine schedule spans --epochs in steps of the new layout: rebuild it at the same point of training.
-    t.scheduler.T_max, t.scheduler.last_epoch = args.epochs * len(t.loader), t.step
-    for group, lr in zip(t.optimizer.param_groups, t.scheduler._get_closed_form_lr(), strict=True):
-        group["lr"] = lr
-    t.log(f"snapshot written by {snap['world_size']} worker(s) x batch {snap.get('batch_size', args.batch_size)}, "
-          f"resuming as {t.world_size} x {args.batch_size}: epoch {t.epoch + 1} after {done} samples (step {t.step})")
-
-
-def samples_done(snap, world_size, batch_size, path):
-    """The samples of its epoch a snapshot of another shape had trained on (None: the same shape), if that is a
-    whole number of batches of world_size x batch_size; otherwise one line saying what to do."""
-    old = (snap["world_size"], snap.get("batch_size", batch_size))
-    if old == (world_size, batch_size):
-        return None
-    done = snap["batch_in_epoch"] * old[0] * old[1]
-    if done % (world_size * batch_size):
-        raise RecipeError(f"{path} was written by {old[0]} worker(s) x batch {old[1]} after {done} samples of epoch "
-                          f"{snap['epoch'] + 1}, not a whole number of batches of {world_size} x {batch_size}: "
-                          f"resume with {old[0]} worker(s) x batch {old[1]} (or a shape that divides {done}), or "
-                          f"start a new --checkpoint-dir", every_rank=False)
-    return done
-
-
 def resumable_snapshot(args, workers):
-    """find_snapshot's choice, checked in the driver for the workers' shape (samples_done) before any starts: a
-    refusal raised in a worker would reach the driver as Ray's error, after Ray restarted the group."""
+    """find_snapshot's choice, checked in the driver for the workers' shape (toolkit.samples_done) before any
+    starts: a refusal raised in a worker would reach the driver as Ray's error, after Ray restarted the group."""
     path = find_snapshot(args.checkpoint_dir)
     if path is not None:
-        samples_done(torch.load(os.path.join(path, SNAPSHOT), map_location="cpu", weights_only=True, mmap=True),
-                     workers, args.batch_size, path)
+        toolkit.samples_done(torch.load(os.path.join(path, SNAPSHOT), map_location="cpu", weights_only=True,
+                                        mmap=True), workers, args.batch_size, path, "worker(s)")
     return path
 
 

@@ -14,10 +14,11 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
-from cluster import (KEEP_SNAPSHOTS, RUN_NAME, SNAPSHOT, DriverPump, LocalSession, WorkerLink, adapt_to_another_shape,
-                     check_dataset_fits, find_snapshot, make_control_actor, mixed_precision, npz_dataset, pick_backend,
-                     resumable_snapshot, save_snapshot, scratch_storage, step_timer)
-from toolkit import PREEMPTED_EXIT_CODE, PREEMPTION, ignore_preemption_signals, log, snapshot_due
+from cluster import (KEEP_SNAPSHOTS, RUN_NAME, SNAPSHOT, DriverPump, LocalSession, WorkerLink, check_dataset_fits,
+                     find_snapshot, make_control_actor, mixed_precision, npz_dataset, pick_backend, resumable_snapshot,
+                     save_snapshot, scratch_storage, step_timer)
+from toolkit import (PREEMPTED_EXIT_CODE, PREEMPTION, adapt_to_another_shape, ignore_preemption_signals, log,
+                     snapshot_due)
 
 
 class ConvNet(nn.Module):
@@ -173,7 +174,7 @@ class Trainer:
             self.scaler.load_state_dict(snap["scaler"])
         torch.set_rng_state(snap["rng"]["torch"])
         self.epoch, self.step, self.batch_in_epoch = snap["epoch"], snap["step"], snap["batch_in_epoch"]
-        adapt_to_another_shape(self, snap, path)  # cluster.py: written by another number of workers or batch
+        adapt_to_another_shape(self, snap, path, self.log, "worker(s)")  # written by another number of workers or batch
         self.log(f"resumed from {path}: epoch {self.epoch + 1}, step {self.step}")
 
 
@@ -242,8 +243,7 @@ def train(args, device=None, workers=None):
                                          resources_per_worker={"CPU": 1}, placement_strategy="PACK"),
             run_config=RunConfig(name=RUN_NAME, storage_path=storage,
                                  failure_config=FailureConfig(max_failures=args.max_failures),
-                                 checkpoint_config=CheckpointConfig(num_to_keep=KEEP_SNAPSHOTS)),
-        )
+                                 checkpoint_config=CheckpointConfig(num_to_keep=KEEP_SNAPSHOTS)))
         with DriverPump(control):  # prints the workers' lines, passes SIGUSR1/SIGTERM on to them
             trainer.fit()
     if ray.get(control.result.remote()) == "preempted":
