@@ -10,6 +10,7 @@ share one Ray cluster (`cluster`: ray_node.sh --head, started as multinode.sbatc
 the job ends it); only the multigpu.py test starts its own, as users do."""
 
 import contextlib
+import json
 import os
 import random
 import re
@@ -20,6 +21,7 @@ import socket
 import subprocess
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 import pytest
 import torch
@@ -472,63 +474,70 @@ def test_multinode_template_ports_and_address():
 
 
 # ------------------------------------------------------------------------------------------------ bad input
+# ... and the other launches of this folder that start no Ray cluster of their own: forked from one process
 
 
-def assert_one_error_line(launch, timeout):
+# Many command lines of ray/'s scripts, each a process of its own as `python script.py ARGS` is -- its own session
+# (as Launch starts it: what it leaves behind is found by the session id), environment, exit code, stdout and
+# stderr (file descriptors 1 and 2; Launch reads them together), a traceback printed as Python prints one,
+# killed by SIGALRM past its time bound -- but forked from one process that has already imported what the scripts
+# import at their top (torch, cluster, recipe): the interpreter's start and torch's import are paid once (as
+# tests/test_contract.py's FORKED). Each result: exit code, stdout, stderr, seconds, its session's live processes.
+FORKED = """import json, os, runpy, signal, sys, tempfile, time, traceback
+from pathlib import Path
+cases = json.loads(sys.argv[1])
+for script in sorted({c["script"] for c in cases if "/" not in c["script"]}):  # the folder's, not a probe
+    runpy.run_path(script, run_name="imports only")  # the script's imports, not its __main__ block
+
+
+def session_members(sid):
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[3]) == sid and fields[0] != "Z":
+                pids.append(int(entry.name))
+    return pids
+
+
+results = {}
+for case in cases:
+    out, err = tempfile.TemporaryFile(), tempfile.TemporaryFile()
     start = time.monotonic()
-    code = launch.wait(timeout)
-    out = launch.output
-    errors = [ln for ln in out.splitlines() if ERROR_LINE.match(ln)]
-    assert code == 2 and len(errors) == 1 and "Traceback" not in out, f"exit {code}\n{out[-4000:]}"
-    return errors[0], time.monotonic() - start
+    pid = os.fork()
+    if pid == 0:
+        os.setsid()
+        os.dup2(out.fileno(), 1)
+        os.dup2(err.fileno(), 2)
+        os.environ.update(case["env"])
+        signal.alarm(case["timeout"])
+        sys.argv, code = [case["script"], *case["args"]], 0
+        try:
+            runpy.run_path(case["script"], run_name="__main__")
+        except SystemExit as e:  # as the interpreter ends it: sys.exit("text") prints the text, exits 1
+            code = e.code if isinstance(e.code, int) else 0 if e.code is None else 1
+            if isinstance(e.code, str):
+                print(e.code, file=sys.stderr)
+        except BaseException:
+            traceback.print_exc()
+            code = 1
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    seconds = time.monotonic() - start
+    out.seek(0)
+    err.seek(0)
+    results[case["id"]] = [os.waitstatus_to_exitcode(status), out.read().decode(errors="replace"),
+                           err.read().decode(errors="replace"), seconds, session_members(pid)]
+print(json.dumps(results))
+"""
 
-
-def test_driver_pointed_at_a_wrong_address_fails_within_the_deadline():
-    """Nothing listens there: Ray would retry for minutes; the driver gives up after --timeout with one line."""
-    launch = Launch("multinode.py", "--address", f"127.0.0.1:{free_port()}", "--timeout", 5, *ARGS)
-    line, seconds = assert_one_error_line(launch, timeout=60)
-    assert "could not join the Ray cluster" in line and seconds < 35, (line, seconds)
-
-
-@pytest.mark.parametrize("script, args, needle", [
-    ("multigpu.py", ["--nprocs", 4, "--dataset-size", 3], "world size is 4"),
-    ("multigpu.py", ["--nprocs", 2, "--dataset-size", 16, "--batch-size", 16], "too few for one step"),
-    ("single_gpu.py", ["--data", "npz", "--data-dir", "/nonexistent"], "does not exist"),
-    ("single_gpu.py", ["--data", "npz", "--data-dir", "EMPTY"], "has no train.npz"),
-    ("single_gpu.py", ["--data", "npz", "--data-dir", "BAD"], "want images (N, C, H, W)"),
-    ("multinode.py", ["--epochs", 1], "no Ray cluster to join"),
-], ids=["world-larger-than-data", "no-full-step", "missing-data-dir", "empty-data-dir", "wrong-shape", "no-address"])
-def test_bad_input_is_one_line_and_exit_2(tmp_path, script, args, needle):
-    import numpy as np
-
-    (tmp_path / "EMPTY").mkdir()
-    (tmp_path / "BAD").mkdir()
-    np.savez(tmp_path / "BAD" / "train.npz", images=np.zeros((8, 28, 28), np.float32), labels=np.zeros(8, np.int64))
-    args = [str(tmp_path / a) if a in ("EMPTY", "BAD") else a for a in args]
-    launch = Launch(script, *args, "--checkpoint-dir", tmp_path / "ckpt")
-    line, _ = assert_one_error_line(launch, timeout=60)
-    assert needle in line, line
-    assert not (tmp_path / "ckpt").exists(), "a rejected run must not write anything"
-    assert not session_members(launch.proc.pid), "a rejected run left processes behind"
-
-
-def test_npz_data_trains(tmp_path):
-    """The real on-disk format the folder reads: DATA_DIR/train.npz."""
-    import numpy as np
-
-    (tmp_path / "data").mkdir()
-    g = np.random.default_rng(0)
-    np.savez(tmp_path / "data" / "train.npz", images=g.normal(size=(64, 3, 32, 32)).astype(np.float32),
-             labels=g.integers(0, 10, 64))
-    launch = Launch("single_gpu.py", "--data", "npz", "--data-dir", tmp_path / "data", "--epochs", 1,
-                    "--batch-size", 16)
-    assert "[rank0] done: 4 steps" in finished(launch, timeout=120)
-
-
-def test_fp32_on_a_gpu_uses_tf32_and_amp_picks_by_the_gpu():
-    """C10/#22 with the GPU facts patched in, in ray's own environment: a worker training fp32 on a CUDA device
-    turns TF32 on (ray/ never did); --amp gives bf16 without a scaler on Ampere+ and fp16 with a GradScaler below."""
-    probe = """
+# Run by FORKED as a script (test_fp32_on_a_gpu_uses_tf32_and_amp_picks_by_the_gpu): C10/#22, GPU facts patched in
+TF32_PROBE = """
 import torch, cluster
 torch.cuda.get_device_capability = lambda device=None: CAPABILITY  # read when called: the loop's value
 autocast, scaler = cluster.mixed_precision(torch.device("cuda", 0), False)
@@ -537,7 +546,96 @@ for CAPABILITY in ((9, 0), (7, 0)):
     autocast, scaler = cluster.mixed_precision(torch.device("cuda", 0), True)
     print("amp", CAPABILITY[0], type(scaler).__name__)
 """
-    out = subprocess.run([str(env_python("ray")), "-c", probe], cwd=ROOT / "ray",
-                         env=clean_env(), capture_output=True, text=True, timeout=120)
-    assert out.returncode == 0, out.stderr[-3000:]
-    assert out.stdout.split("\n")[:3] == ["fp32 high None", "amp 9 NoneType", "amp 7 GradScaler"], out.stdout
+
+BAD_INPUT = {
+    "world-larger-than-data": ("multigpu.py", ["--nprocs", 4, "--dataset-size", 3], "world size is 4"),
+    "no-full-step": ("multigpu.py", ["--nprocs", 2, "--dataset-size", 16, "--batch-size", 16], "too few for one step"),
+    "missing-data-dir": ("single_gpu.py", ["--data", "npz", "--data-dir", "/nonexistent"], "does not exist"),
+    "empty-data-dir": ("single_gpu.py", ["--data", "npz", "--data-dir", "EMPTY"], "has no train.npz"),
+    "wrong-shape": ("single_gpu.py", ["--data", "npz", "--data-dir", "BAD"], "want images (N, C, H, W)"),
+    "no-address": ("multinode.py", ["--epochs", 1], "no Ray cluster to join"),
+}
+
+
+class Forked(NamedTuple):
+    code: int
+    stdout: str
+    stderr: str
+    seconds: float
+    left: list  # the live processes of its session once it exited
+
+    @property
+    def output(self):
+        return self.stdout + self.stderr
+
+
+@pytest.fixture(scope="module")
+def forked(tmp_path_factory):
+    """{case: Forked} of the launches of this section, forked from one process (FORKED), each in its own tmp dir:
+    the bad command lines (BAD_INPUT, each with its own --checkpoint-dir), the driver pointed at a wrong address,
+    the npz training run and the GPU-facts probe."""
+    import numpy as np
+
+    tmp = tmp_path_factory.mktemp("forked")
+    (tmp / "EMPTY").mkdir()
+    (tmp / "BAD").mkdir()
+    np.savez(tmp / "BAD" / "train.npz", images=np.zeros((8, 28, 28), np.float32), labels=np.zeros(8, np.int64))
+    cases = {}
+    for case, (script, args, _) in BAD_INPUT.items():
+        args = [str(tmp / a) if a in ("EMPTY", "BAD") else a for a in args]
+        cases[case] = (script, [*args, "--checkpoint-dir", tmp / case / "ckpt"], 60)
+    cases["wrong-address"] = ("multinode.py", ["--address", f"127.0.0.1:{free_port()}", "--timeout", 5, *ARGS], 60)
+    (tmp / "data").mkdir()
+    g = np.random.default_rng(0)
+    np.savez(tmp / "data" / "train.npz", images=g.normal(size=(64, 3, 32, 32)).astype(np.float32),
+             labels=g.integers(0, 10, 64))
+    cases["npz"] = ("single_gpu.py", ["--data", "npz", "--data-dir", tmp / "data", "--epochs", 1, "--batch-size", 16],
+                    120)
+    (tmp / "tf32_probe.py").write_text(TF32_PROBE)
+    cases["tf32"] = (str(tmp / "tf32_probe.py"), [], 120)
+    each = [dict(id=case, script=script, args=[str(a) for a in args], env={}, timeout=seconds)
+            for case, (script, args, seconds) in cases.items()]
+    proc = subprocess.run([str(env_python("ray")), "-c", FORKED, json.dumps(each)], cwd=FOLDER, env=ray_env(),
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    ran = json.loads(proc.stdout.splitlines()[-1])
+    return {"tmp": tmp, **{case: Forked(*ran[case]) for case in cases}}
+
+
+def the_error_line(ran):
+    """A forked launch (Forked) that had to fail did: exit 2, one error line, no traceback; that line."""
+    errors = [ln for ln in ran.output.splitlines() if ERROR_LINE.match(ln)]
+    assert ran.code == 2 and len(errors) == 1 and "Traceback" not in ran.output, \
+        f"exit {ran.code}\n{ran.output[-4000:]}"
+    return errors[0]
+
+
+def test_driver_pointed_at_a_wrong_address_fails_within_the_deadline(forked):
+    """Nothing listens there: Ray would retry for minutes; the driver gives up after --timeout with one line."""
+    ran = forked["wrong-address"]
+    line = the_error_line(ran)
+    assert "could not join the Ray cluster" in line and ran.seconds < 35, (line, ran.seconds)
+
+
+@pytest.mark.parametrize("case", BAD_INPUT)
+def test_bad_input_is_one_line_and_exit_2(forked, case):
+    ran = forked[case]
+    line = the_error_line(ran)
+    assert BAD_INPUT[case][-1] in line, line
+    assert not (forked["tmp"] / case / "ckpt").exists(), "a rejected run must not write anything"
+    assert not ran.left, "a rejected run left processes behind"
+
+
+def test_npz_data_trains(forked):
+    """The real on-disk format the folder reads: DATA_DIR/train.npz."""
+    ran = forked["npz"]
+    assert ran.code == 0, f"exit {ran.code}\n{ran.output[-4000:]}"
+    assert "[rank0] done: 4 steps" in ran.output
+
+
+def test_fp32_on_a_gpu_uses_tf32_and_amp_picks_by_the_gpu(forked):
+    """C10/#22 with the GPU facts patched in, in ray's own environment: a worker training fp32 on a CUDA device
+    turns TF32 on (ray/ never did); --amp gives bf16 without a scaler on Ampere+ and fp16 with a GradScaler below."""
+    ran = forked["tf32"]
+    assert ran.code == 0, ran.stderr[-3000:]
+    assert ran.stdout.split("\n")[:3] == ["fp32 high None", "amp 9 NoneType", "amp 7 GradScaler"], ran.output
