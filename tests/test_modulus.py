@@ -6,11 +6,10 @@ No test-only shim: the recipes import physicsnemo on this CPU machine by themsel
 "torchvision on a CPU machine").
 """
 
+import json
 import re
 import signal
 import subprocess
-import sys
-import time
 
 import numpy as np
 import pytest
@@ -56,18 +55,66 @@ def epochs(out):
     return [(e.epoch, e.step, e.loss, e.value) for e in rows]
 
 
-def bad_input(cmd, timeout=120, **env_extra):
-    """Run a launch that must fail: exit 2, exactly one `error: ...` line on stderr, nothing else but warnings."""
-    cmd = [str(c) for c in cmd]
-    start = time.monotonic()
-    proc = subprocess.run(cmd, cwd=ROOT, env=env(**env_extra), capture_output=True, text=True, timeout=timeout)
-    sys.stdout.write(proc.stdout[-2000:] + proc.stderr[-2000:])
-    assert proc.returncode == 2, f"exit {proc.returncode}: {' '.join(cmd)}\n{proc.stdout[-3000:]}{proc.stderr[-3000:]}"
+def the_error_line(proc, what):
+    """A launch that had to fail did: exit 2, exactly one `error: ...` line on stderr, nothing else but warnings;
+    returns that line."""
+    assert proc.returncode == 2, f"exit {proc.returncode}: {what}\n{proc.stdout[-3000:]}{proc.stderr[-3000:]}"
     errors = [ln for ln in proc.stderr.splitlines() if ERROR_LINE.match(ln)]
     others = [ln for ln in proc.stderr.splitlines() if not ERROR_LINE.match(ln) and not ln.startswith("warning: ")]
     assert len(errors) == 1 and not others, f"stderr must be one error line (and warnings), got:\n{proc.stderr}"
-    assert time.monotonic() - start < timeout
     return errors[0]
+
+
+# Many command lines of modulus/'s scripts, each a process of its own as `python script.py ARGS` is -- its own
+# environment, exit code, stdout and stderr (file descriptors 1 and 2), a traceback printed as Python prints one,
+# killed by SIGALRM past its time bound -- but forked from one process that has already imported what the scripts
+# import at their top (and PhysicsNeMo, given "physicsnemo"): the interpreter's start and torch's import are paid
+# once (tests/test_contract.py's FORKED).
+FORKED = """import json, os, runpy, signal, sys, tempfile, traceback
+cases = json.loads(sys.argv[1])
+for script in sorted({c["script"] for c in cases}):
+    runpy.run_path(script, run_name="imports only")  # the script's imports, not its __main__ block
+if sys.argv[2:] == ["physicsnemo"]:  # imported late by the scripts (cluster.physicsnemo), here once for all
+    import cluster
+    cluster.physicsnemo()
+results = {}
+for case in cases:
+    out, err = tempfile.TemporaryFile(), tempfile.TemporaryFile()
+    pid = os.fork()
+    if pid == 0:
+        os.dup2(out.fileno(), 1)
+        os.dup2(err.fileno(), 2)
+        os.environ.update(case["env"])
+        signal.alarm(case["timeout"])  # bad input must fail within a bounded time
+        sys.argv, code = [case["script"], *case["args"]], 0
+        try:
+            runpy.run_path(case["script"], run_name="__main__")
+        except SystemExit as e:  # as the interpreter ends it: sys.exit("text") prints the text, exits 1
+            code = e.code if isinstance(e.code, int) else 0 if e.code is None else 1
+            if isinstance(e.code, str):
+                print(e.code, file=sys.stderr)
+        except BaseException:
+            traceback.print_exc()
+            code = 1
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    out.seek(0)
+    err.seek(0)
+    results[case["id"]] = [os.waitstatus_to_exitcode(status), out.read().decode(errors="replace"),
+                           err.read().decode(errors="replace")]
+print(json.dumps(results))
+"""
+
+
+def forked(cases, *preload):
+    """{id: CompletedProcess} of every case {id: (script, args, extra environment, seconds it may take)}, run as
+    FORKED runs them in modulus/'s environment."""
+    each = [dict(id=case, script=script, args=[str(a) for a in args], env={k: str(v) for k, v in extra.items()},
+                 timeout=seconds) for case, (script, args, extra, seconds) in cases.items()]
+    ran = json.loads(python("-c", FORKED, json.dumps(each), *preload, cwd=MOD, timeout=300).stdout.splitlines()[-1])
+    return {case: subprocess.CompletedProcess(case, *ran[case]) for case in cases}
 
 
 # ------------------------------------------------------------------------------------------ launch patterns
@@ -81,7 +128,7 @@ def reference(tmp_path_factory):
     return ran.ckpt, ran.out
 
 
-def test_single_process_writes_snapshots_and_a_physicsnemo_model(reference):
+def test_single_process_writes_snapshots_and_a_physicsnemo_model(reference, gpu_probe):
     ckpt, out = reference
     assert [(e, s) for e, s, _, _ in epochs(out)] == [(1, 8), (2, 16)], out
     assert "[rank0] epoch 2 | batch 8/8 | step 16 | loss " in out
@@ -91,12 +138,10 @@ def test_single_process_writes_snapshots_and_a_physicsnemo_model(reference):
     assert (snap["epoch"], snap["step"], snap["world_size"]) == (2, 16, 1)
     assert torch.load(ckpt / "snapshot.prev.pt", weights_only=True)["step"] == 8
     assert not [p.name for p in ckpt.iterdir() if "tmp" in p.name]  # no temporary file left (snapshot, fno.mdlus)
-    # The final model in PhysicsNeMo's own format: physicsnemo.Module.from_checkpoint rebuilds the FNO.
-    code = ("import sys, torch, cluster\n"
-            "m = cluster.physicsnemo().Module.from_checkpoint(sys.argv[1])\n"  # physicsnemo, as the recipes import it
-            "torch.save(m.state_dict(), sys.argv[2])\n")
-    python("-c", code, ckpt / "fno.mdlus", ckpt / "from_mdlus.pt", cwd=MOD)
-    assert_same_weights(torch.load(ckpt / "from_mdlus.pt", weights_only=True), snap["model"])
+    # The final model in PhysicsNeMo's own format: physicsnemo.Module.from_checkpoint rebuilds the FNO (in the
+    # probe's process: model_file_read_back).
+    assert gpu_probe["model_file_read_back"] == "saved", gpu_probe["model_file_read_back"]
+    assert_same_weights(torch.load(gpu_probe.from_mdlus, weights_only=True), snap["model"])
 
 
 def test_srun_tasks_preempted_save_exit_75_and_resume(reference, tmp_path):
@@ -131,61 +176,53 @@ def test_srun_tasks_preempted_save_exit_75_and_resume(reference, tmp_path):
 
 
 def test_damaged_snapshot_falls_back_then_is_a_clear_error(reference, tmp_path):
-    """The newest snapshot truncated: warning, resume from the previous one; both damaged: exit 2 naming them."""
-    ckpt = tmp_path / "ckpt"
+    """The newest snapshot truncated: warning, resume from the previous one; both damaged: exit 2 naming them.
+    Both launches forked from one process (FORKED, PhysicsNeMo imported once)."""
+    ckpt, both = tmp_path / "ckpt", tmp_path / "both"
     ckpt.mkdir()
+    both.mkdir()
     for name in ("snapshot.pt", "snapshot.prev.pt"):
         data = (reference[0] / name).read_bytes()
         (ckpt / name).write_bytes(data[: len(data) // 2] if name == "snapshot.pt" else data)
-    out = python(MOD / "single_gpu.py", *SMALL, "--batch-size", "16", "--checkpoint-dir", ckpt).stdout
+        (both / name).write_bytes(b"damaged")
+    ran = forked({"newest": ("single_gpu.py", [*SMALL, "--batch-size", "16", "--checkpoint-dir", ckpt], {}, 240),
+                  "both": ("single_gpu.py", [*SMALL, "--checkpoint-dir", both], {}, 120)}, "physicsnemo")
+    proc = ran["newest"]
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, f"exit {proc.returncode}\n{out[-6000:]}"
     assert f"warning: {ckpt / 'snapshot.pt'} is unreadable" in out
     assert re.search(r"resumed from \S+snapshot\.prev\.pt: epoch 2, step 8$", out, re.M), out
     assert snapshot(ckpt)["step"] == 16
-    for name in ("snapshot.pt", "snapshot.prev.pt"):
-        (ckpt / name).write_bytes(b"damaged")
-    line = bad_input([env_python("modulus"), MOD / "single_gpu.py", *SMALL, "--checkpoint-dir", ckpt], timeout=120)
+    line = the_error_line(ran["both"], "both snapshots damaged")
     assert "no usable snapshot" in line and "snapshot.prev.pt is unreadable" in line
 
 
 # ------------------------------------------------------------------------------------------ data and learning
 
 
-def write_darcy(directory, train=192, val=32):
-    python(MOD / "darcy.py", directory, "--train", train, "--val", val, "--resolution", 32)
-    return directory
-
-
 def test_learns_darcy_from_npz_files(tmp_path):
     """The real on-disk format (coeff/sol .npz, written by the finite-difference solver), and the FNO learns:
-    the validation relative L2 error after 4 epochs is less than 0.6x the first epoch's."""
-    data = write_darcy(tmp_path / "darcy")
+    the validation relative L2 error after 4 epochs is less than 0.6x the first epoch's. The writer and the
+    training forked one after the other from one process (FORKED)."""
+    data = tmp_path / "darcy"
+    ran = forked({"write": ("darcy.py", [data, "--train", 192, "--val", 32, "--resolution", 32], {}, 240),
+                  "train": ("single_gpu.py", ["--data", "darcy", "--data-dir", data, "--epochs", "4", "--batch-size",
+                                              "16", "--lr", "5e-3", "--log-every", "1000"], {}, 240)}, "physicsnemo")
+    for case, proc in ran.items():
+        assert proc.returncode == 0, f"{case}: exit {proc.returncode}\n{proc.stdout[-3000:]}{proc.stderr[-3000:]}"
     with np.load(data / "train.npz") as f:
         coeff, sol = f["coeff"], f["sol"]
     assert coeff.shape == sol.shape == (192, 32, 32) and set(np.unique(coeff)) == {3.0, 12.0}
     assert (sol[:, 0, :] == 0).all() and (sol[:, 1:-1, 1:-1] > 0).all()  # u = 0 on the boundary, > 0 inside
-    out = python(MOD / "single_gpu.py", "--data", "darcy", "--data-dir", data, "--epochs", "4", "--batch-size", "16",
-                 "--lr", "5e-3", "--log-every", "1000").stdout
+    out = ran["train"].stdout
     errors = [err for _, _, _, err in epochs(out)]
     assert len(errors) == 4 and errors[-1] < 0.6 * errors[0], f"validation rel_l2 did not fall: {errors}"
 
 
-def test_ranks_read_disjoint_shards(tmp_path):
-    """The loader of each rank (built by the recipe's own code) covers a disjoint half, reshuffled per epoch."""
-    code = (
-        "import sys, types\n"
-        "sys.path.insert(0, sys.argv[1])\n"
-        "import torch, recipe\n"
-        "args = types.SimpleNamespace(seed=0, batch_size=4, num_workers=0)\n"
-        "ds = torch.utils.data.TensorDataset(torch.arange(50))\n"
-        "out = []\n"
-        "for rank in (0, 1):\n"
-        "    loader = recipe.build_loader(ds, args, rank, 2)\n"
-        "    for epoch in (0, 1):\n"
-        "        loader.sampler.set_epoch(epoch)\n"
-        "        out.append(sorted(int(i) for (b,) in loader for i in b))\n"
-        "print(out)\n")
-    shards = eval(python("-c", code, MOD).stdout.strip().splitlines()[-1])
-    r0e0, r0e1, r1e0, r1e1 = shards
+def test_ranks_read_disjoint_shards(gpu_probe):
+    """The loader of each rank (built by the recipe's own code) covers a disjoint half, reshuffled per epoch (in
+    the probe's process: ranks_shards)."""
+    r0e0, r0e1, r1e0, r1e1 = gpu_probe["ranks_shards"]
     assert len(r0e0) == len(r1e0) == 24  # 25 per rank, the incomplete batch dropped
     assert not set(r0e0) & set(r1e0) and not set(r0e1) & set(r1e1)
     assert r0e0 != r0e1
@@ -196,36 +233,44 @@ def test_ranks_read_disjoint_shards(tmp_path):
 
 # The common flags' validation (--batch-size 0, --lr -1, …) and a launch without torchrun's or Slurm's variables
 # are the contract's tests (tests/test_contract.py), run over this folder too; here only what modulus/ adds.
-def test_darcy_data_needs_a_directory():
-    assert "--data darcy needs --data-dir" in bad_input([env_python("modulus"), MOD / "single_gpu.py", "--data",
-                                                         "darcy"], timeout=60)
+@pytest.fixture(scope="module")
+def refused(tmp_path_factory):
+    """The error line of every bad launch below ({case: line}), each launch run as FORKED runs it, each checked as
+    bad_input checks one (exit 2, one error line on stderr, within 60 s)."""
+    tmp = tmp_path_factory.mktemp("bad_input")
+    (tmp / "empty").mkdir()
+    for name, sol in (("wrong-shape", (8, 32, 16)), ("not-a-zip", (8, 32, 32))):
+        (tmp / name).mkdir()
+        np.savez(tmp / name / "train.npz", coeff=np.zeros((8, 32, 32), np.float32), sol=np.zeros(sol, np.float32))
+        np.savez(tmp / name / "val.npz", coeff=np.zeros((8, 32, 32), np.float32), sol=np.zeros((8, 32, 32), np.float32))
+    (tmp / "not-a-zip" / "train.npz").write_bytes(b"not a zip file")
+    darcy = ["--data", "darcy", "--data-dir"]
+    cases = {"no-data-dir": ("single_gpu.py", ["--data", "darcy"], {}, 60),
+             "missing": ("single_gpu.py", [*darcy, tmp / "nowhere"], {}, 60),
+             "empty": ("single_gpu.py", [*darcy, tmp / "empty"], {}, 60),
+             "wrong-shape": ("single_gpu.py", [*darcy, tmp / "wrong-shape"], {}, 60),
+             "not-a-zip": ("single_gpu.py", [*darcy, tmp / "not-a-zip"], {}, 60),
+             "no-address": ("multinode.py", [], dict(SLURM_PROCID=0, SLURM_NPROCS=2, SLURM_LOCALID=0), 60)}
+    return {case: the_error_line(proc, f"{case}: {cases[case]}") for case, proc in forked(cases).items()}
 
 
-def test_missing_and_empty_data_directory(tmp_path):
-    line = bad_input([env_python("modulus"), MOD / "single_gpu.py", "--data", "darcy", "--data-dir",
-                      tmp_path / "nowhere"], timeout=60)
-    assert "does not exist: write the Darcy data with `python darcy.py" in line
-    line = bad_input([env_python("modulus"), MOD / "single_gpu.py", "--data", "darcy", "--data-dir", tmp_path],
-                     timeout=60)
-    assert "train.npz not found" in line
+def test_darcy_data_needs_a_directory(refused):
+    assert "--data darcy needs --data-dir" in refused["no-data-dir"]
 
 
-def test_data_file_of_the_wrong_shape_or_format(tmp_path):
-    np.savez(tmp_path / "train.npz", coeff=np.zeros((8, 32, 32), np.float32), sol=np.zeros((8, 32, 16), np.float32))
-    np.savez(tmp_path / "val.npz", coeff=np.zeros((8, 32, 32), np.float32), sol=np.zeros((8, 32, 32), np.float32))
-    line = bad_input([env_python("modulus"), MOD / "single_gpu.py", "--data", "darcy", "--data-dir", tmp_path],
-                     timeout=60)
-    assert "coeff (8, 32, 32) and sol (8, 32, 16) must both be (samples, R, R)" in line
-    (tmp_path / "train.npz").write_bytes(b"not a zip file")
-    line = bad_input([env_python("modulus"), MOD / "single_gpu.py", "--data", "darcy", "--data-dir", tmp_path],
-                     timeout=60)
-    assert "train.npz is not a readable .npz file" in line
+def test_missing_and_empty_data_directory(refused):
+    assert "does not exist: write the Darcy data with `python darcy.py" in refused["missing"]
+    assert "train.npz not found" in refused["empty"]
 
 
-def test_slurm_variables_without_an_address():
+def test_data_file_of_the_wrong_shape_or_format(refused):
+    assert "coeff (8, 32, 32) and sol (8, 32, 16) must both be (samples, R, R)" in refused["wrong-shape"]
+    assert "train.npz is not a readable .npz file" in refused["not-a-zip"]
+
+
+def test_slurm_variables_without_an_address(refused):
     """`python multinode.py` in a batch script without srun: Slurm's rank variables but no launch address."""
-    line = bad_input([env_python("modulus"), MOD / "multinode.py"], timeout=60, SLURM_PROCID=0, SLURM_NPROCS=2,
-                     SLURM_LOCALID=0)
+    line = refused["no-address"]
     assert "SLURM_LAUNCH_NODE_IPADDR not set" in line and "srun" in line
 
 
@@ -257,6 +302,27 @@ import torch.distributed as dist
 import cluster, recipe, toolkit
 
 ''' + PROBE_CHECKS + r'''
+
+@check
+def model_file_read_back():
+    """The reference run's fno.mdlus (argv 1) rebuilt by physicsnemo.Module.from_checkpoint, physicsnemo as the
+    recipes import it; its state dict saved to argv 2."""
+    model = cluster.physicsnemo().Module.from_checkpoint(sys.argv[1])
+    torch.save(model.state_dict(), sys.argv[2])
+    return "saved"
+
+@check
+def ranks_shards():
+    """The samples of each rank's loader (recipe.build_loader), for ranks 0 and 1 of 2, epochs 0 and 1."""
+    args = types.SimpleNamespace(seed=0, batch_size=4, num_workers=0)
+    ds = torch.utils.data.TensorDataset(torch.arange(50))
+    out = []
+    for rank in (0, 1):
+        loader = recipe.build_loader(ds, args, rank, 2)
+        for epoch in (0, 1):
+            loader.sampler.set_epoch(epoch)
+            out.append(sorted(int(i) for (b,) in loader for i in b))
+    return out
 
 def tiny_args(**kw):
     defaults = dict(data="synthetic", dataset_size=16, batch_size=4, seed=0, num_workers=0, lr=1e-3, epochs=2,
@@ -473,10 +539,19 @@ print(json.dumps(results))
 '''
 
 
+class Probe(dict):
+    """GPU_PROBE's findings {check: result}; from_mdlus: the file model_file_read_back saved."""
+
+
 @pytest.fixture(scope="module")
-def gpu_probe():
-    out = python("-c", GPU_PROBE, cwd=MOD, timeout=180).stdout
-    return __import__("json").loads(out.strip().splitlines()[-1])
+def gpu_probe(reference, tmp_path_factory):
+    """One process of modulus/'s environment (PhysicsNeMo's import paid once) for every check of GPU_PROBE, the
+    reference run's model file read back among them."""
+    from_mdlus = tmp_path_factory.mktemp("probe") / "from_mdlus.pt"
+    out = python("-c", GPU_PROBE, reference[0] / "fno.mdlus", from_mdlus, cwd=MOD, timeout=180).stdout
+    found = Probe(json.loads(out.strip().splitlines()[-1]))
+    found.from_mdlus = from_mdlus
+    return found
 
 
 def test_resume_on_a_gpu_loads_the_snapshot_to_the_cpu(gpu_probe):
