@@ -17,7 +17,6 @@ import re
 import shutil
 import subprocess
 import sys
-import time
 import types
 from unittest import mock
 
@@ -87,7 +86,7 @@ def test_single_process_learns_and_checkpoints(reference, tmp_path):
     assert "done: 32 steps" in out
 
 
-def test_zero1_equals_pytorch_ddp_and_one_rank_cannot_resume_it(tmp_path_factory, tmp_path):
+def test_zero1_equals_pytorch_ddp_and_one_rank_cannot_resume_it(tmp_path_factory, refused):
     """ZeRO-1 on 2 ranks (== 1 process with the global batch: test_behaviour.py) == pytorch/'s plain DDP recipe on 2
     ranks (same model, data, sampler, SGD with momentum and schedule; DeepSpeed's default clipping at norm 1.0 is
     turned off): tests/recipes.py's runs of both folders."""
@@ -96,14 +95,13 @@ def test_zero1_equals_pytorch_ddp_and_one_rank_cannot_resume_it(tmp_path_factory
     plain = torch.load(ddp / "snapshot.pt", map_location="cpu", weights_only=True)["model"]
     assert_same_weights(weights(zero1), plain, **TOL)
     # Resumed by 1 rank (issue #25 item 3): SGD's momentum is no state DeepSpeed's universal converter knows, so
-    # one line, exit 2 -- it was ZeRORuntimeException's traceback, exit 1.
-    shutil.copytree(zero1, tmp_path / "zero1")  # the shared run stays as it ended
-    proc = run_split([env_python("deepspeed"), DS / "single_gpu.py", *SMALL, "--epochs", "3", *config("zero1"),
-                      "--batch-size", "32", "--checkpoint-dir", tmp_path / "zero1"], timeout=180)
+    # one line, exit 2 -- it was ZeRORuntimeException's traceback, exit 1. (Launched from a copy of the run, with
+    # the bad input below: the `refused` fixture.)
+    proc, copy = refused["zero1-by-one-rank"]
     one_error_line(proc, "step-00000032 was written by 2 rank(s), this job has 1, and DeepSpeed's ds_to_universal "
                          "could not convert it (KeyError: 'exp_avg', the converter knows only Adam's optimizer "
                          "states): resume with 2 rank(s)")
-    assert sorted(p.name for p in (tmp_path / "zero1").glob("step-*")) == ["step-00000016", "step-00000032"]
+    assert sorted(p.name for p in copy.glob("step-*")) == ["step-00000016", "step-00000032"]
 
 
 def test_zero3_partitions_the_parameters_over_the_ranks(tmp_path_factory):
@@ -136,19 +134,29 @@ def test_srun_style_bf16_with_gradient_accumulation(tmp_path):
 # ------------------------------------------------------------------------------------------ resume, preemption
 
 
-def test_damaged_newest_checkpoint_falls_back_then_fails_clearly(tmp_path):
-    python(DS / "single_gpu.py", *SMALL, *config("zero1"), "--batch-size", "32", "--checkpoint-dir", tmp_path)
-    newest = tmp_path / "step-00000032" / "mp_rank_00_model_states.pt"
-    newest.write_bytes(newest.read_bytes()[:1000])
-    out = python(DS / "single_gpu.py", *SMALL, *config("zero1"), "--batch-size", "32", "--epochs", "3",
-                 "--checkpoint-dir", tmp_path).stdout
-    assert "warning: checkpoint step-00000032" in out and "resumed from" in out and "epoch 2, step 16" in out
-    assert sorted(p.name for p in tmp_path.glob("step-*")) == ["step-00000032", "step-00000048"]  # 2 kept
-    for f in tmp_path.glob("step-*/mp_rank_00_model_states.pt"):
+def test_damaged_newest_checkpoint_falls_back_then_fails_clearly(tmp_path_factory, tmp_path):
+    """Copies of the reference run (1 process, 2 epochs: tags step-16 and step-32): its newest tag truncated, the
+    run resumed for a third epoch falls back to the older one with a warning; every tag truncated, exit 2 in one
+    line. Both launches forked from one process (FORKED, DeepSpeed imported once)."""
+    ran = RECIPES["deepspeed"].run(tmp_path_factory, "reference").ckpt
+    newest, every = tmp_path / "newest", tmp_path / "every"
+    for copy in (newest, every):
+        shutil.copytree(ran, copy)
+    for f in [newest / "step-00000032" / "mp_rank_00_model_states.pt", *every.glob("step-*/mp_rank_*.pt")]:
         f.write_bytes(f.read_bytes()[:1000])
-    proc = python(DS / "single_gpu.py", *SMALL, *config("zero1"), "--epochs", "4", "--batch-size", "32",
-                  "--checkpoint-dir", tmp_path, expect_fail=True, timeout=120)
-    assert proc.returncode == 2 and "error: no usable checkpoint" in proc.stdout and "Traceback" not in proc.stdout
+    zero0 = [*SMALL, *config("zero0"), "--batch-size", "32"]
+    procs = forked_each([
+        ("newest", "single_gpu.py", [*zero0, "--epochs", "3", "--checkpoint-dir", newest], {}, True, 240),
+        ("every", "single_gpu.py", [*zero0, "--epochs", "4", "--checkpoint-dir", every], {}, True, 120)])
+    proc = procs["newest"]
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, f"exit {proc.returncode}\n{out[-6000:]}"
+    assert "warning: checkpoint step-00000032" in out and "resumed from" in out and "epoch 2, step 16" in out
+    assert sorted(p.name for p in newest.glob("step-*")) == ["step-00000032", "step-00000048"]  # 2 kept
+    proc = procs["every"]
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 2 and "error: no usable checkpoint" in out and "Traceback" not in out, out[-6000:]
+    assert not [p.name for p in every.glob("step-*") if p.name > "step-00000032"], "a run that failed wrote a tag"
 
 
 def test_zero1_adamw_resumed_by_another_world_size_through_a_universal_checkpoint(tmp_path):
@@ -357,14 +365,65 @@ def one_error_line(proc, message):
     assert message in lines[0], lines[0]
 
 
-def run_split(cmd, env=None, timeout=120):
-    """Like run(), but stdout and stderr apart: the error must be the only line on stderr."""
-    start = time.monotonic()
-    proc = subprocess.run([str(c) for c in cmd], cwd=ROOT, env=env or clean_env(), capture_output=True, text=True,
-                          timeout=timeout)
-    assert proc.returncode == 2, f"exit {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
-    assert time.monotonic() - start < timeout
-    return proc
+# Many command lines of deepspeed/'s scripts, each a process of its own as `python script.py ARGS` is -- its own
+# environment, exit code, stdout and stderr (file descriptors 1 and 2), a traceback printed as Python prints one,
+# killed by SIGALRM past its time bound -- but forked from one process that has already imported what the scripts
+# import at their top (torch, cluster, recipe): the interpreter's start is paid once. Cases marked "deepspeed" are
+# forked after the parent has imported DeepSpeed too (cluster.import_deepspeed: seconds per process); the others
+# before it, so that what they assert about DeepSpeed's import (nothing of it on stdout) still holds.
+FORKED = """import json, os, runpy, signal, sys, tempfile, traceback
+cases = json.loads(sys.argv[1])
+for script in sorted({c["script"] for c in cases}):
+    runpy.run_path(script, run_name="imports only")  # the script's imports, not its __main__ block
+results = []
+for case in sorted(cases, key=lambda c: c["deepspeed"]):
+    if case["deepspeed"] and "deepspeed" not in sys.modules:
+        import cluster
+        cluster.import_deepspeed()
+    out, err = tempfile.TemporaryFile(), tempfile.TemporaryFile()
+    pid = os.fork()
+    if pid == 0:
+        os.dup2(out.fileno(), 1)
+        os.dup2(err.fileno(), 2)
+        os.environ.update(case["env"])
+        signal.alarm(case["timeout"])  # bad input must fail within a bounded time
+        sys.argv, code = [case["script"], *case["args"]], 0
+        try:
+            runpy.run_path(case["script"], run_name="__main__")
+        except SystemExit as e:  # as the interpreter ends it: sys.exit("text") prints the text, exits 1
+            code = e.code if isinstance(e.code, int) else 0 if e.code is None else 1
+            if isinstance(e.code, str):
+                print(e.code, file=sys.stderr)
+        except BaseException:
+            traceback.print_exc()
+            code = 1
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    out.seek(0)
+    err.seek(0)
+    results.append([case["id"], os.waitstatus_to_exitcode(status), out.read().decode(errors="replace"),
+                    err.read().decode(errors="replace")])
+print(json.dumps(results))
+"""
+
+
+def forked_each(cases):
+    """{id: CompletedProcess} of every case (id, script, args, env, deepspeed, timeout), run as FORKED runs them."""
+    cases = [dict(id=i, script=s, args=[str(a) for a in args], env={k: str(v) for k, v in env.items()},
+                  deepspeed=ds, timeout=timeout) for i, s, args, env, ds, timeout in cases]
+    proc = run([env_python("deepspeed"), "-c", FORKED, json.dumps(cases)], cwd=DS, timeout=400)
+    return {i: subprocess.CompletedProcess(i, code, out, err)
+            for i, code, out, err in json.loads(proc.stdout.splitlines()[-1])}
+
+
+def refused_each(cases):
+    """forked_each's, each of which must exit 2 (the error must then be the only line on stderr: one_error_line)."""
+    found = forked_each(cases)
+    for i, proc in found.items():
+        assert proc.returncode == 2, f"{i}: exit {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    return found
 
 
 def write_config(tmp_path, **extra):
@@ -373,30 +432,60 @@ def write_config(tmp_path, **extra):
     return path
 
 
-@pytest.mark.parametrize("case, message", [
-    ("batch", "train_batch_size 64 != micro batch 16 x gradient_accumulation_steps 2 x world size 1 (= 32)"),
-    ("fp16", "fp16 (in zero2_fp16.json) needs a CUDA GPU"),
-    ("missing", "no such file"),
-    ("no-data-dir", "is not a directory"),
-    ("bad-idx", "is not an MNIST IDX file"),
-    ("flag", "--batch-size: must be a positive integer"),
-])
-def test_bad_input_is_one_line_and_exit_2(tmp_path, case, message):
-    args = {
-        "batch": ["--batch-size", "16", "--ds-config",
-                  write_config(tmp_path, train_batch_size=64, gradient_accumulation_steps=2)],
-        "fp16": config("gpu/zero2_fp16"),
-        "missing": ["--ds-config", tmp_path / "nope.json"],
-        "no-data-dir": ["--data", "mnist", "--data-dir", tmp_path / "absent"],
-        "bad-idx": ["--data", "mnist", "--data-dir", tmp_path],
-        "flag": ["--batch-size", "0"],
-    }[case]
-    raw = tmp_path / "MNIST" / "raw"
-    raw.mkdir(parents=True)
-    (raw / "train-images-idx3-ubyte").write_bytes(b"\x00\x00\x08\x03" + b"\x00" * 40)
-    (raw / "train-labels-idx1-ubyte").write_bytes(b"\x00\x00\x08\x01" + b"\x00" * 4)
-    proc = run_split([env_python("deepspeed"), DS / "single_gpu.py", *args])
-    one_error_line(proc, message)
+BAD_INPUT = {
+    "batch": "train_batch_size 64 != micro batch 16 x gradient_accumulation_steps 2 x world size 1 (= 32)",
+    "fp16": "fp16 (in zero2_fp16.json) needs a CUDA GPU",
+    "missing": "no such file",
+    "no-data-dir": "is not a directory",
+    "bad-idx": "is not an MNIST IDX file",
+    "flag": "--batch-size: must be a positive integer",
+}
+# C12: given GPUs (or asked for nccl) where torch has no CUDA (test_gpus_given_to_a_torch_without_cuda_is_refused)
+NO_CUDA = {
+    "slurm-gpus": ("single_gpu.py", {"SLURM_GPUS_ON_NODE": "2"}, [], "SLURM_GPUS_ON_NODE=2"),
+    "nccl-without-launcher": ("multigpu_torchrun.py", {}, ["--backend", "nccl"], "--backend nccl"),
+    "visible-devices": ("multigpu.py", {"CUDA_VISIBLE_DEVICES": "0,1"}, [], "CUDA_VISIBLE_DEVICES=0,1"),
+}
+
+
+@pytest.fixture(scope="module")
+def refused(tmp_path_factory):
+    """Every bad command line of this section, each run as its own `python script ARGS` would be (FORKED), and
+    the ZeRO-1 run resumed by one rank: {case: (CompletedProcess, its tmp dir)}."""
+    cases, dirs = [], {}
+    for case in BAD_INPUT:
+        tmp = dirs[case] = tmp_path_factory.mktemp(f"bad-{case}")
+        args = {
+            "batch": ["--batch-size", "16", "--ds-config",
+                      write_config(tmp, train_batch_size=64, gradient_accumulation_steps=2)],
+            "fp16": config("gpu/zero2_fp16"),
+            "missing": ["--ds-config", tmp / "nope.json"],
+            "no-data-dir": ["--data", "mnist", "--data-dir", tmp / "absent"],
+            "bad-idx": ["--data", "mnist", "--data-dir", tmp],
+            "flag": ["--batch-size", "0"],
+        }[case]
+        raw = tmp / "MNIST" / "raw"
+        raw.mkdir(parents=True)
+        (raw / "train-images-idx3-ubyte").write_bytes(b"\x00\x00\x08\x03" + b"\x00" * 40)
+        (raw / "train-labels-idx1-ubyte").write_bytes(b"\x00\x00\x08\x01" + b"\x00" * 4)
+        cases.append((case, "single_gpu.py", args, {}, True, 120))
+    for case, (script, env, flags, _) in NO_CUDA.items():
+        tmp = dirs[case] = tmp_path_factory.mktemp(f"no-cuda-{case}")
+        cases.append((case, script, ["--epochs", "2", "--dataset-size", "16", "--batch-size", "4", "--log-every", "1",
+                                     "--checkpoint-dir", tmp / "ckpt", *flags], env, False, 60))
+    cases.append(("no-launcher", "multigpu_torchrun.py", [], {}, False, 60))
+    # The ZeRO-1 run of 2 ranks resumed by 1 (test_zero1_equals_pytorch_ddp_and_one_rank_cannot_resume_it), from a
+    # copy: the shared run stays as it ended
+    copy = dirs["zero1-by-one-rank"] = tmp_path_factory.mktemp("zero1-by-one-rank") / "ckpt"
+    shutil.copytree(RECIPES["deepspeed"].run(tmp_path_factory, "zero1").ckpt, copy)
+    cases.append(("zero1-by-one-rank", "single_gpu.py", [*SMALL, "--epochs", "3", *config("zero1"), "--batch-size",
+                                                         "32", "--checkpoint-dir", copy], {}, True, 180))
+    return {case: (proc, dirs.get(case)) for case, proc in refused_each(cases).items()}
+
+
+@pytest.mark.parametrize("case", BAD_INPUT)
+def test_bad_input_is_one_line_and_exit_2(refused, case):
+    one_error_line(refused[case][0], BAD_INPUT[case])
 
 
 def test_world_size_larger_than_the_dataset():
@@ -409,9 +498,9 @@ def test_world_size_larger_than_the_dataset():
                               "would get no data", out
 
 
-def test_torchrun_script_without_the_launcher():
-    proc = run_split([env_python("deepspeed"), DS / "multigpu_torchrun.py"], timeout=60)
-    one_error_line(proc, "RANK, LOCAL_RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT not set: launch with `torchrun")
+def test_torchrun_script_without_the_launcher(refused):
+    one_error_line(refused["no-launcher"][0], "RANK, LOCAL_RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT not set: "
+                                              "launch with `torchrun")
 
 
 def test_every_recipe_script_is_exercised():
@@ -731,19 +820,13 @@ def test_progress_in_samples_at_another_world_size():
         assert optimizer.param_groups[0]["lr"] == pytest.approx(uninterrupted, rel=1e-12)
 
 
-@pytest.mark.parametrize("script, env, flags, given", [
-    ("single_gpu.py", {"SLURM_GPUS_ON_NODE": "2"}, [], "SLURM_GPUS_ON_NODE=2"),
-    ("multigpu_torchrun.py", {}, ["--backend", "nccl"], "--backend nccl"),
-    ("multigpu.py", {"CUDA_VISIBLE_DEVICES": "0,1"}, [], "CUDA_VISIBLE_DEVICES=0,1"),
-], ids=["slurm-gpus", "nccl-without-launcher", "visible-devices"])
-def test_gpus_given_to_a_torch_without_cuda_is_refused(tmp_path, script, env, flags, given):
+@pytest.mark.parametrize("case", NO_CUDA)
+def test_gpus_given_to_a_torch_without_cuda_is_refused(refused, case):
     """C12: given GPUs (or asked for nccl) where torch has no CUDA: one line, exit 2, nothing written -- before
     DeepSpeed's accelerator detection and before the check for torchrun's variables."""
-    ckpt = tmp_path / "ckpt"
-    proc = run_split([env_python("deepspeed"), DS / script, "--epochs", "2", "--dataset-size", "16", "--batch-size",
-                      "4", "--log-every", "1", "--checkpoint-dir", ckpt, *flags], env=clean_env(**env), timeout=60)
-    one_error_line(proc, given)
-    assert "rather than training on the CPU" in proc.stderr and not ckpt.exists() and not proc.stdout
+    proc, tmp = refused[case]
+    one_error_line(proc, NO_CUDA[case][-1])
+    assert "rather than training on the CPU" in proc.stderr and not (tmp / "ckpt").exists() and not proc.stdout
 
 
 # ------------------------------------------------------------------------------ the command line vs the config
