@@ -322,8 +322,12 @@ GLOO = ("--backend", "gloo")
 
 
 def shape(nodes: int, tasks_per_node: int = 1, gpus_per_node: int | None = None, cpus: int = 1,
-          time: str = "00:05:00") -> list[str]:
-    """sbatch options for a job of `nodes` x `tasks_per_node` (one task per GPU unless gpus_per_node says)."""
+          time: str = "00:15:00") -> list[str]:
+    """sbatch options for a job of `nodes` x `tasks_per_node` (one task per GPU unless gpus_per_node says).
+
+    The time limit is generous: the tests' own timeouts bound a job, and the templates' --signal=B:USR1@90 must not
+    fire on a slow job (jobs run side by side on two busy cores, run_together: at 5 min a 3-minute modulus job got
+    its USR1 after training and requeued itself)."""
     return [f"--nodes={nodes}", f"--ntasks-per-node={tasks_per_node}",
             f"--gpus-per-node={gpus_per_node or tasks_per_node}", f"--cpus-per-task={cpus}", f"--time={time}"]
 
