@@ -136,12 +136,55 @@ class SlurmCluster:
             if on_poll is not None:
                 on_poll(info, log)
             time.sleep(0.2)
-        seconds = time.monotonic() - start
+        return self._finished(job_id, info, state, output, time.monotonic() - start, name or current_test())
+
+    def _finished(self, job_id: str, info: dict, state: str, output: Path, seconds: float, name: str) -> Job:
         code, _, sig = info.get("ExitCode", "-1:0").partition(":")
         time.sleep(0.1)  # the last lines of the log may land just after the state changes
         log = output.read_text(errors="replace") if output.exists() else ""
-        _new_jobs.append((name or current_test(), job_id, state, seconds))
+        _new_jobs.append((name, job_id, state, seconds))
         return Job(job_id, state, int(code), int(sig or 0), log, seconds, info)
+
+    def run_together(self, jobs: dict, *, prefix: str = "", at_once: int = 3, timeout: float = 240) -> dict:
+        """Independent jobs submitted and waited for together: much of a job's time here is scheduling, start-up
+        and teardown, not CPU, so side by side they cost about what the slowest costs. `jobs` maps a name (the
+        job table's, after `prefix`: the test that asserts on the job) to a callable that submits the job and
+        returns (job id, its output file); at most `at_once` are submitted at a time (two cores: more only slow
+        each other). Returns {name: Job} in the given order. A job not finished `timeout` s after its submission
+        is cancelled and comes back as JobState=UNFINISHED, so that only the test asserting on it fails.
+
+        Called from a module-scoped fixture, the jobs count as the first test's (_submitted): they are all
+        finished when it returns, so that test's teardown (cancel_leftovers) cancels nothing -- unless the
+        fixture failed half-way, and then it should."""
+        todo, running, done = list(jobs.items()), {}, {}
+        while todo or running:
+            while todo and len(running) < at_once:
+                name, submit = todo.pop(0)
+                job_id, output = submit()
+                running[name] = (job_id, Path(output), time.monotonic())
+            for name, (job_id, output, start) in list(running.items()):
+                info = self.job_info(job_id)
+                state = info.get("JobState", "?")
+                late = time.monotonic() - start > timeout
+                if state in TERMINAL or late:
+                    if state not in TERMINAL:
+                        self.client("scancel", job_id, check=False)
+                        state, info = "UNFINISHED", {**info, "Reason": f"not finished after {timeout}s; cancelled"}
+                    done[name] = self._finished(job_id, info, state, output, time.monotonic() - start,
+                                                prefix + name)
+                    del running[name]
+            time.sleep(0.2)
+        return {name: done[name] for name in jobs}
+
+    def submit_recipe(self, folder: str, template: str, tmp_path: Path, sbatch_args, *args,
+                      env: dict | None = None) -> tuple[str, Path]:
+        """recipe()'s submission alone, for run_together: (job id, output file); the checkpoints go to
+        tmp_path/ckpt."""
+        output = tmp_path / "job.out"
+        job_id = self.submit(ROOT / folder / template, *args, *GLOO, "--checkpoint-dir", tmp_path / "ckpt",
+                             sbatch_args=sbatch_args, cwd=ROOT / folder, output=output,
+                             env={"PYTHON": env_python(folder), **(env or {})})
+        return job_id, output
 
     def wait_array(self, job_id: str, output_of, tasks: int, timeout: float = 180) -> list[Job]:
         """Wait for every task of job array `job_id`; output_of(index) is that task's log file."""
@@ -223,17 +266,20 @@ class SlurmCluster:
         """Submit one of <folder>'s templates from inside the folder with the folder's environment, the arguments
         after it going to its script plus --checkpoint-dir under tmp_path and --backend gloo (GLOO); wait;
         return (job, checkpoint dir)."""
-        ckpt = tmp_path / "ckpt"
-        env = {"PYTHON": env_python(folder), **kwargs.pop("env", {})}
-        job = self.run(ROOT / folder / template, *args, *GLOO, "--checkpoint-dir", ckpt, sbatch_args=sbatch_args,
-                       cwd=ROOT / folder, output=tmp_path / "job.out", env=env, **kwargs)
-        return job, ckpt
+        job_id, output = self.submit_recipe(folder, template, tmp_path, sbatch_args, *args, env=kwargs.pop("env", {}))
+        return self.wait(job_id, output, **kwargs), tmp_path / "ckpt"
 
     def run(self, script, *args, sbatch_args=(), cwd=ROOT, output: Path, env: dict | None = None,
             timeout: float = 120, on_poll=None) -> Job:
         """Submit, wait, return the finished job (state, exit code, log)."""
         job_id = self.submit(script, *args, sbatch_args=sbatch_args, cwd=cwd, output=output, env=env)
         return self.wait(job_id, output, timeout=timeout, on_poll=on_poll)
+
+
+def module_prefix(request) -> str:
+    """For run_together from a module-scoped fixture: the test file's node id and "::", so that the job table names
+    each job by the test that asserts on it."""
+    return without_group(request.node.nodeid) + "::"
 
 
 def progress_step(log: str, epoch: int | None = None) -> int:
@@ -276,8 +322,12 @@ GLOO = ("--backend", "gloo")
 
 
 def shape(nodes: int, tasks_per_node: int = 1, gpus_per_node: int | None = None, cpus: int = 1,
-          time: str = "00:05:00") -> list[str]:
-    """sbatch options for a job of `nodes` x `tasks_per_node` (one task per GPU unless gpus_per_node says)."""
+          time: str = "00:15:00") -> list[str]:
+    """sbatch options for a job of `nodes` x `tasks_per_node` (one task per GPU unless gpus_per_node says).
+
+    The time limit is generous: the tests' own timeouts bound a job, and the templates' --signal=B:USR1@90 must not
+    fire on a slow job (jobs run side by side on two busy cores, run_together: at 5 min a 3-minute modulus job got
+    its USR1 after training and requeued itself)."""
     return [f"--nodes={nodes}", f"--ntasks-per-node={tasks_per_node}",
             f"--gpus-per-node={gpus_per_node or tasks_per_node}", f"--cpus-per-task={cpus}", f"--time={time}"]
 

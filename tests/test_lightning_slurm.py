@@ -2,17 +2,19 @@
 
 Templates run unmodified from lightning/; the tests only shrink the shape on the sbatch command line (this
 machine has 2 cores), pass the interpreter as PYTHON, and point --checkpoint-dir at a temporary folder (the
-last --checkpoint-dir on the command line wins over the template's).
+last --checkpoint-dir on the command line wins over the template's). The independent jobs (every template, the
+fail-fast ones) run side by side, a few at a time; each preempted job runs alone after them.
 """
 
 import re
+from functools import partial
 
 import pytest
 import torch
 from helpers import ROOT, env_python, epoch_lines
-from slurm_fixtures import GLOO, MULTINODE_2X1, ONE_NODE, requeued_once, shape
+from slurm_fixtures import GLOO, MULTINODE_2X1, ONE_NODE, module_prefix, requeued_once, shape
 
-pytestmark = [pytest.mark.lightning, pytest.mark.slurm, pytest.mark.timeout(400)]
+pytestmark = [pytest.mark.lightning, pytest.mark.slurm, pytest.mark.timeout(600)]  # the first test: all of `jobs`
 
 FOLDER = ROOT / "lightning"
 TINY = ["--epochs", 2, "--dataset-size", 256, "--batch-size", 32, "--log-every", 4]
@@ -35,10 +37,45 @@ def world_size_of(log):
     return int(re.search(r"^0: \[rank0\] world size (\d+) \|", log, re.M).group(1))
 
 
+NO_SRUN_JOB = """#!/bin/bash
+#SBATCH --nodes=1
+#SBATCH --ntasks-per-node=2
+#SBATCH --cpus-per-task=1
+#SBATCH --time=00:02:00
+set -euo pipefail
+"$PYTHON" multinode.py "$@"
+"""
 # multinode.sbatch at 1 node x 2 tasks runs in test_preemption_requeue_resume (one launched run, both checks).
-@pytest.mark.parametrize("template, sbatch_args, world_size", [*ONE_NODE, MULTINODE_2X1])
-def test_template_runs(slurm_cluster, tmp_path, template, sbatch_args, world_size):
-    job, ckpt = submit(slurm_cluster, tmp_path, template, sbatch_args, timeout=150)
+TEMPLATE_ROWS = [*ONE_NODE, MULTINODE_2X1]
+
+
+def submit_no_srun(cluster, tmp_path):
+    job_script = tmp_path / "no_srun.sbatch"
+    job_script.write_text(NO_SRUN_JOB)
+    output = tmp_path / "job.out"
+    return cluster.submit(job_script, *TINY, *GLOO, "--checkpoint-dir", tmp_path / "ckpt", cwd=FOLDER,
+                          output=output, env={"PYTHON": env_python("lightning")}), output
+
+
+@pytest.fixture(scope="module")
+def jobs(slurm_cluster, tmp_path_factory, request):
+    """The jobs of test_template_runs' rows and of the two fail-fast tests, submitted and waited for together
+    (run_together): {test name: (job, checkpoint dir)}."""
+    rows = {f"test_template_runs[{p.id}]": (*p.values[:2], TINY) for p in TEMPLATE_ROWS}
+    rows["test_devices_mismatch_fails_fast_with_a_clear_error"] = ("multinode.sbatch", shape(1, 2),
+                                                                   [*TINY, "--devices", 1])
+    dirs = {name: tmp_path_factory.mktemp("lightning_job") for name in [*rows, "missing_srun"]}
+    submits = {name: partial(slurm_cluster.submit_recipe, "lightning", template, dirs[name], sbatch_args, *args)
+               for name, (template, sbatch_args, args) in rows.items()}
+    submits["test_missing_srun_fails_fast_with_a_clear_error"] = partial(submit_no_srun, slurm_cluster,
+                                                                         dirs["missing_srun"])
+    done = slurm_cluster.run_together(submits, prefix=module_prefix(request), timeout=240)
+    return {name: (job, job_dir / "ckpt") for (name, job), job_dir in zip(done.items(), dirs.values())}
+
+
+@pytest.mark.parametrize("template, sbatch_args, world_size", TEMPLATE_ROWS)
+def test_template_runs(jobs, request, template, sbatch_args, world_size):
+    job, ckpt = jobs[request.node.name]
     job.assert_ok()
     assert [(e.epoch, e.metric) for e in epoch_lines(job.log)] == [(1, "acc"), (2, "acc")], job.describe()
     assert world_size_of(job.log) == world_size, job.describe()
@@ -48,32 +85,18 @@ def test_template_runs(slurm_cluster, tmp_path, template, sbatch_args, world_siz
         assert nodes in job.log, job.describe()
 
 
-def test_devices_mismatch_fails_fast_with_a_clear_error(slurm_cluster, tmp_path):
+def test_devices_mismatch_fails_fast_with_a_clear_error(jobs, request):
     """--devices 1 under --ntasks-per-node=2: the job fails at once with one clear line, it does not hang."""
-    job, _ = submit(slurm_cluster, tmp_path, "multinode.sbatch", shape(1, 2), args=[*TINY, "--devices", 1],
-                    timeout=90)
+    job, _ = jobs[request.node.name]
     assert job.state == "FAILED", job.describe()
     assert "error: --devices 1 but the job has --ntasks-per-node=2" in job.log, job.describe()
     assert "Traceback" not in job.log, job.describe()
 
 
-NO_SRUN_JOB = """#!/bin/bash
-#SBATCH --nodes=1
-#SBATCH --ntasks-per-node=2
-#SBATCH --cpus-per-task=1
-#SBATCH --time=00:02:00
-set -euo pipefail
-"$PYTHON" multinode.py "$@"
-"""
-
-
-def test_missing_srun_fails_fast_with_a_clear_error(slurm_cluster, tmp_path):
-    """The classic Lightning hang: python in the batch shell of a 2-task job, without srun. Lightning alone
-    would wait for the second process until its 30-minute timeout; multinode.py stops at once."""
-    job_script = tmp_path / "no_srun.sbatch"
-    job_script.write_text(NO_SRUN_JOB)
-    job = slurm_cluster.run(job_script, *TINY, *GLOO, "--checkpoint-dir", tmp_path / "ckpt", cwd=FOLDER,
-                            output=tmp_path / "job.out", env={"PYTHON": env_python("lightning")}, timeout=90)
+def test_missing_srun_fails_fast_with_a_clear_error(jobs, request):
+    """The classic Lightning hang: python in the batch shell of a 2-task job, without srun (NO_SRUN_JOB). Lightning
+    alone would wait for the second process until its 30-minute timeout; multinode.py stops at once."""
+    job, _ = jobs[request.node.name]
     assert job.state == "FAILED", job.describe()
     assert "error: multinode.py was started without srun, as 1 process of a 2-task job" in job.log, job.describe()
     assert "Traceback" not in job.log, job.describe()

@@ -2,18 +2,20 @@
 
 Templates run unmodified from modulus/; the tests only shrink the shape on the sbatch command line (this machine
 has 2 cores), pass the interpreter as PYTHON, and point --checkpoint-dir at a temporary folder (the last one on
-the command line wins over the template's).
+the command line wins over the template's). The independent jobs (every template, the darcy data job) run side
+by side, a few at a time; the preempted job runs alone after them.
 """
 
 import re
+from functools import partial
 
 import numpy as np
 import pytest
 import torch
 from helpers import ROOT, env_python, epoch_lines
-from slurm_fixtures import MULTINODE_2X1, ONE_NODE, shape
+from slurm_fixtures import MULTINODE_2X1, ONE_NODE, module_prefix, shape
 
-pytestmark = [pytest.mark.modulus, pytest.mark.slurm, pytest.mark.timeout(400)]
+pytestmark = [pytest.mark.modulus, pytest.mark.slurm, pytest.mark.timeout(600)]  # the first test: all of `jobs`
 
 FOLDER = ROOT / "modulus"
 # 2 ranks x batch 8: 4 steps per epoch, 8 in all (1 rank: 8 steps per epoch).
@@ -33,13 +35,38 @@ def submit(cluster, tmp_path, template, sbatch_args, args=TINY, **kwargs):
     return cluster.recipe("modulus", template, tmp_path, sbatch_args, *args, **kwargs)
 
 
-@pytest.mark.parametrize("template, sbatch_args, world_size", [
+TEMPLATE_ROWS = [
     *ONE_NODE,
     MULTINODE_2X1,  # srun, one task per node: DistributedManager's SLURM method
     pytest.param("multinode_torchrun.sbatch", shape(2, 1, gpus_per_node=1), 2, id="multinode_torchrun-2x1"),
-])
-def test_template_runs(slurm_cluster, tmp_path, template, sbatch_args, world_size):
-    job, ckpt = submit(slurm_cluster, tmp_path, template, sbatch_args, timeout=200)
+]
+DARCY = "test_darcy_data_job_writes_the_files"
+
+
+def submit_darcy(cluster, tmp_path):
+    output = tmp_path / "job.out"
+    return cluster.submit(FOLDER / "darcy.sbatch", tmp_path / "darcy", "--train", 32, "--val", 8, "--resolution", 16,
+                          sbatch_args=["--cpus-per-task=1", "--time=00:05:00"], cwd=FOLDER, output=output,
+                          env={"PYTHON": env_python("modulus")}), output
+
+
+@pytest.fixture(scope="module")
+def jobs(slurm_cluster, tmp_path_factory, request):
+    """The jobs of test_template_runs' rows and of the darcy test, submitted and waited for together
+    (run_together): {test name: (job, its temporary folder)}."""
+    rows = {f"test_template_runs[{p.id}]": p.values[:2] for p in TEMPLATE_ROWS}
+    dirs = {name: tmp_path_factory.mktemp("modulus_job") for name in [*rows, DARCY]}
+    submits = {name: partial(slurm_cluster.submit_recipe, "modulus", template, dirs[name], sbatch_args, *TINY)
+               for name, (template, sbatch_args) in rows.items()}
+    submits[DARCY] = partial(submit_darcy, slurm_cluster, dirs[DARCY])
+    done = slurm_cluster.run_together(submits, prefix=module_prefix(request), timeout=300)
+    return {name: (job, dirs[name]) for name, job in done.items()}
+
+
+@pytest.mark.parametrize("template, sbatch_args, world_size", TEMPLATE_ROWS)
+def test_template_runs(jobs, request, template, sbatch_args, world_size):
+    job, job_dir = jobs[request.node.name]
+    ckpt = job_dir / "ckpt"
     job.assert_ok()
     steps = 64 // (8 * world_size)
     epochs = epoch_lines(job.log)
@@ -74,12 +101,10 @@ def test_multinode_preemption_requeue_resume(slurm_cluster, tmp_path):
     assert snapshot(ckpt)["step"] == LONG_STEPS
 
 
-def test_darcy_data_job_writes_the_files(slurm_cluster, tmp_path):
+def test_darcy_data_job_writes_the_files(jobs):
     """darcy.sbatch: the data-preparation job writes train.npz and val.npz where training jobs can read them."""
-    data = tmp_path / "darcy"
-    job = slurm_cluster.run(FOLDER / "darcy.sbatch", data, "--train", 32, "--val", 8, "--resolution", 16,
-                            sbatch_args=["--cpus-per-task=1", "--time=00:05:00"], cwd=FOLDER,
-                            output=tmp_path / "job.out", env={"PYTHON": env_python("modulus")}, timeout=150)
+    job, job_dir = jobs[DARCY]
+    data = job_dir / "darcy"
     job.assert_ok()
     assert f"wrote 32 + 8 Darcy samples at 16x16 to {data}" in job.log, job.describe()
     for name, n in (("train.npz", 32), ("val.npz", 8)):

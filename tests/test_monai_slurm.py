@@ -3,17 +3,19 @@ the preemption path: USR1 -> snapshot -> exit 75 -> scontrol requeue -> resume -
 
 Templates run unmodified from monai/; the tests only shrink the shape on the sbatch command line (this machine
 has 2 cores), pass the interpreter as PYTHON, and point --checkpoint-dir at a temporary folder (the last
---checkpoint-dir on the command line wins over the template's).
+--checkpoint-dir on the command line wins over the template's). The independent jobs (every template, the
+uninterrupted two-node run) run side by side, a few at a time; the preempted job runs alone after them.
 """
 
 import re
+from functools import partial
 
 import pytest
 import torch
 from helpers import ROOT, epoch_lines
-from slurm_fixtures import MULTINODE_1X2, ONE_NODE, shape
+from slurm_fixtures import MULTINODE_1X2, ONE_NODE, module_prefix, shape
 
-pytestmark = [pytest.mark.monai, pytest.mark.slurm, pytest.mark.timeout(400)]
+pytestmark = [pytest.mark.monai, pytest.mark.slurm, pytest.mark.timeout(600)]  # the first test: all of `jobs`
 
 FOLDER = ROOT / "monai"
 # 12 synthetic training cases of 20^3 (+ 3 validation cases); crops of 16^3.
@@ -41,17 +43,34 @@ def check_run(job, ckpt, world_size):
     assert (ckpt / "best_model.pt").exists() and (ckpt / "snapshot.prev.pt").exists()
 
 
-@pytest.mark.parametrize("template, sbatch_args, world_size", [*ONE_NODE, MULTINODE_1X2])
-def test_template_runs(slurm_cluster, tmp_path, template, sbatch_args, world_size):
-    job, ckpt = submit(slurm_cluster, tmp_path, template, sbatch_args, timeout=240)
+TEMPLATE_ROWS = [*ONE_NODE, MULTINODE_1X2]
+
+
+@pytest.fixture(scope="module")
+def jobs(slurm_cluster, tmp_path_factory, request):
+    """The jobs of test_template_runs' rows and test_multinode_on_two_nodes' (multinode.sbatch on 2 nodes x 1
+    task, uninterrupted: the preemption test compares against it), submitted and waited for together
+    (run_together): {test name: (job, checkpoint dir)}."""
+    rows = {f"test_template_runs[{p.id}]": p.values[:2] for p in TEMPLATE_ROWS}
+    rows["test_multinode_on_two_nodes"] = ("multinode.sbatch", shape(2, 1))
+    dirs = {name: tmp_path_factory.mktemp("monai_job") for name in rows}
+    done = slurm_cluster.run_together(
+        {name: partial(slurm_cluster.submit_recipe, "monai", template, dirs[name], sbatch_args, *TINY,
+                       "--data-dir", dirs[name] / "data")
+         for name, (template, sbatch_args) in rows.items()}, prefix=module_prefix(request), timeout=240)
+    return {name: (job, dirs[name] / "ckpt") for name, job in done.items()}
+
+
+@pytest.mark.parametrize("template, sbatch_args, world_size", TEMPLATE_ROWS)
+def test_template_runs(jobs, request, template, sbatch_args, world_size):
+    job, ckpt = jobs[request.node.name]
     check_run(job, ckpt, world_size)
 
 
 @pytest.fixture(scope="module")
-def two_nodes(slurm_cluster, tmp_path_factory):
-    """multinode.sbatch on 2 nodes x 1 task, uninterrupted: the preemption test compares against it."""
-    tmp_path = tmp_path_factory.mktemp("two_nodes")
-    return submit(slurm_cluster, tmp_path, "multinode.sbatch", shape(2, 1), timeout=240)
+def two_nodes(jobs):
+    """multinode.sbatch on 2 nodes x 1 task, uninterrupted (from `jobs`): the preemption test compares against it."""
+    return jobs["test_multinode_on_two_nodes"]
 
 
 def test_multinode_on_two_nodes(two_nodes):

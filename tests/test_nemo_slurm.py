@@ -2,21 +2,23 @@
 
 Templates run unmodified from nemo/; the tests only shrink the shape on the sbatch command line (this machine has
 2 cores), pass the interpreter as PYTHON, and point --checkpoint-dir at a temporary folder (the last
---checkpoint-dir on the command line wins over the template's).
+--checkpoint-dir on the command line wins over the template's). The independent jobs (every template, the
+Megatron one) run side by side, two at a time; the preempted job and NeMo-Run's run alone after them.
 """
 
 import os
 import re
 import shutil
 import subprocess
+from functools import partial
 
 import pytest
 from helpers import ROOT, env_python, epoch_lines
-from slurm_fixtures import (GLOO, LOCAL_CLUSTER, MULTINODE_2X1, ONE_NODE, cluster_env, requeued_once,
-                            shape)
+from slurm_fixtures import (GLOO, LOCAL_CLUSTER, MULTINODE_2X1, ONE_NODE, cluster_env, module_prefix,
+                            requeued_once, shape)
 from test_nemo import last_checkpoint  # reads a NeMo checkpoint without NeMo
 
-pytestmark = [pytest.mark.nemo, pytest.mark.slurm, pytest.mark.timeout(400)]
+pytestmark = [pytest.mark.nemo, pytest.mark.slurm, pytest.mark.timeout(600)]  # the first test: all of `jobs`
 
 FOLDER = ROOT / "nemo"
 TINY = ["--epochs", 2, "--dataset-size", 64, "--batch-size", 8, "--log-every", 4]
@@ -31,9 +33,33 @@ def submit(cluster, tmp_path, template, sbatch_args, args=TINY, **kwargs):
 
 
 # multinode.sbatch at 1 node x 2 tasks runs in test_preemption_requeue_resume (one launched run, both checks).
-@pytest.mark.parametrize("template, sbatch_args, world_size", [*ONE_NODE, MULTINODE_2X1])
-def test_template_runs(slurm_cluster, tmp_path, template, sbatch_args, world_size):
-    job, ckpt = submit(slurm_cluster, tmp_path, template, sbatch_args, timeout=200)
+TEMPLATE_ROWS = [*ONE_NODE, MULTINODE_2X1]
+MEGATRON = "test_megatron_parallel_two_nodes_tensor_parallel_across_them"
+
+
+def submit_megatron(cluster, tmp_path):
+    output = tmp_path / "job.out"
+    return cluster.submit(FOLDER / "megatron_parallel.sbatch", "--tensor-model-parallel-size", 2, *GLOO, cwd=FOLDER,
+                          sbatch_args=shape(2, 1), output=output, env={"PYTHON": env_python("nemo")}), output
+
+
+@pytest.fixture(scope="module")
+def jobs(slurm_cluster, tmp_path_factory, request):
+    """The jobs of test_template_runs' rows and of the Megatron test, submitted and waited for together
+    (run_together; two at a time: every NeMo process spends ~20 CPU-s importing): {test name: (job, checkpoint
+    dir)}."""
+    rows = {f"test_template_runs[{p.id}]": p.values[:2] for p in TEMPLATE_ROWS}
+    dirs = {name: tmp_path_factory.mktemp("nemo_job") for name in [*rows, MEGATRON]}
+    submits = {name: partial(slurm_cluster.submit_recipe, "nemo", template, dirs[name], sbatch_args, *TINY)
+               for name, (template, sbatch_args) in rows.items()}
+    submits[MEGATRON] = partial(submit_megatron, slurm_cluster, dirs[MEGATRON])
+    done = slurm_cluster.run_together(submits, prefix=module_prefix(request), at_once=2, timeout=300)
+    return {name: (job, dirs[name] / "ckpt") for name, job in done.items()}
+
+
+@pytest.mark.parametrize("template, sbatch_args, world_size", TEMPLATE_ROWS)
+def test_template_runs(jobs, request, template, sbatch_args, world_size):
+    job, ckpt = jobs[request.node.name]
     job.assert_ok()
     assert [(e.epoch, e.metric) for e in epoch_lines(job.log)] == [(1, "acc"), (2, "acc")], job.describe()
     assert re.search(rf"^0: \[rank0\] world size {world_size} \|", job.log, re.M), job.describe()
@@ -43,11 +69,9 @@ def test_template_runs(slurm_cluster, tmp_path, template, sbatch_args, world_siz
         assert "2 nodes (n[1-2])" in job.log, job.describe()
 
 
-def test_megatron_parallel_two_nodes_tensor_parallel_across_them(slurm_cluster, tmp_path):
+def test_megatron_parallel_two_nodes_tensor_parallel_across_them(jobs):
     """srun one task per (fake) GPU on 2 nodes, TP 2: the tensor-parallel group spans the two tasks."""
-    job = slurm_cluster.run(FOLDER / "megatron_parallel.sbatch", "--tensor-model-parallel-size", 2, *GLOO, cwd=FOLDER,
-                            sbatch_args=shape(2, 1), output=tmp_path / "job.out",
-                            env={"PYTHON": env_python("nemo")}, timeout=200)
+    job, _ = jobs[MEGATRON]
     job.assert_ok()
     assert "0: [rank0] world size 2 = tensor 2 x pipeline 1 x data 1 | backend gloo" in job.log, job.describe()
     assert "0: [rank0] rank 1: tp [0, 1] | pp [1] | dp [1]" in job.log, job.describe()

@@ -4,7 +4,9 @@ the preemption test of pytorch/multinode.sbatch (USR1 -> checkpoint -> requeue -
 uninterrupted run, then the same run resubmitted).
 
 The tests only shrink the shape on the sbatch command line (this machine has 2 cores) and pass small
-training arguments; a later --checkpoint-dir overrides the template's own.
+training arguments; a later --checkpoint-dir overrides the template's own. The independent one-job tests
+(single GPU, spawn, torchrun, fsdp, the uninterrupted multinode run) get their jobs from one fixture that runs them
+side by side, a few at a time; the tests that signal, kill or stop a job's processes run theirs alone.
 """
 
 import os
@@ -13,13 +15,14 @@ import shutil
 import signal
 import subprocess
 import time
+from functools import partial
 from pathlib import Path
 
 import pytest
 import torch
 
 from helpers import ROOT, env_python
-from slurm_fixtures import GLOO, cluster_env, progress_step, requeued_once
+from slurm_fixtures import GLOO, cluster_env, module_prefix, progress_step, requeued_once
 from test_slurm_templates import STOPPABLE  # a program that exits 75 on USR1
 
 pytestmark = pytest.mark.slurm
@@ -56,32 +59,49 @@ def assert_ranks(log: str, hosts: dict[int, str]):
     assert seen == hosts, f"ranks/hosts in the log: {seen}, expected {hosts}\n{log[-3000:]}"
 
 
-def submit(slurm_cluster, tmp_path, python, template, sbatch_args, args=TINY, timeout=150):
-    job, ckpt = slurm_cluster.recipe("pytorch", template, tmp_path, sbatch_args, *args, env={"PYTHON": python},
-                                     timeout=timeout)
-    return job.assert_ok(), ckpt
+@pytest.fixture(scope="module")
+def jobs(slurm_cluster, pytorch_python, tmp_path_factory, request):
+    """The jobs of the one-job template tests below (single GPU, spawn, torchrun, fsdp) and the uninterrupted
+    multinode.sbatch run (test_multinode_srun; the preemption tests compare against it), submitted and waited for
+    together (run_together): {test name: (job, checkpoint dir)}."""
+    rows = {"test_single_gpu": ("single_gpu.sbatch", ["--cpus-per-task=1"], TINY),
+            "test_multigpu_spawn": ("multigpu.sbatch", ["--gpus-per-node=2", "--cpus-per-task=2"], TINY),
+            "test_multigpu_torchrun": ("multigpu_torchrun.sbatch", ["--gpus-per-node=2", "--cpus-per-task=2"], TINY),
+            "test_multinode_srun": ("multinode.sbatch", ONE_PER_NODE, LONG),
+            "test_fsdp": ("fsdp.sbatch", ["--nodes=2", "--gpus-per-node=1", "--cpus-per-task=1"], TINY)}
+    dirs = {name: tmp_path_factory.mktemp("pytorch_job") for name in rows}
+    done = slurm_cluster.run_together(
+        {name: partial(slurm_cluster.submit_recipe, "pytorch", template, dirs[name], sbatch_args, *args,
+                       env={"PYTHON": pytorch_python})
+         for name, (template, sbatch_args, args) in rows.items()}, prefix=module_prefix(request), timeout=240)
+    return {name: (job, dirs[name] / "ckpt") for name, job in done.items()}
 
 
-def test_single_gpu(slurm_cluster, pytorch_python, tmp_path):
-    job, ckpt = submit(slurm_cluster, tmp_path, pytorch_python, "single_gpu.sbatch", ["--cpus-per-task=1"])
+def test_single_gpu(jobs):
+    """One GPU given, whichever: jobs sharing the node (run_together) hold the others."""
+    job, ckpt = jobs["test_single_gpu"]
+    job.assert_ok()
     assert job.info["NodeList"] in {"n1", "n2"}, job.describe()
-    assert f"job {job.job_id} (run single-gpu) on {job.info['NodeList']}: GPUs '0'" in job.log, job.describe()
+    assert re.search(rf"job {job.job_id} \(run single-gpu\) on {job.info['NodeList']}: GPUs '\d'", job.log), \
+        job.describe()
     assert "epoch 2/2" in job.log, job.describe()
     assert snapshot(ckpt)["step"] == 2 * 512 // 16
 
 
-def test_multigpu_spawn(slurm_cluster, pytorch_python, tmp_path):
+def test_multigpu_spawn(jobs):
     """mp.spawn inside one task: the script starts 2 workers itself (no CUDA here)."""
-    job, ckpt = submit(slurm_cluster, tmp_path, pytorch_python, "multigpu.sbatch",
-                       ["--gpus-per-node=2", "--cpus-per-task=2"])
+    job, ckpt = jobs["test_multigpu_spawn"]
+    job.assert_ok()
     assert "[rank0] world size 2" in job.log, job.describe()
     assert snapshot(ckpt)["step"] == 2 * 512 // (16 * 2)
 
 
-def test_multigpu_torchrun(slurm_cluster, pytorch_python, tmp_path):
-    job, ckpt = submit(slurm_cluster, tmp_path, pytorch_python, "multigpu_torchrun.sbatch",
-                       ["--gpus-per-node=2", "--cpus-per-task=2"])
-    assert ": 2 workers, GPUs '0,1'" in job.log, job.describe()
+def test_multigpu_torchrun(jobs):
+    """Two workers on the two GPUs given (two distinct ones; which: jobs sharing the node hold others)."""
+    job, ckpt = jobs["test_multigpu_torchrun"]
+    job.assert_ok()
+    gpus = re.search(r": 2 workers, GPUs '(\d),(\d)'", job.log)
+    assert gpus and gpus[1] != gpus[2], job.describe()
     assert "[rank0] world size 2" in job.log, job.describe()
     assert snapshot(ckpt)["step"] == 2 * 512 // (16 * 2)
 
@@ -118,11 +138,10 @@ def test_multinode_torchrun_preemption_requeue_resume(slurm_cluster, pytorch_pyt
 
 
 @pytest.fixture(scope="module")
-def reference_run(slurm_cluster, pytorch_python, tmp_path_factory):
-    """multinode.sbatch on 2 nodes x 1 task, uninterrupted: the preemption test compares against it."""
-    tmp_path = tmp_path_factory.mktemp("multinode_srun")
-    job, ckpt = submit(slurm_cluster, tmp_path, pytorch_python, "multinode.sbatch", ONE_PER_NODE, args=LONG)
-    return job, ckpt
+def reference_run(jobs):
+    """multinode.sbatch on 2 nodes x 1 task, uninterrupted (from `jobs`): the preemption tests compare against it."""
+    job, ckpt = jobs["test_multinode_srun"]
+    return job.assert_ok(), ckpt
 
 
 def test_multinode_srun(reference_run):
@@ -133,10 +152,10 @@ def test_multinode_srun(reference_run):
     assert snapshot(ckpt)["step"] == LONG_STEPS
 
 
-def test_fsdp(slurm_cluster, pytorch_python, tmp_path):
+def test_fsdp(jobs):
     """fsdp.sbatch (torchrun per node) stretched over both nodes: 2 nodes x 1 worker."""
-    job, ckpt = submit(slurm_cluster, tmp_path, pytorch_python, "fsdp.sbatch",
-                       ["--nodes=2", "--gpus-per-node=1", "--cpus-per-task=1"])
+    job, ckpt = jobs["test_fsdp"]
+    job.assert_ok()
     assert job.info["NodeList"] == "n[1-2]", job.describe()
     assert "[rank0] world size 2" in job.log, job.describe()
     assert re.search(r"^1: ", job.log, re.M), f"no output from the second node's task\n{job.describe()}"
