@@ -272,6 +272,8 @@ def forked(folder: str, tmp_path_factory) -> Forked:
 
 @pytest.mark.parametrize("folder", FOLDERS)
 def test_help_lists_the_common_flags(folder, tmp_path_factory):
+    """Every launch script's `--help` (C2) exits 0 by sys.exit, as argparse's does (not by training), and lists the
+    common flags; multigpu.py's its --nprocs too."""
     runs = forked(folder, tmp_path_factory)
     for script in help_scripts(folder):
         proc = runs[f"help {script}"]
