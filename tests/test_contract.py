@@ -151,35 +151,138 @@ def test_single_to_multi_process_is_a_small_diff(folder):
 # ------------------------------------------------------------------------------------------------ C2 command line
 
 
-# Every launch script's `--help`, run as `python script.py --help` runs it (runpy, as __main__), one script after
-# the other in one process per folder: the framework is imported once instead of once per script (lightning's
-# four took 42 s in CI as four processes).
-HELP_ALL = """import runpy, sys
-for script in sys.argv[1:]:
-    print(f"=== {script}", flush=True)
-    sys.argv = [script, "--help"]
-    try:
-        runpy.run_path(script, run_name="__main__")
-    except SystemExit as e:
-        if e.code not in (0, None):
-            raise
-    else:
-        raise SystemExit(f"{script} --help did not exit")
+# Many command lines, each a process of its own as `python script.py ARGS` (or `python -c CODE`) is -- its own exit
+# code, stdout and stderr (file descriptors 1 and 2), its own environment variables, a traceback printed as Python
+# prints one -- but forked from a process that has already imported what single_gpu.py and recipe.py import: the
+# framework's import (seconds; nemo ~23 CPU-s a start, lightning ~10) is paid once per folder instead of once per
+# command line (nemo's scripts import NeMo only once the command line is checked: recipe.py imports it here).
+# The process's environment is clean_env(), the one every recipe() gets; a case adds its own variables. A case is
+# [script, args, env, seconds]: a script run as __main__ or {"code": TEXT} run as `python -c TEXT`, killed by
+# SIGALRM (exit -14) if it runs longer than `seconds`. Each result: exit code, stdout, stderr, and whether it ended
+# by sys.exit (as `--help` does) rather than by reaching the script's end.
+FORKED = """import json, os, runpy, signal, sys, tempfile, traceback
+runpy.run_path("single_gpu.py", run_name="imports only")  # the script's imports, not its __main__ block
+import recipe  # the framework, which a script may import only once its command line is checked (nemo)
+results = []
+for script, args, env, seconds in json.loads(sys.argv[1]):
+    out, err, ended = tempfile.TemporaryFile(), tempfile.TemporaryFile(), tempfile.TemporaryFile()
     sys.stdout.flush()
+    sys.stderr.flush()
+    pid = os.fork()
+    if pid == 0:
+        os.dup2(out.fileno(), 1)
+        os.dup2(err.fileno(), 2)
+        os.environ.update(env)
+        signal.alarm(seconds)
+        code = 0
+        try:
+            if isinstance(script, dict):
+                sys.argv = ["-c", *args]
+                exec(compile(script["code"], "<string>", "exec"), {"__name__": "__main__"})
+            else:
+                sys.argv = [script, *args]
+                runpy.run_path(script, run_name="__main__")
+        except SystemExit as e:  # as the interpreter ends it: sys.exit("text") prints the text, exits 1
+            code = e.code if isinstance(e.code, int) else 0 if e.code is None else 1
+            ended.write(b"sys.exit")
+            if isinstance(e.code, str):
+                print(e.code, file=sys.stderr)
+        except BaseException:
+            traceback.print_exc()
+            code = 1
+        sys.stdout.flush()
+        sys.stderr.flush()
+        ended.flush()
+        os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    out.seek(0)
+    err.seek(0)
+    ended.seek(0)
+    results.append([os.waitstatus_to_exitcode(status), out.read().decode(errors="replace"),
+                    err.read().decode(errors="replace"), ended.read() == b"sys.exit"])
+print(json.dumps(results))
 """
 
 
+def help_scripts(folder: str) -> list[str]:
+    """The launch scripts whose --help test_help_lists_the_common_flags reads (launchers may have their own)."""
+    return [s.name for s in training_scripts(folder) if s.name.startswith(("single_gpu", "multigpu", "multinode"))]
+
+
+class Forked:
+    """The quick checks of one folder, every command line run once, forked (FORKED above), in one process per
+    folder: --help of every launch script (C2), the bad-input cases (C4), the scripts given GPUs they cannot use
+    (C12), the launcher-less starts (C4) and the toy fingerprint (C11). Each test reads its own cases' results;
+    each test's --checkpoint-dir is a directory of its own, so that "nothing written" says which test wrote."""
+
+    def __init__(self, folder: str, tmp_path_factory):
+        self.dir = tmp_path_factory.mktemp(f"forked-{folder}")
+        (self.dir / "bad-input").mkdir()
+        (self.dir / "bad-input" / "a-file").write_text("not a directory")
+        cases = {f"help {script}": (script, ["--help"], {}, 180) for script in help_scripts(folder)}
+        for flags in BAD_FLAGS:
+            if not excepted(folder, f"C2:{flags[0]}"):
+                cases[f"bad {' '.join(flags)}"] = ("single_gpu.py", [*flags, "--checkpoint-dir", self.bad_ckpt], {},
+                                                   120)
+        # A --checkpoint-dir that is a file (a traceback at the first snapshot in all eight folders, #27).
+        cases["bad a-file"] = ("single_gpu.py", ["--checkpoint-dir", self.dir / "bad-input" / "a-file"], {}, 120)
+        gpu_args = [*SMOKE, "--checkpoint-dir", self.gpu_ckpt]
+        cases["gpus SLURM_GPUS_ON_NODE=2"] = ("single_gpu.py", gpu_args, {"SLURM_GPUS_ON_NODE": "2"}, 180)
+        cases["gpus --backend nccl"] = (multi_process_script(folder), [*gpu_args, "--backend", "nccl"], {}, 180)
+        for script in ("multigpu_torchrun.py", "multinode.py"):
+            if (ROOT / folder / script).exists():
+                cases[f"launch {script}"] = (script, SMOKE, {}, 180)
+        if folder in toy_carriers():
+            cases["toy"] = ({"code": TOY_FINGERPRINT}, [], {}, 180)
+        sent = [[script, [str(a) for a in args], env, seconds] for script, args, env, seconds in cases.values()]
+        proc = recipe(folder, "-c", FORKED, json.dumps(sent), timeout=540)
+        self.results = {}
+        for name, (script, args, *_), (code, out, err, exited) in zip(
+                cases, sent, json.loads(proc.stdout.splitlines()[-1]), strict=True):
+            self.results[name] = subprocess.CompletedProcess([script, *args], code, out, err)
+            self.results[name].exited = exited
+
+    @property
+    def bad_ckpt(self) -> Path:
+        return self.dir / "bad-input" / "ckpt"
+
+    @property
+    def gpu_ckpt(self) -> Path:
+        return self.dir / "no-silent-cpu" / "ckpt"
+
+    def __getitem__(self, name: str) -> subprocess.CompletedProcess:
+        return self.results[name]
+
+
+_FORKED: dict[str, Forked | BaseException] = {}
+
+
+def forked(folder: str, tmp_path_factory) -> Forked:
+    """The folder's Forked, run the first time a test asks for it (all of test_contract.py runs in one test process;
+    a failure is kept too, and given to every test that asks, rather than run again)."""
+    if folder not in _FORKED:
+        try:
+            _FORKED[folder] = Forked(folder, tmp_path_factory)
+        except BaseException as e:  # pytest.fail's Failed is a BaseException
+            _FORKED[folder] = e
+    if isinstance(_FORKED[folder], BaseException):
+        raise _FORKED[folder]
+    return _FORKED[folder]
+
+
 @pytest.mark.parametrize("folder", FOLDERS)
-def test_help_lists_the_common_flags(folder):
-    scripts = [s.name for s in training_scripts(folder)
-               if s.name.startswith(("single_gpu", "multigpu", "multinode"))]  # launchers may have their own
-    helps = recipe(folder, "-c", HELP_ALL, *scripts, timeout=180).stdout.split("=== ")[1:]
-    assert [h.split("\n", 1)[0] for h in helps] == scripts, helps
-    for script, out in zip(scripts, helps):
-        missing = [f for f in COMMON_FLAGS if f not in out and not excepted(folder, f"C2:{f}")]
+def test_help_lists_the_common_flags(folder, tmp_path_factory):
+    """Every launch script's `--help` (C2) exits 0 by sys.exit, as argparse's does (not by training), and lists the
+    common flags; multigpu.py's its --nprocs too."""
+    runs = forked(folder, tmp_path_factory)
+    for script in help_scripts(folder):
+        proc = runs[f"help {script}"]
+        assert proc.returncode == 0 and proc.exited, \
+            f"{folder}/{script} --help: exit {proc.returncode}, by sys.exit: {proc.exited}\n{proc.stderr[-3000:]}"
+        missing = [f for f in COMMON_FLAGS if f not in proc.stdout and not excepted(folder, f"C2:{f}")]
         assert not missing, f"{folder}/{script} --help lacks {missing}"
         if script == "multigpu.py":
-            assert "--nprocs" in out, f"{folder}/multigpu.py has no --nprocs"
+            assert "--nprocs" in proc.stdout, f"{folder}/multigpu.py has no --nprocs"
 
 
 # ------------------------------------------------------------------------------------------------ C4 exit codes
@@ -195,72 +298,14 @@ def assert_one_error_line(proc, what):
     assert "Traceback" not in proc.stderr + proc.stdout, f"{what}: traceback\n{proc.stderr[-3000:]}"
 
 
-def run_split(folder, *args, env=None, timeout=120):
-    """Like recipe(), with stdout and stderr apart (the contract is about stderr)."""
-    cmd = [str(env_python(folder)), *map(str, args)]
-    try:
-        return subprocess.run(cmd, cwd=ROOT / folder, env=env or clean_env(), capture_output=True, text=True,
-                              timeout=timeout, start_new_session=True)
-    except subprocess.TimeoutExpired:
-        pytest.fail(f"{' '.join(cmd)} still running after {timeout}s: bad input must fail within a bounded time",
-                    pytrace=False)
-
-
-# Many command lines of one script, each a process of its own as `python script.py ARGS` is -- its own exit code,
-# stdout and stderr (file descriptors 1 and 2), a traceback printed as Python prints one -- but forked from a
-# process that has already imported what the script imports: the framework's import (seconds) is paid once.
-FORKED = """import json, os, runpy, signal, sys, tempfile, traceback
-script, cases = sys.argv[1], json.loads(sys.argv[2])
-runpy.run_path(script, run_name="imports only")  # the script's imports, not its __main__ block
-results = []
-for args in cases:
-    out, err = tempfile.TemporaryFile(), tempfile.TemporaryFile()
-    pid = os.fork()
-    if pid == 0:
-        os.dup2(out.fileno(), 1)
-        os.dup2(err.fileno(), 2)
-        signal.alarm(120)  # bad input must fail within a bounded time
-        sys.argv, code = [script, *args], 0
-        try:
-            runpy.run_path(script, run_name="__main__")
-        except SystemExit as e:  # as the interpreter ends it: sys.exit("text") prints the text, exits 1
-            code = e.code if isinstance(e.code, int) else 0 if e.code is None else 1
-            if isinstance(e.code, str):
-                print(e.code, file=sys.stderr)
-        except BaseException:
-            traceback.print_exc()
-            code = 1
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(code)
-    _, status = os.waitpid(pid, 0)
-    out.seek(0)
-    err.seek(0)
-    results.append([os.waitstatus_to_exitcode(status), out.read().decode(errors="replace"),
-                    err.read().decode(errors="replace")])
-print(json.dumps(results))
-"""
-
-
-def run_each(folder, script, cases, timeout=300) -> list[subprocess.CompletedProcess]:
-    """`python script ARGS` for every ARGS of `cases`, forked one by one (FORKED above), in the folder's env."""
-    cases = [[str(a) for a in args] for args in cases]
-    proc = recipe(folder, "-c", FORKED, script, json.dumps(cases), timeout=timeout)
-    return [subprocess.CompletedProcess([script, *args], code, out, err)
-            for args, (code, out, err) in zip(cases, json.loads(proc.stdout.splitlines()[-1]), strict=True)]
-
-
 @pytest.mark.parametrize("folder", FOLDERS)
-def test_bad_input_is_one_line_and_exit_2(folder, tmp_path):
-    (tmp_path / "a-file").write_text("not a directory")
-    cases = [[*flags, "--checkpoint-dir", tmp_path / "ckpt"] for flags in BAD_FLAGS
-             if not excepted(folder, f"C2:{flags[0]}")]
-    # A --checkpoint-dir that is a file (a traceback at the first snapshot in all eight folders, #27).
-    cases.append(["--checkpoint-dir", tmp_path / "a-file"])
-    *bad_flags, (proc) = run_each(folder, "single_gpu.py", cases)
-    for case in bad_flags:
-        assert_one_error_line(case, f"{folder}/single_gpu.py {' '.join(case.args[1:-2])}")
-    assert not (tmp_path / "ckpt").exists(), "a rejected run must not write anything"
+def test_bad_input_is_one_line_and_exit_2(folder, tmp_path_factory):
+    runs = forked(folder, tmp_path_factory)
+    for flags in BAD_FLAGS:
+        if not excepted(folder, f"C2:{flags[0]}"):
+            assert_one_error_line(runs[f"bad {' '.join(flags)}"], f"{folder}/single_gpu.py {' '.join(flags)}")
+    assert not runs.bad_ckpt.exists(), "a rejected run must not write anything"
+    proc = runs["bad a-file"]
     assert_one_error_line(proc, f"{folder}/single_gpu.py --checkpoint-dir <a file>")
     assert "a-file is a file" in proc.stderr, proc.stderr[-2000:]
 
@@ -366,35 +411,74 @@ def test_the_validators_refuse_the_neighbours_of_bad_input(tmp_path):
 
 
 @pytest.mark.parametrize("folder", FOLDERS)
-def test_launch_without_the_launchers_variables(folder):
+def test_launch_without_the_launchers_variables(folder, tmp_path_factory):
     """multigpu_torchrun.py and multinode.py started by plain `python`: one line saying how to launch them."""
+    runs = forked(folder, tmp_path_factory)
     for script in ("multigpu_torchrun.py", "multinode.py"):
         if (ROOT / folder / script).exists():
-            proc = run_split(folder, script, *SMOKE, timeout=180)
-            assert_one_error_line(proc, f"{folder}/{script} without a launcher")
+            assert_one_error_line(runs[f"launch {script}"], f"{folder}/{script} without a launcher")
 
 
 # ------------------------------------------------------------------------------------------------ C3, C5, C6
 
 
-# The smoke run (C2, C3, C5, C6) runs in test_copy_alone_installs_and_runs below, from the copied folder's own
-# environment: one pair of runs checks both (the two tests ran the same smoke run, ~300 s of CI between them).
+# A crash, which no signal announces: `python -c CRASH PATTERN script ARGS` runs the script as __main__ and
+# SIGKILLs its own process right after it printed a line that matches PATTERN (no handler, no cleanup runs).
+CRASH = """import os, re, runpy, signal, sys
+pattern, sys.argv = re.compile(sys.argv[1]), sys.argv[2:]
+class CrashAfter:
+    def __init__(self, stream):
+        self.stream = stream
+    def write(self, text):
+        written = self.stream.write(text)
+        if pattern.search(text):
+            self.stream.flush()
+            os.kill(os.getpid(), signal.SIGKILL)
+        return written
+    def __getattr__(self, name):
+        return getattr(self.stream, name)
+sys.stdout = CrashAfter(sys.stdout)
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+# The smoke run (C2, C3, C5, C6, and C6's --save-every-steps crash) runs in test_copy_alone_installs_and_runs below,
+# from the copied folder's own environment: one series of runs checks it all (the smoke run, its resume and the
+# crash test ran the same smoke run, ~300 s of CI between them, once each).
+SAVED = re.compile(r"^\[rank0\] snapshot saved to .+ \(step (\d+)\)$", re.M)
+PROGRESS = re.compile(r"^\[rank0\] epoch (\d) \| batch (\d)/4 \| step (\d) \| loss \S+$", re.M)
 
 
-def check_smoke_run(out: str, again: str, ckpt: Path):
-    """The contract's smoke run: 2 epochs of 4 steps, the contract's log lines, a snapshot; run again, it resumes
-    the finished run, trains 0 steps and exits 0."""
-    epochs = [EPOCH_LINE.match(ln) for ln in out.splitlines() if ln.startswith("[rank0] epoch ") and "samples/s" in ln]
-    assert all(epochs) and len(epochs) == 2, f"epoch lines do not match CONTRACT.md C3:\n{out[-3000:]}"
-    assert [(m[1], m[2], m[3]) for m in epochs] == [("1", "2", "4"), ("2", "2", "8")], out[-3000:]
-    assert all(float(m[4]) == float(m[4]) for m in epochs)  # a number, not nan
-    progress = re.findall(r"^\[rank0\] epoch \d \| batch \d/4 \| step \d \| loss \S+$", out, re.M)
-    assert len(progress) == 8, f"want a progress line every step (--log-every 1):\n{out[-3000:]}"
-    assert re.search(r"^\[rank0\] snapshot saved to .+ \(step 8\)$", out, re.M), out[-3000:]
-    assert re.search(r"^\[rank0\] done: 8 steps in [\d.]+ s$", out, re.M), out[-3000:]
+def check_smoke_run(crashed: str, resumed: str, finished: str, ckpt: Path):
+    """The contract's smoke run -- 2 epochs of 4 steps, the contract's log lines, snapshots -- with a snapshot every
+    3 steps as well (C2/C6 --save-every-steps, #27), crashed right after it said the step-6 snapshot was saved
+    (SIGKILL: nothing runs on the way out). It saved at steps 3 and 6 by the cadence, mid-epoch, and at 4, epoch 1's
+    end; run again, it resumes at step 6 and trains epoch 2's last two batches only, as after a preemption, and
+    ends; run a third time, it resumes the finished run, trains 0 steps and exits 0. Before: --save-every-steps was
+    unknown (exit 2). A framework that saves asynchronously (jax, nemo) may print the step-6 line after steps 7 and
+    8 trained: the crashed run's progress lines then go on to step 7 or 8, and what the crash loses is counted by
+    where the resumed run starts."""
+    def epoch_lines(out):
+        return [EPOCH_LINE.match(ln) for ln in out.splitlines()
+                if ln.startswith("[rank0] epoch ") and "samples/s" in ln]
+
+    crashed_epochs, resumed_epochs = epoch_lines(crashed), epoch_lines(resumed)
+    assert all(crashed_epochs + resumed_epochs), f"epoch lines do not match CONTRACT.md C3:\n{crashed}\n{resumed}"
+    assert [(m[1], m[2], m[3]) for m in crashed_epochs][:1] == [("1", "2", "4")], crashed[-3000:]
+    assert [(m[1], m[2], m[3]) for m in resumed_epochs] == [("2", "2", "8")], resumed[-3000:]
+    assert all(float(m[4]) == float(m[4]) for m in crashed_epochs + resumed_epochs)  # a number, not nan
+    # a progress line every step (--log-every 1): steps 1.. in the crashed run, the rest (and only 7, 8) resumed
+    before = [int(m[3]) for m in PROGRESS.finditer(crashed)]
+    trained = [m.groups() for m in PROGRESS.finditer(resumed)]
+    assert before == list(range(1, len(before) + 1)) and len(before) >= 6, f"crashed run's steps {before}\n{crashed}"
+    assert trained == [("2", "3", "7"), ("2", "4", "8")], f"resumed, trained {trained}\n{resumed[-3000:]}"
+    saved = SAVED.findall(crashed)
+    assert saved == ["3", "4", "6"] and "done:" not in crashed, f"snapshots at {saved}\n{crashed[-3000:]}"
+    assert re.search(r"^\[rank0\] resumed from .+: epoch 2, step 6$", resumed, re.M), resumed[-3000:]
+    assert SAVED.findall(resumed) == ["8"], resumed[-3000:]
+    assert re.search(r"^\[rank0\] done: 8 steps in [\d.]+ s$", resumed, re.M), resumed[-3000:]
     assert any(ckpt.iterdir()), "nothing written to --checkpoint-dir"
-    assert re.search(r"^\[rank0\] resumed from .+: epoch 3, step 8$", again, re.M), again[-3000:]
-    assert not [ln for ln in again.splitlines() if EPOCH_LINE.match(ln)], "a finished run trained again"
+    assert re.search(r"^\[rank0\] resumed from .+: epoch 3, step 8$", finished, re.M), finished[-3000:]
+    assert not [ln for ln in finished.splitlines() if EPOCH_LINE.match(ln)], "a finished run trained again"
 
 
 # ------------------------------------------------------------------------------------------------ C12 devices
@@ -405,20 +489,18 @@ def multi_process_script(folder: str) -> str:
 
 
 @pytest.mark.parametrize("folder", FOLDERS)
-def test_no_silent_cpu(folder, tmp_path):
+def test_no_silent_cpu(folder, tmp_path_factory):
     """A job given GPUs that the framework cannot use -- this machine has none: exactly the case of a CPU wheel or
     a dead driver on a GPU node -- stops with one line naming what gave it GPUs, exit 2, before writing anything:
     single_gpu.py under Slurm's SLURM_GPUS_ON_NODE, the multi-process script asked for --backend nccl. (The
     other side, --backend gloo with GPUs given, trains: every job of the Slurm tests, on the local cluster's
     fake GPUs.)"""
-    ckpt = tmp_path / "ckpt"
-    for script, flags, env, says in [
-            ("single_gpu.py", [], clean_env(SLURM_GPUS_ON_NODE=2), "SLURM_GPUS_ON_NODE=2"),
-            (multi_process_script(folder), ["--backend", "nccl"], None, "--backend nccl")]:
-        proc = run_split(folder, script, *SMOKE, *flags, "--checkpoint-dir", ckpt, env=env, timeout=180)
+    runs = forked(folder, tmp_path_factory)
+    for script, says in [("single_gpu.py", "SLURM_GPUS_ON_NODE=2"), (multi_process_script(folder), "--backend nccl")]:
+        proc = runs[f"gpus {says}"]
         assert_one_error_line(proc, f"{folder}/{script} given GPUs it cannot use ({says})")
         assert says in proc.stderr and "rather than training on the CPU" in proc.stderr, proc.stderr[-2000:]
-    assert not ckpt.exists(), "a refused run must not write anything"
+    assert not runs.gpu_ckpt.exists(), "a refused run must not write anything"
 
 
 def test_the_silent_cpu_seam_with_the_gpu_facts_patched_in(monkeypatch):
@@ -653,12 +735,19 @@ print(json.dumps(h.hexdigest()))
 """
 
 
-def test_the_shared_toy_workload_is_identical_wherever_it_is_carried():
-    carriers = [f for f in FOLDERS if not excepted(f, "C11") and re.search(
+def toy_carriers() -> list[str]:
+    """The folders whose recipe.py carries the shared toy workload (ConvNet, synthetic_dataset)."""
+    return [f for f in FOLDERS if not excepted(f, "C11") and re.search(
         r"^class ConvNet\b.*^def synthetic_dataset\b", (ROOT / f / "recipe.py").read_text(), re.M | re.S)]
+
+
+def test_the_shared_toy_workload_is_identical_wherever_it_is_carried(tmp_path_factory):
+    carriers = toy_carriers()
     assert {"pytorch", "lightning"} <= set(carriers)
-    prints = {f: json.loads(recipe(f, "-c", TOY_FINGERPRINT, timeout=120).stdout.strip().splitlines()[-1])
-              for f in carriers}
+    toys = {f: forked(f, tmp_path_factory)["toy"] for f in carriers}
+    for f, proc in toys.items():
+        assert proc.returncode == 0, f"{f}: the toy fingerprint exited {proc.returncode}\n{proc.stderr[-3000:]}"
+    prints = {f: json.loads(proc.stdout.strip().splitlines()[-1]) for f, proc in toys.items()}
     assert len(set(prints.values())) == 1, f"the toy model or data differ between folders: {prints}"
 
 
@@ -713,9 +802,10 @@ def test_requirements_resolve_to_a_cuda_build_on_a_gpu_cluster(folder, tmp_path)
 @pytest.mark.parametrize("folder", FOLDERS)
 def test_copy_alone_installs_and_runs(folder, tmp_path):
     """What the README tells a user: copy the folder, make a venv, install its requirements.txt, run; the run is
-    the contract's smoke run (check_smoke_run), and run again it resumes the finished run. The install
-    uses tools/envs.sh's installer (uv, given pip's indexes; pip where uv cannot be had): the same pinned
-    requirements, and seconds instead of minutes per folder, which CI's time budget needs."""
+    the contract's smoke run with --save-every-steps 3, crashed after its step-6 snapshot, resumed to its end and
+    run once more (check_smoke_run: C2, C3, C5, C6). The install uses tools/envs.sh's installer (uv, given pip's
+    indexes; pip where uv cannot be had): the same pinned requirements, and seconds instead of minutes per folder,
+    which CI's time budget needs."""
     copy = tmp_path / folder
     shutil.copytree(ROOT / folder, copy, ignore=shutil.ignore_patterns("__pycache__", "checkpoints", "*.out"))
     venv = tmp_path / "venv"
@@ -723,11 +813,15 @@ def test_copy_alone_installs_and_runs(folder, tmp_path):
     run([python, "-m", "venv", venv], timeout=120)
     # requirements.txt and nothing else: no constraints file, no extra index.
     run([ROOT / "tools" / "envs.sh", "--install-into", venv, copy / "requirements.txt"], timeout=900)
-    # ... and its smoke run, twice: trains, then resumes the finished run (check_smoke_run: C2, C3, C5, C6).
+    # ... and its smoke run, three times: crashed (CRASH: SIGKILL right after the step-6 snapshot line), resumed to
+    # its end, then resumed finished.
     ckpt = tmp_path / "ckpt"
-    out, again = (run([venv / "bin" / "python", "single_gpu.py", *SMOKE, "--checkpoint-dir", ckpt], cwd=copy,
-                      timeout=300).stdout for _ in range(2))
-    check_smoke_run(out, again, ckpt)
+    args = ["single_gpu.py", *SMOKE, "--save-every-steps", "3", "--checkpoint-dir", ckpt]
+    crash = run([venv / "bin" / "python", "-c", CRASH, r"snapshot saved to .+ \(step 6\)", *args], cwd=copy,
+                timeout=300, check=False)
+    assert crash.returncode == -signal.SIGKILL, f"exit {crash.returncode}, not the crash\n{crash.stdout[-3000:]}"
+    resumed, finished = (run([venv / "bin" / "python", *args], cwd=copy, timeout=300).stdout for _ in range(2))
+    check_smoke_run(crash.stdout, resumed, finished, ckpt)
     installed = run([venv / "bin" / "python", "-c", "import importlib.metadata as m; print(m.version('torch'))"],
                     cwd=copy, check=False).stdout.strip()
     assert "+cu" not in installed, f"a CUDA build of torch was installed on a CPU machine: {installed}"
@@ -841,43 +935,3 @@ def test_a_rank_stuck_alive_writes_its_own_stack(tmp_path):
     stalled = (tmp_path / "debug" / "4242" / "rank1.stalled.txt").read_text()
     assert stalled.startswith("rank 1 of 2, "), stalled[:200]
     assert "no step since step 3" in stalled and "a_rank_stuck_in_python" in stalled, stalled
-
-
-# ------------------------------------------------------------------------------------------------ C6 cadence
-
-# A crash, which no signal announces: `python -c CRASH PATTERN script ARGS` runs the script as __main__ and
-# SIGKILLs its own process right after it printed a line that matches PATTERN (no handler, no cleanup runs).
-CRASH = """import os, re, runpy, signal, sys
-pattern, sys.argv = re.compile(sys.argv[1]), sys.argv[2:]
-class CrashAfter:
-    def __init__(self, stream):
-        self.stream = stream
-    def write(self, text):
-        written = self.stream.write(text)
-        if pattern.search(text):
-            self.stream.flush()
-            os.kill(os.getpid(), signal.SIGKILL)
-        return written
-    def __getattr__(self, name):
-        return getattr(self.stream, name)
-sys.stdout = CrashAfter(sys.stdout)
-runpy.run_path(sys.argv[0], run_name="__main__")
-"""
-
-
-@pytest.mark.parametrize("folder", FOLDERS)
-def test_a_crash_loses_at_most_save_every_steps(folder, tmp_path):
-    """C2/C6 --save-every-steps (#27): the smoke run with a snapshot every 3 steps as well, crashed right after it
-    said the step-6 snapshot was saved (SIGKILL: nothing runs on the way out). It saved at steps 3 and 6 by the
-    cadence, mid-epoch, and at 4, epoch 1's end; run again, it resumes at step 6 and trains epoch 2's last two
-    batches only, as after a preemption. Before: --save-every-steps was unknown (exit 2)."""
-    args = ["single_gpu.py", *SMOKE, "--save-every-steps", "3", "--checkpoint-dir", tmp_path / "ckpt"]
-    crashed = recipe(folder, "-c", CRASH, r"snapshot saved to .+ \(step 6\)", *args, check=False).stdout
-    saved = re.findall(r"^\[rank0\] snapshot saved to .+ \(step (\d+)\)", crashed, re.M)
-    assert saved == ["3", "4", "6"] and "done:" not in crashed, f"{folder}: snapshots at {saved}\n{crashed[-3000:]}"
-    again = recipe(folder, *args).stdout
-    assert re.search(r"^\[rank0\] resumed from .+: epoch 2, step 6$", again, re.M), again[-3000:]
-    trained = re.findall(r"^\[rank0\] epoch (\d) \| batch (\d)/4 \| step (\d) \|", again, re.M)
-    assert trained == [("2", "3", "7"), ("2", "4", "8")], f"{folder}: trained {trained}\n{again[-3000:]}"
-    assert re.findall(r"^\[rank0\] snapshot saved to .+ \(step (\d+)\)$", again, re.M) == ["8"], again[-3000:]
-    assert re.search(r"^\[rank0\] done: 8 steps in [\d.]+ s$", again, re.M), again[-3000:]
