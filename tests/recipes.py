@@ -206,6 +206,10 @@ class WorldSizeChange:
     tol: dict = field(default_factory=dict)  # vs the uninterrupted run: bit-exact unless given
     steps: int = 0  # instead of the uninterrupted run (one launch less): the step the resumed run ends at
     grow: bool = False  # 1 process -> 2 ranks
+    # instead of training 2 ranks to `cut` (two launches less): a copy of this run's checkpoint (Recipe.runs: 2 ranks,
+    # finished at step `cut`, `args` its arguments), where a refusal cannot depend on where the run stopped: the
+    # folder checks the layout as it loads any checkpoint, before it asks whether anything is left to train
+    copy_of: str = ""
 
 
 @dataclass(frozen=True)
@@ -356,8 +360,9 @@ RECIPES = {r.folder: r for r in [
            # CPU, 1.0e-5 on an AMD EPYC (2026-12). A batch skipped or trained twice moves the weights by ~1e-3.
            same_as_one=SameAsOne("reference", (SameAs("torchrun", ("[rank0] world size 2 |",)),), (4, 8), "acc",
                                  tol=dict(rtol=1e-3, atol=1e-4), reference_says=("[rank0] world size 1 |",)),
-           world_size_change=WorldSizeChange(SIZE_CHANGE, 5, refused="was written by 2 rank(s) x batch 16, this "
-                                                                      "job is 1 x 16")),
+           # Lightning's on_load_checkpoint hook (cluster.py) refuses a finished run's checkpoint as a stopped one's
+           world_size_change=WorldSizeChange((*LIGHTNING, "--batch-size", "32"), 8, copy_of="torchrun",
+                                             refused="was written by 2 rank(s) x batch 32, this job is 1 x 32")),
     Recipe("monai", ("--epochs", "2", "--dataset-size", "8", "--roi-size", "16", "--log-every", "1"),
            teardown_check=True, **SNAPSHOT_PT,
            no_preemption="test_monai.py's test_preempted_srun_ranks_save_exit_75_and_resume_exactly stays: it ends "
@@ -371,10 +376,10 @@ RECIPES = {r.folder: r for r in [
            same_as_one=SameAsOne("torchrun", (SameAs("spawn", ("[rank0] world size 2",)),
                                               SameAs("nodes", ("[rank0] world size 2", "[rank1] host"))),
                                  (6, 12), "dice"),
-           # 2 ranks x batch 2: 2 steps per epoch; each rank caches a partition that depends on the world size
-           world_size_change=WorldSizeChange(("--epochs", "2", "--dataset-size", "8", "--roi-size", "16",
-                                              "--log-every", "1"), 1, refused="was written by 2 rank(s), this job "
-                                                                              "has 1")),
+           # each rank caches a partition that depends on the world size: load_snapshot (cluster.py) refuses any
+           # snapshot of another one, the finished 2 x 1 `nodes` run's (6 steps per epoch) as a stopped one
+           world_size_change=WorldSizeChange((*MONAI[:-2], "--batch-size", "1"), 12, copy_of="nodes",
+                                             refused="was written by 2 rank(s), this job has 1")),
     Recipe("modulus", MODULUS, teardown_check=True, **SNAPSHOT_PT,
            no_preemption="test_modulus.py's test_srun_tasks_preempted_save_exit_75_and_resume stays: it ends within "
                          "TOL of the file's single-process run (srun == 1 process), which this table cannot reuse",
@@ -446,8 +451,9 @@ RECIPES = {r.folder: r for r in [
            same_as_one=SameAsOne("reference", tuple(SameAs(name, ("[rank0] world size 2 |",))
                                                     for name in ("torchrun", "spawn", "srun")),
                                  (4, 8), "acc", tol=dict(atol=1e-6, rtol=0)),
-           world_size_change=WorldSizeChange(SIZE_CHANGE, 5, refused="was written by 2 rank(s) x batch 16, this "
-                                                                      "job is 1 x 16")),
+           # Lightning's on_load_checkpoint hook (cluster.py) refuses a finished run's checkpoint as a stopped one's
+           world_size_change=WorldSizeChange((*NEMO, "--batch-size", "8"), 8, copy_of="srun",
+                                             refused="was written by 2 rank(s) x batch 8, this job is 1 x 8")),
     Recipe("jax", ("--epochs", "2", "--dataset-size", "512", "--log-every", "1000"),
            # JAX's own Slurm detection: the step's node list and tasks per node; the coordinator's port
            env=dict(SLURM_STEP_NODELIST="127.0.0.1", SLURM_STEP_TASKS_PER_NODE="{n}", JAX_COORDINATOR_PORT="{port}",

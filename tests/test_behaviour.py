@@ -3,7 +3,9 @@ adds its row there gets these tests free.
 """
 
 import os
+import hashlib
 import re
+import shutil
 import socket
 import subprocess
 import time
@@ -173,26 +175,43 @@ def launch(recipe, args, ranks):
     return [proc.returncode], proc.stdout, proc.stderr, proc.stdout + proc.stderr
 
 
+def files_of(directory):
+    """{path: (size, mtime, sha256)} of every file under `directory` but the logs (*.log, *.txt: NeMo's exp_manager
+    moves the last run's into run_<n>/ as it starts)."""
+    return {str(p.relative_to(directory)): (p.stat().st_size, p.stat().st_mtime_ns,
+                                            hashlib.sha256(p.read_bytes()).hexdigest())
+            for p in sorted(directory.rglob("*")) if p.is_file() and p.suffix not in (".log", ".txt")}
+
+
 @pytest.mark.parametrize("folder", sorted(f for f in SRUN if RECIPES[f].world_size_change))
-def test_resume_on_another_world_size_continues_or_refuses_in_one_line(folder, tmp_path):
+def test_resume_on_another_world_size_continues_or_refuses_in_one_line(folder, tmp_path, tmp_path_factory):
     """A job resubmitted on fewer nodes resumes a checkpoint of 2 ranks with 1, or on more nodes one of 1 with 2
     (CONTRACT.md C6). Either it refuses before training anything -- one error line that says what to do, exit 2
-    from every rank, the checkpoint untouched -- or it continues after the samples it trained on and ends with the
-    weights of an uninterrupted run at the new size (or, where the row says why, at its last step). Never a
-    traceback, never samples skipped or trained twice (before: skipped or repeated in silence, or the epoch
-    restarted with a warning)."""
+    from every rank, the checkpoint untouched (every file in it as it was, logs aside) -- or it continues after the
+    samples it trained on and ends with the weights of an uninterrupted run at the new size (or, where the row says
+    why, at its last step). Never a traceback, never samples skipped or trained twice (before: skipped or repeated
+    in silence, or the epoch restarted with a warning). The checkpoint to refuse may be a copy of a finished 2-rank
+    run the folder's other tests read (WorldSizeChange.copy_of)."""
     recipe, spec = RECIPES[folder], RECIPES[folder].world_size_change
     before, after = (1, 2) if spec.grow else (2, 1)
     ckpt, data = tmp_path / "ckpt", tmp_path / "data"
     args = [*spec.args, "--checkpoint-dir", ckpt, "--data-dir", data]
-    codes, _, _, everything = launch(recipe, [*args, "--max-steps", spec.cut], before)
-    assert set(codes) == {0} and recipe.step_of(ckpt) == spec.cut, everything
+    if spec.copy_of:
+        shutil.copytree(recipe.run(tmp_path_factory, spec.copy_of).ckpt, ckpt)  # its mtimes too
+        assert recipe.step_of(ckpt) == spec.cut
+    else:
+        codes, _, _, everything = launch(recipe, [*args, "--max-steps", spec.cut], before)
+        assert set(codes) == {0} and recipe.step_of(ckpt) == spec.cut, everything
     if spec.refused:
+        kept = files_of(ckpt)
         codes, out, err, everything = launch(recipe, args, after)
         errors = [ln for ln in err.splitlines() if ERROR_LINE.match(ln)]  # as the contract counts (C4)
         assert set(codes) == {2} and len(errors) == 1 and "Traceback" not in everything, (codes, everything)
         assert spec.refused in errors[0] and "--checkpoint-dir" in errors[0], errors[0]
-        assert recipe.step_of(ckpt) == spec.cut, everything  # refused before anything trained or saved
+        # refused before anything trained or saved: every file of the checkpoint as it was
+        now = files_of(ckpt)
+        assert {path: now.get(path) for path in kept} == kept, everything
+        assert recipe.step_of(ckpt) == spec.cut, everything
     if spec.resume_batch:
         resized = [*spec.args, "--batch-size", spec.resume_batch, "--data-dir", data]  # the later flag wins
         codes, out, _, everything = launch(recipe, [*resized, "--checkpoint-dir", ckpt], after)
@@ -212,3 +231,4 @@ def test_every_row_says_how_it_meets_another_world_size():
         assert recipe.world_size_change or recipe.no_world_size_change, f"{folder}: no world-size change, no reason"
         spec = recipe.world_size_change
         assert not spec or (spec.refused or spec.resume_batch) and (not spec.resume_batch or spec.resumed), folder
+        assert not (spec and spec.copy_of and spec.resume_batch), f"{folder}: a finished run leaves nothing to resume"

@@ -8,6 +8,7 @@ import http.server
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import threading
@@ -63,6 +64,33 @@ def ddp_run(tmp_path_factory):
     return ran.ckpt, ran.out
 
 
+@pytest.fixture(scope="module")
+def fsdp_run(tmp_path_factory):
+    """fsdp.py, 2 ranks x batch 16, uninterrupted: (checkpoint dir, output, its last step's weights as one plain
+    state dict, made with the tool the fsdp.py docstring tells users about). test_fsdp_equals_ddp compares it with
+    DDP, test_fsdp_resume_matches_uninterrupted with a stopped and resumed run: one launch for both."""
+    ckpt = tmp_path_factory.mktemp("fsdp") / "ckpt"
+    out = torchrun_standalone("fsdp.py", 2, *SMALL, "--batch-size", "16", "--checkpoint-dir", ckpt).stdout
+    python("-m", "torch.distributed.checkpoint.format_utils", "dcp_to_torch", ckpt / "step-00000032", ckpt / "full.pt")
+    return ckpt, out, torch.load(ckpt / "full.pt", weights_only=False)["model"]
+
+
+@pytest.fixture(scope="module")
+def stopped_at_20(tmp_path_factory):
+    """(script, dir) -> dir: a copy of `script`'s checkpoint of 2 ranks x batch 16 stopped by --max-steps 20 (mid-epoch
+    2), trained once per script for every test that resumes it (each resumes its own copy)."""
+    trained = {}
+
+    def copy(script, to):
+        if script not in trained:
+            trained[script] = tmp_path_factory.mktemp(f"{script.removesuffix('.py')}-20") / "ckpt"
+            torchrun_standalone(script, 2, *SMALL, "--batch-size", "16", "--checkpoint-dir", trained[script],
+                                "--max-steps", "20")
+        shutil.copytree(trained[script], to)
+        return to
+    return copy
+
+
 def test_single_gpu_learns_and_writes_a_complete_snapshot(tmp_path):
     out = python(PT / "single_gpu.py", "--epochs", "3", "--dataset-size", "512", "--batch-size", "16",
                  "--lr", "0.1", "--checkpoint-dir", tmp_path).stdout
@@ -75,28 +103,22 @@ def test_single_gpu_learns_and_writes_a_complete_snapshot(tmp_path):
     assert (tmp_path / "snapshot.prev.pt").exists() and not (tmp_path / "snapshot.pt.tmp").exists()
 
 
-def test_fsdp_equals_ddp(ddp_run, tmp_path):
-    out = torchrun_standalone("fsdp.py", 2, *SMALL, "--batch-size", "16", "--checkpoint-dir", tmp_path).stdout
+def test_fsdp_equals_ddp(fsdp_run, ddp_run):
+    ckpt, out, full = fsdp_run
     assert "sharded checkpoint saved" in out
-    latest = (tmp_path / "latest").read_text().strip()
-    assert latest == "step-00000032" and sorted(p.name for p in tmp_path.glob("step-*")) == [
+    latest = (ckpt / "latest").read_text().strip()
+    assert latest == "step-00000032" and sorted(p.name for p in ckpt.glob("step-*")) == [
         "step-00000016", "step-00000032"]
-    # One plain file from the shards, with the tool the fsdp.py docstring tells users about.
-    python("-m", "torch.distributed.checkpoint.format_utils", "dcp_to_torch", tmp_path / latest, tmp_path / "full.pt")
-    full = torch.load(tmp_path / "full.pt", weights_only=False)["model"]
     assert_same_weights(full, model_of(ddp_run[0]), **TOL)
 
 
-def test_fsdp_resume_matches_uninterrupted(tmp_path):
-    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
-    torchrun_standalone("fsdp.py", 2, *SMALL, "--batch-size", "16", "--checkpoint-dir", straight)
-    torchrun_standalone("fsdp.py", 2, *SMALL, "--batch-size", "16", "--checkpoint-dir", resumed, "--max-steps", "20")
+def test_fsdp_resume_matches_uninterrupted(fsdp_run, stopped_at_20, tmp_path):
+    resumed = stopped_at_20("fsdp.py", tmp_path / "resumed")
     out = torchrun_standalone("fsdp.py", 2, *SMALL, "--batch-size", "16", "--checkpoint-dir", resumed).stdout
     assert "resumed from" in out and "step 20" in out
-    for d in (straight, resumed):
-        python("-m", "torch.distributed.checkpoint.format_utils", "dcp_to_torch", d / "step-00000032", d / "full.pt")
-    a, b = (torch.load(d / "full.pt", weights_only=False)["model"] for d in (straight, resumed))
-    assert_same_weights(a, b)
+    python("-m", "torch.distributed.checkpoint.format_utils", "dcp_to_torch", resumed / "step-00000032",
+           resumed / "full.pt")
+    assert_same_weights(fsdp_run[2], torch.load(resumed / "full.pt", weights_only=False)["model"])
 
 
 def full_model(ckpt_dir):
@@ -106,7 +128,7 @@ def full_model(ckpt_dir):
     return torch.load(ckpt_dir / "full.pt", weights_only=False)["model"]
 
 
-def test_fsdp_resume_with_another_world_size(reference, tmp_path):
+def test_fsdp_resume_with_another_world_size(reference, stopped_at_20, tmp_path):
     """FSDP's sharded checkpoint resumed by another number of ranks: DCP reshards weights and optimizer state,
     and the data position moves as for DDP. 1 x 32 -> 2 x 16 ends with the uninterrupted 1 x 32 weights;
     2 x 16 -> 1 x 16 continues after the same 128 samples with 32 steps per epoch (before: fsdp.py reused the
@@ -117,8 +139,7 @@ def test_fsdp_resume_with_another_world_size(reference, tmp_path):
     assert "snapshot written by 1 rank(s) x batch 32, resuming as 2 x 16: epoch 2 after 128 samples (step 20)" in out
     assert_same_weights(full_model(up), reference[0], **TOL)
 
-    down = tmp_path / "down"
-    torchrun_standalone("fsdp.py", 2, *SMALL, "--batch-size", "16", "--checkpoint-dir", down, "--max-steps", "20")
+    down = stopped_at_20("fsdp.py", tmp_path / "down")
     proc = torchrun_standalone("fsdp.py", 1, *SMALL, "--batch-size", "48", "--checkpoint-dir", down,
                                expect_fail=True)
     assert "written by 2 rank(s) x batch 16 after 128 samples of epoch 2" in proc.stdout, proc.stdout
@@ -253,14 +274,13 @@ def test_cifar10_through_torchvision(tmp_path):
 # ------------------------------------------------------------------------------------------ resume
 
 
-def test_stop_and_resume_equals_uninterrupted(ddp_run, tmp_path):
+def test_stop_and_resume_equals_uninterrupted(ddp_run, stopped_at_20, tmp_path):
     # stop mid-epoch 2 (step 20 of 32), then resume: skipped batches, LR schedule, momentum all line up
-    torchrun_standalone("multigpu_torchrun.py", 2, *SMALL, "--batch-size", "16", "--checkpoint-dir", tmp_path,
-                        "--max-steps", "20")
+    resumed = stopped_at_20("multigpu_torchrun.py", tmp_path / "resumed")
     out = torchrun_standalone("multigpu_torchrun.py", 2, *SMALL, "--batch-size", "16",
-                              "--checkpoint-dir", tmp_path).stdout
+                              "--checkpoint-dir", resumed).stdout
     assert "resumed from" in out and "epoch 2, step 20" in out
-    assert_same_weights(model_of(tmp_path), model_of(ddp_run[0]))
+    assert_same_weights(model_of(resumed), model_of(ddp_run[0]))
 
 
 def test_resume_is_bit_exact_with_four_ranks(tmp_path):
@@ -274,7 +294,7 @@ def test_resume_is_bit_exact_with_four_ranks(tmp_path):
     assert_same_weights(model_of(resumed), model_of(straight))
 
 
-def test_resume_with_another_world_size(reference, tmp_path):
+def test_resume_with_another_world_size(reference, stopped_at_20, tmp_path):
     """A run requeued onto another number of ranks (or another batch): 1 x 32 -> 2 x 16 (same global batch)
     resumes mid-epoch and ends with the weights of the uninterrupted 1 x 32 run; 2 x 16 -> 1 x 16 (half the
     global batch) continues after the same samples, with twice the steps per epoch and the cosine schedule
@@ -287,9 +307,7 @@ def test_resume_with_another_world_size(reference, tmp_path):
     assert "snapshot written by 1 rank(s) x batch 32, resuming as 2 x 16: epoch 2 after 128 samples (step 20)" in out
     assert_same_weights(model_of(up), reference[0], **TOL)
 
-    down = tmp_path / "down"
-    torchrun_standalone("multigpu_torchrun.py", 2, *SMALL, "--batch-size", "16", "--checkpoint-dir", down,
-                        "--max-steps", "20")
+    down = stopped_at_20("multigpu_torchrun.py", tmp_path / "down")
     proc = python(PT / "single_gpu.py", *SMALL, "--batch-size", "48", "--checkpoint-dir", down, expect_fail=True)
     errors = [ln for ln in proc.stdout.splitlines() if re.match(r"(\[rank\d+\] )?error: ", ln)]
     assert proc.returncode == 2 and len(errors) == 1 and "Traceback" not in proc.stdout, proc.stdout
