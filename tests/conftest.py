@@ -26,9 +26,10 @@ def pytest_runtest_makereport(item, call):
 
 @pytest.hookimpl(tryfirst=True)  # before pytest-xdist reads the groups
 def pytest_collection_modifyitems(items):
-    """`make test` runs two test processes (pytest-xdist, --dist loadgroup): every Slurm test in one of them, one
-    after the other -- the local cluster sees one job at a time, as the tests expect -- and every other test file
-    whole in either (module fixtures are computed once). The Slurm jobs run bound to one core each
+    """`make test` runs three test processes (pytest-xdist, --dist loadgroup): every Slurm test in one of them, one
+    after the other (a file's independent one-job tests submit their jobs together, SlurmCluster.run_together; what
+    signals or kills a job runs alone) -- and every other test file whole in one of the other two (module fixtures
+    and the per-folder forked processes are computed once). The Slurm jobs run bound to one core each
     (--cpus-per-task=1) and wait on the scheduler, so on two cores the other files fill the idle one."""
     for item in items:
         slurm = item.get_closest_marker("slurm") or "slurm_cluster" in getattr(item, "fixturenames", ())
