@@ -16,6 +16,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from forked import forked_each
 from helpers import ROOT, clean_env, env_python, free_port, run, unavailable
 from recipes import RECIPES
 
@@ -151,67 +152,14 @@ def test_single_to_multi_process_is_a_small_diff(folder):
 # ------------------------------------------------------------------------------------------------ C2 command line
 
 
-# Many command lines, each a process of its own as `python script.py ARGS` (or `python -c CODE`) is -- its own exit
-# code, stdout and stderr (file descriptors 1 and 2), its own environment variables, a traceback printed as Python
-# prints one -- but forked from a process that has already imported what single_gpu.py and recipe.py import: the
-# framework's import (seconds; nemo ~23 CPU-s a start, lightning ~10) is paid once per folder instead of once per
-# command line (nemo's scripts import NeMo only once the command line is checked: recipe.py imports it here).
-# The process's environment is clean_env(), the one every recipe() gets; a case adds its own variables. A case is
-# [script, args, env, seconds]: a script run as __main__ or {"code": TEXT} run as `python -c TEXT`, killed by
-# SIGALRM (exit -14) if it runs longer than `seconds`. Each result: exit code, stdout, stderr, and whether it ended
-# by sys.exit (as `--help` does) rather than by reaching the script's end.
-FORKED = """import json, os, runpy, signal, sys, tempfile, traceback
-runpy.run_path("single_gpu.py", run_name="imports only")  # the script's imports, not its __main__ block
-import recipe  # the framework, which a script may import only once its command line is checked (nemo)
-results = []
-for script, args, env, seconds in json.loads(sys.argv[1]):
-    out, err, ended = tempfile.TemporaryFile(), tempfile.TemporaryFile(), tempfile.TemporaryFile()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    pid = os.fork()
-    if pid == 0:
-        os.dup2(out.fileno(), 1)
-        os.dup2(err.fileno(), 2)
-        os.environ.update(env)
-        signal.alarm(seconds)
-        code = 0
-        try:
-            if isinstance(script, dict):
-                sys.argv = ["-c", *args]
-                exec(compile(script["code"], "<string>", "exec"), {"__name__": "__main__"})
-            else:
-                sys.argv = [script, *args]
-                runpy.run_path(script, run_name="__main__")
-        except SystemExit as e:  # as the interpreter ends it: sys.exit("text") prints the text, exits 1
-            code = e.code if isinstance(e.code, int) else 0 if e.code is None else 1
-            ended.write(b"sys.exit")
-            if isinstance(e.code, str):
-                print(e.code, file=sys.stderr)
-        except BaseException:
-            traceback.print_exc()
-            code = 1
-        sys.stdout.flush()
-        sys.stderr.flush()
-        ended.flush()
-        os._exit(code)
-    _, status = os.waitpid(pid, 0)
-    out.seek(0)
-    err.seek(0)
-    ended.seek(0)
-    results.append([os.waitstatus_to_exitcode(status), out.read().decode(errors="replace"),
-                    err.read().decode(errors="replace"), ended.read() == b"sys.exit"])
-print(json.dumps(results))
-"""
-
-
 def help_scripts(folder: str) -> list[str]:
     """The launch scripts whose --help test_help_lists_the_common_flags reads (launchers may have their own)."""
     return [s.name for s in training_scripts(folder) if s.name.startswith(("single_gpu", "multigpu", "multinode"))]
 
 
 class Forked:
-    """The quick checks of one folder, every command line run once, forked (FORKED above), in one process per
-    folder: --help of every launch script (C2), the bad-input cases (C4), the scripts given GPUs they cannot use
+    """The quick checks of one folder, every command line run once, forked (tests/forked.py), in one process
+    per folder: --help of every launch script (C2), the bad-input cases (C4), the scripts given GPUs they cannot use
     (C12), the launcher-less starts (C4) and the toy fingerprint (C11). Each test reads its own cases' results;
     each test's --checkpoint-dir is a directory of its own, so that "nothing written" says which test wrote."""
 
@@ -219,28 +167,27 @@ class Forked:
         self.dir = tmp_path_factory.mktemp(f"forked-{folder}")
         (self.dir / "bad-input").mkdir()
         (self.dir / "bad-input" / "a-file").write_text("not a directory")
-        cases = {f"help {script}": (script, ["--help"], {}, 180) for script in help_scripts(folder)}
+        cases = {f"help {script}": dict(script=script, args=["--help"], timeout=180) for script in help_scripts(folder)}
         for flags in BAD_FLAGS:
             if not excepted(folder, f"C2:{flags[0]}"):
-                cases[f"bad {' '.join(flags)}"] = ("single_gpu.py", [*flags, "--checkpoint-dir", self.bad_ckpt], {},
-                                                   120)
+                cases[f"bad {' '.join(flags)}"] = dict(script="single_gpu.py",
+                                                       args=[*flags, "--checkpoint-dir", self.bad_ckpt], timeout=120)
         # A --checkpoint-dir that is a file (a traceback at the first snapshot in all eight folders, #27).
-        cases["bad a-file"] = ("single_gpu.py", ["--checkpoint-dir", self.dir / "bad-input" / "a-file"], {}, 120)
+        cases["bad a-file"] = dict(script="single_gpu.py",
+                                   args=["--checkpoint-dir", self.dir / "bad-input" / "a-file"], timeout=120)
         gpu_args = [*SMOKE, "--checkpoint-dir", self.gpu_ckpt]
-        cases["gpus SLURM_GPUS_ON_NODE=2"] = ("single_gpu.py", gpu_args, {"SLURM_GPUS_ON_NODE": "2"}, 180)
-        cases["gpus --backend nccl"] = (multi_process_script(folder), [*gpu_args, "--backend", "nccl"], {}, 180)
+        cases["gpus SLURM_GPUS_ON_NODE=2"] = dict(script="single_gpu.py", args=gpu_args,
+                                                  env={"SLURM_GPUS_ON_NODE": "2"}, timeout=180)
+        cases["gpus --backend nccl"] = dict(script=multi_process_script(folder), args=[*gpu_args, "--backend", "nccl"],
+                                            timeout=180)
         for script in ("multigpu_torchrun.py", "multinode.py"):
             if (ROOT / folder / script).exists():
-                cases[f"launch {script}"] = (script, SMOKE, {}, 180)
+                cases[f"launch {script}"] = dict(script=script, args=SMOKE, timeout=180)
         if folder in toy_carriers():
-            cases["toy"] = ({"code": TOY_FINGERPRINT}, [], {}, 180)
-        sent = [[script, [str(a) for a in args], env, seconds] for script, args, env, seconds in cases.values()]
-        proc = recipe(folder, "-c", FORKED, json.dumps(sent), timeout=540)
-        self.results = {}
-        for name, (script, args, *_), (code, out, err, exited) in zip(
-                cases, sent, json.loads(proc.stdout.splitlines()[-1]), strict=True):
-            self.results[name] = subprocess.CompletedProcess([script, *args], code, out, err)
-            self.results[name].exited = exited
+            cases["toy"] = dict(code=TOY_FINGERPRINT, timeout=180)
+        # The parent imports what single_gpu.py imports, then recipe.py: the framework, which a script may import
+        # only once its command line is checked (nemo's scripts import NeMo late).
+        self.results = forked_each(folder, cases, imports=["single_gpu.py"], preload="import recipe", timeout=540)
 
     @property
     def bad_ckpt(self) -> Path:

@@ -15,7 +15,6 @@ import math
 import os
 import re
 import shutil
-import subprocess
 import sys
 import types
 from unittest import mock
@@ -23,6 +22,7 @@ from unittest import mock
 import pytest
 import torch
 from data_files import write_mnist
+from forked import forked_each
 from helpers import ROOT, assert_same_weights, clean_env, env_python, epoch_lines, free_port, run, torchrun
 from recipes import RECIPES, scripts_not_run, wait_all
 
@@ -137,7 +137,7 @@ def test_srun_style_bf16_with_gradient_accumulation(tmp_path):
 def test_damaged_newest_checkpoint_falls_back_then_fails_clearly(tmp_path_factory, tmp_path):
     """Copies of the reference run (1 process, 2 epochs: tags step-16 and step-32): its newest tag truncated, the
     run resumed for a third epoch falls back to the older one with a warning; every tag truncated, exit 2 in one
-    line. Both launches forked from one process (FORKED, DeepSpeed imported once)."""
+    line. Both launches forked from one process (tests/forked.py, DeepSpeed imported once)."""
     ran = RECIPES["deepspeed"].run(tmp_path_factory, "reference").ckpt
     newest, every = tmp_path / "newest", tmp_path / "every"
     for copy in (newest, every):
@@ -145,9 +145,10 @@ def test_damaged_newest_checkpoint_falls_back_then_fails_clearly(tmp_path_factor
     for f in [newest / "step-00000032" / "mp_rank_00_model_states.pt", *every.glob("step-*/mp_rank_*.pt")]:
         f.write_bytes(f.read_bytes()[:1000])
     zero0 = [*SMALL, *config("zero0"), "--batch-size", "32"]
-    procs = forked_each([
-        ("newest", "single_gpu.py", [*zero0, "--epochs", "3", "--checkpoint-dir", newest], {}, True, 240),
-        ("every", "single_gpu.py", [*zero0, "--epochs", "4", "--checkpoint-dir", every], {}, True, 120)])
+    procs = forked_each("deepspeed", {
+        "newest": dict(script="single_gpu.py", args=[*zero0, "--epochs", "3", "--checkpoint-dir", newest], timeout=240),
+        "every": dict(script="single_gpu.py", args=[*zero0, "--epochs", "4", "--checkpoint-dir", every], timeout=120)},
+        preload=DEEPSPEED, timeout=400)
     proc = procs["newest"]
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, f"exit {proc.returncode}\n{out[-6000:]}"
@@ -365,62 +366,16 @@ def one_error_line(proc, message):
     assert message in lines[0], lines[0]
 
 
-# Many command lines of deepspeed/'s scripts, each a process of its own as `python script.py ARGS` is -- its own
-# environment, exit code, stdout and stderr (file descriptors 1 and 2), a traceback printed as Python prints one,
-# killed by SIGALRM past its time bound -- but forked from one process that has already imported what the scripts
-# import at their top (torch, cluster, recipe): the interpreter's start is paid once. Cases marked "deepspeed" are
-# forked after the parent has imported DeepSpeed too (cluster.import_deepspeed: seconds per process); the others
-# before it, so that what they assert about DeepSpeed's import (nothing of it on stdout) still holds.
-FORKED = """import json, os, runpy, signal, sys, tempfile, traceback
-cases = json.loads(sys.argv[1])
-for script in sorted({c["script"] for c in cases}):
-    runpy.run_path(script, run_name="imports only")  # the script's imports, not its __main__ block
-results = []
-for case in sorted(cases, key=lambda c: c["deepspeed"]):
-    if case["deepspeed"] and "deepspeed" not in sys.modules:
-        import cluster
-        cluster.import_deepspeed()
-    out, err = tempfile.TemporaryFile(), tempfile.TemporaryFile()
-    pid = os.fork()
-    if pid == 0:
-        os.dup2(out.fileno(), 1)
-        os.dup2(err.fileno(), 2)
-        os.environ.update(case["env"])
-        signal.alarm(case["timeout"])  # bad input must fail within a bounded time
-        sys.argv, code = [case["script"], *case["args"]], 0
-        try:
-            runpy.run_path(case["script"], run_name="__main__")
-        except SystemExit as e:  # as the interpreter ends it: sys.exit("text") prints the text, exits 1
-            code = e.code if isinstance(e.code, int) else 0 if e.code is None else 1
-            if isinstance(e.code, str):
-                print(e.code, file=sys.stderr)
-        except BaseException:
-            traceback.print_exc()
-            code = 1
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(code)
-    _, status = os.waitpid(pid, 0)
-    out.seek(0)
-    err.seek(0)
-    results.append([case["id"], os.waitstatus_to_exitcode(status), out.read().decode(errors="replace"),
-                    err.read().decode(errors="replace")])
-print(json.dumps(results))
-"""
-
-
-def forked_each(cases):
-    """{id: CompletedProcess} of every case (id, script, args, env, deepspeed, timeout), run as FORKED runs them."""
-    cases = [dict(id=i, script=s, args=[str(a) for a in args], env={k: str(v) for k, v in env.items()},
-                  deepspeed=ds, timeout=timeout) for i, s, args, env, ds, timeout in cases]
-    proc = run([env_python("deepspeed"), "-c", FORKED, json.dumps(cases)], cwd=DS, timeout=400)
-    return {i: subprocess.CompletedProcess(i, code, out, err)
-            for i, code, out, err in json.loads(proc.stdout.splitlines()[-1])}
+# Cases that import DeepSpeed (cluster.import_deepspeed: seconds per process) are forked (tests/forked.py) after the
+# parent has imported it too; the others before it, so that what they assert about DeepSpeed's import (nothing of it
+# on stdout) still holds.
+DEEPSPEED = "import cluster\ncluster.import_deepspeed()"
 
 
 def refused_each(cases):
-    """forked_each's, each of which must exit 2 (the error must then be the only line on stderr: one_error_line)."""
-    found = forked_each(cases)
+    """forked_each's of deepspeed/, each of which must exit 2 (the error must then be the only line on stderr:
+    one_error_line)."""
+    found = forked_each("deepspeed", cases, timeout=400)
     for i, proc in found.items():
         assert proc.returncode == 2, f"{i}: exit {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
     return found
@@ -450,9 +405,9 @@ NO_CUDA = {
 
 @pytest.fixture(scope="module")
 def refused(tmp_path_factory):
-    """Every bad command line of this section, each run as its own `python script ARGS` would be (FORKED), and
+    """Every bad command line of this section, each run as its own `python script ARGS` would be (forked_each), and
     the ZeRO-1 run resumed by one rank: {case: (CompletedProcess, its tmp dir)}."""
-    cases, dirs = [], {}
+    cases, dirs = {}, {}
     for case in BAD_INPUT:
         tmp = dirs[case] = tmp_path_factory.mktemp(f"bad-{case}")
         args = {
@@ -468,18 +423,20 @@ def refused(tmp_path_factory):
         raw.mkdir(parents=True)
         (raw / "train-images-idx3-ubyte").write_bytes(b"\x00\x00\x08\x03" + b"\x00" * 40)
         (raw / "train-labels-idx1-ubyte").write_bytes(b"\x00\x00\x08\x01" + b"\x00" * 4)
-        cases.append((case, "single_gpu.py", args, {}, True, 120))
+        cases[case] = dict(script="single_gpu.py", args=args, preload=DEEPSPEED, timeout=120)
     for case, (script, env, flags, _) in NO_CUDA.items():
         tmp = dirs[case] = tmp_path_factory.mktemp(f"no-cuda-{case}")
-        cases.append((case, script, ["--epochs", "2", "--dataset-size", "16", "--batch-size", "4", "--log-every", "1",
-                                     "--checkpoint-dir", tmp / "ckpt", *flags], env, False, 60))
-    cases.append(("no-launcher", "multigpu_torchrun.py", [], {}, False, 60))
+        cases[case] = dict(script=script, args=["--epochs", "2", "--dataset-size", "16", "--batch-size", "4",
+                                                "--log-every", "1", "--checkpoint-dir", tmp / "ckpt", *flags],
+                           env=env, timeout=60)
+    cases["no-launcher"] = dict(script="multigpu_torchrun.py", timeout=60)
     # The ZeRO-1 run of 2 ranks resumed by 1 (test_zero1_equals_pytorch_ddp_and_one_rank_cannot_resume_it), from a
     # copy: the shared run stays as it ended
     copy = dirs["zero1-by-one-rank"] = tmp_path_factory.mktemp("zero1-by-one-rank") / "ckpt"
     shutil.copytree(RECIPES["deepspeed"].run(tmp_path_factory, "zero1").ckpt, copy)
-    cases.append(("zero1-by-one-rank", "single_gpu.py", [*SMALL, "--epochs", "3", *config("zero1"), "--batch-size",
-                                                         "32", "--checkpoint-dir", copy], {}, True, 180))
+    cases["zero1-by-one-rank"] = dict(script="single_gpu.py", args=[*SMALL, "--epochs", "3", *config("zero1"),
+                                                                    "--batch-size", "32", "--checkpoint-dir", copy],
+                                      preload=DEEPSPEED, timeout=180)
     return {case: (proc, dirs.get(case)) for case, proc in refused_each(cases).items()}
 
 

@@ -9,11 +9,11 @@ No test-only shim: the recipes import physicsnemo on this CPU machine by themsel
 import json
 import re
 import signal
-import subprocess
 
 import numpy as np
 import pytest
 import torch
+from forked import forked_each
 from helpers import (ROOT, assert_same_weights, clean_env, env_python, epoch_lines, free_port, run, teardown_checked,
                      torchrun)
 from recipes import (NO_SILENT_CPU_CHECK, PROBE_CHECKS, RECIPES, TF32_CHECK, assert_no_silent_cpu, scripts_not_run,
@@ -65,56 +65,9 @@ def the_error_line(proc, what):
     return errors[0]
 
 
-# Many command lines of modulus/'s scripts, each a process of its own as `python script.py ARGS` is -- its own
-# environment, exit code, stdout and stderr (file descriptors 1 and 2), a traceback printed as Python prints one,
-# killed by SIGALRM past its time bound -- but forked from one process that has already imported what the scripts
-# import at their top (and PhysicsNeMo, given "physicsnemo"): the interpreter's start and torch's import are paid
-# once (tests/test_contract.py's FORKED).
-FORKED = """import json, os, runpy, signal, sys, tempfile, traceback
-cases = json.loads(sys.argv[1])
-for script in sorted({c["script"] for c in cases}):
-    runpy.run_path(script, run_name="imports only")  # the script's imports, not its __main__ block
-if sys.argv[2:] == ["physicsnemo"]:  # imported late by the scripts (cluster.physicsnemo), here once for all
-    import cluster
-    cluster.physicsnemo()
-results = {}
-for case in cases:
-    out, err = tempfile.TemporaryFile(), tempfile.TemporaryFile()
-    pid = os.fork()
-    if pid == 0:
-        os.dup2(out.fileno(), 1)
-        os.dup2(err.fileno(), 2)
-        os.environ.update(case["env"])
-        signal.alarm(case["timeout"])  # bad input must fail within a bounded time
-        sys.argv, code = [case["script"], *case["args"]], 0
-        try:
-            runpy.run_path(case["script"], run_name="__main__")
-        except SystemExit as e:  # as the interpreter ends it: sys.exit("text") prints the text, exits 1
-            code = e.code if isinstance(e.code, int) else 0 if e.code is None else 1
-            if isinstance(e.code, str):
-                print(e.code, file=sys.stderr)
-        except BaseException:
-            traceback.print_exc()
-            code = 1
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(code)
-    _, status = os.waitpid(pid, 0)
-    out.seek(0)
-    err.seek(0)
-    results[case["id"]] = [os.waitstatus_to_exitcode(status), out.read().decode(errors="replace"),
-                           err.read().decode(errors="replace")]
-print(json.dumps(results))
-"""
-
-
-def forked(cases, *preload):
-    """{id: CompletedProcess} of every case {id: (script, args, extra environment, seconds it may take)}, run as
-    FORKED runs them in modulus/'s environment."""
-    each = [dict(id=case, script=script, args=[str(a) for a in args], env={k: str(v) for k, v in extra.items()},
-                 timeout=seconds) for case, (script, args, extra, seconds) in cases.items()]
-    ran = json.loads(python("-c", FORKED, json.dumps(each), *preload, cwd=MOD, timeout=300).stdout.splitlines()[-1])
-    return {case: subprocess.CompletedProcess(case, *ran[case]) for case in cases}
+# PhysicsNeMo, imported late by the scripts (cluster.physicsnemo): imported once by the parent that forks the
+# launches of a test (tests/forked.py) that trains.
+PHYSICSNEMO = "import cluster\ncluster.physicsnemo()"
 
 
 # ------------------------------------------------------------------------------------------ launch patterns
@@ -177,7 +130,7 @@ def test_srun_tasks_preempted_save_exit_75_and_resume(reference, tmp_path):
 
 def test_damaged_snapshot_falls_back_then_is_a_clear_error(reference, tmp_path):
     """The newest snapshot truncated: warning, resume from the previous one; both damaged: exit 2 naming them.
-    Both launches forked from one process (FORKED, PhysicsNeMo imported once)."""
+    Both launches forked from one process (tests/forked.py, PhysicsNeMo imported once)."""
     ckpt, both = tmp_path / "ckpt", tmp_path / "both"
     ckpt.mkdir()
     both.mkdir()
@@ -185,8 +138,11 @@ def test_damaged_snapshot_falls_back_then_is_a_clear_error(reference, tmp_path):
         data = (reference[0] / name).read_bytes()
         (ckpt / name).write_bytes(data[: len(data) // 2] if name == "snapshot.pt" else data)
         (both / name).write_bytes(b"damaged")
-    ran = forked({"newest": ("single_gpu.py", [*SMALL, "--batch-size", "16", "--checkpoint-dir", ckpt], {}, 240),
-                  "both": ("single_gpu.py", [*SMALL, "--checkpoint-dir", both], {}, 120)}, "physicsnemo")
+    ran = forked_each("modulus", {
+        "newest": dict(script="single_gpu.py", args=[*SMALL, "--batch-size", "16", "--checkpoint-dir", ckpt],
+                       timeout=240),
+        "both": dict(script="single_gpu.py", args=[*SMALL, "--checkpoint-dir", both], timeout=120)},
+        preload=PHYSICSNEMO, timeout=300)
     proc = ran["newest"]
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, f"exit {proc.returncode}\n{out[-6000:]}"
@@ -203,11 +159,14 @@ def test_damaged_snapshot_falls_back_then_is_a_clear_error(reference, tmp_path):
 def test_learns_darcy_from_npz_files(tmp_path):
     """The real on-disk format (coeff/sol .npz, written by the finite-difference solver), and the FNO learns:
     the validation relative L2 error after 4 epochs is less than 0.6x the first epoch's. The writer and the
-    training forked one after the other from one process (FORKED)."""
+    training forked one after the other from one process (tests/forked.py)."""
     data = tmp_path / "darcy"
-    ran = forked({"write": ("darcy.py", [data, "--train", 192, "--val", 32, "--resolution", 32], {}, 240),
-                  "train": ("single_gpu.py", ["--data", "darcy", "--data-dir", data, "--epochs", "4", "--batch-size",
-                                              "16", "--lr", "5e-3", "--log-every", "1000"], {}, 240)}, "physicsnemo")
+    ran = forked_each("modulus", {
+        "write": dict(script="darcy.py", args=[data, "--train", 192, "--val", 32, "--resolution", 32], timeout=240),
+        "train": dict(script="single_gpu.py", args=["--data", "darcy", "--data-dir", data, "--epochs", "4",
+                                                    "--batch-size", "16", "--lr", "5e-3", "--log-every", "1000"],
+                      timeout=240)},
+        preload=PHYSICSNEMO, timeout=300)
     for case, proc in ran.items():
         assert proc.returncode == 0, f"{case}: exit {proc.returncode}\n{proc.stdout[-3000:]}{proc.stderr[-3000:]}"
     with np.load(data / "train.npz") as f:
@@ -235,7 +194,7 @@ def test_ranks_read_disjoint_shards(gpu_probe):
 # are the contract's tests (tests/test_contract.py), run over this folder too; here only what modulus/ adds.
 @pytest.fixture(scope="module")
 def refused(tmp_path_factory):
-    """The error line of every bad launch below ({case: line}), each launch run as FORKED runs it, each checked as
+    """The error line of every bad launch below ({case: line}), each launch forked (tests/forked.py), each checked as
     bad_input checks one (exit 2, one error line on stderr, within 60 s)."""
     tmp = tmp_path_factory.mktemp("bad_input")
     (tmp / "empty").mkdir()
@@ -245,13 +204,15 @@ def refused(tmp_path_factory):
         np.savez(tmp / name / "val.npz", coeff=np.zeros((8, 32, 32), np.float32), sol=np.zeros((8, 32, 32), np.float32))
     (tmp / "not-a-zip" / "train.npz").write_bytes(b"not a zip file")
     darcy = ["--data", "darcy", "--data-dir"]
-    cases = {"no-data-dir": ("single_gpu.py", ["--data", "darcy"], {}, 60),
-             "missing": ("single_gpu.py", [*darcy, tmp / "nowhere"], {}, 60),
-             "empty": ("single_gpu.py", [*darcy, tmp / "empty"], {}, 60),
-             "wrong-shape": ("single_gpu.py", [*darcy, tmp / "wrong-shape"], {}, 60),
-             "not-a-zip": ("single_gpu.py", [*darcy, tmp / "not-a-zip"], {}, 60),
-             "no-address": ("multinode.py", [], dict(SLURM_PROCID=0, SLURM_NPROCS=2, SLURM_LOCALID=0), 60)}
-    return {case: the_error_line(proc, f"{case}: {cases[case]}") for case, proc in forked(cases).items()}
+    cases = {"no-data-dir": dict(script="single_gpu.py", args=["--data", "darcy"], timeout=60),
+             "missing": dict(script="single_gpu.py", args=[*darcy, tmp / "nowhere"], timeout=60),
+             "empty": dict(script="single_gpu.py", args=[*darcy, tmp / "empty"], timeout=60),
+             "wrong-shape": dict(script="single_gpu.py", args=[*darcy, tmp / "wrong-shape"], timeout=60),
+             "not-a-zip": dict(script="single_gpu.py", args=[*darcy, tmp / "not-a-zip"], timeout=60),
+             "no-address": dict(script="multinode.py", env=dict(SLURM_PROCID=0, SLURM_NPROCS=2, SLURM_LOCALID=0),
+                                timeout=60)}
+    return {case: the_error_line(proc, f"{case}: {cases[case]}")
+            for case, proc in forked_each("modulus", cases, timeout=300).items()}
 
 
 def test_darcy_data_needs_a_directory(refused):

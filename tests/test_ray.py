@@ -10,7 +10,6 @@ share one Ray cluster (`cluster`: ray_node.sh --head, started as multinode.sbatc
 the job ends it); only the multigpu.py test starts its own, as users do."""
 
 import contextlib
-import json
 import os
 import random
 import re
@@ -21,10 +20,10 @@ import socket
 import subprocess
 import time
 from pathlib import Path
-from typing import NamedTuple
 
 import pytest
 import torch
+from forked import forked_each
 from helpers import ROOT, assert_same_weights, clean_env, env_python, free_port
 
 pytestmark = [pytest.mark.ray, pytest.mark.timeout(300)]
@@ -477,66 +476,7 @@ def test_multinode_template_ports_and_address():
 # ... and the other launches of this folder that start no Ray cluster of their own: forked from one process
 
 
-# Many command lines of ray/'s scripts, each a process of its own as `python script.py ARGS` is -- its own session
-# (as Launch starts it: what it leaves behind is found by the session id), environment, exit code, stdout and
-# stderr (file descriptors 1 and 2; Launch reads them together), a traceback printed as Python prints one,
-# killed by SIGALRM past its time bound -- but forked from one process that has already imported what the scripts
-# import at their top (torch, cluster, recipe): the interpreter's start and torch's import are paid once (as
-# tests/test_contract.py's FORKED). Each result: exit code, stdout, stderr, seconds, its session's live processes.
-FORKED = """import json, os, runpy, signal, sys, tempfile, time, traceback
-from pathlib import Path
-cases = json.loads(sys.argv[1])
-for script in sorted({c["script"] for c in cases if "/" not in c["script"]}):  # the folder's, not a probe
-    runpy.run_path(script, run_name="imports only")  # the script's imports, not its __main__ block
-
-
-def session_members(sid):
-    pids = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
-            except OSError:
-                continue
-            if int(fields[3]) == sid and fields[0] != "Z":
-                pids.append(int(entry.name))
-    return pids
-
-
-results = {}
-for case in cases:
-    out, err = tempfile.TemporaryFile(), tempfile.TemporaryFile()
-    start = time.monotonic()
-    pid = os.fork()
-    if pid == 0:
-        os.setsid()
-        os.dup2(out.fileno(), 1)
-        os.dup2(err.fileno(), 2)
-        os.environ.update(case["env"])
-        signal.alarm(case["timeout"])
-        sys.argv, code = [case["script"], *case["args"]], 0
-        try:
-            runpy.run_path(case["script"], run_name="__main__")
-        except SystemExit as e:  # as the interpreter ends it: sys.exit("text") prints the text, exits 1
-            code = e.code if isinstance(e.code, int) else 0 if e.code is None else 1
-            if isinstance(e.code, str):
-                print(e.code, file=sys.stderr)
-        except BaseException:
-            traceback.print_exc()
-            code = 1
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(code)
-    _, status = os.waitpid(pid, 0)
-    seconds = time.monotonic() - start
-    out.seek(0)
-    err.seek(0)
-    results[case["id"]] = [os.waitstatus_to_exitcode(status), out.read().decode(errors="replace"),
-                           err.read().decode(errors="replace"), seconds, session_members(pid)]
-print(json.dumps(results))
-"""
-
-# Run by FORKED as a script (test_fp32_on_a_gpu_uses_tf32_and_amp_picks_by_the_gpu): C10/#22, GPU facts patched in
+# Run forked as a script (test_fp32_on_a_gpu_uses_tf32_and_amp_picks_by_the_gpu): C10/#22, GPU facts patched in
 TF32_PROBE = """
 import torch, cluster
 torch.cuda.get_device_capability = lambda device=None: CAPABILITY  # read when called: the loop's value
@@ -557,21 +497,10 @@ BAD_INPUT = {
 }
 
 
-class Forked(NamedTuple):
-    code: int
-    stdout: str
-    stderr: str
-    seconds: float
-    left: list  # the live processes of its session once it exited
-
-    @property
-    def output(self):
-        return self.stdout + self.stderr
-
-
 @pytest.fixture(scope="module")
 def forked(tmp_path_factory):
-    """{case: Forked} of the launches of this section, forked from one process (FORKED), each in its own tmp dir:
+    """{case: Forked} of the launches of this section, forked from one process (tests/forked.py), each in its own
+    session (as Launch starts it: what it leaves behind is found by the session id) and its own tmp dir:
     the bad command lines (BAD_INPUT, each with its own --checkpoint-dir), the driver pointed at a wrong address,
     the npz training run and the GPU-facts probe."""
     import numpy as np
@@ -583,30 +512,26 @@ def forked(tmp_path_factory):
     cases = {}
     for case, (script, args, _) in BAD_INPUT.items():
         args = [str(tmp / a) if a in ("EMPTY", "BAD") else a for a in args]
-        cases[case] = (script, [*args, "--checkpoint-dir", tmp / case / "ckpt"], 60)
-    cases["wrong-address"] = ("multinode.py", ["--address", f"127.0.0.1:{free_port()}", "--timeout", 5, *ARGS], 60)
+        cases[case] = dict(script=script, args=[*args, "--checkpoint-dir", tmp / case / "ckpt"], timeout=60)
+    cases["wrong-address"] = dict(script="multinode.py",
+                                  args=["--address", f"127.0.0.1:{free_port()}", "--timeout", 5, *ARGS], timeout=60)
     (tmp / "data").mkdir()
     g = np.random.default_rng(0)
     np.savez(tmp / "data" / "train.npz", images=g.normal(size=(64, 3, 32, 32)).astype(np.float32),
              labels=g.integers(0, 10, 64))
-    cases["npz"] = ("single_gpu.py", ["--data", "npz", "--data-dir", tmp / "data", "--epochs", 1, "--batch-size", 16],
-                    120)
+    cases["npz"] = dict(script="single_gpu.py",
+                        args=["--data", "npz", "--data-dir", tmp / "data", "--epochs", 1, "--batch-size", 16],
+                        timeout=120)
     (tmp / "tf32_probe.py").write_text(TF32_PROBE)
-    cases["tf32"] = (str(tmp / "tf32_probe.py"), [], 120)
-    each = [dict(id=case, script=script, args=[str(a) for a in args], env={}, timeout=seconds)
-            for case, (script, args, seconds) in cases.items()]
-    proc = subprocess.run([str(env_python("ray")), "-c", FORKED, json.dumps(each)], cwd=FOLDER, env=ray_env(),
-                          capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    ran = json.loads(proc.stdout.splitlines()[-1])
-    return {"tmp": tmp, **{case: Forked(*ran[case]) for case in cases}}
+    cases["tf32"] = dict(script=str(tmp / "tf32_probe.py"), timeout=120)  # not the folder's: its imports not preloaded
+    return {"tmp": tmp, **forked_each("ray", cases, env=ray_env(), setsid=True, timeout=600)}
 
 
 def the_error_line(ran):
     """A forked launch (Forked) that had to fail did: exit 2, one error line, no traceback; that line."""
     errors = [ln for ln in ran.output.splitlines() if ERROR_LINE.match(ln)]
-    assert ran.code == 2 and len(errors) == 1 and "Traceback" not in ran.output, \
-        f"exit {ran.code}\n{ran.output[-4000:]}"
+    assert ran.returncode == 2 and len(errors) == 1 and "Traceback" not in ran.output, \
+        f"exit {ran.returncode}\n{ran.output[-4000:]}"
     return errors[0]
 
 
@@ -629,7 +554,7 @@ def test_bad_input_is_one_line_and_exit_2(forked, case):
 def test_npz_data_trains(forked):
     """The real on-disk format the folder reads: DATA_DIR/train.npz."""
     ran = forked["npz"]
-    assert ran.code == 0, f"exit {ran.code}\n{ran.output[-4000:]}"
+    assert ran.returncode == 0, f"exit {ran.returncode}\n{ran.output[-4000:]}"
     assert "[rank0] done: 4 steps" in ran.output
 
 
@@ -637,5 +562,5 @@ def test_fp32_on_a_gpu_uses_tf32_and_amp_picks_by_the_gpu(forked):
     """C10/#22 with the GPU facts patched in, in ray's own environment: a worker training fp32 on a CUDA device
     turns TF32 on (ray/ never did); --amp gives bf16 without a scaler on Ampere+ and fp16 with a GradScaler below."""
     ran = forked["tf32"]
-    assert ran.code == 0, ran.stderr[-3000:]
+    assert ran.returncode == 0, ran.stderr[-3000:]
     assert ran.stdout.split("\n")[:3] == ["fp32 high None", "amp 9 NoneType", "amp 7 GradScaler"], ran.output
