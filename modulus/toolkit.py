@@ -530,7 +530,13 @@ class HangReport:
                     return
                 time.sleep(0.2)
 
-        asking = threading.Thread(target=ask, daemon=True)
+        def ask_or_give_up():
+            try:
+                ask()
+            except RuntimeError:  # DistNetworkError, DistStoreError: the store's process is gone; nobody is named
+                found.pop("arrived", None)
+
+        asking = threading.Thread(target=ask_or_give_up, daemon=True)
         asking.start()
         asking.join(2 * grace + 1)  # set() and check() give up after grace themselves; a stopped store may not
         if "arrived" not in found:

@@ -39,13 +39,15 @@ KILL_WAIT = 10  # s between SIGTERM and SIGKILL when Slurm ends a step (Slurm's 
 GRACE = 10  # s the rest of a step may take to exit after its launcher (or its last task) has exited
 ERROR_LINE = re.compile(r"^(\[rank\d+\] )?error: ", re.M)
 INJECTIONS = ("kill-worker", "kill-launcher", "term", "usr1")
-# MISSED: the run ended before the moment drawn for the injection (nothing was tested; neither pass nor fail).
+# MISSED: the run ended before the injection (nothing was tested; neither pass nor fail). The moment is drawn in
+# wall time, and brought forward to the start of the last epoch in a launch that runs ahead of its reference.
 OUTCOMES = ("RECOVERED", "CLEAR-ERROR", "FAIL", "MISSED")
 
 # The workload: 4 epochs of 2048 samples, a snapshot after every epoch. Process start-up (imports) dominates a
 # launch; the 3 epochs after the first snapshot give the injection a window of a few seconds.
 WORKLOAD = ("--epochs", "4", "--dataset-size", "2048", "--batch-size", "16", "--save-every", "1",
             "--log-every", "1000", "--timeout", "60")
+EPOCHS = int(WORKLOAD[WORKLOAD.index("--epochs") + 1])
 
 
 # ------------------------------------------------------------------------------------------ the modes table
@@ -209,6 +211,7 @@ class Injection:
     kind: str  # one of INJECTIONS
     delay: float  # seconds after the first snapshot appeared
     fired_at: float | None = None  # monotonic time
+    at: float | None = None  # seconds after the first snapshot it fired: `delay`, or earlier if the run got ahead
     target: str = ""
 
 
@@ -257,6 +260,17 @@ def check_snapshots(mode: Mode, ckpt_dir: Path) -> tuple[list[str], list[str]]:
     return corrupt, temporaries
 
 
+def newest_snapshot(mode: Mode, ckpt_dir: Path) -> int:
+    """The newest snapshot file's mtime (ns), 0 when none: it changes with every save."""
+    newest = 0
+    for path in snapshot_files(mode, ckpt_dir):
+        try:
+            newest = max(newest, path.stat().st_mtime_ns)
+        except OSError:  # renamed away between the listing and the stat (a save's rotation)
+            pass
+    return newest
+
+
 def exit_status(code: int) -> int:
     """A shell's view of a Popen returncode: killed by signal N -> 128 + N."""
     return 128 - code if code < 0 else code
@@ -279,12 +293,18 @@ def launch(mode: Mode, ckpt_dir: Path, log_dir: Path, *, extra: tuple = (), inje
     sessions = {p.pid for p in procs}
     had_snapshot = bool(snapshot_files(mode, ckpt_dir))  # a relaunch: snapshots exist from the start
     first_snapshot, hang, ending = (0.0 if had_snapshot else None), False, None
+    newest, saves = newest_snapshot(mode, ckpt_dir), 0  # saves seen during this launch
     while any(p.poll() is None for p in procs):
         now = time.monotonic()
         if first_snapshot is None and snapshot_files(mode, ckpt_dir):
             first_snapshot = now - start
+        if (latest := newest_snapshot(mode, ckpt_dir)) != newest:
+            newest, saves = latest, saves + 1
+        # The moment drawn, or -- in a launch running faster than its reference did -- as the last epoch begins,
+        # so that the injection always hits a run under way (a wall-time draw alone once landed after the end).
         if injection and injection.fired_at is None and first_snapshot is not None \
-                and now - start >= first_snapshot + injection.delay:
+                and (now - start >= first_snapshot + injection.delay or saves >= EPOCHS - 1):
+            injection.at = now - start - first_snapshot
             inject(mode, procs, marker, injection, rng)
         if mode.launch == "srun" and ending is None and any(p.poll() not in (None, 0) for p in procs):
             ending = now  # srun --kill-on-bad-exit=1: a task failed, Slurm ends the step
@@ -434,7 +454,7 @@ def run_scenario(mode: Mode, kind: str, ref: Reference, work_dir: Path, rng: ran
         outcome, reason = "MISSED", f"not injected: the run ended before {injection.delay:.1f} s after its snapshot"
     return {
         "folder": mode.folder, "mode": mode.name, "injection": kind, "extra": list(extra),
-        "at_s": round(injection.delay, 2), "target": injection.target,
+        "at_s": round(injection.at if injection.at is not None else injection.delay, 2), "target": injection.target,
         "launches": len(launches), "outcome": outcome, "reason": reason,
         "time_to_recover_s": round(end - injection.fired_at, 1) if injection.fired_at and outcome != "FAIL" else None,
         "launch_records": [result.summary() for result in launches],

@@ -77,6 +77,25 @@ def test_a_process_the_step_left_behind_is_found_and_killed(monkeypatch):
     assert faults.wait_for_the_step_to_end(marker, {main.pid}) == []  # killed by the first call
 
 
+def test_a_run_faster_than_its_reference_is_still_hit_before_it_ends(monkeypatch, tmp_path):
+    """The moment drawn (here: far beyond the run) is brought forward to the start of the last epoch: a run that got
+    ahead of its reference is hit while under way (once, in CI, a wall-time draw alone landed after the end)."""
+    run = ("import pathlib, signal, sys, time\n"
+           "signal.signal(signal.SIGTERM, lambda *_: sys.exit(75))\n"
+           f"for epoch in range({faults.EPOCHS}):\n"
+           "    time.sleep(0.5)\n"
+           "    pathlib.Path(sys.argv[1], f'snapshot{epoch % 2}.snap').write_text(str(epoch))\n")
+    monkeypatch.setattr(faults, "commands", lambda mode, ckpt, extra, marker: [
+        ([sys.executable, "-c", run, str(ckpt)], {**faults.base_env(), faults.MARKER: marker})])
+    (tmp_path / "ckpt").mkdir()
+    mode = faults.Mode("pytorch", "fake", "-", "python", snapshots=("*.snap",))
+    injection = faults.Injection("term", delay=60.0)
+    result = faults.launch(mode, tmp_path / "ckpt", tmp_path / "logs", injection=injection, deadline=60)
+    assert injection.fired_at is not None and 0.5 < injection.at < 60, injection
+    last_save = tmp_path / "ckpt" / f"snapshot{(faults.EPOCHS - 1) % 2}.snap"
+    assert result.code == 75 and last_save.read_text() != str(faults.EPOCHS - 1), result  # stopped before it
+
+
 def test_the_plan_covers_every_pair_before_repeating():
     import soak  # the CLI, next to this file
 
