@@ -39,15 +39,16 @@ KILL_WAIT = 10  # s between SIGTERM and SIGKILL when Slurm ends a step (Slurm's 
 GRACE = 10  # s the rest of a step may take to exit after its launcher (or its last task) has exited
 ERROR_LINE = re.compile(r"^(\[rank\d+\] )?error: ", re.M)
 INJECTIONS = ("kill-worker", "kill-launcher", "term", "usr1")
-# MISSED: the run ended before the injection (nothing was tested; neither pass nor fail). The moment is drawn in
-# wall time, and brought forward to the start of the last epoch in a launch that runs ahead of its reference.
+# MISSED: the run ended before the step drawn for the injection (nothing was tested; neither pass nor fail).
 OUTCOMES = ("RECOVERED", "CLEAR-ERROR", "FAIL", "MISSED")
+# The moment of an injection is drawn in training progress: a step, after the first snapshot and before the end
+# (the uninterrupted run's steps), hit once rank 0 has logged it. Every folder logs `| step N |` at --log-every.
+STEP = re.compile(rb"\| step (\d+) \|")
 
-# The workload: 4 epochs of 2048 samples, a snapshot after every epoch. Process start-up (imports) dominates a
-# launch; the 3 epochs after the first snapshot give the injection a window of a few seconds.
+# The workload: 4 epochs of 2048 samples, a snapshot after every epoch, a line per step. Process start-up (imports)
+# dominates a launch; the 3 epochs after the first snapshot are where the injections land.
 WORKLOAD = ("--epochs", "4", "--dataset-size", "2048", "--batch-size", "16", "--save-every", "1",
-            "--log-every", "1000", "--timeout", "60")
-EPOCHS = int(WORKLOAD[WORKLOAD.index("--epochs") + 1])
+            "--log-every", "1", "--timeout", "60")
 
 
 # ------------------------------------------------------------------------------------------ the modes table
@@ -61,13 +62,20 @@ def lightning_weights(ckpt_dir: Path) -> dict:
     return torch.load(ckpt_dir / "last.ckpt", map_location="cpu", weights_only=True)["state_dict"]
 
 
+def torch_loads(path: Path) -> None:
+    """A snapshot is whole when torch.load reads it back (a truncated zip or half a pickle raises)."""
+    torch.load(path, map_location="cpu", weights_only=True)
+
+
 @dataclasses.dataclass(frozen=True)
 class Mode:
     """One way to launch one folder's recipe.
 
     launch: "python" (one process that is the whole step), "spawn" (one process that spawns the workers: it is the
     launcher), "torchrun" (torchrun's agent is the launcher, its children the workers), "srun" (one process per
-    rank with srun's variables: no launcher of ours, each task is a worker).
+    rank with srun's variables: no launcher of ours, each task is a worker), "nodes" (one torchrun agent per
+    "node", --nnodes `ranks`, one worker each, a c10d rendezvous on this host: `srun torchrun` on two nodes; each
+    agent is a task of the step).
     """
     folder: str
     name: str
@@ -77,7 +85,9 @@ class Mode:
     ranks: int = 1
     max_restarts: int = 0  # torchrun --max-restarts
     snapshots: tuple = ("*.pt",)  # globs of the files that must load after every launch
+    loads: object = torch_loads  # reads one of them back whole, or raises
     weights: object = pytorch_weights
+    workload: tuple = WORKLOAD  # the training arguments (each launch adds mode.args, extra and --checkpoint-dir)
     tolerance: dict = dataclasses.field(default_factory=lambda: {"rtol": 0.0, "atol": 0.0})  # 0: bit-exact
     srun_env: tuple = ()  # extra SLURM_* variables a task needs (Lightning's SLURMEnvironment reads more)
     group: str = ""  # modes that train identically share one reference run (default: the mode's own)
@@ -128,7 +138,7 @@ def commands(mode: Mode, ckpt_dir: Path, extra: tuple, marker: str) -> list[tupl
     """(argv, env) of every process the step starts itself."""
     python = str(VENVS / mode.folder / "bin" / "python")
     script = str(ROOT / mode.folder / mode.script)
-    args = [*WORKLOAD, *mode.args, *extra, "--checkpoint-dir", str(ckpt_dir)]
+    args = [*mode.workload, *mode.args, *extra, "--checkpoint-dir", str(ckpt_dir)]
     port = free_port()
     env = base_env(**{MARKER: marker})
     if mode.launch == "python":
@@ -144,6 +154,11 @@ def commands(mode: Mode, ckpt_dir: Path, extra: tuple, marker: str) -> list[tupl
                   "SLURM_NTASKS": str(mode.ranks), "SLURM_NNODES": "1", "SLURM_JOB_ID": "4242",
                   "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
                 for r in range(mode.ranks)]
+    if mode.launch == "nodes":
+        return [([python, "-m", "torch.distributed.run", "--nnodes", str(mode.ranks), "--nproc_per_node", "1",
+                  "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", marker,
+                  "--max-restarts", str(mode.max_restarts), script, *args], env)
+                for _ in range(mode.ranks)]
     raise ValueError(f"unknown launch {mode.launch!r}")
 
 
@@ -198,9 +213,9 @@ def workers(mode: Mode, procs: list[subprocess.Popen], marker: str) -> list[int]
     """The rank processes (not the launcher, not DataLoader workers or helpers such as mp's resource tracker)."""
     if mode.launch in ("python", "srun"):
         return [p.pid for p in procs if p.poll() is None]
-    launcher = procs[0].pid
+    launchers = {p.pid for p in procs}
     return sorted(pid for pid, (ppid, cmd) in step_processes(marker).items()
-                  if ppid == launcher and "resource_tracker" not in cmd and "forkserver" not in cmd)
+                  if ppid in launchers and "resource_tracker" not in cmd and "forkserver" not in cmd)
 
 
 # ------------------------------------------------------------------------------------------ one launch
@@ -209,10 +224,33 @@ def workers(mode: Mode, procs: list[subprocess.Popen], marker: str) -> list[int]
 @dataclasses.dataclass
 class Injection:
     kind: str  # one of INJECTIONS
-    delay: float  # seconds after the first snapshot appeared
+    step: int  # fired once rank 0 has logged this step (or a later one)
     fired_at: float | None = None  # monotonic time
-    at: float | None = None  # seconds after the first snapshot it fired: `delay`, or earlier if the run got ahead
+    at_step: int | None = None  # the step rank 0 had logged when it fired
     target: str = ""
+
+
+class Progress:
+    """The newest `| step N |` in a launch's logs, read as they grow (a line is counted once it is whole)."""
+
+    def __init__(self, logs):
+        self.logs, self.offsets, self.partial = logs, [0] * len(logs), [b""] * len(logs)
+        self.step = None
+
+    def poll(self) -> int | None:
+        for i, path in enumerate(self.logs):
+            try:
+                with open(path, "rb") as f:
+                    f.seek(self.offsets[i])
+                    data = f.read()
+            except OSError:
+                continue
+            self.offsets[i] += len(data)
+            lines = (self.partial[i] + data).split(b"\n")
+            self.partial[i] = lines.pop()
+            for match in STEP.finditer(b"\n".join(lines)):
+                self.step = max(self.step or 0, int(match.group(1)))
+        return self.step
 
 
 @dataclasses.dataclass
@@ -224,6 +262,8 @@ class Launch:
     hang: bool = False
     first_snapshot: float | None = None  # seconds after start
     last_snapshot: float | None = None  # seconds after start at which the newest snapshot file was written
+    first_snapshot_step: int | None = None  # the step rank 0 had logged when the first snapshot appeared
+    last_step: int | None = None  # the newest step rank 0 logged
     corrupt: list[str] = dataclasses.field(default_factory=list)
     temporaries: list[str] = dataclasses.field(default_factory=list)
     leftovers: list[str] = dataclasses.field(default_factory=list)
@@ -253,22 +293,11 @@ def check_snapshots(mode: Mode, ckpt_dir: Path) -> tuple[list[str], list[str]]:
     corrupt = []
     for path in snapshot_files(mode, ckpt_dir):
         try:
-            torch.load(path, map_location="cpu", weights_only=True)
+            mode.loads(path)
         except Exception as e:  # truncated zip, half a pickle, ...
             corrupt.append(f"{path.name}: {type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''}")
     temporaries = sorted(p.name for p in ckpt_dir.glob("*.tmp")) if ckpt_dir.is_dir() else []
     return corrupt, temporaries
-
-
-def newest_snapshot(mode: Mode, ckpt_dir: Path) -> int:
-    """The newest snapshot file's mtime (ns), 0 when none: it changes with every save."""
-    newest = 0
-    for path in snapshot_files(mode, ckpt_dir):
-        try:
-            newest = max(newest, path.stat().st_mtime_ns)
-        except OSError:  # renamed away between the listing and the stat (a save's rotation)
-            pass
-    return newest
 
 
 def exit_status(code: int) -> int:
@@ -278,7 +307,8 @@ def exit_status(code: int) -> int:
 
 def launch(mode: Mode, ckpt_dir: Path, log_dir: Path, *, extra: tuple = (), injection: Injection | None = None,
            deadline: float = 300, rng: random.Random | None = None) -> Launch:
-    """Run one step of `mode` to its end (or its deadline), injecting `injection` once the first snapshot exists."""
+    """Run one step of `mode` to its end (or its deadline), injecting `injection` once rank 0 logged its step
+    (after the first snapshot exists)."""
     marker = uuid.uuid4().hex
     ckpt_dir = ckpt_dir.resolve()  # the recipe runs in its folder
     log_dir.mkdir(parents=True, exist_ok=True)
@@ -293,20 +323,16 @@ def launch(mode: Mode, ckpt_dir: Path, log_dir: Path, *, extra: tuple = (), inje
     sessions = {p.pid for p in procs}
     had_snapshot = bool(snapshot_files(mode, ckpt_dir))  # a relaunch: snapshots exist from the start
     first_snapshot, hang, ending = (0.0 if had_snapshot else None), False, None
-    newest, saves = newest_snapshot(mode, ckpt_dir), 0  # saves seen during this launch
+    progress, first_snapshot_step = Progress(logs), None
     while any(p.poll() is None for p in procs):
         now = time.monotonic()
+        step = progress.poll()
         if first_snapshot is None and snapshot_files(mode, ckpt_dir):
-            first_snapshot = now - start
-        if (latest := newest_snapshot(mode, ckpt_dir)) != newest:
-            newest, saves = latest, saves + 1
-        # The moment drawn, or -- in a launch running faster than its reference did -- as the last epoch begins,
-        # so that the injection always hits a run under way (a wall-time draw alone once landed after the end).
-        if injection and injection.fired_at is None and first_snapshot is not None \
-                and (now - start >= first_snapshot + injection.delay or saves >= EPOCHS - 1):
-            injection.at = now - start - first_snapshot
+            first_snapshot, first_snapshot_step = now - start, step
+        if injection and injection.fired_at is None and first_snapshot is not None and (step or 0) >= injection.step:
+            injection.at_step = step
             inject(mode, procs, marker, injection, rng)
-        if mode.launch == "srun" and ending is None and any(p.poll() not in (None, 0) for p in procs):
+        if mode.launch in ("srun", "nodes") and ending is None and any(p.poll() not in (None, 0) for p in procs):
             ending = now  # srun --kill-on-bad-exit=1: a task failed, Slurm ends the step
             signal_all(step_processes(marker), signal.SIGTERM)
         if ending is not None and now - ending > KILL_WAIT:
@@ -318,7 +344,7 @@ def launch(mode: Mode, ckpt_dir: Path, log_dir: Path, *, extra: tuple = (), inje
     seconds = time.monotonic() - start
     codes = [p.returncode for p in procs]
     failed = [exit_status(c) for c in codes if c != 0]
-    code = exit_status(codes[0]) if mode.launch != "srun" else (failed[0] if failed else 0)
+    code = exit_status(codes[0]) if mode.launch not in ("srun", "nodes") else (failed[0] if failed else 0)
     if code in (0, 75):  # a clean end: the recipe must not leave anything running
         leftovers, killed = wait_for_the_step_to_end(marker, sessions), []
     else:  # a launcher or task died: Slurm kills what is left of the step at once (its cgroup)
@@ -327,8 +353,8 @@ def launch(mode: Mode, ckpt_dir: Path, log_dir: Path, *, extra: tuple = (), inje
     corrupt, temporaries = check_snapshots(mode, ckpt_dir)
     mtimes = [p.stat().st_mtime for p in snapshot_files(mode, ckpt_dir)]
     last_snapshot = max(mtimes) - wall_start if mtimes else None
-    return Launch(codes, code, seconds, output, hang, first_snapshot, last_snapshot, corrupt, temporaries, leftovers,
-                  killed)
+    return Launch(codes, code, seconds, output, hang, first_snapshot, last_snapshot, first_snapshot_step,
+                  progress.poll(), corrupt, temporaries, leftovers, killed)
 
 
 def inject(mode: Mode, procs, marker: str, injection: Injection, rng: random.Random) -> None:
@@ -340,6 +366,11 @@ def inject(mode: Mode, procs, marker: str, injection: Injection, rng: random.Ran
             victim = rng.choice(ranks)
             injection.target = f"pid {victim}: {step.get(victim, (0, '?'))[1][:80]}"
             signal_all([victim], signal.SIGKILL)
+    elif injection.kind == "kill-launcher" and mode.launch == "nodes":
+        injection.target = f"node 0's launcher pid {procs[0].pid} and its workers"
+        # Slurm: the node's task is gone, so that node's slurmstepd kills what is left of it there (its cgroup);
+        # srun then ends the other nodes' part of the step (launch(): --kill-on-bad-exit)
+        signal_all([procs[0].pid, *(pid for pid, (ppid, _) in step.items() if ppid == procs[0].pid)], signal.SIGKILL)
     elif injection.kind == "kill-launcher":
         injection.target = f"launcher pid {procs[0].pid}"
         signal_all([procs[0].pid], signal.SIGKILL)
@@ -369,22 +400,24 @@ def wait_for_the_step_to_end(marker: str, sessions: set[int], grace: float | Non
 @dataclasses.dataclass
 class Reference:
     weights: dict
-    first_snapshot: float  # seconds after the start
-    last_snapshot: float  # the final one, written as training ends
+    first_snapshot_step: int  # the step rank 0 had logged when the first snapshot appeared
+    last_step: int  # the run's last step
+    seconds: float  # how long the whole launch took
 
-    @property
-    def window(self) -> float:
-        """Seconds of training between the first snapshot and the end: where injections land."""
-        return max(0.0, self.last_snapshot - self.first_snapshot)
+    def draw(self, rng: random.Random) -> int:
+        """The step an injection waits for: after the first snapshot, and not in the last tenth of the run (a
+        signal there may meet the final save, which is tested, but leaves little to resume)."""
+        return rng.randint(self.first_snapshot_step + 1, max(self.first_snapshot_step + 1, int(0.9 * self.last_step)))
 
 
 def reference(mode: Mode, work_dir: Path, extra: tuple = ()) -> Reference:
     """The uninterrupted run of `mode`: its final weights and when its first snapshot appeared."""
     ckpt = work_dir / "ckpt"
     result = launch(mode, ckpt, work_dir / "logs", extra=extra)
-    if result.code != 0 or result.first_snapshot is None:
-        raise RuntimeError(f"reference run of {mode.key} failed (exit {result.code}):\n{result.output[-4000:]}")
-    return Reference(mode.weights(ckpt), result.first_snapshot, result.last_snapshot)
+    if result.code != 0 or result.first_snapshot is None or not result.last_step:
+        raise RuntimeError(f"reference run of {mode.key} failed (exit {result.code}, steps logged: "
+                           f"{result.last_step}):\n{result.output[-4000:]}")
+    return Reference(mode.weights(ckpt), result.first_snapshot_step or 0, result.last_step, result.seconds)
 
 
 def weights_differ(weights: dict, ref: dict, tolerance: dict) -> str:
@@ -434,9 +467,8 @@ def should_relaunch(result: Launch) -> bool:
 def run_scenario(mode: Mode, kind: str, ref: Reference, work_dir: Path, rng: random.Random, *,
                  extra: tuple = (), deadline: float | None = None) -> dict:
     """One injection into a fresh run of `mode`, then relaunches as the cluster would; the record of the run."""
-    # Not too close to the end: the machine may run this launch faster than it ran the reference.
-    injection = Injection(kind, delay=rng.uniform(0.0, 0.8 * ref.window))
-    deadline = deadline or max(240.0, 4 * ref.last_snapshot)
+    injection = Injection(kind, step=ref.draw(rng))
+    deadline = deadline or max(240.0, 4 * ref.seconds)
     ckpt = work_dir / "ckpt"
     launches = []
     while True:
@@ -451,10 +483,11 @@ def run_scenario(mode: Mode, kind: str, ref: Reference, work_dir: Path, rng: ran
         final = None
     outcome, reason = classify(launches, final, ref.weights, mode.tolerance)
     if injection.fired_at is None:  # the run ended before the moment drawn: nothing was tested
-        outcome, reason = "MISSED", f"not injected: the run ended before {injection.delay:.1f} s after its snapshot"
+        outcome, reason = "MISSED", f"not injected: the run ended before step {injection.step}"
     return {
         "folder": mode.folder, "mode": mode.name, "injection": kind, "extra": list(extra),
-        "at_s": round(injection.at if injection.at is not None else injection.delay, 2), "target": injection.target,
+        "at_step": injection.at_step if injection.at_step is not None else injection.step,
+        "target": injection.target,
         "launches": len(launches), "outcome": outcome, "reason": reason,
         "time_to_recover_s": round(end - injection.fired_at, 1) if injection.fired_at and outcome != "FAIL" else None,
         "launch_records": [result.summary() for result in launches],

@@ -98,15 +98,17 @@ def write_report(out: Path, meta: dict, records: list) -> list[str]:
           f"died, the rest of the step then killed as Slurm does: {summary['launches_whose_rest_the_cluster_killed']}."
           f" Launches whose kill left a "
           f"`*.tmp` (an interrupted atomic save, never resumed from): {summary['interrupted_saves_left_as_tmp']}.",
-          "", "Each run: a fresh run of the mode, one injection at a random moment between its first snapshot and "
-          "80 % of the way to its expected end (the uninterrupted run's last snapshot), then relaunched while it "
+          "", "Each run: a fresh run of the mode, one injection at a step drawn between its first snapshot and "
+          "90 % of the uninterrupted run's steps (fired once rank 0 has logged it), then relaunched while it "
           "exits non-zero (at most "
-          f"{faults.MAX_RELAUNCHES} times). RECOVERED: final weights equal the uninterrupted run's (bit-exact); "
+          f"{faults.MAX_RELAUNCHES} times). RECOVERED: final weights equal the uninterrupted run's (bit-exact, or "
+          "within the mode's stated tolerance); "
           "CLEAR-ERROR: exit non-zero with one `error:` line and no traceback; MISSED: the run ended before the "
-          "moment drawn. Workload: `" + " ".join(faults.WORKLOAD) + "`, 2 ranks where distributed.", ""]
+          "step drawn. Workload: `" + " ".join(faults.WORKLOAD) + "` (or the mode's own), 2 ranks where "
+          "distributed.", ""]
     fails = [r for r in records if r["outcome"] == "FAIL"]
     if fails:
-        md += ["## FAIL", ""] + [f"- run {r['run']}: {r['folder']}/{r['mode']} {r['injection']} at {r['at_s']} s "
+        md += ["## FAIL", ""] + [f"- run {r['run']}: {r['folder']}/{r['mode']} {r['injection']} at step {r['at_step']} "
                                  f"{' '.join(r['extra'])}: {r['reason']}" for r in fails]
     (out / "soak.md").write_text("\n".join(md) + "\n")
     return rows
@@ -136,7 +138,8 @@ def main(argv=None) -> int:
         records.append({"run": i, **record})
         meta["minutes"] = round((time.monotonic() - started) / 60, 1)
         write_report(args.out, meta, records)
-        print(f"run {i}/{args.n} {mode.key} {kind} {' '.join(extra)} at {record['at_s']} s: {record['outcome']} "
+        print(f"run {i}/{args.n} {mode.key} {kind} {' '.join(extra)} at step {record['at_step']}: "
+              f"{record['outcome']} "
               f"({record['launches']} launch(es), time to recover {record['time_to_recover_s']} s) "
               f"{record['reason'][:300]}", flush=True)
     rows = write_report(args.out, meta, records)

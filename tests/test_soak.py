@@ -8,6 +8,7 @@ truncated snapshot, a traceback are each a FAIL.
 
 import os
 import random
+import re
 import subprocess
 import sys
 
@@ -77,23 +78,33 @@ def test_a_process_the_step_left_behind_is_found_and_killed(monkeypatch):
     assert faults.wait_for_the_step_to_end(marker, {main.pid}) == []  # killed by the first call
 
 
-def test_a_run_faster_than_its_reference_is_still_hit_before_it_ends(monkeypatch, tmp_path):
-    """The moment drawn (here: far beyond the run) is brought forward to the start of the last epoch: a run that got
-    ahead of its reference is hit while under way (once, in CI, a wall-time draw alone landed after the end)."""
+def test_the_moment_is_a_step_of_training_not_a_time(monkeypatch, tmp_path):
+    """The injection waits for rank 0's line of the step drawn -- however fast or slow this launch runs compared with
+    its reference (once, in CI, a moment drawn in wall time landed after a fast run had ended: MISSED) -- and hits the
+    run under way: a stand-in that logs 40 steps, saves at step 10 and stops at its next step when signalled."""
     run = ("import pathlib, signal, sys, time\n"
-           "signal.signal(signal.SIGTERM, lambda *_: sys.exit(75))\n"
-           f"for epoch in range({faults.EPOCHS}):\n"
-           "    time.sleep(0.5)\n"
-           "    pathlib.Path(sys.argv[1], f'snapshot{epoch % 2}.snap').write_text(str(epoch))\n")
+           "stop = []\n"
+           "signal.signal(signal.SIGTERM, lambda *_: stop.append(1))\n"
+           "for step in range(1, 41):\n"
+           "    time.sleep(0.05)\n"
+           "    if stop:\n"
+           "        print(f'stopped before step {step}', flush=True); sys.exit(75)\n"
+           "    print(f'[rank0] epoch 1 | batch {step}/40 | step {step} | loss 1.0', flush=True)\n"
+           "    if step == 10:\n"
+           "        pathlib.Path(sys.argv[1], 'snapshot.snap').write_text('10')\n")
     monkeypatch.setattr(faults, "commands", lambda mode, ckpt, extra, marker: [
         ([sys.executable, "-c", run, str(ckpt)], {**faults.base_env(), faults.MARKER: marker})])
     (tmp_path / "ckpt").mkdir()
-    mode = faults.Mode("pytorch", "fake", "-", "python", snapshots=("*.snap",))
-    injection = faults.Injection("term", delay=60.0)
+    mode = faults.Mode("pytorch", "stand-in", "-", "python", snapshots=("*.snap",), loads=lambda path: None)
+    ref = faults.Reference({}, first_snapshot_step=10, last_step=40, seconds=2.0)
+    drawn = {ref.draw(random.Random(seed)) for seed in range(200)}
+    assert min(drawn) == 11 and max(drawn) == 36, sorted(drawn)  # after the first snapshot, before the last tenth
+    injection = faults.Injection("term", step=25)
     result = faults.launch(mode, tmp_path / "ckpt", tmp_path / "logs", injection=injection, deadline=60)
-    assert injection.fired_at is not None and 0.5 < injection.at < 60, injection
-    last_save = tmp_path / "ckpt" / f"snapshot{(faults.EPOCHS - 1) % 2}.snap"
-    assert result.code == 75 and last_save.read_text() != str(faults.EPOCHS - 1), result  # stopped before it
+    assert injection.fired_at is not None and injection.at_step >= 25, injection
+    stopped = int(re.search(r"stopped before step (\d+)", result.output).group(1))
+    assert result.code == 75 and 25 < stopped <= 40, result
+    assert result.first_snapshot_step >= 10 and result.last_step == stopped - 1, result
 
 
 def test_the_plan_covers_every_pair_before_repeating():
