@@ -246,8 +246,9 @@ class PreemptionFlag:
     when the signal came to it, else its seconds per step since its previous check, so the maximum says both
     things: inf -> every rank stops; a number -> the slowest rank's step time, from which every rank derives the
     same next interval: as many steps as fit in BUDGET_S, at most CHECK_EVERY, at least 1. The first check is at
-    the process's second step boundary, the first with a step time to send (a new run in the same process --
-    the step went back -- starts over).
+    the process's second step boundary, the first with a step time to send, and only measures (a signal before it
+    is agreed on at the next check: with fast steps the stop stays at a multiple of CHECK_EVERY); a new run in the
+    same process -- the step went back -- starts over.
     """
 
     SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
@@ -290,7 +291,9 @@ class PreemptionFlag:
             return False
         if self.interval and step % self.interval:
             return False
-        mine = math.inf if self.requested else (now - self.since[1]) / max(1, step - self.since[0])
+        measuring = self.interval is None  # the first check only measures: a signal counts from the next one
+        seconds = (now - self.since[1]) / max(1, step - self.since[0])
+        mine = math.inf if self.requested and not measuring else seconds
         slowest = reduce_max(mine) if reduce_max else mine
         if slowest == math.inf:
             return True

@@ -332,6 +332,9 @@ def test_fast_steps_are_checked_once_early_then_every_check_every_steps():
         assert checked_at(checks) == [2, 10, 20, 30] and stop is None, checks
     for checks, stop in two_ranks_agreeing([0.01, 0.02], 35, start=13):
         assert checked_at(checks) == [15, 20, 30] and stop is None, checks
+    # the early check only measures: a signal before it (during step 1) stops the ranks at step 10, as always
+    for checks, stop in two_ranks_agreeing([0.01, 0.02], 35, signalled=(0, 1)):
+        assert checked_at(checks) == [2, 10] and stop == 10 and checks[0][1] != math.inf, checks
 
 
 def test_slow_steps_are_checked_often_enough_for_slurms_warning():
@@ -352,9 +355,10 @@ def test_slow_steps_are_checked_often_enough_for_slurms_warning():
 
 def test_a_signal_to_one_rank_dominates_any_step_time():
     """The signalled rank sends inf: the max over the ranks is inf whatever the other's step time, and both stop
-    at the same check (the rank that got no signal too)."""
+    at the same check (the rank that got no signal too). (The early check, at step 2, measures only.)"""
     (first, first_stop), (second, second_stop) = two_ranks_agreeing([1e6, 0.01], 5, signalled=(1, 2))
-    assert first_stop == second_stop == 2 and first == [(2, 1e6)] and second == [(2, math.inf)], (first, second)
+    assert first_stop == second_stop == 3, (first, second)
+    assert first == [(2, 1e6), (3, 1e6)] and second == [(2, 0.01), (3, math.inf)], (first, second)
 
 
 def test_one_rank_checks_by_its_own_step_time():
