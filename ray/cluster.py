@@ -314,13 +314,16 @@ class WorkerLink:
 
     def reduce_max(self, requested):
         """PREEMPTION.agreed's maximum over the ranks (`requested`: inf where the signal came, else seconds per
-        step): rank 0 asks the actor whether the driver was told to stop (inf then), then all ranks all_reduce MAX,
+        step): rank 0 asks the actor whether the driver was told to stop -- the signal this process never gets,
+        taken as if it had (inf, except at the early check, which only measures) -- then all ranks all_reduce MAX,
         so that they stop after the same step (ranks asking on their own could disagree and deadlock) and all
         pick the same next check."""
         import ray
 
-        asked = self.rank == 0 and ray.get(self.control.stop_requested.remote())
-        largest = torch.tensor(math.inf if asked else float(requested), device=self.device)
+        if self.rank == 0 and ray.get(self.control.stop_requested.remote()):
+            PREEMPTION.requested = True
+            requested = requested if PREEMPTION.interval is None else math.inf  # interval None: the early check
+        largest = torch.tensor(float(requested), device=self.device)
         if self.world_size > 1:
             dist.all_reduce(largest, op=dist.ReduceOp.MAX)
         return largest.item()
