@@ -260,10 +260,11 @@ def bound_deepspeed_groups(timeout):
 
 
 def reduce_max(value, device):
-    """The largest `value` over all ranks (one all_reduce MAX): the ranks agree to stop when any one was asked to."""
-    flag = torch.tensor(float(value), device=device)
-    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-    return flag.item()
+    """The largest `value` (a float) over all ranks (one all_reduce MAX): the ranks agree to stop when any one was
+    asked to (inf), else on the slowest rank's seconds per step (PREEMPTION.agreed picks its next check from it)."""
+    largest = torch.tensor(float(value), device=device)
+    dist.all_reduce(largest, op=dist.ReduceOp.MAX)
+    return largest.item()
 
 
 def device_sync(device):

@@ -428,15 +428,17 @@ def spawn(worker, nprocs, args):
 # ---------------------------------------------------------------------------------------------------- collectives
 
 
-def reduce_max(flag):
-    """The maximum of `flag` over every process (allgather, max): the ranks' agreement on preemption."""
+def reduce_max(value):
+    """The maximum of `value` (a flag or a float) over every process (allgather, max): the ranks' agreement on
+    preemption (PREEMPTION.agreed's inf where the signal came, else seconds per step). float32, not float64: JAX
+    without x64 keeps 32-bit arrays; inf and a step time fit."""
     import jax
 
     if jax.process_count() == 1:
-        return flag
+        return value
     from jax.experimental import multihost_utils
 
-    return bool(np.max(multihost_utils.process_allgather(np.int32(flag))))
+    return float(np.max(multihost_utils.process_allgather(np.float32(value))))
 
 
 def broadcast(value):

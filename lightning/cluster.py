@@ -235,8 +235,9 @@ def resume_from(checkpoint_dir: str | None) -> str | None:
 
 
 def reduce_max(trainer, device):
-    """For PREEMPTION.agreed: the flag's maximum over all ranks, by Lightning's all-reduce (every rank enters it)."""
-    return lambda flag: trainer.strategy.reduce(torch.tensor(float(flag), device=device), reduce_op="max").item()
+    """For PREEMPTION.agreed: a float's maximum over all ranks (inf: a rank got the signal; else the slowest step
+    time), by Lightning's all-reduce (every rank enters it; as is with one process)."""
+    return lambda value: trainer.strategy.reduce(torch.tensor(float(value), device=device), reduce_op="max").item()
 
 
 class PreemptionSignals(Callback):

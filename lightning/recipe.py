@@ -163,9 +163,9 @@ class Preemption(PreemptionSignals):
     checkpoint, stop; train() then exits 75 so the job script requeues (CONTRACT.md C7).
 
     The handler only sets a flag (toolkit.PREEMPTION, kept ours while Lightning runs by PreemptionSignals); every
-    CHECK_EVERY steps all ranks agree (max over ranks) whether to stop, so they stop at the same step and the
-    checkpoint is a collective that everybody enters. Saving inside the handler, as Lightning's own Slurm requeue
-    does, can interrupt a collective half-way.
+    CHECK_EVERY steps, or as often as BUDGET_S seconds of the slowest rank's steps allow, all ranks agree (max over
+    ranks) whether to stop, so they stop at the same step and the checkpoint is a collective that everybody enters.
+    Saving inside the handler, as Lightning's own Slurm requeue does, can interrupt a collective half-way.
     """
 
     def __init__(self, checkpoint_dir: str | None):

@@ -13,7 +13,7 @@ Map:
     join_workers            multigpu.py's parent: forwards SIGUSR1/SIGTERM to its workers, passes their exit code on
     rendezvous              around DistributedManager.initialize(): --timeout, --backend, the device (device_index),
                             a deadline, one-line errors
-    reduce_max              the ranks' maximum of the preemption flag (PREEMPTION.agreed's reduce_max)
+    reduce_max              the ranks' maximum of a float (PREEMPTION.agreed's reduce_max)
     stop_distributed        process-group teardown in the order that cannot hang at exit (run's cleanup)
     mixed_precision         --amp by CONTRACT.md C10: (autocast, GradScaler), bf16 or fp16 by what the device does
     read_darcy              the Darcy .npz files of --data-dir, checked: a missing or wrong file is one clear line
@@ -177,12 +177,13 @@ def rendezvous(args):
         raise RecipeError(f"rendezvous at {where} failed: {hint} ({str(e).splitlines()[0][:200]})") from None
 
 
-def reduce_max(flag, device):
-    """The largest `flag` over all ranks (one all_reduce MAX): if any rank got the signal, every rank stops after
-    the same step -- the ones still training would otherwise wait for the others' gradients forever."""
-    value = torch.tensor(float(flag), device=device)
-    dist.all_reduce(value, op=dist.ReduceOp.MAX)
-    return value.item()
+def reduce_max(value, device):
+    """The largest `value` (a float) over all ranks (one all_reduce MAX): if any rank got the signal (inf), every
+    rank stops after the same step -- the ones still training would otherwise wait for the others' gradients
+    forever; else all get the slowest rank's seconds per step, PREEMPTION.agreed's next check."""
+    largest = torch.tensor(float(value), device=device)
+    dist.all_reduce(largest, op=dist.ReduceOp.MAX)
+    return largest.item()
 
 
 def stop_distributed():

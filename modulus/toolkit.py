@@ -240,17 +240,30 @@ class PreemptionFlag:
     """Remembers that Slurm asked us to stop (SIGUSR1 before the time limit, SIGTERM on preemption or scancel);
     the training loop acts on it at a step boundary.
 
-    Saving inside the signal handler would interrupt a collective half-way; instead every rank checks the flag
-    every CHECK_EVERY steps and all of them agree on the same step to stop at: `reduce_max` is the framework's
-    maximum over the ranks (an all_reduce MAX; None with one rank).
+    Saving inside the signal handler would interrupt a collective half-way; instead the ranks check at step
+    boundaries they all pick alike and agree on the same step to stop at: `reduce_max` is the framework's maximum
+    over the ranks (an all_reduce MAX of a float, inf included; None with one rank). At a check each rank sends inf
+    when the signal came to it, else its seconds per step since its previous check, so the maximum says both
+    things: inf -> every rank stops; a number -> the slowest rank's step time, from which every rank derives the
+    same next interval: as many steps as fit in BUDGET_S, at most CHECK_EVERY, at least 1. The first check is at
+    the process's second step boundary, the first with a step time to send, and only measures (a signal before it
+    is agreed on at the next check: with fast steps the stop stays at a multiple of CHECK_EVERY); a new run in the
+    same process -- the step went back -- starts over.
     """
 
     SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
-    CHECK_EVERY = 10  # a tiny all-reduce every 10 steps costs nothing next to the step itself
+    CHECK_EVERY = 10  # at most 10 steps apart: a tiny all-reduce every 10 fast steps costs nothing next to them
+    # At most ~30 s of steps between checks: Slurm's warning comes 90 s before the kill (--signal=USR1@90), and a
+    # signal that just missed a check waits up to BUDGET_S for the next one; the other 60 s are the save's.
+    # (10 LLM steps of 5-60 s each outlast the warning: nothing was saved.)
+    BUDGET_S = 30
+    clock = staticmethod(time.monotonic)  # the seconds steps are measured in (tests give a fake one)
 
     def __init__(self):
         self.requested = False
         self.step = None  # the step the loop last reached: agreed() is called at every step boundary
+        self.interval = None  # steps between checks, agreed at the last check (None: none yet)
+        self.since = None  # (step, clock) of the last check, or of the first step boundary
 
     def install(self):
         for sig in self.SIGNALS:
@@ -268,11 +281,26 @@ class PreemptionFlag:
             signal.signal(sig, signal.SIG_IGN)
 
     def agreed(self, step, reduce_max=None):
+        """True when the ranks agree to stop after `step` (every rank calls it at every step boundary)."""
+        first = self.step is None or step < self.step
         self.step = step
         HANG.stepped()
-        if step % self.CHECK_EVERY:
+        now = self.clock()
+        if first:
+            self.since, self.interval = (step, now), None
             return False
-        return bool(reduce_max(self.requested)) if reduce_max else self.requested
+        if self.interval and step % self.interval:
+            return False
+        measuring = self.interval is None  # the first check only measures: a signal counts from the next one
+        seconds = (now - self.since[1]) / max(1, step - self.since[0])
+        mine = math.inf if self.requested and not measuring else seconds
+        slowest = reduce_max(mine) if reduce_max else mine
+        if slowest == math.inf:
+            return True
+        self.since = step, now
+        fit = int(self.BUDGET_S // slowest) if slowest > 0 else self.CHECK_EVERY
+        self.interval = max(1, min(self.CHECK_EVERY, fit))
+        return False
 
 
 PREEMPTION = PreemptionFlag()

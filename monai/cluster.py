@@ -208,13 +208,14 @@ class Ranks:
             dist.all_reduce(t)
         return t.tolist()
 
-    def max(self, flag):
-        """The largest value of `flag` over all ranks: True on every rank when any rank's flag is set."""
+    def max(self, value):
+        """The largest `value` (a flag or a float) over all ranks: true on every rank when any rank's flag is set;
+        PREEMPTION.agreed's inf (a rank got the signal) or the slowest rank's seconds per step."""
         if not self.distributed:
-            return flag
-        t = torch.tensor(float(flag), device=self.device)
+            return value
+        t = torch.tensor(float(value), device=self.device)
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
-        return bool(t.item())
+        return t.item()
 
     def from_rank0(self, value):
         if not self.distributed:

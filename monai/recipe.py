@@ -129,7 +129,7 @@ class Trainer:
             finished = ended >= args.epochs or bool(args.max_steps and self.step >= args.max_steps)
             validate = finished or ended % args.val_every == 0
             # Save first, validate after the requeue: the seconds before the kill are for the snapshot. Before a
-            # validation the ranks also agree on a signal that came after the loop's last check (CHECK_EVERY steps).
+            # validation the ranks also agree on a signal that came after the loop's last check (PREEMPTION.agreed).
             if self.preempted or (validate and self.ranks.max(PREEMPTION.requested)):
                 if args.checkpoint_dir:
                     self._save_snapshot(float("nan"))

@@ -21,7 +21,7 @@ Map:
                           set first and NCCL bound to it (device_id)
     rendezvous_store      where the ranks meet; torch 2.13 under torchrun --max-restarts: a key prefix per attempt
     check_dataset_fits    one line when the data is too small for one step of every rank
-    reduce_max            the ranks' maximum of a flag, for toolkit.PREEMPTION.agreed (the ranks stop together)
+    reduce_max            the ranks' maximum of a float, for toolkit.PREEMPTION.agreed (the ranks stop together)
     save_last_checkpoint  the preemption checkpoint (*-last.ckpt) as NeMo's PreemptionCallback saves it, with
                           NeMo's and Lightning's private API (nemo/ uses it here alone, on tagged lines)
     without_training_step_proxy  a NeMo model's state for ddp_spawn's pickle (ModelPT's proxy left out)
@@ -466,10 +466,11 @@ def check_dataset_fits(dataset_size: int, world_size: int, batch_size: int) -> N
 
 
 def reduce_max(trainer, device):
-    """The maximum of a flag over the ranks (Lightning's strategy: an all-reduce MAX; as is with one process)."""
+    """The maximum of a float over the ranks (Lightning's strategy: an all-reduce MAX; as is with one process):
+    PREEMPTION.agreed's inf (a rank got the signal) or the slowest rank's seconds per step."""
     import torch
 
-    return lambda flag: trainer.strategy.reduce(torch.tensor(float(flag), device=device), reduce_op="max").item()
+    return lambda value: trainer.strategy.reduce(torch.tensor(float(value), device=device), reduce_op="max").item()
 
 
 def save_last_checkpoint(trainer, checkpoint, batch_in_flight=True) -> None:

@@ -240,8 +240,8 @@ def train(args, module, optimizer, train_step, device) -> None:
     if start:
         log(rank, f"resumed from {step_dir(ckpt, start)}: step {start}")
 
-    def reduce_max(flag):
-        t = torch.tensor(float(flag), device=device)
+    def reduce_max(value):  # a float: inf where the signal came, else seconds per step
+        t = torch.tensor(float(value), device=device)
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
         return t.item()
 

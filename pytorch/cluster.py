@@ -15,7 +15,7 @@ Map:
     check_shared_directory        --checkpoint-dir must be seen by every rank
     torchvision_dataset           MNIST/CIFAR-10 through torchvision, downloaded once per copy of --data-dir
     check_dataset_fits            a world size or a batch larger than the data is one line, not an idle rank
-    reduce_max                    the ranks' maximum of a flag: PREEMPTION.agreed's way to agree on a step
+    reduce_max                    the ranks' maximum of a float: PREEMPTION.agreed's way to agree on a step
     bf16_is_native                bf16 on CPUs and on GPUs of compute capability >= 8.0 (C10)
     mixed_precision               --amp: (autocast factory, GradScaler or None)
     allow_tf32                    TF32 matmuls on Ampere+ for fp32 runs
@@ -288,12 +288,13 @@ def check_dataset_fits(dataset, world_size, batch_size):
 
 
 def reduce_max(device):
-    """PREEMPTION.agreed's reduce_max: the largest of the ranks' values, one tiny all_reduce MAX on the device, so
-    that every rank stops at the same step when any of them got the signal."""
+    """PREEMPTION.agreed's reduce_max: the largest of the ranks' values (a float: inf from a rank that got the
+    signal, else its seconds per step), one tiny all_reduce MAX on the device, so that every rank stops at the same
+    step when any of them got the signal and all pick the same next check."""
     def reduce(value):
-        flag = torch.tensor(float(value), device=device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return flag.item()
+        largest = torch.tensor(float(value), device=device)
+        dist.all_reduce(largest, op=dist.ReduceOp.MAX)
+        return largest.item()
     return reduce
 
 

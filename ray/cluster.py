@@ -36,6 +36,7 @@ Map:
 import argparse
 import contextlib
 import functools
+import math
 import os
 import shutil
 import socket
@@ -312,16 +313,20 @@ class WorkerLink:
                                 f" | pid {os.getpid()} | device {device} | world size {self.world_size}")
 
     def reduce_max(self, requested):
-        """PREEMPTION.agreed's maximum over the ranks: rank 0 asks the actor whether the driver was told to stop,
-        then all ranks all_reduce MAX, so that they stop after the same step (ranks asking on their own could
-        disagree and deadlock)."""
+        """PREEMPTION.agreed's maximum over the ranks (`requested`: inf where the signal came, else seconds per
+        step): rank 0 asks the actor whether the driver was told to stop -- the signal this process never gets,
+        taken as if it had (inf, except at the early check, which only measures) -- then all ranks all_reduce MAX,
+        so that they stop after the same step (ranks asking on their own could disagree and deadlock) and all
+        pick the same next check."""
         import ray
 
-        asked = self.rank == 0 and ray.get(self.control.stop_requested.remote())
-        flag = torch.tensor(float(requested or asked), device=self.device)
+        if self.rank == 0 and ray.get(self.control.stop_requested.remote()):
+            PREEMPTION.requested = True
+            requested = requested if PREEMPTION.interval is None else math.inf  # interval None: the early check
+        largest = torch.tensor(float(requested), device=self.device)
         if self.world_size > 1:
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return flag.item()
+            dist.all_reduce(largest, op=dist.ReduceOp.MAX)
+        return largest.item()
 
     def rank0_chooses(self, candidates):
         """Rank 0 calls candidates() and takes the snapshot directory furthest along (by stored step), the others

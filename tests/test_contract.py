@@ -7,6 +7,7 @@ itself: a new folder is checked the moment it appears, and an exception exists o
 import ast
 import contextlib
 import json
+import math
 import os
 import re
 import shutil
@@ -282,6 +283,96 @@ def test_an_error_only_rank_0_prints_gets_out_before_the_other_ranks_leave(monke
     err = capsys.readouterr().err
     assert err.splitlines() == ["[rank0] error: every rank finds this"], err
     assert slept == [toolkit.QUIET_RANKS_WAIT_S] and toolkit.QUIET_RANKS_WAIT_S > 0
+
+
+def two_ranks_agreeing(seconds_per_step, steps, signalled=None, start=0):
+    """Two ranks, each a thread with its own PreemptionFlag and a fake clock that moves by its seconds per step,
+    through steps start+1.. `steps`; their reduce_max is the max over both, a barrier each side of it (a rank that
+    checks where the other does not breaks the barrier: the disagreement a real all_reduce would hang on).
+    `signalled`: (rank, step) -- that rank's signal comes during that step. Returns per rank (the steps it checked
+    at with the value it contributed, the step it stopped after or None)."""
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    toolkit = import_toolkit()
+    barrier, values = threading.Barrier(2, timeout=20), [None, None]
+
+    def rank(r):
+        flag, now, checks = toolkit.PreemptionFlag(), [0.0], []
+        flag.clock = lambda: now[0]
+
+        def reduce_max(value):
+            checks.append((step, value))
+            values[r] = value
+            barrier.wait()
+            slowest = max(values)
+            barrier.wait()  # both have read before either writes again
+            return slowest
+
+        for step in range(start + 1, steps + 1):
+            now[0] += seconds_per_step[r]
+            flag.requested = flag.requested or signalled == (r, step)
+            if flag.agreed(step, reduce_max):
+                return checks, step
+        return checks, None
+
+    with ThreadPoolExecutor(2) as pool:
+        return [f.result() for f in [pool.submit(rank, 0), pool.submit(rank, 1)]]
+
+
+def checked_at(checks):
+    return [step for step, _ in checks]
+
+
+def test_fast_steps_are_checked_once_early_then_every_check_every_steps():
+    """#27: with fast steps (every CPU test) the ranks agree at the multiples of CHECK_EVERY (10), as always, after
+    one early check at the second step boundary of the process (the first with a step time). A resumed run's
+    early check is its second boundary too."""
+    for checks, stop in two_ranks_agreeing([0.01, 0.02], 35):
+        assert checked_at(checks) == [2, 10, 20, 30] and stop is None, checks
+    for checks, stop in two_ranks_agreeing([0.01, 0.02], 35, start=13):
+        assert checked_at(checks) == [15, 20, 30] and stop is None, checks
+    # the early check only measures: a signal before it (during step 1) stops the ranks at step 10, as always
+    for checks, stop in two_ranks_agreeing([0.01, 0.02], 35, signalled=(0, 1)):
+        assert checked_at(checks) == [2, 10] and stop == 10 and checks[0][1] != math.inf, checks
+
+
+def test_slow_steps_are_checked_often_enough_for_slurms_warning():
+    """#27: Slurm's warning comes 90 s before the end; 10 steps of an LLM (5-60 s each) outlast it and nothing is
+    saved. Every check sends each rank's seconds per step; from the slowest rank's every rank derives the same
+    interval, BUDGET_S // seconds (1 to CHECK_EVERY): one rank at 12 s/step -> every 2 steps on both, and a signal
+    to the fast rank during step 7 stops both after step 8; 60 s/step -> every step."""
+    toolkit = import_toolkit()
+    assert toolkit.PreemptionFlag.BUDGET_S == 30
+    (fast, fast_stop), (slow, slow_stop) = two_ranks_agreeing([0.01, 12.0], 20, signalled=(0, 7))
+    assert checked_at(fast) == checked_at(slow) == [2, 4, 6, 8] and fast_stop == slow_stop == 8, (fast, slow)
+    assert [v for _, v in slow[:3]] == [12.0, 12.0, 12.0] and fast[-1][1] == math.inf, (fast, slow)
+    for checks, stop in two_ranks_agreeing([60.0, 0.5], 6):
+        assert checked_at(checks) == [2, 3, 4, 5, 6] and stop is None, checks
+    (_, stop), _ = two_ranks_agreeing([60.0, 0.5], 6, signalled=(0, 3))
+    assert stop == 3
+
+
+def test_a_signal_to_one_rank_dominates_any_step_time():
+    """The signalled rank sends inf: the max over the ranks is inf whatever the other's step time, and both stop
+    at the same check (the rank that got no signal too). (The early check, at step 2, measures only.)"""
+    (first, first_stop), (second, second_stop) = two_ranks_agreeing([1e6, 0.01], 5, signalled=(1, 2))
+    assert first_stop == second_stop == 3, (first, second)
+    assert first == [(2, 1e6), (3, 1e6)] and second == [(2, 0.01), (3, math.inf)], (first, second)
+
+
+def test_one_rank_checks_by_its_own_step_time():
+    """With one rank (reduce_max None) the same rule, with no communication: 12 s per step, a signal during step 5
+    -> stops after step 6 (every 2 steps), not at step 10."""
+    toolkit = import_toolkit()
+    flag, now = toolkit.PreemptionFlag(), [0.0]
+    flag.clock = lambda: now[0]
+    for step in range(1, 11):
+        now[0] += 12.0
+        flag.requested = flag.requested or step == 5
+        if flag.agreed(step):
+            break
+    assert step == 6
 
 
 def test_the_resource_tracker_outlives_the_preemption_signal():
