@@ -62,6 +62,37 @@ def lightning_weights(ckpt_dir: Path) -> dict:
     return torch.load(ckpt_dir / "last.ckpt", map_location="cpu", weights_only=True)["state_dict"]
 
 
+def deepspeed_weights(ckpt_dir: Path) -> dict:
+    from recipes import RECIPES  # the tests' readers (recipes.py)
+
+    return RECIPES["deepspeed"].weights(ckpt_dir)
+
+
+def deepspeed_loads(path: Path) -> None:
+    """DeepSpeed's files pickle more than tensors (its config, the client state): weights_only=False."""
+    torch.load(path, map_location="cpu", weights_only=False)
+
+
+def nemo_weights(ckpt_dir: Path) -> dict:
+    from recipes import RECIPES
+
+    return RECIPES["nemo"].weights(ckpt_dir)
+
+
+def nemo_loads(path: Path) -> None:
+    """exp_manager's .ckpt holds NeMo's config objects: read as test_nemo.py reads it (its pickle module)."""
+    from test_nemo import _checkpoint_pickle
+
+    torch.load(path, map_location="cpu", weights_only=False, pickle_module=_checkpoint_pickle)
+
+
+def ray_weights(ckpt_dir: Path) -> dict:
+    """The newest snapshot (by its stored step) of Ray Train's checkpoint_* directories (Ray keeps the newest 2)."""
+    snaps = [torch.load(p, map_location="cpu", weights_only=True)
+             for p in (ckpt_dir / "train").glob("checkpoint_*/snapshot.pt")]
+    return max(snaps, key=lambda s: s["step"])["model"]
+
+
 def torch_loads(path: Path) -> None:
     """A snapshot is whole when torch.load reads it back (a truncated zip or half a pickle raises)."""
     torch.load(path, map_location="cpu", weights_only=True)
@@ -103,9 +134,17 @@ class Mode:
     @property
     def injections(self) -> tuple:
         """kill-launcher needs a launcher that is not itself the (only) worker."""
-        return tuple(i for i in INJECTIONS if i != "kill-launcher" or self.launch in ("spawn", "torchrun"))
+        return tuple(i for i in INJECTIONS if i != "kill-launcher" or self.launch in LAUNCHERS)
 
 
+# Per-folder workloads: an uninterrupted run of ~20-40 s here, >= 3 snapshots, a line per step.
+DEEPSPEED_WORKLOAD = ("--epochs", "4", "--dataset-size", "512", "--batch-size", "16", "--save-every", "1",
+                      "--log-every", "1", "--timeout", "60")  # 2 ranks: 16 steps per epoch; 1 process: 32
+NEMO_WORKLOAD = ("--epochs", "3", "--dataset-size", "256", "--batch-size", "16", "--save-every", "1",
+                 "--log-every", "1", "--timeout", "60")  # 1 process: 16 steps per epoch; 2 ranks: 8
+RAY_WORKLOAD = ("--epochs", "3", "--dataset-size", "1024", "--batch-size", "16", "--save-every", "1",
+                "--log-every", "1", "--timeout", "60")  # 2 workers: 32 steps per epoch; 1 process: 64
+LAUNCHERS = ("spawn", "torchrun", "nodes", "ray")  # launches with a launcher that is not itself the (only) worker
 LIGHTNING_SRUN = (("SLURM_JOB_NAME", "soak"), ("SLURM_NODEID", "0"), ("SLURM_STEP_ID", "0"),
                   ("SLURM_NODELIST", "localhost"), ("SLURM_NTASKS_PER_NODE", "2"))
 
@@ -120,6 +159,36 @@ MODES = {m.key: m for m in [
     Mode("lightning", "single", "single_gpu.py", "python", snapshots=("*.ckpt",), weights=lightning_weights),
     Mode("lightning", "torchrun", "multigpu_torchrun.py", "torchrun", ranks=2, snapshots=("*.ckpt",),
          weights=lightning_weights),
+    # deepspeed, nemo, ray, and pytorch on two "nodes"
+    # multinode_torchrun.sbatch: `srun torchrun --nnodes 2 multinode.py`, one worker per node; multinode.py under
+    # torchrun runs multigpu_torchrun.py's train(), as srun's tasks do (bit-exact with them: checked 2026-12-07)
+    Mode("pytorch", "nodes", "multinode.py", "nodes", ranks=2, group="pytorch/ddp-2"),
+    # deepspeed/: ZeRO-2 (configs/zero2.json, the default) in every mode; every rank saves its part of a step-* tag,
+    # whose files pickle more than tensors. Resume is bit-exact (test_behaviour.py's preemption row: no tolerance).
+    # The 2-rank modes run the same train() (recipe.py) on the same 2 x 16 global batches.
+    *(Mode("deepspeed", name, script, launch, args, ranks=ranks, max_restarts=restarts, snapshots=("step-*/*.pt",),
+           loads=deepspeed_loads, weights=deepspeed_weights, workload=DEEPSPEED_WORKLOAD,
+           group="" if ranks == 1 else "deepspeed/zero2-2")
+      for name, script, launch, args, ranks, restarts in [
+          ("single", "single_gpu.py", "python", (), 1, 0),
+          ("spawn", "multigpu.py", "spawn", ("--nprocs", "2"), 2, 0),
+          ("torchrun", "multigpu_torchrun.py", "torchrun", (), 2, 2),
+          ("srun", "multinode.py", "srun", (), 2, 0)]),
+    # nemo/: exp_manager's checkpoints/*.ckpt; resume is bit-exact (test_nemo.py's resume tests: no tolerance).
+    # Each process costs ~23 CPU-s of imports: single and torchrun only (a worker killed under torchrun's restart,
+    # the agent killed); multigpu.py and multinode.py run the same train() and are in test_nemo.py/test_behaviour.py.
+    Mode("nemo", "single", "single_gpu.py", "python", snapshots=("checkpoints/*.ckpt",), loads=nemo_loads,
+         weights=nemo_weights, workload=NEMO_WORKLOAD),
+    Mode("nemo", "torchrun", "multigpu_torchrun.py", "torchrun", ranks=2, max_restarts=2,
+         snapshots=("checkpoints/*.ckpt",), loads=nemo_loads, weights=nemo_weights, workload=NEMO_WORKLOAD),
+    # ray/: single_gpu.py has no Ray (one process); multigpu.py is the driver of a one-node Ray cluster it starts
+    # itself ("ray": the driver is the launcher, the GCS, the raylet and the Ray Train workers -- children of the
+    # raylet -- the rest of the step). multinode.py is left out: it joins a cluster that ray_node.sh started in
+    # another step of the job, which test_ray.py signals and kills workers of. Resume is bit-exact (test_ray.py).
+    Mode("ray", "single", "single_gpu.py", "python", snapshots=("train/checkpoint_*/snapshot.pt",),
+         weights=ray_weights, workload=RAY_WORKLOAD),
+    Mode("ray", "local", "multigpu.py", "ray", ("--nprocs", "2"), ranks=2,
+         snapshots=("train/checkpoint_*/snapshot.pt",), weights=ray_weights, workload=RAY_WORKLOAD),
 ]}
 
 
@@ -141,6 +210,8 @@ def commands(mode: Mode, ckpt_dir: Path, extra: tuple, marker: str) -> list[tupl
     args = [*mode.workload, *mode.args, *extra, "--checkpoint-dir", str(ckpt_dir)]
     port = free_port()
     env = base_env(**{MARKER: marker})
+    if mode.launch == "ray":
+        return [([python, script, *args], {**env, "RAY_USAGE_STATS_ENABLED": "0"})]
     if mode.launch == "python":
         return [([python, script, *args], env)]
     if mode.launch == "spawn":
@@ -213,6 +284,8 @@ def workers(mode: Mode, procs: list[subprocess.Popen], marker: str) -> list[int]
     """The rank processes (not the launcher, not DataLoader workers or helpers such as mp's resource tracker)."""
     if mode.launch in ("python", "srun"):
         return [p.pid for p in procs if p.poll() is None]
+    if mode.launch == "ray":  # Ray Train's workers are children of the raylet, not of the driver
+        return sorted(pid for pid, (_, cmd) in step_processes(marker).items() if "RayTrainWorker" in cmd)
     launchers = {p.pid for p in procs}
     return sorted(pid for pid, (ppid, cmd) in step_processes(marker).items()
                   if ppid in launchers and "resource_tracker" not in cmd and "forkserver" not in cmd)
