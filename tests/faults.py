@@ -3,6 +3,12 @@ the way Slurm would, and classify what came out (issue #9, item 5; `tests/soak.p
 
 A folder's launch modes are data (MODES): how to start the step, which process is the launcher and which are the
 workers, where the snapshots are and how to read the final weights. A new folder adds rows, not code.
+MODES covers (for deepspeed/, nemo/, ray/ and pytorch's two "nodes"): pytorch/'s multinode.py under two torchrun
+agents (multinode_torchrun.sbatch; kill-launcher = node 0's agent and its worker); deepspeed/'s four launches
+(ZeRO-2; every step-* tag file read with weights_only=False); nemo/'s single_gpu.py and multigpu_torchrun.py (each
+process imports NeMo for ~23 CPU-s: two rows; exp_manager's .ckpt read as test_nemo.py reads it); ray/'s
+single_gpu.py (no Ray) and multigpu.py, the driver of a Ray cluster of its own (launch "ray"; multinode.py joins a
+cluster another step started: test_ray.py's).
 
 Every launch
 - runs in sessions of its own (start_new_session=True) and carries a marker variable (SOAK_LAUNCH) that every
@@ -216,9 +222,11 @@ def commands(mode: Mode, ckpt_dir: Path, extra: tuple, marker: str) -> list[tupl
         return [([python, script, *args], env)]
     if mode.launch == "spawn":
         return [([python, script, *args], {**env, "MASTER_PORT": str(port)})]
+    # every torchrun template's agent passes USR1 on to its workers and lets them save (without, USR1 kills it)
+    signals = ["--signals-to-handle", "SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1", "--shutdown-timeout", "80"]
     if mode.launch == "torchrun":
         return [([python, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(mode.ranks),
-                  "--max-restarts", str(mode.max_restarts), script, *args], env)]
+                  "--max-restarts", str(mode.max_restarts), *signals, script, *args], env)]
     if mode.launch == "srun":
         return [([python, script, *args],
                  {**env, **dict(mode.srun_env), "SLURM_PROCID": str(r), "SLURM_LOCALID": str(r),
@@ -228,7 +236,7 @@ def commands(mode: Mode, ckpt_dir: Path, extra: tuple, marker: str) -> list[tupl
     if mode.launch == "nodes":
         return [([python, "-m", "torch.distributed.run", "--nnodes", str(mode.ranks), "--nproc_per_node", "1",
                   "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", marker,
-                  "--max-restarts", str(mode.max_restarts), script, *args], env)
+                  "--max-restarts", str(mode.max_restarts), *signals, script, *args], env)
                 for _ in range(mode.ranks)]
     raise ValueError(f"unknown launch {mode.launch!r}")
 

@@ -107,6 +107,18 @@ def test_the_moment_is_a_step_of_training_not_a_time(monkeypatch, tmp_path):
     assert result.first_snapshot_step >= 10 and result.last_step == stopped - 1, result
 
 
+def test_torchrun_is_launched_with_the_templates_signal_flags(tmp_path):
+    """The agents of the soak take signals as the templates' agents do (`srun torchrun ... --signals-to-handle ...
+    --shutdown-timeout 80`): without the flags USR1 kills an agent, which no job script lets happen."""
+    for key, template in (("pytorch/torchrun", "multigpu_torchrun.sbatch"),
+                          ("pytorch/nodes", "multinode_torchrun.sbatch")):
+        text = (faults.ROOT / "pytorch" / template).read_text()
+        wanted = re.search(r"(--signals-to-handle \S+ --shutdown-timeout \d+)", text).group(1).split()
+        for argv, _ in faults.commands(faults.MODES[key], tmp_path, (), "m"):
+            at = argv.index("--signals-to-handle") if "--signals-to-handle" in argv else len(argv)
+            assert argv[at:at + 4] == wanted, (key, argv)
+
+
 def test_the_plan_covers_every_pair_before_repeating():
     import soak  # the CLI, next to this file
 
