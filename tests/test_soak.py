@@ -137,6 +137,10 @@ SCENARIOS = [
     ("pytorch/spawn", "kill-launcher", (), 12),  # the step dies with its launcher; relaunched, resumes
     ("pytorch/srun", "term", ("--num-workers", "2"), 13),  # scancel / time limit: exit 75, requeue, resume
     ("lightning/single", "usr1", ("--num-workers", "2"), 14),  # Slurm's warning signal to every process
+    # deepspeed, nemo, ray: paths their own tests do not take, in the cheapest mode that takes them
+    ("deepspeed/torchrun", "kill-worker", (), 15),  # torchrun restarts the ranks: they resume from a step-* tag
+    ("nemo/single", "kill-worker", ("--num-workers", "2"), 16),  # SIGKILL at any step (a save too); no worker left
+    ("ray/single", "usr1", ("--num-workers", "2"), 17),  # single_gpu.py (no Ray) preempted: exit 75, resume
 ]
 
 
