@@ -7,6 +7,7 @@ truncated snapshot, a traceback are each a FAIL.
 """
 
 import os
+import pickle
 import random
 import re
 import subprocess
@@ -61,6 +62,25 @@ def test_a_truncated_snapshot_is_found(tmp_path):
     (tmp_path / "snapshot.pt.tmp").write_bytes(data[:10])
     corrupt, temporaries = faults.check_snapshots(faults.MODES["pytorch/single"], tmp_path)
     assert [c.split(":")[0] for c in corrupt] == ["snapshot.pt"] and temporaries == ["snapshot.pt.tmp"]
+
+
+def test_deepspeeds_files_are_read_whole_without_deepspeed(monkeypatch, tmp_path):
+    """Its optimizer states pickle DeepSpeed's own objects, which the tests' environment cannot import: read back
+    with those left opaque (every tensor read); half such a file is still unreadable."""
+    import types
+
+    fake = types.ModuleType("deepspeed")  # this environment has none: a stand-in, gone before the file is read
+    fake.Scaler = type("Scaler", (), {"__module__": "deepspeed"})
+    monkeypatch.setitem(sys.modules, "deepspeed", fake)
+    torch.save({"optimizer": WEIGHTS, "scaler": fake.Scaler()}, tmp_path / "optim_states.pt")
+    monkeypatch.delitem(sys.modules, "deepspeed")
+    with pytest.raises(ModuleNotFoundError):
+        torch.load(tmp_path / "optim_states.pt", weights_only=False)
+    faults.deepspeed_loads(tmp_path / "optim_states.pt")
+    data = (tmp_path / "optim_states.pt").read_bytes()
+    (tmp_path / "half.pt").write_bytes(data[: len(data) // 2])
+    with pytest.raises((RuntimeError, EOFError, pickle.UnpicklingError)):  # a truncated zip, half a pickle
+        faults.deepspeed_loads(tmp_path / "half.pt")
 
 
 def test_a_process_the_step_left_behind_is_found_and_killed(monkeypatch):
