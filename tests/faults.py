@@ -169,8 +169,10 @@ DEEPSPEED_WORKLOAD = ("--epochs", "4", "--dataset-size", "512", "--batch-size", 
                       "--log-every", "1", "--timeout", "60")  # 2 ranks: 16 steps per epoch; 1 process: 32
 NEMO_WORKLOAD = ("--epochs", "3", "--dataset-size", "256", "--batch-size", "16", "--save-every", "1",
                  "--log-every", "1", "--timeout", "60")  # 1 process: 16 steps per epoch; 2 ranks: 8
-RAY_WORKLOAD = ("--epochs", "3", "--dataset-size", "1024", "--batch-size", "16", "--save-every", "1",
-                "--log-every", "1", "--timeout", "60")  # 2 workers: 32 steps per epoch; 1 process: 64
+# ray: 2 workers: 96 steps per epoch; 1 process: 192. With 32 (1024 samples) an epoch took 0.5 s and a signal drawn
+# in the last one found the run finished before the driver's stop request (0.2 s polls, a check every 10 steps)
+RAY_WORKLOAD = ("--epochs", "3", "--dataset-size", "3072", "--batch-size", "16", "--save-every", "1",
+                "--log-every", "1", "--timeout", "60")
 LAUNCHERS = ("spawn", "torchrun", "nodes", "ray")  # launches with a launcher that is not itself the (only) worker
 LIGHTNING_SRUN = (("SLURM_JOB_NAME", "soak"), ("SLURM_NODEID", "0"), ("SLURM_STEP_ID", "0"),
                   ("SLURM_NODELIST", "localhost"), ("SLURM_NTASKS_PER_NODE", "2"))
