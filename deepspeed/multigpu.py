@@ -8,6 +8,7 @@ rank; DeepSpeed then uses the process group the worker made. Simple on one node;
 srun or the deepspeed launcher (multinode.py).
 """
 
+import gc
 import os
 import signal
 import sys
@@ -42,7 +43,17 @@ def worker(rank, world_size, port, args, inputs):
 
 def spawned_main(rank, world_size, port, args, inputs):
     device = setup(rank, world_size, port, args)
-    train(args, inputs, rank, world_size, device)
+    try:
+        train(args, inputs, rank, world_size, device)
+    except SystemExit as e:  # preempted (75) or bad input (2)
+        code = e.code
+    else:
+        return
+    # A spawned process exits through multiprocessing, which SIGTERMs its daemonic children -- the DataLoader
+    # workers, which ignore SIGTERM (Slurm's) -- and joins them: it hung. The exit's traceback kept the trainer,
+    # and with it the loader that stops its workers, alive: freed first (gc: DeepSpeed's engine holds cycles).
+    gc.collect()
+    sys.exit(code)
 
 
 def add_nprocs(parser):

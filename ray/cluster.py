@@ -39,6 +39,7 @@ import functools
 import math
 import os
 import shutil
+import signal
 import socket
 import sys
 import tempfile
@@ -500,9 +501,16 @@ def local_ray(num_cpus):
     import ray
 
     temp_dir = tempfile.mkdtemp(prefix="ray-", dir="/tmp")
-    ray.init(num_cpus=num_cpus, include_dashboard=False, _temp_dir=temp_dir, object_store_memory=OBJECT_STORE_BYTES,
-             log_to_driver=ray_logs_to_driver(), logging_level="warning")
-    PREEMPTION.install()  # again: ray.init installs its own SIGTERM handler in a driver that starts a cluster
+    # Slurm signals every process of the step (multigpu.sbatch's srun): Ray's processes died of USR1/TERM before the
+    # driver had saved (the GCS, the raylet, the Train workers). They start with both blocked, as ray_node.sh starts
+    # a cluster of its own: the mask survives fork and exec; this driver takes them (PREEMPTION) and passes them on.
+    signal.pthread_sigmask(signal.SIG_BLOCK, PREEMPTION.SIGNALS)
+    try:
+        ray.init(num_cpus=num_cpus, include_dashboard=False, _temp_dir=temp_dir,
+                 object_store_memory=OBJECT_STORE_BYTES, log_to_driver=ray_logs_to_driver(), logging_level="warning")
+        PREEMPTION.install()  # again: ray.init installs its own SIGTERM handler in a driver that starts a cluster
+    finally:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, PREEMPTION.SIGNALS)  # one that came meanwhile is delivered now
     try:
         yield
     finally:

@@ -3,6 +3,12 @@ the way Slurm would, and classify what came out (issue #9, item 5; `tests/soak.p
 
 A folder's launch modes are data (MODES): how to start the step, which process is the launcher and which are the
 workers, where the snapshots are and how to read the final weights. A new folder adds rows, not code.
+MODES covers (for deepspeed/, nemo/, ray/ and pytorch's two "nodes"): pytorch/'s multinode.py under two torchrun
+agents (multinode_torchrun.sbatch; kill-launcher = node 0's agent and its worker); deepspeed/'s four launches
+(ZeRO-2; every step-* tag file read with weights_only=False); nemo/'s single_gpu.py and multigpu_torchrun.py (each
+process imports NeMo for ~23 CPU-s: two rows; exp_manager's .ckpt read as test_nemo.py reads it); ray/'s
+single_gpu.py (no Ray) and multigpu.py, the driver of a Ray cluster of its own (launch "ray"; multinode.py joins a
+cluster another step started: test_ray.py's).
 
 Every launch
 - runs in sessions of its own (start_new_session=True) and carries a marker variable (SOAK_LAUNCH) that every
@@ -19,11 +25,13 @@ rest, SIGKILL after KILL_WAIT), and a launcher that dies takes the rest of its s
 
 import dataclasses
 import os
+import pickle
 import random
 import re
 import signal
 import subprocess
 import time
+import types
 import uuid
 from pathlib import Path
 
@@ -60,6 +68,56 @@ def pytorch_weights(ckpt_dir: Path) -> dict:
 
 def lightning_weights(ckpt_dir: Path) -> dict:
     return torch.load(ckpt_dir / "last.ckpt", map_location="cpu", weights_only=True)["state_dict"]
+
+
+def deepspeed_weights(ckpt_dir: Path) -> dict:
+    from recipes import RECIPES  # the tests' readers (recipes.py)
+
+    return RECIPES["deepspeed"].weights(ckpt_dir)
+
+
+class _Opaque:
+    """Stands in for an object of a package this environment (.venvs/tests) lacks, pickled into a checkpoint."""
+
+    def __init__(self, *args, **kwargs):
+        pass
+
+    def __setstate__(self, state):
+        self.state = state
+
+
+class _OpaqueUnpickler(pickle.Unpickler):
+    def find_class(self, module, name):
+        if module.split(".")[0] == "deepspeed":
+            return _Opaque
+        return super().find_class(module, name)
+
+
+def deepspeed_loads(path: Path) -> None:
+    """DeepSpeed's files pickle more than tensors (the optimizer states hold DeepSpeed's own objects, which this
+    environment cannot import): read whole, every tensor included, with those objects left opaque."""
+    torch.load(path, map_location="cpu", weights_only=False,
+               pickle_module=types.SimpleNamespace(Unpickler=_OpaqueUnpickler, load=pickle.load, __name__="pickle"))
+
+
+def nemo_weights(ckpt_dir: Path) -> dict:
+    from recipes import RECIPES
+
+    return RECIPES["nemo"].weights(ckpt_dir)
+
+
+def nemo_loads(path: Path) -> None:
+    """exp_manager's .ckpt holds NeMo's config objects: read as test_nemo.py reads it (its pickle module)."""
+    from test_nemo import _checkpoint_pickle
+
+    torch.load(path, map_location="cpu", weights_only=False, pickle_module=_checkpoint_pickle)
+
+
+def ray_weights(ckpt_dir: Path) -> dict:
+    """The newest snapshot (by its stored step) of Ray Train's checkpoint_* directories (Ray keeps the newest 2)."""
+    snaps = [torch.load(p, map_location="cpu", weights_only=True)
+             for p in (ckpt_dir / "train").glob("checkpoint_*/snapshot.pt")]
+    return max(snaps, key=lambda s: s["step"])["model"]
 
 
 def torch_loads(path: Path) -> None:
@@ -103,9 +161,19 @@ class Mode:
     @property
     def injections(self) -> tuple:
         """kill-launcher needs a launcher that is not itself the (only) worker."""
-        return tuple(i for i in INJECTIONS if i != "kill-launcher" or self.launch in ("spawn", "torchrun"))
+        return tuple(i for i in INJECTIONS if i != "kill-launcher" or self.launch in LAUNCHERS)
 
 
+# Per-folder workloads: an uninterrupted run of ~20-40 s here, >= 3 snapshots, a line per step.
+DEEPSPEED_WORKLOAD = ("--epochs", "4", "--dataset-size", "512", "--batch-size", "16", "--save-every", "1",
+                      "--log-every", "1", "--timeout", "60")  # 2 ranks: 16 steps per epoch; 1 process: 32
+NEMO_WORKLOAD = ("--epochs", "3", "--dataset-size", "256", "--batch-size", "16", "--save-every", "1",
+                 "--log-every", "1", "--timeout", "60")  # 1 process: 16 steps per epoch; 2 ranks: 8
+# ray: 2 workers: 96 steps per epoch; 1 process: 192. With 32 (1024 samples) an epoch took 0.5 s and a signal drawn
+# in the last one found the run finished before the driver's stop request (0.2 s polls, a check every 10 steps)
+RAY_WORKLOAD = ("--epochs", "3", "--dataset-size", "3072", "--batch-size", "16", "--save-every", "1",
+                "--log-every", "1", "--timeout", "60")
+LAUNCHERS = ("spawn", "torchrun", "nodes", "ray")  # launches with a launcher that is not itself the (only) worker
 LIGHTNING_SRUN = (("SLURM_JOB_NAME", "soak"), ("SLURM_NODEID", "0"), ("SLURM_STEP_ID", "0"),
                   ("SLURM_NODELIST", "localhost"), ("SLURM_NTASKS_PER_NODE", "2"))
 
@@ -120,6 +188,36 @@ MODES = {m.key: m for m in [
     Mode("lightning", "single", "single_gpu.py", "python", snapshots=("*.ckpt",), weights=lightning_weights),
     Mode("lightning", "torchrun", "multigpu_torchrun.py", "torchrun", ranks=2, snapshots=("*.ckpt",),
          weights=lightning_weights),
+    # deepspeed, nemo, ray, and pytorch on two "nodes"
+    # multinode_torchrun.sbatch: `srun torchrun --nnodes 2 multinode.py`, one worker per node; multinode.py under
+    # torchrun runs multigpu_torchrun.py's train(), as srun's tasks do (bit-exact with them: checked 2026-12-07)
+    Mode("pytorch", "nodes", "multinode.py", "nodes", ranks=2, group="pytorch/ddp-2"),
+    # deepspeed/: ZeRO-2 (configs/zero2.json, the default) in every mode; every rank saves its part of a step-* tag,
+    # whose files pickle more than tensors. Resume is bit-exact (test_behaviour.py's preemption row: no tolerance).
+    # The 2-rank modes run the same train() (recipe.py) on the same 2 x 16 global batches.
+    *(Mode("deepspeed", name, script, launch, args, ranks=ranks, max_restarts=restarts, snapshots=("step-*/*.pt",),
+           loads=deepspeed_loads, weights=deepspeed_weights, workload=DEEPSPEED_WORKLOAD,
+           group="" if ranks == 1 else "deepspeed/zero2-2")
+      for name, script, launch, args, ranks, restarts in [
+          ("single", "single_gpu.py", "python", (), 1, 0),
+          ("spawn", "multigpu.py", "spawn", ("--nprocs", "2"), 2, 0),
+          ("torchrun", "multigpu_torchrun.py", "torchrun", (), 2, 2),
+          ("srun", "multinode.py", "srun", (), 2, 0)]),
+    # nemo/: exp_manager's checkpoints/*.ckpt; resume is bit-exact (test_nemo.py's resume tests: no tolerance).
+    # Each process costs ~23 CPU-s of imports: single and torchrun only (a worker killed under torchrun's restart,
+    # the agent killed); multigpu.py and multinode.py run the same train() and are in test_nemo.py/test_behaviour.py.
+    Mode("nemo", "single", "single_gpu.py", "python", snapshots=("checkpoints/*.ckpt",), loads=nemo_loads,
+         weights=nemo_weights, workload=NEMO_WORKLOAD),
+    Mode("nemo", "torchrun", "multigpu_torchrun.py", "torchrun", ranks=2, max_restarts=2,
+         snapshots=("checkpoints/*.ckpt",), loads=nemo_loads, weights=nemo_weights, workload=NEMO_WORKLOAD),
+    # ray/: single_gpu.py has no Ray (one process); multigpu.py is the driver of a one-node Ray cluster it starts
+    # itself ("ray": the driver is the launcher, the GCS, the raylet and the Ray Train workers -- children of the
+    # raylet -- the rest of the step). multinode.py is left out: it joins a cluster that ray_node.sh started in
+    # another step of the job, which test_ray.py signals and kills workers of. Resume is bit-exact (test_ray.py).
+    Mode("ray", "single", "single_gpu.py", "python", snapshots=("train/checkpoint_*/snapshot.pt",),
+         weights=ray_weights, workload=RAY_WORKLOAD),
+    Mode("ray", "local", "multigpu.py", "ray", ("--nprocs", "2"), ranks=2,
+         snapshots=("train/checkpoint_*/snapshot.pt",), weights=ray_weights, workload=RAY_WORKLOAD),
 ]}
 
 
@@ -141,13 +239,17 @@ def commands(mode: Mode, ckpt_dir: Path, extra: tuple, marker: str) -> list[tupl
     args = [*mode.workload, *mode.args, *extra, "--checkpoint-dir", str(ckpt_dir)]
     port = free_port()
     env = base_env(**{MARKER: marker})
+    if mode.launch == "ray":
+        return [([python, script, *args], {**env, "RAY_USAGE_STATS_ENABLED": "0"})]
     if mode.launch == "python":
         return [([python, script, *args], env)]
     if mode.launch == "spawn":
         return [([python, script, *args], {**env, "MASTER_PORT": str(port)})]
+    # every torchrun template's agent passes USR1 on to its workers and lets them save (without, USR1 kills it)
+    signals = ["--signals-to-handle", "SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1", "--shutdown-timeout", "80"]
     if mode.launch == "torchrun":
         return [([python, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(mode.ranks),
-                  "--max-restarts", str(mode.max_restarts), script, *args], env)]
+                  "--max-restarts", str(mode.max_restarts), *signals, script, *args], env)]
     if mode.launch == "srun":
         return [([python, script, *args],
                  {**env, **dict(mode.srun_env), "SLURM_PROCID": str(r), "SLURM_LOCALID": str(r),
@@ -157,7 +259,7 @@ def commands(mode: Mode, ckpt_dir: Path, extra: tuple, marker: str) -> list[tupl
     if mode.launch == "nodes":
         return [([python, "-m", "torch.distributed.run", "--nnodes", str(mode.ranks), "--nproc_per_node", "1",
                   "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", marker,
-                  "--max-restarts", str(mode.max_restarts), script, *args], env)
+                  "--max-restarts", str(mode.max_restarts), *signals, script, *args], env)
                 for _ in range(mode.ranks)]
     raise ValueError(f"unknown launch {mode.launch!r}")
 
@@ -213,6 +315,8 @@ def workers(mode: Mode, procs: list[subprocess.Popen], marker: str) -> list[int]
     """The rank processes (not the launcher, not DataLoader workers or helpers such as mp's resource tracker)."""
     if mode.launch in ("python", "srun"):
         return [p.pid for p in procs if p.poll() is None]
+    if mode.launch == "ray":  # Ray Train's workers are children of the raylet, not of the driver
+        return sorted(pid for pid, (_, cmd) in step_processes(marker).items() if "RayTrainWorker" in cmd)
     launchers = {p.pid for p in procs}
     return sorted(pid for pid, (ppid, cmd) in step_processes(marker).items()
                   if ppid in launchers and "resource_tracker" not in cmd and "forkserver" not in cmd)

@@ -212,6 +212,21 @@ def test_zero3_resumed_1_to_2_to_1_ranks_ends_with_the_uninterrupted_weights(tmp
     assert_same_weights(*(torch.load(d / "plain.pt", weights_only=True) for d in (cut, straight)), **TOL)
 
 
+def test_spawned_ranks_with_dataloader_workers_signalled_as_slurm_signals_a_step_exit_75(tmp_path):
+    """multigpu.py --num-workers 2, USR1 to every process of the step (the launcher, the ranks, their DataLoader
+    workers): the ranks save and exit 75, and so does the launcher. Found by the fault soak (2026-12-07): each rank
+    hung at its exit, its multiprocessing SIGTERMing and joining its DataLoader workers, which ignore SIGTERM
+    (Slurm's), while the loader that would have stopped them was kept alive by the exit's traceback."""
+    import faults  # the soak's harness: launch the step, hurt it at a step, every process found by a marker
+
+    injection = faults.Injection("usr1", step=20)  # after the first snapshot (step 16)
+    result = faults.launch(faults.MODES["deepspeed/spawn"], tmp_path / "ckpt", tmp_path / "logs",
+                           extra=("--num-workers", "2"), injection=injection, deadline=180)
+    assert injection.fired_at is not None and not result.hang, result.output[-4000:]
+    assert result.code == 75 and not result.leftovers and result.tracebacks == 0, result.output[-4000:]
+    assert "[rank0] preempted at step" in result.output, result.output[-4000:]
+
+
 # ------------------------------------------------------------------------------------------ models, offload, data
 
 

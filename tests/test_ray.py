@@ -349,6 +349,24 @@ def test_two_workers_equal_one_process(preempted, tmp_path):
     assert newest["scheduler"]["T_max"] == STEPS * 2  # 3 epochs of 128 steps
 
 
+def test_local_cluster_signalled_as_slurm_signals_a_step_saves_and_exits_75(tmp_path):
+    """multigpu.py under `srun` (multigpu.sbatch): Slurm's USR1, then TERM, go to every process of the step -- the
+    driver and the Ray cluster it started (GCS, raylet, the Train workers). Ray's processes must outlive them (the
+    soak, 2026-12-07: they died of them, the driver crashed with ActorUnavailableError tracebacks and exit 1); the
+    driver passes the stop on, rank 0 saves, exit 75, one line, nothing of the step left."""
+    launch = Launch("multigpu.py", "--nprocs", 2, *ARGS, "--checkpoint-dir", tmp_path / "ckpt")
+    launch.until(r"^\[rank0\] epoch 1 \| batch \d+/\d+ \| step 16 \|")
+    members = session_members(launch.proc.pid)
+    for sig in (signal.SIGUSR1, signal.SIGTERM):
+        for pid in session_members(launch.proc.pid):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, sig)
+    out = finished(launch, want=75)
+    assert re.search(r"^\[rank0\] preempted at step \d+: ", out, re.M) and "Traceback" not in out, out[-4000:]
+    assert_gone(members, "multigpu.py's local Ray cluster")
+    assert weights(tmp_path / "ckpt")[1] < STEPS
+
+
 HANG_TIMEOUT = 10  # --timeout of the hang test; the bound is --timeout + 60 s (C13)
 
 
