@@ -17,7 +17,7 @@ help:
 	@echo "make envs   - build (or refresh) one virtualenv per framework folder under .venvs/"
 	@echo "make lint   - ruff + shellcheck + the sbatch linter"
 	@echo "make bench  - benchmarks: scaling, overhead vs raw DDP, time to first step"
-	@echo "make soak   - fault soak: random kill -9/SIGTERM/SIGUSR1 into pytorch+lightning runs (SOAK_ARGS)"
+	@echo "make soak   - fault soak: random kill -9/SIGTERM/SIGUSR1 into pytorch+lightning+monai+modulus+jax runs (SOAK_ARGS)"
 	@echo "make gpu-check - on a GPU node: every folder's CUDA paths, tiny runs, table in runs/gpu-check/ (exit 4: no GPU)"
 	@echo "make clean  - remove .venvs/, runs/ and caches"
 
@@ -46,12 +46,13 @@ bench:
 	tools/envs.sh  # every folder: the runner launches each recipe with its own environment
 	.venvs/benchmarks/bin/python benchmarks/run.py --out runs/bench --wait-quiet 600 --redo-disturbed 3 --publish $(BENCH_ARGS)
 
-# The fault soak (tests/soak.py, issue #9): random faults into pytorch/ and lightning/ runs, each relaunched as Slurm
-# would; a table of outcomes in runs/soak/soak.md (+ soak.json). Exit non-zero if any run FAILs.
+# The fault soak (tests/soak.py, issue #9): random faults into the runs of every folder with MODES rows (pytorch/,
+# lightning/, monai/, modulus/, jax/), each relaunched as Slurm would; a table of outcomes in runs/soak/soak.md
+# (+ soak.json). Exit non-zero if any run FAILs.
 # E.g. make soak SOAK_ARGS="--n 200 --seed 7 --modes pytorch/torchrun".
 SOAK_ARGS ?= --n 50 --seed 1
 soak:
-	tools/envs.sh tests pytorch lightning
+	tools/envs.sh tests pytorch lightning monai modulus jax
 	$(PY) tests/soak.py --out runs/soak $(SOAK_ARGS)
 
 # The CUDA paths of every folder on a GPU machine (issue #22): tools/gpu_check.py (stdlib only; --help). Exit 4 and

@@ -29,7 +29,7 @@ def parse_args(argv=None):
     p.add_argument("--n", type=int, default=50, help="runs (each: one injection, then relaunches)")
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--out", type=Path, default=Path("runs/soak"))
-    p.add_argument("--folders", default="pytorch,lightning")
+    p.add_argument("--folders", default="pytorch,lightning,monai,modulus,jax,deepspeed,nemo,ray")
     p.add_argument("--modes", default="", help="folder/mode keys or mode names (default: every mode of --folders)")
     p.add_argument("--injections", default=",".join(faults.INJECTIONS))
     p.add_argument("--budget-minutes", type=float, default=None,
