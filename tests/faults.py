@@ -144,8 +144,10 @@ MODULUS_MODES = [
          weights=recipe_weights("modulus"), group="modulus/ddp-2"),
     Mode("modulus", "torchrun", "multigpu_torchrun.py", "torchrun", ranks=2, max_restarts=2,
          workload=MODULUS_WORKLOAD, weights=recipe_weights("modulus"), group="modulus/ddp-2"),
+    # PhysicsNeMo's DistributedManager reads the world size from SLURM_NPROCS, the address from SLURM_LAUNCH_NODE_IPADDR
     Mode("modulus", "srun", "multinode.py", "srun", ranks=2, workload=MODULUS_WORKLOAD,
-         weights=recipe_weights("modulus"), group="modulus/ddp-2"),
+         weights=recipe_weights("modulus"), group="modulus/ddp-2",
+         srun_env=(("SLURM_NPROCS", "2"), ("SLURM_LAUNCH_NODE_IPADDR", "127.0.0.1"), *LIGHTNING_SRUN)),
 ]
 # jax: no multigpu_torchrun.py (JAX has no torchrun: multigpu.py spawns and coordinates its processes itself).
 # 1024 samples, batch 16: 64 steps per epoch on one process, 32 on two. A snapshot is an Orbax step folder, which gets
