@@ -146,7 +146,7 @@ SCENARIOS = [
     ("lightning/single", "usr1", ("--num-workers", "2"), 14),  # Slurm's warning signal to every process
     # monai, modulus, jax
     ("monai/single", "term", ("--num-workers", "2"), 21),  # test_monai.py signals srun ranks, never DataLoader workers
-    ("modulus/torchrun", "kill-worker", (), 22),  # torchrun restarts the workers: PhysicsNeMo's DDP resumes in-launch
+    ("modulus/single", "usr1", ("--num-workers", "2"), 22),  # test_modulus.py signals srun tasks, never loader workers
     ("jax/single", "usr1", ("--num-workers", "2"), 23),  # a signal while the loader's threads prefetch
 ]
 
