@@ -24,6 +24,7 @@ rest, SIGKILL after KILL_WAIT), and a launcher that dies takes the rest of its s
 """
 
 import dataclasses
+import json
 import os
 import pickle
 import random
@@ -148,6 +149,7 @@ class Mode:
     workload: tuple = WORKLOAD  # the training arguments (each launch adds mode.args, extra and --checkpoint-dir)
     tolerance: dict = dataclasses.field(default_factory=lambda: {"rtol": 0.0, "atol": 0.0})  # 0: bit-exact
     srun_env: tuple = ()  # extra SLURM_* variables a task needs (Lightning's SLURMEnvironment reads more)
+    env: tuple = ()  # (name, value) of every launch; "{port}" in a value is the launch's free port
     group: str = ""  # modes that train identically share one reference run (default: the mode's own)
 
     @property
@@ -177,6 +179,74 @@ LAUNCHERS = ("spawn", "torchrun", "nodes", "ray")  # launches with a launcher th
 LIGHTNING_SRUN = (("SLURM_JOB_NAME", "soak"), ("SLURM_NODEID", "0"), ("SLURM_STEP_ID", "0"),
                   ("SLURM_NODELIST", "localhost"), ("SLURM_NTASKS_PER_NODE", "2"))
 
+def recipe_weights(folder: str):
+    """tests/recipes.py's reader of the folder's final weights (imported when first used: it imports pytest)."""
+    def weights(ckpt_dir: Path) -> dict:
+        import recipes
+
+        return recipes.RECIPES[folder].weights(ckpt_dir)
+    return weights
+
+
+# monai: 8 cases of 16^3 voxels, batch 1: 8 steps per epoch on one process, 4 per rank on two; validated after epochs
+# 2 and 4 (best_model.pt, checked as a snapshot). Written once to the system's temporary directory, shared by every
+# launch. Resume is bit-exact (test_monai.py's test_preempted_srun_ranks_save_exit_75_and_resume_exactly), and the
+# 2-rank launches end bit-exactly equal (recipes.py's same_as_one, no tolerance): one reference for them.
+MONAI_WORKLOAD = ("--epochs", "4", "--dataset-size", "8", "--roi-size", "16", "--batch-size", "1", "--save-every",
+                  "1", "--log-every", "1", "--timeout", "60")
+MONAI_MODES = [
+    Mode("monai", "single", "single_gpu.py", "python", workload=MONAI_WORKLOAD, weights=recipe_weights("monai")),
+    Mode("monai", "spawn", "multigpu.py", "spawn", ("--nprocs", "2"), ranks=2, workload=MONAI_WORKLOAD,
+         weights=recipe_weights("monai"), group="monai/ddp-2"),
+    Mode("monai", "torchrun", "multigpu_torchrun.py", "torchrun", ranks=2, max_restarts=2, workload=MONAI_WORKLOAD,
+         weights=recipe_weights("monai"), group="monai/ddp-2"),
+    Mode("monai", "srun", "multinode.py", "srun", ranks=2, workload=MONAI_WORKLOAD, weights=recipe_weights("monai"),
+         group="monai/ddp-2"),
+]
+# modulus: 256 Darcy samples, batch 16: 16 steps per epoch on one process, 8 per rank on two.
+MODULUS_WORKLOAD = ("--epochs", "4", "--dataset-size", "256", "--batch-size", "16", "--save-every", "1",
+                    "--log-every", "1", "--timeout", "60")
+MODULUS_MODES = [
+    Mode("modulus", "single", "single_gpu.py", "python", workload=MODULUS_WORKLOAD, weights=recipe_weights("modulus")),
+    Mode("modulus", "spawn", "multigpu.py", "spawn", ("--nprocs", "2"), ranks=2, workload=MODULUS_WORKLOAD,
+         weights=recipe_weights("modulus"), group="modulus/ddp-2"),
+    Mode("modulus", "torchrun", "multigpu_torchrun.py", "torchrun", ranks=2, max_restarts=2,
+         workload=MODULUS_WORKLOAD, weights=recipe_weights("modulus"), group="modulus/ddp-2"),
+    # PhysicsNeMo's DistributedManager reads the world size from SLURM_NPROCS, the address from SLURM_LAUNCH_NODE_IPADDR
+    Mode("modulus", "srun", "multinode.py", "srun", ranks=2, workload=MODULUS_WORKLOAD,
+         weights=recipe_weights("modulus"), group="modulus/ddp-2",
+         srun_env=(("SLURM_NPROCS", "2"), ("SLURM_LAUNCH_NODE_IPADDR", "127.0.0.1"), *LIGHTNING_SRUN)),
+]
+# jax: no multigpu_torchrun.py (JAX has no torchrun: multigpu.py spawns and coordinates its processes itself).
+# 1024 samples, batch 16: 64 steps per epoch on one process, 32 on two. A snapshot is an Orbax step folder, which gets
+# its name (digits only) when every process has written its part; a kill mid-save leaves <step>.orbax-checkpoint-tmp-*
+# (not matched). Every named step's commit marker (_CHECKPOINT_METADATA) and progress must read back as JSON; the
+# arrays of the newest step are read whole at the end (recipes.py's reader, in jax's venv). Resume is bit-exact
+# (test_jax.py's test_preempted_run_saves_exits_75_and_resumes_exactly). JAX's compilation cache as in the tests.
+JAX_WORKLOAD = ("--epochs", "4", "--dataset-size", "1024", "--batch-size", "16", "--save-every", "1",
+                "--log-every", "1", "--timeout", "60")
+JAX_STEPS = tuple(f"{'[0-9]' * n}/{name}" for n in (1, 2, 3, 4) for name in ("_CHECKPOINT_METADATA",
+                                                                             "progress/metadata"))
+JAX_ENV = (("JAX_COMPILATION_CACHE_DIR", "/tmp/jax-recipes-test-compilation-cache"),
+           ("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0"))
+
+
+def json_loads(path: Path) -> None:
+    json.loads(path.read_text())
+
+
+JAX_MODES = [
+    Mode("jax", "single", "single_gpu.py", "python", workload=JAX_WORKLOAD, snapshots=JAX_STEPS, loads=json_loads,
+         weights=recipe_weights("jax"), env=JAX_ENV),
+    Mode("jax", "spawn", "multigpu.py", "spawn", ("--nprocs", "2"), ranks=2, workload=JAX_WORKLOAD,
+         snapshots=JAX_STEPS, loads=json_loads, weights=recipe_weights("jax"), env=JAX_ENV, group="jax/2"),
+    # JAX's own Slurm detection: the step's node list and tasks per node; the coordinator's port
+    Mode("jax", "srun", "multinode.py", "srun", ranks=2, workload=JAX_WORKLOAD, snapshots=JAX_STEPS,
+         loads=json_loads, weights=recipe_weights("jax"), group="jax/2",
+         env=(*JAX_ENV, ("JAX_COORDINATOR_PORT", "{port}")),
+         srun_env=(("SLURM_STEP_NODELIST", "127.0.0.1"), ("SLURM_STEP_TASKS_PER_NODE", "2"))),
+]
+
 # The tolerances are the unit tests': resume is bit-exact in every pytorch/ mode (test_pytorch.py's resume and
 # preemption tests) and for Lightning's single device (test_lightning.py's resume test). pytorch/'s 2-rank modes run
 # the same train() (multigpu_torchrun.py's), so they end bit-exactly equal and share a reference run.
@@ -188,6 +258,8 @@ MODES = {m.key: m for m in [
     Mode("lightning", "single", "single_gpu.py", "python", snapshots=("*.ckpt",), weights=lightning_weights),
     Mode("lightning", "torchrun", "multigpu_torchrun.py", "torchrun", ranks=2, snapshots=("*.ckpt",),
          weights=lightning_weights),
+    # monai, modulus, jax
+    *MONAI_MODES, *MODULUS_MODES, *JAX_MODES,
     # deepspeed, nemo, ray, and pytorch on two "nodes"
     # multinode_torchrun.sbatch: `srun torchrun --nnodes 2 multinode.py`, one worker per node; multinode.py under
     # torchrun runs multigpu_torchrun.py's train(), as srun's tasks do (bit-exact with them: checked 2026-12-07)
@@ -238,7 +310,7 @@ def commands(mode: Mode, ckpt_dir: Path, extra: tuple, marker: str) -> list[tupl
     script = str(ROOT / mode.folder / mode.script)
     args = [*mode.workload, *mode.args, *extra, "--checkpoint-dir", str(ckpt_dir)]
     port = free_port()
-    env = base_env(**{MARKER: marker})
+    env = base_env(**{MARKER: marker}, **{k: str(v).format(port=port) for k, v in mode.env})
     if mode.launch == "ray":
         return [([python, script, *args], {**env, "RAY_USAGE_STATS_ENABLED": "0"})]
     if mode.launch == "python":

@@ -1,5 +1,5 @@
-"""The fault soak in small (issue #9, item 5): one injection of each kind, fixed seeds, across pytorch/ and
-lightning/ -- each run must end RECOVERED (the uninterrupted run's weights, bit-exact) or CLEAR-ERROR, with no
+"""The fault soak in small (issue #9, item 5): one injection of each kind, fixed seeds, a run in every folder with
+MODES rows -- each run must end RECOVERED (the uninterrupted run's weights, bit-exact) or CLEAR-ERROR, with no
 unreadable snapshot and no process left. `make soak` runs the same harness (tests/faults.py) with N random draws.
 
 The harness's own verdicts are tested first, without any recipe: weights that differ, a process left behind, a
@@ -83,6 +83,25 @@ def test_deepspeeds_files_are_read_whole_without_deepspeed(monkeypatch, tmp_path
         faults.deepspeed_loads(tmp_path / "half.pt")
 
 
+def test_an_orbax_step_is_checked_once_named_and_its_half_written_folder_is_not(tmp_path):
+    """jax/: a step folder gets its name (digits) when every process has written its part; until then Orbax writes
+    into <step>.orbax-checkpoint-tmp-*, which a kill may leave half written (and the next start removes)."""
+    for folder, text in (("64", "{}"), ("128", "{\"step\": 12"), ("192.orbax-checkpoint-tmp-1765140000", "{")):
+        (tmp_path / folder / "progress").mkdir(parents=True)
+        (tmp_path / folder / "_CHECKPOINT_METADATA").write_text(text)
+        (tmp_path / folder / "progress" / "metadata").write_text("{}")
+    mode = faults.MODES["jax/single"]
+    assert {str(p.relative_to(tmp_path)) for p in faults.snapshot_files(mode, tmp_path)} == {
+        "64/_CHECKPOINT_METADATA", "64/progress/metadata", "128/_CHECKPOINT_METADATA", "128/progress/metadata"}
+    corrupt, _ = faults.check_snapshots(mode, tmp_path)
+    assert [c.split(":")[0] for c in corrupt] == ["_CHECKPOINT_METADATA"], corrupt
+
+
+def test_every_folder_with_modes_has_a_scenario():
+    """The CI sample touches every folder the soak covers."""
+    assert {key.split("/")[0] for key, *_ in SCENARIOS} == {m.folder for m in faults.MODES.values()}
+
+
 def test_a_process_the_step_left_behind_is_found_and_killed(monkeypatch):
     """A step whose main process exits while a child it started in a session of its own lives on: found by the
     launch's marker variable, reported, and killed."""
@@ -151,12 +170,16 @@ def test_the_plan_covers_every_pair_before_repeating():
 
 # ------------------------------------------------------------------------------------------ the small soak
 
-# (mode, injection, extra flags, seed): each kind once, both folders, DataLoader workers where signals reach them.
+# (mode, injection, extra flags, seed): each kind once, every folder, DataLoader workers where signals reach them.
 SCENARIOS = [
     ("pytorch/torchrun", "kill-worker", (), 11),  # torchrun --max-restarts 2 restarts the workers in the launch
     ("pytorch/spawn", "kill-launcher", (), 12),  # the step dies with its launcher; relaunched, resumes
     ("pytorch/srun", "term", ("--num-workers", "2"), 13),  # scancel / time limit: exit 75, requeue, resume
     ("lightning/single", "usr1", ("--num-workers", "2"), 14),  # Slurm's warning signal to every process
+    # monai, modulus, jax
+    ("monai/single", "term", ("--num-workers", "2"), 21),  # test_monai.py signals srun ranks, never DataLoader workers
+    ("modulus/single", "usr1", ("--num-workers", "2"), 22),  # test_modulus.py signals srun tasks, never loader workers
+    ("jax/single", "usr1", ("--num-workers", "2"), 23),  # a signal while the loader's threads prefetch
     # deepspeed, nemo, ray: paths their own tests do not take, in the cheapest mode that takes them
     # deepspeed/torchrun kill-worker (ranks restarted by torchrun) took 243 s here under load: in `make soak` only
     ("deepspeed/single", "kill-worker", ("--num-workers", "2"), 15),  # SIGKILL at any step: the newest whole tag
