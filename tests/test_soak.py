@@ -74,7 +74,9 @@ def test_deepspeeds_files_are_read_whole_without_deepspeed(monkeypatch, tmp_path
     monkeypatch.setitem(sys.modules, "deepspeed", fake)
     torch.save({"optimizer": WEIGHTS, "scaler": fake.Scaler()}, tmp_path / "optim_states.pt")
     monkeypatch.delitem(sys.modules, "deepspeed")
-    with pytest.raises(ModuleNotFoundError):
+    # ModuleNotFoundError; AttributeError where the repository's deepspeed/ folder is importable as a namespace
+    # package (pytest started from the repository's root, as CI starts it)
+    with pytest.raises((ModuleNotFoundError, AttributeError)):
         torch.load(tmp_path / "optim_states.pt", weights_only=False)
     faults.deepspeed_loads(tmp_path / "optim_states.pt")
     data = (tmp_path / "optim_states.pt").read_bytes()
