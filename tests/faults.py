@@ -26,17 +26,15 @@ rest, SIGKILL after KILL_WAIT), and a launcher that dies takes the rest of its s
 import dataclasses
 import json
 import os
-import pickle
 import random
 import re
 import signal
 import subprocess
 import time
-import types
 import uuid
 from pathlib import Path
 
-from helpers import PYCACHE, clean_env, free_port
+from helpers import PYCACHE, clean_env, free_port, pickle_without
 
 import torch
 
@@ -77,28 +75,10 @@ def deepspeed_weights(ckpt_dir: Path) -> dict:
     return RECIPES["deepspeed"].weights(ckpt_dir)
 
 
-class _Opaque:
-    """Stands in for an object of a package this environment (.venvs/tests) lacks, pickled into a checkpoint."""
-
-    def __init__(self, *args, **kwargs):
-        pass
-
-    def __setstate__(self, state):
-        self.state = state
-
-
-class _OpaqueUnpickler(pickle.Unpickler):
-    def find_class(self, module, name):
-        if module.split(".")[0] == "deepspeed":
-            return _Opaque
-        return super().find_class(module, name)
-
-
 def deepspeed_loads(path: Path) -> None:
     """DeepSpeed's files pickle more than tensors (the optimizer states hold DeepSpeed's own objects, which this
     environment cannot import): read whole, every tensor included, with those objects left opaque."""
-    torch.load(path, map_location="cpu", weights_only=False,
-               pickle_module=types.SimpleNamespace(Unpickler=_OpaqueUnpickler, load=pickle.load, __name__="pickle"))
+    torch.load(path, map_location="cpu", weights_only=False, pickle_module=pickle_without("deepspeed"))
 
 
 def nemo_weights(ckpt_dir: Path) -> dict:

@@ -11,16 +11,15 @@ import ast
 import contextlib
 import json
 import os
-import pickle
 import re
 import signal
 import subprocess
 import time
-import types
 
 import pytest
 import torch
-from helpers import ROOT, assert_same_weights, clean_env, env_python, epoch_lines, free_port, run, torchrun
+from helpers import (ROOT, assert_same_weights, clean_env, env_python, epoch_lines, free_port, pickle_without, run,
+                     torchrun)
 from recipes import (LIGHTNING_FACT_CHECK, RECIPES, assert_lightning_root_device_is_the_bound_gpu,
                      assert_tf32_for_fp32_on_the_gpu_only)
 
@@ -37,25 +36,8 @@ def python(*args, **kw):
     return run([env_python("nemo"), *args], cwd=FOLDER, **kw)
 
 
-class _Opaque:
-    """Stands in for the NeMo/OmegaConf objects a NeMo checkpoint pickles (its config), which this environment
-    (.venvs/tests) does not have: the tests read the tensors and the progress, not the config."""
-
-    def __init__(self, *args, **kwargs):
-        pass
-
-    def __setstate__(self, state):
-        self.state = state
-
-
-class _Unpickler(pickle.Unpickler):
-    def find_class(self, module, name):
-        if module.split(".")[0] in ("omegaconf", "nemo", "hydra", "lightning", "lightning_fabric"):
-            return _Opaque
-        return super().find_class(module, name)
-
-
-_checkpoint_pickle = types.SimpleNamespace(Unpickler=_Unpickler, load=pickle.load, __name__="pickle")
+# a NeMo checkpoint pickles its config (NeMo/OmegaConf objects), which this environment does not have
+_checkpoint_pickle = pickle_without("omegaconf", "nemo", "hydra", "lightning", "lightning_fabric")
 
 
 def last_checkpoint(checkpoint_dir):
