@@ -52,10 +52,16 @@ OUTCOMES = ("RECOVERED", "CLEAR-ERROR", "FAIL", "MISSED")
 # (the uninterrupted run's steps), hit once rank 0 has logged it. Every folder logs `| step N |` at --log-every.
 STEP = re.compile(rb"\| step (\d+) \|")
 
-# The workload: 4 epochs of 2048 samples, a snapshot after every epoch, a line per step. Process start-up (imports)
-# dominates a launch; the 3 epochs after the first snapshot are where the injections land.
-WORKLOAD = ("--epochs", "4", "--dataset-size", "2048", "--batch-size", "16", "--save-every", "1",
-            "--log-every", "1", "--timeout", "60")
+
+def workload(epochs, dataset_size, *more, batch_size=16):
+    """A run's training arguments: a snapshot after every epoch, a line per step (the injection waits for one)."""
+    return ("--epochs", str(epochs), "--dataset-size", str(dataset_size), "--batch-size", str(batch_size), *more,
+            "--save-every", "1", "--log-every", "1", "--timeout", "60")
+
+
+# The workload: 4 epochs of 2048 samples. Process start-up (imports) dominates a launch; the 3 epochs after the first
+# snapshot are where the injections land.
+WORKLOAD = workload(4, 2048)
 
 
 # ------------------------------------------------------------------------------------------ the modes table
@@ -69,22 +75,10 @@ def lightning_weights(ckpt_dir: Path) -> dict:
     return torch.load(ckpt_dir / "last.ckpt", map_location="cpu", weights_only=True)["state_dict"]
 
 
-def deepspeed_weights(ckpt_dir: Path) -> dict:
-    from recipes import RECIPES  # the tests' readers (recipes.py)
-
-    return RECIPES["deepspeed"].weights(ckpt_dir)
-
-
 def deepspeed_loads(path: Path) -> None:
     """DeepSpeed's files pickle more than tensors (the optimizer states hold DeepSpeed's own objects, which this
     environment cannot import): read whole, every tensor included, with those objects left opaque."""
     torch.load(path, map_location="cpu", weights_only=False, pickle_module=pickle_without("deepspeed"))
-
-
-def nemo_weights(ckpt_dir: Path) -> dict:
-    from recipes import RECIPES
-
-    return RECIPES["nemo"].weights(ckpt_dir)
 
 
 def nemo_loads(path: Path) -> None:
@@ -147,14 +141,11 @@ class Mode:
 
 
 # Per-folder workloads: an uninterrupted run of ~20-40 s here, >= 3 snapshots, a line per step.
-DEEPSPEED_WORKLOAD = ("--epochs", "4", "--dataset-size", "512", "--batch-size", "16", "--save-every", "1",
-                      "--log-every", "1", "--timeout", "60")  # 2 ranks: 16 steps per epoch; 1 process: 32
-NEMO_WORKLOAD = ("--epochs", "3", "--dataset-size", "256", "--batch-size", "16", "--save-every", "1",
-                 "--log-every", "1", "--timeout", "60")  # 1 process: 16 steps per epoch; 2 ranks: 8
+DEEPSPEED_WORKLOAD = workload(4, 512)  # 2 ranks: 16 steps per epoch; 1 process: 32
+NEMO_WORKLOAD = workload(3, 256)  # 1 process: 16 steps per epoch; 2 ranks: 8
 # ray: 2 workers: 96 steps per epoch; 1 process: 192. With 32 (1024 samples) an epoch took 0.5 s and a signal drawn
 # in the last one found the run finished before the driver's stop request (0.2 s polls, a check every 10 steps)
-RAY_WORKLOAD = ("--epochs", "3", "--dataset-size", "3072", "--batch-size", "16", "--save-every", "1",
-                "--log-every", "1", "--timeout", "60")
+RAY_WORKLOAD = workload(3, 3072)
 LAUNCHERS = ("spawn", "torchrun", "nodes", "ray")  # launches with a launcher that is not itself the (only) worker
 LIGHTNING_SRUN = (("SLURM_JOB_NAME", "soak"), ("SLURM_NODEID", "0"), ("SLURM_STEP_ID", "0"),
                   ("SLURM_NODELIST", "localhost"), ("SLURM_NTASKS_PER_NODE", "2"))
@@ -172,8 +163,7 @@ def recipe_weights(folder: str):
 # 2 and 4 (best_model.pt, checked as a snapshot). Written once to the system's temporary directory, shared by every
 # launch. Resume is bit-exact (test_monai.py's test_preempted_srun_ranks_save_exit_75_and_resume_exactly), and the
 # 2-rank launches end bit-exactly equal (recipes.py's same_as_one, no tolerance): one reference for them.
-MONAI_WORKLOAD = ("--epochs", "4", "--dataset-size", "8", "--roi-size", "16", "--batch-size", "1", "--save-every",
-                  "1", "--log-every", "1", "--timeout", "60")
+MONAI_WORKLOAD = workload(4, 8, "--roi-size", "16", batch_size=1)
 MONAI_MODES = [
     Mode("monai", "single", "single_gpu.py", "python", workload=MONAI_WORKLOAD, weights=recipe_weights("monai")),
     Mode("monai", "spawn", "multigpu.py", "spawn", ("--nprocs", "2"), ranks=2, workload=MONAI_WORKLOAD,
@@ -184,8 +174,7 @@ MONAI_MODES = [
          group="monai/ddp-2"),
 ]
 # modulus: 256 Darcy samples, batch 16: 16 steps per epoch on one process, 8 per rank on two.
-MODULUS_WORKLOAD = ("--epochs", "4", "--dataset-size", "256", "--batch-size", "16", "--save-every", "1",
-                    "--log-every", "1", "--timeout", "60")
+MODULUS_WORKLOAD = workload(4, 256)
 MODULUS_MODES = [
     Mode("modulus", "single", "single_gpu.py", "python", workload=MODULUS_WORKLOAD, weights=recipe_weights("modulus")),
     Mode("modulus", "spawn", "multigpu.py", "spawn", ("--nprocs", "2"), ranks=2, workload=MODULUS_WORKLOAD,
@@ -203,8 +192,7 @@ MODULUS_MODES = [
 # (not matched). Every named step's commit marker (_CHECKPOINT_METADATA) and progress must read back as JSON; the
 # arrays of the newest step are read whole at the end (recipes.py's reader, in jax's venv). Resume is bit-exact
 # (test_jax.py's test_preempted_run_saves_exits_75_and_resumes_exactly). JAX's compilation cache as in the tests.
-JAX_WORKLOAD = ("--epochs", "4", "--dataset-size", "1024", "--batch-size", "16", "--save-every", "1",
-                "--log-every", "1", "--timeout", "60")
+JAX_WORKLOAD = workload(4, 1024)
 JAX_STEPS = tuple(f"{'[0-9]' * n}/{name}" for n in (1, 2, 3, 4) for name in ("_CHECKPOINT_METADATA",
                                                                              "progress/metadata"))
 JAX_ENV = (("JAX_COMPILATION_CACHE_DIR", "/tmp/jax-recipes-test-compilation-cache"),
@@ -248,7 +236,7 @@ MODES = {m.key: m for m in [
     # whose files pickle more than tensors. Resume is bit-exact (test_behaviour.py's preemption row: no tolerance).
     # The 2-rank modes run the same train() (recipe.py) on the same 2 x 16 global batches.
     *(Mode("deepspeed", name, script, launch, args, ranks=ranks, max_restarts=restarts, snapshots=("step-*/*.pt",),
-           loads=deepspeed_loads, weights=deepspeed_weights, workload=DEEPSPEED_WORKLOAD,
+           loads=deepspeed_loads, weights=recipe_weights("deepspeed"), workload=DEEPSPEED_WORKLOAD,
            group="" if ranks == 1 else "deepspeed/zero2-2")
       for name, script, launch, args, ranks, restarts in [
           ("single", "single_gpu.py", "python", (), 1, 0),
@@ -259,9 +247,9 @@ MODES = {m.key: m for m in [
     # Each process costs ~23 CPU-s of imports: single and torchrun only (a worker killed under torchrun's restart,
     # the agent killed); multigpu.py and multinode.py run the same train() and are in test_nemo.py/test_behaviour.py.
     Mode("nemo", "single", "single_gpu.py", "python", snapshots=("checkpoints/*.ckpt",), loads=nemo_loads,
-         weights=nemo_weights, workload=NEMO_WORKLOAD),
+         weights=recipe_weights("nemo"), workload=NEMO_WORKLOAD),
     Mode("nemo", "torchrun", "multigpu_torchrun.py", "torchrun", ranks=2, max_restarts=2,
-         snapshots=("checkpoints/*.ckpt",), loads=nemo_loads, weights=nemo_weights, workload=NEMO_WORKLOAD),
+         snapshots=("checkpoints/*.ckpt",), loads=nemo_loads, weights=recipe_weights("nemo"), workload=NEMO_WORKLOAD),
     # ray/: single_gpu.py has no Ray (one process); multigpu.py is the driver of a one-node Ray cluster it starts
     # itself ("ray": the driver is the launcher, the GCS, the raylet and the Ray Train workers -- children of the
     # raylet -- the rest of the step). multinode.py is left out: it joins a cluster that ray_node.sh started in
