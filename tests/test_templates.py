@@ -22,8 +22,9 @@ END = "# --- end of the preemption block ---\n"
 # The lines around the block that belong to it, word for word too: the signal's lead time (the one line to edit,
 # with its guidance), requeue permission, an appending log, and the cap on requeues.
 HEADER = """\
-# The signal's lead time is finishing a step plus the save: about checkpoint GB / (filesystem GB/s per node)
-# + one step; 90 s fits a checkpoint under 10 GB at 1 GB/s. B: = to this batch shell, which forwards it (below).
+# The signal's lead time is up to 30 s of steps (to the ranks' next check) plus the save, about checkpoint GB /
+# (filesystem GB/s per node): 90 s leaves 60 s, a checkpoint under 60 GB at 1 GB/s. B: = to this batch shell, which
+# forwards it (below).
 #SBATCH --signal=B:USR1@90           # EDIT: seconds before the time limit (see above)
 #SBATCH --requeue                    # allow `scontrol requeue`
 #SBATCH --open-mode=append           # a requeued run appends to the log instead of truncating it
