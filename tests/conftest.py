@@ -42,7 +42,7 @@ GROUPS = ("slurm", "contract", "lightning", "pytorch", "jax", "monai", "modulus"
           "ray", "soak")
 _seconds: dict[str, float] = {}
 # And per framework folder (each folder's CI budget): its own test files (tests/test_<folder>*.py) plus the
-# contract tests run over it (test_contract.py::...[<folder>]).
+# table tests' rows of it (test_contract.py::...[<folder>], test_slurm_preemption.py::...[<folder>]).
 _folder_seconds: dict[str, float] = {}
 
 
@@ -51,7 +51,8 @@ def pytest_runtest_logreport(report):
     _seconds[group] = _seconds.get(group, 0.0) + report.duration
     path, _, name = without_group(report.nodeid).partition("::")
     own = re.fullmatch(r"tests/test_(?:slurm_)?([a-z]+?)(?:_slurm)?\.py", path)
-    param = re.search(r"\[([a-z]+)\]$", name) if path == "tests/test_contract.py" else None
+    table = path in {"tests/test_contract.py", "tests/test_slurm_preemption.py"}
+    param = re.search(r"\[([a-z]+)\]$", name) if table else None
     folder = (param or own).group(1) if (param or own) else None
     if folder and (ROOT / folder / "requirements.txt").exists():
         _folder_seconds[folder] = _folder_seconds.get(folder, 0.0) + report.duration

@@ -131,6 +131,23 @@ class Preemption:
 
 
 @dataclass(frozen=True)
+class SlurmPreemption:
+    """multinode.sbatch preempted for real under the local Slurm (test_slurm_preemption.py): run on 1 node x 2 tasks
+    with `args`, SIGTERM to every process of the step (Slurm's preemption with GraceTime) once rank 0 has logged step
+    `at` (of `epoch` when given) -> the ranks agree on a step, save, exit 75 -> the template requeues -> the
+    requeued run resumes and completes all `steps`, with the weights of `args` run straight through on 2 nodes x 1
+    task (bit for bit unless `tol`)."""
+    args: tuple  # "{dir}": the job's own folder
+    steps: int
+    at: int | str  # or a regex rank 0's log must match (the stop may then be at any step)
+    epoch: int | None = None
+    resumed: str = r"\S+"  # what rank 0's "resumed from PATH: epoch E, step S" names (a regex; {step}: the stop)
+    files: tuple = ()  # more files both runs' checkpoint directories hold at the end
+    says: tuple = ()  # lines (substrings) the straight run's log holds: the template's two-node layout
+    tol: dict = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
 class Launch:
     """One run of a folder's script as a test starts it (Recipe.run). `how`: "python" (the folder's interpreter),
     "torchrun" (torchrun's own arguments first), "deepspeed" (DeepSpeed's launcher), "nodes" (n torchrun launchers,
@@ -226,6 +243,8 @@ class Recipe:
     step_of: Callable | None = None  # checkpoint dir -> the step of its newest checkpoint
     preemption: Preemption | None = None
     no_preemption: str = ""  # why preemption is None: where this folder's preemption is tested instead
+    slurm_preemption: SlurmPreemption | None = None
+    no_slurm_preemption: str = ""  # why slurm_preemption is None: where it is tested instead
     runs: dict = field(default_factory=dict)  # name -> Launch: runs several tests read, started once per session
     same_as_one: SameAsOne | None = None
     no_same_as_one: str = ""  # why same_as_one is None: where it is tested instead
@@ -334,6 +353,9 @@ RECIPES = {r.folder: r for r in [
                # 2 ranks x batch 16: 128 steps per epoch
                ("--epochs", "2", "--dataset-size", "4096", "--batch-size", "16", "--log-every", "10"), 256, 128,
                signals=(("usr1", signal.SIGUSR1, ()), ("term-2-workers", signal.SIGTERM, WORKERS))),
+           no_slurm_preemption="test_slurm_pytorch.py: multinode.sbatch preempted through its batch shell (TERM "
+                               "forwarded as USR1, in RUN's folder, then resubmitted), the torchrun templates "
+                               "preempted, a node lost, a worker killed: each == the uninterrupted run",
            runs=dict(reference=Launch("python", to_ckpt("single_gpu.py", *PT, "--batch-size", "32")),
                      torchrun=Launch("torchrun", to_ckpt(*TWO, "multigpu_torchrun.py", *PT, "--batch-size", "16"),
                                      teardown_check=True),
@@ -352,6 +374,10 @@ RECIPES = {r.folder: r for r in [
            weights=lambda d: _last_ckpt(d)["state_dict"], step_of=lambda d: _last_ckpt(d)["global_step"],
            no_preemption="test_lightning.py's test_preempted_mid_epoch_resumes_after_the_batches_it_trained "
                          "(single_gpu.py, USR1 and TERM, Preemption.CHECK_EVERY's step 10) stays",
+           # 2 ranks x 32: 64 steps per epoch; DataLoader workers get the signal too
+           slurm_preemption=SlurmPreemption(("--epochs", "3", "--dataset-size", "4096", "--batch-size", "32",
+                                             "--log-every", "16", "--num-workers", "2"), 192, 96,
+                                            resumed=r"\S+/preempted-step={step}\.ckpt", says=("2 nodes (n[1-2])",)),
            runs=dict(reference=Launch("python", to_ckpt("single_gpu.py", *LIGHTNING, "--batch-size", "64")),
                      torchrun=Launch("torchrun", to_ckpt(
                          "--nnodes", "1", "--nproc_per_node", "2", "--master_addr", "127.0.0.1", "--master_port",
@@ -367,6 +393,13 @@ RECIPES = {r.folder: r for r in [
            teardown_check=True, **SNAPSHOT_PT,
            no_preemption="test_monai.py's test_preempted_srun_ranks_save_exit_75_and_resume_exactly stays: it ends "
                          "bit-exact with the file's torchrun run (srun == torchrun), which this table cannot reuse",
+           # 12 cases of 20^3, batch 1: 6 steps per epoch on 2 ranks. Signalled before training: the ranks stop at the
+           # first check that counts it (step 10)
+           slurm_preemption=SlurmPreemption(("--epochs", "2", "--dataset-size", "12", "--roi-size", "16",
+                                             "--batch-size", "1", "--log-every", "1", "--seed", "0", "--data-dir",
+                                             "{dir}/data"), 12, r"\[rank0\] host",
+                                            files=("best_model.pt", "snapshot.prev.pt"),
+                                            says=("2 nodes (n[1-2]) x 1 tasks",)),
            # 2 ranks x batch 1 under torchrun, validated every epoch: what every other 2-rank launch must reproduce, bit
            # for bit. Not one process: each rank caches its own partition of the cases (CONTRACT.md's C5 exception)
            runs=dict(torchrun=Launch("torchrun", to_ckpt(*TWO, "multigpu_torchrun.py", *MONAI, "--batch-size", "1",
@@ -383,6 +416,10 @@ RECIPES = {r.folder: r for r in [
     Recipe("modulus", MODULUS, teardown_check=True, **SNAPSHOT_PT,
            no_preemption="test_modulus.py's test_srun_tasks_preempted_save_exit_75_and_resume stays: it ends within "
                          "TOL of the file's single-process run (srun == 1 process), which this table cannot reuse",
+           # 2 ranks x 8: 16 steps per epoch. Two nodes x 1 task: DistributedManager's SLURM method
+           slurm_preemption=SlurmPreemption(("--epochs", "2", "--dataset-size", "256", "--batch-size", "8",
+                                             "--log-every", "2"), 32, 6, epoch=1, resumed=r"\S+snapshot\.pt",
+                                            files=("fno.mdlus",), says=("initialised from slurm",)),
            runs=dict(reference=Launch("python", to_ckpt("single_gpu.py", *MODULUS, "--batch-size", "16")),
                      torchrun=Launch("torchrun", to_ckpt(*TWO, "multigpu_torchrun.py", *MODULUS, "--batch-size", "8"),
                                      teardown_check=True),
@@ -414,6 +451,9 @@ RECIPES = {r.folder: r for r in [
                ("--epochs", "1", "--dataset-size", "4096", "--batch-size", "16", "--log-every", "10",
                 "--num-workers", "1", "--ds-config", ROOT / "deepspeed" / "configs" / "zero2.json"), 128, 128,
                resumed=r"resumed from {ckpt}/step-{step:08d}: epoch 1, step {step}$"),
+           # ZeRO-2, 2 ranks x 16: 96 steps in 1 epoch; every rank saves its shard of the optimizer
+           slurm_preemption=SlurmPreemption(("--epochs", "1", "--dataset-size", "3072", "--batch-size", "16",
+                                             "--log-every", "8", "--ds-config", "configs/zero2.json"), 96, 16, epoch=1),
            runs=dict(
                reference=Launch("python", to_ckpt("single_gpu.py", *PT, "--ds-config", "configs/zero0.json",
                                                   "--batch-size", "32")),
@@ -439,6 +479,12 @@ RECIPES = {r.folder: r for r in [
            weights=lambda d: _nemo_last(d)["state_dict"], step_of=lambda d: _nemo_last(d)["global_step"],
            no_preemption="test_nemo.py's test_preemption_checkpoints_exits_75_and_the_rerun_resumes "
                          "(single_gpu.py, exp_manager's *-last.ckpt) stays",
+           # 2 ranks x 8: 256 steps in 1 epoch (seconds: the signal sent at step 40 lands tens of steps later, still
+           # mid-epoch); exp_manager's *-last.ckpt, the .nemo only at the real end
+           slurm_preemption=SlurmPreemption(("--epochs", "1", "--dataset-size", "4096", "--batch-size", "8",
+                                             "--log-every", "10", "--num-workers", "1"), 256, 40,
+                                            resumed=r"\S+-last\.ckpt", files=("checkpoints/nemo-toy.nemo",),
+                                            says=("2 nodes (n[1-2])",)),
            runs=dict(reference=Launch("python", to_ckpt("single_gpu.py", *NEMO, "--batch-size", "16", "--config-path",
                                                         "{dir_from_folder}/conf", "--config-name=mine"),
                                       files={"conf/mine.yaml": NEMO_CONF}),
@@ -462,6 +508,10 @@ RECIPES = {r.folder: r for r in [
            busy_port="test_jax.py's test_coordinator_port_in_use (JAX_* launch); this row passes it too (~17 s of CI)",
            no_preemption="test_jax.py's test_preempted_run_saves_exits_75_and_resumes_exactly (SIGTERM to "
                          "multigpu.py, which forwards it; multinode.py resumes) stays",
+           # 2 processes x 16: 64 steps per epoch
+           slurm_preemption=SlurmPreemption(("--epochs", "2", "--dataset-size", "2048", "--batch-size", "16",
+                                             "--log-every", "8"), 128, 16, epoch=1,
+                                            says=("[rank0] processes 2 | devices 2",)),
            runs=dict(reference=Launch("python", to_ckpt("single_gpu.py", *JAX, "--batch-size", "32"), env=JAX_CACHE),
                      spawn=Launch("python", to_ckpt("multigpu.py", "--nprocs", "2", *JAX, "--batch-size", "16"),
                                   env=JAX_CACHE)),
@@ -481,6 +531,8 @@ RECIPES = {r.folder: r for r in [
                                              resume_batch=8, resumed="epoch 1, step 5", steps=64, grow=True)),
     Recipe("ray", no_srun="one driver starts every worker itself (ray.train): covered by test_ray.py",
            no_preemption="test_ray.py",
+           no_slurm_preemption="test_ray_slurm.py: a Ray cluster inside the job (two jobs at once), SIGTERM to every "
+                               "process -> the driver saves -> requeue -> resume",
            no_same_as_one="test_ray.py's test_two_workers_equal_one_process stays: its 2 workers are the preempted "
                           "run's step-10 snapshot, on the file's own Ray cluster, which this table cannot reuse",
            no_world_size_change="test_ray.py's test_two_workers_equal_one_process (2 workers x 16 -> 1 x 16)"),

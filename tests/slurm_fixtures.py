@@ -16,6 +16,7 @@ import shlex
 import subprocess
 import time
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import pytest
@@ -276,10 +277,41 @@ class SlurmCluster:
         return self.wait(job_id, output, timeout=timeout, on_poll=on_poll)
 
 
+def template_job(folder: str, template: str, sbatch_args, *args, env: dict | None = None):
+    """One of <folder>'s templates as a job for run_jobs: job dir -> (job id, output file), its checkpoints in job
+    dir/ckpt (SlurmCluster.submit_recipe); "{dir}" in an argument is the job dir."""
+    def submit(job_dir):
+        filled = [a.format(dir=job_dir) if isinstance(a, str) else a for a in args]
+        return _cluster[0].submit_recipe(folder, template, job_dir, sbatch_args, *filled, env=env)
+    return submit
+
+
+def template_rows(folder: str, rows, *args) -> dict:
+    """test_template_runs' rows (pytest params: template, sbatch args, ...) as run_jobs' jobs, named by the test
+    that asserts on each: {"test_template_runs[ID]": template_job}, every one with the script arguments `args`."""
+    return {f"test_template_runs[{p.id}]": template_job(folder, *p.values[:2], *args) for p in rows}
+
+
+def run_jobs(request, tmp_path_factory, jobs: dict, *, at_once: int = 3, timeout: float = 240) -> dict:
+    """From a module-scoped fixture: the independent jobs of the module's tests, each in a folder of its own,
+    submitted and waited for together (SlurmCluster.run_together, the job table naming each by the test that
+    asserts on it). `jobs` maps that name to a submitter: job dir -> (job id, output file) (template_job, or the
+    test file's own). Returns {name: (Job, job dir)}; a template job's checkpoints are in job dir/ckpt."""
+    dirs = {name: tmp_path_factory.mktemp("job") for name in jobs}
+    done = _cluster[0].run_together({name: partial(submit, dirs[name]) for name, submit in jobs.items()},
+                                    prefix=module_prefix(request), at_once=at_once, timeout=timeout)
+    return {name: (job, dirs[name]) for name, job in done.items()}
+
+
 def module_prefix(request) -> str:
     """For run_together from a module-scoped fixture: the test file's node id and "::", so that the job table names
     each job by the test that asserts on it."""
     return without_group(request.node.nodeid) + "::"
+
+
+def hosts(log: str) -> dict[int, str]:
+    """{rank: host} from the `[rankR] host H |` line the multinode scripts print (those that do) from every rank."""
+    return {int(r): h for r, h in re.findall(r"\[rank(\d+)\] host (\S+) \|", log)}
 
 
 def progress_step(log: str, epoch: int | None = None) -> int:
@@ -341,7 +373,7 @@ ONE_NODE = [
     pytest.param("multigpu_torchrun.sbatch", shape(1, 1, gpus_per_node=2), 2, id="torchrun"),  # SLURM_GPUS_ON_NODE
 ]
 MULTINODE_1X2 = pytest.param("multinode.sbatch", shape(1, 2), 2, id="multinode-1x2")
-MULTINODE_2X1 = pytest.param("multinode.sbatch", shape(2, 1), 2, id="multinode-2x1")
+# multinode.sbatch on 2 nodes x 1 task: test_slurm_preemption.py, every folder's straight run
 
 
 @pytest.fixture(scope="session")

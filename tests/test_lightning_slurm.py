@@ -3,7 +3,8 @@
 Templates run unmodified from lightning/; the tests only shrink the shape on the sbatch command line (this
 machine has 2 cores), pass the interpreter as PYTHON, and point --checkpoint-dir at a temporary folder (the
 last --checkpoint-dir on the command line wins over the template's). The independent jobs (every template, the
-fail-fast ones) run side by side, a few at a time; each preempted job runs alone after them.
+fail-fast ones) run side by side, a few at a time; the preempted spawn job runs alone after them. multinode.sbatch
+on 2 nodes and its preemption (SIGTERM to every process of the step) are test_slurm_preemption.py's lightning row.
 """
 
 import re
@@ -12,13 +13,13 @@ from functools import partial
 import pytest
 import torch
 from helpers import ROOT, env_python, epoch_lines
-from slurm_fixtures import GLOO, MULTINODE_2X1, ONE_NODE, module_prefix, requeued_once, shape
+from slurm_fixtures import GLOO, ONE_NODE, requeued_once, run_jobs, shape, template_job, template_rows
 
 pytestmark = [pytest.mark.lightning, pytest.mark.slurm, pytest.mark.timeout(600)]  # the first test: all of `jobs`
 
 FOLDER = ROOT / "lightning"
 TINY = ["--epochs", 2, "--dataset-size", 256, "--batch-size", 32, "--log-every", 4]
-# Preemption: 2 ranks x 32 = 64 samples per step, 4096 samples -> 64 steps per epoch, 192 in all.
+# The spawn template preempted: 2 ranks x 32 = 64 samples per step, 4096 samples -> 64 steps per epoch, 192 in all.
 LONG = ["--epochs", 3, "--dataset-size", 4096, "--batch-size", 32, "--log-every", 16]
 LONG_STEPS = 192
 
@@ -27,10 +28,6 @@ def checkpoint(directory):
     path = directory / "last.ckpt"
     assert path.exists(), f"no last.ckpt in {directory}: {sorted(p.name for p in directory.iterdir())}"
     return torch.load(path, map_location="cpu", weights_only=True)
-
-
-def submit(cluster, tmp_path, template, sbatch_args, args=TINY, **kwargs):
-    return cluster.recipe("lightning", template, tmp_path, sbatch_args, *args, **kwargs)
 
 
 def world_size_of(log):
@@ -45,44 +42,36 @@ NO_SRUN_JOB = """#!/bin/bash
 set -euo pipefail
 "$PYTHON" multinode.py "$@"
 """
-# multinode.sbatch at 1 node x 2 tasks runs in test_preemption_requeue_resume (one launched run, both checks).
-TEMPLATE_ROWS = [*ONE_NODE, MULTINODE_2X1]
+# multinode.sbatch: test_slurm_preemption.py (2 nodes straight through, 1 node x 2 tasks preempted)
+TEMPLATE_ROWS = ONE_NODE
 
 
-def submit_no_srun(cluster, tmp_path):
-    job_script = tmp_path / "no_srun.sbatch"
+def submit_no_srun(cluster, job_dir):
+    job_script = job_dir / "no_srun.sbatch"
     job_script.write_text(NO_SRUN_JOB)
-    output = tmp_path / "job.out"
-    return cluster.submit(job_script, *TINY, *GLOO, "--checkpoint-dir", tmp_path / "ckpt", cwd=FOLDER,
-                          output=output, env={"PYTHON": env_python("lightning")}), output
+    output = job_dir / "job.out"
+    return cluster.submit(job_script, *TINY, *GLOO, "--checkpoint-dir", job_dir / "ckpt", cwd=FOLDER, output=output,
+                          env={"PYTHON": env_python("lightning")}), output
 
 
 @pytest.fixture(scope="module")
 def jobs(slurm_cluster, tmp_path_factory, request):
-    """The jobs of test_template_runs' rows and of the two fail-fast tests, submitted and waited for together
-    (run_together): {test name: (job, checkpoint dir)}."""
-    rows = {f"test_template_runs[{p.id}]": (*p.values[:2], TINY) for p in TEMPLATE_ROWS}
-    rows["test_devices_mismatch_fails_fast_with_a_clear_error"] = ("multinode.sbatch", shape(1, 2),
-                                                                   [*TINY, "--devices", 1])
-    dirs = {name: tmp_path_factory.mktemp("lightning_job") for name in [*rows, "missing_srun"]}
-    submits = {name: partial(slurm_cluster.submit_recipe, "lightning", template, dirs[name], sbatch_args, *args)
-               for name, (template, sbatch_args, args) in rows.items()}
-    submits["test_missing_srun_fails_fast_with_a_clear_error"] = partial(submit_no_srun, slurm_cluster,
-                                                                         dirs["missing_srun"])
-    done = slurm_cluster.run_together(submits, prefix=module_prefix(request), timeout=240)
-    return {name: (job, job_dir / "ckpt") for (name, job), job_dir in zip(done.items(), dirs.values())}
+    """The jobs of test_template_runs' rows and of the two fail-fast tests, run together: {test name: (job, job
+    dir)}."""
+    return run_jobs(request, tmp_path_factory, {
+        **template_rows("lightning", TEMPLATE_ROWS, *TINY),
+        "test_devices_mismatch_fails_fast_with_a_clear_error": template_job(
+            "lightning", "multinode.sbatch", shape(1, 2), *TINY, "--devices", 1),
+        "test_missing_srun_fails_fast_with_a_clear_error": partial(submit_no_srun, slurm_cluster)})
 
 
 @pytest.mark.parametrize("template, sbatch_args, world_size", TEMPLATE_ROWS)
 def test_template_runs(jobs, request, template, sbatch_args, world_size):
-    job, ckpt = jobs[request.node.name]
+    job, job_dir = jobs[request.node.name]
     job.assert_ok()
     assert [(e.epoch, e.metric) for e in epoch_lines(job.log)] == [(1, "acc"), (2, "acc")], job.describe()
     assert world_size_of(job.log) == world_size, job.describe()
-    assert checkpoint(ckpt)["global_step"] == 2 * 256 // (32 * world_size)
-    if template == "multinode.sbatch":
-        nodes = "2 nodes (n[1-2])" if "--nodes=2" in sbatch_args else "1 nodes (n1)"
-        assert nodes in job.log, job.describe()
+    assert checkpoint(job_dir / "ckpt")["global_step"] == 2 * 256 // (32 * world_size)
 
 
 def test_devices_mismatch_fails_fast_with_a_clear_error(jobs, request):
@@ -108,30 +97,11 @@ def test_spawn_template_preempted_requeues_and_resumes(slurm_cluster, tmp_path):
     died of Slurm's USR1 and came back with KeyError tracebacks; the spawn parent, which never trains, said
     "preempted at step 0" (the step now comes back from the workers in callback_metrics)."""
     events = {}
-    job, ckpt = submit(slurm_cluster, tmp_path, "multigpu.sbatch", shape(1, 1, gpus_per_node=2, cpus=2),
-                       args=LONG, timeout=300, on_poll=slurm_cluster.preempt_at(16, epoch=1, events=events))
+    job, ckpt = slurm_cluster.recipe("lightning", "multigpu.sbatch", tmp_path, shape(1, 1, gpus_per_node=2, cpus=2),
+                                     *LONG, timeout=300, on_poll=slurm_cluster.preempt_at(16, epoch=1, events=events))
     _, second, preempted = requeued_once(job, events, 16, LONG_STEPS)
     assert "resource_tracker" not in job.log, job.describe()
     assert re.search(rf"resumed from \S+/preempted-step={preempted}\.ckpt: epoch 1, step {preempted}", second), \
         job.describe()
     assert checkpoint(ckpt)["global_step"] == LONG_STEPS
 
-
-def test_preemption_requeue_resume(slurm_cluster, tmp_path):
-    """SIGTERM to every process of the step, DataLoader workers included, not to the batch shell or srun (Slurm's
-    preemption with GraceTime; Lightning installs its own SIGTERM handler, which must not win): the ranks agree on a
-    step, save preempted-step=N.ckpt and exit 75, multinode.sbatch requeues, and the requeued job (same id, same
-    checkpoint directory) resumes from the checkpoint with the most progress and COMPLETES after all the steps."""
-    events = {}
-    job, ckpt = submit(slurm_cluster, tmp_path, "multinode.sbatch", shape(1, 2), args=[*LONG, "--num-workers", 2],
-                       timeout=300, on_poll=slurm_cluster.preempt_at(96, to="steps", signal="TERM", events=events))
-    first, second, preempted = requeued_once(job, events, 96, LONG_STEPS, forwarded=None)
-    # 64 steps per epoch; the signal lands at step 96 or, if the ranks agree later, in epoch 3
-    epoch = preempted // 64 + 1
-    assert re.search(rf"resumed from \S+/preempted-step={preempted}\.ckpt: epoch {epoch}, step {preempted}", second), \
-        job.describe()
-    saved = torch.load(ckpt / f"preempted-step={preempted}.ckpt", map_location="cpu", weights_only=True)
-    assert saved["global_step"] == preempted
-    assert checkpoint(ckpt)["global_step"] == LONG_STEPS
-    # what test_template_runs checks of the other shapes: the world size and the node count
-    assert world_size_of(second) == 2 and "1 nodes (n1)" in job.log, job.describe()

@@ -3,26 +3,23 @@
 Templates run unmodified from modulus/; the tests only shrink the shape on the sbatch command line (this machine
 has 2 cores), pass the interpreter as PYTHON, and point --checkpoint-dir at a temporary folder (the last one on
 the command line wins over the template's). The independent jobs (every template, the darcy data job) run side
-by side, a few at a time; the preempted job runs alone after them.
+by side, a few at a time. multinode.sbatch on 2 nodes x 1 task (DistributedManager's SLURM method) and its
+preemption are test_slurm_preemption.py's modulus row.
 """
 
-import re
 from functools import partial
 
 import numpy as np
 import pytest
 import torch
 from helpers import ROOT, env_python, epoch_lines
-from slurm_fixtures import MULTINODE_2X1, ONE_NODE, module_prefix, shape
+from slurm_fixtures import ONE_NODE, hosts, run_jobs, shape, template_rows
 
 pytestmark = [pytest.mark.modulus, pytest.mark.slurm, pytest.mark.timeout(600)]  # the first test: all of `jobs`
 
 FOLDER = ROOT / "modulus"
 # 2 ranks x batch 8: 4 steps per epoch, 8 in all (1 rank: 8 steps per epoch).
 TINY = ["--epochs", 2, "--dataset-size", 64, "--batch-size", 8, "--log-every", 1000]
-# Preemption: 2 ranks x 8 = 16 samples per step, 256 samples -> 16 steps per epoch, 32 in all.
-LONG = ["--epochs", 2, "--dataset-size", 256, "--batch-size", 8, "--log-every", 2]
-LONG_STEPS = 32
 
 
 def snapshot(directory):
@@ -31,36 +28,25 @@ def snapshot(directory):
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
-def submit(cluster, tmp_path, template, sbatch_args, args=TINY, **kwargs):
-    return cluster.recipe("modulus", template, tmp_path, sbatch_args, *args, **kwargs)
-
-
 TEMPLATE_ROWS = [
-    *ONE_NODE,
-    MULTINODE_2X1,  # srun, one task per node: DistributedManager's SLURM method
+    *ONE_NODE,  # multinode.sbatch: test_slurm_preemption.py
     pytest.param("multinode_torchrun.sbatch", shape(2, 1, gpus_per_node=1), 2, id="multinode_torchrun-2x1"),
 ]
 DARCY = "test_darcy_data_job_writes_the_files"
 
 
-def submit_darcy(cluster, tmp_path):
-    output = tmp_path / "job.out"
-    return cluster.submit(FOLDER / "darcy.sbatch", tmp_path / "darcy", "--train", 32, "--val", 8, "--resolution", 16,
+def submit_darcy(cluster, job_dir):
+    output = job_dir / "job.out"
+    return cluster.submit(FOLDER / "darcy.sbatch", job_dir / "darcy", "--train", 32, "--val", 8, "--resolution", 16,
                           sbatch_args=["--cpus-per-task=1", "--time=00:05:00"], cwd=FOLDER, output=output,
                           env={"PYTHON": env_python("modulus")}), output
 
 
 @pytest.fixture(scope="module")
 def jobs(slurm_cluster, tmp_path_factory, request):
-    """The jobs of test_template_runs' rows and of the darcy test, submitted and waited for together
-    (run_together): {test name: (job, its temporary folder)}."""
-    rows = {f"test_template_runs[{p.id}]": p.values[:2] for p in TEMPLATE_ROWS}
-    dirs = {name: tmp_path_factory.mktemp("modulus_job") for name in [*rows, DARCY]}
-    submits = {name: partial(slurm_cluster.submit_recipe, "modulus", template, dirs[name], sbatch_args, *TINY)
-               for name, (template, sbatch_args) in rows.items()}
-    submits[DARCY] = partial(submit_darcy, slurm_cluster, dirs[DARCY])
-    done = slurm_cluster.run_together(submits, prefix=module_prefix(request), timeout=300)
-    return {name: (job, dirs[name]) for name, job in done.items()}
+    """The jobs of test_template_runs' rows and of the darcy test, run together: {test name: (job, job dir)}."""
+    return run_jobs(request, tmp_path_factory, {**template_rows("modulus", TEMPLATE_ROWS, *TINY),
+                                                DARCY: partial(submit_darcy, slurm_cluster)}, timeout=300)
 
 
 @pytest.mark.parametrize("template, sbatch_args, world_size", TEMPLATE_ROWS)
@@ -74,31 +60,7 @@ def test_template_runs(jobs, request, template, sbatch_args, world_size):
                                                                        (2, 2, 2 * steps, "rel_l2")], job.describe()
     assert snapshot(ckpt)["step"] == 2 * steps and (ckpt / "fno.mdlus").exists()
     if template.startswith("multinode"):
-        hosts = dict(re.findall(r"\[rank(\d)\] host (\S+) \|", job.log))
-        assert hosts == {"0": "n1", "1": "n2"}, job.describe()
-    if template == "multinode.sbatch":
-        assert "initialised from slurm" in job.log, job.describe()
-
-
-def test_multinode_preemption_requeue_resume(slurm_cluster, tmp_path):
-    """1 node x 2 tasks. SIGTERM to every process of the step mid-training, not to the batch shell or srun (Slurm's
-    preemption with GraceTime) -> snapshot -> exit 75 -> scontrol requeue -> the requeued job (same id, same checkpoint
-    directory) resumes from the snapshot -> COMPLETED after all the steps."""
-    events = {}
-    job, ckpt = submit(slurm_cluster, tmp_path, "multinode.sbatch", shape(1, 2), args=LONG, timeout=300,
-                       on_poll=slurm_cluster.preempt_at(6, epoch=1, to="steps", signal="TERM", events=events))
-    job.assert_ok()
-    assert events["signalled"], f"training never reached step 6\n{job.describe()}"
-    assert job.info["Restarts"] == "1", job.describe()
-    first, _, second = job.log.partition("run 2 (restart 1 of at most 3)")
-    assert second, f"the requeued run never started\n{job.describe()}"
-    for needle in ("snapshot saved",
-                   "after checkpointing; requeueing job"):
-        assert needle in first, f"{needle!r} missing before the requeue\n{job.describe()}"
-    stopped_at = int(re.search(r"preempted at step (\d+)", first).group(1))
-    assert 6 <= stopped_at < LONG_STEPS
-    assert re.search(rf"resumed from \S+snapshot\.pt: epoch \d, step {stopped_at}$", second, re.M), job.describe()
-    assert snapshot(ckpt)["step"] == LONG_STEPS
+        assert hosts(job.log) == {0: "n1", 1: "n2"}, job.describe()
 
 
 def test_darcy_data_job_writes_the_files(jobs):

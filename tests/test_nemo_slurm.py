@@ -3,7 +3,8 @@
 Templates run unmodified from nemo/; the tests only shrink the shape on the sbatch command line (this machine has
 2 cores), pass the interpreter as PYTHON, and point --checkpoint-dir at a temporary folder (the last
 --checkpoint-dir on the command line wins over the template's). The independent jobs (every template, the
-Megatron one) run side by side, two at a time; the preempted job and NeMo-Run's run alone after them.
+Megatron one) run side by side, two at a time; NeMo-Run's runs alone after them. multinode.sbatch on 2 nodes and
+its preemption are test_slurm_preemption.py's nemo row.
 """
 
 import os
@@ -14,59 +15,42 @@ from functools import partial
 
 import pytest
 from helpers import ROOT, env_python, epoch_lines
-from slurm_fixtures import (GLOO, LOCAL_CLUSTER, MULTINODE_2X1, ONE_NODE, cluster_env, module_prefix,
-                            requeued_once, shape)
+from slurm_fixtures import GLOO, LOCAL_CLUSTER, ONE_NODE, cluster_env, run_jobs, shape, template_rows
 from test_nemo import last_checkpoint  # reads a NeMo checkpoint without NeMo
 
 pytestmark = [pytest.mark.nemo, pytest.mark.slurm, pytest.mark.timeout(600)]  # the first test: all of `jobs`
 
 FOLDER = ROOT / "nemo"
 TINY = ["--epochs", 2, "--dataset-size", 64, "--batch-size", 8, "--log-every", 4]
-# Preemption: 2 ranks x 8 = 16 samples per step, 4096 samples -> 256 steps in 1 epoch (an epoch takes seconds: the
-# signal sent at step 40 lands tens of steps later under load, still mid-epoch)
-LONG = ["--epochs", 1, "--dataset-size", 4096, "--batch-size", 8, "--log-every", 10]
-LONG_STEPS = 256
 
 
-def submit(cluster, tmp_path, template, sbatch_args, args=TINY, **kwargs):
-    return cluster.recipe("nemo", template, tmp_path, sbatch_args, *args, **kwargs)
-
-
-# multinode.sbatch at 1 node x 2 tasks runs in test_preemption_requeue_resume (one launched run, both checks).
-TEMPLATE_ROWS = [*ONE_NODE, MULTINODE_2X1]
+TEMPLATE_ROWS = ONE_NODE  # multinode.sbatch: test_slurm_preemption.py
 MEGATRON = "test_megatron_parallel_two_nodes_tensor_parallel_across_them"
 
 
-def submit_megatron(cluster, tmp_path):
-    output = tmp_path / "job.out"
+def submit_megatron(cluster, job_dir):
+    output = job_dir / "job.out"
     return cluster.submit(FOLDER / "megatron_parallel.sbatch", "--tensor-model-parallel-size", 2, *GLOO, cwd=FOLDER,
                           sbatch_args=shape(2, 1), output=output, env={"PYTHON": env_python("nemo")}), output
 
 
 @pytest.fixture(scope="module")
 def jobs(slurm_cluster, tmp_path_factory, request):
-    """The jobs of test_template_runs' rows and of the Megatron test, submitted and waited for together
-    (run_together; two at a time: every NeMo process spends ~20 CPU-s importing): {test name: (job, checkpoint
-    dir)}."""
-    rows = {f"test_template_runs[{p.id}]": p.values[:2] for p in TEMPLATE_ROWS}
-    dirs = {name: tmp_path_factory.mktemp("nemo_job") for name in [*rows, MEGATRON]}
-    submits = {name: partial(slurm_cluster.submit_recipe, "nemo", template, dirs[name], sbatch_args, *TINY)
-               for name, (template, sbatch_args) in rows.items()}
-    submits[MEGATRON] = partial(submit_megatron, slurm_cluster, dirs[MEGATRON])
-    done = slurm_cluster.run_together(submits, prefix=module_prefix(request), at_once=2, timeout=300)
-    return {name: (job, dirs[name] / "ckpt") for name, job in done.items()}
+    """The jobs of test_template_runs' rows and of the Megatron test, run together (two at a time: every NeMo process
+    spends ~20 CPU-s importing): {test name: (job, job dir)}."""
+    return run_jobs(request, tmp_path_factory, {**template_rows("nemo", TEMPLATE_ROWS, *TINY),
+                                                MEGATRON: partial(submit_megatron, slurm_cluster)},
+                    at_once=2, timeout=300)
 
 
 @pytest.mark.parametrize("template, sbatch_args, world_size", TEMPLATE_ROWS)
 def test_template_runs(jobs, request, template, sbatch_args, world_size):
-    job, ckpt = jobs[request.node.name]
+    job, job_dir = jobs[request.node.name]
     job.assert_ok()
     assert [(e.epoch, e.metric) for e in epoch_lines(job.log)] == [(1, "acc"), (2, "acc")], job.describe()
     assert re.search(rf"^0: \[rank0\] world size {world_size} \|", job.log, re.M), job.describe()
-    assert last_checkpoint(ckpt)["global_step"] == 2 * 64 // (8 * world_size)
-    assert (ckpt / "checkpoints" / "nemo-toy.nemo").exists()
-    if "--nodes=2" in sbatch_args:
-        assert "2 nodes (n[1-2])" in job.log, job.describe()
+    assert last_checkpoint(job_dir / "ckpt")["global_step"] == 2 * 64 // (8 * world_size)
+    assert (job_dir / "ckpt" / "checkpoints" / "nemo-toy.nemo").exists()
 
 
 def test_megatron_parallel_two_nodes_tensor_parallel_across_them(jobs):
@@ -75,22 +59,6 @@ def test_megatron_parallel_two_nodes_tensor_parallel_across_them(jobs):
     job.assert_ok()
     assert "0: [rank0] world size 2 = tensor 2 x pipeline 1 x data 1 | backend gloo" in job.log, job.describe()
     assert "0: [rank0] rank 1: tp [0, 1] | pp [1] | dp [1]" in job.log, job.describe()
-
-
-def test_preemption_requeue_resume(slurm_cluster, tmp_path):
-    """SIGTERM to every process of the step, DataLoader workers included, not to the batch shell or srun (Slurm's
-    preemption with GraceTime; NeMo once exited 0 on it): the ranks agree on a step, save *-last.ckpt and exit 75,
-    multinode.sbatch requeues, and the requeued job resumes from that checkpoint through exp_manager and COMPLETES all
-    the steps."""
-    events = {}
-    job, ckpt = submit(slurm_cluster, tmp_path, "multinode.sbatch", shape(1, 2), args=[*LONG, "--num-workers", 1],
-                       timeout=300, on_poll=slurm_cluster.preempt_at(40, to="steps", signal="TERM", events=events))
-    first, second, preempted = requeued_once(job, events, 40, LONG_STEPS, forwarded=None)
-    assert re.search(rf"resumed from \S+-last\.ckpt: epoch 1, step {preempted}$", second, re.M), job.describe()
-    assert last_checkpoint(ckpt)["global_step"] == LONG_STEPS
-    # what test_template_runs checks of the other shapes: the world size, the node count, the .nemo at the end
-    assert re.search(r"^0: \[rank0\] world size 2 \|", second, re.M) and "1 nodes (n1)" in job.log, job.describe()
-    assert (ckpt / "checkpoints" / "nemo-toy.nemo").exists()
 
 
 def test_nemo_run_submits_multinode_and_the_job_completes(slurm_cluster, tmp_path):

@@ -15,14 +15,13 @@ import shutil
 import signal
 import subprocess
 import time
-from functools import partial
 from pathlib import Path
 
 import pytest
 import torch
 
 from helpers import ROOT, env_python
-from slurm_fixtures import GLOO, cluster_env, module_prefix, progress_step, requeued_once
+from slurm_fixtures import GLOO, cluster_env, hosts, progress_step, requeued_once, run_jobs, template_job
 from test_slurm_templates import STOPPABLE  # a program that exits 75 on USR1
 
 pytestmark = pytest.mark.slurm
@@ -40,6 +39,7 @@ TINY = ["--epochs", 2, "--dataset-size", 512, "--batch-size", 16, "--log-every",
 LONG = ["--epochs", 3, "--dataset-size", 2048, "--batch-size", 16, "--log-every", 8, "--seed", 0, *GLOO]
 LONG_STEPS = 192
 ONE_PER_NODE = ["--nodes=2", "--ntasks-per-node=1", "--gpus-per-node=1", "--cpus-per-task=1"]
+TWO_GPUS = ["--gpus-per-node=2", "--cpus-per-task=2"]
 
 
 @pytest.fixture(scope="module")
@@ -53,28 +53,25 @@ def snapshot(directory):
     return torch.load(path, map_location="cpu", weights_only=False)
 
 
-def assert_ranks(log: str, hosts: dict[int, str]):
+def assert_ranks(log: str, expected: dict[int, str]):
     """multinode.py prints `[rankR] host H | local rank L` from every rank."""
-    seen = {int(r): h for r, h in re.findall(r"\[rank(\d+)\] host (\S+) \|", log)}
-    assert seen == hosts, f"ranks/hosts in the log: {seen}, expected {hosts}\n{log[-3000:]}"
+    seen = hosts(log)
+    assert seen == expected, f"ranks/hosts in the log: {seen}, expected {expected}\n{log[-3000:]}"
 
 
 @pytest.fixture(scope="module")
-def jobs(slurm_cluster, pytorch_python, tmp_path_factory, request):
+def jobs(slurm_cluster, tmp_path_factory, request):
     """The jobs of the one-job template tests below (single GPU, spawn, torchrun, fsdp) and the uninterrupted
-    multinode.sbatch run (test_multinode_srun; the preemption tests compare against it), submitted and waited for
-    together (run_together): {test name: (job, checkpoint dir)}."""
-    rows = {"test_single_gpu": ("single_gpu.sbatch", ["--cpus-per-task=1"], TINY),
-            "test_multigpu_spawn": ("multigpu.sbatch", ["--gpus-per-node=2", "--cpus-per-task=2"], TINY),
-            "test_multigpu_torchrun": ("multigpu_torchrun.sbatch", ["--gpus-per-node=2", "--cpus-per-task=2"], TINY),
-            "test_multinode_srun": ("multinode.sbatch", ONE_PER_NODE, LONG),
-            "test_fsdp": ("fsdp.sbatch", ["--nodes=2", "--gpus-per-node=1", "--cpus-per-task=1"], TINY)}
-    dirs = {name: tmp_path_factory.mktemp("pytorch_job") for name in rows}
-    done = slurm_cluster.run_together(
-        {name: partial(slurm_cluster.submit_recipe, "pytorch", template, dirs[name], sbatch_args, *args,
-                       env={"PYTHON": pytorch_python})
-         for name, (template, sbatch_args, args) in rows.items()}, prefix=module_prefix(request), timeout=240)
-    return {name: (job, dirs[name] / "ckpt") for name, job in done.items()}
+    multinode.sbatch run (test_multinode_srun; the preemption tests compare against it), run together: {test name:
+    (job, checkpoint dir)}."""
+    done = run_jobs(request, tmp_path_factory, {
+        "test_single_gpu": template_job("pytorch", "single_gpu.sbatch", ["--cpus-per-task=1"], *TINY),
+        "test_multigpu_spawn": template_job("pytorch", "multigpu.sbatch", TWO_GPUS, *TINY),
+        "test_multigpu_torchrun": template_job("pytorch", "multigpu_torchrun.sbatch", TWO_GPUS, *TINY),
+        "test_multinode_srun": template_job("pytorch", "multinode.sbatch", ONE_PER_NODE, *LONG),
+        "test_fsdp": template_job("pytorch", "fsdp.sbatch", ["--nodes=2", "--gpus-per-node=1", "--cpus-per-task=1"],
+                                  *TINY)})
+    return {name: (job, job_dir / "ckpt") for name, (job, job_dir) in done.items()}
 
 
 def test_single_gpu(jobs):
