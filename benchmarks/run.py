@@ -542,15 +542,34 @@ def main(argv=None):
     table = markdown(result)
     (out / "results.md").write_text(table)
     plot(result, out / "results.png")
-    if args.publish:  # the table and the chart the READMEs show
-        (HERE / "RESULTS.md").write_text(
-            "# Benchmark results (latest `make bench`)\n\n"
-            "Written by `benchmarks/run.py --publish`; see benchmarks/README.md for what each column means.\n\n"
-            "![benchmark chart](results.png)\n\n" + table)
-        shutil.copyfile(out / "results.png", HERE / "results.png")
+    published = publish(table, out / "results.png", args.recipes, date=machine["date"]) if args.publish else None
     print(table)
     print(f"[bench] wrote {out / 'results.json'}, {out / 'results.md'}, {out / 'results.png'}"
-          + (f" and {HERE / 'RESULTS.md'}" if args.publish else ""))
+          + (f" and {published}" if published else ""))
+
+
+ALONE = "Rows measured alone since this table: "
+
+
+def publish(table: str, png: Path, recipes, *, here: Path = HERE, date: str = "") -> Path:
+    """--publish. Every recipe measured: RESULTS.md and results.png, the table and chart the READMEs show. A subset
+    (`--recipes jax`): RESULTS-<names>.md and results-<names>.png beside them -- a table of a few entries must not
+    replace the whole one -- and one line at the end of RESULTS.md that points to it. Returns the table's path."""
+    whole = {r.name for r in recipes} == {r.name for r in RECIPES}
+    name = "-".join(r.name.replace(" ", "_") for r in recipes)
+    path = here / ("RESULTS.md" if whole else f"RESULTS-{name}.md")
+    path.write_text(f"# Benchmark results (latest `make bench`{'' if whole else f' of {name} alone'})\n\n"
+                    "Written by `benchmarks/run.py --publish`; see benchmarks/README.md for what each column means.\n\n"
+                    f"![benchmark chart]({'results.png' if whole else f'results-{name}.png'})\n\n" + table)
+    shutil.copyfile(png, here / ("results.png" if whole else f"results-{name}.png"))
+    main = here / "RESULTS.md"
+    if not whole and main.exists():
+        lines = main.read_text().rstrip("\n").split("\n")
+        links = [x for x in lines[-1].removeprefix(ALONE).split("; ")
+                 if lines[-1].startswith(ALONE) and not x.startswith(f"[{name}](")]
+        lines = lines[:-1] if lines[-1].startswith(ALONE) else [*lines, ""]
+        main.write_text("\n".join([*lines, ALONE + "; ".join([*links, f"[{name}]({path.name}) ({date})"])]) + "\n")
+    return path
 
 
 if __name__ == "__main__":

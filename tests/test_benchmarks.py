@@ -189,3 +189,25 @@ def test_raw_jax_baseline_runs_as_the_runner_launches_it(tmp_path):
     data = json.loads(timings.read_text())
     assert (data["world_size"], data["batch_size"], len(data["step_end_times"])) == (2, 8, 4)
     assert data["start_time"] < data["step_end_times"][0] and data["step_end_times"] == sorted(data["step_end_times"])
+
+
+def test_a_subset_is_published_beside_the_whole_table_not_over_it(tmp_path):
+    """`--publish` with every recipe writes RESULTS.md (the table the READMEs show); with a subset (`--recipes jax`:
+    jax, its raw loop, raw DDP and the ceiling) it wrote a table of those few over the whole one. Now the subset goes
+    to RESULTS-<recipes>.md, and RESULTS.md gains one line pointing to it, kept once per subset."""
+    bench = load_runner()
+    (tmp_path / "whole.png").write_bytes(b"png")
+    bench.publish("| whole |\n", tmp_path / "whole.png", bench.RECIPES, here=tmp_path)
+    assert (tmp_path / "RESULTS.md").read_text().endswith("| whole |\n") and (tmp_path / "results.png").exists()
+    jax = [r for r in bench.RECIPES if r.name == "jax"]
+    for table in ("| jax, first |\n", "| jax, again |\n"):
+        (tmp_path / "run.png").write_bytes(b"jax png")
+        bench.publish(table, tmp_path / "run.png", jax, here=tmp_path, date="2026-12-08 02:30 UTC")
+    assert (tmp_path / "RESULTS-jax.md").read_text().endswith("| jax, again |\n")
+    assert (tmp_path / "results-jax.png").read_bytes() == b"jax png"
+    whole = (tmp_path / "RESULTS.md").read_text()
+    assert "| whole |" in whole and "jax, " not in whole and (tmp_path / "results.png").read_bytes() == b"png"
+    assert whole.count("[jax](RESULTS-jax.md)") == 1, whole
+    assert whole.endswith("\nRows measured alone since this table: [jax](RESULTS-jax.md) (2026-12-08 02:30 UTC)\n")
+    bench.publish("| whole again |\n", tmp_path / "whole.png", bench.RECIPES, here=tmp_path)
+    assert "RESULTS-jax.md" not in (tmp_path / "RESULTS.md").read_text()  # a whole run measured jax too
