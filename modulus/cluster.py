@@ -22,7 +22,10 @@ Map:
     physicsnemo             the PhysicsNeMo package (or nvidia-modulus 0.9), imported on first use, with its import
                             shims (declare_torchvision_operators, without_warp_driver_warning)
     process_group_options   DistributedManager.setup and dist.init_process_group patched for initialize()'s one call:
-                            --backend, --timeout, the device (device_index), no CPU device_id, NCCL errors raised
+                            --backend, --timeout, the device (device_index), no CPU device_id, NCCL errors raised,
+                            the store of attempt_store
+    attempt_store           torch 2.13 under torchrun --max-restarts on one node: the agent's store, a key prefix per
+                            attempt (a restarted worker must not read a dead worker's address)
     device_index            a local rank's GPU among those the process sees (one GPU per task: cuda:0 everywhere)
     require_srun_address    Slurm's rank variables without srun's address: one line, not a TypeError in setup()
     forget_failed_initialization  DistributedManager's private state cleared after a failed rendezvous
@@ -402,13 +405,31 @@ def process_group_options(args):
             del kwargs["device_id"]
         # WORKAROUND(physicsnemo 2.2.2, no upstream issue): undo initialize()'s TORCH_NCCL_ASYNC_ERROR_HANDLING=0
         os.environ["TORCH_NCCL_ASYNC_ERROR_HANDLING"] = "1"
-        return real(backend, **kwargs)
+        store = attempt_store(kwargs.get("world_size", -1), args.timeout)  # None: env:// as initialize() meant
+        return real(backend, **kwargs) if store is None else real(backend, store=store, **kwargs)
 
     dist.init_process_group, manager.setup = init_process_group, staticmethod(setup)
     try:
         yield
     finally:
         dist.init_process_group, manager.setup = real, staticmethod(real_setup)
+
+
+def attempt_store(world_size, timeout):
+    """Under `torchrun --max-restarts` on one node (one agent): the agent's store, under a key prefix of this
+    attempt; else None. The agent's store outlives its workers, and after a restart it still holds the keys the
+    failed attempt wrote -- gloo's addresses among them: a restarted worker that read a dead worker's address failed
+    in connectFullMesh ("Connection refused" to the old rank 0), or waited for it until the rendezvous deadline
+    (found by the fault soak: tests/faults.py's modulus/torchrun kill-worker). Across nodes the agents count
+    restarts differently (only the one whose worker failed counts it): no common prefix, env:// as before."""
+    env = os.environ
+    if (env.get("TORCHELASTIC_USE_AGENT_STORE") != "True" or env.get("GROUP_WORLD_SIZE") != "1"
+            or "TORCHELASTIC_RESTART_COUNT" not in env):
+        return None
+    store = dist.TCPStore(env["MASTER_ADDR"], int(env["MASTER_PORT"]), world_size, is_master=False,
+                          timeout=timedelta(seconds=timeout))
+    # WORKAROUND(torch 2.13, pytorch/pytorch#167288): a restarted attempt must not read the dead workers' keys
+    return dist.PrefixStore(f"attempt-{env['TORCHELASTIC_RESTART_COUNT']}", store)
 
 
 def require_srun_address():
