@@ -7,6 +7,7 @@ Map:
     parse_args              the command line every recipe in this repository accepts (CONTRACT.md C2), then no
                             silent CPU (C12: toolkit.refuse_silent_cpu)
     run                     toolkit.run with this folder's cleanup (stop_distributed): the scripts' entry point
+    explain                 a collective that failed because a peer died: one line and exit 1, no traceback
     require_torchrun        multigpu_torchrun.py without torchrun's variables: one line, not a silent single process
     require_launcher        multinode.py without torchrun's or srun's variables (or without srun's address): the same
     free_port               a free TCP port for multigpu.py's rendezvous
@@ -40,6 +41,7 @@ import functools
 import gc
 import importlib.util
 import os
+import re
 import signal
 import socket
 import sys
@@ -198,7 +200,26 @@ def stop_distributed():
     physicsnemo().distributed.DistributedManager.cleanup()
 
 
-run = functools.partial(toolkit.run, cleanup=stop_distributed)
+def explain(error):
+    """toolkit.run's verdict on an error that is not a RecipeError: a collective that failed because a peer is gone
+    (gloo: "Connection reset/closed by peer"; NCCL: a DistBackendError) is not this rank's fault -- one line and exit
+    1 (the other rank's log says why; the last snapshot is intact: torchrun's --max-restarts, a requeue or a
+    resubmission resumes from it). None for anything else: a bug, with its traceback. A collective that timed out
+    never gets here: toolkit.run asks toolkit.HANG first. (Found by the fault soak: a killed worker's peer printed
+    a traceback, also when torchrun's restart then recovered.)"""
+    text = str(error).strip()
+    if not (isinstance(error, RuntimeError) and dist.is_initialized()
+            and (isinstance(error, dist.DistError) or "gloo/transport" in text)):
+        return None
+    gist = re.sub(r"^\[[^\]]*\] ", "", text.splitlines()[0] if text else type(error).__name__)  # "[pair.cc:537] "
+    gist = gist.split(". This is typically")[0][:200]
+    if not gist:
+        return None
+    return (f"lost contact with another rank ({gist}): a process or node of the job died; see its log. "
+            f"The last snapshot is intact: a restarted, requeued or resubmitted run resumes from it"), 1
+
+
+run = functools.partial(toolkit.run, explain=explain, cleanup=stop_distributed)
 
 
 # ---------------------------------------------------------------------------------------------------- training

@@ -5,6 +5,7 @@ Map:
                                 --gpu-cache; batch 2 per rank by default: 3-D volumes), then no silent CPU (C12:
                                 toolkit.refuse_silent_cpu) and no --gpu-cache without a GPU
     run                         toolkit.run that leaves the process group on the way out (no try/finally in scripts)
+    explain                     a collective that failed because a peer died: one line and exit 1, no traceback
     leave_process_group         the DDP model freed, then the process group destroyed (README: Troubleshooting)
     torchrun_env                (rank, local_rank, world_size) from RANK, LOCAL_RANK, WORLD_SIZE, or one line on how
     pick_backend, pick_device   nccl with CUDA, gloo without; this process's device
@@ -38,6 +39,7 @@ import functools
 import gc
 import json
 import os
+import re
 import shutil
 import sys
 import tempfile
@@ -146,7 +148,26 @@ def leave_process_group():
     dist.destroy_process_group()
 
 
-run = functools.partial(toolkit.run, cleanup=leave_process_group)
+def explain(error):
+    """toolkit.run's verdict on an error that is not a RecipeError: a collective that failed because a peer is gone
+    (gloo: "Connection reset/closed by peer"; NCCL: a DistBackendError) is not this rank's fault -- one line and exit
+    1 (the other rank's log says why; the last snapshot is intact: torchrun's --max-restarts, a requeue or a
+    resubmission resumes from it). None for anything else: a bug, with its traceback. A collective that timed out
+    never gets here: toolkit.run asks toolkit.HANG first. (Found by the fault soak: a killed worker's peer printed
+    a traceback, also when torchrun's restart then recovered.)"""
+    text = str(error).strip()
+    if not (isinstance(error, RuntimeError) and dist.is_initialized()
+            and (isinstance(error, dist.DistError) or "gloo/transport" in text)):
+        return None
+    gist = re.sub(r"^\[[^\]]*\] ", "", text.splitlines()[0] if text else type(error).__name__)  # "[pair.cc:537] "
+    gist = gist.split(". This is typically")[0][:200]
+    if not gist:
+        return None
+    return (f"lost contact with another rank ({gist}): a process or node of the job died; see its log. "
+            f"The last snapshot is intact: a restarted, requeued or resubmitted run resumes from it"), 1
+
+
+run = functools.partial(toolkit.run, explain=explain, cleanup=leave_process_group)
 
 
 def torchrun_env(how):
