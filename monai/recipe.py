@@ -34,7 +34,7 @@ KEYS = ("image", "label")  # the two volumes of every case, as dataset.json name
 def init_distributed(args, rank, world_size, device, store=None):
     """Join the process group; --timeout bounds the rendezvous and every later collective."""
     backend = pick_backend(args.backend)
-    with rendezvous(args.timeout, rank, world_size):  # a failed or hanging rendezvous is one line, exit 2
+    with rendezvous(args.timeout, rank, world_size, store) as store:  # a failure or a hang: one line, exit 2
         dist.init_process_group(backend, store=store, rank=rank if store else -1,
                                 world_size=world_size if store else -1, timeout=timedelta(seconds=args.timeout),
                                 device_id=device if backend == "nccl" else None)

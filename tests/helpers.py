@@ -188,10 +188,10 @@ def torchrun_workers(agent_pid: int) -> dict[int, int]:
     return found
 
 
-def run_killing_a_worker_twice(cmd, timeout: float = 240) -> tuple[int, str, int]:
+def run_killing_a_worker_twice(cmd, timeout: float = 240, cwd=ROOT) -> tuple[int, str, int]:
     """Run a torchrun command line (--max-restarts >= 2) and kill -9 its rank-1 worker twice: right after the first
     "snapshot saved" line, and as soon as the restarted run says "resumed from". Returns (exit code, output, kills)."""
-    agent = subprocess.Popen([str(c) for c in cmd], cwd=ROOT, env=clean_env(), stdout=subprocess.PIPE,
+    agent = subprocess.Popen([str(c) for c in cmd], cwd=cwd, env=clean_env(), stdout=subprocess.PIPE,
                              stderr=subprocess.STDOUT, text=True, start_new_session=True)
     kills, seen = 0, []
     try:

@@ -11,8 +11,9 @@ import subprocess
 import time
 
 import pytest
-from helpers import ROOT, assert_same_weights, clean_env, env_python, epoch_lines, free_port, teardown_checked
-from recipes import RECIPES, SRUN, wait_all
+from helpers import (ROOT, assert_same_weights, clean_env, env_python, epoch_lines, free_port,
+                     run_killing_a_worker_twice, teardown_checked, torchrun)
+from recipes import RECIPES, SRUN, shared_dir, wait_all
 
 pytestmark = [pytest.mark.contract, pytest.mark.timeout(300)]
 
@@ -232,3 +233,35 @@ def test_every_row_says_how_it_meets_another_world_size():
         spec = recipe.world_size_change
         assert not spec or (spec.refused or spec.resume_batch) and (not spec.resume_batch or spec.resumed), folder
         assert not (spec and spec.copy_of and spec.resume_batch), f"{folder}: a finished run leaves nothing to resume"
+
+
+# ------------------------------------------------------------------------------------------ torchrun --max-restarts
+
+
+# The folders whose `torchrun` run (Recipe.runs) restarts here. pytorch/ and lightning/ have this test in their own
+# files (test_pytorch.py, test_lightning.py: the same key prefix, cluster.rendezvous_store); nemo/ has the prefix too
+# but ~23 CPU-s of imports per process (3 attempts x 2 workers); deepspeed/'s torchrun run is another (zero1).
+RESTARTED = ["monai", "modulus"]
+
+
+@pytest.mark.parametrize("folder", RESTARTED)
+@pytest.mark.timeout(600)  # the folder's uninterrupted torchrun run too, when no test of the session has started it
+def test_torchrun_restarts_a_killed_worker_within_the_launch(folder, tmp_path, tmp_path_factory):
+    """A worker killed (kill -9) after the first snapshot, and again as soon as the restarted attempt resumed:
+    torchrun --max-restarts 2 restarts the worker group twice within the one launch -- exit 0, resumed twice, no
+    traceback, no relaunch needed -- and the run ends with the weights of the folder's uninterrupted torchrun run.
+    Found by the fault soak (monai/torchrun, modulus/torchrun kill-worker): torch 2.13's agent store kept the dead
+    attempt's keys, and a restarted worker read a dead worker's address from them (modulus: gloo's connectFullMesh,
+    "Connection refused"; monai: the rendezvous deadline); the Slurm-style relaunch then recovered. Fixed by
+    cluster.attempt_store: a key prefix per attempt."""
+    recipe = RECIPES[folder]
+    straight = recipe.run(tmp_path_factory, "torchrun")
+    fill = dict(ckpt=tmp_path / "ckpt", dir=tmp_path, data=shared_dir(tmp_path_factory, f"{folder}-data"),
+                port=free_port(), dir_from_folder=os.path.relpath(tmp_path, ROOT / folder))
+    args = [str(a).format(**fill) for a in recipe.runs["torchrun"].args]
+    code, out, kills = run_killing_a_worker_twice([*torchrun(folder), "--max-restarts", "2", *args],
+                                                  cwd=ROOT / folder)
+    assert kills == 2 and code == 0, out[-6000:]
+    assert len(re.findall(r"^\[rank0\] resumed from ", out, re.M)) == 2, out[-6000:]
+    assert "Traceback" not in out and "connectFullMesh" not in out and "did not finish" not in out, out[-6000:]
+    assert_same_weights(recipe.weights(fill["ckpt"]), recipe.weights(straight.ckpt))
