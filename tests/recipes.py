@@ -474,7 +474,7 @@ RECIPES = {r.folder: r for r in [
                                                SameAs("zero3_spawn", (WORLD_2_ZERO + "3",), weights=_zero3_weights)),
                                  (16, 32), "acc", tol=dict(rtol=1e-4, atol=1e-5)),
            no_world_size_change="test_deepspeed.py: ZeRO-1 2 -> 1 (SGD refused, AdamW through a universal "
-                                "checkpoint) and ZeRO-3 1 x 16 -> 2 x 8 -> 1 x 16 == uninterrupted"),
+                                "checkpoint) and ZeRO-1, -2, -3 1 x 16 -> 2 x 8 -> 1 x 16 == uninterrupted"),
     Recipe("nemo", ("--epochs", "2", "--dataset-size", "512", "--log-every", "1000"),
            weights=lambda d: _nemo_last(d)["state_dict"], step_of=lambda d: _nemo_last(d)["global_step"],
            no_preemption="test_nemo.py's test_preemption_checkpoints_exits_75_and_the_rerun_resumes "
