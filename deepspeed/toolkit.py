@@ -276,9 +276,17 @@ class PreemptionFlag:
     def saved(self):
         """Saved, leaving with 75: from here on USR1/TERM are ignored. Another rank's 75 makes srun
         --kill-on-bad-exit send TERM to this one, and while the interpreter shuts down Python has put the default
-        action (death) back: srun would then report 143, not 75, and the job script would not requeue."""
+        action (death) back: srun would then report 143, not 75, and the job script would not requeue.
+
+        And the job script is told, in a file: behind torchrun's or DeepSpeed's launcher, which exits 1 after a
+        signal, it cannot tell a preempted step from a crash where Slurm signalled the step alone (preemption with
+        GraceTime), not the batch shell. The templates' preemption block reads and removes the file."""
         for sig in self.SIGNALS:
             signal.signal(sig, signal.SIG_IGN)
+        where, job = os.environ.get("SLURM_SUBMIT_DIR"), os.environ.get("SLURM_JOB_ID")
+        if where and job:  # under sbatch (SLURM_SUBMIT_DIR: the job script's folder, where its block looks)
+            with contextlib.suppress(OSError):
+                open(os.path.join(where, f".preempted-{job}"), "a").close()
 
     def agreed(self, step, reduce_max=None):
         """True when the ranks agree to stop after `step` (every rank calls it at every step boundary)."""

@@ -375,6 +375,27 @@ def test_one_rank_checks_by_its_own_step_time():
     assert step == 6
 
 
+def test_a_rank_that_saved_tells_the_job_script(tmp_path, monkeypatch):
+    """Behind torchrun's or DeepSpeed's launcher, which exit 1 after a signal, the job script could not tell a
+    preempted step from a crash when Slurm signalled the step alone (preemption with GraceTime: the batch shell
+    gets nothing, so its trap never set `preempted`), and the job FAILED with a snapshot saved. A rank leaving with
+    75 now leaves $SLURM_SUBMIT_DIR/.preempted-$SLURM_JOB_ID for the preemption block; outside sbatch, nothing."""
+    toolkit = import_toolkit()
+    flag = toolkit.PreemptionFlag()
+    for name in ("SLURM_SUBMIT_DIR", "SLURM_JOB_ID"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.chdir(tmp_path)
+    with contextlib.ExitStack() as restore:
+        for sig in flag.SIGNALS:
+            restore.callback(signal.signal, sig, signal.getsignal(sig))
+        flag.saved()  # not under sbatch
+        assert list(tmp_path.iterdir()) == []
+        monkeypatch.setenv("SLURM_SUBMIT_DIR", str(tmp_path))
+        monkeypatch.setenv("SLURM_JOB_ID", "4242")
+        flag.saved()
+    assert [p.name for p in tmp_path.iterdir()] == [".preempted-4242"]
+
+
 def test_the_resource_tracker_outlives_the_preemption_signal():
     """Slurm signals every process of a step: multiprocessing's resource tracker, started by spawn launchers, died
     of SIGUSR1 (it ignores only SIGINT/SIGTERM) and came back with KeyError tracebacks in the log of a preempted

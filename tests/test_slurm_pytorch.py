@@ -223,16 +223,19 @@ def test_preemption_requeue_resume(preempted_run, reference_run):
 
 
 def test_one_node_torchrun_template_preempted_requeues_and_resumes_exactly(slurm_cluster, reference_run, tmp_path):
-    """#27: multigpu_torchrun.sbatch had no --signal and no requeue, so a preempted one-node job saved nothing. Now
-    USR1 (--signal=B:USR1@90) -> the batch shell -> srun -> torchrun's agent (--signals-to-handle ... SIGUSR1)
-    and its workers -> snapshot -> requeue -> the resumed run ends with the uninterrupted run's weights, bit for
-    bit (2 ranks, as the reference)."""
+    """multigpu_torchrun.sbatch preempted as Slurm's preemption with GraceTime does it: SIGTERM to every process of
+    the step -- torchrun's agent and its workers -- and none to the batch shell. The workers save and exit 75, the
+    agent exits 1 (SignalException), and the shell had forwarded no signal: the block took it for a crash and the
+    job FAILED with its snapshot saved. The ranks' saved flag (toolkit.PreemptionFlag.saved) tells it now:
+    requeue -> the resumed run ends with the uninterrupted run's weights, bit for bit (2 ranks, as the reference).
+    (#27: this template had no --signal and no requeue at all before.)"""
     events = {}
     job, ckpt = slurm_cluster.recipe("pytorch", "multigpu_torchrun.sbatch", tmp_path,
                                      ["--nodes=1", "--gpus-per-node=2", "--cpus-per-task=2", "--time=00:10:00"],
-                                     *LONG, timeout=300, on_poll=slurm_cluster.preempt_at(16, epoch=1, events=events))
-    _, second, stopped = requeued_once(job, events, 16, LONG_STEPS, torchrun=True)
-    assert "User defined signal 1" not in job.log, f"torchrun's agent died of USR1\n{job.describe()}"
+                                     *LONG, timeout=300, on_poll=slurm_cluster.preempt_at(16, epoch=1, to="steps",
+                                                                                          signal="TERM", events=events))
+    _, second, stopped = requeued_once(job, events, 16, LONG_STEPS, torchrun=True, forwarded=None)
+    assert not list((ROOT / "pytorch").glob(".preempted-*")), "the saved flag was left behind"
     assert re.search(rf"resumed from \S+: epoch \d, step {stopped}", second), job.describe()
     resumed, reference = snapshot(ckpt), snapshot(reference_run[1])
     assert resumed["step"] == reference["step"] == LONG_STEPS

@@ -151,6 +151,14 @@ printf '%s\\n' "$*" >>"$FAKE_DIR/srun.args"
 printf '%s\\n' "${TORCH_FR_DUMP_TEMP_FILE-unset}" >"$FAKE_DIR/fr_file"
 trap 'echo USR1 >>"$FAKE_DIR/step.signals"; exit 75' USR1
 trap 'echo TERM >>"$FAKE_DIR/step.signals"; exit 137' TERM
+# saved-by-ranks: what a step behind torchrun's agent does when Slurm signals it alone (GraceTime): the ranks save,
+# leave the flag toolkit.PreemptionFlag.saved writes and exit 75, the agent exits 1 -- once the batch shell has set
+# its traps, as real ranks (interpreters that import a framework first) always do
+if [ "$FAKE_STEP_EXIT" = saved-by-ranks ]; then
+  until (( 0x$(awk '/^SigCgt/ {print $2}' "/proc/$PPID/status") & 1 << 9 )); do sleep 0.01; done
+  touch "$SLURM_SUBMIT_DIR/.preempted-$SLURM_JOB_ID"
+  exit 1
+fi
 [ "$FAKE_STEP_EXIT" = wait ] || exit "$FAKE_STEP_EXIT"
 touch "$FAKE_DIR/step.started"
 while :; do sleep 0.02; done
@@ -174,6 +182,7 @@ def start(template, tmp_path, step_exit, **slurm):
         (bin_dir / name).chmod(0o755)
     slurm = dict(SLURM_JOB_ID=4242, SLURM_JOB_NAME="t", SLURM_JOB_NODELIST="n[1-2]", SLURM_NNODES=2, SLURM_NTASKS=2,
                  SLURM_NTASKS_PER_NODE=1, SLURM_CPUS_PER_TASK=2, SLURM_GPUS_ON_NODE=1) | slurm
+    slurm.setdefault("SLURM_SUBMIT_DIR", tmp_path)
     env = clean_env(PATH=f"{bin_dir}:{os.environ['PATH']}", PYTHON=bin_dir / "python", FAKE_DIR=tmp_path,
                     FAKE_STEP_EXIT=step_exit, CUDA_VISIBLE_DEVICES=0,
                     **{k: v for k, v in slurm.items() if v is not None})  # None: a variable Slurm does not set
@@ -248,6 +257,26 @@ def test_the_block_passes_on_what_is_not_a_preemption(template, tmp_path):
         assert not (case_dir / "requeued").exists(), f"{template} ({case}): requeued\n{out}"
         if case == "cap":
             assert "requeue: checkpointed, but restarted 3 times already (MAX_RESTARTS=3): giving up" in err, err
+
+
+@pytest.mark.parametrize("template", BLOCKED + ["pytorch/multinode_torchrun.sbatch"])
+def test_a_step_signalled_alone_whose_ranks_saved_is_requeued(template, tmp_path):
+    """Slurm's preemption with GraceTime signals the step, not the batch shell: behind a launcher that exits 1
+    after a signal (torchrun's agent), the block saw exit 1 and no signal of its own -- a crash, not requeued, the
+    job FAILED with a snapshot saved. The ranks that saved leave a flag (toolkit.PreemptionFlag.saved); the block
+    reads it, requeues and removes it. A flag left from before the step (a run killed before its block) counts for
+    nothing: a failure after it is passed on."""
+    proc = start(template, tmp_path, "saved-by-ranks")
+    out, err = proc.communicate(timeout=30)
+    assert proc.returncode == 0 and read(tmp_path / "requeued") == "requeue 4242\n", \
+        f"{template}: exit {proc.returncode}, not requeued\n{out}\n{err}"
+    assert not (tmp_path / ".preempted-4242").exists(), f"{template}: the flag was left behind"
+    stale = tmp_path / "stale"
+    stale.mkdir()
+    (stale / ".preempted-4242").touch()
+    proc = start(template, stale, 1)
+    out, err = proc.communicate(timeout=30)
+    assert proc.returncode == 1 and not (stale / "requeued").exists(), f"{template}: a stale flag requeued\n{out}"
 
 
 # Every template that sets the cores of srun's tasks, wherever it lives: a new one is checked too.
