@@ -456,7 +456,11 @@ def test_ray_node_keeps_ray_on_sigterm_tells_the_batch_shell_stops_on_usr2_and_k
         assert "ray-client-server-port" in options and len(ports) == 10, options
         assert min(ports) >= 20000 and max(ports) <= 20000 + 255, options
         assert int(options["max-worker-port"]) - int(options["min-worker-port"]) + 1 >= cpus + 16, options
-        ray = [p for p in descendants(node.pid) if command(p).startswith("sleep 600")]
+        for _ in range(500):  # polled, not timed: the stand-in prints its line just before it execs sleep
+            ray = [p for p in descendants(node.pid) if command(p).startswith("sleep 600")]
+            if ray:
+                break
+            time.sleep(0.02)
         assert len(ray) == 1, lines
         term_everything(node.pid)
         assert shell.wait(timeout=10) == 0 and told.read_text() == "TERM\n"
