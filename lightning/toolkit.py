@@ -11,6 +11,8 @@ Map:
     log                                   every line starts with its rank (C3)
     launcher_rank                         this process's rank from the launcher's variables (before the framework's)
     run                                   the entry point's wrapper: signals first, one-line errors, cleanup
+    lost_peer                             run's explain for the torch folders: a peer that died is one line
+    attempt_store                         torch 2.13, torchrun --max-restarts on one node: a key prefix per restart
     deadline                              a block that must finish in time, or one line and exit 2
     gpus_given, refuse_silent_cpu,
     torch_cuda_problem                    no silent CPU: a job given GPUs that cannot use them stops (C12)
@@ -168,6 +170,47 @@ def run(main, *args, rank=None, explain=None, cleanup=None, hard_exit=False):
         if hard_exit:
             os._exit(code)
         sys.exit(code)
+
+
+def lost_peer(error):
+    """run's `explain` for the torch folders: a collective that failed because a peer is gone (gloo: "Connection
+    reset/closed by peer"; NCCL: a DistBackendError) is not this rank's fault -- one line and exit 1 (the other
+    rank's log says why; the last snapshot is intact: torchrun's --max-restarts, a requeue or a resubmission resumes
+    from it). None for anything else: a bug, with its traceback. A collective that timed out (a peer alive but
+    silent) never gets here: run asks HANG first."""
+    import torch.distributed as dist  # only the torch folders pass it (jax/ has no torch)
+
+    text = str(error).strip()
+    if not (isinstance(error, RuntimeError) and dist.is_initialized()
+            and (isinstance(error, dist.DistError) or "gloo/transport" in text)):
+        return None
+    gist = re.sub(r"^\[[^\]]*\] ", "", text.splitlines()[0] if text else type(error).__name__)  # "[pair.cc:537] "
+    gist = gist.split(". This is typically")[0][:200]
+    if not gist:
+        return None
+    return (f"lost contact with another rank ({gist}): a process or node of the job died; see its log. "
+            f"The last snapshot is intact: a restarted, requeued or resubmitted run resumes from it"), 1
+
+
+def attempt_store(world_size, timeout):
+    """Under `torchrun --max-restarts` on one node (one agent): the agent's store under a key prefix of this
+    attempt, to pass to init_process_group; else None. The agent's store outlives its workers, and after a restart
+    it still holds the keys the failed attempt wrote -- gloo's addresses among them: a restarted worker that read a
+    dead worker's address failed in connectFullMesh ("Connection refused") or waited for it until its deadline
+    (found by the fault soak). Across nodes the agents count restarts differently (only the one whose worker failed
+    counts it): no common prefix there, env:// as before, and Slurm requeues."""
+    env = os.environ
+    if (env.get("TORCHELASTIC_USE_AGENT_STORE") != "True" or env.get("GROUP_WORLD_SIZE") != "1"
+            or "TORCHELASTIC_RESTART_COUNT" not in env):
+        return None
+    from datetime import timedelta
+
+    import torch.distributed as dist
+
+    store = dist.TCPStore(env["MASTER_ADDR"], int(env["MASTER_PORT"]), world_size, is_master=False,
+                          timeout=timedelta(seconds=timeout))
+    # WORKAROUND(torch 2.13, pytorch/pytorch#167288): a restarted attempt must not read the dead workers' keys
+    return dist.PrefixStore(f"attempt-{env['TORCHELASTIC_RESTART_COUNT']}", store)
 
 
 @contextlib.contextmanager

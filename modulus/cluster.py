@@ -7,7 +7,6 @@ Map:
     parse_args              the command line every recipe in this repository accepts (CONTRACT.md C2), then no
                             silent CPU (C12: toolkit.refuse_silent_cpu)
     run                     toolkit.run with this folder's cleanup (stop_distributed): the scripts' entry point
-    explain                 a collective that failed because a peer died: one line and exit 1, no traceback
     require_torchrun        multigpu_torchrun.py without torchrun's variables: one line, not a silent single process
     require_launcher        multinode.py without torchrun's or srun's variables (or without srun's address): the same
     free_port               a free TCP port for multigpu.py's rendezvous
@@ -24,9 +23,7 @@ Map:
                             shims (declare_torchvision_operators, without_warp_driver_warning)
     process_group_options   DistributedManager.setup and dist.init_process_group patched for initialize()'s one call:
                             --backend, --timeout, the device (device_index), no CPU device_id, NCCL errors raised,
-                            the store of attempt_store
-    attempt_store           torch 2.13 under torchrun --max-restarts on one node: the agent's store, a key prefix per
-                            attempt (a restarted worker must not read a dead worker's address)
+                            the store of toolkit.attempt_store (a key prefix per restart under one agent)
     device_index            a local rank's GPU among those the process sees (one GPU per task: cuda:0 everywhere)
     require_srun_address    Slurm's rank variables without srun's address: one line, not a TypeError in setup()
     forget_failed_initialization  DistributedManager's private state cleared after a failed rendezvous
@@ -41,7 +38,6 @@ import functools
 import gc
 import importlib.util
 import os
-import re
 import signal
 import socket
 import sys
@@ -200,26 +196,7 @@ def stop_distributed():
     physicsnemo().distributed.DistributedManager.cleanup()
 
 
-def explain(error):
-    """toolkit.run's verdict on an error that is not a RecipeError: a collective that failed because a peer is gone
-    (gloo: "Connection reset/closed by peer"; NCCL: a DistBackendError) is not this rank's fault -- one line and exit
-    1 (the other rank's log says why; the last snapshot is intact: torchrun's --max-restarts, a requeue or a
-    resubmission resumes from it). None for anything else: a bug, with its traceback. A collective that timed out
-    never gets here: toolkit.run asks toolkit.HANG first. (Found by the fault soak: a killed worker's peer printed
-    a traceback, also when torchrun's restart then recovered.)"""
-    text = str(error).strip()
-    if not (isinstance(error, RuntimeError) and dist.is_initialized()
-            and (isinstance(error, dist.DistError) or "gloo/transport" in text)):
-        return None
-    gist = re.sub(r"^\[[^\]]*\] ", "", text.splitlines()[0] if text else type(error).__name__)  # "[pair.cc:537] "
-    gist = gist.split(". This is typically")[0][:200]
-    if not gist:
-        return None
-    return (f"lost contact with another rank ({gist}): a process or node of the job died; see its log. "
-            f"The last snapshot is intact: a restarted, requeued or resubmitted run resumes from it"), 1
-
-
-run = functools.partial(toolkit.run, explain=explain, cleanup=stop_distributed)
+run = functools.partial(toolkit.run, explain=toolkit.lost_peer, cleanup=stop_distributed)
 
 
 # ---------------------------------------------------------------------------------------------------- training
@@ -426,7 +403,7 @@ def process_group_options(args):
             del kwargs["device_id"]
         # WORKAROUND(physicsnemo 2.2.2, no upstream issue): undo initialize()'s TORCH_NCCL_ASYNC_ERROR_HANDLING=0
         os.environ["TORCH_NCCL_ASYNC_ERROR_HANDLING"] = "1"
-        store = attempt_store(kwargs.get("world_size", -1), args.timeout)  # None: env:// as initialize() meant
+        store = toolkit.attempt_store(kwargs.get("world_size", -1), args.timeout)  # None: env:// as initialize() meant
         return real(backend, **kwargs) if store is None else real(backend, store=store, **kwargs)
 
     dist.init_process_group, manager.setup = init_process_group, staticmethod(setup)
@@ -434,23 +411,6 @@ def process_group_options(args):
         yield
     finally:
         dist.init_process_group, manager.setup = real, staticmethod(real_setup)
-
-
-def attempt_store(world_size, timeout):
-    """Under `torchrun --max-restarts` on one node (one agent): the agent's store, under a key prefix of this
-    attempt; else None. The agent's store outlives its workers, and after a restart it still holds the keys the
-    failed attempt wrote -- gloo's addresses among them: a restarted worker that read a dead worker's address failed
-    in connectFullMesh ("Connection refused" to the old rank 0), or waited for it until the rendezvous deadline
-    (found by the fault soak: tests/faults.py's modulus/torchrun kill-worker). Across nodes the agents count
-    restarts differently (only the one whose worker failed counts it): no common prefix, env:// as before."""
-    env = os.environ
-    if (env.get("TORCHELASTIC_USE_AGENT_STORE") != "True" or env.get("GROUP_WORLD_SIZE") != "1"
-            or "TORCHELASTIC_RESTART_COUNT" not in env):
-        return None
-    store = dist.TCPStore(env["MASTER_ADDR"], int(env["MASTER_PORT"]), world_size, is_master=False,
-                          timeout=timedelta(seconds=timeout))
-    # WORKAROUND(torch 2.13, pytorch/pytorch#167288): a restarted attempt must not read the dead workers' keys
-    return dist.PrefixStore(f"attempt-{env['TORCHELASTIC_RESTART_COUNT']}", store)
 
 
 def require_srun_address():

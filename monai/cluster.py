@@ -4,15 +4,14 @@ Map:
     parse_args                  the command line (CONTRACT.md C2, plus --roi-size, --cache-rate, --val-every and
                                 --gpu-cache; batch 2 per rank by default: 3-D volumes), then no silent CPU (C12:
                                 toolkit.refuse_silent_cpu) and no --gpu-cache without a GPU
-    run                         toolkit.run that leaves the process group on the way out (no try/finally in scripts)
-    explain                     a collective that failed because a peer died: one line and exit 1, no traceback
+    run                         toolkit.run that leaves the process group on the way out (no try/finally in scripts);
+                                a peer that died is one line (toolkit.lost_peer)
     leave_process_group         the DDP model freed, then the process group destroyed (README: Troubleshooting)
     torchrun_env                (rank, local_rank, world_size) from RANK, LOCAL_RANK, WORLD_SIZE, or one line on how
     pick_backend, pick_device   nccl with CUDA, gloo without; this process's device
     rendezvous                  init_process_group's deadline, and its failures as one line saying what to check; the
-                                store to meet in (attempt_store under torchrun's one agent)
-    attempt_store               torch 2.13 under torchrun --max-restarts on one node: the agent's store, a key prefix
-                                per attempt (a restarted worker must not read a dead worker's address)
+                                store to meet in (toolkit.attempt_store under torchrun's one agent: a key prefix per
+                                restart)
     Ranks                       where this process sits, and the collectives the loop needs; `max` is the
                                 reduce_max of the ranks' agreement on preemption (toolkit.PREEMPTION.agreed)
     prepare_data                the task folder to read; --data synthetic: one rank per node writes it, the rest wait
@@ -39,13 +38,11 @@ import functools
 import gc
 import json
 import os
-import re
 import shutil
 import sys
 import tempfile
 import traceback
 from dataclasses import dataclass
-from datetime import timedelta
 
 import nibabel as nib
 import numpy as np
@@ -148,26 +145,7 @@ def leave_process_group():
     dist.destroy_process_group()
 
 
-def explain(error):
-    """toolkit.run's verdict on an error that is not a RecipeError: a collective that failed because a peer is gone
-    (gloo: "Connection reset/closed by peer"; NCCL: a DistBackendError) is not this rank's fault -- one line and exit
-    1 (the other rank's log says why; the last snapshot is intact: torchrun's --max-restarts, a requeue or a
-    resubmission resumes from it). None for anything else: a bug, with its traceback. A collective that timed out
-    never gets here: toolkit.run asks toolkit.HANG first. (Found by the fault soak: a killed worker's peer printed
-    a traceback, also when torchrun's restart then recovered.)"""
-    text = str(error).strip()
-    if not (isinstance(error, RuntimeError) and dist.is_initialized()
-            and (isinstance(error, dist.DistError) or "gloo/transport" in text)):
-        return None
-    gist = re.sub(r"^\[[^\]]*\] ", "", text.splitlines()[0] if text else type(error).__name__)  # "[pair.cc:537] "
-    gist = gist.split(". This is typically")[0][:200]
-    if not gist:
-        return None
-    return (f"lost contact with another rank ({gist}): a process or node of the job died; see its log. "
-            f"The last snapshot is intact: a restarted, requeued or resubmitted run resumes from it"), 1
-
-
-run = functools.partial(toolkit.run, explain=explain, cleanup=leave_process_group)
+run = functools.partial(toolkit.run, explain=toolkit.lost_peer, cleanup=leave_process_group)
 
 
 def torchrun_env(how):
@@ -199,35 +177,18 @@ def pick_device(local_rank):
 def rendezvous(timeout, rank, world_size, store=None):
     """Around init_process_group: a deadline (a rank that reached a port some other program listens on waits in
     C++ forever), and the ways a rendezvous fails turned into one line that says what to check. Yields the store to
-    meet in: `store` (multigpu.py's parent hosts one), else attempt_store's, else None (env:// at MASTER_PORT)."""
+    meet in: `store` (multigpu.py's parent hosts one), else toolkit.attempt_store's, else None (env://)."""
     addr = f"{os.environ.get('MASTER_ADDR', '?')}:{os.environ.get('MASTER_PORT', '?')}"
     what = (f"rendezvous at {addr} (are all {world_size} ranks started, MASTER_ADDR reachable from every node, "
             f"MASTER_PORT used by nothing else?)")
     try:
         with deadline(timeout, rank, what):
-            yield store or attempt_store(world_size, timeout)
+            yield store or toolkit.attempt_store(world_size, timeout)
     except (dist.DistNetworkError, dist.DistStoreError) as e:
         hint = ("another process already listens on that port: choose another MASTER_PORT"
                 if "EADDRINUSE" in str(e) or "address already in use" in str(e).lower()
                 else f"not all {world_size} ranks reached it within --timeout {timeout}s")
         raise RecipeError(f"rendezvous at {addr} failed: {hint} ({str(e).splitlines()[0][:200]})") from None
-
-
-def attempt_store(world_size, timeout):
-    """Under `torchrun --max-restarts` on one node (one agent): the agent's store, under a key prefix of this
-    attempt; else None. The agent's store outlives its workers, and after a restart it still holds the keys the
-    failed attempt wrote -- gloo's addresses among them: a restarted worker that read a dead worker's address failed
-    in connectFullMesh ("Connection refused"), or waited for it until the rendezvous deadline (found by the fault
-    soak: tests/faults.py's monai/torchrun kill-worker). Across nodes the agents count restarts differently (only
-    the one whose worker failed counts it): no common prefix there, env:// as before, and Slurm requeues."""
-    env = os.environ
-    if (env.get("TORCHELASTIC_USE_AGENT_STORE") != "True" or env.get("GROUP_WORLD_SIZE") != "1"
-            or "TORCHELASTIC_RESTART_COUNT" not in env):
-        return None
-    store = dist.TCPStore(env["MASTER_ADDR"], int(env["MASTER_PORT"]), world_size, is_master=False,
-                          timeout=timedelta(seconds=timeout))
-    # WORKAROUND(torch 2.13, pytorch/pytorch#167288): a restarted attempt must not read the dead workers' keys
-    return dist.PrefixStore(f"attempt-{env['TORCHELASTIC_RESTART_COUNT']}", store)
 
 
 @dataclass

@@ -3,8 +3,7 @@ folder shares (signals, exit codes, validators, deadlines, the atomic write) is 
 
 Map:
     parse_args                    the command line (C2): bad input is one line and exit 2; no silent CPU (C12)
-    run                           the entry point's wrapper: toolkit.run + explain + leave_process_group
-    explain                       a collective that failed because a peer died: one line and exit 1, no traceback
+    run                           the entry point's wrapper: toolkit.run + toolkit.lost_peer + leave_process_group
     leave_process_group           free the DDP model, then destroy the process group (or the exit can hang)
     pick_backend                  --backend auto: nccl with CUDA, gloo without
     torchrun_env                  (rank, local_rank, world_size) from torchrun's variables, or one clear line
@@ -29,7 +28,6 @@ import contextlib
 import functools
 import gc
 import os
-import re
 import socket
 import sys
 import traceback
@@ -96,24 +94,6 @@ def parse_args(description, extra=None):
 # ---------------------------------------------------------------------------------------------- the way out
 
 
-def explain(error):
-    """toolkit.run's verdict on an error that is not a RecipeError: a collective that failed because a peer is
-    gone (gloo: "Connection reset/closed by peer"; NCCL: a DistBackendError) is not this rank's fault -- one line
-    and exit 1 (the other rank's log says why; the last snapshot is intact, and a requeue or a resubmission
-    resumes from it). None for anything else: a bug, with its traceback. One that timed out (a peer alive but
-    silent) never gets here: toolkit.run asks toolkit.HANG first (stacks on disk, the silent ranks named)."""
-    text = str(error).strip()
-    if not (isinstance(error, RuntimeError) and dist.is_initialized()
-            and (isinstance(error, dist.DistError) or "gloo/transport" in text)):
-        return None
-    gist = re.sub(r"^\[[^\]]*\] ", "", text.splitlines()[0] if text else type(error).__name__)  # "[pair.cc:537] "
-    gist = gist.split(". This is typically")[0][:200]
-    if not gist:
-        return None
-    return (f"lost contact with another rank ({gist}): a process or node of the job died; see its log. "
-            f"The last snapshot is intact: a requeued or resubmitted run resumes from it"), 1
-
-
 def leave_process_group():
     """toolkit.run's cleanup: free the DDP model, then destroy the process group -- in that order, or a finished
     run can hang at exit (gloo's destructor and the GIL: see the README's Troubleshooting)."""
@@ -124,7 +104,7 @@ def leave_process_group():
     dist.destroy_process_group()
 
 
-run = functools.partial(toolkit.run, explain=explain, cleanup=leave_process_group)
+run = functools.partial(toolkit.run, explain=toolkit.lost_peer, cleanup=leave_process_group)
 
 # ---------------------------------------------------------------------------------------------- rendezvous
 
@@ -181,10 +161,8 @@ def rendezvous_store(rank, world_size, timeout):
     torchrun (srun), rank 0 hosts it."""
     addr, port, wait = os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), timedelta(seconds=timeout)
     if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
-        store = dist.TCPStore(addr, port, world_size, is_master=False, timeout=wait)
-        if os.environ.get("GROUP_WORLD_SIZE") == "1" and "TORCHELASTIC_RESTART_COUNT" in os.environ:
-            # WORKAROUND(torch 2.13, pytorch/pytorch#167288): a key prefix per restart hides the dead workers' keys
-            store = dist.PrefixStore(f"attempt-{os.environ['TORCHELASTIC_RESTART_COUNT']}", store)
+        store = (toolkit.attempt_store(world_size, timeout)  # one agent: a key prefix per restart
+                 or dist.TCPStore(addr, port, world_size, is_master=False, timeout=wait))
     else:
         store = dist.TCPStore(addr, port, world_size, is_master=rank == 0, timeout=wait, multi_tenant=True)
     return {"store": store, "rank": rank, "world_size": world_size}

@@ -253,7 +253,7 @@ def test_torchrun_restarts_a_killed_worker_within_the_launch(folder, tmp_path, t
     Found by the fault soak (monai/torchrun, modulus/torchrun kill-worker): torch 2.13's agent store kept the dead
     attempt's keys, and a restarted worker read a dead worker's address from them (modulus: gloo's connectFullMesh,
     "Connection refused"; monai: the rendezvous deadline); the Slurm-style relaunch then recovered. Fixed by
-    cluster.attempt_store: a key prefix per attempt."""
+    toolkit.attempt_store: a key prefix per attempt."""
     recipe = RECIPES[folder]
     straight = recipe.run(tmp_path_factory, "torchrun")
     fill = dict(ckpt=tmp_path / "ckpt", dir=tmp_path, data=shared_dir(tmp_path_factory, f"{folder}-data"),
